@@ -1,0 +1,1 @@
+"""Ray actors and actor groups (installed as rayalign.actors)."""

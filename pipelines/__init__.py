@@ -1,0 +1,1 @@
+"""Pipelines, one file each, read top to bottom (installed as rayalign.pipelines)."""

@@ -1,0 +1,323 @@
+"""Typed run configuration: dataclasses with help on every field, YAML in, `key.sub=value` overrides.
+
+Every check names the key and what was expected, so a bad recipe fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rayalign.languages import ISO_639_1, language_name
+
+TINY_MODEL = "builtin:tiny-multilingual"
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the key."""
+
+
+def _field(default=dataclasses.MISSING, *, help: str, factory=None, **checks):
+    """A dataclass field with a help string and optional checks (ge, gt, le, choices)."""
+    meta = {"help": help, **checks}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    path: str = _field(
+        TINY_MODEL,
+        help="Hugging Face model directory (or hub id already in the local cache), or "
+        f"'{TINY_MODEL}' for the tiny offline model built and cached on first use",
+    )
+    dtype: str = _field(
+        "auto", help="weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    trust_remote_code: bool = _field(
+        False, help="allow the model directory to run its own Python code (off unless you trust the source)"
+    )
+
+
+@dataclass
+class PromptsConfig:
+    path: str = _field(
+        "examples/data/prompts",
+        help="parallel prompt set: a JSONL or Parquet file with prompt_id, lang and instruction (or messages), "
+        "or a directory with one file per language (<lang>.jsonl/.json/.parquet) holding instruction_id and "
+        "instruction; relative paths are taken from the recipe's directory first, then the working directory",
+    )
+    limit: int | None = _field(None, help="use only the first N prompt ids (sorted); null = all", ge=1)
+    system_prompt: str | None = _field(None, help="system message prepended to every prompt; null = none")
+
+
+@dataclass
+class SamplingConfig:
+    n: int = _field(4, help="samples per (prompt_id, language)", ge=1)
+    temperature: float = _field(0.9, help="sampling temperature; 0 = greedy", ge=0.0)
+    top_p: float = _field(1.0, help="nucleus sampling mass in (0, 1]", gt=0.0, le=1.0)
+    max_new_tokens: int = _field(64, help="maximum generated tokens per sample", ge=1)
+    seed: int = _field(
+        0, help="run seed; each sample's seed derives from (seed, iteration, prompt_id, lang, sample_idx)", ge=0
+    )
+
+
+@dataclass
+class EnginesConfig:
+    backend: str = _field("hf", help="inference engine: hf (transformers, CPU or GPU) or vllm (GPU)",
+                          choices=("hf", "vllm"))
+    count: int = _field(1, help="number of generation actors (K), each owning one engine", ge=1)
+    batch_size: int = _field(32, help="samples per forward batch inside an engine", ge=1)
+    shard_rows: int = _field(
+        16, help="prompt rows per shard; a shard is the unit of work and of output files. Results do not "
+        "depend on K, but do on shard_rows (it sets batch composition)", ge=1,
+    )
+    num_cpus: float = _field(1.0, help="CPUs reserved per generation actor (sets its torch threads)", gt=0.0)
+    num_gpus: float = _field(0.0, help="GPUs reserved per generation actor", ge=0.0)
+    tensor_parallel_size: int = _field(1, help="GPUs per engine for tensor parallelism (vllm)", ge=1)
+
+
+@dataclass
+class RewardsConfig:
+    """Reward settings (latent, implicit, consistency); filled by the rewards release."""
+
+
+@dataclass
+class PairsConfig:
+    """Preference-pair construction; filled by the rewards release."""
+
+
+@dataclass
+class TrainingConfig:
+    """DPO-family / online training; filled by the trainer release."""
+
+
+@dataclass
+class ClusterConfig:
+    """Placement on a cluster beyond the spec; filled by the cluster release."""
+
+
+@dataclass
+class RunConfig:
+    name: str = _field("run", help="run name; the run directory defaults to runs/<name>")
+    run_dir: str | None = _field(None, help="where datasets, checkpoints and metrics go; null = runs/<name>")
+    iterations: int = _field(1, help="self-alignment iterations (generate -> score -> pairs -> train)", ge=1)
+    languages: list[str] = _field(
+        help="ISO 639-1 codes of the languages to generate in", factory=lambda: ["en", "es", "de", "fr", "ru"]
+    )
+    anchor_language: str = _field("en", help="high-resource anchor language (must be in languages)")
+    policy: ModelConfig = _field(help="the policy model that generates", factory=ModelConfig)
+    reference: ModelConfig | None = _field(None, help="reference model for rewards/training; null = the policy")
+    prompts: PromptsConfig = _field(help="parallel prompt source", factory=PromptsConfig)
+    sampling: SamplingConfig = _field(help="sampling parameters", factory=SamplingConfig)
+    engines: EnginesConfig = _field(help="generation engines and actors", factory=EnginesConfig)
+    rewards: RewardsConfig = _field(help="reward computation (later release)", factory=RewardsConfig)
+    pairs: PairsConfig = _field(help="preference pairs (later release)", factory=PairsConfig)
+    training: TrainingConfig = _field(help="training (later release)", factory=TrainingConfig)
+    cluster: ClusterConfig = _field(help="cluster placement (later release)", factory=ClusterConfig)
+
+    def language_names(self) -> dict[str, str]:
+        return {code: language_name(code) for code in self.languages}
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        """Hash of every setting that changes results (not the name, run dir or actor count)."""
+        d = self.to_dict()
+        for key in ("name", "run_dir"):
+            d.pop(key)
+        d["engines"].pop("count")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def validate(self) -> None:
+        if not self.languages:
+            raise ConfigError("languages: expected at least one ISO 639-1 code, got an empty list")
+        for i, code in enumerate(self.languages):
+            if code not in ISO_639_1:
+                raise ConfigError(
+                    f"languages[{i}]: unknown ISO 639-1 code {code!r} (expected two letters such as en, de, zh)"
+                )
+        if len(set(self.languages)) != len(self.languages):
+            raise ConfigError(f"languages: duplicate codes in {self.languages}")
+        if self.anchor_language not in self.languages:
+            raise ConfigError(
+                f"anchor_language: {self.anchor_language!r} is not one of languages {self.languages}"
+            )
+        if self.engines.backend == "vllm" and self.engines.num_gpus < self.engines.tensor_parallel_size:
+            raise ConfigError(
+                "engines.num_gpus: the vllm backend needs at least tensor_parallel_size "
+                f"({self.engines.tensor_parallel_size}) GPUs per engine, got {self.engines.num_gpus}"
+            )
+
+
+# ---- building dataclasses from plain data, with key-naming errors ----
+
+
+def _type_name(tp) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}[tp]
+
+
+def _convert(value, tp, key: str):
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key + ".")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                if len(args) == 2:
+                    raise
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    ok = (
+        isinstance(value, bool) if tp is bool
+        else isinstance(value, int) and not isinstance(value, bool) if tp is int
+        else isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float
+        else isinstance(value, tp)
+    )
+    if not ok:
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return float(value) if tp is float else value
+
+
+def _check(value, meta: dict, key: str) -> None:
+    if value is None:
+        return
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{key}: expected one of {', '.join(meta['choices'])}, got {value!r}")
+    if "ge" in meta and value < meta["ge"]:
+        raise ConfigError(f"{key}: expected a value >= {meta['ge']}, got {value!r}")
+    if "gt" in meta and value <= meta["gt"]:
+        raise ConfigError(f"{key}: expected a value > {meta['gt']}, got {value!r}")
+    if "le" in meta and value > meta["le"]:
+        raise ConfigError(f"{key}: expected a value <= {meta['le']}, got {value!r}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        where = prefix.rstrip(".") or "the recipe"
+        expected = ", ".join(fields) if fields else "no keys yet (this section is filled by a later release)"
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key in {where} (expected one of: {expected})")
+    kwargs = {}
+    for name, value in data.items():
+        key = prefix + name
+        kwargs[name] = _convert(value, hints[name], key)
+        _check(kwargs[name], fields[name].metadata, key)
+    return cls(**kwargs)
+
+
+def _set_override(data: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key.sub=value")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e})") from None
+    parts = key.split(".")
+    node, cls = data, RunConfig
+    for i, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(cls)} if cls else set()
+        if cls is not None and part not in names:
+            where = ".".join(parts[:i]) or "the recipe"
+            raise ConfigError(f"override {key}: unknown key {part!r} in {where} (expected one of: "
+                              f"{', '.join(sorted(names)) or 'none'})")
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        hint = typing.get_type_hints(cls)[part]
+        sub = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)] or [hint]
+        cls = sub[0] if dataclasses.is_dataclass(sub[0]) else None
+        if cls is None:
+            raise ConfigError(f"override {key}: {'.'.join(parts[:i + 1])} is not a section")
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a YAML recipe (safe loader), apply `key.sub=value` overrides, validate, and return it.
+
+    Relative `prompts.path` values are resolved against the recipe's directory when that file exists.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: recipe file not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: malformed YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    for override in overrides:
+        _set_override(data, override)
+    where = f"{path}: " if path is not None else ""
+    try:
+        cfg = _build(RunConfig, data)
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}") from None
+    if path is not None:
+        candidate = path.parent / cfg.prompts.path
+        if not Path(cfg.prompts.path).is_absolute() and candidate.exists():
+            cfg.prompts.path = str(candidate)
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def describe_fields(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every field, for `rayalign config --help`-style listings."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        sub = [a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)]
+        if sub and dataclasses.fields(sub[0]):
+            rows.extend(describe_fields(sub[0], prefix + f.name + "."))
+        elif not sub:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,160 @@
+"""Load parallel prompt sets into the prompts schema, refusing bad input with file, line and id.
+
+Accepted sources:
+- a JSONL file or a Parquet file with `prompt_id` (or `instruction_id`), `lang`, and `messages` or
+  `instruction` (plus optional `input`, `output`/`reference`);
+- a directory with one file per language, `<lang>.jsonl`, `<lang>.json` (a list of objects) or
+  `<lang>.parquet`, holding `instruction_id` and `instruction` (the layout of the ICR and LaCoMSA data).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rayalign.data.schemas import schema_for
+
+
+class PromptError(ValueError):
+    """A prompt source that cannot be used; the message names the file, line or prompt."""
+
+
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise PromptError(f"{path}:{line}: invalid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
+    text = _decode(path, path.read_bytes())
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise PromptError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        records.append((f"{path}:{lineno}", obj))
+    return records
+
+
+def _read_json(path: Path) -> list[tuple[str, dict]]:
+    text = _decode(path, path.read_bytes())
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PromptError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(data, list) or not all(isinstance(o, dict) for o in data):
+        raise PromptError(f"{path}: expected a JSON list of objects")
+    return [(f"{path}[{i}]", obj) for i, obj in enumerate(data)]
+
+
+def _read_parquet(path: Path) -> list[tuple[str, dict]]:
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise PromptError(f"{path}: unreadable Parquet ({e})") from None
+    return [(f"{path} row {i}", row) for i, row in enumerate(rows)]
+
+
+READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
+
+
+def _read(path: Path) -> list[tuple[str, dict]]:
+    reader = READERS.get(path.suffix)
+    if reader is None:
+        raise PromptError(f"{path}: unsupported prompt file type (expected {', '.join(READERS)})")
+    return reader(path)
+
+
+def _to_row(where: str, obj: dict, lang: str | None, system_prompt: str | None, source: str) -> dict:
+    prompt_id = obj.get("prompt_id", obj.get("instruction_id"))
+    if prompt_id is None:
+        raise PromptError(f"{where}: missing prompt_id (or instruction_id)")
+    lang = obj.get("lang", lang)
+    if not isinstance(lang, str):
+        raise PromptError(f"{where}: missing lang")
+    if obj.get("messages") is not None:
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise PromptError(f"{where}: messages must be a list of {{role, content}} strings")
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        text = " ".join(m["content"] for m in messages if m["role"] == "user")
+    else:
+        instruction = obj.get("instruction", obj.get("prompt"))
+        if instruction is not None and not isinstance(instruction, str):
+            raise PromptError(f"{where}: instruction must be a string, got {type(instruction).__name__}")
+        text = (instruction or "").strip()
+        extra = obj.get("input")
+        if isinstance(extra, str) and extra.strip():
+            text = f"{text}\n\n{extra.strip()}"
+        messages = [{"role": "user", "content": text}]
+    if not text.strip():
+        raise PromptError(f"{where}: empty prompt for prompt_id {prompt_id!r} ({lang})")
+    if system_prompt:
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    reference = obj.get("reference", obj.get("output"))
+    return {"prompt_id": str(prompt_id), "lang": lang, "messages": messages,
+            "reference": reference if isinstance(reference, str) else None, "source": source, "_where": where}
+
+
+def load_prompts(path: str | Path, languages: list[str], *, limit: int | None = None,
+                 system_prompt: str | None = None) -> pa.Table:
+    """Load a parallel prompt set for `languages`; every prompt_id must be present in every language."""
+    path = Path(path)
+    rows: list[dict] = []
+    if path.is_dir():
+        for lang in languages:
+            files = [path / f"{lang}{ext}" for ext in READERS if (path / f"{lang}{ext}").is_file()]
+            if not files:
+                raise PromptError(f"{path}: no prompt file for language {lang!r} "
+                                  f"(expected {lang}.jsonl, {lang}.json or {lang}.parquet)")
+            if len(files) > 1:
+                raise PromptError(f"{path}: several files for language {lang!r}: {', '.join(f.name for f in files)}")
+            for where, obj in _read(files[0]):
+                row = _to_row(where, obj, lang, system_prompt, files[0].name)
+                if row["lang"] != lang:
+                    raise PromptError(f"{where}: lang {row['lang']!r} in the file for {lang!r}")
+                rows.append(row)
+    elif path.is_file():
+        rows = [_to_row(where, obj, None, system_prompt, path.name) for where, obj in _read(path)]
+        rows = [r for r in rows if r["lang"] in languages]
+    else:
+        raise PromptError(f"{path}: prompt source not found")
+
+    seen: dict[tuple[str, str], str] = {}
+    for row in rows:
+        key = (row["prompt_id"], row["lang"])
+        if key in seen:
+            raise PromptError(f"{row['_where']}: duplicate (prompt_id, lang) {key} (first at {seen[key]})")
+        seen[key] = row["_where"]
+    by_id: dict[str, set[str]] = {}
+    for pid, lang in seen:
+        by_id.setdefault(pid, set()).add(lang)
+    missing = {pid: [lang for lang in languages if lang not in langs] for pid, langs in by_id.items()}
+    missing = {pid: langs for pid, langs in missing.items() if langs}
+    if missing:
+        shown = "; ".join(f"{pid}: {', '.join(langs)}" for pid, langs in sorted(missing.items())[:10])
+        more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
+        raise PromptError(f"{path}: {len(missing)} prompt_id(s) lack languages: {shown}{more}")
+    if not rows:
+        raise PromptError(f"{path}: no prompts for languages {languages}")
+
+    ids = sorted(by_id)[:limit] if limit else sorted(by_id)
+    order = {lang: i for i, lang in enumerate(languages)}
+    keep = set(ids)
+    rows = sorted((r for r in rows if r["prompt_id"] in keep), key=lambda r: (r["prompt_id"], order[r["lang"]]))
+    for r in rows:
+        del r["_where"]
+    return pa.Table.from_pylist(rows, schema=schema_for("prompts")[1])

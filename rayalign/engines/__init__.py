@@ -1,0 +1,61 @@
+"""Inference engines behind one interface: a list of requests in, one completion per request out.
+
+Each request is ONE sample with its own sampling parameters and seed (vLLM's per-request
+SamplingParams with n=1), so results do not depend on batching or on which actor ran them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    messages: list[dict]  # [{"role": ..., "content": ...}], the chat template is applied by the engine
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    num_tokens: int  # generated tokens, the end-of-turn token included when produced
+    finish_reason: str  # "stop" (end-of-turn token) or "length" (max_new_tokens reached)
+
+
+class Engine(Protocol):
+    model_path: str
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Completion]: ...
+
+
+def sample_seed(run_seed: int, iteration: int, prompt_id: str, lang: str, sample_idx: int) -> int:
+    """A 63-bit seed from (run seed, iteration, prompt_id, lang, sample index), stable across machines."""
+    key = f"{run_seed}\x1f{iteration}\x1f{prompt_id}\x1f{lang}\x1f{sample_idx}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> 1
+
+
+def create_engine(backend: str, model_path: str, *, dtype: str = "auto", device: str | None = None,
+                  batch_size: int = 32, trust_remote_code: bool = False, tensor_parallel_size: int = 1) -> Engine:
+    if backend == "hf":
+        from rayalign.engines.hf import HFEngine
+
+        return HFEngine(model_path, dtype=dtype, device=device, batch_size=batch_size,
+                        trust_remote_code=trust_remote_code)
+    if backend == "vllm":
+        try:
+            from rayalign.engines.vllm import VLLMEngine
+        except ImportError as e:
+            raise RuntimeError(f"engines.backend=vllm needs the gpu extra (pip install 'rayalign[gpu]'): {e}") from e
+        return VLLMEngine(model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                          trust_remote_code=trust_remote_code)
+    raise ValueError(f"engines.backend: expected hf or vllm, got {backend!r}")

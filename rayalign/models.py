@@ -1,0 +1,212 @@
+"""Model and tokenizer loading from a path, and the tiny offline model builder.
+
+Every model in rayalign is loaded with `from_pretrained(path)`; the tiny model is built from a
+config and a locally trained tokenizer, saved with `save_pretrained`, and then loaded through the
+same code as a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from rayalign.config import TINY_MODEL
+
+TINY_BUILDER_VERSION = 1
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+TINY_DEFAULTS = dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, max_length=192,
+                     train_steps=400, batch_size=16, lr=3e-3, seed=0)
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory that cannot be loaded; the message names the directory and what is missing."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RAYALIGN_CACHE", Path.home() / ".cache" / "rayalign"))
+
+
+def tiny_corpus_dir() -> Path:
+    """The bundled parallel prompt set (instruction + answer per language) the tiny model learns from."""
+    env = os.environ.get("RAYALIGN_TINY_CORPUS")
+    path = Path(env) if env else Path(__file__).resolve().parents[1] / "examples" / "data" / "prompts"
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: tiny-model corpus not found; set RAYALIGN_TINY_CORPUS to a directory of "
+                             "<lang>.jsonl files with instruction and output")
+    return path
+
+
+def _corpus_documents(corpus: Path) -> list[list[dict]]:
+    docs = []
+    for file in sorted(corpus.glob("*.jsonl")):
+        for line in file.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                docs.append([{"role": "user", "content": row["instruction"]},
+                             {"role": "assistant", "content": row["output"]}])
+    if not docs:
+        raise ModelLoadError(f"{corpus}: no <lang>.jsonl files with instruction/output rows")
+    return docs
+
+
+def build_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `texts`, with a ChatML-style chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>",
+                                   additional_special_tokens=["<|im_start|>"], chat_template=CHAT_TEMPLATE,
+                                   padding_side="left", model_max_length=4096)
+
+
+def build_tiny_model(out_dir: str | Path, corpus: str | Path | None = None, *, progress=None, **overrides) -> Path:
+    """Build, briefly train and save a tiny Llama-architecture chat model and its tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    p = {**TINY_DEFAULTS, **overrides}
+    docs = _corpus_documents(Path(corpus) if corpus else tiny_corpus_dir())
+    tokenizer = build_tokenizer([m["content"] for d in docs for m in d], p["vocab_size"])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=p["hidden_size"], intermediate_size=p["intermediate_size"],
+        num_hidden_layers=p["num_hidden_layers"], num_attention_heads=p["num_attention_heads"],
+        num_key_value_heads=p["num_key_value_heads"], max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(p["seed"])
+    model = LlamaForCausalLM(config)
+    encoded = [tokenizer.apply_chat_template(d, tokenize=True, return_dict=False)[: p["max_length"]] for d in docs]
+    losses = _train_causal_lm(model, encoded, tokenizer.pad_token_id, p, progress)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "rayalign_tiny.json").write_text(json.dumps(
+        {"builder_version": TINY_BUILDER_VERSION, "params": p, "documents": len(docs),
+         "loss_first": losses[0], "loss_last": losses[-1]}, indent=2))
+    return out_dir
+
+
+def _train_causal_lm(model, encoded: list[list[int]], pad_id: int, p: dict, progress) -> list[float]:
+    import torch
+
+    gen = torch.Generator().manual_seed(p["seed"])
+    opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=0.01)
+    warmup = max(1, p["train_steps"] // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / p["train_steps"]))))
+    model.train()
+    losses = []
+    for step in range(p["train_steps"]):
+        idx = torch.randint(len(encoded), (p["batch_size"],), generator=gen).tolist()
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+            mask[row, : len(encoded[i])] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step + 1, p["train_steps"], losses[-1])
+    model.eval()
+    return losses
+
+
+def tiny_model_key(corpus: Path, params: dict) -> str:
+    h = hashlib.sha256(json.dumps({"v": TINY_BUILDER_VERSION, **params}, sort_keys=True).encode())
+    for file in sorted(corpus.glob("*.jsonl")):
+        h.update(file.name.encode())
+        h.update(file.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def ensure_tiny_model(progress=None, **overrides) -> Path:
+    """The cached tiny model directory, built on first use (about a minute on 2 CPU cores)."""
+    params = {**TINY_DEFAULTS, **overrides}
+    corpus = tiny_corpus_dir()
+    target = cache_dir() / "models" / f"tiny-multilingual-{tiny_model_key(corpus, params)}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        build_tiny_model(tmp, corpus, progress=progress, **overrides)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # built concurrently by another process: keep theirs
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(path: str, progress=None) -> str:
+    """A loadable model location: builds the tiny model for TINY_MODEL, checks local directories."""
+    if path == TINY_MODEL:
+        return str(ensure_tiny_model(progress=progress))
+    p = Path(path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"{p}: not a model directory (no config.json)")
+        return str(p.resolve())
+    if path.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{path}: model directory not found")
+    return path  # a hub id, resolved by transformers (from its local cache when offline)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if p.is_dir() and not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ModelLoadError(f"{p}: no tokenizer (expected tokenizer.json, tokenizer.model or vocab.json "
+                             "next to config.json; save it with tokenizer.save_pretrained)")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.chat_template is None:
+        raise ModelLoadError(f"{path}: the tokenizer has no chat template")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def torch_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype, device),
+                                                 trust_remote_code=trust_remote_code)
+    model.to(device).eval()
+    model.load_seconds = time.perf_counter() - started
+    return model
