@@ -33,6 +33,9 @@ class GenerationActor:
 
         return generate_samples(self.engine, prompts, sampling, iteration, policy)
 
+    def ready(self) -> bool:
+        return True
+
     def where(self) -> dict:
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "pid": os.getpid()}
@@ -70,6 +73,7 @@ class GenerationGroup:
             progress: Callable[[GenerationStats, int], None] | None = None, max_retries: int = 3) -> GenerationStats:
         stats = GenerationStats(skipped_shards=len(skip))
         todo = [i for i in range(len(shards)) if i not in skip]
+        ray.get([self.actors[i].ready.remote() for i in self.alive])  # model loading is not generation time
         attempts = {i: 0 for i in todo}
         in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}
         started = time.perf_counter()

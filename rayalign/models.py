@@ -95,6 +95,7 @@ def build_tiny_model(out_dir: str | Path, corpus: str | Path | None = None, *, p
     encoded = [tokenizer.apply_chat_template(d, tokenize=True, return_dict=False)[: p["max_length"]] for d in docs]
     losses = _train_causal_lm(model, encoded, tokenizer.pad_token_id, p, progress)
     out_dir = Path(out_dir)
+    _quiet_transformers()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "rayalign_tiny.json").write_text(json.dumps(
@@ -201,9 +202,16 @@ def torch_dtype(name: str, device: str):
     return getattr(torch, name)
 
 
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype, device),
                                                  trust_remote_code=trust_remote_code)

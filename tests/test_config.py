@@ -1,0 +1,119 @@
+import dataclasses
+
+import pytest
+import yaml
+
+from rayalign.config import ConfigError, RunConfig, describe_fields, load_config, save_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, "name: x\nsampling: {n: 3}\n"),
+                      ["sampling.temperature=0.5", "languages=[en, de]", "engines.count=2", "prompts.limit=null"])
+    assert cfg.sampling.n == 3 and cfg.sampling.temperature == 0.5
+    assert cfg.languages == ["en", "de"] and cfg.engines.count == 2 and cfg.prompts.limit is None
+    assert cfg.language_names() == {"en": "English", "de": "German"}
+    assert cfg.resolved_run_dir().as_posix() == "runs/x"
+
+
+def test_int_accepted_for_float_and_sections_filled():
+    cfg = load_config(None, ["sampling.temperature=1", "reference.path=/models/ref"])
+    assert isinstance(cfg.sampling.temperature, float)
+    assert cfg.reference.path == "/models/ref" and cfg.reference.dtype == "auto"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("sampling.temperature=-0.1", "sampling.temperature: expected a value >= 0.0"),
+    ("sampling.n=0", "sampling.n: expected a value >= 1"),
+    ("sampling.top_p=1.5", "sampling.top_p: expected a value <= 1.0"),
+    ("sampling.top_p=0", "sampling.top_p: expected a value > 0.0"),
+    ("sampling.n=many", "sampling.n: expected an integer, got str 'many'"),
+    ("sampling.n=2.5", "sampling.n: expected an integer, got float 2.5"),
+    ("languages=[en, xx]", "languages[1]: unknown ISO 639-1 code 'xx'"),
+    ("languages=en", "languages: expected a list of a string"),
+    ("languages=[en, en]", "languages: duplicate codes"),
+    ("anchor_language=it", "anchor_language: 'it' is not one of languages"),
+    ("policy.dtype=int4", "policy.dtype: expected one of auto, float32, bfloat16, float16"),
+    ("engines.backend=tgi", "engines.backend: expected one of hf, vllm"),
+    ("policy.trust_remote_code=yes please", "policy.trust_remote_code: expected true/false"),
+    ("sampling.temprature=1", "override sampling.temprature: unknown key 'temprature' in sampling"),
+    ("rewards.alpha=1", "override rewards.alpha: unknown key 'alpha' in rewards"),
+    ("sampling=3", "sampling: expected a mapping"),
+    ("engines.backend=vllm", "engines.num_gpus: the vllm backend needs at least tensor_parallel_size"),
+    ("novalue", "override 'novalue': expected key.sub=value"),
+])
+def test_bad_overrides_name_the_key(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert expected in str(e.value)
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    path = write(tmp_path, "sampling:\n  n: 2\n  temprature: 0.3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in str(e.value) and "sampling.temprature: unknown key" in str(e.value)
+    assert "temperature" in str(e.value)  # lists what was expected
+
+
+def test_wrong_type_in_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"sampling\.max_new_tokens: expected an integer, got str 'long'"):
+        load_config(write(tmp_path, "sampling: {max_new_tokens: long}\n"))
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    path = write(tmp_path, "sampling: {n: 2\nname: [\n")
+    with pytest.raises(ConfigError, match="malformed YAML") as e:
+        load_config(path)
+    assert str(path) in str(e.value)
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="expected a mapping of settings"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = write(tmp_path, "name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load_config(path)
+
+
+def test_relative_prompt_path_resolves_from_recipe_dir(tmp_path):
+    (tmp_path / "data").mkdir()
+    cfg = load_config(write(tmp_path, "prompts: {path: data}\n"))
+    assert cfg.prompts.path == str(tmp_path / "data")
+
+
+def test_saved_config_round_trips_and_hash_ignores_name_and_actor_count(tmp_path):
+    cfg = load_config(None, ["sampling.n=5", "name=a"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert load_config(None, ["sampling.n=5", "name=b", "engines.count=3"]).config_hash() == cfg.config_hash()
+    assert load_config(None, ["sampling.n=6"]).config_hash() != cfg.config_hash()
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["sampling"]["n"] == 5
+
+
+def test_every_field_has_help():
+    def walk(cls):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+            if dataclasses.is_dataclass(f.type if not isinstance(f.type, str) else None):
+                walk(f.type)
+    walk(RunConfig)
+    keys = [k for k, _, _ in describe_fields()]
+    assert "sampling.temperature" in keys and "engines.shard_rows" in keys
+
+
+def test_shipped_recipes_are_valid():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "examples").glob("**/*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        load_config(recipe)

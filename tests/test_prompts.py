@@ -1,0 +1,114 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import PROMPTS_DIR
+from rayalign.data.prompts import PromptError, load_prompts
+
+LANGS = ["en", "es", "de", "fr", "ru"]
+
+
+def write_dir(tmp_path, rows_by_lang):
+    d = tmp_path / "prompts"
+    d.mkdir()
+    for lang, rows in rows_by_lang.items():
+        (d / f"{lang}.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    return d
+
+
+def test_bundled_set_is_parallel_in_five_languages():
+    table = load_prompts(PROMPTS_DIR, LANGS)
+    ids = set(table.column("prompt_id").to_pylist())
+    assert len(ids) >= 60 and table.num_rows == 5 * len(ids)
+    assert table.schema.names == ["prompt_id", "lang", "messages", "reference", "source"]
+    first = table.to_pylist()[:5]
+    assert [r["lang"] for r in first] == LANGS and len({r["prompt_id"] for r in first}) == 1
+    assert all(r["messages"][0]["role"] == "user" and r["reference"] for r in first)
+    from rayalign.languages import detect_language
+    rows = table.to_pylist()
+    detected = sum(detect_language(r["messages"][0]["content"] + " " + r["reference"]) == r["lang"] for r in rows)
+    assert detected / len(rows) > 0.95
+
+
+def test_directory_layout_with_limit_and_system_prompt(tmp_path):
+    d = write_dir(tmp_path, {
+        "en": [{"instruction_id": i, "instruction": f"q{i}", "input": "ctx" if i == 1 else ""} for i in range(3)],
+        "de": [{"instruction_id": i, "instruction": f"f{i}"} for i in range(3)],
+        "fr": [{"instruction_id": 0, "instruction": "only one"}],  # not configured: ignored
+    })
+    table = load_prompts(d, ["en", "de"], limit=2, system_prompt="Be brief.")
+    rows = table.to_pylist()
+    assert [(r["prompt_id"], r["lang"]) for r in rows] == [("0", "en"), ("0", "de"), ("1", "en"), ("1", "de")]
+    assert rows[2]["messages"] == [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": "q1\n\nctx"}]
+
+
+def test_jsonl_and_parquet_files(tmp_path):
+    rows = [{"prompt_id": "a", "lang": "en", "messages": [{"role": "user", "content": "hi"}]},
+            {"prompt_id": "a", "lang": "de", "instruction": "hallo"},
+            {"prompt_id": "a", "lang": "ja", "instruction": "other language, ignored"}]
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    t1 = load_prompts(f, ["en", "de"])
+    assert t1.column("lang").to_pylist() == ["en", "de"]
+    pq.write_table(pa.Table.from_pylist([{"prompt_id": "a", "lang": l, "instruction": "x"} for l in ("en", "de")]),
+                   tmp_path / "p.parquet")
+    assert load_prompts(tmp_path / "p.parquet", ["en", "de"]).num_rows == 2
+
+
+def test_missing_languages_are_listed(tmp_path):
+    d = write_dir(tmp_path, {
+        "en": [{"instruction_id": f"p{i}", "instruction": "q"} for i in range(3)],
+        "de": [{"instruction_id": "p0", "instruction": "f"}],
+        "ru": [{"instruction_id": "p0", "instruction": "в"}, {"instruction_id": "p2", "instruction": "в"}],
+    })
+    with pytest.raises(PromptError) as e:
+        load_prompts(d, ["en", "de", "ru"])
+    assert "2 prompt_id(s) lack languages: p1: de, ru; p2: de" in str(e.value)
+
+
+def test_missing_language_file(tmp_path):
+    d = write_dir(tmp_path, {"en": [{"instruction_id": 0, "instruction": "q"}]})
+    with pytest.raises(PromptError, match="no prompt file for language 'de'"):
+        load_prompts(d, ["en", "de"])
+
+
+def test_empty_prompt_names_file_line_and_id(tmp_path):
+    d = write_dir(tmp_path, {"en": [{"instruction_id": 0, "instruction": "q"}, {"instruction_id": 1, "instruction": "  "}]})
+    with pytest.raises(PromptError, match=r"en.jsonl:2: empty prompt for prompt_id 1 \(en\)"):
+        load_prompts(d, ["en"])
+
+
+def test_duplicate_prompt_names_both_lines(tmp_path):
+    d = write_dir(tmp_path, {"en": [{"instruction_id": "a", "instruction": "q"}, {"instruction_id": "b", "instruction": "r"},
+                                    {"instruction_id": "a", "instruction": "s"}]})
+    with pytest.raises(PromptError) as e:
+        load_prompts(d, ["en"])
+    assert "en.jsonl:3: duplicate (prompt_id, lang) ('a', 'en') (first at" in str(e.value)
+    assert "en.jsonl:1)" in str(e.value)
+
+
+def test_malformed_jsonl_line(tmp_path):
+    d = tmp_path / "p"
+    d.mkdir()
+    (d / "en.jsonl").write_text('{"instruction_id": 0, "instruction": "q"}\n{"instruction_id": 1, "instruction": \n')
+    with pytest.raises(PromptError, match=r"en.jsonl:2: malformed JSON"):
+        load_prompts(d, ["en"])
+
+
+def test_invalid_utf8_names_line(tmp_path):
+    d = tmp_path / "p"
+    d.mkdir()
+    (d / "en.jsonl").write_bytes(b'{"instruction_id": 0, "instruction": "q"}\n{"instruction_id": 1, "instruction": "\xff\xfe"}\n')
+    with pytest.raises(PromptError, match=r"en.jsonl:2: invalid UTF-8 \(byte 0xff"):
+        load_prompts(d, ["en"])
+
+
+def test_missing_source_and_id(tmp_path):
+    with pytest.raises(PromptError, match="prompt source not found"):
+        load_prompts(tmp_path / "nowhere", ["en"])
+    d = write_dir(tmp_path, {"en": [{"instruction": "q"}]})
+    with pytest.raises(PromptError, match=r"en.jsonl:1: missing prompt_id \(or instruction_id\)"):
+        load_prompts(d, ["en"])

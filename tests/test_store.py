@@ -1,0 +1,132 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rayalign.data.store import DatasetError, DatasetWriter, read_dataset, read_manifest, sha256_file
+
+
+def prompts_table(ids, lang="en"):
+    return pa.table({
+        "prompt_id": ids, "lang": [lang] * len(ids),
+        "messages": [[{"role": "user", "content": f"question {i}"}] for i in ids],
+        "reference": [None] * len(ids), "source": ["test"] * len(ids),
+    })
+
+
+def write_dataset(path, shards=2):
+    w = DatasetWriter(path, "prompts", config_hash="abc", languages=["en"], models={"policy": "m"},
+                      seeds={"run_seed": 1})
+    for i in range(shards):
+        w.write_shard(i, prompts_table([f"p{i}{j}" for j in range(3)]))
+    return w.finalize(expected_shards=shards)
+
+
+def test_round_trip_manifest_and_card(tmp_path):
+    manifest = write_dataset(tmp_path / "ds")
+    assert manifest["rows"] == 6 and [s["rows"] for s in manifest["shards"]] == [3, 3]
+    assert manifest["shards"][0]["sha256"] == sha256_file(tmp_path / "ds" / "part-00000.parquet")
+    assert manifest["schema"] == "prompts" and manifest["schema_version"] == 1
+    assert manifest["config_hash"] == "abc" and manifest["rayalign_version"]
+    table = read_dataset(tmp_path / "ds", "prompts")
+    assert table.column("prompt_id").to_pylist() == ["p00", "p01", "p02", "p10", "p11", "p12"]
+    card = (tmp_path / "ds" / "README.md").read_text()
+    assert card.startswith("---\nlanguage:\n- en\n") and "part-*.parquet" in card
+
+
+def test_shards_are_renamed_only_when_complete(tmp_path, monkeypatch):
+    w = DatasetWriter(tmp_path / "ds", "prompts")
+    w.write_shard(0, prompts_table(["a"]))
+
+    def broken_write(table, where, **kwargs):
+        open(where, "wb").write(b"PAR1 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", broken_write)
+    with pytest.raises(OSError, match="No space left"):
+        w.write_shard(1, prompts_table(["b"]))
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["part-00000.parquet"]
+    assert w.has_shard(0) and not w.has_shard(1)
+
+
+def test_stale_tmp_files_are_removed_on_reopen(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "part-00003.parquet.tmp").write_bytes(b"half")
+    DatasetWriter(tmp_path / "ds", "prompts")
+    assert not list((tmp_path / "ds").glob("*.tmp"))
+
+
+def test_writer_refuses_rows_of_another_schema(tmp_path):
+    w = DatasetWriter(tmp_path / "ds", "prompts")
+    with pytest.raises(DatasetError, match=r"part-00000.parquet: missing column\(s\) messages"):
+        w.write_shard(0, pa.table({"prompt_id": ["a"], "lang": ["en"], "reference": [None], "source": ["x"]}))
+    bad_nulls = prompts_table(["a"]).set_column(0, "prompt_id", pa.array([None], pa.string()))
+    with pytest.raises(DatasetError, match="column prompt_id has 1 null value"):
+        w.write_shard(0, bad_nulls)
+
+
+def test_missing_manifest(tmp_path):
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(DatasetError, match="manifest.json: missing; the dataset is incomplete"):
+        read_dataset(tmp_path / "ds")
+
+
+def test_checksum_mismatch_names_the_shard(tmp_path):
+    write_dataset(tmp_path / "ds")
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    manifest["shards"][1]["sha256"] = "0" * 64
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match=r"part-00001.parquet: sha256 does not match the manifest"):
+        read_dataset(tmp_path / "ds")
+
+
+def test_truncated_shard_is_detected(tmp_path):
+    write_dataset(tmp_path / "ds")
+    shard = tmp_path / "ds" / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(DatasetError, match="part-00000.parquet: sha256 does not match"):
+        read_dataset(tmp_path / "ds")
+    with pytest.raises(DatasetError, match="part-00000.parquet: unreadable Parquet"):
+        read_dataset(tmp_path / "ds", verify=False)
+
+
+def test_other_schema_version_is_refused(tmp_path):
+    write_dataset(tmp_path / "ds")
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match="schema prompts version 99, this rayalign .* reads version 1"):
+        read_dataset(tmp_path / "ds")
+
+
+def test_expected_schema_name(tmp_path):
+    write_dataset(tmp_path / "ds")
+    with pytest.raises(DatasetError, match="dataset holds 'prompts' rows, expected 'samples'"):
+        read_dataset(tmp_path / "ds", "samples")
+
+
+def test_missing_and_unlisted_shards(tmp_path):
+    write_dataset(tmp_path / "ds")
+    (tmp_path / "ds" / "part-00001.parquet").rename(tmp_path / "ds" / "part-00007.parquet")
+    with pytest.raises(DatasetError, match="not in the manifest: part-00007.parquet"):
+        read_dataset(tmp_path / "ds")
+    (tmp_path / "ds" / "part-00007.parquet").unlink()
+    with pytest.raises(DatasetError, match="part-00001.parquet: listed in the manifest but missing"):
+        read_dataset(tmp_path / "ds")
+
+
+def test_corrupt_manifest(tmp_path):
+    write_dataset(tmp_path / "ds")
+    (tmp_path / "ds" / "manifest.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="manifest.json: not valid JSON"):
+        read_manifest(tmp_path / "ds")
+
+
+def test_finalize_counts_shards(tmp_path):
+    w = DatasetWriter(tmp_path / "ds", "prompts")
+    w.write_shard(0, prompts_table(["a"]))
+    with pytest.raises(DatasetError, match="expected 2 shards, found 1"):
+        w.finalize(expected_shards=2)
+    assert not (tmp_path / "ds" / "manifest.json").exists()
