@@ -11,17 +11,18 @@ from rayalign.data.store import read_dataset, read_manifest
 
 
 def samples_summary(table) -> pl.DataFrame:
-    """Per language: rows, prompts, mean response length (chars, tokens), detected-language share."""
+    """Per language: rows, prompts, mean response length (chars, tokens), share that ended with the
+    end-of-turn token (stopped), and share whose detected language is the prompt's (lang_match)."""
     df = pl.from_arrow(table)
     return (
         df.group_by("lang", maintain_order=True)
         .agg(
             pl.len().alias("rows"),
             pl.col("prompt_id").n_unique().alias("prompts"),
-            pl.col("response").str.len_chars().mean().round(1).alias("mean_chars"),
-            pl.col("num_tokens").mean().round(1).alias("mean_tokens"),
-            (pl.col("finish_reason") == "stop").mean().round(3).alias("stop_share"),
-            (pl.col("lang_detected") == pl.col("lang")).mean().round(3).alias("lang_detected_share"),
+            pl.col("response").str.len_chars().mean().round(1).alias("chars"),
+            pl.col("num_tokens").mean().round(1).alias("tokens"),
+            (pl.col("finish_reason") == "stop").mean().round(3).alias("stopped"),
+            (pl.col("lang_detected") == pl.col("lang")).mean().round(3).alias("lang_match"),
         )
     )
 
