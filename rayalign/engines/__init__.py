@@ -32,10 +32,25 @@ class Completion:
     finish_reason: str  # "stop" (end-of-turn token) or "length" (max_new_tokens reached)
 
 
+@dataclass(frozen=True)
+class ScoreRequest:
+    messages: list[dict]  # the prompt as a chat; the engine applies the chat template
+    response: str  # scored as the assistant turn, followed by the end-of-turn token
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    logp: float  # sum of log-probs of the response tokens, the end-of-turn token included
+    num_tokens: int  # response tokens, the end-of-turn token included
+    pooled: dict  # layer -> (H,) float32 numpy mean of hidden_states[layer] over the response tokens
+
+
 class Engine(Protocol):
     model_path: str
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]: ...
+
+    def score(self, requests: list[ScoreRequest], layers: list[int] = ()) -> list[ScoreResult]: ...
 
 
 def sample_seed(run_seed: int, iteration: int, prompt_id: str, lang: str, sample_idx: int) -> int:
