@@ -1,7 +1,7 @@
-"""Offline self-alignment, one iteration after another: generate -> (score -> pairs -> train).
+"""Offline self-alignment, one iteration after another: generate -> score -> pairs (-> train).
 
-This release runs the generation stage; each later stage lands as a block below it. Read top to
-bottom: set up the run directory and Ray, then each stage with its name and timer.
+Read top to bottom: the run directory, then each stage (a function with its name and timer),
+then `run`, which calls them in order and skips what an earlier run already finished.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from rayalign.data.store import DatasetError, DatasetWriter, read_manifest
 from rayalign.models import resolve_model_path
 
 console = Console(stderr=True)
-STAGES = ("generate",)
+STAGES = ("generate", "score", "pairs")
 
 
 # ---- run directory: config, state, metrics ----
@@ -80,10 +80,10 @@ def generate_stage(cfg: RunConfig, prompts, policy_path: str, policy_name: str, 
                             status=f"rows {sum(shards[i].num_rows for i in done)}/{total_rows}",
                             completed=sum(shards[i].num_rows for i in done))
 
-        def progress(stats, total):
-            rows = stats.rows + sum(shards[i].num_rows for i in done)
-            rate = stats.samples / max(stats.seconds, 1e-9)
-            bar.update(task, completed=rows, status=f"rows {rows}/{total} | {rate:.1f} samples/s")
+        def progress(stats):
+            rows = stats.rows_in + sum(shards[i].num_rows for i in done)
+            rate = stats.rows_out / max(stats.seconds, 1e-9)
+            bar.update(task, completed=rows, status=f"rows {rows}/{total_rows} | {rate:.1f} samples/s")
 
         try:
             stats = group.run(shards, cfg.sampling, iteration, policy_name, writer.write_shard, skip=done,
@@ -92,11 +92,213 @@ def generate_stage(cfg: RunConfig, prompts, policy_path: str, policy_name: str, 
             group.shutdown()
     manifest = writer.finalize(expected_shards=len(shards))
     return {
-        "rows": total_rows, "samples": manifest["rows"], "new_samples": stats.samples,
+        "rows": total_rows, "samples": manifest["rows"], "new_samples": stats.rows_out,
         "resumed_shards": len(done), "retries": stats.retries, "seconds": round(stats.seconds, 3),
-        "samples_per_s": round(stats.samples / max(stats.seconds, 1e-9), 2),
+        "samples_per_s": round(stats.rows_out / max(stats.seconds, 1e-9), 2),
         "tokens_per_s": round(stats.tokens / max(stats.seconds, 1e-9), 2),
     }
+
+
+# ---- scoring stage ----
+
+def _layers(cfg: RunConfig, policy_path: str) -> dict[str, int]:
+    from transformers import AutoConfig
+
+    num_layers = AutoConfig.from_pretrained(policy_path, trust_remote_code=cfg.policy.trust_remote_code).num_hidden_layers
+    lat = cfg.rewards.latent
+    layers = {"h_hub": num_layers // 2 if lat.hub_layer is None else lat.hub_layer,
+              "h_last": num_layers if lat.language_layer is None else lat.language_layer}
+    for column, layer in layers.items():
+        if layer > num_layers:
+            key = "hub_layer" if column == "h_hub" else "language_layer"
+            raise ConfigError(f"rewards.latent.{key}: {layer} is beyond the model's {num_layers} layers")
+    return layers
+
+
+def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: int, out_dir: Path) -> dict:
+    """One teacher-forced pass per needed model over every sample -> the scores dataset at `out_dir`."""
+    import pyarrow as pa
+
+    from rayalign.actors.pool import split_shards
+    from rayalign.actors.scorer import ModelRole, ScoringGroup
+    from rayalign.data.store import read_dataset
+    from rayalign.scores import compute_rewards, cross_lingual_messages
+    from rayalign.scoring import ForwardSpec
+
+    samples = read_dataset(samples_dir, "samples")
+    r = cfg.rewards
+    roles = {"policy": ModelRole(policy_path, cfg.policy)}
+    layers = _layers(cfg, policy_path) if r.latent.enabled else {}
+    specs = [ForwardSpec("policy", "messages", "logp_policy", tuple(layers.items()), tokens_column="score_tokens")]
+    if r.implicit.enabled:
+        ref = r.implicit.reward_reference
+        roles["reward_reference"] = ModelRole(resolve_model_path(ref.path), ref)
+        prompt = "messages"
+        if r.implicit.prompt == "cross_lingual":
+            prompt = "messages_cross_lingual"
+            samples = samples.append_column(prompt, pa.array(cross_lingual_messages(samples, cfg.anchor_language)))
+            specs.append(ForwardSpec("policy", prompt, "logp_policy_icr"))
+        specs.append(ForwardSpec("reward_reference", prompt, "logp_reward_ref"))
+    reward_model = None
+    if r.reward_model.enabled:
+        reward_model = "reward_model"
+        roles[reward_model] = ModelRole(resolve_model_path(r.reward_model.model.path), r.reward_model.model,
+                                        kind="reward_model")
+    shards = split_shards(samples, cfg.engines.shard_rows * cfg.sampling.n)
+    group = ScoringGroup(roles, r.actors, r.batch_size, r.num_cpus, r.num_gpus)
+    results: dict[int, pa.Table] = {}
+    with _progress(f"score iter-{iteration}", samples.num_rows, "samples") as update:
+        try:
+            stats = group.run(shards, specs, reward_model, results.__setitem__, progress=update)
+        finally:
+            group.shutdown()
+    table = pa.concat_tables([results[i] for i in range(len(shards))])
+    if r.implicit.enabled and r.implicit.prompt == "native":
+        table = table.append_column("logp_policy_icr", table.column("logp_policy"))
+    table, params = compute_rewards(table, cfg)
+    params["layers"] = layers
+    write_table(table, out_dir, "scores", cfg, iteration, {n: role.path for n, role in roles.items()}, params,
+                f"Teacher-forced scores of iteration {iteration}'s samples: log-probs, rewards"
+                f"{' and pooled states' if layers else ''}.", shard_rows=cfg.engines.shard_rows * cfg.sampling.n,
+                latent_dim=table.schema.field("h_hub").type.list_size if layers else 0)
+    tokens = sum(table.column("score_tokens").to_pylist()) * len(specs)
+    return {"samples": table.num_rows, "forward_passes": len(specs), "retries": stats.retries,
+            "seconds": round(stats.seconds, 3), "tokens_per_s": round(tokens / max(stats.seconds, 1e-9), 2), **{
+                f"alpha_{lang}": a for lang, a in params.get("icr", {}).get("alpha_per_language", {}).items()}}
+
+
+def write_table(table, out_dir: Path, schema: str, cfg: RunConfig, iteration: int, models: dict, params: dict,
+                description: str, shard_rows: int, latent_dim: int = 0) -> dict:
+    """Write a whole table as a dataset (shards of `shard_rows` rows, then card and manifest)."""
+    from rayalign.actors.pool import split_shards
+
+    writer = DatasetWriter(out_dir, schema, config_hash=cfg.config_hash(), languages=cfg.languages, models=models,
+                           seeds={"run_seed": cfg.sampling.seed, "iteration": iteration}, description=description,
+                           schema_params={"latent_dim": latent_dim} if schema == "scores" else None, params=params)
+    shards = split_shards(table, max(1, shard_rows))
+    for i, shard in enumerate(shards):
+        writer.write_shard(i, shard)
+    return writer.finalize(expected_shards=len(shards))
+
+
+# ---- pairs stage ----
+
+def pairs_stage(cfg: RunConfig, run_dir: Path, policy_path: str, iteration: int, out_dir: Path) -> dict:
+    """Scores (or candidate sets, for DCO) -> preference data at `out_dir`."""
+    import polars as pl
+
+    from rayalign import pairs
+    from rayalign.data.store import read_dataset
+
+    method, p, it_dir = cfg.pairs.method, cfg.pairs, run_dir / f"iter-{iteration}"
+    if method == "dco":
+        table = dco_stage(cfg, policy_path, iteration, it_dir / "candidate_scores")
+        schema = "dco"
+    elif method == "lidr":
+        samples = pl.from_arrow(read_dataset(it_dir / "samples", "samples"))
+        table = lidr_stage(cfg, samples, policy_path, iteration)
+        schema = "pairs"
+    else:
+        scores = pl.from_arrow(read_dataset(it_dir / "scores", "scores").drop_columns(
+            [c for c in ("h_hub", "h_last") if c in read_dataset(it_dir / "scores").column_names]))
+        if method == "kto":
+            table = pairs.kto_rows(scores, p.kto_reward, iteration, min_margin=p.min_margin,
+                                   include_anchor=p.include_anchor, anchor=cfg.anchor_language)
+            schema = "kto"
+        else:
+            table = pairs.preference_pairs(scores, method, iteration, min_margin=p.min_margin,
+                                           include_anchor=p.include_anchor, anchor=cfg.anchor_language)
+            schema = "pairs"
+    manifest = write_table(table, out_dir, schema, cfg, iteration, {"policy": cfg.policy.path}, {"method": method},
+                           f"{method} preference data of iteration {iteration}.", shard_rows=4096)
+    return {"method": method, "rows": manifest["rows"]}
+
+
+def dco_stage(cfg: RunConfig, policy_path: str, iteration: int, out_dir: Path):
+    """Score every candidate answer with pi_ref in every language, then build DCO tuples."""
+    import polars as pl
+    import pyarrow as pa
+
+    from rayalign.actors.pool import split_shards
+    from rayalign.actors.scorer import ModelRole, ScoringGroup
+    from rayalign.data.prompts import load_candidate_sets
+    from rayalign.pairs import dco_tuples
+    from rayalign.scoring import ForwardSpec
+
+    c = cfg.rewards.consistency
+    ref = c.reference or cfg.policy
+    ref_path = resolve_model_path(ref.path) if c.reference else policy_path
+    cands = load_candidate_sets(c.candidates_path, cfg.languages).rename_columns(
+        ["prompt_id", "lang", "messages", "candidate_idx", "response", "gold"])
+    group = ScoringGroup({"dco_reference": ModelRole(ref_path, ref)}, cfg.rewards.actors, cfg.rewards.batch_size,
+                         cfg.rewards.num_cpus, cfg.rewards.num_gpus)
+    shards = split_shards(cands, 256)
+    results: dict[int, pa.Table] = {}
+    with _progress(f"score candidates iter-{iteration}", cands.num_rows, "candidates") as update:
+        try:
+            group.run(shards, [ForwardSpec("dco_reference", "messages", "logp_ref", tokens_column="num_tokens")],
+                      None, results.__setitem__, progress=update)
+        finally:
+            group.shutdown()
+    scored = pa.concat_tables([results[i] for i in range(len(shards))]).rename_columns(
+        ["prompt_id", "lang", "messages", "candidate_idx", "candidate", "gold", "logp_ref", "num_tokens"])
+    write_table(scored, out_dir, "candidate_scores", cfg, iteration, {"dco_reference": ref.path}, {},
+                "pi_ref log-probs of every candidate answer in every language.", shard_rows=4096)
+    anchor = cfg.anchor_language
+    gammas = {(a, b): (c.gamma_from_anchor if a == anchor else c.gamma_to_anchor if b == anchor else c.gamma_between)
+              for a in cfg.languages for b in cfg.languages if a != b}
+    return dco_tuples(pl.from_arrow(scored), cfg.languages, anchor, gammas, c.pairs_per_question,
+                      cfg.sampling.seed + iteration, iteration)
+
+
+def lidr_stage(cfg: RunConfig, samples, policy_path: str, iteration: int):
+    """LIDR: the policy translates its own responses; chosen/rejected as METHODS.md section 5."""
+    import dataclasses
+
+    import polars as pl
+    import pyarrow as pa
+
+    from rayalign.actors.generator import GenerationGroup
+    from rayalign.actors.pool import split_shards
+    from rayalign.data.schemas import schema_for
+    from rayalign.pairs import lidr_pairs, lidr_requests
+
+    requests = lidr_requests(samples, cfg.anchor_language, cfg.language_names())
+    prompts = pa.Table.from_pylist(
+        [{**r, "reference": None, "source": "lidr-translation"} for r in requests.to_dicts()],
+        schema=schema_for("prompts")[1])
+    sampling = dataclasses.replace(cfg.sampling, n=1, temperature=0.0,
+                                   max_new_tokens=max(cfg.sampling.max_new_tokens * 2, 16))
+    group = GenerationGroup(policy_path, cfg.policy, cfg.engines)
+    shards = split_shards(prompts, cfg.engines.shard_rows)
+    out: dict[int, pa.Table] = {}
+    with _progress(f"translate iter-{iteration}", prompts.num_rows, "translations") as update:
+        try:
+            group.run(shards, sampling, iteration, cfg.policy.path, out.__setitem__, progress=update)
+        finally:
+            group.shutdown()
+    translations = pl.from_arrow(pa.concat_tables([out[i] for i in range(len(shards))]))
+    return lidr_pairs(samples, translations, cfg.anchor_language, iteration)
+
+
+def _progress(label: str, total: int, unit: str):
+    """A progress bar context; yields an update(stats) callback for run_shards."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def bar():
+        with Progress(TextColumn(label), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                      console=console) as progress:
+            task = progress.add_task(label, total=total, status=f"0/{total} {unit}")
+
+            def update(stats):
+                rate = stats.rows_in / max(stats.seconds, 1e-9)
+                progress.update(task, completed=stats.rows_in,
+                                status=f"{stats.rows_in}/{total} {unit} | {rate:.1f} {unit}/s")
+
+            yield update
+
+    return bar()
 
 
 # ---- the run ----
@@ -105,6 +307,10 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
         stages: tuple[str, ...] = STAGES) -> Path:
     from rayalign.cluster import connect, load_cluster_spec
 
+    if cfg.pairs.method is None:
+        stages = tuple(st for st in stages if st != "pairs")
+    if cfg.pairs.method == "dco":  # DCO learns from parallel candidate sets, not from samples
+        stages = tuple(st for st in stages if st == "pairs")
     if cfg.iterations > 1:
         raise ConfigError(f"iterations: {cfg.iterations} needs the training stage to produce policy t from "
                           "iteration t-1; this release runs generation only (set iterations: 1)")
@@ -121,20 +327,23 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
 
     for iteration in range(1, cfg.iterations + 1):
         it_dir = run_dir / f"iter-{iteration}"
-        if "generate" in stages:
-            stage = f"iter-{iteration}/generate"
-            samples_dir = it_dir / "samples"
-            if stage in state["finished"] and _complete(samples_dir):
-                console.print(f"{stage}: finished earlier, kept")
+        for stage in stages:
+            name, out_dir = f"iter-{iteration}/{stage}", it_dir / {"generate": "samples"}.get(stage, stage)
+            if name in state["finished"] and _complete(out_dir):
+                console.print(f"{name}: finished earlier, kept")
+                continue
+            started = time.perf_counter()
+            if stage == "generate":
+                result = generate_stage(cfg, prompts, policy_path, cfg.policy.path, iteration, out_dir)
+            elif stage == "score":
+                result = score_stage(cfg, it_dir / "samples", policy_path, iteration, out_dir)
             else:
-                started = time.perf_counter()
-                result = generate_stage(cfg, prompts, policy_path, cfg.policy.path, iteration, samples_dir)
-                result["wall_seconds"] = round(time.perf_counter() - started, 3)
-                log_metrics(run_dir, {"iteration": iteration, "stage": "generate", **result})
-                state["finished"].append(stage)
-                write_state(run_dir, state)
-                console.print(f"{stage}: {result['samples']} samples, {result['samples_per_s']} samples/s, "
-                              f"{result['tokens_per_s']} tokens/s -> {samples_dir}")
+                result = pairs_stage(cfg, run_dir, policy_path, iteration, out_dir)
+            result["wall_seconds"] = round(time.perf_counter() - started, 3)
+            log_metrics(run_dir, {"iteration": iteration, "stage": stage, **result})
+            state["finished"].append(name)
+            write_state(run_dir, state)
+            console.print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in result.items()) + f" -> {out_dir}")
     return run_dir
 
 

@@ -88,13 +88,95 @@ class EnginesConfig:
 
 
 @dataclass
+class LatentRewardConfig:
+    enabled: bool = _field(False, help="compute MSA and LaCoMSA latent rewards (METHODS.md section 1)")
+    hub_layer: int | None = _field(None, help="semantic-hub layer l (hidden_states index); null = floor(L/2)", ge=0)
+    language_layer: int | None = _field(None, help="language layer for phi; null = L, the last hidden state", ge=0)
+    alpha: float = _field(0.5, help="weight slope alpha in w = sigma(alpha * (phi - r_MSA) ** gamma)")
+    gamma: float = _field(1.0, help="weight exponent gamma", gt=0.0)
+    weight_form: str = _field(
+        "paper", help="paper: sigma(alpha * spow(phi - r_MSA, gamma)); code: sigma(alpha * (phi - r_MSA)) ** gamma "
+        "(the released code's form; identical at gamma = 1)", choices=("paper", "code"))
+    centroid_mode: str = _field(
+        "language", help="phi centroids: language (per language over the run, the paper) or prompt (per prompt, "
+        "the released code)", choices=("language", "prompt"))
+    store_latents: bool = _field(True, help="keep pooled states (float16) in scores/ so `rayalign rescore` can "
+                                 "recompute latent rewards without a forward pass")
+
+
+@dataclass
+class ImplicitRewardConfig:
+    enabled: bool = _field(False, help="compute the implicit cross-lingual reward ICR (METHODS.md section 2)")
+    reward_reference: ModelConfig | None = _field(
+        None, help="pi_I, the model the policy was DPO-trained from (fixed in every iteration); required when enabled")
+    prompt: str = _field("cross_lingual", help="cross_lingual: R_c under G(x); native: R_m under the native prompt",
+                         choices=("cross_lingual", "native"))
+    beta: float = _field(1.0, help="beta scaling the log-ratio for scoring", gt=0.0)
+    length_unit: str = _field("chars", help="|y| in the length penalty: chars (released code) or tokens",
+                              choices=("chars", "tokens"))
+    alpha: float | None = _field(None, help="fixed length penalty for every language; null = per-language search "
+                                 "(paper A.3)", ge=0.0)
+    alpha_grid: int = _field(1000, help="grid size for the alpha search: 0, 1/G, ..., (G-1)/G", ge=1)
+
+
+@dataclass
+class ConsistencyRewardConfig:
+    enabled: bool = _field(False, help="build DCO tuples from parallel candidate sets (METHODS.md section 3)")
+    candidates_path: str = _field(
+        "examples/data/mc", help="parallel candidate set: a directory with <lang>.jsonl holding question_id, question, "
+        "candidates (list) and gold; relative paths are taken from the recipe's directory first")
+    reference: ModelConfig | None = _field(None, help="pi_ref, fixed; null = the starting policy")
+    beta: float = _field(1.0, help="DCO beta", gt=0.0)
+    gamma_from_anchor: float = _field(1.0, help="gamma_{en,x}: weight of the anchor's margin in language x's target",
+                                      gt=0.0)
+    gamma_to_anchor: float = _field(1.0, help="gamma_{x,en}: weight of language x's margin in the anchor's target",
+                                    gt=0.0)
+    gamma_between: float = _field(1.0, help="gamma_{x,y} between two non-anchor languages", gt=0.0)
+    pairs_per_question: int = _field(2, help="random (chosen, rejected) candidate pairs per question and language "
+                                     "pair", ge=1)
+    force: bool = _field(False, help="accept gammas that break the consistency guarantee (Lemma 1 / Lemma 3)")
+
+
+@dataclass
+class RewardModelConfig:
+    enabled: bool = _field(False, help="score every language with an English sequence-classification reward model "
+                           "(reward-model transfer)")
+    model: ModelConfig | None = _field(None, help="the reward model; required when enabled")
+
+
+@dataclass
+class UserRewardConfig:
+    path: str | None = _field(None, help="a Python file defining the reward function; it RUNS AS CODE, so only name "
+                              "files you trust. Relative paths are taken from the recipe's directory first")
+    function: str = _field("reward", help="the function's name: f(group) -> list of floats, one per sample, where "
+                           "group is a list of dicts, the samples of one prompt_id in every language")
+
+
+@dataclass
 class RewardsConfig:
-    """Reward settings (latent, implicit, consistency); filled by the rewards release."""
+    latent: LatentRewardConfig = _field(help="MSA / LaCoMSA", factory=LatentRewardConfig)
+    implicit: ImplicitRewardConfig = _field(help="ICR", factory=ImplicitRewardConfig)
+    consistency: ConsistencyRewardConfig = _field(help="DCO", factory=ConsistencyRewardConfig)
+    reward_model: RewardModelConfig = _field(help="reward-model transfer", factory=RewardModelConfig)
+    user: UserRewardConfig = _field(help="a reward function from a user's Python file", factory=UserRewardConfig)
+    actors: int = _field(1, help="scoring actors (M)", ge=1)
+    batch_size: int = _field(16, help="sequences per teacher-forced forward", ge=1)
+    num_cpus: float = _field(1.0, help="CPUs per scoring actor", gt=0.0)
+    num_gpus: float = _field(0.0, help="GPUs per scoring actor", ge=0.0)
+
+
+PAIR_METHODS = ("lacomsa", "msa", "icr", "kto", "dco", "lidr", "reward_model", "user")
 
 
 @dataclass
 class PairsConfig:
-    """Preference-pair construction; filled by the rewards release."""
+    method: str | None = _field(None, help=f"how pairs are made: {', '.join(PAIR_METHODS)}; null = no pairs stage",
+                                choices=PAIR_METHODS)
+    kto_reward: str = _field("icr", help="which reward ranks KTO rows (desirable = best, undesirable = worst)",
+                             choices=("icr", "lacomsa", "msa", "reward_model", "user"))
+    min_margin: float = _field(0.0, help="skip a (prompt, language) whose best and worst reward differ by no more "
+                               "than this", ge=0.0)
+    include_anchor: bool = _field(True, help="keep pairs in the anchor language")
 
 
 @dataclass
@@ -121,8 +203,8 @@ class RunConfig:
     prompts: PromptsConfig = _field(help="parallel prompt source", factory=PromptsConfig)
     sampling: SamplingConfig = _field(help="sampling parameters", factory=SamplingConfig)
     engines: EnginesConfig = _field(help="generation engines and actors", factory=EnginesConfig)
-    rewards: RewardsConfig = _field(help="reward computation (later release)", factory=RewardsConfig)
-    pairs: PairsConfig = _field(help="preference pairs (later release)", factory=PairsConfig)
+    rewards: RewardsConfig = _field(help="reward computation", factory=RewardsConfig)
+    pairs: PairsConfig = _field(help="preference pairs", factory=PairsConfig)
     training: TrainingConfig = _field(help="training (later release)", factory=TrainingConfig)
     cluster: ClusterConfig = _field(help="cluster placement (later release)", factory=ClusterConfig)
 
@@ -157,11 +239,49 @@ class RunConfig:
             raise ConfigError(
                 f"anchor_language: {self.anchor_language!r} is not one of languages {self.languages}"
             )
+        self._validate_rewards()
         if self.engines.backend == "vllm" and self.engines.num_gpus < self.engines.tensor_parallel_size:
             raise ConfigError(
                 "engines.num_gpus: the vllm backend needs at least tensor_parallel_size "
                 f"({self.engines.tensor_parallel_size}) GPUs per engine, got {self.engines.num_gpus}"
             )
+
+
+    def _validate_rewards(self) -> None:
+        r, method = self.rewards, self.pairs.method
+        if r.implicit.enabled and r.implicit.reward_reference is None:
+            raise ConfigError("rewards.implicit.reward_reference: required when rewards.implicit.enabled (pi_I, the "
+                              "model the policy was DPO-trained from)")
+        if r.reward_model.enabled and r.reward_model.model is None:
+            raise ConfigError("rewards.reward_model.model: required when rewards.reward_model.enabled")
+        if r.latent.enabled and self.sampling.n < 2:
+            raise ConfigError(f"sampling.n: latent rewards score each anchor response against the other anchor "
+                              f"responses, so n must be >= 2, got {self.sampling.n}")
+        needs = {"lacomsa": ("rewards.latent.enabled", r.latent.enabled),
+                 "msa": ("rewards.latent.enabled", r.latent.enabled),
+                 "icr": ("rewards.implicit.enabled", r.implicit.enabled),
+                 "dco": ("rewards.consistency.enabled", r.consistency.enabled),
+                 "reward_model": ("rewards.reward_model.enabled", r.reward_model.enabled),
+                 "user": ("rewards.user.path", r.user.path is not None)}
+        if method == "kto":
+            needs["kto"] = needs[{"lacomsa": "lacomsa", "msa": "msa"}.get(self.pairs.kto_reward, self.pairs.kto_reward)]
+        if method in needs and not needs[method][1]:
+            raise ConfigError(f"pairs.method: {method} needs {needs[method][0]}")
+        c = r.consistency
+        if c.enabled and not c.force:
+            from rayalign.rewards.consistency import check_gamma_rank_one, gamma_matrix
+
+            gammas = {}
+            for a in self.languages:
+                for b in self.languages:
+                    if a != b:
+                        gammas[(a, b)] = (c.gamma_from_anchor if a == self.anchor_language else
+                                          c.gamma_to_anchor if b == self.anchor_language else c.gamma_between)
+            try:
+                check_gamma_rank_one(gamma_matrix(self.languages, gammas, c.beta))
+            except ValueError as e:
+                raise ConfigError(f"rewards.consistency: gammas break the consistency guarantee (need "
+                                  f"gamma_ij * gamma_ji = beta^2 and a rank-1 Gamma; set force: true to accept): {e}")
 
 
 # ---- building dataclasses from plain data, with key-naming errors ----
@@ -299,9 +419,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     except ConfigError as e:
         raise ConfigError(f"{where}{e}") from None
     if path is not None:
-        candidate = path.parent / cfg.prompts.path
-        if not Path(cfg.prompts.path).is_absolute() and candidate.exists():
-            cfg.prompts.path = str(candidate)
+        for section, key in ((cfg.prompts, "path"), (cfg.rewards.consistency, "candidates_path"),
+                             (cfg.rewards.user, "path")):
+            value = getattr(section, key)
+            if value and not Path(value).is_absolute() and (path.parent / value).exists():
+                setattr(section, key, str(path.parent / value))
     return cfg
 
 

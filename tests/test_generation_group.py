@@ -45,7 +45,7 @@ def run_group(cfg, prompts, model, count, seed=None, on_shard_hook=None):
 def test_every_prompt_row_gets_n_samples(setup, baseline):
     cfg, prompts, model = setup
     table, stats = baseline
-    assert table.num_rows == prompts.num_rows * 2 == stats.samples
+    assert table.num_rows == prompts.num_rows * 2 == stats.rows_out
     keys = [(r["prompt_id"], r["lang"], r["sample_idx"]) for r in table.select(["prompt_id", "lang", "sample_idx"]).to_pylist()]
     assert len(set(keys)) == len(keys) and {k[2] for k in keys} == {0, 1}
     assert set(table.column("finish_reason").to_pylist()) <= {"stop", "length"}

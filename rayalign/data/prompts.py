@@ -158,3 +158,43 @@ def load_prompts(path: str | Path, languages: list[str], *, limit: int | None = 
     for r in rows:
         del r["_where"]
     return pa.Table.from_pylist(rows, schema=schema_for("prompts")[1])
+
+
+def load_candidate_sets(path: str | Path, languages: list[str]) -> pa.Table:
+    """A parallel candidate set (multiple choice or fill-in): a directory with <lang>.jsonl rows holding
+    question_id, question, candidates (list of strings, the same order in every language) and gold.
+    Returns one row per (question, language, candidate)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise PromptError(f"{path}: candidate set directory not found")
+    seen: dict[str, dict] = {}
+    rows = []
+    for lang in languages:
+        file = path / f"{lang}.jsonl"
+        if not file.is_file():
+            raise PromptError(f"{path}: no candidate file for language {lang!r} (expected {lang}.jsonl)")
+        for where, obj in _read_jsonl(file):
+            qid, question, cands, gold = (obj.get(k) for k in ("question_id", "question", "candidates", "gold"))
+            if not isinstance(qid, str) or not isinstance(question, str) or not question.strip():
+                raise PromptError(f"{where}: expected question_id and a non-empty question")
+            if not isinstance(cands, list) or len(cands) < 2 or not all(isinstance(c, str) and c.strip() for c in cands):
+                raise PromptError(f"{where}: candidates must be a list of at least 2 non-empty strings")
+            if not isinstance(gold, int) or not 0 <= gold < len(cands):
+                raise PromptError(f"{where}: gold must be an index into candidates (0..{len(cands) - 1}), got {gold!r}")
+            first = seen.setdefault(qid, {"n": len(cands), "gold": gold, "where": where, "langs": set()})
+            if lang in first["langs"]:
+                raise PromptError(f"{where}: duplicate question_id {qid!r}")
+            if (len(cands), gold) != (first["n"], first["gold"]):
+                raise PromptError(f"{where}: question {qid!r} has {len(cands)} candidates with gold {gold}, but "
+                                  f"{first['where']} has {first['n']} with gold {first['gold']} (must be parallel)")
+            first["langs"].add(lang)
+            for i, cand in enumerate(cands):
+                rows.append({"prompt_id": qid, "lang": lang, "messages": [{"role": "user", "content": question}],
+                             "candidate_idx": i, "candidate": cand, "gold": gold})
+    missing = {q: [lang for lang in languages if lang not in v["langs"]] for q, v in seen.items()}
+    missing = {q: m for q, m in missing.items() if m}
+    if missing:
+        shown = "; ".join(f"{q}: {', '.join(m)}" for q, m in sorted(missing.items())[:10])
+        raise PromptError(f"{path}: {len(missing)} question(s) lack languages: {shown}")
+    return pa.Table.from_pylist(sorted(rows, key=lambda r: (r["prompt_id"], languages.index(r["lang"]),
+                                                            r["candidate_idx"])))

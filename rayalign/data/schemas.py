@@ -22,15 +22,74 @@ SAMPLE_FIELDS = PROMPT_FIELDS + [
     pa.field("lang_detected", pa.string(), nullable=False),
 ]
 
-SCHEMAS: dict[str, tuple[int, pa.Schema]] = {
-    "prompts": (1, pa.schema(PROMPT_FIELDS)),
-    "samples": (1, pa.schema(SAMPLE_FIELDS)),
-}
+SCORE_FIELDS = SAMPLE_FIELDS + [
+    pa.field("score_tokens", pa.int32(), nullable=False),  # response tokens as scored, end-of-turn included
+    pa.field("logp_policy", pa.float64(), nullable=False),  # log pi(y|x), native prompt: next DPO's reference
+] + [pa.field(name, pa.float64()) for name in (
+    "logp_policy_icr",  # log pi_theta(y | G(x)) (or the native prompt for R_m)
+    "logp_reward_ref",  # log pi_I(y | G(x))
+    "r_msa", "phi", "w", "r_lacomsa", "r_icr", "r_rm", "r_user",
+)]
+LATENT_COLUMNS = ("h_hub", "h_last")  # pooled states at the hub and language layers, float16
+
+MESSAGE_LIST = pa.list_(MESSAGE)
+PAIR_FIELDS = [
+    pa.field("prompt", MESSAGE_LIST, nullable=False),
+    pa.field("chosen", MESSAGE_LIST, nullable=False),
+    pa.field("rejected", MESSAGE_LIST, nullable=False),
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("lang", pa.string(), nullable=False),
+    pa.field("score_chosen", pa.float64(), nullable=False),
+    pa.field("score_rejected", pa.float64(), nullable=False),
+    pa.field("ref_logp_chosen", pa.float64()),  # the training reference's summed log-probs
+    pa.field("ref_logp_rejected", pa.float64()),
+    pa.field("chosen_num_tokens", pa.int32()),
+    pa.field("rejected_num_tokens", pa.int32()),
+    pa.field("method", pa.string(), nullable=False),
+    pa.field("iteration", pa.int32(), nullable=False),
+]
+KTO_FIELDS = [
+    pa.field("prompt", MESSAGE_LIST, nullable=False),
+    pa.field("completion", MESSAGE_LIST, nullable=False),
+    pa.field("label", pa.bool_(), nullable=False),
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("lang", pa.string(), nullable=False),
+    pa.field("score", pa.float64(), nullable=False),
+    pa.field("ref_logp", pa.float64()),
+    pa.field("num_tokens", pa.int32()),
+    pa.field("method", pa.string(), nullable=False),
+    pa.field("iteration", pa.int32(), nullable=False),
+]
+DCO_FIELDS = [pa.field("prompt_id", pa.string(), nullable=False)] + [
+    pa.field(f"{name}_{side}", MESSAGE_LIST, nullable=False)
+    for side in (1, 2) for name in ("prompt", "chosen", "rejected")
+] + [pa.field(f"lang_{side}", pa.string(), nullable=False) for side in (1, 2)] + [
+    pa.field(f"ref_logp_{name}_{side}", pa.float64(), nullable=False)
+    for side in (1, 2) for name in ("chosen", "rejected")
+] + [pa.field("gamma_12", pa.float64(), nullable=False), pa.field("gamma_21", pa.float64(), nullable=False),
+     pa.field("method", pa.string(), nullable=False), pa.field("iteration", pa.int32(), nullable=False)]
+CANDIDATE_SCORE_FIELDS = [
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("lang", pa.string(), nullable=False),
+    pa.field("messages", MESSAGE_LIST, nullable=False),
+    pa.field("candidate_idx", pa.int32(), nullable=False),
+    pa.field("candidate", pa.string(), nullable=False),
+    pa.field("gold", pa.int32(), nullable=False),
+    pa.field("logp_ref", pa.float64(), nullable=False),
+    pa.field("num_tokens", pa.int32(), nullable=False),
+]
+
+SCHEMA_VERSIONS = {"prompts": 1, "samples": 1, "scores": 1, "pairs": 1, "kto": 1, "dco": 1, "candidate_scores": 1}
 
 
-def schema_for(name: str) -> tuple[int, pa.Schema]:
-    """(version, schema) of a named dataset schema."""
-    try:
-        return SCHEMAS[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset schema {name!r} (known: {', '.join(SCHEMAS)})") from None
+def schema_for(name: str, params: dict | None = None) -> tuple[int, pa.Schema]:
+    """(version, schema) of a named dataset schema; `scores` takes {"latent_dim": H} (0 = no latents)."""
+    if name not in SCHEMA_VERSIONS:
+        raise ValueError(f"unknown dataset schema {name!r} (known: {', '.join(SCHEMA_VERSIONS)})")
+    params = params or {}
+    fields = {"prompts": PROMPT_FIELDS, "samples": SAMPLE_FIELDS, "scores": SCORE_FIELDS, "pairs": PAIR_FIELDS,
+              "kto": KTO_FIELDS, "dco": DCO_FIELDS, "candidate_scores": CANDIDATE_SCORE_FIELDS}[name]
+    if name == "scores" and params.get("latent_dim"):
+        dim = int(params["latent_dim"])
+        fields = fields + [pa.field(c, pa.list_(pa.float16(), dim)) for c in LATENT_COLUMNS]
+    return SCHEMA_VERSIONS[name], pa.schema(fields)

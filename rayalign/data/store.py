@@ -70,12 +70,14 @@ class DatasetWriter:
     """Writes one dataset. Shards may arrive in any order; `finalize` writes the card and manifest."""
 
     def __init__(self, path: str | Path, schema_name: str, *, config_hash: str = "", models: dict | None = None,
-                 seeds: dict | None = None, languages: list[str] | None = None, description: str = ""):
+                 seeds: dict | None = None, languages: list[str] | None = None, description: str = "",
+                 schema_params: dict | None = None, params: dict | None = None):
         self.path = Path(path)
         self.schema_name = schema_name
-        self.version, self.schema = schema_for(schema_name)
-        self.meta = {"config_hash": config_hash, "models": models or {}, "seeds": seeds or {},
-                     "languages": languages or [], "description": description}
+        self.version, self.schema = schema_for(schema_name, schema_params)
+        self.meta = {"schema_params": schema_params or {}, "config_hash": config_hash, "models": models or {},
+                     "seeds": seeds or {}, "params": params or {}, "languages": languages or [],
+                     "description": description}
         self.path.mkdir(parents=True, exist_ok=True)
         for stale in self.path.glob("*.tmp"):  # left by an interrupted write; never a complete shard
             stale.unlink()
@@ -176,7 +178,7 @@ def read_dataset(path: str | Path, schema_name: str | None = None, *, verify: bo
     if schema_name is not None and name != schema_name:
         raise DatasetError(f"{path / MANIFEST}: dataset holds {name!r} rows, expected {schema_name!r}")
     try:
-        our_version, schema = schema_for(name)
+        our_version, schema = schema_for(name, manifest.get("schema_params"))
     except ValueError as e:
         raise DatasetError(f"{path / MANIFEST}: {e}") from None
     if version != our_version:

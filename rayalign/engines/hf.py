@@ -1,11 +1,15 @@
-"""Hugging Face transformers engine: batched generation with a per-sample seeded sampler."""
+"""Hugging Face transformers engine: batched generation with a per-sample seeded sampler, and teacher-forced
+scoring (response log-probs and response-pooled hidden states in one forward pass)."""
 
 from __future__ import annotations
 
+import inspect
+
+import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from rayalign.engines import Completion, GenerationRequest, SamplingParams
+from rayalign.engines import Completion, GenerationRequest, SamplingParams, ScoreRequest, ScoreResult
 from rayalign.models import load_causal_lm, load_tokenizer
 
 
@@ -48,12 +52,43 @@ class SeededSampler(LogitsProcessor):
         return out.scatter_(1, tokens[:, None], 0.0)
 
 
+def response_mask(prompt_lens, seq_lens, width: int, left_padded: bool) -> torch.Tensor:
+    """(B, width) bool, True at each padded row's response positions.
+
+    Row i holds seq_lens[i] real tokens, the first prompt_lens[i] of them the templated prompt (so the response
+    starts at the templated prompt's token count, not at the raw instruction's length). Left-padded rows end at
+    `width`; right-padded rows start at 0.
+    """
+    prompt = torch.as_tensor(prompt_lens, dtype=torch.long).reshape(-1, 1)
+    seq = torch.as_tensor(seq_lens, dtype=torch.long).reshape(-1, 1)
+    offset = width - seq if left_padded else torch.zeros_like(seq)
+    pos = torch.arange(width).reshape(1, -1)
+    return (pos >= offset + prompt) & (pos < offset + seq)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, max_elements: int = 1 << 26) -> torch.Tensor:
+    """log softmax(logits)[target] per row in float32: logits (N, V) in any dtype, targets (N,) -> (N,).
+
+    Works through the rows in chunks of at most `max_elements` logits, so the float32 copy stays bounded
+    whatever the model's dtype and vocabulary.
+    """
+    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    step = max(1, max_elements // max(1, logits.shape[-1]))
+    for start in range(0, logits.shape[0], step):
+        chunk = logits[start: start + step].float()
+        picked = chunk.gather(1, targets[start: start + step, None]).squeeze(1)
+        out[start: start + step] = picked - torch.logsumexp(chunk, dim=-1)
+    return out
+
+
 class HFEngine:
     def __init__(self, model_path: str, *, dtype: str = "auto", device: str | None = None, batch_size: int = 32,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, padding_side: str = "right", max_batch_tokens: int | None = None):
         self.model_path = model_path
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = batch_size
+        self.padding_side = padding_side  # score() only; generate() always left-pads
+        self.max_batch_tokens = max_batch_tokens  # score(): padded tokens per forward pass (rows * width), None = no cap
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.model = load_causal_lm(model_path, dtype, self.device, trust_remote_code)
         eos = self.model.generation_config.eos_token_id
@@ -96,3 +131,123 @@ class HFEngine:
             completions.append(Completion(text=text, num_tokens=len(row) if end is None else end + 1,
                                           finish_reason="length" if end is None else "stop"))
         return completions
+
+    # ---- teacher-forced scoring -------------------------------------------------------------------------------
+
+    @property
+    def num_hidden_layers(self) -> int:
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return int(config.num_hidden_layers)
+
+    def check_layers(self, layers) -> list[int]:
+        """The requested hidden-state indices, each in 0..L (0 = embeddings, L = last layer after the final norm)."""
+        n = self.num_hidden_layers
+        checked = []
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer <= n:
+                raise ValueError(f"score: layer {layer!r} is not a hidden-state index of {self.model_path}: expected an "
+                                 f"int in 0..{n} (0 = the embeddings, {n} = the last decoder layer after the final norm)")
+            checked.append(int(layer))
+        return list(dict.fromkeys(checked))
+
+    def encode_score(self, request: ScoreRequest) -> tuple[list[int], list[int]]:
+        """(prompt_ids, response_ids): the templated prompt with the assistant header, and the response's tokens
+        followed by the end-of-turn token (the tokenizer's eos token)."""
+        eot = self.tokenizer.eos_token_id
+        if eot is None:
+            raise ValueError(f"{self.model_path}: the tokenizer has no eos (end-of-turn) token to close the response")
+        prompt = list(self.encode_prompt(request.messages))
+        if not prompt:
+            raise ValueError("score: the chat template produced no prompt tokens; the first response token needs "
+                             "a preceding position to be predicted from")
+        response = list(self.tokenizer(request.response, add_special_tokens=False)["input_ids"]) + [eot]
+        return prompt, response
+
+    def _score_batches(self, lengths: list[int]) -> list[list[int]]:
+        """Request indices, longest first, cut into batches of at most batch_size rows and max_batch_tokens padded
+        tokens (a single row longer than the budget gets a batch of its own)."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        batches: list[list[int]] = []
+        for i in order:
+            if batches:
+                last = batches[-1]
+                width = lengths[last[0]]  # the first row of a batch is its longest
+                if len(last) < self.batch_size and (self.max_batch_tokens is None
+                                                    or (len(last) + 1) * width <= self.max_batch_tokens):
+                    last.append(i)
+                    continue
+            batches.append([i])
+        return batches
+
+    @torch.inference_mode()
+    def score(self, requests: list[ScoreRequest], layers: list[int] = ()) -> list[ScoreResult]:
+        """Teacher-forced scores of each request's response under its chat prompt, in the order of `requests`.
+
+        logp: the sum of the log-probs of the response tokens (end-of-turn included), each predicted from the
+        position before it; pooled[layer]: the mean of hidden_states[layer] over the response positions, float32.
+        Rows are sorted by length and batched; neither the batching nor `padding_side` changes the results.
+        """
+        layers = self.check_layers(layers)
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"HFEngine.padding_side: expected left or right, got {self.padding_side!r}")
+        encoded = [self.encode_score(r) for r in requests]
+        results: list[ScoreResult | None] = [None] * len(requests)
+        for batch in self._score_batches([len(p) + len(r) for p, r in encoded]):
+            for i, result in zip(batch, self._score_batch([encoded[i] for i in batch], layers)):
+                results[i] = result
+        return results
+
+    def _score_batch(self, encoded: list[tuple[list[int], list[int]]], layers: list[int]) -> list[ScoreResult]:
+        left = self.padding_side == "left"
+        prompt_lens = [len(p) for p, _ in encoded]
+        seq_lens = [len(p) + len(r) for p, r in encoded]
+        width = max(seq_lens)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        rows = []
+        for p, r in encoded:
+            fill = [pad] * (width - len(p) - len(r))
+            rows.append(fill + p + r if left else p + r + fill)
+        input_ids = torch.tensor(rows, device=self.device)
+        pos = torch.arange(width, device=self.device)[None, :]
+        seq = torch.tensor(seq_lens, device=self.device)[:, None]
+        attention = pos >= width - seq if left else pos < seq
+        position_ids = (attention.long().cumsum(-1) - 1).clamp_min(0)  # 0..len-1 over each row's real tokens
+        resp = response_mask(prompt_lens, seq_lens, width, left).to(self.device)
+
+        # logits at t predict token t + 1: keep only the tail that holds every row's predicting positions
+        first = min((width - s if left else 0) + p - 1 for p, s in zip(prompt_lens, seq_lens))
+        keep = width - first
+        kwargs = dict(input_ids=input_ids, attention_mask=attention.long(), position_ids=position_ids,
+                      use_cache=False, output_hidden_states=bool(layers))
+        if self._accepts_logits_to_keep():
+            kwargs["logits_to_keep"] = keep
+        out = self.model(**kwargs)
+        hidden_states = out.hidden_states if layers else None
+        logits = out.logits[:, out.logits.shape[1] - keep:]  # (B, keep, V) whether or not the model sliced
+        del out
+        predicting = torch.zeros_like(resp)
+        predicting[:, :-1] = resp[:, 1:]
+        predicting = predicting[:, width - keep:]
+        targets = input_ids[:, width - keep + 1:]
+        targets = torch.cat([targets, targets.new_full((len(rows), 1), pad)], dim=1)  # last column never predicts
+        row_of = torch.arange(len(rows), device=self.device)[:, None].expand_as(predicting)[predicting]
+        token_lp = token_logprobs(logits[predicting], targets[predicting])
+        logp = torch.zeros(len(rows), dtype=torch.float64, device=self.device).index_add_(0, row_of, token_lp.double())
+        del logits
+
+        pooled = {}
+        counts = resp.sum(1, keepdim=True).float()
+        for layer in layers:
+            h = hidden_states[layer]
+            total = torch.where(resp[..., None], h, h.new_zeros(())).sum(1, dtype=torch.float32)  # NaN-safe on padding
+            pooled[layer] = (total / counts).cpu().numpy()
+        logp = logp.tolist()
+        return [ScoreResult(logp=logp[b], num_tokens=len(encoded[b][1]),
+                            pooled={layer: pooled[layer][b].copy() for layer in layers})
+                for b in range(len(rows))]
+
+    def _accepts_logits_to_keep(self) -> bool:
+        if not hasattr(self, "_logits_to_keep"):
+            self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        return self._logits_to_keep

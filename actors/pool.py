@@ -1,0 +1,82 @@
+"""Keeping K actors busy with shards, retrying a dead actor's shards on the others."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pyarrow as pa
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+
+@dataclass
+class ShardStats:
+    rows_in: int = 0
+    rows_out: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    retries: int = 0
+    skipped_shards: int = 0
+    shards_by_actor: dict[int, int] = field(default_factory=dict)
+
+
+def run_shards(actors: list, alive: list[int], call: Callable[[object, pa.Table], ray.ObjectRef],
+               shards: list[pa.Table], on_shard: Callable[[int, pa.Table], None], *, skip=frozenset(),
+               progress: Callable[[ShardStats], None] | None = None, max_retries: int = 3,
+               token_column: str | None = None) -> ShardStats:
+    """Run `call(actor, shard)` for every shard not in `skip`, two in flight per actor.
+
+    Finished shards go to `on_shard(index, table)` at once (in completion order). A shard whose actor
+    died goes back to the queue for another actor; `alive` is updated in place.
+    """
+    stats = ShardStats(skipped_shards=len(skip))
+    todo = [i for i in range(len(shards)) if i not in skip]
+    attempts = {i: 0 for i in todo}
+    in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}
+    started = time.perf_counter()
+
+    def submit(actor: int) -> None:
+        if todo:
+            index = todo.pop(0)
+            in_flight[call(actors[actor], shards[index])] = (index, actor)
+
+    for actor in list(alive):  # two shards per actor: one running, one queued behind it
+        submit(actor)
+        submit(actor)
+    while in_flight:
+        done, _ = ray.wait(list(in_flight), num_returns=1)
+        index, actor = in_flight.pop(done[0])
+        try:
+            table = ray.get(done[0])
+        except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+            attempts[index] += 1
+            if actor in alive:
+                alive.remove(actor)
+            if attempts[index] > max_retries or not alive:
+                raise RuntimeError(f"shard {index} failed {attempts[index]} time(s); {len(alive)} actor(s) left: "
+                                   f"{e}") from e
+            stats.retries += 1
+            todo.insert(0, index)
+            for other in alive:  # the dead actor's queued shard comes back here too
+                if sum(1 for _, a in in_flight.values() if a == other) < 2:
+                    submit(other)
+            continue
+        on_shard(index, table)
+        stats.rows_in += shards[index].num_rows
+        stats.rows_out += table.num_rows
+        if token_column:
+            stats.tokens += sum(table.column(token_column).to_pylist())
+        stats.shards_by_actor[actor] = stats.shards_by_actor.get(actor, 0) + 1
+        stats.seconds = time.perf_counter() - started
+        if progress:
+            progress(stats)
+        submit(actor)
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def split_shards(table: pa.Table, shard_rows: int) -> list[pa.Table]:
+    """Deterministic shards of `shard_rows` rows; the unit of work and of output files."""
+    return [table.slice(i, shard_rows) for i in range(0, table.num_rows, shard_rows)]

@@ -1,0 +1,70 @@
+"""Scoring actors: each loads only the models a recipe's rewards need; a group shards samples over M."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pyarrow as pa
+import ray
+
+from rayalign.actors.pool import ShardStats, run_shards
+from rayalign.config import ModelConfig
+from rayalign.scoring import ForwardSpec
+
+
+@dataclass(frozen=True)
+class ModelRole:
+    path: str  # resolved, loadable path
+    model: ModelConfig
+    kind: str = "lm"  # "lm" (causal LM, teacher-forced) or "reward_model" (sequence classification)
+
+
+@ray.remote
+class ScoringActor:
+    def __init__(self, roles: dict[str, ModelRole], batch_size: int, num_threads: int):
+        import torch
+
+        from rayalign.engines.hf import HFEngine
+        from rayalign.engines.reward_model import RewardModelEngine
+
+        torch.set_num_threads(max(1, num_threads))
+        self.engines = {}
+        for name, role in roles.items():
+            cls = HFEngine if role.kind == "lm" else RewardModelEngine
+            self.engines[name] = cls(role.path, dtype=role.model.dtype, batch_size=batch_size,
+                                     trust_remote_code=role.model.trust_remote_code)
+
+    def ready(self) -> bool:
+        return True
+
+    def num_layers(self, role: str) -> int:
+        return self.engines[role].model.config.num_hidden_layers
+
+    def score(self, table: pa.Table, specs: list[ForwardSpec], reward_model: str | None) -> pa.Table:
+        from rayalign.scoring import forward_rows
+
+        return forward_rows(self.engines, table, specs, reward_model)
+
+
+class ScoringGroup:
+    """M ScoringActors with the same models; `run` streams shards through them."""
+
+    def __init__(self, roles: dict[str, ModelRole], count: int, batch_size: int, num_cpus: float, num_gpus: float):
+        self.actors = [ScoringActor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
+            roles, batch_size, int(num_cpus)) for _ in range(count)]
+        self.alive = list(range(count))
+
+    def num_layers(self, role: str) -> int:
+        return ray.get(self.actors[self.alive[0]].num_layers.remote(role))
+
+    def run(self, shards: list[pa.Table], specs: list[ForwardSpec], reward_model: str | None,
+            on_shard: Callable[[int, pa.Table], None], progress: Callable[[ShardStats], None] | None = None,
+            ) -> ShardStats:
+        ray.get([self.actors[i].ready.remote() for i in self.alive])
+        return run_shards(self.actors, self.alive, lambda a, shard: a.score.remote(shard, specs, reward_model),
+                          shards, on_shard, progress=progress)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)

@@ -1,0 +1,157 @@
+"""Forward quantities -> reward columns of the scores dataset (used by `score` and `rescore`).
+
+Latent rewards are computed from the float16 pooled states that the dataset stores, so
+`rayalign rescore` with the same settings reproduces the stored rewards exactly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from rayalign.config import ConfigError, RunConfig
+from rayalign.data.schemas import LATENT_COLUMNS, schema_for
+from rayalign.languages import language_name
+from rayalign.scoring import latent_matrix
+
+REWARD_COLUMNS = ("r_msa", "phi", "w", "r_lacomsa", "r_icr", "r_rm", "r_user")
+
+
+class RewardError(ValueError):
+    """A reward that cannot be used (NaN, wrong length, a failing user function); names the row."""
+
+
+def cross_lingual_messages(table: pa.Table, anchor: str) -> list[list[dict]]:
+    """G(x^l) for every row: the anchor-language instruction of the same prompt_id, with the language prefix
+    for non-anchor rows (METHODS.md section 2). System messages of the row are kept."""
+    from rayalign.rewards.implicit import cross_lingual_prompt
+
+    rows = table.select(["prompt_id", "lang", "messages"]).to_pylist()
+    anchor_text = {r["prompt_id"]: _user_text(r["messages"]) for r in rows if r["lang"] == anchor}
+    out = []
+    for r in rows:
+        if r["prompt_id"] not in anchor_text:
+            raise RewardError(f"prompt_id {r['prompt_id']!r}: no {anchor} prompt to build the cross-lingual prompt")
+        system = [m for m in r["messages"] if m["role"] == "system"]
+        text = cross_lingual_prompt(anchor_text[r["prompt_id"]], r["lang"], language_name(r["lang"]), anchor)
+        out.append(system + [{"role": "user", "content": text}])
+    return out
+
+
+def _user_text(messages: list[dict]) -> str:
+    return "\n\n".join(m["content"] for m in messages if m["role"] == "user")
+
+
+def load_user_reward(path: str, function: str):
+    """Import `function` from the Python file at `path` (this runs the file's code)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"rewards.user.path: {file} not found")
+    spec = importlib.util.spec_from_file_location(f"rayalign_user_reward_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise ConfigError(f"rewards.user.function: {file} defines no function {function!r}")
+    return fn
+
+
+def user_rewards(table: pa.Table, path: str, function: str) -> np.ndarray:
+    """Call the user's function once per prompt_id with that prompt's samples in every language."""
+    fn = load_user_reward(path, function)
+    keep = [c for c in table.column_names if c not in LATENT_COLUMNS]
+    rows = table.select(keep).to_pylist()
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r["prompt_id"], []).append(i)
+    out = np.empty(len(rows))
+    for prompt_id, idx in groups.items():
+        try:
+            values = fn([rows[i] for i in idx])
+        except Exception as e:
+            raise RewardError(f"{path}:{function} failed on prompt_id {prompt_id!r}: {type(e).__name__}: {e}") from e
+        if len(values) != len(idx):
+            raise RewardError(f"{path}:{function} returned {len(values)} scores for prompt_id {prompt_id!r}, "
+                              f"expected {len(idx)} (one per sample)")
+        out[idx] = np.asarray(values, dtype=np.float64)
+    return out
+
+
+def compute_rewards(table: pa.Table, cfg: RunConfig) -> tuple[pa.Table, dict]:
+    """Fill the reward columns that the recipe enables; returns the table in the scores schema and the
+    parameters used (layers, per-language alphas), which go into the dataset's manifest."""
+    from rayalign.rewards.implicit import alpha_per_language
+    from rayalign.rewards.latent import latent_rewards
+
+    prompt_ids = np.asarray(table.column("prompt_id").to_pylist())
+    langs = np.asarray(table.column("lang").to_pylist())
+    columns: dict[str, np.ndarray] = {}
+    params: dict = {}
+    lat = cfg.rewards.latent
+    if lat.enabled:
+        if "h_hub" not in table.column_names:
+            raise RewardError("latent rewards need the pooled states h_hub and h_last (rescore a dataset scored with "
+                              "rewards.latent.store_latents: true)")
+        columns.update(latent_rewards(
+            prompt_ids, langs, latent_matrix(table.column("h_hub")), latent_matrix(table.column("h_last")),
+            anchor=cfg.anchor_language, alpha=lat.alpha, gamma=lat.gamma, centroid_mode=lat.centroid_mode,
+            weight_form=lat.weight_form))
+        params["latent"] = {"alpha": lat.alpha, "gamma": lat.gamma, "centroid_mode": lat.centroid_mode,
+                            "weight_form": lat.weight_form, "anchor": cfg.anchor_language}
+    imp = cfg.rewards.implicit
+    if imp.enabled:
+        base = imp.beta * (np.asarray(table.column("logp_policy_icr").to_pylist(), dtype=np.float64)
+                           - np.asarray(table.column("logp_reward_ref").to_pylist(), dtype=np.float64))
+        if imp.length_unit == "chars":
+            lengths = np.asarray([len(r) for r in table.column("response").to_pylist()], dtype=np.float64)
+        else:
+            lengths = np.asarray(table.column("score_tokens").to_pylist(), dtype=np.float64)
+        groups = np.char.add(np.char.add(prompt_ids.astype(str), "\x1f"), langs.astype(str))
+        if imp.alpha is None:
+            alphas = alpha_per_language(base, lengths, groups, langs, grid=np.arange(imp.alpha_grid) / imp.alpha_grid)
+        else:
+            alphas = {lang: imp.alpha for lang in np.unique(langs)}
+        alphas = {str(k): float(v) for k, v in alphas.items()}
+        columns["r_icr"] = base - np.asarray([alphas[lang] for lang in langs]) * lengths
+        params["icr"] = {"alpha_per_language": alphas, "beta": imp.beta, "length_unit": imp.length_unit,
+                         "prompt": imp.prompt}
+    if cfg.rewards.user.path:
+        columns["r_user"] = user_rewards(table, cfg.rewards.user.path, cfg.rewards.user.function)
+        params["user"] = {"path": cfg.rewards.user.path, "function": cfg.rewards.user.function}
+    for name, values in columns.items():
+        table = _set_column(table, name, pa.array(values, pa.float64()))
+    check_finite(table)
+    return to_scores_schema(table), params
+
+
+def _set_column(table: pa.Table, name: str, values) -> pa.Table:
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, values)
+    return table.append_column(name, values)
+
+
+def to_scores_schema(table: pa.Table) -> pa.Table:
+    """Order the columns as the scores schema and fill reward columns the recipe does not compute with nulls."""
+    dim = table.schema.field("h_hub").type.list_size if "h_hub" in table.column_names else 0
+    _, schema = schema_for("scores", {"latent_dim": dim})
+    for field in schema:
+        if field.name not in table.column_names:
+            table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names).cast(schema)
+
+
+def check_finite(table: pa.Table) -> None:
+    """Refuse NaN or infinite rewards and log-probs, naming the column and the sample."""
+    for name in ("logp_policy", "logp_policy_icr", "logp_reward_ref") + REWARD_COLUMNS:
+        if name not in table.column_names:
+            continue
+        values = table.column(name).to_pylist()
+        for i, v in enumerate(values):
+            if v is not None and not math.isfinite(v):
+                row = table.slice(i, 1).select(["prompt_id", "lang", "sample_idx"]).to_pylist()[0]
+                raise RewardError(f"{name} is {v} for prompt_id {row['prompt_id']!r} ({row['lang']}) sample "
+                                  f"{row['sample_idx']}; rewards must be finite")

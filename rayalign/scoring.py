@@ -1,0 +1,53 @@
+"""Samples rows -> teacher-forced quantities (log-probs, token counts, pooled states) per model.
+
+Shared by the scoring actors and direct engine use. Each ForwardSpec is one pass of one model over
+every row: a log-prob column and, optionally, pooled states at some layers from the same pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from rayalign.engines import ScoreRequest
+
+
+@dataclass(frozen=True)
+class ForwardSpec:
+    role: str  # which loaded model: "policy", "reward_reference", "dco_reference", ...
+    prompt_column: str  # "messages" (native prompt) or "messages_cross_lingual" (G(x))
+    logp_column: str
+    layers: tuple[tuple[str, int], ...] = ()  # (output column, hidden_states index)
+    tokens_column: str | None = None
+
+
+def latent_array(values: list[np.ndarray]) -> pa.FixedSizeListArray:
+    """(N, H) pooled states as a fixed_size_list<float16>[H] column."""
+    matrix = np.asarray(values, dtype=np.float16)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def latent_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed_size_list<float16>[H] column back to an (N, H) float32 matrix."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), -1)
+
+
+def forward_rows(engines: dict, table: pa.Table, specs: list[ForwardSpec], reward_model: str | None = None) -> pa.Table:
+    """Append each spec's columns (and `r_rm` when a reward model is loaded) to `table`."""
+    rows = table.select([c for c in table.column_names if c.startswith("messages") or c == "response"]).to_pylist()
+    for spec in specs:
+        requests = [ScoreRequest(r[spec.prompt_column], r["response"]) for r in rows]
+        results = engines[spec.role].score(requests, [layer for _, layer in spec.layers])
+        table = table.append_column(spec.logp_column, pa.array([r.logp for r in results], pa.float64()))
+        if spec.tokens_column:
+            table = table.append_column(spec.tokens_column, pa.array([r.num_tokens for r in results], pa.int32()))
+        for column, layer in spec.layers:
+            table = table.append_column(column, latent_array([r.pooled[layer] for r in results]))
+    if reward_model:
+        scores = engines[reward_model].score([r["messages"] for r in rows], [r["response"] for r in rows])
+        table = table.append_column("r_rm", pa.array(scores, pa.float64()))
+    return table
