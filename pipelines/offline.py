@@ -301,12 +301,33 @@ def _progress(label: str, total: int, unit: str):
     return bar()
 
 
+# ---- rescoring without a forward pass ----
+
+def rescore(cfg: RunConfig, scores_dir: Path, out_dir: Path) -> dict:
+    from rayalign.data.store import read_dataset, read_manifest
+    from rayalign.scores import compute_rewards
+
+    if out_dir.resolve() == scores_dir.resolve():
+        raise ConfigError(f"--output {out_dir}: choose a new directory; the scores dataset is not overwritten")
+    manifest = read_manifest(scores_dir)
+    table, params = compute_rewards(read_dataset(scores_dir, "scores"), cfg)
+    params["layers"] = manifest.get("params", {}).get("layers", {})
+    params["rescored_from"] = str(scores_dir)
+    return write_table(table, out_dir, "scores", cfg, manifest["seeds"].get("iteration", 1), manifest["models"],
+                       params, f"Rewards recomputed from {scores_dir} without a forward pass.",
+                       shard_rows=max(s["rows"] for s in manifest["shards"]),
+                       latent_dim=manifest.get("schema_params", {}).get("latent_dim", 0))
+
+
 # ---- the run ----
 
 def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", address: str | None = None,
         stages: tuple[str, ...] = STAGES) -> Path:
     from rayalign.cluster import connect, load_cluster_spec
 
+    r = cfg.rewards
+    if not (r.latent.enabled or r.implicit.enabled or r.reward_model.enabled or r.user.path):
+        stages = tuple(st for st in stages if st != "score")  # LIDR needs no scores; DCO scores its candidates
     if cfg.pairs.method is None:
         stages = tuple(st for st in stages if st != "pairs")
     if cfg.pairs.method == "dco":  # DCO learns from parallel candidate sets, not from samples

@@ -85,26 +85,59 @@ def launch(recipe, cluster, overrides, run_dir, address):
     console.print(f"done: {out}  (see `rayalign inspect {out}`)")
 
 
+def _stage_command(stage: str, summary: str, example: str):
+    """`rayalign generate|score|pairs`: one stage of a recipe's iteration 1 into its run directory."""
+
+    @main.command(stage, help=f"{summary}\n\n\b\nExample:\n  {example}")
+    @click.argument("recipe", type=click.Path(dir_okay=False))
+    @click.option("-o", "--override", "overrides", multiple=True, help=OVERRIDE_HELP)
+    @click.option("--run-dir", type=click.Path(file_okay=False), help="run directory (default: runs/<name>)")
+    @click.option("--cluster", default="local", show_default=True, help="cluster spec name or path")
+    @click.option("--address", help="join the Ray cluster at this address")
+    @_user_errors
+    def command(recipe, overrides, run_dir, cluster, address):
+        from rayalign.pipelines import offline
+
+        cfg = _load(recipe, overrides)
+        out = offline.run(cfg, Path(run_dir) if run_dir else None, cluster=cluster, address=address, stages=(stage,))
+        console.print(f"done: {out}")
+
+    return command
+
+
+_stage_command("generate", "Run only the generation stage: <run-dir>/iter-1/samples.",
+               "rayalign generate examples/quickstart.yaml -o engines.count=2 --run-dir runs/gen-k2")
+_stage_command("score", "Run only the scoring stage on the run's samples: <run-dir>/iter-1/scores.",
+               "rayalign score examples/quickstart.yaml")
+_stage_command("pairs", "Run only the pairs stage: <run-dir>/iter-1/pairs (from scores, or candidates for DCO).",
+               "rayalign pairs examples/quickstart.yaml -o pairs.method=msa --run-dir runs/quickstart")
+
+
 @main.command()
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("scores", type=click.Path(exists=True, file_okay=False))
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="directory of the new scores dataset")
+@click.option("--recipe", type=click.Path(dir_okay=False),
+              help="recipe to start from (default: the config.yaml of the run that holds SCORES)")
 @click.option("-o", "--override", "overrides", multiple=True, help=OVERRIDE_HELP)
-@click.option("--run-dir", type=click.Path(file_okay=False), help="run directory (default: runs/<name>)")
-@click.option("--cluster", default="local", show_default=True, help="cluster spec name or path")
-@click.option("--address", help="join the Ray cluster at this address")
 @_user_errors
-def generate(recipe, overrides, run_dir, cluster, address):
-    """Run only the generation stage: <run-dir>/iter-1/samples.
+def rescore(scores, output, recipe, overrides):
+    """Recompute rewards from a scores dataset without a forward pass.
+
+    Latent rewards use the stored pooled states (new alpha, gamma, weight form, centroid mode or
+    anchor language); ICR re-runs its alpha search or takes a fixed alpha.
 
     \b
     Example:
-      rayalign generate examples/quickstart.yaml -o engines.count=2 --run-dir runs/gen-k2
+      rayalign rescore runs/quickstart/iter-1/scores --output runs/quickstart/iter-1/scores-a1 \\
+        -o rewards.latent.alpha=1.0 -o rewards.latent.centroid_mode=prompt
     """
     from rayalign.pipelines import offline
 
+    scores = Path(scores)
+    recipe = recipe or scores.parent.parent / "config.yaml"
     cfg = _load(recipe, overrides)
-    out = offline.run(cfg, Path(run_dir) if run_dir else None, cluster=cluster, address=address,
-                      stages=("generate",))
-    console.print(f"done: {out / 'iter-1' / 'samples'}")
+    manifest = offline.rescore(cfg, scores, Path(output))
+    console.print(f"done: {output} ({manifest['rows']} rows)")
 
 
 @main.command()

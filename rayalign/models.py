@@ -166,9 +166,12 @@ def ensure_tiny_model(progress=None, **overrides) -> Path:
 
 
 def resolve_model_path(path: str, progress=None) -> str:
-    """A loadable model location: builds the tiny model for TINY_MODEL, checks local directories."""
-    if path == TINY_MODEL:
-        return str(ensure_tiny_model(progress=progress))
+    """A loadable model location: builds the tiny model for TINY_MODEL, checks local directories.
+
+    `builtin:tiny-multilingual?train_steps=100` builds a variant (e.g. a weaker reference model).
+    """
+    if path == TINY_MODEL or path.startswith(TINY_MODEL + "?"):
+        return str(ensure_tiny_model(progress=progress, **_tiny_overrides(path)))
     p = Path(path).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
@@ -177,6 +180,20 @@ def resolve_model_path(path: str, progress=None) -> str:
     if path.startswith((".", "/", "~")):
         raise ModelLoadError(f"{path}: model directory not found")
     return path  # a hub id, resolved by transformers (from its local cache when offline)
+
+
+def _tiny_overrides(path: str) -> dict:
+    overrides = {}
+    query = path.partition("?")[2]
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        if key not in TINY_DEFAULTS:
+            raise ModelLoadError(f"{path}: unknown tiny-model setting {key!r} (known: {', '.join(TINY_DEFAULTS)})")
+        try:
+            overrides[key] = type(TINY_DEFAULTS[key])(value)
+        except ValueError:
+            raise ModelLoadError(f"{path}: {key} expects a {type(TINY_DEFAULTS[key]).__name__}, got {value!r}") from None
+    return overrides
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

@@ -1,0 +1,95 @@
+import polars as pl
+import pytest
+
+from rayalign.pairs import dco_tuples, kto_rows, lidr_pairs, lidr_requests, preference_pairs
+
+
+def scores_frame(rows):
+    """rows: (prompt_id, lang, sample_idx, reward) -> a scores-like frame with every column pairs use."""
+    return pl.DataFrame([{
+        "prompt_id": p, "lang": l, "sample_idx": k, "messages": [{"role": "user", "content": f"{p}-{l}"}],
+        "response": f"{p}-{l}-{k}", "r_icr": r, "r_lacomsa": r, "r_msa": -r, "logp_policy": -10.0 - k,
+        "score_tokens": 5 + k,
+    } for p, l, k, r in rows])
+
+
+def test_best_vs_worst_with_ties_skipped():
+    df = scores_frame([("a", "de", 0, 0.2), ("a", "de", 1, 0.9), ("a", "de", 2, -0.4),
+                       ("a", "en", 0, 0.5), ("a", "en", 1, 0.5),  # tie: skipped
+                       ("b", "de", 0, 1.0), ("b", "de", 1, 1.0), ("b", "de", 2, 0.0)])  # tie at the top: first wins
+    t = preference_pairs(df, "icr", 2).to_pylist()
+    assert [(r["prompt_id"], r["lang"]) for r in t] == [("a", "de"), ("b", "de")]
+    a, b = t
+    assert a["chosen"] == [{"role": "assistant", "content": "a-de-1"}]
+    assert a["rejected"] == [{"role": "assistant", "content": "a-de-2"}]
+    assert a["prompt"] == [{"role": "user", "content": "a-de"}]
+    assert (a["score_chosen"], a["score_rejected"]) == (0.9, -0.4)
+    assert (a["ref_logp_chosen"], a["ref_logp_rejected"]) == (-11.0, -12.0)
+    assert (a["chosen_num_tokens"], a["rejected_num_tokens"]) == (6, 7)
+    assert a["method"] == "icr" and a["iteration"] == 2
+    assert b["chosen"][0]["content"] == "b-de-0" and b["rejected"][0]["content"] == "b-de-2"
+
+
+def test_each_method_ranks_by_its_own_column():
+    df = scores_frame([("a", "de", 0, 0.2), ("a", "de", 1, 0.9)])
+    assert preference_pairs(df, "lacomsa", 1).to_pylist()[0]["chosen"][0]["content"] == "a-de-1"
+    assert preference_pairs(df, "msa", 1).to_pylist()[0]["chosen"][0]["content"] == "a-de-0"  # r_msa = -r
+
+
+def test_min_margin_and_anchor_filter():
+    df = scores_frame([("a", "de", 0, 0.0), ("a", "de", 1, 0.05), ("a", "en", 0, 0.0), ("a", "en", 1, 1.0)])
+    assert [r["lang"] for r in preference_pairs(df, "icr", 1, min_margin=0.1).to_pylist()] == ["en"]
+    assert [r["lang"] for r in preference_pairs(df, "icr", 1, include_anchor=False).to_pylist()] == ["de"]
+
+
+def test_missing_reward_is_refused():
+    df = scores_frame([("a", "de", 0, 0.0)]).with_columns(pl.lit(None, pl.Float64).alias("r_icr"))
+    with pytest.raises(ValueError, match="column r_icr has 1 null value"):
+        preference_pairs(df, "icr", 1)
+
+
+def test_kto_rows():
+    df = scores_frame([("a", "de", 0, 0.2), ("a", "de", 1, 0.9), ("a", "de", 2, -0.4), ("a", "en", 0, 1), ("a", "en", 1, 1)])
+    rows = kto_rows(df, "icr", 1).to_pylist()
+    assert [(r["completion"][0]["content"], r["label"], r["score"]) for r in rows] == [
+        ("a-de-1", True, 0.9), ("a-de-2", False, -0.4)]
+    assert rows[0]["ref_logp"] == -11.0 and rows[0]["method"] == "kto-icr"
+
+
+def test_dco_tuples_use_the_same_random_pair_in_both_languages():
+    cands = pl.DataFrame([{"prompt_id": q, "lang": l, "messages": [{"role": "user", "content": f"{q}?{l}"}],
+                           "candidate_idx": c, "candidate": f"{q}-{l}-{c}", "gold": 0,
+                           "logp_ref": -(10 * c + (1 if l == "de" else 0)), "num_tokens": 3}
+                          for q in ("q1", "q2") for l in ("en", "de", "fr") for c in range(4)])
+    gammas = {("en", "de"): 10.0, ("de", "en"): 0.1, ("en", "fr"): 2.0, ("fr", "en"): 0.5,
+              ("de", "fr"): 1.0, ("fr", "de"): 1.0}
+    t = dco_tuples(cands, ["en", "de", "fr"], "en", gammas, pairs_per_question=3, seed=0, iteration=1).to_pylist()
+    assert len(t) == 2 * 2 * 3
+    seen_pairs = set()
+    for row in t:
+        w1, l1 = row["chosen_1"][0]["content"], row["rejected_1"][0]["content"]
+        w2, l2 = row["chosen_2"][0]["content"], row["rejected_2"][0]["content"]
+        q, _, cw = w1.split("-")
+        assert row["lang_1"] == "en" and w2 == f"{q}-{row['lang_2']}-{cw}" and l1.split("-")[2] == l2.split("-")[2]
+        assert cw != l1.split("-")[2]
+        cl = int(l1.split("-")[2])
+        assert row["ref_logp_chosen_1"] == -10 * int(cw) and row["ref_logp_rejected_1"] == -10 * cl
+        assert row["ref_logp_chosen_2"] == -(10 * int(cw) + (1 if row["lang_2"] == "de" else 0))
+        assert (row["gamma_12"], row["gamma_21"]) == (gammas[("en", row["lang_2"])], gammas[(row["lang_2"], "en")])
+        seen_pairs.add((int(cw), cl))
+    assert len(seen_pairs) > 3  # random pairs, not always correct-vs-wrong
+    again = dco_tuples(cands, ["en", "de", "fr"], "en", gammas, pairs_per_question=3, seed=0, iteration=1)
+    assert again.to_pylist() == t
+
+
+def test_lidr_requests_and_pairs():
+    samples = pl.DataFrame([{"prompt_id": "a", "lang": l, "sample_idx": k, "messages": [{"role": "user", "content": l}],
+                             "response": f"{l}{k}"} for l in ("en", "de") for k in range(2)])
+    req = lidr_requests(samples, "en", {"en": "English", "de": "German"}).to_dicts()
+    assert [(r["lang"], r["messages"][0]["content"].split("\n\n")[1]) for r in req] == [("de", "en0"), ("en", "de0")]
+    assert "into German" in req[0]["messages"][0]["content"] and "into English" in req[1]["messages"][0]["content"]
+    translations = pl.DataFrame([{"prompt_id": "a", "lang": "de", "response": "de-from-en0"},
+                                 {"prompt_id": "a", "lang": "en", "response": "en-from-de0"}])
+    rows = {r["lang"]: r for r in lidr_pairs(samples, translations, "en", 1).to_pylist()}
+    assert rows["de"]["chosen"][0]["content"] == "de-from-en0" and rows["de"]["rejected"][0]["content"] == "de0"
+    assert rows["en"]["chosen"][0]["content"] == "en0" and rows["en"]["rejected"][0]["content"] == "en-from-de0"
