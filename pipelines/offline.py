@@ -349,7 +349,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
     for iteration in range(1, cfg.iterations + 1):
         it_dir = run_dir / f"iter-{iteration}"
         for stage in stages:
-            name, out_dir = f"iter-{iteration}/{stage}", it_dir / {"generate": "samples"}.get(stage, stage)
+            name, out_dir = f"iter-{iteration}/{stage}", it_dir / {"generate": "samples", "score": "scores"}.get(stage, stage)
             if name in state["finished"] and _complete(out_dir):
                 console.print(f"{name}: finished earlier, kept")
                 continue
