@@ -136,6 +136,20 @@ def _train_causal_lm(model, encoded: list[list[int]], pad_id: int, p: dict, prog
     return losses
 
 
+def build_reward_model_from(lm_dir: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
+    """A sequence-classification reward model (one output) on a causal LM's body, head initialised
+    from `seed`: the tiny stand-in for an English reward model in tests and quickstarts."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(lm_dir, num_labels=1)
+    model.save_pretrained(out_dir)
+    load_tokenizer(str(lm_dir)).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 def tiny_model_key(corpus: Path, params: dict) -> str:
     h = hashlib.sha256(json.dumps({"v": TINY_BUILDER_VERSION, **params}, sort_keys=True).encode())
     for file in sorted(corpus.glob("*.jsonl")):
