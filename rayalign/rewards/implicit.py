@@ -14,7 +14,7 @@ CROSS_LINGUAL_PREFIX = (
     "unless explicitly instructed to respond in a different language.\n\n"
 )
 DEFAULT_ALPHA_GRID = np.arange(1000) / 1000  # 0, 0.001, ..., 0.999 as in the released code
-GRID_CHUNK = 64  # grid values evaluated at once by alpha_search: (GRID_CHUNK, G, n_max) arrays
+GRID_CHUNK = 16  # grid values evaluated at once by alpha_search: (GRID_CHUNK, G) arrays, cache-sized
 
 
 def cross_lingual_prompt(instruction_anchor: str, lang: str, language_name: str, anchor: str = "en") -> str:
@@ -109,7 +109,7 @@ def alpha_search(base_reward, lengths, group_ids, grid=None) -> tuple[float, np.
     value a: rewards = base_reward - a * lengths; per group chosen = argmax, rejected = argmin (first
     index on ties); objective(a) = |mean over groups of (len[chosen] - len[rejected])|.
     Returns (the grid value with the smallest objective, first on ties; objective (len(grid),)).
-    Vectorised: groups padded to (G, n_max), grid evaluated GRID_CHUNK values at a time.
+    Vectorised: groups padded to (G, n_max); GRID_CHUNK grid values x all groups at once, one pass per slot.
     """
     base_reward = _as_vector(base_reward, "base_reward")
     lengths = _as_vector(lengths, "lengths", base_reward.shape[0])
@@ -118,22 +118,29 @@ def alpha_search(base_reward, lengths, group_ids, grid=None) -> tuple[float, np.
         raise ValueError("grid is empty")
     _check_same_length(base_reward, group_ids, "base_reward")
     _, members, filled = _pad_groups(group_ids)
-    num_groups = members.shape[0]
-    group_index = np.arange(num_groups)[None, :]  # (1, G)
-    padded_lengths = np.where(filled, lengths[members], 0.0)  # (G, n_max)
-    # Padding that can never win: -inf for the argmax, and +inf (negated: -inf) for the argmin.
-    base_for_max = np.where(filled, base_reward[members], -np.inf)  # (G, n_max)
-    base_for_min = np.where(filled, base_reward[members], np.inf)  # (G, n_max)
+    # Pad each group with copies of its first member: a copy never wins a strict comparison against
+    # an earlier slot, so the first index still wins ties, and no padding value is needed.
+    members = np.where(filled, members, members[:, :1])
+    group_base, group_len = base_reward[members].T.copy(), lengths[members].T.copy()  # (n_max, G)
 
     objective = np.empty(grid.size)
     for start in range(0, grid.size, GRID_CHUNK):
-        alphas = grid[start:start + GRID_CHUNK, None, None]  # (C, 1, 1)
-        penalty = alphas * padded_lengths  # (C, G, n_max)
-        chosen_slot = np.argmax(base_for_max - penalty, axis=2)  # (C, G)
-        rejected_slot = np.argmax(penalty - base_for_min, axis=2)  # argmin of base - penalty, first index
-        length_gap = (padded_lengths[group_index, chosen_slot]
-                      - padded_lengths[group_index, rejected_slot])  # (C, G)
-        objective[start:start + GRID_CHUNK] = np.abs(length_gap.mean(axis=1))
+        alphas = grid[start:start + GRID_CHUNK, None]  # (C, 1)
+        best = group_base[0] - alphas * group_len[0]  # (C, G) running max / min of the reward
+        worst = best.copy()
+        best_len = np.broadcast_to(group_len[0], best.shape).copy()
+        worst_len = best_len.copy()
+        reward, wins = np.empty_like(best), np.empty(best.shape, dtype=bool)
+        for slot_base, slot_len in zip(group_base[1:], group_len[1:]):  # in place: (C, G) stays in cache
+            np.subtract(slot_base, np.multiply(alphas, slot_len, out=reward), out=reward)
+            slot_len = np.broadcast_to(slot_len, reward.shape)
+            np.greater(reward, best, out=wins)  # strict: the first index wins ties
+            np.copyto(best, reward, where=wins)
+            np.copyto(best_len, slot_len, where=wins)
+            np.less(reward, worst, out=wins)
+            np.copyto(worst, reward, where=wins)
+            np.copyto(worst_len, slot_len, where=wins)
+        objective[start:start + GRID_CHUNK] = np.abs((best_len - worst_len).mean(axis=1))
     best = int(np.argmin(objective))
     return float(grid[best]), objective
 
