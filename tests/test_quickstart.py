@@ -30,6 +30,13 @@ def test_quickstart_through_the_console_script(tmp_path):
     assert match["share"].min() > 0.5, match
     inspect = subprocess.run(["rayalign", "inspect", str(run_dir)], capture_output=True, text=True)
     assert inspect.returncode == 0 and all(lang in inspect.stdout for lang in LANGS)
-    assert json.loads((run_dir / "state.json").read_text())["finished"] == ["iter-1/generate"]
+    assert json.loads((run_dir / "state.json").read_text())["finished"] == [
+        "iter-1/generate", "iter-1/score", "iter-1/pairs"]
+    scores = read_dataset(run_dir / "iter-1" / "scores", "scores")
+    assert scores.num_rows == 64 * 5 * 4 and scores.column("r_lacomsa").null_count == 0
+    datasets = pytest.importorskip("datasets")
+    pairs = datasets.load_dataset("parquet", data_files=str(run_dir / "iter-1" / "pairs" / "*.parquet"), split="train")
+    assert pairs.num_rows > 0.9 * 64 * 5  # one per (prompt, language) unless best and worst tie
+    assert pairs[0]["chosen"][0]["role"] == "assistant" and pairs[0]["prompt"][0]["role"] == "user"
 
 

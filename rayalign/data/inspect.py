@@ -27,20 +27,42 @@ def samples_summary(table) -> pl.DataFrame:
     )
 
 
+def scores_summary(df: pl.DataFrame) -> pl.DataFrame:
+    """Per language: rows and the mean of every reward column that was computed."""
+    rewards = [c for c in ("r_msa", "phi", "w", "r_lacomsa", "r_icr", "r_rm", "r_user") if df[c].null_count() < df.height]
+    return df.group_by("lang", maintain_order=True).agg(
+        pl.len().alias("rows"), pl.col("logp_policy").mean().round(2), *(pl.col(c).mean().round(4) for c in rewards))
+
+
+def pairs_summary(df: pl.DataFrame) -> pl.DataFrame:
+    """Per language: pairs and the mean reward margin between chosen and rejected."""
+    return df.group_by("lang", maintain_order=True).agg(
+        pl.len().alias("pairs"), (pl.col("score_chosen") - pl.col("score_rejected")).mean().round(4).alias("margin"),
+        pl.col("method").first())
+
+
 def dataset_summary(path: Path) -> tuple[dict, pl.DataFrame | None]:
     manifest = read_manifest(path)
     table = read_dataset(path)
-    if manifest["schema"] == "samples":
+    schema = manifest["schema"]
+    if schema == "samples":
         return manifest, samples_summary(table)
-    df = pl.from_arrow(table)
-    return manifest, df.group_by("lang", maintain_order=True).agg(pl.len().alias("rows"))
+    df = pl.from_arrow(table.drop_columns([c for c in ("h_hub", "h_last") if c in table.column_names]))
+    if schema == "scores":
+        return manifest, scores_summary(df)
+    if schema == "pairs":
+        return manifest, pairs_summary(df)
+    lang = "lang_2" if schema == "dco" else "lang"
+    return manifest, df.group_by(lang, maintain_order=True).agg(pl.len().alias("rows"))
 
 
 def find_datasets(path: Path) -> list[Path]:
     """Dataset directories under `path` (itself, or a run directory's iter-*/<dataset>)."""
     if (path / "manifest.json").is_file():
         return [path]
-    return sorted(p.parent for p in path.glob("iter-*/*/manifest.json"))
+    order = {"samples": 0, "scores": 1, "candidate_scores": 2, "pairs": 3}
+    found = [p.parent for p in path.glob("iter-*/*/manifest.json")]
+    return sorted(found, key=lambda d: (d.parent.name, order.get(d.name, 9), d.name))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
