@@ -73,21 +73,11 @@ def generate_stage(cfg: RunConfig, prompts, policy_path: str, policy_name: str, 
     )
     done = {i for i in range(len(shards)) if writer.has_shard(i)}
     group = GenerationGroup(policy_path, cfg.policy, cfg.engines)
-    total_rows = prompts.num_rows
-    with Progress(TextColumn(f"generate iter-{iteration}"), BarColumn(), TextColumn("{task.fields[status]}"),
-                  TimeElapsedColumn(), console=console, transient=False) as bar:
-        task = bar.add_task("generate", total=total_rows,
-                            status=f"rows {sum(shards[i].num_rows for i in done)}/{total_rows}",
-                            completed=sum(shards[i].num_rows for i in done))
-
-        def progress(stats):
-            rows = stats.rows_in + sum(shards[i].num_rows for i in done)
-            rate = stats.rows_out / max(stats.seconds, 1e-9)
-            bar.update(task, completed=rows, status=f"rows {rows}/{total_rows} | {rate:.1f} samples/s")
-
+    total_rows, resumed_rows = prompts.num_rows, sum(shards[i].num_rows for i in done)
+    with _progress(f"generate iter-{iteration}", total_rows, "rows", done=resumed_rows) as update:
         try:
             stats = group.run(shards, cfg.sampling, iteration, policy_name, writer.write_shard, skip=done,
-                              progress=progress)
+                              progress=update)
         finally:
             group.shutdown()
     manifest = writer.finalize(expected_shards=len(shards))
@@ -281,20 +271,20 @@ def lidr_stage(cfg: RunConfig, samples, policy_path: str, iteration: int):
     return lidr_pairs(samples, translations, cfg.anchor_language, iteration)
 
 
-def _progress(label: str, total: int, unit: str):
-    """A progress bar context; yields an update(stats) callback for run_shards."""
+def _progress(label: str, total: int, unit: str, done: int = 0):
+    """A progress bar context; yields an update(stats) callback for run_shards (`done`: resumed rows)."""
     import contextlib
 
     @contextlib.contextmanager
     def bar():
         with Progress(TextColumn(label), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
                       console=console) as progress:
-            task = progress.add_task(label, total=total, status=f"0/{total} {unit}")
+            task = progress.add_task(label, total=total, completed=done, status=f"{done}/{total} {unit}")
 
             def update(stats):
-                rate = stats.rows_in / max(stats.seconds, 1e-9)
-                progress.update(task, completed=stats.rows_in,
-                                status=f"{stats.rows_in}/{total} {unit} | {rate:.1f} {unit}/s")
+                rows = done + stats.rows_in
+                rate = stats.rows_out / max(stats.seconds, 1e-9)
+                progress.update(task, completed=rows, status=f"{rows}/{total} {unit} | {rate:.1f} rows out/s")
 
             yield update
 

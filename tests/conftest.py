@@ -27,18 +27,3 @@ def ray_session():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture
-def small_recipe(tmp_path, tiny_model) -> tuple[Path, list[str]]:
-    """A quickstart-shaped recipe on the session's tiny model, sized for tests, and its overrides."""
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"""
-name: test
-languages: [en, de, ru]
-policy: {{path: {tiny_model}}}
-prompts: {{path: {PROMPTS_DIR}, limit: 4}}
-sampling: {{n: 2, temperature: 0.9, max_new_tokens: 12, seed: 7}}
-engines: {{count: 1, batch_size: 8, shard_rows: 4, num_cpus: 1}}
-""")
-    return recipe, []

@@ -235,3 +235,14 @@ def test_dco_quickstart_recipe(tmp_path, tiny_model, ray_session):
     assert t["ref_logp_chosen_2"] == logp[(t["prompt_id"], t["lang_2"], t["chosen_2"][0]["content"])]
     assert (t["gamma_12"], t["gamma_21"]) == (10.0, 0.1)
     assert not (run_dir / "iter-1" / "samples").exists()  # DCO learns from candidate sets
+
+
+def test_shipped_user_reward_file():
+    from rayalign.scores import user_rewards
+
+    table = pa.table({"prompt_id": ["a", "a", "b"], "lang": ["en", "de", "de"], "response": ["Hi", "Hallo", "Hello"],
+                      "lang_detected": ["en", "de", "en"]})
+    got = user_rewards(table, str(REPO / "examples" / "rewards" / "language_fidelity.py"), "reward")
+    np.testing.assert_allclose(got, [1 - 0.002, 1 - 0.005, -0.005])
+    with pytest.raises(ConfigError, match="defines no function 'score'"):
+        user_rewards(table, str(REPO / "examples" / "rewards" / "language_fidelity.py"), "score")
