@@ -268,7 +268,38 @@ def lidr_stage(cfg: RunConfig, samples, policy_path: str, iteration: int):
         finally:
             group.shutdown()
     translations = pl.from_arrow(pa.concat_tables([out[i] for i in range(len(shards))]))
-    return lidr_pairs(samples, translations, cfg.anchor_language, iteration)
+    table = lidr_pairs(samples, translations, cfg.anchor_language, iteration)
+    return _with_reference_logps(cfg, table, policy_path)
+
+
+def _with_reference_logps(cfg: RunConfig, pairs_table, policy_path: str):
+    """Fill ref_logp_* and *_num_tokens of pairs with the policy's teacher-forced scores (the next DPO
+    step's reference), for pairs whose responses were not scored before (LIDR translations)."""
+    import pyarrow as pa
+
+    from rayalign.actors.pool import split_shards
+    from rayalign.actors.scorer import ModelRole, ScoringGroup
+    from rayalign.scoring import ForwardSpec
+
+    rows = pairs_table.to_pylist()
+    requests = pa.Table.from_pylist([{"messages": r["prompt"], "response": r[side][0]["content"]}
+                                     for side in ("chosen", "rejected") for r in rows])
+    group = ScoringGroup({"policy": ModelRole(policy_path, cfg.policy)}, cfg.rewards.actors, cfg.rewards.batch_size,
+                         cfg.rewards.num_cpus, cfg.rewards.num_gpus)
+    shards = split_shards(requests, 256)
+    results: dict[int, pa.Table] = {}
+    try:
+        group.run(shards, [ForwardSpec("policy", "messages", "logp", tokens_column="num_tokens")], None,
+                  results.__setitem__)
+    finally:
+        group.shutdown()
+    scored = pa.concat_tables([results[i] for i in range(len(shards))])
+    logp, tokens, n = scored.column("logp").to_pylist(), scored.column("num_tokens").to_pylist(), len(rows)
+    for column, values in (("ref_logp_chosen", logp[:n]), ("ref_logp_rejected", logp[n:]),
+                           ("chosen_num_tokens", tokens[:n]), ("rejected_num_tokens", tokens[n:])):
+        i = pairs_table.column_names.index(column)
+        pairs_table = pairs_table.set_column(i, column, pa.array(values, pairs_table.schema.field(column).type))
+    return pairs_table
 
 
 def _progress(label: str, total: int, unit: str, done: int = 0):

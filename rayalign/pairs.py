@@ -125,7 +125,8 @@ def lidr_requests(samples: pl.DataFrame, anchor: str, language_names: dict[str, 
 def lidr_pairs(samples: pl.DataFrame, translations: pl.DataFrame, anchor: str, iteration: int) -> pa.Table:
     """Non-anchor: chosen = translation of the anchor response, rejected = native response.
     Anchor: chosen = the anchor response, rejected = back-translation of a non-anchor response.
-    Scores are 1 for chosen and 0 for rejected; reference log-probs are unknown (null)."""
+    Scores are 1 for chosen and 0 for rejected; reference log-probs are left null here (the pipeline
+    fills them with the policy's teacher-forced scores)."""
     first = samples.filter(pl.col("sample_idx") == 0).select("prompt_id", "lang", "messages", "response")
     df = first.join(translations.select("prompt_id", "lang", pl.col("response").alias("translation")),
                     on=["prompt_id", "lang"]).sort("prompt_id", "lang")

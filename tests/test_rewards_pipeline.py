@@ -216,8 +216,23 @@ def test_other_pair_methods_from_the_same_scores(rewards_run):
         assert table.num_rows > 0, method
         if schema == "kto":
             assert set(table.column("label").to_pylist()) == {True, False}
+        elif method == "lidr":
+            assert table.column("ref_logp_chosen").null_count == 0 and table.column("rejected_num_tokens").null_count == 0
         else:
             assert set(table.column("method").to_pylist()) == {method}
+
+
+def test_icr_quickstart_recipe(tmp_path, tiny_model, weak_model, ray_session):
+    run_dir = tmp_path / "icr"
+    result = CliRunner().invoke(main, [
+        "launch", str(REPO / "examples" / "quickstart-icr.yaml"), "--run-dir", str(run_dir),
+        "-o", f"policy.path={tiny_model}", "-o", f"rewards.implicit.reward_reference.path={weak_model}",
+        "-o", "languages=[en,de]", "-o", "prompts.limit=3", "-o", "sampling.max_new_tokens=10",
+        "-o", "engines.count=1", "-o", "rewards.actors=1"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    for name in ("samples", "scores", "pairs"):
+        assert read_manifest(run_dir / "iter-1" / name)["rows"] > 0
+    assert set(read_dataset(run_dir / "iter-1" / "pairs").column("method").to_pylist()) == {"icr"}
 
 
 def test_dco_quickstart_recipe(tmp_path, tiny_model, ray_session):
