@@ -4,7 +4,7 @@ All three runs generate the same shards of the bundled prompt set with the same 
 process, and must produce identical rows; the ratios show the cost of the actor layer (K = 1 vs
 direct) and the gain from sharding over actors (K = 2). Model loading is excluded from the times.
 
-    python benchmarks/generation.py [--prompts 16] [--n 4] [--max-new-tokens 48]
+    python benchmarks/generation.py [--prompts 32] [--n 4] [--max-new-tokens 48]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", type=int, default=16, help="prompt ids (x 5 languages)")
+    ap.add_argument("--prompts", type=int, default=32, help="prompt ids (x 5 languages)")
     ap.add_argument("--n", type=int, default=4, help="samples per prompt row")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--model", default=None, help="model directory (default: the cached tiny model)")
