@@ -59,11 +59,11 @@ class ScoringGroup:
         return ray.get(self.actors[self.alive[0]].num_layers.remote(role))
 
     def run(self, shards: list[pa.Table], specs: list[ForwardSpec], reward_model: str | None,
-            on_shard: Callable[[int, pa.Table], None], progress: Callable[[ShardStats], None] | None = None,
-            ) -> ShardStats:
+            on_shard: Callable[[int, pa.Table], None], skip=frozenset(),
+            progress: Callable[[ShardStats], None] | None = None) -> ShardStats:
         ray.get([self.actors[i].ready.remote() for i in self.alive])
         return run_shards(self.actors, self.alive, lambda a, shard: a.score.remote(shard, specs, reward_model),
-                          shards, on_shard, progress=progress)
+                          shards, on_shard, skip=skip, progress=progress)
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -7,6 +7,7 @@ then `run`, which calls them in order and skips what an earlier run already fini
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -135,11 +136,16 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
         roles[reward_model] = ModelRole(resolve_model_path(r.reward_model.model.path), r.reward_model.model,
                                         kind="reward_model")
     shards = split_shards(samples, cfg.engines.shard_rows * cfg.sampling.n)
+    # Forward results are checkpointed shard by shard, so an interrupted stage redoes only what is missing;
+    # rewards need every row (English anchors, centroids, alpha search) and are computed at the end.
+    forward_dir = out_dir.with_name(out_dir.name + ".forward")
+    results = read_checkpoints(forward_dir, len(shards))
     group = ScoringGroup(roles, r.actors, r.batch_size, r.num_cpus, r.num_gpus)
-    results: dict[int, pa.Table] = {}
-    with _progress(f"score iter-{iteration}", samples.num_rows, "samples") as update:
+    with _progress(f"score iter-{iteration}", samples.num_rows, "samples",
+                   done=sum(shards[i].num_rows for i in results)) as update:
         try:
-            stats = group.run(shards, specs, reward_model, results.__setitem__, progress=update)
+            stats = group.run(shards, specs, reward_model, checkpoint(forward_dir, results), skip=set(results),
+                              progress=update)
         finally:
             group.shutdown()
     table = pa.concat_tables([results[i] for i in range(len(shards))])
@@ -151,10 +157,43 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
                 f"Teacher-forced scores of iteration {iteration}'s samples: log-probs, rewards"
                 f"{' and pooled states' if layers else ''}.", shard_rows=cfg.engines.shard_rows * cfg.sampling.n,
                 latent_dim=table.schema.field("h_hub").type.list_size if layers else 0)
+    shutil.rmtree(forward_dir, ignore_errors=True)
     tokens = sum(table.column("score_tokens").to_pylist()) * len(specs)
     return {"samples": table.num_rows, "forward_passes": len(specs), "retries": stats.retries,
+            "resumed_shards": stats.skipped_shards,
             "seconds": round(stats.seconds, 3), "tokens_per_s": round(tokens / max(stats.seconds, 1e-9), 2), **{
                 f"alpha_{lang}": a for lang, a in params.get("icr", {}).get("alpha_per_language", {}).items()}}
+
+
+def read_checkpoints(directory: Path, count: int) -> dict:
+    """Forward-result shards finished by an earlier, interrupted run (complete files only)."""
+    import pyarrow.parquet as pq
+
+    from rayalign.data.store import shard_name
+
+    for stale in directory.glob("*.tmp"):
+        stale.unlink()
+    return {i: pq.read_table(directory / shard_name(i)) for i in range(count) if (directory / shard_name(i)).is_file()}
+
+
+def checkpoint(directory: Path, results: dict):
+    """An on_shard callback that keeps a shard's table and writes it under a temporary name, then renames it."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    from rayalign.data.store import shard_name
+
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def on_shard(index, table):
+        final = directory / shard_name(index)
+        tmp = final.with_name(final.name + ".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, final)
+        results[index] = table
+
+    return on_shard
 
 
 def write_table(table, out_dir: Path, schema: str, cfg: RunConfig, iteration: int, models: dict, params: dict,

@@ -261,3 +261,42 @@ def test_shipped_user_reward_file():
     np.testing.assert_allclose(got, [1 - 0.002, 1 - 0.005, -0.005])
     with pytest.raises(ConfigError, match="defines no function 'score'"):
         user_rewards(table, str(REPO / "examples" / "rewards" / "language_fidelity.py"), "score")
+
+
+def test_interrupted_scoring_resumes_from_checkpointed_shards(tmp_path, tiny_model, ray_session, monkeypatch):
+    from rayalign.pipelines import offline
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: resume\nlanguages: [en, de]\npolicy: {{path: {tiny_model}}}\n"
+                      f"prompts: {{path: {PROMPTS_DIR}, limit: 2}}\nsampling: {{n: 2, max_new_tokens: 8}}\n"
+                      "engines: {shard_rows: 1}\nrewards: {latent: {enabled: true}}\npairs: {method: lacomsa}\n")
+    runner = CliRunner()
+    whole = tmp_path / "whole"
+    assert runner.invoke(main, ["launch", str(recipe), "--run-dir", str(whole)]).exit_code == 0
+
+    real_checkpoint, written = offline.checkpoint, []
+
+    def dying_checkpoint(directory, results):
+        save = real_checkpoint(directory, results)
+
+        def on_shard(index, table):
+            if len(written) == 2:
+                raise RuntimeError("killed while scoring")
+            save(index, table)
+            written.append(index)
+        return on_shard
+
+    monkeypatch.setattr(offline, "checkpoint", dying_checkpoint)
+    cut = tmp_path / "cut"
+    result = runner.invoke(main, ["launch", str(recipe), "--run-dir", str(cut)])
+    assert isinstance(result.exception, RuntimeError) and "killed while scoring" in str(result.exception)
+    assert len(list((cut / "iter-1" / "scores.forward").glob("part-*.parquet"))) == 2
+    assert not (cut / "iter-1" / "scores" / "manifest.json").exists()
+    monkeypatch.setattr(offline, "checkpoint", real_checkpoint)
+    result = runner.invoke(main, ["launch", str(recipe), "--run-dir", str(cut)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [m["resumed_shards"] for m in metrics if m["stage"] == "score"] == [2]
+    assert not (cut / "iter-1" / "scores.forward").exists()
+    for name in ("scores", "pairs"):
+        assert read_dataset(cut / "iter-1" / name).equals(read_dataset(whole / "iter-1" / name)), name
