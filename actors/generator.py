@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import pyarrow as pa
 import ray
 
-from rayalign.actors.pool import ShardStats, run_shards, split_shards  # noqa: F401  (split_shards re-exported)
+from rayalign.actors.pool import (ShardStats, actor_nodes, placement_options, remove_placement, run_shards,
+                                  split_shards)  # noqa: F401  (split_shards re-exported)
 from rayalign.config import EnginesConfig, ModelConfig, SamplingConfig
 
 
@@ -34,18 +34,17 @@ class GenerationActor:
     def ready(self) -> bool:
         return True
 
-    def where(self) -> dict:
-        ctx = ray.get_runtime_context()
-        return {"node_id": ctx.get_node_id(), "pid": os.getpid()}
+    def where(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
 
 class GenerationGroup:
     """K GenerationActors; keeps each busy with shards and hands finished shards to `on_shard` at once."""
 
     def __init__(self, model_path: str, model: ModelConfig, engines: EnginesConfig):
-        num_gpus = engines.num_gpus * engines.tensor_parallel_size if engines.backend == "vllm" else engines.num_gpus
-        self.actors = [GenerationActor.options(num_cpus=engines.num_cpus, num_gpus=num_gpus).remote(
-            model_path, model, engines) for _ in range(engines.count)]
+        tp = engines.tensor_parallel_size if engines.backend == "vllm" else 1
+        options, self.placement = placement_options(engines.count, engines.num_cpus, engines.num_gpus, tp)
+        self.actors = [GenerationActor.options(**o).remote(model_path, model, engines) for o in options]
         self.alive = list(range(len(self.actors)))
 
     def run(self, shards: list[pa.Table], sampling: SamplingConfig, iteration: int, policy: str,
@@ -56,9 +55,10 @@ class GenerationGroup:
                           lambda actor, shard: actor.generate.remote(shard, sampling, iteration, policy),
                           shards, on_shard, skip=skip, progress=progress, token_column="num_tokens")
 
-    def locations(self) -> list[dict]:
-        return ray.get([self.actors[i].where.remote() for i in self.alive])
+    def nodes(self) -> list[str]:
+        return actor_nodes([self.actors[i] for i in self.alive])
 
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
+        remove_placement(self.placement)

@@ -77,6 +77,39 @@ def run_shards(actors: list, alive: list[int], call: Callable[[object, pa.Table]
     return stats
 
 
+def placement_options(count: int, num_cpus: float, num_gpus: float, tensor_parallel_size: int = 1) -> tuple[list, list]:
+    """Ray options for `count` actors and the placement groups made for them.
+
+    A tensor-parallel engine gets one STRICT_PACK placement group of `tensor_parallel_size` GPU bundles
+    (all on one node); other actors are spread over the nodes (SPREAD), as the cluster plan lays them out.
+    """
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    if tensor_parallel_size > 1:
+        groups = [placement_group([{"CPU": num_cpus / tensor_parallel_size, "GPU": 1.0}] * tensor_parallel_size,
+                                  strategy="STRICT_PACK") for _ in range(count)]
+        ray.get([g.ready() for g in groups])
+        # the engine process holds a CPU share of the first bundle; its tensor-parallel workers use the GPUs
+        return [{"num_cpus": num_cpus / tensor_parallel_size, "num_gpus": 0,
+                 "scheduling_strategy": PlacementGroupSchedulingStrategy(g, placement_group_bundle_index=0)}
+                for g in groups], groups
+    strategy = {"scheduling_strategy": "SPREAD"} if count > 1 else {}
+    return [{"num_cpus": num_cpus, "num_gpus": num_gpus, **strategy} for _ in range(count)], []
+
+
+def remove_placement(groups: list) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    for group in groups:
+        remove_placement_group(group)
+
+
+def actor_nodes(actors: list) -> list[str]:
+    """The Ray node id each actor runs on."""
+    return ray.get([a.where.remote() for a in actors])
+
+
 def split_shards(table: pa.Table, shard_rows: int) -> list[pa.Table]:
     """Deterministic shards of `shard_rows` rows; the unit of work and of output files."""
     return [table.slice(i, shard_rows) for i in range(0, table.num_rows, shard_rows)]

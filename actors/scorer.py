@@ -8,7 +8,7 @@ from typing import Callable
 import pyarrow as pa
 import ray
 
-from rayalign.actors.pool import ShardStats, run_shards
+from rayalign.actors.pool import ShardStats, actor_nodes, placement_options, remove_placement, run_shards
 from rayalign.config import ModelConfig
 from rayalign.scoring import ForwardSpec
 
@@ -38,6 +38,9 @@ class ScoringActor:
     def ready(self) -> bool:
         return True
 
+    def where(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def num_layers(self, role: str) -> int:
         return self.engines[role].model.config.num_hidden_layers
 
@@ -51,8 +54,8 @@ class ScoringGroup:
     """M ScoringActors with the same models; `run` streams shards through them."""
 
     def __init__(self, roles: dict[str, ModelRole], count: int, batch_size: int, num_cpus: float, num_gpus: float):
-        self.actors = [ScoringActor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
-            roles, batch_size, int(num_cpus)) for _ in range(count)]
+        options, self.placement = placement_options(count, num_cpus, num_gpus)
+        self.actors = [ScoringActor.options(**o).remote(roles, batch_size, int(num_cpus)) for o in options]
         self.alive = list(range(count))
 
     def num_layers(self, role: str) -> int:
@@ -65,6 +68,10 @@ class ScoringGroup:
         return run_shards(self.actors, self.alive, lambda a, shard: a.score.remote(shard, specs, reward_model),
                           shards, on_shard, skip=skip, progress=progress)
 
+    def nodes(self) -> list[str]:
+        return actor_nodes([self.actors[i] for i in self.alive])
+
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
+        remove_placement(self.placement)

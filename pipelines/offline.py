@@ -79,6 +79,7 @@ def generate_stage(cfg: RunConfig, prompts, policy_path: str, policy_name: str, 
         try:
             stats = group.run(shards, cfg.sampling, iteration, policy_name, writer.write_shard, skip=done,
                               progress=update)
+            nodes = group.nodes()
         finally:
             group.shutdown()
     manifest = writer.finalize(expected_shards=len(shards))
@@ -86,7 +87,7 @@ def generate_stage(cfg: RunConfig, prompts, policy_path: str, policy_name: str, 
         "rows": total_rows, "samples": manifest["rows"], "new_samples": stats.rows_out,
         "resumed_shards": len(done), "retries": stats.retries, "seconds": round(stats.seconds, 3),
         "samples_per_s": round(stats.rows_out / max(stats.seconds, 1e-9), 2),
-        "tokens_per_s": round(stats.tokens / max(stats.seconds, 1e-9), 2),
+        "tokens_per_s": round(stats.tokens / max(stats.seconds, 1e-9), 2), "actor_nodes": nodes,
     }
 
 
@@ -146,6 +147,7 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
         try:
             stats = group.run(shards, specs, reward_model, checkpoint(forward_dir, results), skip=set(results),
                               progress=update)
+            nodes = group.nodes()
         finally:
             group.shutdown()
     table = pa.concat_tables([results[i] for i in range(len(shards))])
@@ -160,7 +162,7 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
     shutil.rmtree(forward_dir, ignore_errors=True)
     tokens = sum(table.column("score_tokens").to_pylist()) * len(specs)
     return {"samples": table.num_rows, "forward_passes": len(specs), "retries": stats.retries,
-            "resumed_shards": stats.skipped_shards,
+            "resumed_shards": stats.skipped_shards, "actor_nodes": nodes,
             "seconds": round(stats.seconds, 3), "tokens_per_s": round(tokens / max(stats.seconds, 1e-9), 2), **{
                 f"alpha_{lang}": a for lang, a in params.get("icr", {}).get("alpha_per_language", {}).items()}}
 
@@ -424,7 +426,8 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
             log_metrics(run_dir, {"iteration": iteration, "stage": stage, **result})
             state["finished"].append(name)
             write_state(run_dir, state)
-            console.print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in result.items()) + f" -> {out_dir}")
+            shown = {k: (len(set(v)) if k == "actor_nodes" else v) for k, v in result.items()}
+            console.print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in shown.items()) + f" -> {out_dir}")
     return run_dir
 
 
