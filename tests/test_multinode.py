@@ -12,7 +12,6 @@ import pytest
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
 
 SCRIPT = textwrap.dedent("""
     import json, sys
