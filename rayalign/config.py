@@ -179,9 +179,44 @@ class PairsConfig:
     include_anchor: bool = _field(True, help="keep pairs in the anchor language")
 
 
+TRAINING_LOSSES = ("dpo", "ipo", "cdpo", "simpo", "kto", "orpo", "dco")
+
+
 @dataclass
 class TrainingConfig:
-    """DPO-family / online training; filled by the trainer release."""
+    loss: str | None = _field(None, help=f"training loss on the pairs: {', '.join(TRAINING_LOSSES)} (METHODS.md "
+                              "section 4); null = no training stage", choices=TRAINING_LOSSES)
+    backend: str = _field("deepspeed", help="deepspeed: rayalign's trainer actors (CPU or GPU); openrlhf: hand the "
+                          "pairs to OpenRLHF's DPO trainer (GPU, the openrlhf extra)", choices=("deepspeed", "openrlhf"))
+    beta: float = _field(0.1, help="DPO / IPO / cDPO / KTO beta; SimPO's reward scale (use about 2.0 there)", gt=0.0)
+    nll_weight: float = _field(0.0, help="weight of the NLL term -log pi(y_w)/|y_w| added to DPO-family losses "
+                               "(ICR trains with DPO + NLL: 1.0)", ge=0.0)
+    label_smoothing: float = _field(0.1, help="loss cdpo: probability that a pair's label is flipped", ge=0.0, le=0.5)
+    simpo_margin: float = _field(0.5, help="SimPO target reward margin gamma", ge=0.0)
+    orpo_lambda: float = _field(0.1, help="ORPO weight lambda of the odds-ratio term", ge=0.0)
+    kto_desirable_weight: float = _field(1.0, help="KTO lambda_D", gt=0.0)
+    kto_undesirable_weight: float = _field(1.0, help="KTO lambda_U", gt=0.0)
+    lr: float = _field(5e-7, help="peak learning rate (AdamW)", gt=0.0)
+    warmup_ratio: float = _field(0.03, help="share of the steps with linear warmup before cosine decay", ge=0.0, le=1.0)
+    weight_decay: float = _field(0.0, help="AdamW weight decay", ge=0.0)
+    max_grad_norm: float = _field(1.0, help="gradient clipping norm; 0 = off", ge=0.0)
+    epochs: int = _field(1, help="passes over each iteration's pairs", ge=1)
+    micro_batch_size: int = _field(4, help="rows per rank per forward/backward", ge=1)
+    gradient_accumulation: int = _field(1, help="micro-batches per optimizer step on each rank", ge=1)
+    world_size: int = _field(1, help="trainer actors (W), one DeepSpeed rank each; global batch = micro_batch_size "
+                             "x gradient_accumulation x world_size", ge=1)
+    zero_stage: int = _field(2, help="DeepSpeed ZeRO stage 0-3", ge=0, le=3)
+    num_cpus: float = _field(1.0, help="CPUs per trainer actor (sets its torch threads)", gt=0.0)
+    num_gpus: float = _field(0.0, help="GPUs per trainer actor (0 = CPU training with gloo)", ge=0.0)
+    max_length: int = _field(1024, help="most prompt + response tokens per sequence; longer rows are left out of "
+                             "training (their reference log-probs cover the whole response) and counted", ge=8)
+    length_grouping: bool = _field(True, help="group rows of similar length into batches to limit padding")
+    batch_alignment: bool = _field(False, help="every global batch holds whole prompt groups in all the run's "
+                                   "languages, anchor included (seed 003; DPO or ORPO)")
+    gradient_checkpointing: bool = _field(False, help="recompute activations in backward to save memory")
+    checkpoint_every: int = _field(0, help="save a resumable mid-epoch checkpoint every N optimizer steps; 0 = only "
+                                   "at the end", ge=0)
+    seed: int = _field(0, help="data order seed (the same on every rank)", ge=0)
 
 
 @dataclass
@@ -205,7 +240,7 @@ class RunConfig:
     engines: EnginesConfig = _field(help="generation engines and actors", factory=EnginesConfig)
     rewards: RewardsConfig = _field(help="reward computation", factory=RewardsConfig)
     pairs: PairsConfig = _field(help="preference pairs", factory=PairsConfig)
-    training: TrainingConfig = _field(help="training (later release)", factory=TrainingConfig)
+    training: TrainingConfig = _field(help="DPO-family training", factory=TrainingConfig)
     cluster: ClusterConfig = _field(help="cluster placement (later release)", factory=ClusterConfig)
 
     def language_names(self) -> dict[str, str]:
@@ -240,12 +275,40 @@ class RunConfig:
                 f"anchor_language: {self.anchor_language!r} is not one of languages {self.languages}"
             )
         self._validate_rewards()
+        self._validate_training()
         if self.engines.backend == "vllm" and self.engines.num_gpus < self.engines.tensor_parallel_size:
             raise ConfigError(
                 "engines.num_gpus: the vllm backend needs at least tensor_parallel_size "
                 f"({self.engines.tensor_parallel_size}) GPUs per engine, got {self.engines.num_gpus}"
             )
 
+
+    def _validate_training(self) -> None:
+        t, method = self.training, self.pairs.method
+        if self.iterations > 1 and t.loss is None:
+            raise ConfigError(f"iterations: {self.iterations} needs training.loss (policy t is trained on iteration "
+                              "t's pairs); set training.loss or iterations: 1")
+        if t.loss is None:
+            return
+        schema = {"kto": "kto", "dco": "dco"}
+        if method is None:
+            raise ConfigError(f"training.loss: {t.loss} needs preference data; set pairs.method")
+        if schema.get(t.loss, "pairs") != schema.get(method, "pairs"):
+            wanted = {"kto": "kto", "dco": "dco"}.get(t.loss, "one of lacomsa, msa, icr, reward_model, user, lidr")
+            raise ConfigError(f"training.loss: {t.loss} does not fit pairs.method {method}; use pairs.method {wanted}")
+        if t.batch_alignment:
+            if t.loss not in ("dpo", "orpo"):
+                raise ConfigError(f"training.batch_alignment: works with loss dpo or orpo (seed 003), got {t.loss}")
+            batch = t.micro_batch_size * t.gradient_accumulation * t.world_size
+            if batch % len(self.languages):
+                raise ConfigError(f"training.batch_alignment: the global batch (micro_batch_size x "
+                                  f"gradient_accumulation x world_size = {batch}) must be a multiple of the "
+                                  f"{len(self.languages)} languages, so that every batch holds whole prompt groups")
+            if not self.pairs.include_anchor:
+                raise ConfigError("training.batch_alignment: the anchor language is part of every group; set "
+                                  "pairs.include_anchor: true")
+        if t.backend == "openrlhf" and t.loss not in ("dpo", "ipo", "cdpo"):
+            raise ConfigError(f"training.backend: openrlhf trains dpo, ipo or cdpo, got loss {t.loss}")
 
     def _validate_rewards(self) -> None:
         r, method = self.rewards, self.pairs.method

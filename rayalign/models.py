@@ -225,6 +225,20 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def encode_response(tokenizer, messages: list[dict], response: str) -> tuple[list[int], list[int]]:
+    """(prompt_ids, response_ids) as every teacher-forced pass sees them (scoring and training alike): the templated
+    prompt with the assistant header, then the response's tokens and the end-of-turn (eos) token."""
+    eot = tokenizer.eos_token_id
+    if eot is None:
+        raise ValueError(f"{tokenizer.name_or_path}: the tokenizer has no eos (end-of-turn) token to close a response")
+    prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=False))
+    if not prompt:
+        raise ValueError("the chat template produced no prompt tokens; the first response token needs a preceding "
+                         "position to be predicted from")
+    return prompt, list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [eot]
+
+
 def torch_dtype(name: str, device: str):
     import torch
 

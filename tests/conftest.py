@@ -27,3 +27,43 @@ def ray_session():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+def write_pairs_dataset(model_path: str, out_dir, languages=("en", "es", "de", "fr", "ru"), prompts: int = 8) -> str:
+    """A pairs dataset made the way the pipeline makes one: chosen = the corpus answer in the prompt's language,
+    rejected = its first three words; reference log-probs and token counts scored by the HF engine."""
+    import json
+
+    from rayalign.data.store import DatasetWriter
+    from rayalign.data.schemas import schema_for
+    from rayalign.engines import ScoreRequest
+    from rayalign.engines.hf import HFEngine
+    import pyarrow as pa
+
+    engine = HFEngine(model_path, dtype="float32", device="cpu", batch_size=16)
+    rows = []
+    for lang in languages:
+        lines = (PROMPTS_DIR / f"{lang}.jsonl").read_text(encoding="utf-8").splitlines()[:prompts]
+        for line in lines:
+            r = json.loads(line)
+            prompt = [{"role": "user", "content": r["instruction"]}]
+            chosen, rejected = r["output"], " ".join(r["output"].split()[:3])
+            rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                         "rejected": [{"role": "assistant", "content": rejected}], "prompt_id": r["instruction_id"],
+                         "lang": lang, "score_chosen": 1.0, "score_rejected": 0.0, "method": "lacomsa",
+                         "iteration": 1})
+    scored = engine.score([ScoreRequest(r["prompt"], r[side][0]["content"]) for side in ("chosen", "rejected")
+                           for r in rows])
+    n = len(rows)
+    for i, r in enumerate(rows):
+        r |= {"ref_logp_chosen": scored[i].logp, "ref_logp_rejected": scored[n + i].logp,
+              "chosen_num_tokens": scored[i].num_tokens, "rejected_num_tokens": scored[n + i].num_tokens}
+    writer = DatasetWriter(out_dir, "pairs", languages=list(languages), description="test pairs")
+    writer.write_shard(0, pa.Table.from_pylist(rows, schema=schema_for("pairs")[1]))
+    writer.finalize(expected_shards=1)
+    return str(out_dir)
+
+
+@pytest.fixture(scope="session")
+def pairs_dataset(tiny_model, tmp_path_factory) -> str:
+    return write_pairs_dataset(tiny_model, tmp_path_factory.mktemp("pairs") / "pairs")

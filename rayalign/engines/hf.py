@@ -10,7 +10,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from rayalign.engines import Completion, GenerationRequest, SamplingParams, ScoreRequest, ScoreResult
-from rayalign.models import load_causal_lm, load_tokenizer
+from rayalign.models import encode_response, load_causal_lm, load_tokenizer
 
 
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
@@ -154,15 +154,7 @@ class HFEngine:
     def encode_score(self, request: ScoreRequest) -> tuple[list[int], list[int]]:
         """(prompt_ids, response_ids): the templated prompt with the assistant header, and the response's tokens
         followed by the end-of-turn token (the tokenizer's eos token)."""
-        eot = self.tokenizer.eos_token_id
-        if eot is None:
-            raise ValueError(f"{self.model_path}: the tokenizer has no eos (end-of-turn) token to close the response")
-        prompt = list(self.encode_prompt(request.messages))
-        if not prompt:
-            raise ValueError("score: the chat template produced no prompt tokens; the first response token needs "
-                             "a preceding position to be predicted from")
-        response = list(self.tokenizer(request.response, add_special_tokens=False)["input_ids"]) + [eot]
-        return prompt, response
+        return encode_response(self.tokenizer, request.messages, request.response)
 
     def _score_batches(self, lengths: list[int]) -> list[list[int]]:
         """Request indices, longest first, cut into batches of at most batch_size rows and max_batch_tokens padded

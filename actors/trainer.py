@@ -1,0 +1,287 @@
+"""TrainerGroup: W Ray actors forming one DeepSpeed job (OpenRLHF's layout), trained with coarse verbs.
+
+The driver calls `fit`, `save` and `state`; tensors never leave the actors. Rank 0 picks the master
+address and port; every rank reads the same preference dataset and takes its slice of each global batch
+(`rayalign.training.batch_plan`). CPU actors use DeepSpeed's CPU accelerator with gloo, in fp32; GPU actors
+use NCCL and bf16.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import ray
+
+from rayalign.config import ModelConfig, TrainingConfig
+
+
+def deepspeed_config(t: TrainingConfig, on_gpu: bool) -> dict:
+    return {
+        "train_batch_size": t.micro_batch_size * t.gradient_accumulation * t.world_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": {"stage": t.zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch AdamW: the same optimizer on CPU and GPU
+        "bf16": {"enabled": on_gpu},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """Learning-rate factor: linear warmup over ceil(ratio * total) steps, then cosine decay to 0."""
+    warmup = math.ceil(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class TrainerActor:
+    """One DeepSpeed rank."""
+
+    def __init__(self, rank: int, model_path: str, model: ModelConfig, training: TrainingConfig, dco_beta: float):
+        self.rank, self.model_path, self.model_cfg, self.t, self.dco_beta = rank, model_path, model, training, dco_beta
+        self.on_gpu = training.num_gpus > 0
+        self.engine = None
+        self.step = 0
+
+    def master(self) -> tuple[str, int]:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def setup(self, master_addr: str, master_port: int) -> str:
+        """Join the process group and load the policy."""
+        import torch
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.t.world_size), LOCAL_RANK="0")
+        if not self.on_gpu:
+            os.environ["DS_ACCELERATOR"] = "cpu"
+        torch.set_num_threads(max(1, int(self.t.num_cpus)))
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo")
+        from rayalign.models import load_causal_lm, load_tokenizer
+
+        self.device = "cuda" if self.on_gpu else "cpu"
+        self.ds_config = deepspeed_config(self.t, self.on_gpu)
+        if self.t.zero_stage == 3:  # partition the weights while loading (kept alive while the model lives)
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds = HfDeepSpeedConfig(self.ds_config)
+        self.model = load_causal_lm(self.model_path, "bfloat16" if self.on_gpu else "float32", self.device,
+                                    self.model_cfg.trust_remote_code)
+        if self.t.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.model.train()
+        self.tokenizer = load_tokenizer(self.model_path, self.model_cfg.trust_remote_code)
+        return ray.util.get_node_ip_address()
+
+    def prepare(self, data_path: str, schema: str, loss: str, aligned_languages: list[str] | None) -> dict:
+        """Read and encode the preference dataset, then build the DeepSpeed engine for its steps."""
+        import deepspeed
+        import torch
+
+        from rayalign.data.store import read_dataset
+        from rayalign.training import REFERENCE_FREE, batch_plan, encode_dataset
+
+        t = self.t
+        self.loss, self.aligned = loss, aligned_languages
+        self.data = encode_dataset(read_dataset(data_path, schema), schema, self.tokenizer, max_length=t.max_length,
+                                   needs_reference=loss not in REFERENCE_FREE, source=data_path)
+        self.global_batch = self.ds_config["train_batch_size"]
+        self.steps_per_epoch = len(self._plan(0))
+        total = self.steps_per_epoch * t.epochs
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, t.warmup_ratio))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config)
+        return {"rows": len(self.data), "dropped_too_long": self.data.dropped_too_long, "steps": total,
+                "steps_per_epoch": self.steps_per_epoch, "global_batch": self.global_batch}
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        from rayalign.training import batch_plan
+
+        if getattr(self, "_plan_epoch", None) != epoch:
+            self._plan_cache = batch_plan(self.data, self.global_batch, seed=self.t.seed, epoch=epoch,
+                                          length_grouping=self.t.length_grouping, aligned_languages=self.aligned)
+            self._plan_epoch = epoch
+        return self._plan_cache
+
+    def batch_rows(self, step: int) -> list[list[int]]:
+        """Rows this rank trains on at optimizer step `step`, per accumulation step."""
+        from rayalign.training import micro_batch
+
+        batch = self._plan(step // self.steps_per_epoch)[step % self.steps_per_epoch]
+        return [micro_batch(batch, self.rank, m, self.t.world_size, self.t.micro_batch_size)
+                for m in range(self.t.gradient_accumulation)]
+
+    def train_steps(self, count: int) -> list[dict]:
+        """Run up to `count` optimizer steps; per step, metrics averaged over the global batch (all ranks)."""
+        import torch
+        import torch.distributed as dist
+
+        from rayalign.training import METRICS, collate, compute_loss, sequence_logps
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        results = []
+        end = min(self.step + count, self.steps_per_epoch * self.t.epochs)
+        while self.step < end:
+            started, lr = time.perf_counter(), self.scheduler.get_last_lr()[0]
+            sums = torch.zeros(2 * len(METRICS), dtype=torch.float64)
+            tokens = 0
+            for rows in self.batch_rows(self.step):
+                batch = collate(self.data, rows, pad)
+                dev = {k: x.to(self.device) for k, x in batch.items()}
+                logps, counts = sequence_logps(self.engine, dev["input_ids"], dev["attention_mask"], dev["loss_mask"])
+                loss, metrics = compute_loss(self.loss, logps, counts, batch, self.t, self.dco_beta)
+                self.engine.backward(loss)
+                self.engine.step()
+                tokens += int(batch["attention_mask"].sum())
+                for i, key in enumerate(METRICS):
+                    if key in metrics:
+                        sums[2 * i] += metrics[key][0]
+                        sums[2 * i + 1] += metrics[key][1]
+            sums = torch.cat([sums, torch.tensor([tokens], dtype=torch.float64)]).to(self.device)
+            dist.all_reduce(sums)
+            sums = sums.cpu().tolist()
+            self.step += 1
+            record = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
+                      "lr": lr, "tokens": int(sums[-1]),
+                      "seconds": round(time.perf_counter() - started, 4)}
+            norm = self.engine.get_global_grad_norm()
+            if norm is not None:
+                record["grad_norm"] = float(norm)
+            for i, key in enumerate(METRICS):
+                if sums[2 * i + 1]:
+                    record[key] = sums[2 * i] / sums[2 * i + 1]
+            results.append(record)
+        return results
+
+    def checkpoint(self, directory: str) -> int:
+        """A resumable DeepSpeed checkpoint (weights, optimizer, schedule, step); every rank writes its part."""
+        self.engine.save_checkpoint(directory, tag=f"step-{self.step}", client_state={"step": self.step})
+        return self.step
+
+    def resume(self, directory: str) -> int:
+        """Load the latest checkpoint in `directory`; the next step continues the same data order."""
+        path, client = self.engine.load_checkpoint(directory)
+        if path is None:
+            raise RuntimeError(f"{directory}: no DeepSpeed checkpoint to resume from")
+        self.step = int(client["step"])
+        return self.step
+
+    def save(self, path: str) -> None:
+        """Hugging Face checkpoint with the tokenizer, written by rank 0 (ZeRO-3 shards gathered first)."""
+        import deepspeed
+        import torch.distributed as dist
+
+        module = self.engine.module
+        state = {}
+        for name, param in module.named_parameters():
+            if self.t.zero_stage == 3:
+                with deepspeed.zero.GatheredParameters([param]):
+                    if self.rank == 0:
+                        state[name] = param.detach().cpu().clone()
+            elif self.rank == 0:
+                state[name] = param.detach().cpu()
+        if self.rank == 0:
+            out = Path(path)
+            tmp = out.with_name(out.name + ".tmp")
+            module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)
+            tmp.rename(out)
+        dist.barrier()
+
+    def parameters(self) -> dict:
+        """Full parameters as numpy arrays (for tests and weight sync; gathered under ZeRO-3)."""
+        import deepspeed
+
+        out = {}
+        for name, param in self.engine.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], enabled=self.t.zero_stage == 3):
+                out[name] = param.detach().float().cpu().numpy().copy()
+        return out
+
+    def state(self) -> dict:
+        return {"rank": self.rank, "step": self.step, "node": ray.util.get_node_ip_address(),
+                "steps_per_epoch": getattr(self, "steps_per_epoch", None)}
+
+
+class TrainerGroup:
+    """W TrainerActors in one PACK placement group, ranks 0..W-1 of one DeepSpeed job."""
+
+    def __init__(self, model_path: str, model: ModelConfig, training: TrainingConfig, dco_beta: float = 1.0):
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        t = training
+        bundle = {"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})}
+        self.placement = placement_group([bundle] * t.world_size, strategy="PACK")
+        ray.get(self.placement.ready())
+        remote = ray.remote(TrainerActor)
+        env = {"env_vars": {"DS_ACCELERATOR": "cpu"}} if not t.num_gpus else {}
+        self.actors = [remote.options(
+            num_cpus=t.num_cpus, num_gpus=t.num_gpus, runtime_env=env,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
+        ).remote(rank, model_path, model, training, dco_beta) for rank in range(t.world_size)]
+        addr, port = ray.get(self.actors[0].master.remote())
+        self.nodes = ray.get([a.setup.remote(addr, port) for a in self.actors])
+
+    def _all(self, verb: str, *args):
+        return ray.get([getattr(a, verb).remote(*args) for a in self.actors])
+
+    def fit(self, data_path: str, schema: str, loss: str, *, aligned_languages: list[str] | None = None,
+            checkpoint_dir: str | None = None, checkpoint_every: int = 0,
+            progress: Callable[[int, int, dict], None] | None = None) -> dict:
+        """Train on a preference dataset; resume from `checkpoint_dir` if it holds a checkpoint.
+
+        Returns {"prepare": ..., "steps": [per-step metrics], "resumed_from": step}."""
+        info = self._all("prepare", data_path, schema, loss, aligned_languages)[0]
+        resumed = 0
+        if checkpoint_dir and (Path(checkpoint_dir) / "latest").is_file():
+            resumed = self._all("resume", checkpoint_dir)[0]
+        history, total = [], info["steps"]
+        for step in range(resumed, total):
+            record = self._all("train_steps", 1)[0][0]
+            history.append(record)
+            if checkpoint_dir and checkpoint_every and record["step"] % checkpoint_every == 0 and record["step"] < total:
+                self._all("checkpoint", checkpoint_dir)
+            if progress:
+                progress(record["step"], total, record)
+        return {"prepare": info, "steps": history, "resumed_from": resumed}
+
+    def save(self, path: str) -> None:
+        self._all("save", path)
+
+    def state(self) -> list[dict]:
+        return self._all("state")
+
+    def parameters(self) -> dict:
+        return ray.get(self.actors[0].parameters.remote())
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for a in self.actors:
+            ray.kill(a)
+        remove_placement_group(self.placement)
+
