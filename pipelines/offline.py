@@ -1,4 +1,4 @@
-"""Offline self-alignment, one iteration after another: generate -> score -> pairs (-> train).
+"""Offline self-alignment, one iteration after another: generate -> score -> pairs -> train.
 
 Read top to bottom: the run directory, then each stage (a function with its name and timer),
 then `run`, which calls them in order and skips what an earlier run already finished.
@@ -20,7 +20,7 @@ from rayalign.data.store import DatasetError, DatasetWriter, read_manifest
 from rayalign.models import resolve_model_path
 
 console = Console(stderr=True)
-STAGES = ("generate", "score", "pairs")
+STAGES = ("generate", "score", "pairs", "train")
 
 
 # ---- run directory: config, state, metrics ----
@@ -214,7 +214,8 @@ def write_table(table, out_dir: Path, schema: str, cfg: RunConfig, iteration: in
 
 # ---- pairs stage ----
 
-def pairs_stage(cfg: RunConfig, run_dir: Path, policy_path: str, iteration: int, out_dir: Path) -> dict:
+def pairs_stage(cfg: RunConfig, run_dir: Path, policy_path: str, initial_policy_path: str, iteration: int,
+                out_dir: Path) -> dict:
     """Scores (or candidate sets, for DCO) -> preference data at `out_dir`."""
     import polars as pl
 
@@ -223,7 +224,7 @@ def pairs_stage(cfg: RunConfig, run_dir: Path, policy_path: str, iteration: int,
 
     method, p, it_dir = cfg.pairs.method, cfg.pairs, run_dir / f"iter-{iteration}"
     if method == "dco":
-        table = dco_stage(cfg, policy_path, iteration, it_dir / "candidate_scores")
+        table = dco_stage(cfg, initial_policy_path, iteration, it_dir / "candidate_scores")
         schema = "dco"
     elif method == "lidr":
         samples = pl.from_arrow(read_dataset(it_dir / "samples", "samples"))
@@ -245,8 +246,9 @@ def pairs_stage(cfg: RunConfig, run_dir: Path, policy_path: str, iteration: int,
     return {"method": method, "rows": manifest["rows"]}
 
 
-def dco_stage(cfg: RunConfig, policy_path: str, iteration: int, out_dir: Path):
-    """Score every candidate answer with pi_ref in every language, then build DCO tuples."""
+def dco_stage(cfg: RunConfig, initial_policy_path: str, iteration: int, out_dir: Path):
+    """Score every candidate answer with pi_ref (fixed: the starting model unless set) in every language, then
+    build DCO tuples."""
     import polars as pl
     import pyarrow as pa
 
@@ -258,7 +260,7 @@ def dco_stage(cfg: RunConfig, policy_path: str, iteration: int, out_dir: Path):
 
     c = cfg.rewards.consistency
     ref = c.reference or cfg.policy
-    ref_path = resolve_model_path(ref.path) if c.reference else policy_path
+    ref_path = resolve_model_path(ref.path) if c.reference else initial_policy_path
     cands = load_candidate_sets(c.candidates_path, cfg.languages).rename_columns(
         ["prompt_id", "lang", "messages", "candidate_idx", "response", "gold"])
     group = ScoringGroup({"dco_reference": ModelRole(ref_path, ref)}, cfg.rewards.actors, cfg.rewards.batch_size,
@@ -343,6 +345,73 @@ def _with_reference_logps(cfg: RunConfig, pairs_table, policy_path: str):
     return pairs_table
 
 
+# ---- training stage ----
+
+def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int, out_dir: Path) -> dict:
+    """Train policy t from policy t-1 on iteration t's preference data -> a Hugging Face checkpoint at `out_dir`.
+
+    The training reference is policy t-1, whose log-probs the pairs carry. Mid-stage checkpoints go to
+    `iter-t/train.ckpt` (training.checkpoint_every) and an interrupted stage resumes from the latest one.
+    """
+    from rayalign.training import schema_for_loss
+
+    t = cfg.training
+    schema = schema_for_loss(t.loss)
+    if t.backend == "openrlhf":
+        from rayalign.openrlhf import train_dpo
+
+        return train_dpo(cfg, data_dir, policy_path, out_dir)
+    from rayalign.actors.trainer import TrainerGroup
+
+    ckpt_dir = out_dir.with_name("train.ckpt")
+    aligned = ([cfg.anchor_language] + [x for x in cfg.languages if x != cfg.anchor_language]
+               if t.batch_alignment else None)
+    group = TrainerGroup(policy_path, cfg.policy, t, cfg.rewards.consistency.beta)
+    with Progress(TextColumn(f"train iter-{iteration}"), BarColumn(), TextColumn("{task.fields[status]}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("train", total=None, status="loading data")
+
+        def progress(step, total, record):
+            bar.update(task, total=total, completed=step, status=f"step {step}/{total} | loss {record['loss']:.4f}"
+                       f" | margin {record.get('reward_margin', float('nan')):.3f} | lr {record['lr']:.2e}")
+
+        try:
+            fit = group.fit(str(data_dir), schema, t.loss, aligned_languages=aligned, checkpoint_dir=str(ckpt_dir),
+                            checkpoint_every=t.checkpoint_every, progress=progress)
+            group.save(str(out_dir))
+            nodes = group.nodes
+        finally:
+            group.shutdown()
+    steps = fit["steps"]
+    with open(out_dir.with_name("train_log.jsonl"), "a", encoding="utf-8") as f:
+        for record in steps:
+            f.write(json.dumps(record) + "\n")
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    seconds = sum(r["seconds"] for r in steps)
+    result = {"objective": t.loss, "rows": fit["prepare"]["rows"], "dropped_too_long": fit["prepare"]["dropped_too_long"],
+              "steps": fit["prepare"]["steps"], "resumed_from_step": fit["resumed_from"],
+              "global_batch": fit["prepare"]["global_batch"], "world_size": t.world_size,
+              "seconds": round(seconds, 3), "tokens_per_s": round(sum(r["tokens"] for r in steps) / max(seconds, 1e-9), 1),
+              "actor_nodes": nodes}
+    for key in ("loss", "reward_margin", "accuracy", "reward_chosen", "reward_rejected", "nll", "kl"):
+        values = [r[key] for r in steps if key in r]
+        if values:  # the first step and the mean over the stage's steps
+            result[f"{key}_first"] = round(values[0], 5)
+            result[f"{key}_mean"] = round(sum(values) / len(values), 5)
+    return result
+
+
+def language_fidelity(samples_dir: Path) -> dict[str, float]:
+    """Share of each language's samples detected in that language."""
+    import polars as pl
+
+    from rayalign.data.store import read_dataset
+
+    df = pl.from_arrow(read_dataset(samples_dir, "samples").select(["lang", "lang_detected"]))
+    share = df.group_by("lang").agg((pl.col("lang") == pl.col("lang_detected")).mean().alias("share")).sort("lang")
+    return {lang: round(v, 4) for lang, v in share.iter_rows()}
+
+
 def _progress(label: str, total: int, unit: str, done: int = 0):
     """A progress bar context; yields an update(stats) callback for run_shards (`done`: resumed rows)."""
     import contextlib
@@ -392,11 +461,10 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
         stages = tuple(st for st in stages if st != "score")  # LIDR needs no scores; DCO scores its candidates
     if cfg.pairs.method is None:
         stages = tuple(st for st in stages if st != "pairs")
+    if cfg.training.loss is None:
+        stages = tuple(st for st in stages if st != "train")
     if cfg.pairs.method == "dco":  # DCO learns from parallel candidate sets, not from samples
-        stages = tuple(st for st in stages if st == "pairs")
-    if cfg.iterations > 1:
-        raise ConfigError(f"iterations: {cfg.iterations} needs the training stage to produce policy t from "
-                          "iteration t-1; this release runs generation only (set iterations: 1)")
+        stages = tuple(st for st in stages if st in ("pairs", "train"))
     run_dir = Path(run_dir or cfg.resolved_run_dir())
     spec = load_cluster_spec(cluster)
     prompts = load_prompts(cfg.prompts.path, cfg.languages, limit=cfg.prompts.limit,
@@ -404,39 +472,87 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
     state = prepare_run_dir(cfg, run_dir)
     console.print(f"run {cfg.name}: {prompts.num_rows} prompt rows ({prompts.num_rows // len(cfg.languages)} ids x "
                   f"{len(cfg.languages)} languages), n={cfg.sampling.n}, {cfg.engines.count} {cfg.engines.backend} "
-                  f"engine(s) on cluster {spec.name} -> {run_dir}")
-    policy_path = resolve_model_path(cfg.policy.path, progress=_model_build_progress())
+                  f"engine(s), {cfg.iterations} iteration(s) of {', '.join(stages)} on cluster {spec.name} -> {run_dir}")
+    initial_path = resolve_model_path(cfg.policy.path, progress=_model_build_progress())
     connect(spec, address)
 
+    policy_path, policy_name = initial_path, cfg.policy.path
     for iteration in range(1, cfg.iterations + 1):
         it_dir = run_dir / f"iter-{iteration}"
+        summary = {"iteration": iteration, "stage": "iteration", "policy": policy_name}
         for stage in stages:
-            name, out_dir = f"iter-{iteration}/{stage}", it_dir / {"generate": "samples", "score": "scores"}.get(stage, stage)
+            name = f"iter-{iteration}/{stage}"
+            out_dir = it_dir / {"generate": "samples", "score": "scores", "train": "policy"}.get(stage, stage)
             if name in state["finished"] and _complete(out_dir):
                 console.print(f"{name}: finished earlier, kept")
                 continue
             started = time.perf_counter()
             if stage == "generate":
-                result = generate_stage(cfg, prompts, policy_path, cfg.policy.path, iteration, out_dir)
+                result = generate_stage(cfg, prompts, policy_path, policy_name, iteration, out_dir)
+                result |= {f"fidelity_{lang}": v for lang, v in language_fidelity(out_dir).items()}
             elif stage == "score":
                 result = score_stage(cfg, it_dir / "samples", policy_path, iteration, out_dir)
+            elif stage == "pairs":
+                result = pairs_stage(cfg, run_dir, policy_path, initial_path, iteration, out_dir)
             else:
-                result = pairs_stage(cfg, run_dir, policy_path, iteration, out_dir)
+                result = train_stage(cfg, it_dir / "pairs", policy_path, iteration, out_dir)
             result["wall_seconds"] = round(time.perf_counter() - started, 3)
             log_metrics(run_dir, {"iteration": iteration, "stage": stage, **result})
             state["finished"].append(name)
             write_state(run_dir, state)
             shown = {k: (len(set(v)) if k == "actor_nodes" else v) for k, v in result.items()}
             console.print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in shown.items()) + f" -> {out_dir}")
+        if "train" in stages:
+            policy_path, policy_name = str(it_dir / "policy"), f"iter-{iteration}/policy"
+        summary |= iteration_summary(run_dir, iteration)
+        if f"iter-{iteration}/summary" not in state["finished"]:
+            log_metrics(run_dir, summary)
+            write_tensorboard(run_dir, summary)
+            state["finished"].append(f"iter-{iteration}/summary")
+            write_state(run_dir, state)
     return run_dir
 
 
 def _complete(dataset_dir: Path) -> bool:
+    if (dataset_dir / "config.json").is_file():  # a policy checkpoint, renamed into place when complete
+        return True
     try:
         read_manifest(dataset_dir)
         return True
     except DatasetError:
         return False
+
+
+SUMMARY_KEYS = {"generate": ("fidelity_",), "pairs": ("rows",), "train": (
+    "loss_first", "loss_mean", "reward_margin_mean", "accuracy_mean", "dropped_too_long", "steps")}
+
+
+def iteration_summary(run_dir: Path, iteration: int) -> dict:
+    """One iteration's headline metrics and phase timings, from its stage records in metrics.jsonl."""
+    from rayalign.data.inspect import read_metrics
+
+    out = {}
+    for record in read_metrics(run_dir):
+        stage = record.get("stage")
+        if record.get("iteration") != iteration or stage == "iteration":
+            continue
+        out[f"seconds_{stage}"] = record.get("wall_seconds")
+        for key, value in record.items():
+            if any(key.startswith(prefix) for prefix in SUMMARY_KEYS.get(stage, ())):
+                out[f"pairs_{key}" if stage == "pairs" else key] = value
+    return out
+
+
+def write_tensorboard(run_dir: Path, summary: dict) -> None:
+    """Iteration metrics as TensorBoard scalars, when tensorboard is installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return
+    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
+        for key, value in summary.items():
+            if isinstance(value, (int, float)) and key != "iteration":
+                writer.add_scalar(key, value, summary["iteration"])
 
 
 def _model_build_progress():

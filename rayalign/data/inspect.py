@@ -70,3 +70,16 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def iteration_table(metrics: list[dict]) -> pl.DataFrame | None:
+    """One row per finished iteration: training loss and reward margins, pair accuracy, language fidelity per
+    language and phase timings (the `iteration` records of metrics.jsonl)."""
+    rows = [m for m in metrics if m.get("stage") == "iteration"]
+    if not rows:
+        return None
+    columns = ["iteration", "policy", "pairs_rows", "loss_first", "loss_mean", "reward_margin_mean", "accuracy_mean"]
+    columns += sorted({k for r in rows for k in r if k.startswith("fidelity_")})
+    columns += [k for k in ("seconds_generate", "seconds_score", "seconds_pairs", "seconds_train")
+                if any(k in r for r in rows)]
+    return pl.DataFrame([{c: r.get(c) for c in columns} for r in rows], schema_overrides={"policy": pl.String})
