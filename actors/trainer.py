@@ -212,7 +212,7 @@ class TrainerActor:
         dist.barrier()
 
     def parameters(self) -> dict:
-        """Full parameters as numpy arrays (for tests and weight sync; gathered under ZeRO-3)."""
+        """Full parameters as numpy arrays (for tests and weight sync); under ZeRO-3 every rank must call it."""
         import deepspeed
 
         out = {}
@@ -276,7 +276,7 @@ class TrainerGroup:
         return self._all("state")
 
     def parameters(self) -> dict:
-        return ray.get(self.actors[0].parameters.remote())
+        return self._all("parameters")[0]  # every rank takes part in the ZeRO-3 gathers
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group
