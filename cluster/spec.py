@@ -1,18 +1,22 @@
-"""Cluster specs (shipped by name, or a user's YAML by path) and starting or joining Ray."""
+"""Cluster specs (shipped by name, or a user's YAML by path), starting or joining Ray, and checking that the
+Ray cluster matches the spec. Memory is in GB (1e9 bytes) throughout, as the planner counts it."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 SPEC_DIR = Path(__file__).parent
+GB = 1e9
 
 
 class ClusterError(ValueError):
-    """A cluster spec that cannot be used; the message names the file and field."""
+    """A cluster spec that cannot be used, or a Ray cluster that does not match it; the message says where."""
 
 
 @dataclass
@@ -22,22 +26,24 @@ class ClusterSpec:
     cpus_per_node: int
     gpus_per_node: int
     gpu_type: str
+    gpu_memory_gb: float
     memory_gb_per_node: float
     description: str = ""
     source: str = ""
+    auto_fields: tuple[str, ...] = ()  # fields given as 'auto': measured where the spec runs, never checked
+
+    @property
+    def total_gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def summary(self) -> str:
+        gpus = f"{self.gpus_per_node} x {self.gpu_type} ({self.gpu_memory_gb:g} GB)" if self.gpus_per_node else \
+            "no GPUs"
+        return f"{self.name}: {self.nodes} x [{gpus}, {self.cpus_per_node} CPUs, {self.memory_gb_per_node:g} GB]"
 
 
 def shipped_specs() -> list[str]:
-    return sorted(p.stem for p in SPEC_DIR.glob("*.yaml"))
-
-
-def _auto(value, measured, key: str, where: str, kind):
-    if value == "auto":
-        return measured()
-    if not isinstance(value, kind) or isinstance(value, bool) or value < 0:
-        expected = "number" if isinstance(kind, tuple) else "integer"
-        raise ClusterError(f"{where}: {key} expected a non-negative {expected} or 'auto', got {value!r}")
-    return value
+    return sorted(p.stem for p in SPEC_DIR.glob("*.yaml") if p.stem != "models")
 
 
 def _gpu_count() -> int:
@@ -49,16 +55,45 @@ def _gpu_count() -> int:
         return 0
 
 
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
+def _gpu_memory_gb() -> float:
+    import torch
+
+    return round(torch.cuda.get_device_properties(0).total_memory / GB, 1)
+
+
 def _memory_gb() -> float:
-    return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB, 1)
+
+
+# field: (type check, expected, minimum, measure for 'auto'); gpu_type and gpu_memory_gb are measured after gpus
+FIELDS = {
+    "nodes": (int, "an integer >= 1", 1, lambda: 1),
+    "cpus_per_node": (int, "an integer >= 1", 1, os.cpu_count),
+    "gpus_per_node": (int, "an integer >= 0", 0, _gpu_count),
+    "gpu_memory_gb": ((int, float), "a number >= 0", 0, None),
+    "memory_gb_per_node": ((int, float), "a number > 0", 1e-9, _memory_gb),
+}
+
+
+def _number(path: Path, key: str, value):
+    kind, expected, minimum, _ = FIELDS[key]
+    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
+        raise ClusterError(f"{path}: {key}: expected {expected} or 'auto', got {value!r}")
+    return value
 
 
 def load_cluster_spec(name_or_path: str) -> ClusterSpec:
-    """A shipped spec by name (`local`, ...) or a YAML spec by path."""
+    """A shipped spec by name (`local`, `a100x8`, ...) or a YAML spec by path; every field is checked."""
     path = Path(name_or_path)
     if not path.suffix:
         path = SPEC_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
+        if not path.is_file() or name_or_path == "models":
             raise ClusterError(f"unknown cluster {name_or_path!r} (shipped: {', '.join(shipped_specs())}; "
                                "or give the path of a YAML spec)")
     if not path.is_file():
@@ -68,47 +103,134 @@ def load_cluster_spec(name_or_path: str) -> ClusterSpec:
     except yaml.YAMLError as e:
         raise ClusterError(f"{path}: malformed YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ClusterError(f"{path}: expected a mapping")
-    known = {"name", "description", "nodes", "cpus_per_node", "gpus_per_node", "gpu_type", "memory_gb_per_node"}
+        raise ClusterError(f"{path}: expected a mapping of spec fields, got {type(data).__name__}")
+    known = {"name", "description", "gpu_type", *FIELDS}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ClusterError(f"{path}: unknown key {unknown[0]!r} (expected one of: {', '.join(sorted(known))})")
+        raise ClusterError(f"{path}: {unknown[0]}: unknown key (expected one of: {', '.join(sorted(known))})")
     missing = sorted(known - {"description"} - set(data))
     if missing:
-        raise ClusterError(f"{path}: missing key {missing[0]!r}")
-    where = str(path)
-    nodes = _auto(data["nodes"], lambda: 1, "nodes", where, int)
-    if nodes < 1:
-        raise ClusterError(f"{path}: nodes expected >= 1, got {nodes}")
-    gpus = _auto(data["gpus_per_node"], _gpu_count, "gpus_per_node", where, int)
-    gpu_type = data["gpu_type"]
+        raise ClusterError(f"{path}: {missing[0]}: missing key")
+    for key in ("name", "description", "gpu_type"):
+        if key in data and not (isinstance(data[key], str) and (data[key].strip() or key == "description")):
+            raise ClusterError(f"{path}: {key}: expected a non-empty string, got {data[key]!r}")
+
+    values, auto = {}, []
+    for key in ("nodes", "cpus_per_node", "gpus_per_node", "memory_gb_per_node"):
+        if data[key] == "auto":
+            values[key], auto = FIELDS[key][3](), [*auto, key]
+        else:
+            values[key] = _number(path, key, data[key])
+    gpus = values["gpus_per_node"]
+    gpu_type, gpu_memory = data["gpu_type"], data["gpu_memory_gb"]
     if gpu_type == "auto":
-        gpu_type = "none" if gpus == 0 else __import__("torch").cuda.get_device_name(0)
-    return ClusterSpec(
-        name=str(data["name"]), nodes=nodes,
-        cpus_per_node=_auto(data["cpus_per_node"], os.cpu_count, "cpus_per_node", where, int),
-        gpus_per_node=gpus, gpu_type=str(gpu_type),
-        memory_gb_per_node=float(_auto(data["memory_gb_per_node"], _memory_gb, "memory_gb_per_node", where,
-                                       (int, float))),
-        description=str(data.get("description", "")), source=str(path),
-    )
+        gpu_type, auto = (_gpu_name() if gpus else "none"), [*auto, "gpu_type"]
+    if gpu_memory == "auto":
+        gpu_memory, auto = (_gpu_memory_gb() if gpus else 0.0), [*auto, "gpu_memory_gb"]
+    gpu_memory = _number(path, "gpu_memory_gb", gpu_memory)
+    if gpus and "gpus_per_node" not in auto:
+        if gpu_type.lower() == "none":
+            raise ClusterError(f"{path}: gpu_type: gpus_per_node is {gpus}, so name the GPU (e.g. A100-80GB), got "
+                               f"{gpu_type!r}")
+        if not gpu_memory:
+            raise ClusterError(f"{path}: gpu_memory_gb: gpus_per_node is {gpus}, so give each GPU's memory in GB "
+                               "(e.g. 80), got 0")
+    if not gpus and "gpus_per_node" not in auto and (gpu_memory or gpu_type.lower() != "none"):
+        raise ClusterError(f"{path}: gpus_per_node: 0, but gpu_type {gpu_type!r} / gpu_memory_gb {gpu_memory!r} "
+                           "describe GPUs (set gpu_type: none and gpu_memory_gb: 0, or give gpus_per_node)")
+    return ClusterSpec(name=data["name"], gpu_type=gpu_type, gpu_memory_gb=float(gpu_memory),
+                       nodes=values["nodes"], cpus_per_node=values["cpus_per_node"], gpus_per_node=gpus,
+                       memory_gb_per_node=float(values["memory_gb_per_node"]),
+                       description=data.get("description", ""), source=str(path), auto_fields=tuple(auto))
 
 
-def connect(spec: ClusterSpec, address: str | None = None) -> dict:
-    """Join the Ray cluster at `address` (or RAY_ADDRESS), or start a local one for the local spec.
+# ---- the running Ray cluster ----
 
-    Returns the cluster's resources. Reuses an already initialised Ray in this process.
+def alive_node_resources() -> list[dict]:
+    """Each alive Ray node's resources (CPU, GPU, memory in bytes, accelerator_type:<T>)."""
+    import ray
+
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
+def _worker_nodes(nodes: list[dict]) -> list[dict]:
+    """The nodes a spec describes: those with GPUs when any has one (a CPU-only head is left out), else all."""
+    return [n for n in nodes if n.get("GPU", 0) > 0] or nodes
+
+
+def _accelerator_types(nodes: list[dict]) -> set[str]:
+    return {key.split(":", 1)[1] for n in nodes for key in n if key.startswith("accelerator_type:")}
+
+
+def _gpu_family(name: str) -> str:
+    """'A100-80GB', 'NVIDIA A100-SXM4-80GB' and Ray's 'A100' all name the A100 family."""
+    return name.replace("NVIDIA", "").strip().split("-")[0].split()[0].upper() if name.strip() else ""
+
+
+def check_cluster(spec: ClusterSpec, node_resources: list[dict], allow_mismatch: bool = False) -> list[str]:
+    """Compare the Ray cluster's nodes (`alive_node_resources()`) with the spec: GPU nodes, GPUs and CPUs per
+    node, accelerator type. Raises ClusterError listing the differences unless `allow_mismatch` (then warns).
+
+    Fields the spec gives as 'auto' describe whatever it runs on and are not compared. Returns the differences.
+    """
+    nodes = _worker_nodes(node_resources)
+    kind = "GPU nodes" if spec.gpus_per_node else "nodes"
+    found = {"nodes": len(nodes), "gpus_per_node": sorted({int(n.get("GPU", 0)) for n in nodes}),
+             "cpus_per_node": min((int(n.get("CPU", 0)) for n in nodes), default=0)}
+    mismatches = []
+    if "nodes" not in spec.auto_fields and found["nodes"] != spec.nodes:
+        mismatches.append(f"{spec.nodes} {kind} in the spec, {found['nodes']} in the cluster")
+    if "gpus_per_node" not in spec.auto_fields and found["gpus_per_node"] != [spec.gpus_per_node]:
+        mismatches.append(f"{spec.gpus_per_node} GPUs per node in the spec, "
+                          f"{'/'.join(map(str, found['gpus_per_node']))} in the cluster")
+    if "cpus_per_node" not in spec.auto_fields and found["cpus_per_node"] < spec.cpus_per_node:
+        mismatches.append(f"{spec.cpus_per_node} CPUs per node in the spec, {found['cpus_per_node']} in the cluster")
+    types = _accelerator_types(nodes)
+    if spec.gpus_per_node and "gpu_type" not in spec.auto_fields and types and \
+            _gpu_family(spec.gpu_type) not in {_gpu_family(t) for t in types}:
+        mismatches.append(f"GPU type {spec.gpu_type} in the spec, {', '.join(sorted(types))} in the cluster")
+    if mismatches:
+        message = (f"the Ray cluster does not match cluster spec {spec.name} ({spec.source}): " + "; ".join(mismatches))
+        if not allow_mismatch:
+            raise ClusterError(message + " (use the spec of this cluster, or --allow-mismatch to run anyway)")
+        print(f"warning: {message}; running anyway (--allow-mismatch)", file=sys.stderr)
+    return mismatches
+
+
+def running_cluster_spec(spec: ClusterSpec, node_resources: list[dict] | None = None) -> ClusterSpec:
+    """The spec with its 'auto' fields read from the connected Ray cluster (the local spec joined to a cluster
+    describes that cluster); other specs come back as they are."""
+    if not spec.auto_fields:
+        return spec
+    nodes = _worker_nodes(node_resources if node_resources is not None else alive_node_resources())
+    gpus = min(int(n.get("GPU", 0)) for n in nodes)
+    types = sorted(_accelerator_types(nodes))
+    measured = {"nodes": len(nodes), "cpus_per_node": min(int(n.get("CPU", 0)) for n in nodes),
+                "gpus_per_node": gpus, "memory_gb_per_node": round(min(n.get("memory", 0) for n in nodes) / GB, 1),
+                "gpu_type": types[0] if types else spec.gpu_type if gpus else "none",
+                "gpu_memory_gb": spec.gpu_memory_gb if gpus else 0.0}
+    return dataclasses.replace(spec, **{key: measured[key] for key in spec.auto_fields})
+
+
+def connect(spec: ClusterSpec, address: str | None = None, allow_mismatch: bool = False) -> dict:
+    """Join the Ray cluster at `address` (or RAY_ADDRESS), or start a local one for the local spec, and check
+    the cluster against the spec (`check_cluster`).
+
+    Returns the cluster's resources. A Ray already initialised in this process (a notebook, a test harness, an
+    earlier call) is taken as it is, unchecked.
     """
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        elif spec.name == "local":
-            ray.init(num_cpus=spec.cpus_per_node, num_gpus=spec.gpus_per_node, include_dashboard=False,
-                     log_to_driver=False)
-        else:
-            raise ClusterError(f"cluster {spec.name!r} runs on an existing Ray cluster: pass --address or set "
-                               "RAY_ADDRESS (use --cluster local on one machine)")
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    elif spec.name == "local":
+        ray.init(address="local", num_cpus=spec.cpus_per_node, num_gpus=spec.gpus_per_node,
+                 include_dashboard=False, log_to_driver=False)  # a new instance even if another runs here
+    else:
+        raise ClusterError(f"cluster {spec.name!r} runs on an existing Ray cluster: pass --address or set "
+                           "RAY_ADDRESS (use --cluster local on one machine)")
+    check_cluster(spec, alive_node_resources(), allow_mismatch)
     return ray.cluster_resources()

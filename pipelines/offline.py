@@ -467,12 +467,16 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
         stages = tuple(st for st in stages if st in ("pairs", "train"))
     run_dir = Path(run_dir or cfg.resolved_run_dir())
     spec = load_cluster_spec(cluster)
-    prompts = load_prompts(cfg.prompts.path, cfg.languages, limit=cfg.prompts.limit,
-                           system_prompt=cfg.prompts.system_prompt)
+    prompts = None
+    if "generate" in stages:
+        prompts = load_prompts(cfg.prompts.path, cfg.languages, limit=cfg.prompts.limit,
+                               system_prompt=cfg.prompts.system_prompt)
     state = prepare_run_dir(cfg, run_dir)
-    console.print(f"run {cfg.name}: {prompts.num_rows} prompt rows ({prompts.num_rows // len(cfg.languages)} ids x "
-                  f"{len(cfg.languages)} languages), n={cfg.sampling.n}, {cfg.engines.count} {cfg.engines.backend} "
-                  f"engine(s), {cfg.iterations} iteration(s) of {', '.join(stages)} on cluster {spec.name} -> {run_dir}")
+    source = (f"{prompts.num_rows} prompt rows ({prompts.num_rows // len(cfg.languages)} ids x {len(cfg.languages)} "
+              f"languages), n={cfg.sampling.n}, {cfg.engines.count} {cfg.engines.backend} engine(s)"
+              if prompts is not None else f"{len(cfg.languages)} languages")
+    console.print(f"run {cfg.name}: {source}, {cfg.iterations} iteration(s) of {', '.join(stages)} on cluster "
+                  f"{spec.name} -> {run_dir}")
     initial_path = resolve_model_path(cfg.policy.path, progress=_model_build_progress())
     connect(spec, address)
 

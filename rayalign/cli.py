@@ -29,6 +29,7 @@ def _user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from rayalign.cluster.planner import PlanError
         from rayalign.cluster.spec import ClusterError
         from rayalign.config import ConfigError
         from rayalign.data.prompts import PromptError
@@ -37,7 +38,7 @@ def _user_errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, PromptError, DatasetError, ModelLoadError, ClusterError) as e:
+        except (ConfigError, PromptError, DatasetError, ModelLoadError, ClusterError, PlanError) as e:
             raise UserError(str(e)) from None
 
     return wrapper
@@ -61,28 +62,110 @@ def main():
     """
 
 
+CLUSTER_HELP = "cluster spec: a shipped name (local, a100x8, a100x64, h100x16, h200x8) or the path of a spec YAML"
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--cluster", default="local", show_default=True,
-              help="cluster spec: a shipped name (local, ...) or the path of a spec YAML")
+@click.option("--cluster", default="local", show_default=True, help=CLUSTER_HELP)
 @click.option("-o", "--override", "overrides", multiple=True, help=OVERRIDE_HELP)
 @click.option("--run-dir", type=click.Path(file_okay=False), help="run directory (default: runs/<name>)")
 @click.option("--address", help="join the Ray cluster at this address (default: $RAY_ADDRESS, or start one)")
+@click.option("--dry-run", is_flag=True, help="print the placement plan and exit; starts nothing")
+@click.option("--allow-mismatch", is_flag=True, help="run even when the Ray cluster differs from the spec (warns)")
 @_user_errors
-def launch(recipe, cluster, overrides, run_dir, address):
+def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch):
     """Run a recipe's stages for every iteration into a run directory.
 
-    Re-running with the same recipe and run directory resumes: finished stages and shards are kept.
+    Plans the recipe on the cluster spec first (see `rayalign plan`), checks the Ray cluster against the
+    spec, and saves the plan as <run-dir>/plan.json. Re-running with the same recipe and run directory
+    resumes: finished stages and shards are kept.
 
     \b
     Example:
       rayalign launch --cluster local examples/quickstart.yaml -o sampling.n=2
+      rayalign launch --cluster a100x64 --dry-run examples/lacomsa-llama3-8b.yaml
     """
+    from rayalign.cluster import connect, load_cluster_spec
+    from rayalign.cluster.planner import plan, save_plan
+    from rayalign.cluster.spec import running_cluster_spec
     from rayalign.pipelines import offline
 
     cfg = _load(recipe, overrides)
+    spec = load_cluster_spec(cluster)
+    if dry_run:
+        console.print(plan(cfg, spec, strict=True).table())
+        return
+    connect(spec, address, allow_mismatch=allow_mismatch)
+    run_plan = plan(cfg, running_cluster_spec(spec), strict=True)
+    err.print(run_plan.table())
+    save_plan(run_plan, Path(run_dir) if run_dir else cfg.resolved_run_dir())
     out = offline.run(cfg, Path(run_dir) if run_dir else None, cluster=cluster, address=address)
     console.print(f"done: {out}  (see `rayalign inspect {out}`)")
+
+
+@main.command("plan")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--cluster", default="local", show_default=True, help=CLUSTER_HELP)
+@click.option("-o", "--override", "overrides", multiple=True, help=OVERRIDE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="print the plan as JSON (as launch saves it in plan.json)")
+@_user_errors
+def plan_cmd(recipe, cluster, overrides, as_json):
+    """Show how a recipe's phases map onto a cluster: actors, placement, memory per GPU.
+
+    Exits with code 2 and the reason when the recipe does not fit (say, a 70B model at tensor parallel
+    size 1 on 80 GB GPUs). On a CPU-only spec a GPU recipe is previewed as CPU actors, with its problems.
+
+    \b
+    Example:
+      rayalign plan --cluster a100x64 examples/lacomsa-llama3-8b.yaml
+      rayalign plan --cluster a100x8 examples/icr-llama3-8b.yaml -o engines.tensor_parallel_size=2 -o engines.num_gpus=2
+    """
+    import json
+
+    from rayalign.cluster import load_cluster_spec
+    from rayalign.cluster.planner import plan
+
+    result = plan(_load(recipe, overrides), load_cluster_spec(cluster))
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        console.print(result.table())
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--address", envvar="RAY_ADDRESS", default="http://127.0.0.1:8265", show_default=True,
+              help="the Ray cluster's dashboard (default: $RAY_ADDRESS)")
+@click.option("--working-dir", default=".", show_default=True, type=click.Path(exists=True, file_okay=False),
+              help="directory uploaded as the job's working directory (runs/ and caches excluded)")
+@click.option("--pip", multiple=True, help="a pip requirement the job's runtime environment installs (repeatable)")
+@click.option("--env", "env_vars", multiple=True, help="KEY=VALUE environment variable for the job (repeatable)")
+@click.option("--wait", is_flag=True, help="wait for the job and stream its logs")
+@_user_errors
+def submit(command, address, working_dir, pip, env_vars, wait):
+    """Run a rayalign command as a Ray Job on a running cluster.
+
+    Everything after `--` is the rayalign command the job runs; the working directory is uploaded.
+
+    \b
+    Example:
+      rayalign submit --address http://head:8265 --pip 'rayalign[gpu]' --wait -- \\
+        launch --cluster a100x64 examples/lacomsa-llama3-8b.yaml
+    """
+    from rayalign.cluster.submit import job_spec, submit as submit_job
+
+    env = {}
+    for item in env_vars:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--env {item!r}: expected KEY=VALUE")
+        env[key] = value
+    spec = job_spec(list(command), working_dir, pip=list(pip), env=env)
+    job_id, status = submit_job(address, spec, wait=wait, echo=lambda text, end="": click.echo(text, nl=False))
+    console.print(f"job {job_id}: {status}")
+    if wait and status != "SUCCEEDED":
+        sys.exit(1)
 
 
 def _stage_command(stage: str, summary: str, example: str):
@@ -140,6 +223,12 @@ def rescore(scores, output, recipe, overrides):
     console.print(f"done: {output} ({manifest['rows']} rows)")
 
 
+ITERATION_HEADERS = {"policy": "generating policy", "pairs_rows": "pairs", "loss_first": "loss, first step",
+                     "loss_mean": "loss, mean", "reward_margin_mean": "reward margin, mean",
+                     "accuracy_mean": "pair accuracy, mean", "seconds_generate": "generate s",
+                     "seconds_score": "score s", "seconds_pairs": "pairs s", "seconds_train": "train s"}
+
+
 @main.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @_user_errors
@@ -151,7 +240,7 @@ def inspect(path):
       rayalign inspect runs/quickstart
       rayalign inspect runs/quickstart/iter-1/samples
     """
-    from rayalign.data.inspect import dataset_summary, find_datasets, read_metrics
+    from rayalign.data.inspect import dataset_summary, find_datasets, iteration_table, read_metrics
 
     path = Path(path)
     datasets = find_datasets(path)
@@ -169,10 +258,18 @@ def inspect(path):
     metrics = read_metrics(path)
     if metrics:
         table = Table("iteration", "stage", "seconds", "samples/s", "tokens/s", "retries")
-        for m in metrics:
+        for m in (m for m in metrics if m.get("stage") != "iteration"):
             table.add_row(str(m.get("iteration")), m.get("stage", ""), str(m.get("wall_seconds", m.get("seconds"))),
                           str(m.get("samples_per_s", "")), str(m.get("tokens_per_s", "")), str(m.get("retries", "")))
         console.print(table)
+        iterations = iteration_table(metrics)
+        if iterations is not None:
+            table = Table("metric", *(f"iter {i}" for i in iterations["iteration"]), title="iterations")
+            for column in iterations.columns[1:]:
+                label = ITERATION_HEADERS.get(column) or f"fidelity {column.removeprefix('fidelity_')}"
+                table.add_row(label, *("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+                                       for v in iterations[column]))
+            console.print(table)
 
 
 @main.command()

@@ -85,6 +85,8 @@ class EnginesConfig:
     num_cpus: float = _field(1.0, help="CPUs reserved per generation actor (sets its torch threads)", gt=0.0)
     num_gpus: float = _field(0.0, help="GPUs reserved per generation actor", ge=0.0)
     tensor_parallel_size: int = _field(1, help="GPUs per engine for tensor parallelism (vllm)", ge=1)
+    gpu_memory_utilization: float = _field(0.9, help="share of each GPU a vllm engine may use (weights + KV cache)",
+                                           gt=0.0, le=1.0)
 
 
 @dataclass

@@ -67,7 +67,8 @@ def encode_dataset(table: pa.Table, schema: str, tokenizer, *, max_length: int, 
     """Tokenize every row's sequences; rows with a sequence over `max_length` tokens are left out and counted."""
     layout = SEQUENCES[schema]
     columns = table.to_pydict()
-    missing = [c for spec in layout for c in spec if c and c not in columns]
+    required = [c for p, r, ref, _ in layout for c in (p, r, ref if needs_reference else None) if c]
+    missing = [c for c in required + ["prompt_id", "lang_2" if schema == "dco" else "lang"] if c not in columns]
     if missing:
         raise TrainingDataError(f"{source}: not a {schema} dataset, missing column {missing[0]!r}")
     prompt_cache: dict[str, list[int]] = {}
@@ -80,7 +81,7 @@ def encode_dataset(table: pa.Table, schema: str, tokenizer, *, max_length: int, 
             key = repr(messages)
             prompt, response = encode_response(tokenizer, messages, _response_text(columns[response_col][i], where))
             prompt = prompt_cache.setdefault(key, prompt)
-            scored = columns[tokens_col][i] if tokens_col else None
+            scored = columns[tokens_col][i] if tokens_col in columns else None
             if scored is not None and scored != len(response):
                 raise TrainingDataError(f"{where}: the response encodes to {len(response)} tokens, but it was scored "
                                         f"with {scored} ({tokens_col}); the reference log-probs belong to another "
@@ -99,7 +100,8 @@ def encode_dataset(table: pa.Table, schema: str, tokenizer, *, max_length: int, 
                                 f"({dropped} of {table.num_rows} are longer)" if dropped else f"{source}: no rows")
     values = {}
     for _, _, ref_col, _ in layout:
-        values[ref_col] = np.array([np.nan if columns[ref_col][i] is None else columns[ref_col][i] for i in keep])
+        refs = columns.get(ref_col, [None] * table.num_rows)
+        values[ref_col] = np.array([np.nan if refs[i] is None else refs[i] for i in keep], dtype=np.float64)
     if schema == "kto":
         values["label"] = np.array([columns["label"][i] for i in keep], dtype=np.float64)
     if schema == "dco":

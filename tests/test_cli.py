@@ -41,7 +41,7 @@ def test_launch_writes_a_valid_samples_dataset(launched):
     counts = df.group_by("prompt_id", "lang").len()
     assert counts.height == 12 and counts["len"].to_list() == [2] * 12
     assert (run_dir / "config.yaml").is_file() and json.loads((run_dir / "state.json").read_text())["finished"] == [
-        "iter-1/generate"]
+        "iter-1/generate", "iter-1/summary"]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["stage"] == "generate" and metrics[0]["samples"] == 24 and metrics[0]["samples_per_s"] > 0
     manifest = json.loads((samples / "manifest.json").read_text())
@@ -95,7 +95,8 @@ def test_interrupted_generation_redoes_only_missing_shards(launched, tmp_path):
     assert (samples / "part-00000.parquet").stat().st_mtime_ns == kept
     assert read_dataset(samples).equals(full)
     metrics = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["resumed_shards"] == 2 and metrics[-1]["new_samples"] == 8
+    generate = [m for m in metrics if m["stage"] == "generate"]
+    assert generate[-1]["resumed_shards"] == 2 and generate[-1]["new_samples"] == 8
 
 
 def test_changed_config_is_refused_for_the_same_run_dir(launched):

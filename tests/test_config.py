@@ -117,3 +117,28 @@ def test_shipped_recipes_are_valid():
     assert recipes
     for recipe in recipes:
         load_config(recipe)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["iterations=2"], "iterations: 2 needs training.loss"),
+    (["training.loss=dpo", "pairs.method=null"], "training.loss: dpo needs preference data"),
+    (["training.loss=kto", "pairs.method=lacomsa", "rewards.latent.enabled=true"],
+     "training.loss: kto does not fit pairs.method lacomsa; use pairs.method kto"),
+    (["training.loss=dpo", "pairs.method=dco", "rewards.consistency.enabled=true",
+      "rewards.consistency.candidates_path=x"], "training.loss: dpo does not fit pairs.method dco"),
+    (["training.loss=ipo", "pairs.method=lacomsa", "rewards.latent.enabled=true", "training.batch_alignment=true"],
+     "batch_alignment: works with loss dpo or orpo"),
+    (["training.loss=dpo", "pairs.method=lacomsa", "rewards.latent.enabled=true", "training.batch_alignment=true",
+      "training.micro_batch_size=4"], r"global batch .* = 4\) must be a multiple of the 5 languages"),
+    (["training.loss=simpo", "training.backend=openrlhf", "pairs.method=lacomsa", "rewards.latent.enabled=true"],
+     "openrlhf trains dpo, ipo or cdpo"),
+])
+def test_training_settings_that_cannot_work_are_refused(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, overrides)
+
+
+def test_batch_alignment_accepts_whole_groups():
+    cfg = load_config(None, ["training.loss=orpo", "pairs.method=lacomsa", "rewards.latent.enabled=true",
+                             "training.batch_alignment=true", "training.micro_batch_size=5", "iterations=3"])
+    assert cfg.training.batch_alignment and cfg.iterations == 3

@@ -30,7 +30,8 @@ SCRIPT = textwrap.dedent("""
         "launch", "examples/quickstart.yaml", "--run-dir", run_dir, "--address", cluster.address,
         "-o", f"policy.path={model}", "-o", "prompts.limit=4", "-o", "sampling.max_new_tokens=8",
         "-o", "engines.count=4", "-o", "engines.num_gpus=1", "-o", "engines.shard_rows=2",
-        "-o", "rewards.actors=4", "-o", "rewards.num_gpus=1"], catch_exceptions=False)
+        "-o", "rewards.actors=4", "-o", "rewards.num_gpus=1", "-o", "iterations=1",
+        "-o", "training.micro_batch_size=2", "-o", "training.gradient_accumulation=1"], catch_exceptions=False)
     print(json.dumps({"exit": result.exit_code, "gpu_nodes": nodes, "output": result.output[-2000:]}))
     ray.shutdown()
     cluster.shutdown()
@@ -49,3 +50,4 @@ def test_quickstart_on_four_simulated_nodes(tmp_path, tiny_model):
         # one actor per GPU node, as planned: SPREAD over the four nodes that hold GPUs
         assert sorted(metrics[stage]["actor_nodes"]) == report["gpu_nodes"], stage
     assert (run_dir / "iter-1" / "pairs" / "manifest.json").is_file()
+    assert len(metrics["train"]["actor_nodes"]) == 1 and (run_dir / "iter-1" / "policy" / "config.json").is_file()

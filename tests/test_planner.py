@@ -1,0 +1,256 @@
+"""Cluster specs, the Ray-cluster check and the placement planner: pure, no Ray, no model built."""
+
+import json
+
+import pytest
+import yaml
+
+from conftest import REPO
+from rayalign.cluster.planner import (
+    MODELS_FILE, PlanError, count_parameters, model_info, plan, save_plan, zero_memory_gb,
+)
+from rayalign.cluster.spec import (
+    ClusterError, check_cluster, load_cluster_spec, running_cluster_spec, shipped_specs,
+)
+from rayalign.config import TINY_MODEL, load_config
+
+RECIPES = sorted(str(p.relative_to(REPO)) for p in (REPO / "examples").glob("*.yaml"))
+LLAMA3_8B = 8_030_261_248
+LLAMA3_70B = 70_553_706_496
+GOOD_SPEC = dict(name="mine", nodes=2, cpus_per_node=32, gpus_per_node=8, gpu_type="A100-80GB", gpu_memory_gb=80,
+                 memory_gb_per_node=512)
+
+
+def recipe(name, *overrides):
+    return load_config(REPO / "examples" / name, overrides)
+
+
+# ---- specs ----
+
+def test_shipped_specs_load():
+    assert {"local", "a100x8", "a100x64", "h100x16", "h200x8"} <= set(shipped_specs())
+    assert "models" not in shipped_specs()
+    shapes = {name: (s.nodes, s.gpus_per_node, s.gpu_memory_gb)
+              for name in shipped_specs() if (s := load_cluster_spec(name))}
+    assert shapes["a100x8"] == (1, 8, 80) and shapes["a100x64"] == (8, 8, 80)
+    assert shapes["h100x16"] == (2, 8, 80) and shapes["h200x8"] == (1, 8, 141)
+    for name in shipped_specs():
+        spec = load_cluster_spec(name)
+        assert spec.cpus_per_node >= 1 and spec.memory_gb_per_node > 0
+    local = load_cluster_spec("local")
+    assert local.nodes == 1 and "gpus_per_node" in local.auto_fields and "nodes" in local.auto_fields
+
+
+def test_spec_by_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(GOOD_SPEC))
+    spec = load_cluster_spec(str(path))
+    assert spec.total_gpus == 16 and spec.source == str(path) and spec.auto_fields == ()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"nodes": 0}, "nodes: expected an integer >= 1"),
+    ({"nodes": "two"}, "nodes: expected an integer >= 1"),
+    ({"cpus_per_node": 2.5}, "cpus_per_node: expected an integer >= 1"),
+    ({"gpus_per_node": -1}, "gpus_per_node: expected an integer >= 0"),
+    ({"gpus_per_node": True}, "gpus_per_node: expected an integer >= 0"),
+    ({"gpu_memory_gb": -80}, "gpu_memory_gb: expected a number >= 0"),
+    ({"memory_gb_per_node": 0}, "memory_gb_per_node: expected a number > 0"),
+    ({"name": ""}, "name: expected a non-empty string"),
+    ({"gpu_type": 100}, "gpu_type: expected a non-empty string"),
+    ({"gpu_type": "none"}, "gpu_type: gpus_per_node is 8"),
+    ({"gpu_memory_gb": 0}, "gpu_memory_gb: gpus_per_node is 8"),
+    ({"gpus_per_node": 0}, "gpus_per_node: 0, but gpu_type 'A100-80GB'"),
+    ({"gpus": 8}, "gpus: unknown key"),
+    ({"memory_gb_per_node": None}, "memory_gb_per_node: expected a number > 0"),
+])
+def test_bad_spec_is_refused_naming_file_and_field(tmp_path, change, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**GOOD_SPEC, **change}))
+    with pytest.raises(ClusterError) as e:
+        load_cluster_spec(str(path))
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+
+
+def test_spec_file_problems(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(yaml.safe_dump({k: v for k, v in GOOD_SPEC.items() if k != "gpu_memory_gb"}))
+    with pytest.raises(ClusterError, match="gpu_memory_gb: missing key"):
+        load_cluster_spec(str(missing))
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ClusterError, match="expected a mapping"):
+        load_cluster_spec(str(tmp_path / "list.yaml"))
+    with pytest.raises(ClusterError, match="unknown cluster 'nowhere'.*a100x64"):
+        load_cluster_spec("nowhere")
+    with pytest.raises(ClusterError, match="unknown cluster 'models'"):
+        load_cluster_spec("models")
+
+
+# ---- the Ray cluster against the spec ----
+
+def ray_nodes(count, gpus, cpus=96, accelerator="A100", head=True):
+    worker = {"CPU": cpus, "GPU": gpus, "memory": 900e9, **({f"accelerator_type:{accelerator}": 1} if gpus else {})}
+    return [{"CPU": 8, "memory": 30e9}] * head + [dict(worker) for _ in range(count)]
+
+
+def test_check_cluster_matches_and_mismatches(capsys):
+    spec = load_cluster_spec("a100x64")
+    assert check_cluster(spec, ray_nodes(8, 8)) == []  # the CPU-only head node is not one of the spec's nodes
+    with pytest.raises(ClusterError) as e:
+        check_cluster(spec, ray_nodes(2, 4, accelerator="H100"))
+    message = str(e.value)
+    assert "8 GPU nodes in the spec, 2 in the cluster" in message and "8 GPUs per node in the spec, 4" in message
+    assert "GPU type A100-80GB in the spec, H100" in message and "--allow-mismatch" in message
+    assert len(check_cluster(spec, ray_nodes(2, 4), allow_mismatch=True)) == 2
+    assert "warning:" in capsys.readouterr().err
+    # auto fields (the local spec) describe whatever runs them: nothing to compare
+    assert check_cluster(load_cluster_spec("local"), ray_nodes(4, 2)) == []
+
+
+def test_local_spec_takes_the_shape_of_the_joined_cluster():
+    measured = running_cluster_spec(load_cluster_spec("local"), ray_nodes(4, 2, cpus=2, accelerator="H100"))
+    assert (measured.nodes, measured.gpus_per_node, measured.cpus_per_node, measured.gpu_type) == (4, 2, 2, "H100")
+    a100x8 = load_cluster_spec("a100x8")
+    assert running_cluster_spec(a100x8, ray_nodes(1, 4)) is a100x8  # a fixed spec is kept as written
+
+
+# ---- model sizes ----
+
+@pytest.mark.parametrize("name", yaml.safe_load(MODELS_FILE.read_text()))
+def test_models_yaml_parameters_match_the_architecture(name):
+    entry = yaml.safe_load(MODELS_FILE.read_text())[name]
+    assert count_parameters(entry) == entry["parameters"]
+
+
+def test_llama3_8b_by_hand():
+    # embeddings in and out: 2 x 128256 x 4096; per layer: q, o 4096^2 each, k, v 4096 x 1024 each,
+    # MLP 3 x 4096 x 14336, two norms; 32 layers; final norm
+    per_layer = 2 * 4096**2 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096
+    assert 2 * 128256 * 4096 + 32 * per_layer + 4096 == LLAMA3_8B
+    info = model_info("meta-llama/Meta-Llama-3-8B-Instruct")
+    assert info.parameters == LLAMA3_8B and info.num_kv_heads == 8 and info.head_dim == 128
+    assert info.kv_bytes_per_token(2) == 2 * 32 * 8 * 128 * 2  # K and V x layers x KV heads x head dim x bf16
+    assert info.kv_bytes_per_token(2, tensor_parallel_size=16) == 2 * 32 * 1 * 128 * 2  # replicated past 8 ranks
+    assert model_info("Qwen/Qwen2.5-7B-Instruct").parameters == 7_615_616_512
+    assert model_info("meta-llama/Meta-Llama-3-70B-Instruct").parameters == LLAMA3_70B
+
+
+def test_model_directory_is_read_from_config_and_safetensors_headers(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    config = {"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 10,
+              "intermediate_size": 16, "torch_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({"a": torch.zeros(3, 5), "b": torch.zeros(7)}, tmp_path / "model.safetensors")
+    info = model_info(str(tmp_path))
+    assert info.parameters == 22 and info.dtype_bytes == 2 and info.head_dim == 4  # from the headers, exact
+    (tmp_path / "model.safetensors").unlink()
+    assert model_info(str(tmp_path)).parameters == count_parameters(config)
+
+
+def test_tiny_model_is_sized_without_building_it(tmp_path, monkeypatch):
+    import rayalign.models
+
+    monkeypatch.setenv("RAYALIGN_CACHE", str(tmp_path))  # nothing cached here
+    monkeypatch.setattr(rayalign.models, "build_tiny_model", lambda *a, **k: pytest.fail("built the model"))
+    info = model_info(TINY_MODEL + "?train_steps=150")
+    assert info.num_layers == 4 and info.hidden_size == 128 and 0.5e6 < info.parameters < 2e6
+
+
+def test_unknown_model_is_a_plan_error():
+    with pytest.raises(PlanError, match="nobody/unknown-13b: unknown model size.*models.yaml"):
+        model_info("nobody/unknown-13b")
+
+
+# ---- plans ----
+
+@pytest.mark.parametrize("path", RECIPES)
+def test_every_shipped_recipe_plans_on_a100x64_and_local(path):
+    cfg = load_config(REPO / path)
+    big = plan(cfg, load_cluster_spec("a100x64"))
+    assert big.phases and big.problems == []
+    for phase in big.phases:
+        assert phase.actors >= 1 and 0 < phase.memory_gb["total"] <= (phase.capacity_gb or float("inf"))
+    local = plan(cfg, load_cluster_spec("local"))
+    assert all(p.device == "cpu" for p in local.phases)
+    if "quickstart" in path:  # the tiny recipes run here as written
+        assert local.problems == []
+    json.dumps(big.to_dict())
+
+
+def test_llama3_8b_memory_by_hand():
+    result = plan(recipe("lacomsa-llama3-8b.yaml", "training.loss=dpo", "training.num_gpus=1",
+                         "training.world_size=8", "training.zero_stage=2"), load_cluster_spec("a100x64"))
+    generate, score, train = result.phases
+    weights = LLAMA3_8B * 2 / 1e9  # 16.06 GB of bf16 weights at tensor parallel size 1
+    assert weights == pytest.approx(16.06, abs=0.01) and generate.memory_gb["weights"] == pytest.approx(weights)
+    kv_budget = 0.9 * 80 - weights  # vLLM takes 0.9 of the GPU; the rest of it after weights is KV cache
+    assert generate.memory_gb["kv_cache"] == pytest.approx(kv_budget)
+    assert f"{int(kv_budget * 1e9 // (2 * 32 * 8 * 128 * 2)):,} KV tokens" in generate.details  # 426,784
+    assert generate.placement.startswith("SPREAD, 8 of 8 nodes") and "8 of 64 GPUs" in generate.placement
+    assert score.memory_gb["weights"] == pytest.approx(weights)
+    # ZeRO-2 over 8 ranks: bf16 weights 2 B/param whole, grads 2 and fp32 Adam + master 12 sharded
+    assert train.memory_gb["weights"] + train.memory_gb["gradients"] + train.memory_gb["optimizer"] == \
+        pytest.approx(LLAMA3_8B * (2 + 14 / 8) / 1e9)
+    assert train.placement.startswith("PACK, 1 of 8 nodes")
+    assert sum(zero_memory_gb(LLAMA3_8B, 8, 3).values()) == pytest.approx(LLAMA3_8B * 16 / 8 / 1e9)
+    assert sum(zero_memory_gb(LLAMA3_8B, 8, 1).values()) == pytest.approx(LLAMA3_8B * (4 + 12 / 8) / 1e9)
+
+
+def test_70b_at_tensor_parallel_1_is_refused_with_the_reason():
+    with pytest.raises(PlanError) as e:
+        plan(recipe("lacomsa-llama3-8b.yaml", "policy.path=meta-llama/Meta-Llama-3-70B-Instruct"),
+             load_cluster_spec("a100x8"))
+    assert "141 GB of weights per GPU" in e.value.reason and "> the 72 GB" in e.value.reason
+    assert "engines.tensor_parallel_size >= 2" in e.value.suggestion
+    result = plan(recipe("lacomsa-llama3-8b.yaml", "policy.path=meta-llama/Meta-Llama-3-70B-Instruct",
+                         "engines.tensor_parallel_size=2", "engines.num_gpus=2", "engines.count=4",
+                         "rewards.num_gpus=4", "rewards.actors=2", "training.loss=null", "iterations=1"),
+                    load_cluster_spec("a100x8"))
+    generate = result.phase("generate")
+    assert generate.memory_gb["weights"] == pytest.approx(LLAMA3_70B * 2 / 2 / 1e9)
+    assert generate.gpus_per_actor == 2 and "STRICT_PACK bundle of 2 GPUs" in generate.placement
+
+
+@pytest.mark.parametrize("overrides, spec, message", [
+    (["engines.tensor_parallel_size=16", "engines.num_gpus=16"], "a100x8",
+     "tensor_parallel_size 16 > 8 GPUs per node"),
+    (["engines.count=65"], "a100x64", "set engines.count <= 64"),
+    (["rewards.actors=9"], "a100x8", "set rewards.actors <= 8"),
+    (["engines.num_cpus=200"], "a100x8", "set engines.num_cpus <= 96"),
+    (["training.loss=dpo", "training.num_gpus=1", "training.world_size=8", "training.zero_stage=0"], "a100x8",
+     "raise training.zero_stage"),
+])
+def test_what_does_not_fit_is_refused(overrides, spec, message):
+    with pytest.raises(PlanError, match=message.replace("(", r"\(")):
+        plan(recipe("lacomsa-llama3-8b.yaml", *overrides), load_cluster_spec(spec))
+
+
+def test_cpu_only_spec_previews_gpu_recipes_and_strict_refuses():
+    local = load_cluster_spec("local")
+    preview = plan(recipe("lacomsa-llama3-8b.yaml"), local)
+    assert any("engines.num_gpus is 1 but cluster local has no GPUs" in p for p in preview.problems)
+    with pytest.raises(PlanError, match="engines.num_gpus=0"):
+        plan(recipe("lacomsa-llama3-8b.yaml"), local, strict=True)
+    quickstart = plan(recipe("quickstart.yaml"), local, strict=True)
+    assert quickstart.phase("generate").device == "cpu" and quickstart.phase("generate").actors == 2
+
+
+def test_plan_table_and_saved_json(tmp_path):
+    from rich.console import Console
+
+    result = plan(recipe("icr-llama3-8b.yaml"), load_cluster_spec("h100x16"))
+    console = Console(width=120, record=True)
+    console.print(result.table())
+    text = console.export_text()
+    assert "vllm engine" in text and "reward_reference: princeton-nlp/Llama-3-Base-8B-SFT" in text
+    path = save_plan(result, tmp_path / "run")
+    saved = json.loads(path.read_text())
+    assert saved["cluster"]["name"] == "h100x16" and [p["phase"] for p in saved["phases"]][:2] == ["generate", "score"]
+    assert saved["models"]["policy"]["parameters"] == LLAMA3_8B
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "state.json").write_text(json.dumps({"config_hash": "another", "finished": []}))
+    assert save_plan(result, other) is None and not (other / "plan.json").exists()
+
