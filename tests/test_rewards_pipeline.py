@@ -211,7 +211,7 @@ def test_other_pair_methods_from_the_same_scores(rewards_run):
                                   ("reward_model", "pairs", []), ("user", "pairs", []), ("lidr", "pairs", [])):
         cfg = load_config(recipe, [f"pairs.method={method}", *extra])
         out = run_dir / "iter-1" / f"pairs-{method}"
-        pairs_stage(cfg, run_dir, cfg.policy.path, 1, out)
+        pairs_stage(cfg, run_dir, cfg.policy.path, cfg.policy.path, 1, out)
         table = read_dataset(out, schema)
         assert table.num_rows > 0, method
         if schema == "kto":
