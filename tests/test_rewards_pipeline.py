@@ -228,11 +228,14 @@ def test_icr_quickstart_recipe(tmp_path, tiny_model, weak_model, ray_session):
         "launch", str(REPO / "examples" / "quickstart-icr.yaml"), "--run-dir", str(run_dir),
         "-o", f"policy.path={tiny_model}", "-o", f"rewards.implicit.reward_reference.path={weak_model}",
         "-o", "languages=[en,de]", "-o", "prompts.limit=3", "-o", "sampling.max_new_tokens=10",
-        "-o", "engines.count=1", "-o", "rewards.actors=1"], catch_exceptions=False)
+        "-o", "engines.count=1", "-o", "rewards.actors=1", "-o", "training.micro_batch_size=2",
+        "-o", "training.gradient_accumulation=1"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     for name in ("samples", "scores", "pairs"):
         assert read_manifest(run_dir / "iter-1" / name)["rows"] > 0
     assert set(read_dataset(run_dir / "iter-1" / "pairs").column("method").to_pylist()) == {"icr"}
+    train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-2]
+    assert train["stage"] == "train" and train["objective"] == "dpo" and train["nll_first"] > 0  # DPO + NLL
 
 
 def test_dco_quickstart_recipe(tmp_path, tiny_model, ray_session):
@@ -250,6 +253,7 @@ def test_dco_quickstart_recipe(tmp_path, tiny_model, ray_session):
     assert t["ref_logp_chosen_2"] == logp[(t["prompt_id"], t["lang_2"], t["chosen_2"][0]["content"])]
     assert (t["gamma_12"], t["gamma_21"]) == (10.0, 0.1)
     assert not (run_dir / "iter-1" / "samples").exists()  # DCO learns from candidate sets
+    assert (run_dir / "iter-1" / "policy" / "config.json").is_file()
 
 
 def test_shipped_user_reward_file():

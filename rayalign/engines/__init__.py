@@ -60,7 +60,8 @@ def sample_seed(run_seed: int, iteration: int, prompt_id: str, lang: str, sample
 
 
 def create_engine(backend: str, model_path: str, *, dtype: str = "auto", device: str | None = None,
-                  batch_size: int = 32, trust_remote_code: bool = False, tensor_parallel_size: int = 1) -> Engine:
+                  batch_size: int = 32, trust_remote_code: bool = False, tensor_parallel_size: int = 1,
+                  gpu_memory_utilization: float = 0.9) -> Engine:
     if backend == "hf":
         from rayalign.engines.hf import HFEngine
 
@@ -72,5 +73,5 @@ def create_engine(backend: str, model_path: str, *, dtype: str = "auto", device:
         except ImportError as e:
             raise RuntimeError(f"engines.backend=vllm needs the gpu extra (pip install 'rayalign[gpu]'): {e}") from e
         return VLLMEngine(model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-                          trust_remote_code=trust_remote_code)
+                          trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization)
     raise ValueError(f"engines.backend: expected hf or vllm, got {backend!r}")
