@@ -24,12 +24,22 @@ class GenerationActor:
         torch.set_num_threads(max(1, int(engines.num_cpus)))
         self.engine = create_engine(engines.backend, model_path, dtype=model.dtype, batch_size=engines.batch_size,
                                     trust_remote_code=model.trust_remote_code,
-                                    tensor_parallel_size=engines.tensor_parallel_size)
+                                    tensor_parallel_size=engines.tensor_parallel_size,
+                                    gpu_memory_utilization=engines.gpu_memory_utilization)
 
-    def generate(self, prompts: pa.Table, sampling: SamplingConfig, iteration: int, policy: str) -> pa.Table:
-        from rayalign.generation import generate_samples
+    def generate(self, prompts: pa.Table, sampling: SamplingConfig, iteration: int,
+                 policy: str) -> tuple[pa.Table, pa.Table]:
+        """(samples, errors): prompt rows that fail by themselves are left out and named in `errors`."""
+        from rayalign.generation import generate_isolating
 
-        return generate_samples(self.engine, prompts, sampling, iteration, policy)
+        return generate_isolating(self.engine, prompts, sampling, iteration, policy)
+
+    def update_weights(self, named_tensors: dict) -> None:
+        """Online RL: take the trainer's parameters (a Ray object, fetched once per actor)."""
+        self.engine.update_weights(named_tensors)
+
+    def weights(self) -> dict:
+        return self.engine.weights()
 
     def ready(self) -> bool:
         return True
@@ -49,11 +59,21 @@ class GenerationGroup:
 
     def run(self, shards: list[pa.Table], sampling: SamplingConfig, iteration: int, policy: str,
             on_shard: Callable[[int, pa.Table], None], skip=frozenset(),
-            progress: Callable[[ShardStats], None] | None = None) -> ShardStats:
+            progress: Callable[[ShardStats], None] | None = None,
+            on_errors: Callable[[int, pa.Table], None] | None = None, max_failed_rows: int = 0) -> ShardStats:
         ray.get([self.actors[i].ready.remote() for i in self.alive])  # model loading is not generation time
         return run_shards(self.actors, self.alive,
                           lambda actor, shard: actor.generate.remote(shard, sampling, iteration, policy),
-                          shards, on_shard, skip=skip, progress=progress, token_column="num_tokens")
+                          shards, on_shard, skip=skip, progress=progress, token_column="num_tokens",
+                          on_errors=on_errors, max_failed_rows=max_failed_rows)
+
+    def update_weights(self, named_tensors: dict) -> None:
+        """Push new weights to every engine: one copy in the object store, fetched by each actor."""
+        ref = ray.put(named_tensors)
+        ray.get([self.actors[i].update_weights.remote(ref) for i in self.alive])
+
+    def weights(self) -> list[dict]:
+        return ray.get([self.actors[i].weights.remote() for i in self.alive])
 
     def nodes(self) -> list[str]:
         return actor_nodes([self.actors[i] for i in self.alive])

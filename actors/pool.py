@@ -10,6 +10,8 @@ import pyarrow as pa
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from rayalign.generation import FailedRowsError
+
 
 @dataclass
 class ShardStats:
@@ -18,6 +20,7 @@ class ShardStats:
     tokens: int = 0
     seconds: float = 0.0
     retries: int = 0
+    failed_rows: int = 0  # rows that failed by themselves and were left out (see rayalign.generation.isolate_failures)
     skipped_shards: int = 0
     shards_by_actor: dict[int, int] = field(default_factory=dict)
 
@@ -25,11 +28,13 @@ class ShardStats:
 def run_shards(actors: list, alive: list[int], call: Callable[[object, pa.Table], ray.ObjectRef],
                shards: list[pa.Table], on_shard: Callable[[int, pa.Table], None], *, skip=frozenset(),
                progress: Callable[[ShardStats], None] | None = None, max_retries: int = 3,
-               token_column: str | None = None) -> ShardStats:
-    """Run `call(actor, shard)` for every shard not in `skip`, two in flight per actor.
+               token_column: str | None = None, on_errors: Callable[[int, pa.Table], None] | None = None,
+               max_failed_rows: int = 0) -> ShardStats:
+    """Run `call(actor, shard) -> (table, errors)` for every shard not in `skip`, two in flight per actor.
 
-    Finished shards go to `on_shard(index, table)` at once (in completion order). A shard whose actor
-    died goes back to the queue for another actor; `alive` is updated in place.
+    A shard's failed rows go to `on_errors(index, errors)`, then its table to `on_shard(index, table)`, at once
+    (in completion order). A shard whose actor died goes back to the queue for another actor; `alive` is
+    updated in place. More than `max_failed_rows` failed rows in all raise FailedRowsError.
     """
     stats = ShardStats(skipped_shards=len(skip))
     todo = [i for i in range(len(shards)) if i not in skip]
@@ -49,7 +54,7 @@ def run_shards(actors: list, alive: list[int], call: Callable[[object, pa.Table]
         done, _ = ray.wait(list(in_flight), num_returns=1)
         index, actor = in_flight.pop(done[0])
         try:
-            table = ray.get(done[0])
+            table, errors = ray.get(done[0])
         except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
             attempts[index] += 1
             if actor in alive:
@@ -63,7 +68,16 @@ def run_shards(actors: list, alive: list[int], call: Callable[[object, pa.Table]
                 if sum(1 for _, a in in_flight.values() if a == other) < 2:
                     submit(other)
             continue
+        if errors.num_rows:
+            stats.failed_rows += errors.num_rows
+            if on_errors:
+                on_errors(index, errors)
         on_shard(index, table)
+        if stats.failed_rows > max_failed_rows:  # after on_shard: the shard's other rows are kept
+            first = errors.slice(0, 1).to_pylist()[0]
+            raise FailedRowsError(
+                f"{stats.failed_rows} row(s) failed by themselves, more than the {max_failed_rows} allowed; "
+                f"shard {index}, prompt_id {first['prompt_id']} ({first['lang']}): {first['reason']}")
         stats.rows_in += shards[index].num_rows
         stats.rows_out += table.num_rows
         if token_column:

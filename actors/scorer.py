@@ -44,10 +44,11 @@ class ScoringActor:
     def num_layers(self, role: str) -> int:
         return self.engines[role].model.config.num_hidden_layers
 
-    def score(self, table: pa.Table, specs: list[ForwardSpec], reward_model: str | None) -> pa.Table:
-        from rayalign.scoring import forward_rows
+    def score(self, table: pa.Table, specs: list[ForwardSpec], reward_model: str | None) -> tuple[pa.Table, pa.Table]:
+        """(scored rows, errors): samples that fail by themselves are left out and named in `errors`."""
+        from rayalign.scoring import forward_rows_isolating
 
-        return forward_rows(self.engines, table, specs, reward_model)
+        return forward_rows_isolating(self.engines, table, specs, reward_model)
 
 
 class ScoringGroup:
@@ -63,10 +64,12 @@ class ScoringGroup:
 
     def run(self, shards: list[pa.Table], specs: list[ForwardSpec], reward_model: str | None,
             on_shard: Callable[[int, pa.Table], None], skip=frozenset(),
-            progress: Callable[[ShardStats], None] | None = None) -> ShardStats:
+            progress: Callable[[ShardStats], None] | None = None,
+            on_errors: Callable[[int, pa.Table], None] | None = None, max_failed_rows: int = 0) -> ShardStats:
         ray.get([self.actors[i].ready.remote() for i in self.alive])
         return run_shards(self.actors, self.alive, lambda a, shard: a.score.remote(shard, specs, reward_model),
-                          shards, on_shard, skip=skip, progress=progress)
+                          shards, on_shard, skip=skip, progress=progress, on_errors=on_errors,
+                          max_failed_rows=max_failed_rows)
 
     def nodes(self) -> list[str]:
         return actor_nodes([self.actors[i] for i in self.alive])

@@ -49,8 +49,10 @@ def warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], floa
 class TrainerActor:
     """One DeepSpeed rank."""
 
-    def __init__(self, rank: int, model_path: str, model: ModelConfig, training: TrainingConfig, dco_beta: float):
+    def __init__(self, rank: int, model_path: str, model: ModelConfig, training: TrainingConfig, dco_beta: float,
+                 role: str = "policy"):
         self.rank, self.model_path, self.model_cfg, self.t, self.dco_beta = rank, model_path, model, training, dco_beta
+        self.role = role  # "policy", or "critic": the policy's body with a per-token value head (PPO)
         self.on_gpu = training.num_gpus > 0
         self.engine = None
         self.step = 0
@@ -82,8 +84,17 @@ class TrainerActor:
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds = HfDeepSpeedConfig(self.ds_config)
-        self.model = load_causal_lm(self.model_path, "bfloat16" if self.on_gpu else "float32", self.device,
-                                    self.model_cfg.trust_remote_code)
+        dtype = "bfloat16" if self.on_gpu else "float32"
+        if self.role == "critic":
+            from transformers import AutoModelForTokenClassification
+
+            from rayalign.models import torch_dtype
+
+            self.model = AutoModelForTokenClassification.from_pretrained(
+                self.model_path, num_labels=1, dtype=torch_dtype(dtype, self.device),
+                trust_remote_code=self.model_cfg.trust_remote_code).to(self.device)
+        else:
+            self.model = load_causal_lm(self.model_path, dtype, self.device, self.model_cfg.trust_remote_code)
         if self.t.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.model.train()
@@ -172,6 +183,126 @@ class TrainerActor:
             results.append(record)
         return results
 
+    def prepare_online(self, total_steps: int, reference_path: str) -> dict:
+        """Online RL: the DeepSpeed engine for `total_steps` updates and a frozen reference (the starting policy)."""
+        import deepspeed
+        import torch
+
+        from rayalign.models import load_causal_lm
+
+        t = self.t
+        optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=t.lr,
+                                      weight_decay=t.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, t.warmup_ratio))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config)
+        if self.role == "policy":
+            self.reference = load_causal_lm(reference_path, "bfloat16" if self.on_gpu else "float32", self.device,
+                                            self.model_cfg.trust_remote_code).requires_grad_(False)
+        return {"global_batch": self.ds_config["train_batch_size"]}
+
+    def _batches(self, sequences: list):
+        """(rows, tensors) of this rank's micro-batches of a rollout batch (each rank takes its slice)."""
+        from rayalign.training import TrainingData, collate, micro_batch
+
+        data = TrainingData("rollouts", [[s] for s in sequences], {}, [""] * len(sequences), [""] * len(sequences))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        for m in range(self.t.gradient_accumulation):
+            rows = micro_batch(list(range(len(data))), self.rank, m, self.t.world_size, self.t.micro_batch_size)
+            yield rows, {k: v.to(self.device) for k, v in collate(data, rows, pad).items()}
+
+    def _token_values(self, model, b):
+        """Critic values aligned like log-probs: at each response token, the value of the state before it."""
+        import torch
+
+        values = torch.zeros(b["input_ids"].shape, dtype=torch.float32, device=self.device)
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[..., 0].float()
+        values[:, 1:] = torch.where(b["loss_mask"][:, 1:], out[:, :-1], 0.0)
+        return values
+
+    def rollout_stats(self, sequences: list) -> list[dict]:
+        """Per response token, without gradients: the policy's and the reference's log-probs (policy role) or the
+        critic's values, for this rank's slice of the batch (TrainerGroup.rollout_stats joins the slices)."""
+        import torch
+
+        from rayalign.training import token_logps
+
+        out = []
+        with torch.no_grad():
+            for rows, b in self._batches(sequences):
+                mask = b["loss_mask"]
+                if self.role == "critic":
+                    columns = {"value": self._token_values(self.engine, b)}
+                else:
+                    columns = {"logp": token_logps(self.engine, b["input_ids"], b["attention_mask"], mask),
+                               "ref_logp": token_logps(self.reference, b["input_ids"], b["attention_mask"], mask)}
+                for i, r in enumerate(rows):
+                    out.append({"row": r, **{k: v[i][mask[i]].tolist() for k, v in columns.items()}})
+        return out
+
+    def critic_step(self, sequences: list, returns: list, old_values: list, clip_eps: float) -> dict:
+        """One value-function update toward the GAE returns (clipped around the rollout's values)."""
+        import torch
+        import torch.distributed as dist
+
+        from rayalign.rl_losses import value_loss
+
+        sums = torch.zeros(2, dtype=torch.float64)
+        for rows, b in self._batches(sequences):
+            mask = b["loss_mask"]
+            values = self._token_values(self.engine, b)
+            ret, old = torch.zeros_like(values), torch.zeros_like(values)
+            ret[mask] = torch.tensor([x for r in rows for x in returns[r]], device=self.device)
+            old[mask] = torch.tensor([x for r in rows for x in old_values[r]], device=self.device)
+            loss, _ = value_loss(values, old, ret, mask, clip_eps=clip_eps)
+            self.engine.backward(loss)
+            self.engine.step()
+            sums += torch.tensor([float(loss.detach()), 1.0], dtype=torch.float64)
+        sums = sums.to(self.device)
+        dist.all_reduce(sums)
+        self.step += 1
+        return {"value_loss": float(sums[0] / sums[1])}
+
+    def rl_step(self, sequences: list, advantages: list, kl_coef: float, kl_estimator: str,
+                clip_eps: float) -> dict:
+        """One policy-gradient update on a rollout batch (every rank gets the whole batch and takes its slice):
+        PPO clipped surrogate plus a KL penalty to the reference. `advantages`: one per sequence (GRPO, RLOO) or
+        one list per sequence with a value per response token (PPO with GAE)."""
+        import torch
+        import torch.distributed as dist
+
+        from rayalign.rl_losses import kl_penalty_loss, ppo_policy_loss
+        from rayalign.training import token_logps
+
+        if len(sequences) != self.ds_config["train_batch_size"]:
+            raise ValueError(f"rl_step: {len(sequences)} sequences, expected the global batch "
+                             f"{self.ds_config['train_batch_size']}")
+        started, lr = time.perf_counter(), self.scheduler.get_last_lr()[0]
+        sums = torch.zeros(4, dtype=torch.float64)  # policy loss, kl, clip fraction, micro-batches
+        for rows, b in self._batches(sequences):
+            mask = b["loss_mask"]
+            if isinstance(advantages[0], (list, tuple)):  # per token
+                adv = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
+                adv[mask] = torch.tensor([x for r in rows for x in advantages[r]], device=self.device)
+            else:
+                adv = torch.tensor([advantages[r] for r in rows], dtype=torch.float32, device=self.device)
+            logp = token_logps(self.engine, b["input_ids"], b["attention_mask"], mask)
+            with torch.no_grad():
+                ref = token_logps(self.reference, b["input_ids"], b["attention_mask"], mask)
+            # one update per rollout batch: the behaviour policy is the current one (weights are synced exactly)
+            pg, metrics = ppo_policy_loss(logp, logp.detach(), adv, mask, clip_eps=clip_eps)
+            kl, kl_metrics = kl_penalty_loss(logp, ref, mask, coef=kl_coef, kind=kl_estimator)
+            self.engine.backward(pg + kl)
+            self.engine.step()
+            sums += torch.tensor([float(pg.detach()), kl_metrics["kl"], metrics["clip_fraction"], 1.0],
+                                 dtype=torch.float64)
+        sums = sums.to(self.device)
+        dist.all_reduce(sums)
+        sums = sums.cpu().tolist()
+        self.step += 1
+        return {"step": self.step, "lr": lr, "policy_loss": sums[0] / sums[3], "kl": sums[1] / sums[3],
+                "clip_fraction": sums[2] / sums[3], "seconds": round(time.perf_counter() - started, 4)}
+
     def checkpoint(self, directory: str) -> int:
         """A resumable DeepSpeed checkpoint (weights, optimizer, schedule, step); every rank writes its part."""
         self.engine.save_checkpoint(directory, tag=f"step-{self.step}", client_state={"step": self.step})
@@ -229,7 +360,8 @@ class TrainerActor:
 class TrainerGroup:
     """W TrainerActors in one PACK placement group, ranks 0..W-1 of one DeepSpeed job."""
 
-    def __init__(self, model_path: str, model: ModelConfig, training: TrainingConfig, dco_beta: float = 1.0):
+    def __init__(self, model_path: str, model: ModelConfig, training: TrainingConfig, dco_beta: float = 1.0,
+                 role: str = "policy"):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -242,7 +374,7 @@ class TrainerGroup:
         self.actors = [remote.options(
             num_cpus=t.num_cpus, num_gpus=t.num_gpus, runtime_env=env,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
-        ).remote(rank, model_path, model, training, dco_beta) for rank in range(t.world_size)]
+        ).remote(rank, model_path, model, training, dco_beta, role) for rank in range(t.world_size)]
         addr, port = ray.get(self.actors[0].master.remote())
         self.nodes = ray.get([a.setup.remote(addr, port) for a in self.actors])
 
@@ -271,6 +403,12 @@ class TrainerGroup:
 
     def save(self, path: str) -> None:
         self._all("save", path)
+
+    def rollout_stats(self, sequences: list) -> list[dict]:
+        """Per-token log-probs (policy) or values (critic) of every sequence, in order."""
+        rows = sorted((r for part in self._all("rollout_stats", sequences) for r in part), key=lambda r: r["row"])
+        assert [r["row"] for r in rows] == list(range(len(sequences)))
+        return rows
 
     def state(self) -> list[dict]:
         return self._all("state")

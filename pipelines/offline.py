@@ -16,25 +16,40 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rayalign.config import ConfigError, RunConfig, save_config
 from rayalign.data.prompts import load_prompts
-from rayalign.data.store import DatasetError, DatasetWriter, read_manifest
+from rayalign.data.store import DatasetError, DatasetWriter, read_manifest, write_parquet_atomic
+from rayalign.generation import FailedRowsError
 from rayalign.models import resolve_model_path
 
 console = Console(stderr=True)
 STAGES = ("generate", "score", "pairs", "train")
+ERRORS_BY_SHARD = "errors.by-shard"  # iter-<t>/errors.by-shard/<stage>-<shard>.parquet, gathered into iter-<t>/errors/
 
 
 # ---- run directory: config, state, metrics ----
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> dict:
-    """Create the run directory or reopen it for resume; refuse a directory that holds another config."""
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = ()) -> dict:
+    """Create the run directory or reopen it for resume.
+
+    A directory that holds another config is refused unless `redo` names stages to recompute: those
+    stages and every later one are moved to <run-dir>/trash-<time>/ (see `redo_stages`), the old
+    config is kept as config.<old hash>.yaml and the state takes the new hash.
+    """
     state_path = run_dir / "state.json"
     if state_path.is_file():
         state = json.loads(state_path.read_text())
-        if state["config_hash"] != cfg.config_hash():
+        old_hash, new_hash = state["config_hash"], cfg.config_hash()
+        if old_hash != new_hash and not redo:
             raise ConfigError(
-                f"{run_dir}: holds a run with another config (hash {state['config_hash']}, this recipe "
-                f"{cfg.config_hash()}); use another --run-dir, or delete the directory to start over"
+                f"{run_dir}: holds a run with another config (hash {old_hash}, this recipe {new_hash}); pass "
+                f"--redo STAGE[,STAGE...] ({', '.join(STAGES)}) to recompute those stages and every later one "
+                "with this recipe (earlier ones are kept), use another --run-dir, or delete the directory to "
+                "start over"
             )
+        if redo:
+            redo_stages(cfg, run_dir, state, redo, config_changed=old_hash != new_hash)
+        if old_hash != new_hash:
+            shutil.copyfile(run_dir / "config.yaml", run_dir / f"config.{old_hash}.yaml")
+            state["config_hash"] = new_hash
         console.print(f"[bold]resuming[/] {run_dir} (finished: {', '.join(state['finished']) or 'nothing yet'})")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -42,6 +57,42 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> dict:
     save_config(cfg, run_dir / "config.yaml")
     write_state(run_dir, state)
     return state
+
+
+STAGE_OUTPUTS = {  # what a stage leaves in iter-<t>/ (globs); "errors" is rebuilt by the next generate/score
+    "generate": ("samples", "errors", f"{ERRORS_BY_SHARD}/generate-*"),
+    "score": ("scores", "scores.forward", "errors", f"{ERRORS_BY_SHARD}/score-*"),
+    "pairs": ("pairs", "candidate_scores"),
+    "train": ("policy", "train.ckpt", "train_log.jsonl"),
+}
+
+
+def redo_stages(cfg: RunConfig, run_dir: Path, state: dict, redo: tuple[str, ...], config_changed: bool) -> None:
+    """Move the outputs of the `redo` stages and every later stage to <run-dir>/trash-<time>/ and forget them.
+
+    Iteration t+1 generates with policy t, so every stage of iterations after the first is redone too. When
+    the config changed, unfinished stages' partial outputs (made with the old config) go as well.
+    """
+    first = min(STAGES.index(stage) for stage in redo)
+    trash = run_dir / f"trash-{time.strftime('%Y%m%d-%H%M%S')}"
+    moved, forgotten = [], set()
+    for it_dir in sorted(run_dir.glob("iter-*"), key=lambda d: int(d.name.split("-")[1])):
+        iteration = int(it_dir.name.split("-")[1])
+        for index, stage in enumerate(STAGES):
+            name = f"{it_dir.name}/{stage}"
+            if index < first and iteration == 1 and (name in state["finished"] or not config_changed):
+                continue
+            forgotten |= {name, f"{it_dir.name}/summary"}
+            for pattern in STAGE_OUTPUTS[stage]:
+                for path in sorted(it_dir.glob(pattern)):
+                    target = trash / path.relative_to(run_dir)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(path, target)
+                    moved.append(str(path.relative_to(run_dir)))
+    state["finished"] = [name for name in state["finished"] if name not in forgotten]
+    log_metrics(run_dir, {"stage": "redo", "redo": list(redo), "config_hash": cfg.config_hash(),
+                          "moved": moved, "trash": str(trash)})
+    console.print(f"redo {', '.join(redo)}: moved {len(moved)} output(s) to {trash}")
 
 
 def write_state(run_dir: Path, state: dict) -> None:
@@ -75,16 +126,22 @@ def generate_stage(cfg: RunConfig, prompts, policy_path: str, policy_name: str, 
     done = {i for i in range(len(shards)) if writer.has_shard(i)}
     group = GenerationGroup(policy_path, cfg.policy, cfg.engines)
     total_rows, resumed_rows = prompts.num_rows, sum(shards[i].num_rows for i in done)
+    it_dir = out_dir.parent
+    on_errors, may_fail = errors_checkpoint(cfg, it_dir, "generate", done, total_rows)
     with _progress(f"generate iter-{iteration}", total_rows, "rows", done=resumed_rows) as update:
         try:
             stats = group.run(shards, cfg.sampling, iteration, policy_name, writer.write_shard, skip=done,
-                              progress=update)
+                              progress=update, on_errors=on_errors, max_failed_rows=may_fail)
             nodes = group.nodes()
+        except FailedRowsError:
+            record_failures(cfg, it_dir, iteration, "generate", total_rows)
+            raise
         finally:
             group.shutdown()
+    failed = record_failures(cfg, it_dir, iteration, "generate", total_rows)
     manifest = writer.finalize(expected_shards=len(shards))
     return {
-        "rows": total_rows, "samples": manifest["rows"], "new_samples": stats.rows_out,
+        "rows": total_rows, "samples": manifest["rows"], "new_samples": stats.rows_out, "failed_rows": failed,
         "resumed_shards": len(done), "retries": stats.retries, "seconds": round(stats.seconds, 3),
         "samples_per_s": round(stats.rows_out / max(stats.seconds, 1e-9), 2),
         "tokens_per_s": round(stats.tokens / max(stats.seconds, 1e-9), 2), "actor_nodes": nodes,
@@ -142,15 +199,22 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
     forward_dir = out_dir.with_name(out_dir.name + ".forward")
     results = read_checkpoints(forward_dir, len(shards))
     group = ScoringGroup(roles, r.actors, r.batch_size, r.num_cpus, r.num_gpus)
+    it_dir = out_dir.parent
+    on_errors, may_fail = errors_checkpoint(cfg, it_dir, "score", set(results), samples.num_rows)
     with _progress(f"score iter-{iteration}", samples.num_rows, "samples",
                    done=sum(shards[i].num_rows for i in results)) as update:
         try:
             stats = group.run(shards, specs, reward_model, checkpoint(forward_dir, results), skip=set(results),
-                              progress=update)
+                              progress=update, on_errors=on_errors, max_failed_rows=may_fail)
             nodes = group.nodes()
+        except FailedRowsError:
+            record_failures(cfg, it_dir, iteration, "score", samples.num_rows)
+            raise
         finally:
             group.shutdown()
-    table = pa.concat_tables([results[i] for i in range(len(shards))])
+    failed = record_failures(cfg, it_dir, iteration, "score", samples.num_rows)
+    # a shard whose every row failed holds no scored columns
+    table = pa.concat_tables([results[i] for i in range(len(shards)) if results[i].num_rows])
     if r.implicit.enabled and r.implicit.prompt == "native":
         table = table.append_column("logp_policy_icr", table.column("logp_policy"))
     table, params = compute_rewards(table, cfg)
@@ -161,7 +225,7 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
                 latent_dim=table.schema.field("h_hub").type.list_size if layers else 0)
     shutil.rmtree(forward_dir, ignore_errors=True)
     tokens = sum(table.column("score_tokens").to_pylist()) * len(specs)
-    return {"samples": table.num_rows, "forward_passes": len(specs), "retries": stats.retries,
+    return {"samples": table.num_rows, "forward_passes": len(specs), "retries": stats.retries, "failed_rows": failed,
             "resumed_shards": stats.skipped_shards, "actor_nodes": nodes,
             "seconds": round(stats.seconds, 3), "tokens_per_s": round(tokens / max(stats.seconds, 1e-9), 2), **{
                 f"alpha_{lang}": a for lang, a in params.get("icr", {}).get("alpha_per_language", {}).items()}}
@@ -180,19 +244,12 @@ def read_checkpoints(directory: Path, count: int) -> dict:
 
 def checkpoint(directory: Path, results: dict):
     """An on_shard callback that keeps a shard's table and writes it under a temporary name, then renames it."""
-    import os
-
-    import pyarrow.parquet as pq
-
     from rayalign.data.store import shard_name
 
     directory.mkdir(parents=True, exist_ok=True)
 
     def on_shard(index, table):
-        final = directory / shard_name(index)
-        tmp = final.with_name(final.name + ".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, final)
+        write_parquet_atomic(table, directory / shard_name(index))
         results[index] = table
 
     return on_shard
@@ -210,6 +267,56 @@ def write_table(table, out_dir: Path, schema: str, cfg: RunConfig, iteration: in
     for i, shard in enumerate(shards):
         writer.write_shard(i, shard)
     return writer.finalize(expected_shards=len(shards))
+
+
+# ---- rows that failed by themselves ----
+
+def errors_checkpoint(cfg: RunConfig, it_dir: Path, stage: str, done: set[int], total_rows: int):
+    """(on_errors callback, failed rows still allowed) for a stage over `total_rows` rows.
+
+    The callback writes a shard's failed rows before the shard itself, so the failures of a finished shard
+    survive an interruption; failures recorded for shards not in `done` are stale and removed here.
+    """
+    directory = it_dir / ERRORS_BY_SHARD
+    for path in directory.glob(f"{stage}-*.parquet"):
+        if int(path.stem.rsplit("-", 1)[1]) not in done:
+            path.unlink()
+
+    def on_errors(index, errors):
+        directory.mkdir(parents=True, exist_ok=True)
+        write_parquet_atomic(errors, directory / f"{stage}-{index:05d}.parquet")
+
+    allowed = int(cfg.engines.max_failed_share * total_rows)
+    return on_errors, max(0, allowed - _count_failed(it_dir, stage))
+
+
+def _count_failed(it_dir: Path, stage: str) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in (it_dir / ERRORS_BY_SHARD).glob(f"{stage}-*.parquet"))
+
+
+def record_failures(cfg: RunConfig, it_dir: Path, iteration: int, stage: str, total_rows: int) -> int:
+    """Gather the iteration's failed rows (every stage so far) into the errors dataset iter-<t>/errors/ and
+    return this stage's count; stop the run when they pass engines.max_failed_share."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = it_dir / "errors"
+    shutil.rmtree(out, ignore_errors=True)  # rebuilt from errors.by-shard/, which stays the source
+    parts = sorted((it_dir / ERRORS_BY_SHARD).glob("*.parquet"))
+    if parts:
+        table = pa.concat_tables([pq.read_table(p) for p in parts])
+        write_table(table, out, "errors", cfg, iteration, {}, {},
+                    f"Rows of iteration {iteration} that failed by themselves and were left out, with the reason.",
+                    shard_rows=table.num_rows)
+    failed, share = _count_failed(it_dir, stage), cfg.engines.max_failed_share
+    if failed > int(share * total_rows):
+        raise FailedRowsError(
+            f"{stage} iter-{iteration}: {failed} of {total_rows} rows ({failed / max(total_rows, 1):.2%}) failed by "
+            f"themselves, more than engines.max_failed_share={share} allows; their reasons are in {out} "
+            f"(`rayalign inspect {out}`). Fix the input, or raise the share and launch again to resume")
+    return failed
 
 
 # ---- pairs stage ----
@@ -453,7 +560,7 @@ def rescore(cfg: RunConfig, scores_dir: Path, out_dir: Path) -> dict:
 # ---- the run ----
 
 def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", address: str | None = None,
-        stages: tuple[str, ...] = STAGES) -> Path:
+        stages: tuple[str, ...] = STAGES, redo: tuple[str, ...] = ()) -> Path:
     from rayalign.cluster import connect, load_cluster_spec
 
     r = cfg.rewards
@@ -471,7 +578,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
     if "generate" in stages:
         prompts = load_prompts(cfg.prompts.path, cfg.languages, limit=cfg.prompts.limit,
                                system_prompt=cfg.prompts.system_prompt)
-    state = prepare_run_dir(cfg, run_dir)
+    state = prepare_run_dir(cfg, run_dir, redo)
     source = (f"{prompts.num_rows} prompt rows ({prompts.num_rows // len(cfg.languages)} ids x {len(cfg.languages)} "
               f"languages), n={cfg.sampling.n}, {cfg.engines.count} {cfg.engines.backend} engine(s)"
               if prompts is not None else f"{len(cfg.languages)} languages")

@@ -34,11 +34,12 @@ def _user_errors(fn):
         from rayalign.config import ConfigError
         from rayalign.data.prompts import PromptError
         from rayalign.data.store import DatasetError
+        from rayalign.generation import FailedRowsError
         from rayalign.models import ModelLoadError
 
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, PromptError, DatasetError, ModelLoadError, ClusterError, PlanError) as e:
+        except (ConfigError, PromptError, DatasetError, ModelLoadError, ClusterError, PlanError, FailedRowsError) as e:
             raise UserError(str(e)) from None
 
     return wrapper
@@ -73,24 +74,32 @@ CLUSTER_HELP = "cluster spec: a shipped name (local, a100x8, a100x64, h100x16, h
 @click.option("--address", help="join the Ray cluster at this address (default: $RAY_ADDRESS, or start one)")
 @click.option("--dry-run", is_flag=True, help="print the placement plan and exit; starts nothing")
 @click.option("--allow-mismatch", is_flag=True, help="run even when the Ray cluster differs from the spec (warns)")
+@click.option("--redo", help="STAGE[,STAGE...] (generate, score, pairs, train): recompute these stages and every later "
+              "one, in every iteration; needed to reuse a run directory with a changed recipe. Their outputs are "
+              "moved to <run-dir>/trash-<time>/")
 @_user_errors
-def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch):
+def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch, redo):
     """Run a recipe's stages for every iteration into a run directory.
 
     Plans the recipe on the cluster spec first (see `rayalign plan`), checks the Ray cluster against the
     spec, and saves the plan as <run-dir>/plan.json. Re-running with the same recipe and run directory
-    resumes: finished stages and shards are kept.
+    resumes: finished stages and shards are kept. A changed recipe needs --redo.
 
     \b
     Example:
       rayalign launch --cluster local examples/quickstart.yaml -o sampling.n=2
       rayalign launch --cluster a100x64 --dry-run examples/lacomsa-llama3-8b.yaml
+      rayalign launch examples/quickstart.yaml -o rewards.latent.alpha=1.0 --redo score
     """
     from rayalign.cluster import connect, load_cluster_spec
     from rayalign.cluster.planner import plan, save_plan
     from rayalign.cluster.spec import running_cluster_spec
     from rayalign.pipelines import offline
 
+    redo_stages = tuple(s.strip() for s in redo.split(",") if s.strip()) if redo else ()
+    unknown = [s for s in redo_stages if s not in offline.STAGES]
+    if unknown or (redo is not None and not redo_stages):
+        raise UserError(f"--redo {redo!r}: expected stages among {', '.join(offline.STAGES)}, comma-separated")
     cfg = _load(recipe, overrides)
     spec = load_cluster_spec(cluster)
     if dry_run:
@@ -100,7 +109,8 @@ def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch
     run_plan = plan(cfg, running_cluster_spec(spec), strict=True)
     err.print(run_plan.table())
     save_plan(run_plan, Path(run_dir) if run_dir else cfg.resolved_run_dir())
-    out = offline.run(cfg, Path(run_dir) if run_dir else None, cluster=cluster, address=address)
+    out = offline.run(cfg, Path(run_dir) if run_dir else None, cluster=cluster, address=address,
+                      **({"redo": redo_stages} if redo_stages else {}))
     console.print(f"done: {out}  (see `rayalign inspect {out}`)")
 
 
@@ -257,10 +267,12 @@ def inspect(path):
             console.print(table)
     metrics = read_metrics(path)
     if metrics:
-        table = Table("iteration", "stage", "seconds", "samples/s", "tokens/s", "retries")
+        table = Table("iteration", "stage", "seconds", "samples/s", "tokens/s", "retries", "failed rows")
         for m in (m for m in metrics if m.get("stage") != "iteration"):
-            table.add_row(str(m.get("iteration")), m.get("stage", ""), str(m.get("wall_seconds", m.get("seconds"))),
-                          str(m.get("samples_per_s", "")), str(m.get("tokens_per_s", "")), str(m.get("retries", "")))
+            seconds = m.get("wall_seconds", m.get("seconds", ""))  # a "redo" record has neither, nor an iteration
+            table.add_row(str(m.get("iteration", "")), m.get("stage", ""), str(seconds),
+                          str(m.get("samples_per_s", "")), str(m.get("tokens_per_s", "")), str(m.get("retries", "")),
+                          str(m.get("failed_rows", "")))
         console.print(table)
         iterations = iteration_table(metrics)
         if iterations is not None:
@@ -347,3 +359,34 @@ def config_cmd(recipe, overrides):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+@main.command("online")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--cluster", default="local", show_default=True, help="cluster spec name or path")
+@click.option("-o", "--override", "overrides", multiple=True, help=OVERRIDE_HELP)
+@click.option("--run-dir", type=click.Path(file_okay=False), help="run directory (default: runs/<name>)")
+@click.option("--address", help="join the Ray cluster at this address (default: $RAY_ADDRESS, or start one)")
+@click.option("--openrlhf-reward-file", type=click.Path(dir_okay=False),
+              help="write the recipe's rewards as an OpenRLHF reward_func file (for its --remote_rm_url) and exit")
+@_user_errors
+def online_cmd(recipe, cluster, overrides, run_dir, address, openrlhf_reward_file):
+    """Online RL (GRPO or RLOO): rollouts, rewards, update and weight sync, step after step.
+
+    Each step's rollouts are written to <run-dir>/online/step-XXXX/ and its reward mean, KL and phase
+    timings to metrics.jsonl; the final policy to <run-dir>/online/policy.
+
+    \b
+    Example:
+      rayalign online --cluster local examples/online-grpo-quickstart.yaml
+    """
+    from rayalign.pipelines import online
+
+    if openrlhf_reward_file:
+        from rayalign.openrlhf_reward import write_reward_file
+
+        path = write_reward_file(_load(recipe, overrides), openrlhf_reward_file)
+        console.print(f"wrote {path}: use it with OpenRLHF's train_ppo_ray --remote_rm_url {path} --label_key lang")
+        return
+    out = online.run(_load(recipe, overrides), Path(run_dir) if run_dir else None, cluster=cluster, address=address)
+    console.print(f"done: {out}  (see {out / 'metrics.jsonl'})")

@@ -87,6 +87,11 @@ class EnginesConfig:
     tensor_parallel_size: int = _field(1, help="GPUs per engine for tensor parallelism (vllm)", ge=1)
     gpu_memory_utilization: float = _field(0.9, help="share of each GPU a vllm engine may use (weights + KV cache)",
                                            gt=0.0, le=1.0)
+    max_failed_share: float = _field(
+        0.01, help="share of a generation or scoring stage's rows that may fail by themselves (e.g. a prompt longer "
+        "than the model's context) and go to iter-<t>/errors/ before the run stops; 0 = stop at the first", ge=0.0,
+        le=1.0,
+    )
 
 
 @dataclass
@@ -221,6 +226,33 @@ class TrainingConfig:
     seed: int = _field(0, help="data order seed (the same on every rank)", ge=0)
 
 
+ONLINE_ALGORITHMS = ("grpo", "rloo", "ppo")
+
+
+@dataclass
+class OnlineConfig:
+    """Online RL (pipelines/online.py): rollouts -> rewards -> group advantages -> update -> weight sync."""
+    algorithm: str = _field("grpo", help="advantages: grpo (group mean / std) or rloo (leave-one-out mean) over "
+                            "the n samples of each (prompt, language), or ppo (a critic and GAE; the KL penalty goes "
+                            "into the per-token reward)", choices=ONLINE_ALGORITHMS)
+    steps: int = _field(10, help="online steps (each: rollouts, rewards, one optimizer update, weight sync)", ge=1)
+    prompts_per_step: int = _field(4, help="prompt ids per step, each in every language (sampling.n samples each)",
+                                   ge=1)
+    kl_coef: float = _field(0.05, help="weight of the KL penalty to the reference (the starting policy)", ge=0.0)
+    kl_estimator: str = _field("k3", help="per-token KL estimator: k1, k2 or k3", choices=("k1", "k2", "k3"))
+    clip_eps: float = _field(0.2, help="PPO ratio clip range (and the critic's value clip range)", gt=0.0)
+    gamma: float = _field(1.0, help="ppo: discount of GAE", gt=0.0, le=1.0)
+    lam: float = _field(0.95, help="ppo: lambda of GAE", ge=0.0, le=1.0)
+    critic_lr: float = _field(1e-5, help="ppo: the critic's learning rate (its other settings follow training)",
+                              gt=0.0)
+    fidelity_weight: float = _field(1.0, help="reward weight of language fidelity: 1 when the response is detected "
+                                    "in the target language, else 0", ge=0.0)
+    target_language: str | None = _field(None, help="language the fidelity reward asks for; null = the prompt's")
+    user_weight: float = _field(0.0, help="reward weight of the user reward file (rewards.user.path)", ge=0.0)
+    length_weight: float = _field(0.0, help="reward minus this x generated tokens / sampling.max_new_tokens",
+                                  ge=0.0)
+
+
 @dataclass
 class ClusterConfig:
     """Placement on a cluster beyond the spec; filled by the cluster release."""
@@ -243,6 +275,7 @@ class RunConfig:
     rewards: RewardsConfig = _field(help="reward computation", factory=RewardsConfig)
     pairs: PairsConfig = _field(help="preference pairs", factory=PairsConfig)
     training: TrainingConfig = _field(help="DPO-family training", factory=TrainingConfig)
+    online: OnlineConfig = _field(help="online RL (rayalign online RECIPE)", factory=OnlineConfig)
     cluster: ClusterConfig = _field(help="cluster placement (later release)", factory=ClusterConfig)
 
     def language_names(self) -> dict[str, str]:
@@ -255,11 +288,12 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def config_hash(self) -> str:
-        """Hash of every setting that changes results (not the name, run dir or actor count)."""
+        """Hash of every setting that changes results (not the name, run dir, actor count or failure share)."""
         d = self.to_dict()
         for key in ("name", "run_dir"):
             d.pop(key)
         d["engines"].pop("count")
+        d["engines"].pop("max_failed_share")  # raising it lets a stopped run resume
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self) -> None:

@@ -31,3 +31,66 @@ def generate_samples(engine: Engine, prompts: pa.Table, sampling: SamplingConfig
                    finish_reason=completion.finish_reason, policy=policy,
                    lang_detected=detect_language(completion.text))
     return pa.Table.from_pylist(rows, schema=schema_for("samples")[1])
+
+
+class FailedRowsError(RuntimeError):
+    """More rows failed by themselves than a stage allows; the message names the count and where they are."""
+
+
+def context_limit(engine) -> int | None:
+    """Tokens the engine's model attends to (prompt + generated), or None when the engine does not say."""
+    llm = getattr(engine, "llm", None)  # vLLM
+    if llm is not None:
+        return getattr(getattr(getattr(llm, "llm_engine", None), "model_config", None), "max_model_len", None)
+    config = getattr(getattr(engine, "model", None), "config", None)  # transformers
+    return getattr(config, "max_position_embeddings", None)
+
+
+def error_rows(stage: str, rows: list[dict], reasons: list[str]) -> pa.Table:
+    """Rows that failed by themselves, in the errors schema (`sample_idx` null for a whole prompt row)."""
+    return pa.Table.from_pylist([{"stage": stage, "prompt_id": r["prompt_id"], "lang": r["lang"],
+                                  "sample_idx": r.get("sample_idx"), "reason": reason}
+                                 for r, reason in zip(rows, reasons)], schema=schema_for("errors")[1])
+
+
+def isolate_failures(run, table: pa.Table, stage: str, too_long: list[str | None]) -> tuple[pa.Table, pa.Table]:
+    """`run(table) -> table` over the rows of `table` that fit the context (`too_long[i]` is None).
+
+    The batch is tried first; when it raises, each row is run alone and the rows that fail alone are
+    left out. Returns (output of the rows that succeeded, in order; their failures in the errors schema).
+    """
+    keep = [i for i, reason in enumerate(too_long) if reason is None]
+    failed = {i: reason for i, reason in enumerate(too_long) if reason is not None}
+    try:
+        outputs = [run(table.take(keep))] if keep else []
+    except Exception:  # noqa: BLE001 - a row-level failure is found by running the rows one at a time
+        outputs = []
+        for i in keep:
+            try:
+                outputs.append(run(table.slice(i, 1)))
+            except Exception as e:  # noqa: BLE001
+                failed[i] = f"{type(e).__name__}: {e}"[:2000]
+    order = sorted(failed)
+    errors = error_rows(stage, table.take(pa.array(order, pa.int64())).select(
+        [c for c in ("prompt_id", "lang", "sample_idx") if c in table.column_names]).to_pylist(),
+        [failed[i] for i in order])
+    return (pa.concat_tables(outputs) if outputs else None), errors
+
+
+def generate_isolating(engine: Engine, prompts: pa.Table, sampling: SamplingConfig, iteration: int,
+                       policy: str) -> tuple[pa.Table, pa.Table]:
+    """`generate_samples`, with prompt rows that fail by themselves left out: (samples, errors).
+
+    A prompt whose tokens plus max_new_tokens exceed the model's context fails without being tried.
+    """
+    limit = context_limit(engine)
+    too_long = [None] * prompts.num_rows
+    if limit is not None:
+        for i, messages in enumerate(prompts.column("messages").to_pylist()):
+            tokens = len(engine.encode_prompt(messages))
+            if tokens + sampling.max_new_tokens > limit:
+                too_long[i] = (f"prompt of {tokens} tokens + max_new_tokens {sampling.max_new_tokens} exceeds the "
+                               f"model's context of {limit} tokens")
+    samples, errors = isolate_failures(lambda rows: generate_samples(engine, rows, sampling, iteration, policy),
+                                       prompts, "generate", too_long)
+    return (samples if samples is not None else schema_for("samples")[1].empty_table()), errors

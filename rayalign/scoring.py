@@ -51,3 +51,31 @@ def forward_rows(engines: dict, table: pa.Table, specs: list[ForwardSpec], rewar
         scores = engines[reward_model].score([r["messages"] for r in rows], [r["response"] for r in rows])
         table = table.append_column("r_rm", pa.array(scores, pa.float64()))
     return table
+
+
+def forward_rows_isolating(engines: dict, table: pa.Table, specs: list[ForwardSpec],
+                           reward_model: str | None = None) -> tuple[pa.Table, pa.Table]:
+    """`forward_rows`, with samples that fail by themselves left out: (scored rows, errors).
+
+    A sample whose prompt and response exceed a scoring model's context fails without being tried. When every
+    row fails, the result is the empty input table (without the scored columns).
+    """
+    from rayalign.generation import context_limit, isolate_failures
+    from rayalign.models import encode_response
+
+    too_long: list[str | None] = [None] * table.num_rows
+    rows = table.select([c for c in table.column_names if c.startswith("messages") or c == "response"]).to_pylist()
+    for spec in specs:
+        engine = engines[spec.role]
+        limit = context_limit(engine)
+        if limit is None:
+            continue
+        for i, row in enumerate(rows):
+            if too_long[i] is None:
+                prompt, response = encode_response(engine.tokenizer, row[spec.prompt_column], row["response"])
+                if len(prompt) + len(response) > limit:
+                    too_long[i] = (f"{spec.role} ({spec.prompt_column}): prompt of {len(prompt)} + response of "
+                                   f"{len(response)} tokens exceed the model's context of {limit} tokens")
+    scored, errors = isolate_failures(lambda part: forward_rows(engines, part, specs, reward_model), table, "score",
+                                      too_long)
+    return (scored if scored is not None else table.slice(0, 0)), errors  # no rows left: no columns added

@@ -177,17 +177,21 @@ def collate(data: TrainingData, rows: list[int], pad_id: int) -> dict[str, torch
     return out
 
 
-def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probs of the masked tokens, their counts) per sequence, float32, differentiable."""
+def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Log-prob of each masked token given the tokens before it, float32, (B, T); 0 elsewhere."""
     from rayalign.engines.hf import token_logprobs
 
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     predicting = loss_mask[:, 1:]  # logits at t predict token t + 1
-    token_lp = token_logprobs(logits[:, :-1][predicting], input_ids[:, 1:][predicting])
-    row = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(predicting)[predicting]
-    summed = torch.zeros(len(input_ids), dtype=torch.float32, device=input_ids.device).index_add(0, row, token_lp)
-    return summed, loss_mask.sum(1).float()
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    out[:, 1:][predicting] = token_logprobs(logits[:, :-1][predicting], input_ids[:, 1:][predicting])
+    return out
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs of the masked tokens, their counts) per sequence, float32, differentiable."""
+    return token_logps(model, input_ids, attention_mask, loss_mask).sum(1), loss_mask.sum(1).float()
 
 
 def compute_loss(loss: str, logps: torch.Tensor, counts: torch.Tensor, batch: dict, t, dco_beta: float = 1.0):

@@ -79,7 +79,22 @@ CANDIDATE_SCORE_FIELDS = [
     pa.field("num_tokens", pa.int32(), nullable=False),
 ]
 
-SCHEMA_VERSIONS = {"prompts": 1, "samples": 1, "scores": 1, "pairs": 1, "kto": 1, "dco": 1, "candidate_scores": 1}
+ERROR_FIELDS = [  # rows that failed by themselves in a stage and were left out of its output
+    pa.field("stage", pa.string(), nullable=False),  # "generate" or "score"
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("lang", pa.string(), nullable=False),
+    pa.field("sample_idx", pa.int32()),  # null when the whole prompt row failed (generation)
+    pa.field("reason", pa.string(), nullable=False),
+]
+
+ROLLOUT_FIELDS = SAMPLE_FIELDS + [  # online RL: one step's samples with their reward and advantage
+    pa.field("step", pa.int32(), nullable=False),
+    pa.field("reward", pa.float64(), nullable=False),
+    pa.field("advantage", pa.float64(), nullable=False),
+]
+
+SCHEMA_VERSIONS = {"prompts": 1, "samples": 1, "scores": 1, "pairs": 1, "kto": 1, "dco": 1, "candidate_scores": 1,
+                   "errors": 1, "rollouts": 1}
 
 
 def schema_for(name: str, params: dict | None = None) -> tuple[int, pa.Schema]:
@@ -88,7 +103,8 @@ def schema_for(name: str, params: dict | None = None) -> tuple[int, pa.Schema]:
         raise ValueError(f"unknown dataset schema {name!r} (known: {', '.join(SCHEMA_VERSIONS)})")
     params = params or {}
     fields = {"prompts": PROMPT_FIELDS, "samples": SAMPLE_FIELDS, "scores": SCORE_FIELDS, "pairs": PAIR_FIELDS,
-              "kto": KTO_FIELDS, "dco": DCO_FIELDS, "candidate_scores": CANDIDATE_SCORE_FIELDS}[name]
+              "kto": KTO_FIELDS, "dco": DCO_FIELDS, "candidate_scores": CANDIDATE_SCORE_FIELDS, "errors": ERROR_FIELDS,
+              "rollouts": ROLLOUT_FIELDS}[name]
     if name == "scores" and params.get("latent_dim"):
         dim = int(params["latent_dim"])
         fields = fields + [pa.field(c, pa.list_(pa.float16(), dim)) for c in LATENT_COLUMNS]

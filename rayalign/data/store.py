@@ -29,6 +29,10 @@ class DatasetError(RuntimeError):
     """A dataset that is incomplete, corrupted or of another schema; the message names the file."""
 
 
+class DatasetWriteError(DatasetError, OSError):
+    """A dataset file that could not be written (disk full, permission denied); the message names the file."""
+
+
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
@@ -62,8 +66,31 @@ def conform(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DatasetWriteError(f"{path}: could not be written ({e.strerror or e}); the previous version is "
+                                "kept") from e
+
+
+def write_parquet_atomic(table: pa.Table, path: Path, **options) -> Path:
+    """Write `table` to `path` under a temporary name, sync, then rename: `path` is complete or absent (or as
+    before). A failed write (disk full, permission denied) raises DatasetWriteError naming `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        pq.write_table(table, tmp, **options)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DatasetWriteError(f"{path}: could not be written ({e.strerror or e}); earlier shards are kept") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 class DatasetWriter:
@@ -87,17 +114,7 @@ class DatasetWriter:
 
     def write_shard(self, index: int, table: pa.Table) -> Path:
         table = conform(table, self.schema, f"{self.path / shard_name(index)}")
-        final = self.path / shard_name(index)
-        tmp = final.with_name(final.name + ".tmp")
-        try:
-            pq.write_table(table, tmp, compression="zstd")
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return final
+        return write_parquet_atomic(table, self.path / shard_name(index), compression="zstd")
 
     def finalize(self, expected_shards: int | None = None) -> dict:
         shards = sorted(self.path.glob(SHARD_GLOB))

@@ -95,6 +95,19 @@ class HFEngine:
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos_ids = sorted(set(eos) | {self.tokenizer.eos_token_id})
 
+    @torch.no_grad()
+    def update_weights(self, named_tensors: dict) -> None:
+        """Load new weights in place (online RL: the trainer's parameters after a step), by parameter name."""
+        params = dict(self.model.named_parameters())
+        unknown = sorted(set(named_tensors) - set(params))
+        if unknown:
+            raise KeyError(f"{self.model_path}: update_weights got unknown parameter {unknown[0]!r}")
+        for name, value in named_tensors.items():
+            params[name].copy_(torch.as_tensor(value))
+
+    def weights(self) -> dict:
+        return {name: p.detach().float().cpu().numpy() for name, p in self.model.named_parameters()}
+
     def encode_prompt(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                   return_dict=False)

@@ -117,12 +117,15 @@ class VLLMEngine:
         self._start(path)
 
     def update_weights(self, named_tensors) -> None:
-        """Load (HF parameter name, tensor) pairs into the served model in place, for online training."""
+        """Load HF-named parameters (a dict or (name, tensor) pairs; numpy or torch) into the served model in place,
+        for online training."""
         if "worker_extension_cls" not in self.options:
             raise RuntimeError(f"VLLMEngine.update_weights needs vllm>=0.8.3 (worker_extension_cls); this is "
                                f"vllm {getattr(vllm, '__version__', '?')}. Save a checkpoint and call load_weights.")
         batch, size = [], 0
-        for name, tensor in named_tensors:
+        pairs = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
+        for name, tensor in pairs:
+            tensor = torch.as_tensor(tensor)
             batch.append((name, tensor.detach().cpu()))  # CPU tensors serialise to worker processes and Ray workers
             size += tensor.numel() * tensor.element_size()
             if size >= UPDATE_CHUNK_BYTES:

@@ -1,0 +1,148 @@
+"""Online RL, step after step: rollouts -> rewards -> group advantages -> update -> weight sync.
+
+Each step samples `online.prompts_per_step` prompt ids in every language (so rewards can compare languages
+within a step) on the GenerationActors, scores the rollouts, computes GRPO or RLOO advantages over the n
+samples of each (prompt, language) or PPO advantages (GAE over a critic TrainerGroup's values, with the KL to
+the starting policy in the per-token reward), updates the policy on the TrainerGroup (clipped policy gradient;
+GRPO and RLOO add the KL penalty to the loss), and pushes the new weights to the generation engines through
+the Ray object store. Every step's rollouts are written as an Arrow dataset (`online/step-XXXX/`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from rayalign.config import ConfigError, RunConfig
+from rayalign.data.prompts import load_prompts
+from rayalign.data.store import DatasetWriter
+from rayalign.models import load_tokenizer, resolve_model_path
+from rayalign.pipelines.offline import console, log_metrics, prepare_run_dir, write_state
+
+
+def trainer_config(cfg: RunConfig, rollout_size: int):
+    """The training section with gradient accumulation set so that one optimizer step takes the whole rollout."""
+    t = cfg.training
+    per_pass = t.micro_batch_size * t.world_size
+    if rollout_size % per_pass:
+        raise ConfigError(f"online: a step's rollout ({cfg.online.prompts_per_step} prompts x {len(cfg.languages)} "
+                          f"languages x n={cfg.sampling.n} = {rollout_size} samples) must be a multiple of "
+                          f"training.micro_batch_size x training.world_size = {per_pass}")
+    return dataclasses.replace(t, loss=None, gradient_accumulation=rollout_size // per_pass)
+
+
+def step_prompts(prompts: pa.Table, step: int, per_step: int, seed: int) -> pa.Table:
+    """The step's prompt ids (a fresh shuffle of all ids each pass over them), every language of each."""
+    ids = sorted(set(prompts.column("prompt_id").to_pylist()))
+    per_pass = max(1, len(ids) // per_step)
+    order = np.random.default_rng([seed, (step - 1) // per_pass]).permutation(len(ids))
+    start = ((step - 1) % per_pass) * per_step
+    chosen = {ids[i] for i in order[start:start + per_step]}
+    return prompts.filter(pa.compute.is_in(prompts.column("prompt_id"), pa.array(sorted(chosen))))
+
+
+def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", address: str | None = None) -> Path:
+    from rayalign.actors.generator import GenerationGroup
+    from rayalign.actors.pool import split_shards
+    from rayalign.actors.trainer import TrainerGroup
+    from rayalign.cluster import connect, load_cluster_spec
+    from rayalign.online import group_advantages, ppo_advantages, rollout_rewards, rollout_sequences
+
+    o = cfg.online
+    run_dir = Path(run_dir or cfg.resolved_run_dir())
+    spec = load_cluster_spec(cluster)
+    prompts = load_prompts(cfg.prompts.path, cfg.languages, limit=cfg.prompts.limit,
+                           system_prompt=cfg.prompts.system_prompt)
+    rollout_size = min(o.prompts_per_step, prompts.num_rows // len(cfg.languages)) * len(cfg.languages) * cfg.sampling.n
+    tcfg = trainer_config(cfg, rollout_size)
+    state = prepare_run_dir(cfg, run_dir)
+    if state["finished"]:
+        raise ConfigError(f"{run_dir}: holds an online run ({len(state['finished'])} steps); online runs do not "
+                          "resume yet: use another --run-dir")
+    policy_path = resolve_model_path(cfg.policy.path)
+    resources = connect(spec, address)
+    ppo = o.algorithm == "ppo"
+    need = cfg.engines.count * cfg.engines.num_cpus + tcfg.world_size * tcfg.num_cpus * (2 if ppo else 1)
+    if need > resources.get("CPU", 0):
+        raise ConfigError(f"online: generation ({cfg.engines.count} x {cfg.engines.num_cpus} CPUs) and training "
+                          f"({tcfg.world_size} x {tcfg.num_cpus} CPUs{', and as much for the critic' if ppo else ''}) run side by side and need {need:g} CPUs; the "
+                          f"cluster has {resources.get('CPU', 0):g}: lower engines.count or the CPUs per actor")
+    console.print(f"online {o.algorithm} {cfg.name}: {o.steps} steps of {rollout_size} rollouts "
+                  f"({o.prompts_per_step} prompts x {len(cfg.languages)} languages x n={cfg.sampling.n}) -> {run_dir}")
+    tokenizer = load_tokenizer(policy_path, cfg.policy.trust_remote_code)
+    generators = GenerationGroup(policy_path, cfg.policy, cfg.engines)
+    trainer = TrainerGroup(policy_path, cfg.policy, tcfg)
+    critic = TrainerGroup(policy_path, cfg.policy, dataclasses.replace(tcfg, lr=o.critic_lr), role="critic") \
+        if ppo else None
+    try:
+        for group in (trainer, critic) if ppo else (trainer,):
+            group._all("prepare_online", o.steps, policy_path)
+        for step in range(1, o.steps + 1):
+            timings, started = {}, time.perf_counter()
+            batch = step_prompts(prompts, step, o.prompts_per_step, cfg.sampling.seed)
+            parts: dict[int, pa.Table] = {}
+            shards = split_shards(batch, cfg.engines.shard_rows)
+            generators.run(shards, cfg.sampling, step, f"online-step-{step - 1}", parts.__setitem__)
+            samples = pa.concat_tables([parts[i] for i in range(len(shards))])
+            timings["seconds_generate"] = time.perf_counter() - started
+
+            started = time.perf_counter()
+            rewards = rollout_rewards(samples, cfg)
+            sequences = rollout_sequences(tokenizer, samples)
+            critic_update = {}
+            if ppo:  # KL goes into the per-token rewards; GAE over the critic's values
+                token_adv, returns, values = ppo_advantages(
+                    rewards, trainer.rollout_stats(sequences), critic.rollout_stats(sequences), kl_coef=o.kl_coef,
+                    kl_estimator=o.kl_estimator, gamma=o.gamma, lam=o.lam)
+                advantages = np.array([np.mean(a) for a in token_adv])
+            else:
+                advantages = group_advantages(samples, rewards, o.algorithm)
+            rollouts = samples.append_column("step", pa.array([step] * samples.num_rows, pa.int32())) \
+                .append_column("reward", pa.array(rewards)).append_column("advantage", pa.array(advantages))
+            write_rollouts(rollouts, run_dir / "online" / f"step-{step:04d}", cfg, step)
+            timings["seconds_reward"] = time.perf_counter() - started
+
+            started = time.perf_counter()
+            update = trainer._all("rl_step", sequences, token_adv if ppo else advantages.tolist(),
+                                  0.0 if ppo else o.kl_coef, o.kl_estimator, o.clip_eps)[0]
+            if ppo:
+                critic_update = critic._all("critic_step", sequences, returns, values, o.clip_eps)[0]
+            timings["seconds_train"] = time.perf_counter() - started
+
+            started = time.perf_counter()
+            generators.update_weights(trainer.parameters())
+            timings["seconds_sync"] = time.perf_counter() - started
+
+            record = {"step": step, "stage": "online", "reward_mean": float(rewards.mean()),
+                      **{f"reward_{lang}": float(rewards[np.array(samples.column("lang").to_pylist()) == lang].mean())
+                         for lang in cfg.languages},
+                      "kl": update["kl"], "policy_loss": update["policy_loss"], "clip_fraction": update["clip_fraction"],
+                      "lr": update["lr"], "rollouts": samples.num_rows, **critic_update,
+                      **{k: round(v, 3) for k, v in timings.items()}}
+            log_metrics(run_dir, record)
+            state["finished"].append(f"online/step-{step}")
+            write_state(run_dir, state)
+            console.print(f"step {step}/{o.steps}: reward {record['reward_mean']:.3f}  kl {record['kl']:.4f}  "
+                          + "  ".join(f"{k.removeprefix('seconds_')} {v:.1f}s" for k, v in timings.items()))
+        trainer.save(str(run_dir / "online" / "policy"))
+    finally:
+        generators.shutdown()
+        trainer.shutdown()
+        if critic is not None:
+            critic.shutdown()
+    return run_dir
+
+
+def write_rollouts(table: pa.Table, out_dir: Path, cfg: RunConfig, step: int) -> dict:
+    writer = DatasetWriter(out_dir, "rollouts", config_hash=cfg.config_hash(), languages=cfg.languages,
+                           models={"policy": cfg.policy.path}, seeds={"run_seed": cfg.sampling.seed, "step": step},
+                           description=f"Online {cfg.online.algorithm} rollouts of step {step} with rewards and "
+                                       "advantages.", params={"online": json.loads(json.dumps(
+                                           dataclasses.asdict(cfg.online)))})
+    writer.write_shard(0, table)
+    return writer.finalize(expected_shards=1)

@@ -1,0 +1,79 @@
+"""Online RL without Ray: rewards of a step's rollouts, group advantages, and the token sequences to train on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from rayalign.models import encode_response
+from rayalign.rl_losses import gae, grpo_advantages, kl_shaped_rewards, rloo_advantages
+
+
+def rollout_rewards(samples: pa.Table, cfg) -> np.ndarray:
+    """The configured mix per sample: language fidelity (+1 when detected in the target language), the user's
+    reward file, minus a length term (METHODS.md section 4, online)."""
+    o = cfg.online
+    langs, detected = samples.column("lang").to_pylist(), samples.column("lang_detected").to_pylist()
+    target = [o.target_language or lang for lang in langs]
+    rewards = o.fidelity_weight * np.array([float(d == t) for d, t in zip(detected, target)])
+    if o.user_weight:
+        from rayalign.scores import user_rewards
+
+        rewards = rewards + o.user_weight * user_rewards(samples, cfg.rewards.user.path, cfg.rewards.user.function)
+    if o.length_weight:
+        rewards = rewards - o.length_weight * samples.column("num_tokens").to_numpy() / cfg.sampling.max_new_tokens
+    if not np.isfinite(rewards).all():
+        bad = int(np.flatnonzero(~np.isfinite(rewards))[0])
+        raise ValueError(f"online reward of row {bad} (prompt_id {samples.column('prompt_id')[bad]}) is "
+                         f"{rewards[bad]}; rewards must be finite")
+    return rewards
+
+
+def group_advantages(samples: pa.Table, rewards: np.ndarray, algorithm: str) -> np.ndarray:
+    """GRPO or RLOO advantages over the n samples of each (prompt_id, language)."""
+    keys = list(zip(samples.column("prompt_id").to_pylist(), samples.column("lang").to_pylist()))
+    index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    groups = torch.tensor([index[k] for k in keys])
+    r = torch.as_tensor(rewards, dtype=torch.float64)
+    adv = grpo_advantages(r, groups) if algorithm == "grpo" else rloo_advantages(r, groups)
+    return adv.numpy()
+
+
+def rollout_sequences(tokenizer, samples: pa.Table) -> list[tuple[list[int], list[int]]]:
+    """(prompt_ids, response_ids) as generated: the end-of-turn token only where the response stopped on it."""
+    out = []
+    for messages, response, finish in zip(samples.column("messages").to_pylist(), samples.column("response").to_pylist(),
+                                          samples.column("finish_reason").to_pylist()):
+        prompt, tokens = encode_response(tokenizer, messages, response)
+        out.append((prompt, tokens if finish == "stop" else tokens[:-1] or tokens))
+    return out
+
+
+def _padded(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    values = torch.zeros(len(rows), width, dtype=torch.float64)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        values[i, :len(r)] = torch.tensor(r, dtype=torch.float64)
+        mask[i, :len(r)] = True
+    return values, mask
+
+
+def ppo_advantages(rewards: np.ndarray, policy_stats: list[dict], critic_stats: list[dict], *, kl_coef: float,
+                   kl_estimator: str, gamma: float, lam: float) -> tuple[list[list[float]], list[list[float]], list]:
+    """PPO-RLHF: per-token rewards (-kl_coef x KL each token, the sequence reward at the last), GAE over the
+    critic's values, advantages whitened over the batch's tokens. Returns (advantages, returns, values) as one
+    list per sequence with a value per response token."""
+    logp, mask = _padded([s["logp"] for s in policy_stats])
+    ref, _ = _padded([s["ref_logp"] for s in policy_stats])
+    values, value_mask = _padded([s["value"] for s in critic_stats])
+    if not torch.equal(mask, value_mask):
+        raise ValueError("ppo: the critic's token counts differ from the policy's for the same rollouts")
+    token_rewards = kl_shaped_rewards(torch.as_tensor(rewards, dtype=torch.float64), logp, ref, mask, coef=kl_coef,
+                                      kind=kl_estimator)
+    adv, returns = gae(token_rewards, values, mask, gamma=gamma, lam=lam)
+    valid = adv[mask]
+    adv = torch.where(mask, (adv - valid.mean()) / (valid.std() + 1e-8), 0.0)
+    rows = lambda x: [x[i][mask[i]].tolist() for i in range(len(x))]  # noqa: E731
+    return rows(adv), rows(returns), rows(values)

@@ -1,0 +1,156 @@
+"""Online RL: rewards and advantages by hand, weight sync to the engines, and a reward that rises."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conftest import REPO
+from rayalign.config import ModelConfig, load_config
+
+
+def samples_table(rows):
+    keys = ["prompt_id", "lang", "lang_detected", "num_tokens"]
+    return pa.table({k: [r[i] for r in rows] for i, k in enumerate(keys)})
+
+
+def test_rewards_and_group_advantages_by_hand():
+    from rayalign.online import group_advantages, rollout_rewards
+
+    table = samples_table([("a", "de", "de", 8), ("a", "de", "en", 16), ("a", "en", "en", 4), ("a", "en", "en", 12)])
+    cfg = load_config(None, ["online.length_weight=0.5", "sampling.max_new_tokens=16"])
+    rewards = rollout_rewards(table, cfg)
+    assert rewards.tolist() == pytest.approx([1 - 0.25, 0 - 0.5, 1 - 0.125, 1 - 0.375])
+    # GRPO over (a, de) and (a, en): (r - mean) / (sample std + 1e-6); two members -> +-1/sqrt(2)
+    grpo = group_advantages(table, rewards, "grpo")
+    assert grpo.tolist() == pytest.approx([2 ** -0.5, -(2 ** -0.5), 2 ** -0.5, -(2 ** -0.5)], abs=1e-5)
+    rloo = group_advantages(table, rewards, "rloo")  # r_i - the other member's reward
+    assert rloo.tolist() == pytest.approx([1.25, -1.25, 0.25, -0.25])
+    cfg = load_config(None, ["online.target_language=de"])
+    assert rollout_rewards(table, cfg).tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_rollout_sequences_keep_the_end_of_turn_only_when_generated(tiny_model):
+    from rayalign.models import encode_response, load_tokenizer
+    from rayalign.online import rollout_sequences
+
+    tok = load_tokenizer(tiny_model)
+    messages = [{"role": "user", "content": "Hola"}]
+    table = pa.table({"messages": [messages, messages], "response": ["Buenos días", "Buenos días"],
+                      "finish_reason": ["stop", "length"]})
+    stop, cut = rollout_sequences(tok, table)
+    prompt, response = encode_response(tok, messages, "Buenos días")
+    assert stop == (prompt, response) and cut == (prompt, response[:-1]) and response[-1] == tok.eos_token_id
+
+
+def test_generation_engines_take_the_trainers_weights(ray_session, tiny_model):
+    from rayalign.actors.generator import GenerationGroup
+    from rayalign.actors.trainer import TrainerGroup
+    from rayalign.models import encode_response, load_tokenizer
+
+    cfg = load_config(None, [f"policy.path={tiny_model}", "training.micro_batch_size=4", "training.lr=1.0e-3",
+                             "training.warmup_ratio=0.0"])
+    tok = load_tokenizer(tiny_model)
+    sequences = [encode_response(tok, [{"role": "user", "content": q}], a)
+                 for q, a in [("Hi", "Hello there"), ("Hallo", "Guten Tag"), ("Hola", "Buenas"), ("Salut", "Bonjour")]]
+    generators = GenerationGroup(tiny_model, ModelConfig(path=tiny_model), cfg.engines)
+    trainer = TrainerGroup(tiny_model, ModelConfig(path=tiny_model), cfg.training)
+    try:
+        before = generators.weights()[0]
+        trainer._all("prepare_online", 2, tiny_model)
+        update = trainer._all("rl_step", sequences, [1.0, -1.0, 0.5, -0.5], 0.1, "k3", 0.2)[0]
+        assert update["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step starts at the reference
+        params = trainer.parameters()
+        generators.update_weights(params)
+        after = generators.weights()[0]
+    finally:
+        generators.shutdown()
+        trainer.shutdown()
+    assert after.keys() == params.keys()
+    assert all(np.array_equal(after[k], params[k]) for k in params)
+    assert all(not np.array_equal(after[k], before[k]) for k in params)
+
+
+def test_online_grpo_raises_an_easily_learnable_reward(ray_session, tiny_model, tmp_path):
+    """A length reward (shorter is better) on the tiny model: the engines sample from the updated weights,
+    so the mean reward of later steps rises clearly above the first steps'."""
+    from rayalign.data.store import read_dataset
+    from rayalign.pipelines import online
+
+    cfg = load_config(REPO / "examples" / "online-grpo-quickstart.yaml", [
+        f"policy.path={tiny_model}", "online.fidelity_weight=0", "online.length_weight=1.0", "online.steps=8",
+        "training.lr=3.0e-4"])
+    run_dir = online.run(cfg, tmp_path / "online")
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rewards = [s["reward_mean"] for s in steps]
+    assert len(steps) == 8 and all(s["kl"] >= 0 and s["seconds_train"] > 0 for s in steps)
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:2]) + 0.1, rewards
+    rollouts = read_dataset(run_dir / "online" / "step-0008", "rollouts")
+    assert rollouts.num_rows == 2 * 5 * 4 and set(rollouts.column("step").to_pylist()) == {8}
+    assert rollouts.column("reward").to_numpy().mean() == pytest.approx(rewards[-1])
+    assert (run_dir / "online" / "policy" / "config.json").is_file()
+
+
+def test_openrlhf_reward_file_calls_rayalign_rewards(tmp_path):
+    """The generated file, imported as OpenRLHF imports it, scores prompt + response strings by hand's numbers."""
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from rayalign.cli import main
+
+    path = tmp_path / "reward_func.py"
+    result = CliRunner().invoke(main, ["online", str(REPO / "examples" / "online-grpo-quickstart.yaml"),
+                                       "--openrlhf-reward-file", str(path), "-o", "online.length_weight=0.5"])
+    assert result.exit_code == 0, result.output
+    spec = importlib.util.spec_from_file_location("reward_func", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    prompts = ["<user>Wie spät ist es?</s><assistant>", "<user>What time is it?</s><assistant>"]
+    responses = ["Es ist schon sehr spät am Abend, wir sollten nach Hause gehen.",
+                 "Es ist schon sehr spät am Abend, wir sollten nach Hause gehen."]
+    out = module.reward_func([p + r for p, r in zip(prompts, responses)], prompts, ["de", "en"])
+    penalty = 0.5 * len(responses[0]) / 2000
+    assert out["rewards"].tolist() == pytest.approx([1 - penalty, 0 - penalty])
+    assert out["extra_logs"]["language_fidelity"].tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="does not start with its prompt"):
+        module.reward_func(["x"], ["y"], ["de"])
+
+
+def test_ppo_advantages_by_hand():
+    """Two sequences (3 and 2 response tokens): KL-shaped token rewards, GAE with gamma 1, lambda 0.5, whitening."""
+    import math
+
+    from rayalign.online import ppo_advantages
+
+    policy = [{"logp": [-1.0, -2.0, -1.0], "ref_logp": [-1.0, -1.5, -1.0]},
+              {"logp": [-0.5, -0.5], "ref_logp": [-0.5, -1.0]}]
+    critic = [{"value": [0.1, 0.2, 0.3]}, {"value": [0.0, -0.2]}]
+    adv, returns, values = ppo_advantages(np.array([1.0, -1.0]), policy, critic, kl_coef=0.2, kl_estimator="k1",
+                                          gamma=1.0, lam=0.5)
+    # k1 = logp - ref; token rewards -0.2 * k1, plus the sequence reward at the last token
+    r1, r2 = [0.0, 0.1, 1.0], [0.0, -0.1 - 1.0]
+    d1 = [r1[0] + 0.2 - 0.1, r1[1] + 0.3 - 0.2, r1[2] + 0.0 - 0.3]
+    d2 = [r2[0] - 0.2 - 0.0, r2[1] + 0.0 + 0.2]
+    a1 = [d1[0] + 0.5 * (d1[1] + 0.5 * d1[2]), d1[1] + 0.5 * d1[2], d1[2]]
+    a2 = [d2[0] + 0.5 * d2[1], d2[1]]
+    assert returns == [pytest.approx([a + v for a, v in zip(a1, [0.1, 0.2, 0.3])]),
+                       pytest.approx([a + v for a, v in zip(a2, [0.0, -0.2])])]
+    flat = a1 + a2
+    mean = sum(flat) / 5
+    std = math.sqrt(sum((x - mean) ** 2 for x in flat) / 4)
+    assert adv[0] + adv[1] == pytest.approx([(x - mean) / (std + 1e-8) for x in flat])
+    assert values == [pytest.approx([0.1, 0.2, 0.3]), pytest.approx([0.0, -0.2])]
+
+
+def test_online_ppo_runs_with_a_critic(ray_session, tiny_model, tmp_path):
+    from rayalign.pipelines import online
+
+    cfg = load_config(REPO / "examples" / "online-grpo-quickstart.yaml", [
+        f"policy.path={tiny_model}", "online.algorithm=ppo", "online.steps=3", "online.critic_lr=1.0e-3",
+        "online.prompts_per_step=1", "training.micro_batch_size=4"])
+    run_dir = online.run(cfg, tmp_path / "ppo")
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2, 3] and all(np.isfinite(s["value_loss"]) for s in steps)
+    assert steps[2]["value_loss"] < steps[0]["value_loss"]  # the critic fits the returns
