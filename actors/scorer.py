@@ -44,6 +44,13 @@ class ScoringActor:
     def num_layers(self, role: str) -> int:
         return self.engines[role].model.config.num_hidden_layers
 
+    def update_weights(self, role: str, named_tensors: dict) -> None:
+        """Online RL: the scoring copy of a model (the policy) takes the trainer's new parameters."""
+        self.engines[role].update_weights(named_tensors)
+
+    def weights(self, role: str) -> dict:
+        return self.engines[role].weights()
+
     def score(self, table: pa.Table, specs: list[ForwardSpec], reward_model: str | None) -> tuple[pa.Table, pa.Table]:
         """(scored rows, errors): samples that fail by themselves are left out and named in `errors`."""
         from rayalign.scoring import forward_rows_isolating
@@ -70,6 +77,13 @@ class ScoringGroup:
         return run_shards(self.actors, self.alive, lambda a, shard: a.score.remote(shard, specs, reward_model),
                           shards, on_shard, skip=skip, progress=progress, on_errors=on_errors,
                           max_failed_rows=max_failed_rows)
+
+    def update_weights(self, role: str, named_tensors: dict) -> None:
+        ref = ray.put(named_tensors)
+        ray.get([self.actors[i].update_weights.remote(role, ref) for i in self.alive])
+
+    def weights(self, role: str) -> list[dict]:
+        return ray.get([self.actors[i].weights.remote(role) for i in self.alive])
 
     def nodes(self) -> list[str]:
         return actor_nodes([self.actors[i] for i in self.alive])

@@ -164,17 +164,15 @@ def _layers(cfg: RunConfig, policy_path: str) -> dict[str, int]:
     return layers
 
 
-def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: int, out_dir: Path) -> dict:
-    """One teacher-forced pass per needed model over every sample -> the scores dataset at `out_dir`."""
+def scoring_setup(cfg: RunConfig, policy_path: str, samples):
+    """What the scoring pass needs for the recipe's rewards: (samples with any extra prompt column, model roles,
+    forward specs, the reward-model role or None, pooled layers)."""
     import pyarrow as pa
 
-    from rayalign.actors.pool import split_shards
-    from rayalign.actors.scorer import ModelRole, ScoringGroup
-    from rayalign.data.store import read_dataset
-    from rayalign.scores import compute_rewards, cross_lingual_messages
+    from rayalign.actors.scorer import ModelRole
+    from rayalign.scores import cross_lingual_messages
     from rayalign.scoring import ForwardSpec
 
-    samples = read_dataset(samples_dir, "samples")
     r = cfg.rewards
     roles = {"policy": ModelRole(policy_path, cfg.policy)}
     layers = _layers(cfg, policy_path) if r.latent.enabled else {}
@@ -193,6 +191,21 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
         reward_model = "reward_model"
         roles[reward_model] = ModelRole(resolve_model_path(r.reward_model.model.path), r.reward_model.model,
                                         kind="reward_model")
+    return samples, roles, specs, reward_model, layers
+
+
+def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: int, out_dir: Path) -> dict:
+    """One teacher-forced pass per needed model over every sample -> the scores dataset at `out_dir`."""
+    import pyarrow as pa
+
+    from rayalign.actors.pool import split_shards
+    from rayalign.actors.scorer import ScoringGroup
+    from rayalign.data.store import read_dataset
+    from rayalign.scores import compute_rewards
+
+    samples = read_dataset(samples_dir, "samples")
+    r = cfg.rewards
+    samples, roles, specs, reward_model, layers = scoring_setup(cfg, policy_path, samples)
     shards = split_shards(samples, cfg.engines.shard_rows * cfg.sampling.n)
     # Forward results are checkpointed shard by shard, so an interrupted stage redoes only what is missing;
     # rewards need every row (English anchors, centroids, alpha search) and are computed at the end.

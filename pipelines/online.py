@@ -67,10 +67,12 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
     policy_path = resolve_model_path(cfg.policy.path)
     resources = connect(spec, address)
     ppo = o.algorithm == "ppo"
-    need = cfg.engines.count * cfg.engines.num_cpus + tcfg.world_size * tcfg.num_cpus * (2 if ppo else 1)
+    need = (cfg.engines.count * cfg.engines.num_cpus + tcfg.world_size * tcfg.num_cpus * (2 if ppo else 1)
+            + (cfg.rewards.actors * cfg.rewards.num_cpus if o.score_weight else 0))
     if need > resources.get("CPU", 0):
         raise ConfigError(f"online: generation ({cfg.engines.count} x {cfg.engines.num_cpus} CPUs) and training "
-                          f"({tcfg.world_size} x {tcfg.num_cpus} CPUs{', and as much for the critic' if ppo else ''}) run side by side and need {need:g} CPUs; the "
+                          f"({tcfg.world_size} x {tcfg.num_cpus} CPUs{', and as much for the critic' if ppo else ''}"
+                          f"{', plus the scoring actors' if o.score_weight else ''}) run side by side and need {need:g} CPUs; the "
                           f"cluster has {resources.get('CPU', 0):g}: lower engines.count or the CPUs per actor")
     console.print(f"online {o.algorithm} {cfg.name}: {o.steps} steps of {rollout_size} rollouts "
                   f"({o.prompts_per_step} prompts x {len(cfg.languages)} languages x n={cfg.sampling.n}) -> {run_dir}")
@@ -79,6 +81,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
     trainer = TrainerGroup(policy_path, cfg.policy, tcfg)
     critic = TrainerGroup(policy_path, cfg.policy, dataclasses.replace(tcfg, lr=o.critic_lr), role="critic") \
         if ppo else None
+    scorers = ScoredReward(cfg, policy_path) if o.score_weight else None
     try:
         for group in (trainer, critic) if ppo else (trainer,):
             group._all("prepare_online", o.steps, policy_path)
@@ -93,6 +96,9 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
 
             started = time.perf_counter()
             rewards = rollout_rewards(samples, cfg)
+            if scorers is not None:
+                scored = scorers(samples)
+                rewards = rewards + o.score_weight * scored
             sequences = rollout_sequences(tokenizer, samples)
             critic_update = {}
             if ppo:  # KL goes into the per-token rewards; GAE over the critic's values
@@ -115,7 +121,10 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
             timings["seconds_train"] = time.perf_counter() - started
 
             started = time.perf_counter()
-            generators.update_weights(trainer.parameters())
+            weights = trainer.parameters()
+            generators.update_weights(weights)
+            if scorers is not None and scorers.group is not None:
+                scorers.group.update_weights("policy", weights)
             timings["seconds_sync"] = time.perf_counter() - started
 
             record = {"step": step, "stage": "online", "reward_mean": float(rewards.mean()),
@@ -133,9 +142,49 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
     finally:
         generators.shutdown()
         trainer.shutdown()
-        if critic is not None:
-            critic.shutdown()
+        for group in (critic, scorers and scorers.group):
+            if group is not None:
+                group.shutdown()
     return run_dir
+
+
+class ScoredReward:
+    """The recipe's scored reward on each step's rollouts, by ScoringActors that hold the models (their policy
+    copy is synced with the trainer after every update, like the generation engines)."""
+
+    def __init__(self, cfg: RunConfig, policy_path: str):
+        from rayalign.pairs import REWARD_OF_METHOD
+
+        self.cfg, self.policy_path, self.column = cfg, policy_path, REWARD_OF_METHOD[cfg.online.score_reward]
+        self.group = None  # made with the first step's rollouts
+
+    def __call__(self, samples: pa.Table) -> np.ndarray:
+        from rayalign.actors.pool import split_shards
+        from rayalign.pipelines.offline import scoring_setup
+        from rayalign.scores import compute_rewards
+
+        cfg = self.cfg
+        samples, roles, specs, reward_model, _ = scoring_setup(cfg, self.policy_path, samples)
+        if self.group is None:
+            from rayalign.actors.scorer import ScoringGroup
+
+            r = cfg.rewards
+            self.group = ScoringGroup(roles, r.actors, r.batch_size, r.num_cpus, r.num_gpus)
+        shards = split_shards(samples, max(1, samples.num_rows // max(1, cfg.rewards.actors)))
+        parts: dict[int, pa.Table] = {}
+        self.group.run(shards, specs, reward_model, parts.__setitem__)
+        table = pa.concat_tables([parts[i] for i in range(len(shards))])
+        if cfg.rewards.implicit.enabled and cfg.rewards.implicit.prompt == "native":
+            table = table.append_column("logp_policy_icr", table.column("logp_policy"))
+        table, _ = compute_rewards(table, cfg)
+        keys = ("prompt_id", "lang", "sample_idx")
+        if list(zip(*(table.column(k).to_pylist() for k in keys))) != list(zip(*(samples.column(k).to_pylist()
+                                                                               for k in keys))):
+            raise RuntimeError("online: scored rows came back in another order than the rollouts")
+        values = table.column(self.column).to_numpy(zero_copy_only=False).astype(np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError(f"online: {self.column} has non-finite values on this step's rollouts")
+        return values
 
 
 def write_rollouts(table: pa.Table, out_dir: Path, cfg: RunConfig, step: int) -> dict:

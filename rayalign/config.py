@@ -251,6 +251,11 @@ class OnlineConfig:
     user_weight: float = _field(0.0, help="reward weight of the user reward file (rewards.user.path)", ge=0.0)
     length_weight: float = _field(0.0, help="reward minus this x generated tokens / sampling.max_new_tokens",
                                   ge=0.0)
+    score_weight: float = _field(0.0, help="reward weight of a scored reward (online.score_reward) computed by the "
+                                 "scoring actors on each step's rollouts with the rewards section's settings", ge=0.0)
+    score_reward: str = _field("lacomsa", help="which scored reward: lacomsa and msa compare each language with the "
+                               "step's English rollouts of the same prompt; icr uses the frozen reward reference",
+                               choices=("lacomsa", "msa", "icr", "reward_model"))
 
 
 @dataclass
@@ -312,12 +317,26 @@ class RunConfig:
             )
         self._validate_rewards()
         self._validate_training()
+        self._validate_online()
         if self.engines.backend == "vllm" and self.engines.num_gpus < self.engines.tensor_parallel_size:
             raise ConfigError(
                 "engines.num_gpus: the vllm backend needs at least tensor_parallel_size "
                 f"({self.engines.tensor_parallel_size}) GPUs per engine, got {self.engines.num_gpus}"
             )
 
+
+    def _validate_online(self) -> None:
+        o, r = self.online, self.rewards
+        if o.score_weight:
+            section = {"lacomsa": ("rewards.latent.enabled", r.latent.enabled), "msa": ("rewards.latent.enabled",
+                       r.latent.enabled), "icr": ("rewards.implicit.enabled", r.implicit.enabled),
+                       "reward_model": ("rewards.reward_model.enabled", r.reward_model.enabled)}[o.score_reward]
+            if not section[1]:
+                raise ConfigError(f"online.score_reward: {o.score_reward} needs {section[0]}")
+        if o.user_weight and not r.user.path:
+            raise ConfigError("online.user_weight: needs rewards.user.path (the reward file)")
+        if o.target_language is not None and o.target_language not in self.languages:
+            raise ConfigError(f"online.target_language: {o.target_language!r} is not one of languages {self.languages}")
 
     def _validate_training(self) -> None:
         t, method = self.training, self.pairs.method

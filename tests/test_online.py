@@ -46,6 +46,7 @@ def test_rollout_sequences_keep_the_end_of_turn_only_when_generated(tiny_model):
 
 def test_generation_engines_take_the_trainers_weights(ray_session, tiny_model):
     from rayalign.actors.generator import GenerationGroup
+    from rayalign.actors.scorer import ModelRole, ScoringGroup
     from rayalign.actors.trainer import TrainerGroup
     from rayalign.models import encode_response, load_tokenizer
 
@@ -64,11 +65,15 @@ def test_generation_engines_take_the_trainers_weights(ray_session, tiny_model):
         params = trainer.parameters()
         generators.update_weights(params)
         after = generators.weights()[0]
+        scorers = ScoringGroup({"policy": ModelRole(tiny_model, ModelConfig(path=tiny_model))}, 1, 8, 1, 0)
+        scorers.update_weights("policy", params)
+        scored = scorers.weights("policy")[0]
+        scorers.shutdown()
     finally:
         generators.shutdown()
         trainer.shutdown()
-    assert after.keys() == params.keys()
-    assert all(np.array_equal(after[k], params[k]) for k in params)
+    assert after.keys() == params.keys() == scored.keys()
+    assert all(np.array_equal(after[k], params[k]) and np.array_equal(scored[k], params[k]) for k in params)
     assert all(not np.array_equal(after[k], before[k]) for k in params)
 
 
@@ -154,3 +159,28 @@ def test_online_ppo_runs_with_a_critic(ray_session, tiny_model, tmp_path):
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2, 3] and all(np.isfinite(s["value_loss"]) for s in steps)
     assert steps[2]["value_loss"] < steps[0]["value_loss"]  # the critic fits the returns
+
+
+def test_online_lacomsa_reward_equals_the_offline_scoring_of_the_same_rollouts(ray_session, tiny_model, tmp_path):
+    """Step 1 (still the starting policy): each rollout's reward = fidelity + r_lacomsa, where r_lacomsa comes from
+    scoring the step's rollouts with the offline score stage (English anchors of the same prompt in the step)."""
+    from rayalign.data.store import DatasetWriter, read_dataset
+    from rayalign.pipelines import offline, online
+
+    cfg = load_config(REPO / "examples" / "online-grpo-quickstart.yaml", [
+        f"policy.path={tiny_model}", "online.steps=1", "online.score_weight=1.0", "rewards.latent.enabled=true",
+        "rewards.actors=1", "training.micro_batch_size=8"])
+    run_dir = online.run(cfg, tmp_path / "online")
+    rollouts = read_dataset(run_dir / "online" / "step-0001", "rollouts")
+    writer = DatasetWriter(tmp_path / "samples", "samples")
+    writer.write_shard(0, rollouts)
+    writer.finalize(expected_shards=1)
+    offline.score_stage(cfg, tmp_path / "samples", tiny_model, 1, tmp_path / "scores")
+    scores = read_dataset(tmp_path / "scores", "scores")
+    key = lambda t: list(zip(*(t.column(k).to_pylist() for k in ("prompt_id", "lang", "sample_idx"))))  # noqa: E731
+    r_lacomsa = dict(zip(key(scores), scores.column("r_lacomsa").to_pylist()))
+    fidelity = [float(a == b) for a, b in zip(rollouts.column("lang").to_pylist(),
+                                               rollouts.column("lang_detected").to_pylist())]
+    expected = [f + r_lacomsa[k] for f, k in zip(fidelity, key(rollouts))]
+    assert rollouts.column("reward").to_pylist() == pytest.approx(expected, abs=1e-4)
+    assert max(abs(e - f) for e, f in zip(expected, fidelity)) > 1e-3
