@@ -184,3 +184,20 @@ def test_online_lacomsa_reward_equals_the_offline_scoring_of_the_same_rollouts(r
     expected = [f + r_lacomsa[k] for f, k in zip(fidelity, key(rollouts))]
     assert rollouts.column("reward").to_pylist() == pytest.approx(expected, abs=1e-4)
     assert max(abs(e - f) for e, f in zip(expected, fidelity)) > 1e-3
+
+
+def test_online_quickstart_through_the_cli(ray_session, tiny_model, tmp_path):
+    from click.testing import CliRunner
+
+    from rayalign.cli import main
+
+    run_dir = tmp_path / "online"
+    result = CliRunner().invoke(main, ["online", str(REPO / "examples" / "online-grpo-quickstart.yaml"),
+                                       "--run-dir", str(run_dir), "-o", f"policy.path={tiny_model}",
+                                       "-o", "online.steps=2"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2]
+    for s in steps:
+        assert {"reward_mean", "kl", "seconds_generate", "seconds_reward", "seconds_train", "seconds_sync"} <= set(s)
+        assert {f"reward_{lang}" for lang in ("en", "es", "de", "fr", "ru")} <= set(s)
