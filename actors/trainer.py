@@ -107,7 +107,7 @@ class TrainerActor:
         import torch
 
         from rayalign.data.store import read_dataset
-        from rayalign.training import REFERENCE_FREE, batch_plan, encode_dataset
+        from rayalign.training import REFERENCE_FREE, encode_dataset
 
         t = self.t
         self.loss, self.aligned = loss, aligned_languages

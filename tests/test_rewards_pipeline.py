@@ -1,6 +1,5 @@
 """Scoring, rewards and pairs end to end on the tiny models and the session's Ray instance."""
 
-import dataclasses
 import json
 import math
 
