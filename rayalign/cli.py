@@ -36,10 +36,12 @@ def _user_errors(fn):
         from rayalign.data.store import DatasetError
         from rayalign.generation import FailedRowsError
         from rayalign.models import ModelLoadError
+        from rayalign.scores import RewardError
 
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, PromptError, DatasetError, ModelLoadError, ClusterError, PlanError, FailedRowsError) as e:
+        except (ConfigError, PromptError, DatasetError, ModelLoadError, ClusterError, PlanError, FailedRowsError,
+                RewardError) as e:
             raise UserError(str(e)) from None
 
     return wrapper

@@ -190,6 +190,7 @@ def resolve_model_path(path: str, progress=None) -> str:
     if p.exists():
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"{p}: not a model directory (no config.json)")
+        _require_tokenizer(p)  # here, before any actor is started: an actor's load error would only kill it
         return str(p.resolve())
     if path.startswith((".", "/", "~")):
         raise ModelLoadError(f"{path}: model directory not found")
@@ -210,13 +211,18 @@ def _tiny_overrides(path: str) -> dict:
     return overrides
 
 
+def _require_tokenizer(p: Path) -> None:
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ModelLoadError(f"{p}: no tokenizer (expected tokenizer.json, tokenizer.model or vocab.json "
+                             "next to config.json; save it with tokenizer.save_pretrained)")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     p = Path(path)
-    if p.is_dir() and not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise ModelLoadError(f"{p}: no tokenizer (expected tokenizer.json, tokenizer.model or vocab.json "
-                             "next to config.json; save it with tokenizer.save_pretrained)")
+    if p.is_dir():
+        _require_tokenizer(p)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.chat_template is None:
         raise ModelLoadError(f"{path}: the tokenizer has no chat template")

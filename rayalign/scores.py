@@ -77,7 +77,13 @@ def user_rewards(table: pa.Table, path: str, function: str) -> np.ndarray:
         if len(values) != len(idx):
             raise RewardError(f"{path}:{function} returned {len(values)} scores for prompt_id {prompt_id!r}, "
                               f"expected {len(idx)} (one per sample)")
-        out[idx] = np.asarray(values, dtype=np.float64)
+        values = np.asarray(values, dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            row = rows[idx[bad[0]]]  # online rollouts may lack sample_idx
+            raise RewardError(f"{path}:{function} returned {values[bad[0]]} for prompt_id {prompt_id!r} "
+                              f"({row.get('lang')}) sample {row.get('sample_idx')}; rewards must be finite")
+        out[idx] = values
     return out
 
 

@@ -342,3 +342,31 @@ def test_disk_full_during_generation_stops_the_launch_naming_the_shard(long_prom
     assert "part-00003.parquet: could not be written (No space left on device)" in "".join(result.output.split("\n"))
     assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "iter-1" / "samples").glob("part-*")} == {
         k: v for k, v in kept.items() if k != "part-00003.parquet"}
+
+
+# ---- 5. SIGKILL during training, then the same command again ----
+
+@pytest.mark.slow
+def test_sigkill_during_training_resumes_from_the_latest_checkpoint(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    recipe = recipe_file(tmp_path / "recipe.yaml", tiny_model, PROMPTS_DIR,
+                         "rewards: {latent: {enabled: true}, actors: 1}\npairs: {method: lacomsa}\n"
+                         "training: {loss: dpo, micro_batch_size: 1, gradient_accumulation: 1, checkpoint_every: 1, "
+                         "world_size: 1, num_cpus: 1}\n", limit=8)  # 8 prompts x 2 languages: 16 pairs, 16 steps
+    run_dir, log = tmp_path / "run", tmp_path / "launch.log"
+    command = [sys.executable, "-m", "rayalign.cli", "launch", "--cluster", "local", str(recipe), "--run-dir",
+               str(run_dir)]
+    ckpt = run_dir / "iter-1" / "train.ckpt"
+
+    launch_and_kill(command, log, ckpt / "latest", timeout=480)
+    assert not (run_dir / "iter-1" / "policy").exists()  # killed during training
+    assert "iter-1/pairs" in json.loads((run_dir / "state.json").read_text())["finished"]
+    launch_subprocess(command, log)
+
+    train = [m for m in metrics(run_dir) if m["stage"] == "train"]
+    assert len(train) == 1 and 0 < train[0]["resumed_from_step"] < train[0]["steps"], train
+    assert [m["stage"] for m in metrics(run_dir)].count("generate") == 1  # earlier stages were kept
+    assert not ckpt.exists() and not list((run_dir / "iter-1").glob("*.tmp"))
+    policy = AutoModelForCausalLM.from_pretrained(run_dir / "iter-1" / "policy")
+    assert policy.config.num_hidden_layers == 4
