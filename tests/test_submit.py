@@ -25,7 +25,8 @@ def test_submit_runs_a_job_on_a_running_cluster(tmp_path):
 
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     head = subprocess.Popen(["ray", "start", "--head", "--block", "--num-cpus=1", "--port=6397",
-                             "--dashboard-host=127.0.0.1", "--dashboard-port=8397", "--disable-usage-stats"],
+                             "--dashboard-host=127.0.0.1", "--dashboard-port=8397", "--dashboard-agent-listen-port=52399",
+                             "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         (tmp_path / "r.yaml").write_text("name: job\nsampling: {n: 3}\n")
