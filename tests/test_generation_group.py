@@ -76,3 +76,35 @@ def test_dead_actor_shard_is_retried_elsewhere(setup, baseline):
     table, stats = run_group(cfg, prompts, model, 2, on_shard_hook=kill_one)
     assert stats.retries >= 1
     assert table.equals(baseline[0])
+
+
+def test_dead_scoring_actor_shard_is_retried_elsewhere(setup, baseline):
+    """The same for ScoringActors: a killed actor's shard is scored by the other, with the same numbers."""
+    from rayalign.actors.scorer import ModelRole, ScoringGroup
+    from rayalign.scoring import ForwardSpec
+
+    cfg, _, model = setup
+    samples = baseline[0]
+    shards = split_shards(samples, 2)
+    specs = [ForwardSpec("policy", "messages", "logp_policy", tokens_column="score_tokens")]
+
+    def score(count, kill):
+        group = ScoringGroup({"policy": ModelRole(model, cfg.policy)}, count, 8, 1, 0)
+        out = {}
+
+        def on_shard(index, table):
+            out[index] = table
+            if kill and len(out) == 1:
+                ray.kill(group.actors[1] if 1 in group.alive else group.actors[0])
+
+        try:
+            stats = group.run(shards, specs, None, on_shard)
+        finally:
+            group.shutdown()
+        return pa.concat_tables([out[i] for i in sorted(out)]), stats
+
+    undisturbed, _ = score(1, kill=False)
+    table, stats = score(2, kill=True)
+    assert stats.retries >= 1 and table.num_rows == samples.num_rows
+    assert table.column("logp_policy").to_pylist() == pytest.approx(undisturbed.column("logp_policy").to_pylist(),
+                                                                    abs=1e-6)
