@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -370,3 +371,14 @@ def test_sigkill_during_training_resumes_from_the_latest_checkpoint(tmp_path, ti
     assert not ckpt.exists() and not list((run_dir / "iter-1").glob("*.tmp"))
     policy = AutoModelForCausalLM.from_pretrained(run_dir / "iter-1" / "policy")
     assert policy.config.num_hidden_layers == 4
+    # the same as training without the kill: the uninterrupted run's stages on a copy of the finished pairs
+    copy = tmp_path / "straight"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("policy", "train_log.jsonl"))
+    state = json.loads((copy / "state.json").read_text())
+    state["finished"] = [s for s in state["finished"] if not s.startswith("iter-1/train") and "summary" not in s]
+    (copy / "state.json").write_text(json.dumps(state))
+    launch_subprocess([*command[:-1], str(copy)], log)
+    assert [m for m in metrics(copy) if m["stage"] == "train"][-1]["resumed_from_step"] == 0
+    straight = AutoModelForCausalLM.from_pretrained(copy / "iter-1" / "policy").state_dict()
+    for name, value in policy.state_dict().items():
+        assert (value - straight[name]).abs().max() < 1e-6, name
