@@ -146,9 +146,10 @@ class TrainerActor:
         import torch
         import torch.distributed as dist
 
+        from rayalign.models import pad_id
         from rayalign.training import METRICS, collate, compute_loss, sequence_logps
 
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = pad_id(self.tokenizer)
         results = []
         end = min(self.step + count, self.steps_per_epoch * self.t.epochs)
         while self.step < end:
@@ -203,10 +204,11 @@ class TrainerActor:
 
     def _batches(self, sequences: list):
         """(rows, tensors) of this rank's micro-batches of a rollout batch (each rank takes its slice)."""
+        from rayalign.models import pad_id
         from rayalign.training import TrainingData, collate, micro_batch
 
         data = TrainingData("rollouts", [[s] for s in sequences], {}, [""] * len(sequences), [""] * len(sequences))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = pad_id(self.tokenizer)
         for m in range(self.t.gradient_accumulation):
             rows = micro_batch(list(range(len(data))), self.rank, m, self.t.world_size, self.t.micro_batch_size)
             yield rows, {k: v.to(self.device) for k, v in collate(data, rows, pad).items()}

@@ -164,13 +164,10 @@ def _layers(cfg: RunConfig, policy_path: str) -> dict[str, int]:
     return layers
 
 
-def scoring_setup(cfg: RunConfig, policy_path: str, samples):
-    """What the scoring pass needs for the recipe's rewards: (samples with any extra prompt column, model roles,
-    forward specs, the reward-model role or None, pooled layers)."""
-    import pyarrow as pa
-
+def scoring_setup(cfg: RunConfig, policy_path: str):
+    """What the scoring pass needs for the recipe's rewards: (model roles, forward specs, the reward-model role or
+    None, pooled layers). Samples get their extra prompt column from `with_scoring_prompts`."""
     from rayalign.actors.scorer import ModelRole
-    from rayalign.scores import cross_lingual_messages
     from rayalign.scoring import ForwardSpec
 
     r = cfg.rewards
@@ -183,7 +180,6 @@ def scoring_setup(cfg: RunConfig, policy_path: str, samples):
         prompt = "messages"
         if r.implicit.prompt == "cross_lingual":
             prompt = "messages_cross_lingual"
-            samples = samples.append_column(prompt, pa.array(cross_lingual_messages(samples, cfg.anchor_language)))
             specs.append(ForwardSpec("policy", prompt, "logp_policy_icr"))
         specs.append(ForwardSpec("reward_reference", prompt, "logp_reward_ref"))
     reward_model = None
@@ -191,7 +187,29 @@ def scoring_setup(cfg: RunConfig, policy_path: str, samples):
         reward_model = "reward_model"
         roles[reward_model] = ModelRole(resolve_model_path(r.reward_model.model.path), r.reward_model.model,
                                         kind="reward_model")
-    return samples, roles, specs, reward_model, layers
+    return roles, specs, reward_model, layers
+
+
+def forward_rewards(cfg: RunConfig, table):
+    """Rewards from the scoring pass's forward results: (scores table, reward parameters). R_m scores under the
+    native prompt, whose log-probs are the policy's own."""
+    from rayalign.scores import compute_rewards
+
+    if cfg.rewards.implicit.enabled and cfg.rewards.implicit.prompt == "native":
+        table = table.append_column("logp_policy_icr", table.column("logp_policy"))
+    return compute_rewards(table, cfg)
+
+
+def with_scoring_prompts(cfg: RunConfig, samples):
+    """Samples with the cross-lingual prompt G(x) that ICR's R_c scores under, when the recipe asks for it."""
+    import pyarrow as pa
+
+    from rayalign.scores import cross_lingual_messages
+
+    if not (cfg.rewards.implicit.enabled and cfg.rewards.implicit.prompt == "cross_lingual"):
+        return samples
+    return samples.append_column("messages_cross_lingual",
+                                 pa.array(cross_lingual_messages(samples, cfg.anchor_language)))
 
 
 def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: int, out_dir: Path) -> dict:
@@ -201,11 +219,11 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
     from rayalign.actors.pool import split_shards
     from rayalign.actors.scorer import ScoringGroup
     from rayalign.data.store import read_dataset
-    from rayalign.scores import compute_rewards
 
     samples = read_dataset(samples_dir, "samples")
     r = cfg.rewards
-    samples, roles, specs, reward_model, layers = scoring_setup(cfg, policy_path, samples)
+    roles, specs, reward_model, layers = scoring_setup(cfg, policy_path)
+    samples = with_scoring_prompts(cfg, samples)
     shards = split_shards(samples, cfg.engines.shard_rows * cfg.sampling.n)
     # Forward results are checkpointed shard by shard, so an interrupted stage redoes only what is missing;
     # rewards need every row (English anchors, centroids, alpha search) and are computed at the end.
@@ -228,9 +246,7 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
     failed = record_failures(cfg, it_dir, iteration, "score", samples.num_rows)
     # a shard whose every row failed holds no scored columns
     table = pa.concat_tables([results[i] for i in range(len(shards)) if results[i].num_rows])
-    if r.implicit.enabled and r.implicit.prompt == "native":
-        table = table.append_column("logp_policy_icr", table.column("logp_policy"))
-    table, params = compute_rewards(table, cfg)
+    table, params = forward_rewards(cfg, table)
     params["layers"] = layers
     write_table(table, out_dir, "scores", cfg, iteration, {n: role.path for n, role in roles.items()}, params,
                 f"Teacher-forced scores of iteration {iteration}'s samples: log-probs, rewards"
@@ -603,7 +619,6 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
     policy_path, policy_name = initial_path, cfg.policy.path
     for iteration in range(1, cfg.iterations + 1):
         it_dir = run_dir / f"iter-{iteration}"
-        summary = {"iteration": iteration, "stage": "iteration", "policy": policy_name}
         for stage in stages:
             name = f"iter-{iteration}/{stage}"
             out_dir = it_dir / {"generate": "samples", "score": "scores", "train": "policy"}.get(stage, stage)
@@ -628,8 +643,9 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
             console.print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in shown.items()) + f" -> {out_dir}")
         if "train" in stages:
             policy_path, policy_name = str(it_dir / "policy"), f"iter-{iteration}/policy"
-        summary |= iteration_summary(run_dir, iteration)
         if f"iter-{iteration}/summary" not in state["finished"]:
+            summary = {"iteration": iteration, "stage": "iteration", "policy": policy_name,
+                       **iteration_summary(run_dir, iteration)}
             log_metrics(run_dir, summary)
             write_tensorboard(run_dir, summary)
             state["finished"].append(f"iter-{iteration}/summary")

@@ -123,7 +123,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
             started = time.perf_counter()
             weights = trainer.parameters()
             generators.update_weights(weights)
-            if scorers is not None and scorers.group is not None:
+            if scorers is not None:
                 scorers.group.update_weights("policy", weights)
             timings["seconds_sync"] = time.perf_counter() - started
 
@@ -142,7 +142,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
     finally:
         generators.shutdown()
         trainer.shutdown()
-        for group in (critic, scorers and scorers.group):
+        for group in (critic, scorers.group if scorers else None):
             if group is not None:
                 group.shutdown()
     return run_dir
@@ -153,30 +153,26 @@ class ScoredReward:
     copy is synced with the trainer after every update, like the generation engines)."""
 
     def __init__(self, cfg: RunConfig, policy_path: str):
+        from rayalign.actors.scorer import ScoringGroup
         from rayalign.pairs import REWARD_OF_METHOD
+        from rayalign.pipelines.offline import scoring_setup
 
-        self.cfg, self.policy_path, self.column = cfg, policy_path, REWARD_OF_METHOD[cfg.online.score_reward]
-        self.group = None  # made with the first step's rollouts
+        self.cfg, self.column = cfg, REWARD_OF_METHOD[cfg.online.score_reward]
+        roles, self.specs, self.reward_model, _ = scoring_setup(cfg, policy_path)
+        r = cfg.rewards
+        self.group = ScoringGroup(roles, r.actors, r.batch_size, r.num_cpus, r.num_gpus)
 
     def __call__(self, samples: pa.Table) -> np.ndarray:
         from rayalign.actors.pool import split_shards
-        from rayalign.pipelines.offline import scoring_setup
-        from rayalign.scores import compute_rewards
+        from rayalign.pipelines.offline import forward_rewards, with_scoring_prompts
 
         cfg = self.cfg
-        samples, roles, specs, reward_model, _ = scoring_setup(cfg, self.policy_path, samples)
-        if self.group is None:
-            from rayalign.actors.scorer import ScoringGroup
-
-            r = cfg.rewards
-            self.group = ScoringGroup(roles, r.actors, r.batch_size, r.num_cpus, r.num_gpus)
+        samples = with_scoring_prompts(cfg, samples)
         shards = split_shards(samples, max(1, samples.num_rows // max(1, cfg.rewards.actors)))
         parts: dict[int, pa.Table] = {}
-        self.group.run(shards, specs, reward_model, parts.__setitem__)
+        self.group.run(shards, self.specs, self.reward_model, parts.__setitem__)
         table = pa.concat_tables([parts[i] for i in range(len(shards))])
-        if cfg.rewards.implicit.enabled and cfg.rewards.implicit.prompt == "native":
-            table = table.append_column("logp_policy_icr", table.column("logp_policy"))
-        table, _ = compute_rewards(table, cfg)
+        table, _ = forward_rewards(cfg, table)
         keys = ("prompt_id", "lang", "sample_idx")
         if list(zip(*(table.column(k).to_pylist() for k in keys))) != list(zip(*(samples.column(k).to_pylist()
                                                                                for k in keys))):

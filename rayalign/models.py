@@ -231,6 +231,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def pad_id(tokenizer) -> int:
+    """The padding token, or the eos token for tokenizers without one (padded positions are masked anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def encode_response(tokenizer, messages: list[dict], response: str) -> tuple[list[int], list[int]]:
     """(prompt_ids, response_ids) as every teacher-forced pass sees them (scoring and training alike): the templated
     prompt with the assistant header, then the response's tokens and the end-of-turn (eos) token."""

@@ -201,10 +201,7 @@ def compute_loss(loss: str, logps: torch.Tensor, counts: torch.Tensor, batch: di
         out = losses.kto_loss(logps, v["ref_logp"], v["label"].bool(), beta=t.beta,
                               desirable_weight=t.kto_desirable_weight, undesirable_weight=t.kto_undesirable_weight)
     elif loss == "dco":
-        n = len(logps) // 4
-        p, c = logps.split(n), counts.split(n)
-        del c
-        out = losses.dco_loss(*p, v["ref_logp_chosen_1"], v["ref_logp_rejected_1"], v["ref_logp_chosen_2"],
+        out = losses.dco_loss(*logps.split(len(logps) // 4), v["ref_logp_chosen_1"], v["ref_logp_rejected_1"], v["ref_logp_chosen_2"],
                               v["ref_logp_rejected_2"], v["gamma_12"], v["gamma_21"], beta=dco_beta)
     else:
         n = len(logps) // 2

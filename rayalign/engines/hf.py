@@ -10,7 +10,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from rayalign.engines import Completion, GenerationRequest, SamplingParams, ScoreRequest, ScoreResult
-from rayalign.models import encode_response, load_causal_lm, load_tokenizer
+from rayalign.models import encode_response, load_causal_lm, load_tokenizer, pad_id
 
 
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
@@ -208,7 +208,7 @@ class HFEngine:
         prompt_lens = [len(p) for p, _ in encoded]
         seq_lens = [len(p) + len(r) for p, r in encoded]
         width = max(seq_lens)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = pad_id(self.tokenizer)
         rows = []
         for p, r in encoded:
             fill = [pad] * (width - len(p) - len(r))
