@@ -641,8 +641,6 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
             write_state(run_dir, state)
             shown = {k: (len(set(v)) if k == "actor_nodes" else v) for k, v in result.items()}
             console.print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in shown.items()) + f" -> {out_dir}")
-        if "train" in stages:
-            policy_path, policy_name = str(it_dir / "policy"), f"iter-{iteration}/policy"
         if f"iter-{iteration}/summary" not in state["finished"]:
             summary = {"iteration": iteration, "stage": "iteration", "policy": policy_name,
                        **iteration_summary(run_dir, iteration)}
@@ -650,6 +648,8 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
             write_tensorboard(run_dir, summary)
             state["finished"].append(f"iter-{iteration}/summary")
             write_state(run_dir, state)
+        if "train" in stages:
+            policy_path, policy_name = str(it_dir / "policy"), f"iter-{iteration}/policy"
     return run_dir
 
 
