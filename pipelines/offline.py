@@ -150,13 +150,23 @@ def generate_stage(cfg: RunConfig, prompts, policy_path: str, policy_name: str, 
 
 # ---- scoring stage ----
 
-def _layers(cfg: RunConfig, policy_path: str) -> dict[str, int]:
+def num_hidden_layers(cfg: RunConfig, policy_path: str) -> int:
     from transformers import AutoConfig
 
-    num_layers = AutoConfig.from_pretrained(policy_path, trust_remote_code=cfg.policy.trust_remote_code).num_hidden_layers
+    config = AutoConfig.from_pretrained(policy_path, trust_remote_code=cfg.policy.trust_remote_code)
+    return (config.get_text_config() if hasattr(config, "get_text_config") else config).num_hidden_layers
+
+
+def _layers(cfg: RunConfig, policy_path: str, hub_layer: int | None = None) -> dict[str, int]:
+    """Pooled layers of the latent rewards; `hub_layer` is the hub scan's choice when the recipe says auto."""
+    num_layers = num_hidden_layers(cfg, policy_path)
     lat = cfg.rewards.latent
-    layers = {"h_hub": num_layers // 2 if lat.hub_layer is None else lat.hub_layer,
-              "h_last": num_layers if lat.language_layer is None else lat.language_layer}
+    if hub_layer is None:
+        if lat.hub_layer == "auto":
+            raise ConfigError("rewards.latent.hub_layer: auto is resolved by a hub scan (`rayalign launch` runs one on "
+                              "iteration 1's samples; or run `rayalign hub-scan` and set the layer)")
+        hub_layer = num_layers // 2 if lat.hub_layer is None else lat.hub_layer
+    layers = {"h_hub": hub_layer, "h_last": num_layers if lat.language_layer is None else lat.language_layer}
     for column, layer in layers.items():
         if layer > num_layers:
             key = "hub_layer" if column == "h_hub" else "language_layer"
@@ -164,7 +174,7 @@ def _layers(cfg: RunConfig, policy_path: str) -> dict[str, int]:
     return layers
 
 
-def scoring_setup(cfg: RunConfig, policy_path: str):
+def scoring_setup(cfg: RunConfig, policy_path: str, hub_layer: int | None = None):
     """What the scoring pass needs for the recipe's rewards: (model roles, forward specs, the reward-model role or
     None, pooled layers). Samples get their extra prompt column from `with_scoring_prompts`."""
     from rayalign.actors.scorer import ModelRole
@@ -172,7 +182,7 @@ def scoring_setup(cfg: RunConfig, policy_path: str):
 
     r = cfg.rewards
     roles = {"policy": ModelRole(policy_path, cfg.policy)}
-    layers = _layers(cfg, policy_path) if r.latent.enabled else {}
+    layers = _layers(cfg, policy_path, hub_layer) if r.latent.enabled else {}
     specs = [ForwardSpec("policy", "messages", "logp_policy", tuple(layers.items()), tokens_column="score_tokens")]
     if r.implicit.enabled:
         ref = r.implicit.reward_reference
@@ -212,7 +222,33 @@ def with_scoring_prompts(cfg: RunConfig, samples):
                                  pa.array(cross_lingual_messages(samples, cfg.anchor_language)))
 
 
-def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: int, out_dir: Path) -> dict:
+def hub_layer_of_run(cfg: RunConfig, run_dir: Path, state: dict, initial_path: str) -> int | None:
+    """The hub layer when the recipe says `hub_layer: auto`: scanned once on iteration 1's samples with the starting
+    policy (so every iteration's rewards use the same layer), saved in hub-scan.json; None otherwise."""
+    from rayalign.data.store import read_dataset
+    from rayalign.pipelines.evaluate import hub_scan, print_hub_scan, save_hub_scan
+
+    lat = cfg.rewards.latent
+    if not (lat.enabled and lat.hub_layer == "auto"):
+        return None
+    path = run_dir / "hub-scan.json"
+    if "hub-scan" in state["finished"] and path.is_file():
+        return json.loads(path.read_text())["hub_layer"]
+    started = time.perf_counter()
+    result = hub_scan(cfg, initial_path, cfg.policy.path, read_dataset(run_dir / "iter-1" / "samples", "samples"),
+                      lat.hub_scan_prompts)
+    save_hub_scan(result, path)
+    print_hub_scan(result)
+    log_metrics(run_dir, {"iteration": 1, "stage": "hub-scan", "hub_layer": result["hub_layer"],
+                          "prompts": result["prompts"], **{f"silhouette_{k}": v for k, v in result["silhouette"].items()},
+                          "wall_seconds": round(time.perf_counter() - started, 3)})
+    state["finished"].append("hub-scan")
+    write_state(run_dir, state)
+    return result["hub_layer"]
+
+
+def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: int, out_dir: Path,
+                hub_layer: int | None = None) -> dict:
     """One teacher-forced pass per needed model over every sample -> the scores dataset at `out_dir`."""
     import pyarrow as pa
 
@@ -222,7 +258,7 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
 
     samples = read_dataset(samples_dir, "samples")
     r = cfg.rewards
-    roles, specs, reward_model, layers = scoring_setup(cfg, policy_path)
+    roles, specs, reward_model, layers = scoring_setup(cfg, policy_path, hub_layer)
     samples = with_scoring_prompts(cfg, samples)
     shards = split_shards(samples, cfg.engines.shard_rows * cfg.sampling.n)
     # Forward results are checkpointed shard by shard, so an interrupted stage redoes only what is missing;
@@ -630,7 +666,8 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
                 result = generate_stage(cfg, prompts, policy_path, policy_name, iteration, out_dir)
                 result |= {f"fidelity_{lang}": v for lang, v in language_fidelity(out_dir).items()}
             elif stage == "score":
-                result = score_stage(cfg, it_dir / "samples", policy_path, iteration, out_dir)
+                hub_layer = hub_layer_of_run(cfg, run_dir, state, initial_path)
+                result = score_stage(cfg, it_dir / "samples", policy_path, iteration, out_dir, hub_layer)
             elif stage == "pairs":
                 result = pairs_stage(cfg, run_dir, policy_path, initial_path, iteration, out_dir)
             else:

@@ -54,6 +54,9 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
     from rayalign.online import group_advantages, ppo_advantages, rollout_rewards, rollout_sequences
 
     o = cfg.online
+    if o.score_weight and cfg.rewards.latent.enabled and cfg.rewards.latent.hub_layer == "auto":
+        raise ConfigError("rewards.latent.hub_layer: auto is not resolved by online runs; run `rayalign hub-scan "
+                          "RECIPE` and set the layer it prints")
     run_dir = Path(run_dir or cfg.resolved_run_dir())
     spec = load_cluster_spec(cluster)
     prompts = load_prompts(cfg.prompts.path, cfg.languages, limit=cfg.prompts.limit,

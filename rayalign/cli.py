@@ -359,10 +359,6 @@ def config_cmd(recipe, overrides):
     console.print(f"# config hash {cfg.config_hash()}")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 @main.command("online")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--cluster", default="local", show_default=True, help="cluster spec name or path")
@@ -392,3 +388,207 @@ def online_cmd(recipe, cluster, overrides, run_dir, address, openrlhf_reward_fil
         return
     out = online.run(_load(recipe, overrides), Path(run_dir) if run_dir else None, cluster=cluster, address=address)
     console.print(f"done: {out}  (see {out / 'metrics.jsonl'})")
+
+
+def _run_dir(cfg, run_dir) -> Path:
+    return Path(run_dir) if run_dir else cfg.resolved_run_dir()
+
+
+def _policy(cfg, run_dir: Path, policy: str | None) -> tuple[str, str, str]:
+    """(checkpoint path, name, label) of --policy: a path, initial, iter-N, or (default) the run's latest policy."""
+    from rayalign.models import resolve_model_path
+
+    if policy is None:
+        trained = sorted(run_dir.glob("iter-*/policy/config.json"), key=lambda p: int(p.parent.parent.name[5:]))
+        policy = trained[-1].parent.parent.name if trained else "initial"
+    if policy == "initial":
+        return resolve_model_path(cfg.policy.path), cfg.policy.path, "initial"
+    if policy.startswith("iter-") and policy[5:].isdigit():
+        path = run_dir / policy / "policy"
+        if not (path / "config.json").is_file():
+            raise UserError(f"--policy {policy}: {path} holds no checkpoint (has the run trained iteration "
+                            f"{policy[5:]}?)")
+        return str(path), f"{policy}/policy", policy
+    return resolve_model_path(policy), policy, Path(policy).name or "policy"
+
+
+def _run_hub_layer(cfg, run_dir: Path) -> int | None:
+    """The hub layer a run chose by its scan when the recipe says auto (None when there is none)."""
+    import json
+
+    scan = run_dir / "hub-scan.json"
+    if cfg.rewards.latent.hub_layer == "auto" and scan.is_file():
+        return json.loads(scan.read_text())["hub_layer"]
+    return None
+
+
+POLICY_HELP = "checkpoint to evaluate: initial (the recipe's policy), iter-N (the run's iteration N), or a path; " \
+              "default: the run's latest trained policy, else initial"
+
+
+@main.command("eval")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--policy", help=POLICY_HELP)
+@click.option("--run-dir", type=click.Path(file_okay=False), help="the run directory (default: runs/<name>)")
+@click.option("--out", type=click.Path(file_okay=False), help="output directory (default: <run-dir>/eval/<label>)")
+@click.option("--prompts", "prompts_limit", type=click.IntRange(min=1),
+              help="prompts per language (default: the recipe's prompts.limit)")
+@click.option("--samples", type=click.IntRange(min=1), help="responses per prompt (default: the recipe's sampling.n)")
+@click.option("--candidates", type=click.Path(exists=True, file_okay=False),
+              help="parallel candidate set for RankC and accuracy (default: rewards.consistency.candidates_path)")
+@click.option("--layers", default="all", show_default=True,
+              help="silhouette layers: all, none, or hidden_states indices such as 0,8,16")
+@click.option("--likelihood", type=click.Choice(["sum", "mean"]), default="sum", show_default=True,
+              help="candidate likelihood: summed log-prob of the candidate, or its mean per token")
+@click.option("--judge-url", help="OpenAI-compatible endpoint of a judge you run (e.g. http://localhost:8000/v1); "
+              "adds the win rate against the prompts' reference answers")
+@click.option("--judge-model", help="the judge's model name on that endpoint")
+@click.option("--judge-api-key", help="bearer token for the judge (default: $RAYALIGN_JUDGE_API_KEY)")
+@click.option("--cluster", default="local", show_default=True, help=CLUSTER_HELP)
+@click.option("--address", help="join the Ray cluster at this address (default: $RAY_ADDRESS, or start one)")
+@click.option("-o", "--override", "overrides", multiple=True, help=OVERRIDE_HELP)
+@_user_errors
+def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates, layers, likelihood, judge_url,
+             judge_model, judge_api_key, cluster, address, overrides):
+    """Evaluate a policy checkpoint on the recipe's prompts.
+
+    Language fidelity and response length per language, statistics of the recipe's rewards, the silhouette
+    of pooled states at every layer (clustered by prompt: higher = more language-neutral), RankC and
+    accuracy on a parallel candidate set, and optionally a judge's win rate. Writes samples/, scores/ and
+    results/ (an Arrow `eval` table, one row per metric, statistic, language and layer) and prints a summary.
+
+    \b
+    Example:
+      rayalign eval examples/quickstart.yaml --policy initial --candidates examples/data/mc
+      rayalign eval examples/quickstart.yaml --candidates examples/data/mc     # the latest iteration
+    """
+    from rayalign.cluster import connect, load_cluster_spec
+    from rayalign.pipelines.evaluate import evaluate_policy, print_summary
+
+    cfg = _load(recipe, overrides)
+    run_dir = _run_dir(cfg, run_dir)
+    try:
+        layer_list = layers if layers in ("all", "none") else [int(x) for x in layers.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--layers {layers!r}: expected all, none, or comma-separated integers") from None
+    judge = None
+    if judge_url or judge_model:
+        if not (judge_url and judge_model):
+            raise UserError("--judge-url and --judge-model go together")
+        from rayalign.eval.judge import JudgeSettings
+
+        judge = JudgeSettings(url=judge_url, model=judge_model, api_key=judge_api_key)
+    path, name, label = _policy(cfg, run_dir, policy)
+    connect(load_cluster_spec(cluster), address)
+    from rayalign.eval.judge import JudgeError
+
+    try:
+        result = evaluate_policy(cfg, path, Path(out) if out else run_dir / "eval" / label, policy_name=name,
+                                 prompts_limit=prompts_limit, samples=samples, candidates_path=candidates,
+                                 layers=layer_list, likelihood=likelihood, judge=judge,
+                                 hub_layer=_run_hub_layer(cfg, run_dir))
+    except JudgeError as e:
+        raise UserError(str(e)) from None
+    print_summary(result, cfg.languages, cfg.anchor_language)
+    console.print(f"results: {Path(out) if out else run_dir / 'eval' / label}/results")
+
+
+@main.command("hub-scan")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--policy", help=POLICY_HELP.replace("default: the run's latest trained policy, else initial",
+                                                   "default: initial"), default="initial")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="the run directory (default: runs/<name>)")
+@click.option("--prompts", "prompts_limit", type=click.IntRange(min=2),
+              help="prompts scanned (default: rewards.latent.hub_scan_prompts)")
+@click.option("--samples", type=click.IntRange(min=1), default=2, show_default=True, help="responses per prompt")
+@click.option("--cluster", default="local", show_default=True, help=CLUSTER_HELP)
+@click.option("--address", help="join the Ray cluster at this address (default: $RAY_ADDRESS, or start one)")
+@click.option("-o", "--override", "overrides", multiple=True, help=OVERRIDE_HELP)
+@_user_errors
+def hub_scan_cmd(recipe, policy, run_dir, prompts_limit, samples, cluster, address, overrides):
+    """Choose the semantic-hub layer: the layer whose pooled response states cluster best by prompt across
+    languages (silhouette score, METHODS.md section 1).
+
+    Generates responses to the recipe's prompts in every language, scores them once with pooled states at
+    every layer, and prints the silhouette by layer. Writes <run-dir>/hub-scan-<label>/ (samples and
+    hub-scan.json). A recipe may instead say `rewards.latent.hub_layer: auto`, and launch runs this scan on
+    iteration 1's samples.
+
+    \b
+    Example:
+      rayalign hub-scan examples/quickstart.yaml --prompts 16
+    """
+    import dataclasses
+
+    from rayalign.cluster import connect, load_cluster_spec
+    from rayalign.pipelines.evaluate import eval_samples, hub_scan, print_hub_scan, save_hub_scan
+
+    cfg = _load(recipe, overrides)
+    run_dir = _run_dir(cfg, run_dir)
+    limit = prompts_limit or cfg.rewards.latent.hub_scan_prompts
+    cfg = dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, limit=limit),
+                              sampling=dataclasses.replace(cfg.sampling, n=samples))
+    path, name, label = _policy(cfg, run_dir, policy)
+    out = run_dir / f"hub-scan-{label}"
+    connect(load_cluster_spec(cluster), address)
+    result = hub_scan(cfg, path, name, eval_samples(cfg, path, name, out / "samples"), limit)
+    save_hub_scan(result, out / "hub-scan.json")
+    print_hub_scan(result)
+    console.print(f"hub layer {result['hub_layer']} (set rewards.latent.hub_layer: {result['hub_layer']}); "
+                  f"saved {out / 'hub-scan.json'}")
+
+
+@main.command("study")
+@click.argument("study_file", type=click.Path(dir_okay=False))
+@click.option("--cluster", default="local", show_default=True, help=CLUSTER_HELP)
+@click.option("--address", help="join the Ray cluster at this address (default: $RAY_ADDRESS, or start one)")
+@click.option("--parallel", type=click.IntRange(min=1), help="runs side by side (default: the study's parallel)")
+@_user_errors
+def study_cmd(study_file, cluster, address, parallel):
+    """Run a scaling study: a grid of runs over one base recipe, then one results table.
+
+    The grid's axes (language subsets, prompts per language, samples per prompt, reward method, model,
+    iterations, ...) expand into runs under <runs_dir>/<name>/; finished runs are skipped, interrupted ones
+    resume. Every run's per-iteration metrics (and its evaluation, when the study has an `eval:` section)
+    are collected into <study dir>/results.parquet.
+
+    \b
+    Example:
+      rayalign study examples/study-quickstart.yaml
+      rayalign report runs/study-quickstart
+    """
+    from rayalign.pipelines.study import StudyError, run_study
+
+    try:
+        out = run_study(study_file, cluster=cluster, address=address, parallel=parallel)
+    except StudyError as e:
+        raise UserError(str(e)) from None
+    console.print(f"done: {out}/results.parquet  (see `rayalign report {out}`)")
+
+
+@main.command("report")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="output directory (default: PATH/report)")
+@_user_errors
+def report_cmd(path, out):
+    """Plots (PNG) and a Markdown summary of a run or a study directory.
+
+    A run: reward distributions per language, language fidelity per iteration, silhouette by layer (from
+    `rayalign eval` results), training curves. A study: scaling curves (each metric against each numeric
+    axis) and fidelity per language by run.
+
+    \b
+    Example:
+      rayalign report runs/quickstart
+    """
+    from rayalign.report import ReportError, report
+
+    try:
+        md = report(path, out)
+    except ReportError as e:
+        raise UserError(str(e)) from None
+    console.print(f"wrote {md}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -97,7 +97,10 @@ class EnginesConfig:
 @dataclass
 class LatentRewardConfig:
     enabled: bool = _field(False, help="compute MSA and LaCoMSA latent rewards (METHODS.md section 1)")
-    hub_layer: int | None = _field(None, help="semantic-hub layer l (hidden_states index); null = floor(L/2)", ge=0)
+    hub_layer: int | str | None = _field(
+        None, help="semantic-hub layer l (hidden_states index); null = floor(L/2); auto = the argmax of the silhouette "
+        "by prompt over layers 1..L-1, scanned on iteration 1's samples (rayalign hub-scan)")
+    hub_scan_prompts: int = _field(32, help="hub_layer auto: prompts (with responses in every language) scanned", ge=2)
     language_layer: int | None = _field(None, help="language layer for phi; null = L, the last hidden state", ge=0)
     alpha: float = _field(0.5, help="weight slope alpha in w = sigma(alpha * (phi - r_MSA) ** gamma)")
     gamma: float = _field(1.0, help="weight exponent gamma", gt=0.0)
@@ -372,6 +375,9 @@ class RunConfig:
                               "model the policy was DPO-trained from)")
         if r.reward_model.enabled and r.reward_model.model is None:
             raise ConfigError("rewards.reward_model.model: required when rewards.reward_model.enabled")
+        hub = r.latent.hub_layer
+        if isinstance(hub, str) and hub != "auto" or isinstance(hub, int) and hub < 0:
+            raise ConfigError(f"rewards.latent.hub_layer: expected a hidden_states index >= 0, auto or null, got {hub!r}")
         if r.latent.enabled and self.sampling.n < 2:
             raise ConfigError(f"sampling.n: latent rewards score each anchor response against the other anchor "
                               f"responses, so n must be >= 2, got {self.sampling.n}")

@@ -93,8 +93,20 @@ ROLLOUT_FIELDS = SAMPLE_FIELDS + [  # online RL: one step's samples with their r
     pa.field("advantage", pa.float64(), nullable=False),
 ]
 
+EVAL_FIELDS = [  # `rayalign eval`: one row per (metric, statistic, language or language pair, layer)
+    pa.field("policy", pa.string(), nullable=False),  # the evaluated checkpoint (path or run-relative name)
+    pa.field("metric", pa.string(), nullable=False),  # fidelity, response_tokens, silhouette, rankc, accuracy,
+    # judge_win_rate, or a reward column of scores (r_lacomsa, r_msa, r_icr, ...)
+    pa.field("stat", pa.string(), nullable=False),  # share, mean, std, min, p25, p50, p75, max, score
+    pa.field("lang", pa.string(), nullable=False),  # a language code, or "all" for the whole prompt set
+    pa.field("other_lang", pa.string()),  # RankC: the second language of the pair
+    pa.field("layer", pa.int32()),  # silhouette: the hidden_states index
+    pa.field("value", pa.float64(), nullable=False),
+    pa.field("count", pa.int64(), nullable=False),  # samples, queries or prompts behind the value
+]
+
 SCHEMA_VERSIONS = {"prompts": 1, "samples": 1, "scores": 1, "pairs": 1, "kto": 1, "dco": 1, "candidate_scores": 1,
-                   "errors": 1, "rollouts": 1}
+                   "errors": 1, "rollouts": 1, "eval": 1}
 
 
 def schema_for(name: str, params: dict | None = None) -> tuple[int, pa.Schema]:
@@ -104,7 +116,7 @@ def schema_for(name: str, params: dict | None = None) -> tuple[int, pa.Schema]:
     params = params or {}
     fields = {"prompts": PROMPT_FIELDS, "samples": SAMPLE_FIELDS, "scores": SCORE_FIELDS, "pairs": PAIR_FIELDS,
               "kto": KTO_FIELDS, "dco": DCO_FIELDS, "candidate_scores": CANDIDATE_SCORE_FIELDS, "errors": ERROR_FIELDS,
-              "rollouts": ROLLOUT_FIELDS}[name]
+              "rollouts": ROLLOUT_FIELDS, "eval": EVAL_FIELDS}[name]
     if name == "scores" and params.get("latent_dim"):
         dim = int(params["latent_dim"])
         fields = fields + [pa.field(c, pa.list_(pa.float16(), dim)) for c in LATENT_COLUMNS]

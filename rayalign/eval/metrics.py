@@ -1,0 +1,110 @@
+"""Evaluation metrics as rows of the `eval` schema (numpy and polars in, plain dicts out; no model, no Ray).
+
+A row: {metric, stat, lang, other_lang, layer, value, count}; `lang` "all" aggregates over the languages.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from rayalign.rewards.consistency import candidate_accuracy, candidate_ranking_consistency
+from rayalign.rewards.latent import silhouette_by_prompt
+
+REWARD_STATS = ("mean", "std", "min", "p25", "p50", "p75", "max")
+
+
+def row(metric: str, stat: str, lang: str, value: float, count: int, other_lang: str | None = None,
+        layer: int | None = None) -> dict:
+    return {"metric": metric, "stat": stat, "lang": lang, "other_lang": other_lang, "layer": layer,
+            "value": float(value), "count": int(count)}
+
+
+def fidelity_rows(langs, detected) -> list[dict]:
+    """Language fidelity: the share of responses whose detected language is the prompt's, per language and overall
+    (the overall share is the mean of the languages' shares, so every language weighs the same)."""
+    df = pl.DataFrame({"lang": list(langs), "detected": list(detected)})
+    per_lang = df.group_by("lang").agg((pl.col("lang") == pl.col("detected")).mean().alias("share"),
+                                       pl.len().alias("n")).sort("lang")
+    rows = [row("fidelity", "share", lang, share, n) for lang, share, n in per_lang.iter_rows()]
+    if rows:
+        rows.append(row("fidelity", "share", "all", np.mean([r["value"] for r in rows]), df.height))
+    return rows
+
+
+def distribution_rows(metric: str, values, langs) -> list[dict]:
+    """mean, std (population), min, quartiles (linear interpolation) and max of `values` per language and overall;
+    null and NaN values are left out."""
+    values = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
+    langs = np.asarray(list(langs))
+    rows = []
+    for lang in [*sorted(set(langs.tolist())), "all"]:
+        v = values if lang == "all" else values[langs == lang]
+        v = v[~np.isnan(v)]
+        if not v.size:
+            continue
+        p25, p50, p75 = np.percentile(v, [25, 50, 75])
+        stats = {"mean": v.mean(), "std": v.std(), "min": v.min(), "p25": p25, "p50": p50, "p75": p75, "max": v.max()}
+        rows += [row(metric, stat, lang, stats[stat], v.size) for stat in REWARD_STATS]
+    return rows
+
+
+def silhouette_rows(pooled: dict[int, np.ndarray], prompt_ids) -> list[dict]:
+    """Silhouette of the pooled states at each layer, clustered by prompt id (METHODS.md 1, the hub scan)."""
+    prompt_ids = np.asarray(list(prompt_ids))
+    count = len(set(prompt_ids.tolist()))
+    return [row("silhouette", "score", "all", silhouette_by_prompt(h, prompt_ids), count, layer=layer)
+            for layer, h in sorted(pooled.items())]
+
+
+def choose_hub_layer(silhouette: dict[int, float], num_layers: int) -> int:
+    """The semantic-hub layer: the argmax of the silhouette over layers 1..L-1 (the embeddings, index 0, and the
+    language layer L are not candidates); the lower layer wins a tie."""
+    candidates = [layer for layer in sorted(silhouette) if 1 <= layer <= num_layers - 1]
+    if not candidates:
+        raise ValueError(f"hub scan: no silhouette for layers 1..{num_layers - 1} (got layers {sorted(silhouette)})")
+    return max(candidates, key=lambda layer: (silhouette[layer], -layer))
+
+
+def candidate_likelihood(df: pl.DataFrame, mode: str) -> pl.Expr:
+    """sum: the summed log-prob of the candidate continuation (METHODS.md 3, default); mean: per candidate token."""
+    if mode == "sum":
+        return pl.col("logp")
+    if mode == "mean":
+        return pl.col("logp") / pl.col("num_tokens")
+    raise ValueError(f"likelihood: expected sum or mean, got {mode!r}")
+
+
+def _score_matrix(df: pl.DataFrame, lang: str, query_ids: list[str]) -> np.ndarray:
+    """(Q, C) likelihoods of one language's candidates, queries in `query_ids` order, candidates by index."""
+    sub = df.filter(pl.col("lang") == lang).sort(["prompt_id", "candidate_idx"])
+    by_query = {q: s for q, s in sub.group_by("prompt_id", maintain_order=True).agg(pl.col("score")).iter_rows()}
+    return np.asarray([by_query[q] for q in query_ids], dtype=np.float64)
+
+
+def candidate_rows(candidates: pl.DataFrame, languages: list[str], anchor: str, likelihood: str = "sum") -> list[dict]:
+    """Accuracy per language and RankC of the anchor with each other language (DCO appendix I), from one row per
+    (prompt_id, lang, candidate_idx) with `gold`, `logp` and `num_tokens`. Queries are grouped by their number of
+    candidates; a pair's RankC is the query-weighted mean over those groups."""
+    df = candidates.with_columns(candidate_likelihood(candidates, likelihood).alias("score"))
+    sizes = df.filter(pl.col("lang") == anchor).group_by("prompt_id").agg(pl.len().alias("size"), pl.first("gold"))
+    groups = {size: sorted(g["prompt_id"].to_list()) for (size,), g in sizes.group_by("size")}
+    gold = dict(zip(sizes["prompt_id"].to_list(), sizes["gold"].to_list()))
+    matrices = {lang: {size: _score_matrix(df, lang, ids) for size, ids in groups.items()} for lang in languages}
+    queries = sizes.height
+
+    rows = []
+    for lang in languages:
+        correct = sum(candidate_accuracy(matrices[lang][size], np.asarray([gold[q] for q in ids])) * len(ids)
+                      for size, ids in groups.items())
+        rows.append(row("accuracy", "share", lang, correct / queries, queries))
+    rows.append(row("accuracy", "share", "all", np.mean([r["value"] for r in rows]), queries * len(languages)))
+    pair_values = []
+    for other in [lang for lang in languages if lang != anchor]:
+        total = sum(candidate_ranking_consistency(matrices[anchor][size], matrices[other][size]) * len(ids)
+                    for size, ids in groups.items())
+        pair_values.append(total / queries)
+        rows.append(row("rankc", "score", anchor, pair_values[-1], queries, other_lang=other))
+    if pair_values:
+        rows.append(row("rankc", "score", "all", np.mean(pair_values), queries * len(pair_values)))
+    return rows

@@ -1,0 +1,227 @@
+"""Evaluation: metric rows against hand computations, then `rayalign eval`, the hub scan and `hub_layer: auto` on
+the tiny model with real Ray actors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from rayalign.eval.metrics import (candidate_rows, choose_hub_layer, distribution_rows, fidelity_rows,
+                                   silhouette_rows)
+from tests.conftest import REPO
+
+MC = REPO / "examples" / "data" / "mc"
+
+
+def by_key(rows, *keys):
+    return {tuple(r[k] for k in keys) if len(keys) > 1 else r[keys[0]]: r for r in rows}
+
+
+def test_fidelity_per_language_and_overall():
+    rows = by_key(fidelity_rows(["en", "en", "de", "de", "de"], ["en", "fr", "de", "de", "en"]), "lang")
+    assert rows["en"]["value"] == 0.5 and rows["en"]["count"] == 2
+    assert rows["de"]["value"] == pytest.approx(2 / 3) and rows["de"]["count"] == 3
+    assert rows["all"]["value"] == pytest.approx((0.5 + 2 / 3) / 2) and rows["all"]["count"] == 5
+
+
+def test_distribution_statistics_leave_out_nulls():
+    rows = by_key(distribution_rows("r_icr", [1.0, 2.0, None, 3.0, 4.0, 10.0], ["en"] * 5 + ["de"]), "lang", "stat")
+    en = {stat: rows[("en", stat)]["value"] for stat in ("mean", "std", "min", "p25", "p50", "p75", "max")}
+    assert en == pytest.approx({"mean": 2.5, "std": math.sqrt(1.25), "min": 1.0, "p25": 1.75, "p50": 2.5,
+                                "p75": 3.25, "max": 4.0})
+    assert rows[("en", "mean")]["count"] == 4
+    assert rows[("de", "std")]["value"] == 0.0 and rows[("all", "mean")]["value"] == pytest.approx(4.0)
+
+
+def test_silhouette_rows_by_hand():
+    # Two prompts, two unit vectors each; cosine distances: a1-a2 0.2, a1-b1 1, a1-b2 0.4, a2-b1 0.4, a2-b2 0.04,
+    # b1-b2 0.2. s(a1) = (0.7 - 0.2) / 0.7, s(a2) = (0.22 - 0.2) / 0.22, and b1, b2 mirror a1, a2.
+    close = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [0.6, 0.8]])
+    apart = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 3.0]])  # s = 1 for every point
+    rows = silhouette_rows({3: close, 1: apart}, ["a", "a", "b", "b"])
+    assert [r["layer"] for r in rows] == [1, 3] and all(r["count"] == 2 for r in rows)
+    assert rows[0]["value"] == pytest.approx(1.0)
+    assert rows[1]["value"] == pytest.approx((0.5 / 0.7 + 0.02 / 0.22) / 2)
+
+
+def test_hub_layer_is_the_argmax_between_embeddings_and_language_layer():
+    assert choose_hub_layer({0: 0.9, 1: 0.1, 2: 0.3, 3: 0.3, 4: 0.95}, num_layers=4) == 2  # 0 and L excluded; tie: lower
+    assert choose_hub_layer({1: -0.2, 2: -0.1, 3: -0.3}, num_layers=4) == 2
+    with pytest.raises(ValueError, match="layers 1..3"):
+        choose_hub_layer({0: 0.1, 4: 0.2}, num_layers=4)
+
+
+def candidates_frame(scores: dict, gold: dict, tokens: dict | None = None) -> pl.DataFrame:
+    rows = []
+    for (query, lang), logps in scores.items():
+        for i, logp in enumerate(logps):
+            rows.append({"prompt_id": query, "lang": lang, "candidate_idx": i, "gold": gold[query], "logp": logp,
+                         "num_tokens": (tokens or {}).get((query, lang), [1] * len(logps))[i]})
+    return pl.DataFrame(rows)
+
+
+def test_rankc_and_accuracy_by_hand():
+    # w_j = exp(C - j) / sum_k exp(C - k). C = 3: e^2, e, 1 over their sum; C = 2: e / (e + 1), 1 / (e + 1).
+    w3 = np.exp([2.0, 1.0, 0.0]) / np.exp([2.0, 1.0, 0.0]).sum()
+    w2 = np.exp([1.0, 0.0]) / np.exp([1.0, 0.0]).sum()
+    scores = {("q1", "en"): [-1, -2, -3], ("q1", "de"): [-2, -1, -3],  # top-1 differs: P@1 0, P@2 1, P@3 1
+              ("q2", "en"): [-3, -1, -2], ("q2", "de"): [-3, -1, -2],  # same ranking: consist 1
+              ("q3", "en"): [-1, -2], ("q3", "de"): [-2, -1]}  # two candidates, swapped: P@1 0, P@2 1
+    gold = {"q1": 0, "q2": 2, "q3": 0}
+    rows = by_key(candidate_rows(candidates_frame(scores, gold), ["en", "de"], "en"), "metric", "lang", "other_lang")
+    expected_rankc = ((w3[1] + w3[2]) + 1.0 + w2[1]) / 3
+    assert rows[("rankc", "en", "de")]["value"] == pytest.approx(expected_rankc)
+    assert rows[("rankc", "all", None)]["value"] == pytest.approx(expected_rankc)
+    assert rows[("accuracy", "en", None)]["value"] == pytest.approx(2 / 3)  # q1 and q3 right, q2 wrong
+    assert rows[("accuracy", "de", None)]["value"] == 0.0
+    assert rows[("accuracy", "all", None)]["value"] == pytest.approx(1 / 3)
+
+
+def test_mean_likelihood_divides_by_candidate_tokens():
+    scores = {("q1", "en"): [-1.0, -2.0, -3.0], ("q1", "de"): [-1.0, -2.0, -3.0]}
+    tokens = {("q1", "en"): [1, 4, 1], ("q1", "de"): [1, 1, 1]}  # en per token: -1, -0.5, -3 -> candidate 1 first
+    frame = candidates_frame(scores, {"q1": 0}, tokens)
+    summed = by_key(candidate_rows(frame, ["en", "de"], "en", "sum"), "metric", "lang")
+    mean = by_key(candidate_rows(frame, ["en", "de"], "en", "mean"), "metric", "lang")
+    assert summed[("accuracy", "en")]["value"] == 1.0 and summed[("rankc", "en")]["value"] == pytest.approx(1.0)
+    assert mean[("accuracy", "en")]["value"] == 0.0
+    w3 = np.exp([2.0, 1.0, 0.0]) / np.exp([2.0, 1.0, 0.0]).sum()
+    assert mean[("rankc", "en")]["value"] == pytest.approx(w3[1] + w3[2])
+    with pytest.raises(ValueError, match="sum or mean"):
+        candidate_rows(frame, ["en", "de"], "en", "max")
+
+
+# ---- on the tiny model, with Ray ----
+
+LANGS = "[en,es,de]"
+
+
+def eval_args(tiny_model, run_dir, *extra):
+    return ["eval", str(REPO / "examples" / "quickstart.yaml"), "--run-dir", str(run_dir), "--prompts", "4",
+            "--samples", "2", "--candidates", str(MC), "-o", f"policy.path={tiny_model}", "-o", f"languages={LANGS}",
+            "-o", "engines.count=1", "-o", "rewards.actors=1", "-o", "sampling.max_new_tokens=16", *extra]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_model, ray_session, tmp_path_factory):
+    from rayalign.cli import main
+
+    run_dir = tmp_path_factory.mktemp("eval-run")
+    result = CliRunner().invoke(main, eval_args(tiny_model, run_dir), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return run_dir / "eval" / "initial", result.output
+
+
+def test_eval_writes_results_that_match_its_own_datasets(evaluated):
+    from rayalign.data.store import read_dataset
+
+    out, printed = evaluated
+    results = pl.from_arrow(read_dataset(out / "results", "eval"))
+    samples = pl.from_arrow(read_dataset(out / "samples", "samples").select(["lang", "lang_detected", "num_tokens"]))
+    scores = pl.from_arrow(read_dataset(out / "scores", "scores").select(["lang", "r_lacomsa"]))
+    assert samples.height == 4 * 3 * 2 and scores.height == samples.height
+
+    def value(metric, stat, lang):
+        return results.filter((pl.col("metric") == metric) & (pl.col("stat") == stat) & (pl.col("lang") == lang))[
+            "value"].item()
+
+    for lang in ("en", "es", "de"):
+        mine = samples.filter(pl.col("lang") == lang)
+        assert value("fidelity", "share", lang) == pytest.approx((mine["lang"] == mine["lang_detected"]).mean())
+        assert value("response_tokens", "mean", lang) == pytest.approx(mine["num_tokens"].mean())
+        rewards = scores.filter(pl.col("lang") == lang)["r_lacomsa"].to_numpy()
+        assert value("r_lacomsa", "mean", lang) == pytest.approx(rewards.mean())
+        assert value("r_lacomsa", "p75", lang) == pytest.approx(np.percentile(rewards, 75))
+    layers = results.filter(pl.col("metric") == "silhouette").sort("layer")
+    assert layers["layer"].to_list() == [0, 1, 2, 3, 4]  # every hidden_states index of the 4-layer model
+    assert all(-1.0 <= v <= 1.0 for v in layers["value"]) and set(layers["count"]) == {4}
+    pairs = results.filter(pl.col("metric") == "rankc")
+    assert sorted(zip(pairs["lang"], pairs["other_lang"].fill_null("-"))) == [("all", "-"), ("en", "de"), ("en", "es")]
+    assert "eval of" in printed and "silhouette by layer" in printed
+
+
+def test_eval_accuracy_matches_direct_engine_scores(evaluated, tiny_model):
+    from rayalign.data.prompts import load_candidate_sets
+    from rayalign.data.store import read_dataset
+    from rayalign.engines import ScoreRequest
+    from rayalign.engines.hf import HFEngine
+
+    out, _ = evaluated
+    results = pl.from_arrow(read_dataset(out / "results", "eval")).filter(pl.col("metric") == "accuracy")
+    cands = load_candidate_sets(MC, ["en", "es", "de"]).to_pylist()
+    engine = HFEngine(tiny_model, dtype="float32", device="cpu", batch_size=64)
+    logps = [r.logp for r in engine.score([ScoreRequest(c["messages"], c["candidate"]) for c in cands])]
+    for lang in ("en", "es", "de"):
+        per_query: dict[str, list] = {}
+        for c, logp in zip(cands, logps):
+            if c["lang"] == lang:
+                per_query.setdefault(c["prompt_id"], []).append((logp, c["candidate_idx"], c["gold"]))
+        correct = [max(v, key=lambda t: (t[0], -t[1]))[1] == v[0][2] for v in per_query.values()]
+        assert results.filter(pl.col("lang") == lang)["value"].item() == pytest.approx(np.mean(correct))
+
+
+def test_eval_rerun_keeps_results_and_bad_options_are_named(evaluated, tiny_model):
+    from rayalign.cli import main
+
+    out, _ = evaluated
+    before = (out / "results" / "manifest.json").read_text()
+    rerun = CliRunner().invoke(main, eval_args(tiny_model, out.parent.parent), catch_exceptions=False)
+    assert rerun.exit_code == 0 and "finished earlier, kept" in rerun.output
+    assert (out / "results" / "manifest.json").read_text() == before
+    bad = CliRunner().invoke(main, eval_args(tiny_model, out.parent.parent, "--layers", "2,x"))
+    assert bad.exit_code == 2 and "--layers '2,x'" in bad.output
+    missing = CliRunner().invoke(main, eval_args(tiny_model, out.parent.parent, "--policy", "iter-3"))
+    assert missing.exit_code == 2 and "iter-3" in missing.output and "no checkpoint" in missing.output
+
+
+def test_hub_scan_agrees_with_eval_silhouette(evaluated, tiny_model):
+    from rayalign.config import load_config
+    from rayalign.data.store import read_dataset
+    from rayalign.pipelines.evaluate import hub_scan
+
+    out, _ = evaluated
+    cfg = load_config(REPO / "examples" / "quickstart.yaml", [f"policy.path={tiny_model}", f"languages={LANGS}",
+                                                             "rewards.actors=1"])
+    result = hub_scan(cfg, tiny_model, "tiny", read_dataset(out / "samples", "samples"), max_prompts=3)
+    assert result["prompts"] == 3 and result["samples"] == 3 * 3 * 2
+    silhouette = {int(k): v for k, v in result["silhouette"].items()}
+    assert sorted(silhouette) == [0, 1, 2, 3, 4]
+    assert result["hub_layer"] == max((1, 2, 3), key=lambda k: (silhouette[k], -k))
+    full = hub_scan(cfg, tiny_model, "tiny", read_dataset(out / "samples", "samples"), max_prompts=None)
+    evaluated_rows = pl.from_arrow(read_dataset(out / "results", "eval")).filter(pl.col("metric") == "silhouette")
+    for layer, value in zip(evaluated_rows["layer"], evaluated_rows["value"]):
+        assert full["silhouette"][str(layer)] == pytest.approx(value, abs=1e-3)  # float16 states, other batches
+
+
+def test_launch_with_hub_layer_auto_scores_at_the_scanned_layer(tiny_model, ray_session, tmp_path):
+    from rayalign.config import load_config
+    from rayalign.data.store import read_dataset, read_manifest
+    from rayalign.engines import ScoreRequest
+    from rayalign.engines.hf import HFEngine
+    from rayalign.pipelines import offline
+    from rayalign.scoring import latent_matrix
+
+    cfg = load_config(REPO / "examples" / "quickstart.yaml", [
+        f"policy.path={tiny_model}", f"languages={LANGS}", "prompts.limit=4", "sampling.n=2", "iterations=1",
+        "sampling.max_new_tokens=12", "engines.count=1", "rewards.actors=1", "rewards.latent.hub_layer=auto",
+        "rewards.latent.hub_scan_prompts=3", "training.loss=null"])
+    run_dir = offline.run(cfg, tmp_path / "run")
+    scan = json.loads((run_dir / "hub-scan.json").read_text())
+    silhouette = {int(k): v for k, v in scan["silhouette"].items()}
+    assert scan["hub_layer"] == max((1, 2, 3), key=lambda k: (silhouette[k], -k)) and scan["prompts"] == 3
+    manifest = read_manifest(run_dir / "iter-1" / "scores")
+    assert manifest["params"]["layers"] == {"h_hub": scan["hub_layer"], "h_last": 4}
+    scores = read_dataset(run_dir / "iter-1" / "scores", "scores").slice(0, 3).to_pylist()
+    engine = HFEngine(tiny_model, dtype="float32", device="cpu")
+    direct = engine.score([ScoreRequest(r["messages"], r["response"]) for r in scores], [scan["hub_layer"]])
+    stored = latent_matrix(read_dataset(run_dir / "iter-1" / "scores", "scores").column("h_hub").slice(0, 3))
+    np.testing.assert_allclose(stored, np.stack([d.pooled[scan["hub_layer"]] for d in direct]), atol=2e-3, rtol=2e-3)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["hub_layer"] for r in records if r["stage"] == "hub-scan"] == [scan["hub_layer"]]
+    again = offline.run(cfg, run_dir)  # resumed: the scan is not redone
+    assert [json.loads(x)["stage"] for x in (again / "metrics.jsonl").read_text().splitlines()].count("hub-scan") == 1
