@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from rayalign.eval.metrics import (candidate_rows, choose_hub_layer, distribution_rows, fidelity_rows,
                                    silhouette_rows)
 from tests.conftest import REPO
+from tests.test_judge import serve  # noqa: F401  (fixture)
 
 MC = REPO / "examples" / "data" / "mc"
 
@@ -225,3 +226,24 @@ def test_launch_with_hub_layer_auto_scores_at_the_scanned_layer(tiny_model, ray_
     assert [r["hub_layer"] for r in records if r["stage"] == "hub-scan"] == [scan["hub_layer"]]
     again = offline.run(cfg, run_dir)  # resumed: the scan is not redone
     assert [json.loads(x)["stage"] for x in (again / "metrics.jsonl").read_text().splitlines()].count("hub-scan") == 1
+
+
+def test_judge_win_rate_of_eval_samples_against_references(evaluated, serve):
+    from rayalign.data.store import read_dataset
+    from rayalign.eval.judge import JudgeSettings
+    from rayalign.pipelines.evaluate import judge_metrics
+    from tests.test_judge import ANSWER, chat_reply
+
+    def prefers_longer(request):
+        a, b = (len(text) for _, text in sorted(ANSWER.findall(request["messages"][-1]["content"])))
+        return chat_reply("[[A]]" if a > b else "[[B]]" if b > a else "[[C]]")
+
+    url, calls = serve(prefers_longer)
+    samples = read_dataset(evaluated[0] / "samples", "samples")
+    rows = by_key(judge_metrics(samples, JudgeSettings(url=url, model="judge", backoff_s=0.01)), "lang")
+    first = [r for r in samples.to_pylist() if r["sample_idx"] == 0]
+    assert len(calls) == 2 * len(first)  # each item judged in both orders
+    for lang in ("en", "es", "de"):
+        wins = [np.sign(len(r["response"]) - len(r["reference"])) / 2 + 0.5 for r in first if r["lang"] == lang]
+        assert rows[lang]["value"] == pytest.approx(np.mean(wins)) and rows[lang]["count"] == len(wins)
+    assert rows["all"]["metric"] == "judge_win_rate" and rows["all"]["count"] == len(first)
