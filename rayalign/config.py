@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -422,6 +423,9 @@ def _type_name(tp) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}[tp]
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _convert(value, tp, key: str):
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -446,6 +450,8 @@ def _convert(value, tp, key: str):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
         (item_tp,) = typing.get_args(tp)
         return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        value = float(value)  # PyYAML reads 3e-4 (no dot) as a string
     ok = (
         isinstance(value, bool) if tp is bool
         else isinstance(value, int) and not isinstance(value, bool) if tp is int

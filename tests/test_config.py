@@ -142,3 +142,14 @@ def test_batch_alignment_accepts_whole_groups():
     cfg = load_config(None, ["training.loss=orpo", "pairs.method=lacomsa", "rewards.latent.enabled=true",
                              "training.batch_alignment=true", "training.micro_batch_size=5", "iterations=3"])
     assert cfg.training.batch_alignment and cfg.iterations == 3
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    # PyYAML (YAML 1.1) reads 3e-4 as a string; the recipe means the number.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("training:\n  lr: 3e-4\nrewards:\n  latent:\n    alpha: -2E+1\n")
+    cfg = load_config(recipe)
+    assert cfg.training.lr == 3e-4 and cfg.rewards.latent.alpha == -20.0
+    with pytest.raises(ConfigError, match="training.lr: expected a number, got str '3e-x'"):
+        load_config(recipe, ["training.lr=3e-x"])
+    assert load_config(recipe, ["name=3e-4"]).name == "3e-4"  # a string field keeps the text
