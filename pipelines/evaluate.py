@@ -253,7 +253,7 @@ def print_summary(result: pa.Table, languages: list[str], anchor: str) -> None:
     table = Table(title=f"eval of {policy}")
     table.add_column("language")
     for metric, stat, _ in present:
-        table.add_column(f"{metric}{'' if stat in ('share', 'score') else ' ' + stat}", justify="right")
+        table.add_column({"response_tokens": "tokens", "judge_win_rate": "judge"}.get(metric, metric), justify="right")
     for lang in [*languages, "all"]:
         cells = []
         for metric, stat, _ in present:
