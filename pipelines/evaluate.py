@@ -153,12 +153,22 @@ def evaluate_policy(cfg: RunConfig, policy_path: str, out_dir: str | Path, *, po
 
     num_layers = num_hidden_layers(cfg, policy_path)
     scan = list(range(num_layers + 1)) if layers == "all" else [] if layers == "none" else sorted(set(layers))
+    if any(not 0 <= layer <= num_layers for layer in scan):
+        raise ConfigError(f"eval: layers {scan} must lie in 0..{num_layers} (the hidden_states of {policy_name})")
+    num_prompts = len(set(table.column("prompt_id").to_pylist()))
+    if num_prompts < 2:
+        if layers != "none":
+            console.print("eval: the silhouette needs at least 2 prompts; skipped")
+        scan = []
     lat = cfg.rewards.latent
     latent = {}
     if lat.enabled:
         if hub_layer is None and lat.hub_layer != "auto":
             hub_layer = num_layers // 2 if lat.hub_layer is None else lat.hub_layer
         if hub_layer is None:  # auto: this evaluation's own silhouette chooses
+            if layers == "none" or num_prompts < 2:
+                raise ConfigError("eval: rewards.latent.hub_layer is auto and no run hub scan was found, so the "
+                                  "evaluation scans itself: it needs at least 2 prompts and --layers other than none")
             scan = list(range(num_layers + 1))
         latent = {"h_hub": hub_layer, "h_last": num_layers if lat.language_layer is None else lat.language_layer}
     roles, specs, reward_model, _ = scoring_setup(dataclasses.replace(
