@@ -145,16 +145,16 @@ def evaluate_policy(cfg: RunConfig, policy_path: str, out_dir: str | Path, *, po
         sampling=dataclasses.replace(cfg.sampling, n=samples or cfg.sampling.n))
     if cfg.rewards.latent.enabled and cfg.sampling.n < 2:
         raise ConfigError(f"eval: latent rewards need at least 2 samples per prompt, got {cfg.sampling.n}")
+    num_layers = num_hidden_layers(cfg, policy_path)
+    scan = list(range(num_layers + 1)) if layers == "all" else [] if layers == "none" else sorted(set(layers))
+    if any(not 0 <= layer <= num_layers for layer in scan):
+        raise ConfigError(f"eval: layers {scan} must lie in 0..{num_layers} (the hidden_states of {policy_name})")
     table = eval_samples(cfg, policy_path, policy_name, out_dir / "samples")
     rows = metrics.fidelity_rows(table.column("lang").to_pylist(), table.column("lang_detected").to_pylist())
     rows += [dict(r, metric="response_tokens") for r in metrics.distribution_rows(
         "response_tokens", table.column("num_tokens").to_pylist(), table.column("lang").to_pylist())
         if r["stat"] == "mean"]
 
-    num_layers = num_hidden_layers(cfg, policy_path)
-    scan = list(range(num_layers + 1)) if layers == "all" else [] if layers == "none" else sorted(set(layers))
-    if any(not 0 <= layer <= num_layers for layer in scan):
-        raise ConfigError(f"eval: layers {scan} must lie in 0..{num_layers} (the hidden_states of {policy_name})")
     num_prompts = len(set(table.column("prompt_id").to_pylist()))
     if num_prompts < 2:
         if layers != "none":
