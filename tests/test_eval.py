@@ -176,6 +176,9 @@ def test_eval_rerun_keeps_results_and_bad_options_are_named(evaluated, tiny_mode
     assert (out / "results" / "manifest.json").read_text() == before
     bad = CliRunner().invoke(main, eval_args(tiny_model, out.parent.parent, "--layers", "2,x"))
     assert bad.exit_code == 2 and "--layers '2,x'" in bad.output
+    beyond = CliRunner().invoke(main, eval_args(tiny_model, out.parent.parent, "--layers", "0,9", "--out",
+                                                str(out.parent / "beyond")))
+    assert beyond.exit_code == 2 and "0..4" in beyond.output and not (out.parent / "beyond" / "samples").exists()
     missing = CliRunner().invoke(main, eval_args(tiny_model, out.parent.parent, "--policy", "iter-3"))
     assert missing.exit_code == 2 and "iter-3" in missing.output and "no checkpoint" in missing.output
 
