@@ -543,8 +543,10 @@ def hub_scan_cmd(recipe, policy, run_dir, prompts_limit, samples, cluster, addre
 @click.option("--cluster", default="local", show_default=True, help=CLUSTER_HELP)
 @click.option("--address", help="join the Ray cluster at this address (default: $RAY_ADDRESS, or start one)")
 @click.option("--parallel", type=click.IntRange(min=1), help="runs side by side (default: the study's parallel)")
+@click.option("--runs-dir", type=click.Path(file_okay=False), help="parent of the study directory (default: the "
+              "study's runs_dir, else runs)")
 @_user_errors
-def study_cmd(study_file, cluster, address, parallel):
+def study_cmd(study_file, cluster, address, parallel, runs_dir):
     """Run a scaling study: a grid of runs over one base recipe, then one results table.
 
     The grid's axes (language subsets, prompts per language, samples per prompt, reward method, model,
@@ -560,7 +562,7 @@ def study_cmd(study_file, cluster, address, parallel):
     from rayalign.pipelines.study import StudyError, run_study
 
     try:
-        out = run_study(study_file, cluster=cluster, address=address, parallel=parallel)
+        out = run_study(study_file, cluster=cluster, address=address, parallel=parallel, runs_dir=runs_dir)
     except StudyError as e:
         raise UserError(str(e)) from None
     console.print(f"done: {out}/results.parquet  (see `rayalign report {out}`)")

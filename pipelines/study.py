@@ -1,0 +1,575 @@
+"""Studies: a grid of offline runs over one recipe, run and collected into one Arrow results table.
+
+A study file names a base recipe, overrides for every run and a grid of axes (examples/study-quickstart.yaml).
+Every point of the grid is one run in <runs_dir>/<name>/<slug>/. Read top to bottom: the study file, the grid,
+running (in this process one after another, or side by side as `rayalign launch` subprocesses on one Ray
+cluster), then collecting every run's iteration metrics and evaluation into results.parquet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from rayalign.config import ConfigError, RunConfig, load_config
+
+console = Console(stderr=True)
+STUDY_KEYS = ("name", "recipe", "runs_dir", "parallel", "overrides", "grid", "eval")
+EVAL_KEYS = {"prompts_limit": int, "samples": int, "candidates_path": str, "layers": (str, list),
+             "likelihood": str}
+SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # names that go into file names
+RESERVED_COLUMNS = {"run", "run_dir", "status", "stage", "iteration", "policy", "pairs_rows", "loss_first",
+                    "loss_mean", "reward_margin_mean", "accuracy_mean", "fidelity_mean", "steps", "dropped_too_long"}
+RESERVED_PREFIXES = ("fidelity_", "seconds_", "eval_")
+MAX_SLUG = 120
+
+
+class StudyError(ValueError):
+    """A study file that cannot be used, or a study with failed runs; the message names the file and the runs."""
+
+
+@dataclass
+class Axis:
+    name: str
+    values: list  # plain axis: the config values; named axis: the names of its override sets
+    overrides: list[list[str]]  # per value, the `key=value` overrides it applies
+    named: bool
+
+
+@dataclass
+class Study:
+    name: str
+    path: Path  # the study file
+    recipe: Path
+    runs_dir: Path
+    parallel: int
+    overrides: list[str]
+    axes: list[Axis]
+    eval: dict | None  # keyword arguments of evaluate_policy; None = no evaluation
+
+    @property
+    def dir(self) -> Path:
+        return self.runs_dir / self.name
+
+
+@dataclass
+class StudyRun:
+    slug: str
+    params: dict[str, Any]  # axis name -> value
+    overrides: list[str]
+    run_dir: Path
+    cfg: RunConfig
+
+
+# ---- the study file ----
+
+def load_study(path: str | Path, *, runs_dir: str | Path | None = None) -> Study:
+    """Read and check a study file; every run of its grid is built and validated (see `expand`).
+
+    `runs_dir` replaces the file's runs_dir (default runs/, relative to the working directory like a recipe's
+    run directory); the recipe and eval.candidates_path are relative to the study file.
+    """
+    path = Path(path).absolute()
+    if not path.is_file():
+        raise StudyError(f"{path}: study file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise StudyError(f"{path}: malformed YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise StudyError(f"{path}: expected a mapping with keys {', '.join(STUDY_KEYS)}, got {type(data).__name__}")
+    unknown = [k for k in data if k not in STUDY_KEYS]
+    if unknown:
+        raise StudyError(f"{path}: {unknown[0]}: unknown key (expected one of: {', '.join(STUDY_KEYS)})")
+
+    def expected(key: str, what: str) -> StudyError:
+        return StudyError(f"{path}: {key}: expected {what}, got {data.get(key)!r}")
+
+    name = data.get("name", path.stem)
+    if not isinstance(name, str) or not SAFE.fullmatch(name):
+        raise expected("name", "a name made of letters, digits and . _ + - (it names the study directory)")
+    if not isinstance(data.get("recipe"), str):
+        raise expected("recipe", "the base recipe's path, relative to the study file")
+    recipe = path.parent / data["recipe"]
+    if not recipe.is_file():
+        raise StudyError(f"{path}: recipe: {recipe} not found (the path is taken relative to the study file)")
+    runs = runs_dir if runs_dir is not None else data.get("runs_dir", "runs")
+    if not isinstance(runs, (str, Path)) or not str(runs):
+        raise expected("runs_dir", "a directory path")
+    parallel = data.get("parallel", 1)
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+        raise expected("parallel", "an integer >= 1 (runs side by side)")
+    if not isinstance(data.get("overrides") or {}, dict):
+        raise expected("overrides", "a mapping of config keys (dotted, as in -o key=value) to values")
+    grid = data.get("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise expected("grid", "a mapping of at least one axis (a config key: [values], or a name: {value name: "
+                               "{key: value, ...}})")
+    study = Study(name=name, path=path, recipe=recipe, runs_dir=Path(runs), parallel=parallel,
+                  overrides=_flatten(data.get("overrides") or {}, path, "overrides"),
+                  axes=[_axis(path, axis, values) for axis, values in grid.items()],
+                  eval=_eval_section(path, data) if "eval" in data else None)
+    expand(study)
+    return study
+
+
+def _axis(path: Path, name, values) -> Axis:
+    where = f"{path}: grid.{name}"
+    if not isinstance(name, str) or not SAFE.fullmatch(name):
+        raise StudyError(f"{where}: expected an axis name made of letters, digits and . _ + - (it goes into run "
+                         "directory names)")
+    if name in RESERVED_COLUMNS or name.startswith(RESERVED_PREFIXES):
+        raise StudyError(f"{where}: the name is taken by a results column; rename the axis")
+    if isinstance(values, dict) and values:  # named axis: value name -> overrides
+        for value, settings in values.items():
+            if not isinstance(value, str) or not SAFE.fullmatch(value):
+                raise StudyError(f"{where}: value name {value!r}: expected letters, digits and . _ + -")
+            if not isinstance(settings or {}, dict):
+                raise StudyError(f"{where}.{value}: expected a mapping of config keys to values, got {settings!r}")
+        return Axis(name, list(values), [_flatten(s or {}, path, f"grid.{name}.{v}") for v, s in values.items()],
+                    named=True)
+    if not isinstance(values, list) or not values:
+        raise StudyError(f"{where}: expected a non-empty list of values (a plain axis: the config key {name}) or a "
+                         f"mapping of value names to overrides (a named axis), got {values!r}")
+    for value in values:
+        if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value)):
+            raise StudyError(f"{where}: value {value!r}: a plain axis takes scalars or lists of scalars; use a named "
+                             "axis for sets of settings")
+    if len({json.dumps(v) for v in values}) != len(values):
+        raise StudyError(f"{where}: duplicate values in {values!r}")
+    return Axis(name, list(values), [[f"{name}={_yaml(v)}"] for v in values], named=False)
+
+
+def _eval_section(path: Path, data: dict) -> dict:
+    section = data["eval"] or {}
+    if not isinstance(section, dict):
+        raise StudyError(f"{path}: eval: expected a mapping with keys among {', '.join(EVAL_KEYS)}, got {section!r}")
+    for key, value in section.items():
+        if key not in EVAL_KEYS:
+            raise StudyError(f"{path}: eval.{key}: unknown key (expected one of: {', '.join(EVAL_KEYS)})")
+        if not isinstance(value, EVAL_KEYS[key]) or isinstance(value, bool) or (
+                EVAL_KEYS[key] is int and value < 1):
+            kind = "an integer >= 1" if EVAL_KEYS[key] is int else "a string" if EVAL_KEYS[key] is str \
+                else "all, none or a list of layer indices"
+            raise StudyError(f"{path}: eval.{key}: expected {kind}, got {value!r}")
+    if "candidates_path" in section:
+        section["candidates_path"] = str(path.parent / section["candidates_path"])
+    return section
+
+
+def _yaml(value) -> str:
+    """A value as one line of YAML that reads back as the same value (as `-o key=VALUE` parses it)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, allow_unicode=True).strip()
+    return text.removesuffix("...").strip()
+
+
+def _flatten(mapping: dict, path: Path, where: str, prefix: str = "") -> list[str]:
+    """{a.b: 1, c: {d: 2}} -> ["a.b=1", "c.d=2"]: nested mappings set single keys, they never replace a section."""
+    out = []
+    for key, value in mapping.items():
+        if not isinstance(key, str) or not key or "=" in key:
+            raise StudyError(f"{path}: {where}: key {key!r}: expected a config key such as sampling.n")
+        if isinstance(value, dict) and value:
+            out += _flatten(value, path, where, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={_yaml(value)}")
+    return out
+
+
+# ---- the grid ----
+
+def run_slug(params: dict[str, Any]) -> str:
+    """A readable, file-name-safe directory name for one point of the grid: method-lacomsa_prompts.limit-8."""
+    def text(value) -> str:
+        if isinstance(value, list):
+            return "+".join(text(v) for v in value)
+        raw = _yaml(value) if isinstance(value, (bool, type(None))) else str(value)
+        return re.sub(r"[^A-Za-z0-9.+-]+", "-", raw).strip("-.") or "empty"
+
+    slug = "_".join(f"{axis}-{text(value)}" for axis, value in params.items())
+    if len(slug) > MAX_SLUG:  # keep it a valid file name; the hash keeps it unique and stable
+        slug = slug[:MAX_SLUG - 9].rstrip("-_.+") + "-" + hashlib.sha1(slug.encode()).hexdigest()[:8]
+    return slug
+
+
+def expand(study: Study) -> list[StudyRun]:
+    """The cartesian product of the axes, in file order; each run's config is loaded and validated."""
+    runs, seen = [], {}
+    for picks in itertools.product(*(range(len(axis.values)) for axis in study.axes)):
+        params = {axis.name: axis.values[i] for axis, i in zip(study.axes, picks)}
+        slug = run_slug(params)
+        if slug in seen:
+            raise StudyError(f"{study.path}: runs {seen[slug]} and {params} get the same directory name {slug!r}; "
+                             "use a named axis to name the values")
+        seen[slug] = params
+        overrides = [*study.overrides, *(o for axis, i in zip(study.axes, picks) for o in axis.overrides[i]),
+                     f"name={study.name}/{slug}"]
+        try:
+            cfg = load_config(study.recipe, overrides)
+        except ConfigError as e:
+            raise StudyError(f"{study.path}: run {slug}: {e}") from None
+        runs.append(StudyRun(slug, params, overrides, study.dir / slug, cfg))
+    return runs
+
+
+# ---- running ----
+
+def run_finished(run: StudyRun) -> bool:
+    """state.json holds this config and lists the summary of the last iteration."""
+    try:
+        state = json.loads((run.run_dir / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (state.get("config_hash") == run.cfg.config_hash()
+            and f"iter-{run.cfg.iterations}/summary" in state.get("finished", []))
+
+
+def eval_finished(run: StudyRun) -> bool:
+    return (run.run_dir / "eval" / "final" / "results" / "manifest.json").is_file()
+
+
+def run_study(path: str | Path, *, cluster: str = "local", address: str | None = None, parallel: int | None = None,
+              runs_dir: str | Path | None = None, progress: Callable[[str], Any] | None = None) -> Path:
+    """Run every run of a study that has not finished, evaluate it (with an eval section), collect the results.
+
+    parallel 1 runs in this process one after another; parallel > 1 starts or joins Ray here and runs up to that
+    many `rayalign launch` subprocesses on it, each logging to <run_dir>/launch.log. Finished runs are kept,
+    interrupted ones resume. Failed runs are recorded in study.json and the others go on; StudyError names them
+    at the end. Returns the study directory.
+    """
+    from rayalign.cluster import connect, load_cluster_spec, plan
+    from rayalign.cluster.planner import PlanError
+    from rayalign.cluster.spec import running_cluster_spec
+
+    say = progress or (lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True))
+    study = load_study(path, runs_dir=runs_dir)
+    runs = expand(study)
+    parallel = study.parallel if parallel is None else parallel
+    if parallel < 1:
+        raise StudyError(f"parallel: expected an integer >= 1, got {parallel}")
+    check_inputs(study, runs)
+    spec = load_cluster_spec(cluster)
+    connect(spec, address)
+    running = running_cluster_spec(spec)
+    plans = {}
+    for run in runs:  # every run fits the cluster, before any starts
+        try:
+            plans[run.slug] = plan(run.cfg, running, strict=True)
+        except PlanError as e:
+            raise StudyError(f"{study.path}: run {run.slug}: does not fit cluster {spec.name}: {e}") from None
+
+    record = {"name": study.name, "study_file": str(study.path), "recipe": str(study.recipe),
+              "axes": [axis.name for axis in study.axes],
+              "runs": [{"run": run.slug, "run_dir": str(run.run_dir.absolute()), "params": run.params,
+                        "status": "finished" if _done(study, run) else "pending", "error": None, "log": None,
+                        "seconds": None} for run in runs]}
+    entries = {entry["run"]: entry for entry in record["runs"]}
+    study.dir.mkdir(parents=True, exist_ok=True)
+    write_study_json(study.dir, record)
+    todo = [(i, run) for i, run in enumerate(runs, 1) if entries[run.slug]["status"] != "finished"]
+    say(f"study {study.name}: {len(runs)} run(s), {len(runs) - len(todo)} finished earlier, {len(todo)} to run"
+        + (f", {parallel} side by side" if parallel > 1 and len(todo) > 1 else "") + f" -> {study.dir}")
+
+    def finish(index: int, run: StudyRun, error: BaseException | str | None, log: Path | None, seconds: float):
+        if error is None and not run_finished(run):
+            error = f"{run.run_dir / 'state.json'}: the run ended without iter-{run.cfg.iterations}/summary"
+        if error is None:
+            try:
+                evaluate_run(study, run)
+            except Exception as e:  # noqa: BLE001 - recorded, the other runs go on
+                error, log = e, _write_error_log(run, e)
+        entry = entries[run.slug]
+        entry.update(status="failed" if error else "finished", log=str(log) if log else None,
+                     seconds=round(seconds, 1), error=None if error is None else
+                     error if isinstance(error, str) else _last_line(error))
+        write_study_json(study.dir, record)
+        head = f"study {study.name}: run {index}/{len(runs)} {run.slug}"
+        say(f"{head} failed after {seconds:.0f} s: {entry['error']} (log: {log})" if error else
+            f"{head} finished in {seconds:.0f} s: {_headline(run.run_dir)}")
+
+    if parallel == 1:
+        _run_in_process(study, todo, plans, cluster, address, say, finish, len(runs))
+    else:
+        _run_side_by_side(study, todo, cluster, address, parallel, say, finish, len(runs))
+
+    table = collect_results(study.dir)
+    say(summary_text(study, record, table))
+    failed = [e for e in record["runs"] if e["status"] == "failed"]
+    if failed:
+        raise StudyError(f"{study.path}: {len(failed)} of {len(runs)} run(s) failed: "
+                         + "; ".join(f"{e['run']} ({e['error']}; log {e['log']})" for e in failed)
+                         + f". The other runs and {study.dir / 'results.parquet'} are kept; run the study again to "
+                         "retry the failed ones")
+    return study.dir
+
+
+def check_inputs(study: Study, runs: list[StudyRun]) -> None:
+    """Every run's prompts exist in its languages and its models load (the tiny model is built here, once)."""
+    from rayalign.data.prompts import PromptError, load_prompts
+    from rayalign.models import ModelLoadError, resolve_model_path
+    from rayalign.pipelines.offline import _model_build_progress
+
+    checked = set()
+    for run in runs:
+        cfg, r = run.cfg, run.cfg.rewards
+        prompts = (cfg.prompts.path, tuple(cfg.languages), cfg.prompts.system_prompt)
+        models = [m.path for m in (cfg.policy, cfg.reference, r.implicit.reward_reference, r.reward_model.model,
+                                   r.consistency.reference) if m is not None]
+        try:
+            if cfg.pairs.method != "dco" and prompts not in checked:
+                load_prompts(prompts[0], list(prompts[1]), limit=1, system_prompt=prompts[2])
+            for model in set(models) - checked:
+                resolve_model_path(model, progress=_model_build_progress())
+        except (PromptError, ModelLoadError) as e:
+            raise StudyError(f"{study.path}: run {run.slug}: {e}") from None
+        checked |= {prompts, *models}
+
+
+def _done(study: Study, run: StudyRun) -> bool:
+    return run_finished(run) and (study.eval is None or eval_finished(run))
+
+
+def _run_in_process(study, todo, plans, cluster, address, say, finish, total):
+    from rayalign.cluster import save_plan
+    from rayalign.pipelines import offline
+
+    for index, run in todo:
+        say(f"study {study.name}: run {index}/{total} {run.slug} ...")
+        started = time.perf_counter()
+        try:
+            if not run_finished(run):  # finished but not evaluated: only the eval is left
+                save_plan(plans[run.slug], run.run_dir)
+                offline.run(run.cfg, run.run_dir, cluster=cluster, address=address)
+        except Exception as e:  # noqa: BLE001 - recorded, the other runs go on
+            finish(index, run, e, _write_error_log(run, e), time.perf_counter() - started)
+        else:
+            finish(index, run, None, None, time.perf_counter() - started)
+
+
+def _run_side_by_side(study, todo, cluster, address, parallel, say, finish, total):
+    """Up to `parallel` `rayalign launch` subprocesses on this driver's Ray cluster; evaluation here, in turn."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or ray.get_runtime_context().gcs_address
+    children: set[subprocess.Popen] = set()
+    lock, stopping = threading.Lock(), threading.Event()
+
+    def launch(index: int, run: StudyRun) -> tuple[int, float]:
+        started = time.perf_counter()
+        if run_finished(run):
+            return 0, 0.0
+        say(f"study {study.name}: run {index}/{total} {run.slug} ... (log: {run.run_dir / 'launch.log'})")
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-c", "from rayalign.cli import main; main(prog_name='rayalign')", "launch",
+               str(study.recipe), "--cluster", cluster, "--run-dir", str(run.run_dir.absolute()), "--address",
+               address, *(arg for o in run.overrides for arg in ("-o", o))]
+        with open(run.run_dir / "launch.log", "a", encoding="utf-8") as log:
+            log.write(f"==> {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+            log.flush()
+            with lock:
+                if stopping.is_set():
+                    return -1, 0.0
+                child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                children.add(child)
+            code = child.wait()
+        with lock:
+            children.discard(child)
+        return code, time.perf_counter() - started
+
+    pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="study-run")
+    try:
+        futures = {pool.submit(launch, index, run): (index, run) for index, run in todo}
+        for future in as_completed(futures):
+            index, run = futures[future]
+            try:
+                code, seconds = future.result()
+            except Exception as e:  # noqa: BLE001 - could not start the subprocess
+                finish(index, run, e, _write_error_log(run, e), 0.0)
+                continue
+            log = run.run_dir / "launch.log"
+            finish(index, run, None if code == 0 else f"exit code {code}: {_log_error(log)}",
+                   log if code else None, seconds)
+    finally:  # on an interrupt, stop the runs this study started (they resume next time)
+        with lock:
+            stopping.set()
+            for child in children:
+                child.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def evaluate_run(study: Study, run: StudyRun) -> None:
+    """Evaluate the run's final policy into <run_dir>/eval/final (with an eval section; kept when done)."""
+    if study.eval is None or eval_finished(run):
+        return
+    from rayalign.models import resolve_model_path
+    from rayalign.pipelines.evaluate import evaluate_policy
+
+    cfg, last = run.cfg, run.cfg.iterations
+    if cfg.training.loss:
+        policy, name = str(run.run_dir / f"iter-{last}" / "policy"), f"iter-{last}/policy"
+    else:
+        policy, name = resolve_model_path(cfg.policy.path), cfg.policy.path
+    scan = run.run_dir / "hub-scan.json"  # hub_layer auto: the layer the run chose
+    hub = json.loads(scan.read_text())["hub_layer"] if cfg.rewards.latent.hub_layer == "auto" and scan.is_file() \
+        else None
+    evaluate_policy(cfg, policy, out_dir=run.run_dir / "eval" / "final", policy_name=name, hub_layer=hub,
+                    **study.eval)
+
+
+def write_study_json(study_dir: Path, record: dict) -> None:
+    tmp = study_dir / "study.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, study_dir / "study.json")
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
+
+
+def _write_error_log(run: StudyRun, error: BaseException) -> Path | None:
+    try:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        path = run.run_dir / "error.log"
+        path.write_text("".join(traceback.format_exception(error)), encoding="utf-8")
+        return path
+    except OSError:
+        return None
+
+
+def _log_error(log: Path) -> str:
+    """The error a `rayalign launch` log ends with: click's `Error: ...` or a traceback's last line."""
+    try:
+        lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines()]
+    except OSError:
+        return f"{log} unreadable"
+    errors = [line for line in lines if line.startswith("Error:") or re.match(r"^[\w.]+(Error|Exception)\b", line)]
+    return (errors or [line for line in lines if line] or ["no output"])[-1]
+
+
+def _headline(run_dir: Path) -> str:
+    from rayalign.data.inspect import read_metrics
+
+    last = ([m for m in read_metrics(run_dir) if m.get("stage") == "iteration"] or [{}])[-1]
+    parts = [f"{label} {_number(last.get(key))}" for label, key in (
+        ("pairs", "pairs_rows"), ("loss", "loss_mean"), ("accuracy", "accuracy_mean")) if key in last]
+    fidelity = [v for k, v in last.items() if k.startswith("fidelity_") and v is not None]
+    if fidelity:
+        parts.append(f"fidelity {_number(sum(fidelity) / len(fidelity))}")
+    return ", ".join(parts) or "no iteration metrics"
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# ---- results ----
+
+EVAL_STATS = ("mean", "share", "score")  # preferred statistic when a metric has several
+
+
+def collect_results(study_dir: str | Path) -> pa.Table:
+    """One row per (run, iteration) from the runs' metrics.jsonl `iteration` records, with the axis values, the
+    mean fidelity over the languages and the final evaluation on each run's last row; written to
+    <study dir>/results.parquet. Runs come from <study dir>/study.json."""
+    from rayalign.data.inspect import read_metrics
+
+    study_dir = Path(study_dir)
+    try:
+        record = json.loads((study_dir / "study.json").read_text())
+    except (OSError, ValueError) as e:
+        raise StudyError(f"{study_dir / 'study.json'}: cannot read the study record ({e}); run the study first") \
+            from None
+    rows = []
+    for entry in record["runs"]:
+        run_dir = study_dir / entry["run"]
+        iterations = {m["iteration"]: m for m in read_metrics(run_dir) if m.get("stage") == "iteration"}  # last wins
+        evaluation = eval_columns(run_dir / "eval" / "final" / "results")
+        for iteration in sorted(iterations):
+            metrics = {k: v for k, v in iterations[iteration].items() if k != "stage"}
+            fidelity = [v for k, v in metrics.items() if k.startswith("fidelity_") and v is not None]
+            rows.append({"run": entry["run"], "run_dir": str(run_dir), "status": entry["status"], **entry["params"],
+                         **metrics, "fidelity_mean": sum(fidelity) / len(fidelity) if fidelity else None,
+                         **(evaluation if iteration == max(iterations) else {})})
+    leading = ["run", "run_dir", "status", *record["axes"], "iteration", "policy", "pairs_rows", "loss_first",
+               "loss_mean", "reward_margin_mean", "accuracy_mean", "fidelity_mean"]
+    seen = list(dict.fromkeys(k for row in rows for k in row))
+    fidelity = sorted(k for k in seen if k.startswith("fidelity_") and k != "fidelity_mean")
+    names = list(dict.fromkeys([*leading, *fidelity, *(k for k in seen if not k.startswith("eval_")),
+                                *(k for k in seen if k.startswith("eval_"))]))
+    names = [n for n in names if n in seen or n in ("run", "run_dir", "status", "iteration", *record["axes"])]
+    table = pa.table({name: _column([row.get(name) for row in rows]) for name in names})
+    tmp = study_dir / "results.parquet.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, study_dir / "results.parquet")
+    return table
+
+
+def _column(values: list) -> pa.Array:
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: keep them readable as text
+        return pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values], pa.string())
+
+
+def eval_columns(results_dir: Path) -> dict[str, float]:
+    """Headline numbers of an `eval` dataset: eval_fidelity_mean and per language, eval_rankc_mean,
+    eval_accuracy_mean, eval_silhouette_max (over layers), eval_<reward>_mean, eval_judge_win_rate."""
+    from rayalign.data.store import read_dataset
+
+    if not (results_dir / "manifest.json").is_file():
+        return {}
+    rows = read_dataset(results_dir, "eval").to_pylist()
+
+    def value(metric: str, lang: str = "all", stat: str | None = None):
+        found = [r for r in rows if r["metric"] == metric and r["lang"] == lang and stat in (None, r["stat"])]
+        found.sort(key=lambda r: (r["other_lang"] is not None, r["layer"] is not None,
+                                  EVAL_STATS.index(r["stat"]) if r["stat"] in EVAL_STATS else len(EVAL_STATS)))
+        return found[0]["value"] if found else None
+
+    out = {"eval_fidelity_mean": value("fidelity")}
+    for lang in sorted({r["lang"] for r in rows if r["metric"] == "fidelity" and r["lang"] != "all"}):
+        out[f"eval_fidelity_{lang}"] = value("fidelity", lang)
+    out |= {"eval_rankc_mean": value("rankc"), "eval_accuracy_mean": value("accuracy")}
+    silhouette = [r for r in rows if r["metric"] == "silhouette"]
+    silhouette = [r for r in silhouette if r["lang"] == "all"] or silhouette
+    out["eval_silhouette_max"] = max((r["value"] for r in silhouette), default=None)
+    for reward in sorted({r["metric"] for r in rows if r["metric"].startswith("r_")}):
+        out[f"eval_{reward}_mean"] = value(reward, stat="mean")
+    out["eval_judge_win_rate"] = value("judge_win_rate")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def summary_text(study: Study, record: dict, table: pa.Table) -> str:
+    """The study's final table (one line per run: its last iteration) as plain text."""
+    last = {row["run"]: row for row in table.to_pylist()}  # rows come in iteration order: the last one stays
+    columns = [("pairs", "pairs_rows"), ("loss", "loss_mean"), ("accuracy", "accuracy_mean"),
+               ("fidelity", "fidelity_mean"), ("eval fidelity", "eval_fidelity_mean")]
+    columns = [(label, key) for label, key in columns if key in table.column_names]
+    out = Table("run", "status", *(label for label, _ in columns), title=f"study {study.name}: {study.dir}")
+    for entry in record["runs"]:
+        row = last.get(entry["run"], {})
+        out.add_row(entry["run"], entry["status"], *(_number(row.get(key)) for _, key in columns))
+    buffer = io.StringIO()
+    Console(file=buffer, width=console.width if console.is_terminal else 160, no_color=True).print(out)
+    return buffer.getvalue().rstrip() + f"\nresults: {study.dir / 'results.parquet'}"
