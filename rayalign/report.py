@@ -394,12 +394,13 @@ def study_metrics(final: pl.DataFrame) -> list[str]:
     return [c for c in (*STUDY_METRICS, *evals) if _present(final, c) and final[c].dtype.is_numeric()]
 
 
-def fidelity_by_run(final: pl.DataFrame) -> dict[str, dict[str, float]]:
-    """{run: {language: fidelity share at the final iteration}}, null values left out."""
-    langs = fidelity_languages(final)
+def fidelity_by_run(final: pl.DataFrame, prefix: str = "fidelity_") -> dict[str, dict[str, float]]:
+    """{run: {language: fidelity share}} from the `<prefix><lang>` columns of the final-iteration rows (prefix
+    eval_fidelity_: of the evaluated final policies), null values left out."""
+    langs = [c.removeprefix(prefix) for c in final.columns if c.startswith(prefix) and c != f"{prefix}mean"]
     out = {}
     for row in final.iter_rows(named=True):
-        shares = {lang: row[f"fidelity_{lang}"] for lang in langs if row[f"fidelity_{lang}"] is not None}
+        shares = {lang: row[f"{prefix}{lang}"] for lang in langs if row[f"{prefix}{lang}"] is not None}
         if shares:
             out[row["run"]] = shares
     return out
@@ -496,10 +497,12 @@ def study_report(study_dir: Path, doc: Document) -> None:
                    + (f", one line per {', '.join(others)}." if others else "."))
     if not scaled:
         doc.notes.append("no scaling plot: no axis has two or more numeric (or list) values")
-    shares = fidelity_by_run(final)
+    shares, source = fidelity_by_run(final, "eval_fidelity_"), "each run's evaluated final policy (rayalign eval)"
+    if not shares:
+        shares, source = fidelity_by_run(final), "each run's final-iteration samples"
     if shares:
         doc.figure(plot_fidelity_by_run(shares), "fidelity_by_run.png", "Fidelity by run",
-                   "Share of each run's final-iteration samples in the prompt's language, per language"
+                   f"Share of the responses of {source} in the prompt's language, per language"
                    + (" (a heatmap: too many runs for bars)." if len(shares) > MAX_BAR_RUNS else "."))
     else:
         doc.skip("fidelity_by_run.png", "no fidelity_<lang> values in results.parquet")

@@ -212,3 +212,10 @@ def test_bad_paths_raise_report_error_naming_the_path(tmp_path):
     (tmp_path / "study.json").write_text('{"name": "x"}')
     with pytest.raises(ReportError, match=r"study.json: expected an object with a 'runs' list"):
         report(tmp_path)
+
+
+def test_fidelity_by_run_reads_sample_or_eval_columns():
+    final = pl.DataFrame({"run": ["a"], "fidelity_en": [0.9], "fidelity_mean": [0.9], "eval_fidelity_en": [0.5],
+                          "eval_fidelity_de": [0.25], "eval_fidelity_mean": [0.375]})
+    assert fidelity_by_run(final) == {"a": {"en": 0.9}}
+    assert fidelity_by_run(final, "eval_fidelity_") == {"a": {"en": 0.5, "de": 0.25}}
