@@ -8,20 +8,77 @@ into rows of the `eval` schema. Every step writes a dataset under the output dir
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from rayalign.config import ConfigError, RunConfig
-from rayalign.data.store import DatasetWriter, read_dataset
+from rayalign.data.store import DatasetWriter, atomic_write_text, read_dataset, read_manifest
 from rayalign.eval import metrics
-from rayalign.pipelines.offline import (_complete, _progress, console, forward_rewards, num_hidden_layers, scoring_setup,
-                                        with_scoring_prompts, write_table)
+from rayalign.models import resolve_model_path
+from rayalign.pipelines.offline import (_complete, _layers, _progress, console, forward_rewards, num_hidden_layers,
+                                        scoring_setup, with_scoring_prompts, write_table)
+from rayalign.scores import REWARD_COLUMNS
 
 EVAL_ITERATION = 0  # seeds of evaluation samples: (run seed, prompt, language, sample, iteration 0)
 
+
+# ---- which checkpoint, and whether earlier outputs still hold ----
+
+def run_policy(cfg: RunConfig, run_dir: Path, policy: str | None = None) -> tuple[str, str, str]:
+    """(checkpoint path, name, label) of `policy`: a path, initial (the recipe's policy), iter-N (the run's
+    iteration N), or None: the run's latest trained policy, else initial."""
+    if policy is None:
+        trained = sorted(run_dir.glob("iter-*/policy/config.json"), key=lambda p: int(p.parent.parent.name[5:]))
+        policy = trained[-1].parent.parent.name if trained else "initial"
+    if policy == "initial":
+        return resolve_model_path(cfg.policy.path), cfg.policy.path, "initial"
+    if policy.startswith("iter-") and policy[5:].isdigit():
+        path = run_dir / policy / "policy"
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"policy {policy}: {path} holds no checkpoint (has the run trained iteration "
+                              f"{policy[5:]}?)")
+        return str(path), f"{policy}/policy", policy
+    return resolve_model_path(policy), policy, Path(policy).name or "policy"
+
+
+def run_hub_layer(cfg: RunConfig, run_dir: Path) -> int | None:
+    """The layer a run's own hub scan chose when the recipe says `hub_layer: auto` (None otherwise)."""
+    path = run_dir / "hub-scan.json"
+    if cfg.rewards.latent.hub_layer != "auto" or not path.is_file():
+        return None
+    try:
+        return int(json.loads(path.read_text())["hub_layer"])
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path}: expected a JSON object with an integer hub_layer (delete it to scan again)") \
+            from None
+
+
+def eval_key(cfg: RunConfig, policy_path: str, policy_name: str, settings: dict | None = None) -> str:
+    """What evaluation outputs depend on: the config (prompts, sampling, rewards), the checkpoint (its name and
+    its files' modification times, so a retrained iteration is evaluated again) and the evaluation settings."""
+    path = Path(policy_path)
+    stamp = max((f.stat().st_mtime_ns for f in path.iterdir() if f.is_file()), default=0) if path.is_dir() else 0
+    data = [cfg.config_hash(), policy_name, str(policy_path), stamp, settings or {}]
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def kept(path: Path, key: str) -> bool:
+    """True when `path` holds a complete dataset made with `key`; one made otherwise is moved aside."""
+    if not _complete(path):
+        return False
+    if read_manifest(path).get("params", {}).get("eval_key") == key:
+        return True
+    stale = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.rename(stale)
+    console.print(f"{path}: made with other settings or another checkpoint; moved to {stale}, computing it again")
+    return False
+
+
+# ---- the steps ----
 
 def eval_samples(cfg: RunConfig, policy_path: str, policy_name: str, out_dir: Path) -> pa.Table:
     """Responses of the policy to the recipe's prompts (its prompts.limit and sampling.n) -> a samples dataset."""
@@ -29,13 +86,15 @@ def eval_samples(cfg: RunConfig, policy_path: str, policy_name: str, out_dir: Pa
     from rayalign.actors.pool import split_shards
     from rayalign.data.prompts import load_prompts
 
-    if _complete(out_dir):
+    key = eval_key(cfg, policy_path, policy_name)
+    if kept(out_dir, key):
         return read_dataset(out_dir, "samples")
     prompts = load_prompts(cfg.prompts.path, cfg.languages, limit=cfg.prompts.limit,
                            system_prompt=cfg.prompts.system_prompt)
     shards = split_shards(prompts, cfg.engines.shard_rows)
     writer = DatasetWriter(out_dir, "samples", config_hash=cfg.config_hash(), languages=cfg.languages,
                            models={"policy": policy_name}, seeds={"run_seed": cfg.sampling.seed, "iteration": 0},
+                           params={"eval_key": key},
                            description=f"Evaluation samples of {policy_name}: {cfg.sampling.n} per (prompt_id, "
                                        f"language), temperature {cfg.sampling.temperature}.")
     done = {i for i in range(len(shards)) if writer.has_shard(i)}
@@ -50,32 +109,22 @@ def eval_samples(cfg: RunConfig, policy_path: str, policy_name: str, out_dir: Pa
     return read_dataset(out_dir, "samples")
 
 
-def score_layers(cfg: RunConfig, roles: dict, specs: list, reward_model: str | None, samples: pa.Table,
-                 label: str) -> pa.Table:
-    """One scoring pass of `samples` on the recipe's scoring actors; returns the rows with the specs' columns."""
+def score_rows(cfg: RunConfig, roles: dict, specs: list, reward_model: str | None, rows: pa.Table, label: str,
+               shard_rows: int | None = None) -> pa.Table:
+    """One scoring pass over `rows` on the recipe's scoring actors; returns them with the specs' columns."""
     from rayalign.actors.pool import split_shards
     from rayalign.actors.scorer import ScoringGroup
 
     r = cfg.rewards
-    shards = split_shards(samples, cfg.engines.shard_rows * cfg.sampling.n)
+    shards = split_shards(rows, shard_rows or cfg.engines.shard_rows * cfg.sampling.n)
     results: dict[int, pa.Table] = {}
     group = ScoringGroup(roles, r.actors, r.batch_size, r.num_cpus, r.num_gpus)
-    with _progress(label, samples.num_rows, "samples") as update:
+    with _progress(label, rows.num_rows, "rows") as update:
         try:
             group.run(shards, specs, reward_model, results.__setitem__, progress=update)
         finally:
             group.shutdown()
     return pa.concat_tables([results[i] for i in range(len(shards))])
-
-
-def layer_columns(layers) -> tuple[tuple[str, int], ...]:
-    return tuple((f"h_layer_{layer}", layer) for layer in layers)
-
-
-def pooled_by_layer(table: pa.Table, layers) -> dict[int, np.ndarray]:
-    from rayalign.scoring import latent_matrix
-
-    return {layer: latent_matrix(table.column(column)) for column, layer in layer_columns(layers)}
 
 
 # ---- the semantic-hub scan ----
@@ -91,25 +140,26 @@ def scan_subset(samples: pa.Table, languages: list[str], max_prompts: int | None
     if len(keep) < 2:
         raise ConfigError(f"hub scan: needs at least 2 prompts with responses in every language {languages}; "
                           f"found {len(keep)}")
-    mask = pa.array([p in keep for p in samples.column("prompt_id").to_pylist()])
-    return samples.filter(mask)
+    return samples.filter(pa.array([p in keep for p in samples.column("prompt_id").to_pylist()]))
 
 
 def hub_scan(cfg: RunConfig, policy_path: str, policy_name: str, samples: pa.Table, max_prompts: int | None) -> dict:
     """Silhouette of the pooled response states, clustered by prompt id, at every layer 0..L; the hub layer is
     the argmax over 1..L-1 (METHODS.md section 1)."""
     from rayalign.actors.scorer import ModelRole
-    from rayalign.scoring import ForwardSpec
+    from rayalign.scoring import ForwardSpec, latent_matrix
 
     subset = scan_subset(samples, cfg.languages, max_prompts)
     num_layers = num_hidden_layers(cfg, policy_path)
-    layers = list(range(num_layers + 1))
-    spec = ForwardSpec("policy", "messages", "logp_policy", layer_columns(layers), tokens_column="score_tokens")
-    table = score_layers(cfg, {"policy": ModelRole(policy_path, cfg.policy)}, [spec], None, subset, "hub scan")
-    rows = metrics.silhouette_rows(pooled_by_layer(table, layers), table.column("prompt_id").to_pylist())
+    columns = [(f"h_layer_{layer}", layer) for layer in range(num_layers + 1)]
+    spec = ForwardSpec("policy", "messages", "logp_policy", tuple(columns), tokens_column="score_tokens")
+    table = score_rows(cfg, {"policy": ModelRole(policy_path, cfg.policy)}, [spec], None, subset, "hub scan")
+    pooled = {layer: latent_matrix(table.column(column)) for column, layer in columns}
+    rows = metrics.silhouette_rows(pooled, table.column("prompt_id").to_pylist())
     silhouette = {r["layer"]: r["value"] for r in rows}
-    return {"policy": policy_name, "hub_layer": metrics.choose_hub_layer(silhouette, num_layers),
-            "num_layers": num_layers, "silhouette": {str(k): round(v, 6) for k, v in silhouette.items()},
+    return {"policy": policy_name, "config_hash": cfg.config_hash(),
+            "hub_layer": metrics.choose_hub_layer(silhouette, num_layers), "num_layers": num_layers,
+            "silhouette": {str(k): round(v, 6) for k, v in silhouette.items()},
             "candidates": list(range(1, num_layers)), "prompts": rows[0]["count"], "samples": table.num_rows}
 
 
@@ -122,91 +172,108 @@ def print_hub_scan(result: dict) -> None:
         console.print(f"  layer {int(layer):>3}  {value:+.4f}  {bar}{'  <- hub' if int(layer) == best else ''}")
 
 
+def save_hub_scan(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+
+
 # ---- evaluation ----
 
-def evaluate_policy(cfg: RunConfig, policy_path: str, out_dir: str | Path, *, policy_name: str | None = None,
-                    prompts_limit: int | None = None, samples: int | None = None, candidates_path: str | None = None,
-                    layers: str | list[int] = "all", likelihood: str = "sum", judge=None,
-                    hub_layer: int | None = None) -> pa.Table:
-    """Evaluate one checkpoint; returns (and writes to `out_dir`/results) the `eval` table.
+def eval_setup(cfg: RunConfig, policy_path: str, policy_name: str, *, prompts_limit: int | None = None,
+               samples: int | None = None, candidates_path: str | None = None, silhouette_prompts: int | None = None,
+               likelihood: str = "sum", judge=None, hub_layer: int | None = None) -> tuple[RunConfig, dict, str]:
+    """Check an evaluation's inputs (before anything is generated); returns the evaluation's config, its settings
+    and the key its outputs are kept under."""
+    from rayalign.data.prompts import load_candidate_sets, load_prompts
 
-    Language fidelity and response length per language, statistics of the recipe's rewards, the silhouette of
-    pooled states per layer (`layers`: "all", "none" or hidden_states indices), RankC and accuracy on a parallel
-    candidate set (`candidates_path`, default rewards.consistency.candidates_path), and the judge's win rate
-    against reference answers (`judge`: a JudgeSettings). Ray must be connected.
-    """
-    out_dir = Path(out_dir)
-    policy_name = policy_name or policy_path
-    if _complete(out_dir / "results"):
-        console.print(f"eval {policy_name}: finished earlier, kept ({out_dir / 'results'})")
-        return read_dataset(out_dir / "results", "eval")
     cfg = dataclasses.replace(
         cfg, prompts=dataclasses.replace(cfg.prompts, limit=prompts_limit or cfg.prompts.limit),
         sampling=dataclasses.replace(cfg.sampling, n=samples or cfg.sampling.n))
-    if cfg.rewards.latent.enabled and cfg.sampling.n < 2:
-        raise ConfigError(f"eval: latent rewards need at least 2 samples per prompt, got {cfg.sampling.n}")
-    num_layers = num_hidden_layers(cfg, policy_path)
-    scan = list(range(num_layers + 1)) if layers == "all" else [] if layers == "none" else sorted(set(layers))
-    if any(not 0 <= layer <= num_layers for layer in scan):
-        raise ConfigError(f"eval: layers {scan} must lie in 0..{num_layers} (the hidden_states of {policy_name})")
-    table = eval_samples(cfg, policy_path, policy_name, out_dir / "samples")
-    rows = metrics.fidelity_rows(table.column("lang").to_pylist(), table.column("lang_detected").to_pylist())
-    rows += [dict(r, metric="response_tokens") for r in metrics.distribution_rows(
-        "response_tokens", table.column("num_tokens").to_pylist(), table.column("lang").to_pylist())
-        if r["stat"] == "mean"]
-
-    num_prompts = len(set(table.column("prompt_id").to_pylist()))
-    if num_prompts < 2:
-        if layers != "none":
-            console.print("eval: the silhouette needs at least 2 prompts; skipped")
-        scan = []
     lat = cfg.rewards.latent
-    latent = {}
-    if lat.enabled:
-        if hub_layer is None and lat.hub_layer != "auto":
-            hub_layer = num_layers // 2 if lat.hub_layer is None else lat.hub_layer
-        if hub_layer is None:  # auto: this evaluation's own silhouette chooses
-            if layers == "none" or num_prompts < 2:
-                raise ConfigError("eval: rewards.latent.hub_layer is auto and no run hub scan was found, so the "
-                                  "evaluation scans itself: it needs at least 2 prompts and --layers other than none")
-            scan = list(range(num_layers + 1))
-        latent = {"h_hub": hub_layer, "h_last": num_layers if lat.language_layer is None else lat.language_layer}
-    roles, specs, reward_model, _ = scoring_setup(dataclasses.replace(
-        cfg, rewards=dataclasses.replace(cfg.rewards, latent=dataclasses.replace(lat, enabled=False))), policy_path)
-    pooled_layers = sorted(set(scan) | {layer for layer in latent.values() if layer is not None})
-    specs[0] = dataclasses.replace(specs[0], layers=layer_columns(pooled_layers))
-    scored = score_layers(cfg, roles, specs, reward_model, with_scoring_prompts(cfg, table), "eval score")
-    pooled = pooled_by_layer(scored, pooled_layers)
-    silhouette = metrics.silhouette_rows({k: pooled[k] for k in scan}, scored.column("prompt_id").to_pylist())
-    rows += silhouette
-    if lat.enabled and latent["h_hub"] is None:
-        latent["h_hub"] = metrics.choose_hub_layer({r["layer"]: r["value"] for r in silhouette}, num_layers)
-    for column, layer in latent.items():
-        scored = scored.append_column(column, scored.column(f"h_layer_{layer}"))
-    scored = scored.drop_columns([c for c, _ in layer_columns(pooled_layers)])
+    silhouette_prompts = lat.hub_scan_prompts if silhouette_prompts is None else silhouette_prompts
+    candidates_path = candidates_path or cfg.rewards.consistency.candidates_path
+    if likelihood not in ("sum", "mean"):
+        raise ConfigError(f"eval: likelihood must be sum or mean, got {likelihood!r}")
+    if lat.enabled and cfg.sampling.n < 2:
+        raise ConfigError(f"eval: latent rewards need at least 2 samples per prompt, got {cfg.sampling.n}")
+    if lat.enabled and lat.hub_layer == "auto" and hub_layer is None and silhouette_prompts < 2:
+        raise ConfigError("eval: rewards.latent.hub_layer is auto and the run has no hub scan, so the evaluation "
+                          "scans itself: it needs silhouette prompts >= 2")
+    if lat.enabled and (lat.hub_layer != "auto" or hub_layer is not None):
+        _layers(cfg, policy_path, hub_layer)  # refuses layers beyond the model's
+    if candidates_path:
+        load_candidate_sets(candidates_path, cfg.languages)
+    if judge is not None:
+        prompts = load_prompts(cfg.prompts.path, cfg.languages, limit=cfg.prompts.limit,
+                               system_prompt=cfg.prompts.system_prompt)
+        missing = [r["prompt_id"] for r in prompts.select(["prompt_id", "reference"]).to_pylist() if not r["reference"]]
+        if missing:
+            raise ConfigError(f"eval: the judge compares with reference answers, but {len(missing)} prompt row(s) of "
+                              f"{cfg.prompts.path} have none (e.g. {missing[0]}); give them an output/reference field")
+    settings = {"candidates_path": candidates_path, "likelihood": likelihood, "silhouette_prompts": silhouette_prompts,
+                "hub_layer": hub_layer, "judge": judge and [judge.url, judge.model]}
+    return cfg, settings, eval_key(cfg, policy_path, policy_name, settings)
+
+
+def evaluation_kept(out_dir: Path, key: str) -> bool:
+    return _complete(out_dir / "results") and read_manifest(out_dir / "results")["params"].get("eval_key") == key
+
+
+def evaluate_policy(cfg: RunConfig, policy_path: str, out_dir: str | Path, *, policy_name: str | None = None,
+                    judge=None, **settings) -> pa.Table:
+    """Evaluate one checkpoint; returns (and writes to `out_dir`/results) the `eval` table. Ray must be connected.
+
+    Language fidelity and response length per language; statistics of the recipe's rewards (`hub_layer`: the
+    run's scanned layer when the recipe says auto); the silhouette of pooled states at every layer on
+    `silhouette_prompts` prompts (default rewards.latent.hub_scan_prompts; 0 = none); RankC and accuracy on a
+    parallel candidate set (`candidates_path`, default rewards.consistency.candidates_path; `likelihood` sum or
+    mean per candidate token); the judge's win rate against reference answers (`judge`: a JudgeSettings). Other
+    settings: `prompts_limit`, `samples` (see `eval_setup`). The samples and the results are kept on a rerun with
+    the same settings and checkpoint (outputs made otherwise are moved aside); scores are recomputed.
+    """
+    out_dir = Path(out_dir)
+    policy_name = policy_name or policy_path
+    cfg, settings, key = eval_setup(cfg, policy_path, policy_name, judge=judge, **settings)
+    if kept(out_dir / "results", key):
+        console.print(f"eval {policy_name}: finished earlier, kept ({out_dir / 'results'})")
+        return read_dataset(out_dir / "results", "eval")
+    silhouette_prompts, candidates_path, hub_layer = (settings[k] for k in ("silhouette_prompts", "candidates_path",
+                                                                            "hub_layer"))
+    scan_self = cfg.rewards.latent.enabled and cfg.rewards.latent.hub_layer == "auto" and hub_layer is None
+
+    table = eval_samples(cfg, policy_path, policy_name, out_dir / "samples")
+    langs = table.column("lang").to_pylist()
+    rows = metrics.fidelity_rows(langs, table.column("lang_detected").to_pylist())
+    rows += [r for r in metrics.distribution_rows("response_tokens", table.column("num_tokens").to_pylist(), langs)
+             if r["stat"] == "mean"]
+    if silhouette_prompts >= 2 and len(set(table.column("prompt_id").to_pylist())) >= 2:
+        scan = hub_scan(cfg, policy_path, policy_name, table, silhouette_prompts)
+        rows += [metrics.row("silhouette", "score", "all", v, scan["prompts"], layer=int(k))
+                 for k, v in scan["silhouette"].items()]
+        hub_layer = scan["hub_layer"] if scan_self else hub_layer
+    elif silhouette_prompts:
+        console.print("eval: the silhouette needs at least 2 prompts; skipped")
+
+    roles, specs, reward_model, layers = scoring_setup(cfg, policy_path, hub_layer)
+    scored = score_rows(cfg, roles, specs, reward_model, with_scoring_prompts(cfg, table), "eval score")
     scored, params = forward_rewards(cfg, scored)
-    params["layers"] = latent
+    params["layers"] = layers
     write_table(scored.drop_columns([c for c in ("h_hub", "h_last") if c in scored.column_names]), out_dir / "scores",
-                "scores", cfg, EVAL_ITERATION, {"policy": policy_name}, params,
+                "scores", cfg, EVAL_ITERATION, {n: role.path for n, role in roles.items()}, params,
                 f"Evaluation scores of {policy_name}.", shard_rows=max(1, scored.num_rows))
-    langs = scored.column("lang").to_pylist()
-    for column in ("r_lacomsa", "r_msa", "r_icr", "r_rm", "r_user"):
+    for column in (c for c in REWARD_COLUMNS if c.startswith("r_")):
         if scored.column(column).null_count < scored.num_rows:
             rows += metrics.distribution_rows(column, scored.column(column).to_pylist(), langs)
-
-    candidates_path = candidates_path or cfg.rewards.consistency.candidates_path
     if candidates_path:
-        rows += candidate_metrics(cfg, policy_path, candidates_path, likelihood)
+        rows += candidate_metrics(cfg, policy_path, candidates_path, settings["likelihood"])
     if judge is not None:
         rows += judge_metrics(table, judge)
 
-    result = pa.Table.from_pylist([{"policy": policy_name, **r} for r in rows])
     writer = DatasetWriter(out_dir / "results", "eval", config_hash=cfg.config_hash(), languages=cfg.languages,
                            models={"policy": policy_name}, description=f"Evaluation of {policy_name}.",
-                           params={"prompts_limit": cfg.prompts.limit, "samples": cfg.sampling.n,
-                                   "candidates_path": candidates_path, "likelihood": likelihood,
-                                   "layers": pooled_layers, "hub_layer": latent.get("h_hub")})
-    writer.write_shard(0, result)
+                           params={"eval_key": key, "prompts_limit": cfg.prompts.limit, "samples": cfg.sampling.n,
+                                   **settings, "hub_layer": layers.get("h_hub")})
+    writer.write_shard(0, pa.Table.from_pylist([{"policy": policy_name, **r} for r in rows]))
     writer.finalize(expected_shards=1)
     return read_dataset(out_dir / "results", "eval")
 
@@ -222,30 +289,29 @@ def candidate_metrics(cfg: RunConfig, policy_path: str, candidates_path: str, li
     cands = load_candidate_sets(candidates_path, cfg.languages).rename_columns(
         ["prompt_id", "lang", "messages", "candidate_idx", "response", "gold"])
     spec = ForwardSpec("policy", "messages", "logp", tokens_column="num_tokens")
-    scored = score_layers(cfg, {"policy": ModelRole(policy_path, cfg.policy)}, [spec], None, cands,
-                          "eval candidates")
+    scored = score_rows(cfg, {"policy": ModelRole(policy_path, cfg.policy)}, [spec], None, cands,
+                        "eval candidates", shard_rows=256)
     return metrics.candidate_rows(pl.from_arrow(scored.drop_columns(["messages", "response"])), cfg.languages,
                                   cfg.anchor_language, likelihood)
 
 
 def judge_metrics(samples: pa.Table, judge) -> list[dict]:
     """The judge's win rate of each prompt's first sample against the prompt's reference answer."""
+    import types
+
+    import pyarrow.compute as pc
+
     from rayalign.eval.judge import judge_items, win_rates
 
-    first = samples.filter(pa.compute.equal(samples.column("sample_idx"), 0)).to_pylist()
+    first = samples.filter(pc.equal(samples.column("sample_idx"), 0)).to_pylist()
     items = [{"prompt_id": r["prompt_id"], "lang": r["lang"], "prompt": r["messages"][-1]["content"],
               "response": r["response"], "reference": r["reference"]} for r in first]
+    started = time.perf_counter()
     with _progress("eval judge", len(items), "items") as update:
-        judged = judge_items(items, judge, progress=lambda done, total: update(_Done(done)))
+        judged = judge_items(items, judge, progress=lambda done, total: update(types.SimpleNamespace(
+            rows_in=done, rows_out=done, seconds=time.perf_counter() - started)))
     return [metrics.row("judge_win_rate", "share", lang, value, count)
             for lang, (value, count) in sorted(win_rates(judged).items()) if lang != "invalid" and count]
-
-
-@dataclasses.dataclass
-class _Done:  # the shape of ShardStats that the progress bar reads
-    rows_in: int
-    rows_out: int = 0
-    seconds: float = 1.0
 
 
 def print_summary(result: pa.Table, languages: list[str], anchor: str) -> None:
@@ -279,10 +345,3 @@ def print_summary(result: pa.Table, languages: list[str], anchor: str) -> None:
         best = max(silhouette, key=lambda lv: lv[1])
         console.print("silhouette by layer: " + "  ".join(f"{layer}:{v:+.3f}" for layer, v in silhouette)
                       + f"  (max at layer {best[0]})")
-
-
-def save_hub_scan(result: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rayalign.config import ConfigError, RunConfig, save_config
 from rayalign.data.prompts import load_prompts
-from rayalign.data.store import DatasetError, DatasetWriter, read_manifest, write_parquet_atomic
+from rayalign.data.store import DatasetError, DatasetWriter, atomic_write_text, read_manifest, write_parquet_atomic
 from rayalign.generation import FailedRowsError
 from rayalign.models import resolve_model_path
 
@@ -89,6 +89,12 @@ def redo_stages(cfg: RunConfig, run_dir: Path, state: dict, redo: tuple[str, ...
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.move(path, target)
                     moved.append(str(path.relative_to(run_dir)))
+    if first <= STAGES.index("score"):  # the hub scan (hub_layer: auto) reads iteration 1's samples before scoring
+        forgotten.add("hub-scan")
+        if (run_dir / "hub-scan.json").is_file():
+            trash.mkdir(parents=True, exist_ok=True)
+            shutil.move(run_dir / "hub-scan.json", trash / "hub-scan.json")
+            moved.append("hub-scan.json")
     state["finished"] = [name for name in state["finished"] if name not in forgotten]
     log_metrics(run_dir, {"stage": "redo", "redo": list(redo), "config_hash": cfg.config_hash(),
                           "moved": moved, "trash": str(trash)})
@@ -96,9 +102,7 @@ def redo_stages(cfg: RunConfig, run_dir: Path, state: dict, redo: tuple[str, ...
 
 
 def write_state(run_dir: Path, state: dict) -> None:
-    tmp = run_dir / "state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(run_dir / "state.json")
+    atomic_write_text(run_dir / "state.json", json.dumps(state, indent=2))
 
 
 def log_metrics(run_dir: Path, record: dict) -> None:
@@ -226,21 +230,22 @@ def hub_layer_of_run(cfg: RunConfig, run_dir: Path, state: dict, initial_path: s
     """The hub layer when the recipe says `hub_layer: auto`: scanned once on iteration 1's samples with the starting
     policy (so every iteration's rewards use the same layer), saved in hub-scan.json; None otherwise."""
     from rayalign.data.store import read_dataset
-    from rayalign.pipelines.evaluate import hub_scan, print_hub_scan, save_hub_scan
+    from rayalign.pipelines.evaluate import hub_scan, print_hub_scan, run_hub_layer, save_hub_scan
 
     lat = cfg.rewards.latent
     if not (lat.enabled and lat.hub_layer == "auto"):
         return None
     path = run_dir / "hub-scan.json"
     if "hub-scan" in state["finished"] and path.is_file():
-        return json.loads(path.read_text())["hub_layer"]
+        return run_hub_layer(cfg, run_dir)
     started = time.perf_counter()
     result = hub_scan(cfg, initial_path, cfg.policy.path, read_dataset(run_dir / "iter-1" / "samples", "samples"),
                       lat.hub_scan_prompts)
     save_hub_scan(result, path)
     print_hub_scan(result)
     log_metrics(run_dir, {"iteration": 1, "stage": "hub-scan", "hub_layer": result["hub_layer"],
-                          "prompts": result["prompts"], **{f"silhouette_{k}": v for k, v in result["silhouette"].items()},
+                          "prompts": result["prompts"],
+                          **{f"silhouette_{k}": v for k, v in result["silhouette"].items()},
                           "wall_seconds": round(time.perf_counter() - started, 3)})
     state["finished"].append("hub-scan")
     write_state(run_dir, state)

@@ -31,10 +31,11 @@ from rich.console import Console
 from rich.table import Table
 
 from rayalign.config import ConfigError, RunConfig, load_config
+from rayalign.data.store import atomic_write_text
 
 console = Console(stderr=True)
 STUDY_KEYS = ("name", "recipe", "runs_dir", "parallel", "overrides", "grid", "eval")
-EVAL_KEYS = {"prompts_limit": int, "samples": int, "candidates_path": str, "layers": (str, list),
+EVAL_KEYS = {"prompts_limit": int, "samples": int, "candidates_path": str, "silhouette_prompts": int,
              "likelihood": str}
 SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # names that go into file names
 RESERVED_COLUMNS = {"run", "run_dir", "status", "stage", "iteration", "policy", "pairs_rows", "loss_first",
@@ -166,11 +167,13 @@ def _eval_section(path: Path, data: dict) -> dict:
     for key, value in section.items():
         if key not in EVAL_KEYS:
             raise StudyError(f"{path}: eval.{key}: unknown key (expected one of: {', '.join(EVAL_KEYS)})")
+        least = 0 if key == "silhouette_prompts" else 1
         if not isinstance(value, EVAL_KEYS[key]) or isinstance(value, bool) or (
-                EVAL_KEYS[key] is int and value < 1):
-            kind = "an integer >= 1" if EVAL_KEYS[key] is int else "a string" if EVAL_KEYS[key] is str \
-                else "all, none or a list of layer indices"
+                EVAL_KEYS[key] is int and value < least):
+            kind = f"an integer >= {least}" if EVAL_KEYS[key] is int else "a string"
             raise StudyError(f"{path}: eval.{key}: expected {kind}, got {value!r}")
+    if section.get("likelihood", "sum") not in ("sum", "mean"):
+        raise StudyError(f"{path}: eval.likelihood: expected sum or mean, got {section['likelihood']!r}")
     if "candidates_path" in section:
         section["candidates_path"] = str(path.parent / section["candidates_path"])
     return section
@@ -243,8 +246,13 @@ def run_finished(run: StudyRun) -> bool:
             and f"iter-{run.cfg.iterations}/summary" in state.get("finished", []))
 
 
-def eval_finished(run: StudyRun) -> bool:
-    return (run.run_dir / "eval" / "final" / "results" / "manifest.json").is_file()
+def eval_finished(study: Study, run: StudyRun) -> bool:
+    """The run's final policy was evaluated with the study's current eval settings."""
+    from rayalign.pipelines.evaluate import eval_setup, evaluation_kept, run_hub_layer
+
+    policy, name = final_policy(run)
+    _, _, key = eval_setup(run.cfg, policy, name, hub_layer=run_hub_layer(run.cfg, run.run_dir), **study.eval)
+    return evaluation_kept(run.run_dir / "eval" / "final", key)
 
 
 def run_study(path: str | Path, *, cluster: str = "local", address: str | None = None, parallel: int | None = None,
@@ -326,6 +334,7 @@ def check_inputs(study: Study, runs: list[StudyRun]) -> None:
     """Every run's prompts exist in its languages and its models load (the tiny model is built here, once)."""
     from rayalign.data.prompts import PromptError, load_prompts
     from rayalign.models import ModelLoadError, resolve_model_path
+    from rayalign.pipelines.evaluate import eval_setup
     from rayalign.pipelines.offline import _model_build_progress
 
     checked = set()
@@ -339,13 +348,15 @@ def check_inputs(study: Study, runs: list[StudyRun]) -> None:
                 load_prompts(prompts[0], list(prompts[1]), limit=1, system_prompt=prompts[2])
             for model in set(models) - checked:
                 resolve_model_path(model, progress=_model_build_progress())
-        except (PromptError, ModelLoadError) as e:
+            if study.eval is not None:  # the eval settings fit the run (candidates in its languages, samples, ...)
+                eval_setup(cfg, resolve_model_path(cfg.policy.path), cfg.policy.path, **study.eval)
+        except (PromptError, ModelLoadError, ConfigError) as e:
             raise StudyError(f"{study.path}: run {run.slug}: {e}") from None
         checked |= {prompts, *models}
 
 
 def _done(study: Study, run: StudyRun) -> bool:
-    return run_finished(run) and (study.eval is None or eval_finished(run))
+    return run_finished(run) and (study.eval is None or eval_finished(study, run))
 
 
 def _run_in_process(study, todo, plans, cluster, address, say, finish, total):
@@ -417,29 +428,27 @@ def _run_side_by_side(study, todo, cluster, address, parallel, say, finish, tota
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def final_policy(run: StudyRun) -> tuple[str, str]:
+    """(path, name) of the run's final policy: its last iteration's checkpoint, or the recipe's without training."""
+    from rayalign.pipelines.evaluate import run_policy
+
+    path, name, _ = run_policy(run.cfg, run.run_dir, f"iter-{run.cfg.iterations}" if run.cfg.training.loss
+                               else "initial")
+    return path, name
+
+
 def evaluate_run(study: Study, run: StudyRun) -> None:
     """Evaluate the run's final policy into <run_dir>/eval/final (with an eval section; kept when done)."""
-    if study.eval is None or eval_finished(run):
-        return
-    from rayalign.models import resolve_model_path
-    from rayalign.pipelines.evaluate import evaluate_policy
+    from rayalign.pipelines.evaluate import evaluate_policy, run_hub_layer
 
-    cfg, last = run.cfg, run.cfg.iterations
-    if cfg.training.loss:
-        policy, name = str(run.run_dir / f"iter-{last}" / "policy"), f"iter-{last}/policy"
-    else:
-        policy, name = resolve_model_path(cfg.policy.path), cfg.policy.path
-    scan = run.run_dir / "hub-scan.json"  # hub_layer auto: the layer the run chose
-    hub = json.loads(scan.read_text())["hub_layer"] if cfg.rewards.latent.hub_layer == "auto" and scan.is_file() \
-        else None
-    evaluate_policy(cfg, policy, out_dir=run.run_dir / "eval" / "final", policy_name=name, hub_layer=hub,
-                    **study.eval)
+    if study.eval is not None:
+        policy, name = final_policy(run)
+        evaluate_policy(run.cfg, policy, out_dir=run.run_dir / "eval" / "final", policy_name=name,
+                        hub_layer=run_hub_layer(run.cfg, run.run_dir), **study.eval)
 
 
 def write_study_json(study_dir: Path, record: dict) -> None:
-    tmp = study_dir / "study.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, study_dir / "study.json")
+    atomic_write_text(study_dir / "study.json", json.dumps(record, indent=2))
 
 
 def _last_line(error: BaseException) -> str:

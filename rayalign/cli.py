@@ -34,14 +34,17 @@ def _user_errors(fn):
         from rayalign.config import ConfigError
         from rayalign.data.prompts import PromptError
         from rayalign.data.store import DatasetError
+        from rayalign.eval.judge import JudgeError
         from rayalign.generation import FailedRowsError
         from rayalign.models import ModelLoadError
+        from rayalign.pipelines.study import StudyError
+        from rayalign.report import ReportError
         from rayalign.scores import RewardError
 
         try:
             return fn(*args, **kwargs)
         except (ConfigError, PromptError, DatasetError, ModelLoadError, ClusterError, PlanError, FailedRowsError,
-                RewardError) as e:
+                RewardError, JudgeError, StudyError, ReportError) as e:
             raise UserError(str(e)) from None
 
     return wrapper
@@ -394,34 +397,6 @@ def _run_dir(cfg, run_dir) -> Path:
     return Path(run_dir) if run_dir else cfg.resolved_run_dir()
 
 
-def _policy(cfg, run_dir: Path, policy: str | None) -> tuple[str, str, str]:
-    """(checkpoint path, name, label) of --policy: a path, initial, iter-N, or (default) the run's latest policy."""
-    from rayalign.models import resolve_model_path
-
-    if policy is None:
-        trained = sorted(run_dir.glob("iter-*/policy/config.json"), key=lambda p: int(p.parent.parent.name[5:]))
-        policy = trained[-1].parent.parent.name if trained else "initial"
-    if policy == "initial":
-        return resolve_model_path(cfg.policy.path), cfg.policy.path, "initial"
-    if policy.startswith("iter-") and policy[5:].isdigit():
-        path = run_dir / policy / "policy"
-        if not (path / "config.json").is_file():
-            raise UserError(f"--policy {policy}: {path} holds no checkpoint (has the run trained iteration "
-                            f"{policy[5:]}?)")
-        return str(path), f"{policy}/policy", policy
-    return resolve_model_path(policy), policy, Path(policy).name or "policy"
-
-
-def _run_hub_layer(cfg, run_dir: Path) -> int | None:
-    """The hub layer a run chose by its scan when the recipe says auto (None when there is none)."""
-    import json
-
-    scan = run_dir / "hub-scan.json"
-    if cfg.rewards.latent.hub_layer == "auto" and scan.is_file():
-        return json.loads(scan.read_text())["hub_layer"]
-    return None
-
-
 POLICY_HELP = "checkpoint to evaluate: initial (the recipe's policy), iter-N (the run's iteration N), or a path; " \
               "default: the run's latest trained policy, else initial"
 
@@ -436,8 +411,9 @@ POLICY_HELP = "checkpoint to evaluate: initial (the recipe's policy), iter-N (th
 @click.option("--samples", type=click.IntRange(min=1), help="responses per prompt (default: the recipe's sampling.n)")
 @click.option("--candidates", type=click.Path(exists=True, file_okay=False),
               help="parallel candidate set for RankC and accuracy (default: rewards.consistency.candidates_path)")
-@click.option("--layers", default="all", show_default=True,
-              help="silhouette layers: all, none, or hidden_states indices such as 0,8,16")
+@click.option("--silhouette-prompts", type=click.IntRange(min=0),
+              help="prompts (in every language) whose pooled states give the silhouette by layer (default: "
+              "rewards.latent.hub_scan_prompts; 0 = none)")
 @click.option("--likelihood", type=click.Choice(["sum", "mean"]), default="sum", show_default=True,
               help="candidate likelihood: summed log-prob of the candidate, or its mean per token")
 @click.option("--judge-url", help="OpenAI-compatible endpoint of a judge you run (e.g. http://localhost:8000/v1); "
@@ -448,8 +424,8 @@ POLICY_HELP = "checkpoint to evaluate: initial (the recipe's policy), iter-N (th
 @click.option("--address", help="join the Ray cluster at this address (default: $RAY_ADDRESS, or start one)")
 @click.option("-o", "--override", "overrides", multiple=True, help=OVERRIDE_HELP)
 @_user_errors
-def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates, layers, likelihood, judge_url,
-             judge_model, judge_api_key, cluster, address, overrides):
+def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates, silhouette_prompts, likelihood,
+             judge_url, judge_model, judge_api_key, cluster, address, overrides):
     """Evaluate a policy checkpoint on the recipe's prompts.
 
     Language fidelity and response length per language, statistics of the recipe's rewards, the silhouette
@@ -463,14 +439,10 @@ def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates, l
       rayalign eval examples/quickstart.yaml --candidates examples/data/mc     # the latest iteration
     """
     from rayalign.cluster import connect, load_cluster_spec
-    from rayalign.pipelines.evaluate import evaluate_policy, print_summary
+    from rayalign.pipelines.evaluate import evaluate_policy, print_summary, run_hub_layer, run_policy
 
     cfg = _load(recipe, overrides)
     run_dir = _run_dir(cfg, run_dir)
-    try:
-        layer_list = layers if layers in ("all", "none") else [int(x) for x in layers.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--layers {layers!r}: expected all, none, or comma-separated integers") from None
     judge = None
     if judge_url or judge_model:
         if not (judge_url and judge_model):
@@ -478,19 +450,14 @@ def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates, l
         from rayalign.eval.judge import JudgeSettings
 
         judge = JudgeSettings(url=judge_url, model=judge_model, api_key=judge_api_key)
-    path, name, label = _policy(cfg, run_dir, policy)
+    path, name, label = run_policy(cfg, run_dir, policy)
+    out = Path(out) if out else run_dir / "eval" / label
     connect(load_cluster_spec(cluster), address)
-    from rayalign.eval.judge import JudgeError
-
-    try:
-        result = evaluate_policy(cfg, path, Path(out) if out else run_dir / "eval" / label, policy_name=name,
-                                 prompts_limit=prompts_limit, samples=samples, candidates_path=candidates,
-                                 layers=layer_list, likelihood=likelihood, judge=judge,
-                                 hub_layer=_run_hub_layer(cfg, run_dir))
-    except JudgeError as e:
-        raise UserError(str(e)) from None
+    result = evaluate_policy(cfg, path, out, policy_name=name, prompts_limit=prompts_limit, samples=samples,
+                             candidates_path=candidates, silhouette_prompts=silhouette_prompts,
+                             likelihood=likelihood, judge=judge, hub_layer=run_hub_layer(cfg, run_dir))
     print_summary(result, cfg.languages, cfg.anchor_language)
-    console.print(f"results: {Path(out) if out else run_dir / 'eval' / label}/results")
+    console.print(f"results: {out / 'results'}")
 
 
 @main.command("hub-scan")
@@ -521,14 +488,14 @@ def hub_scan_cmd(recipe, policy, run_dir, prompts_limit, samples, cluster, addre
     import dataclasses
 
     from rayalign.cluster import connect, load_cluster_spec
-    from rayalign.pipelines.evaluate import eval_samples, hub_scan, print_hub_scan, save_hub_scan
+    from rayalign.pipelines.evaluate import eval_samples, hub_scan, print_hub_scan, run_policy, save_hub_scan
 
     cfg = _load(recipe, overrides)
     run_dir = _run_dir(cfg, run_dir)
     limit = prompts_limit or cfg.rewards.latent.hub_scan_prompts
     cfg = dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, limit=limit),
                               sampling=dataclasses.replace(cfg.sampling, n=samples))
-    path, name, label = _policy(cfg, run_dir, policy)
+    path, name, label = run_policy(cfg, run_dir, policy)
     out = run_dir / f"hub-scan-{label}"
     connect(load_cluster_spec(cluster), address)
     result = hub_scan(cfg, path, name, eval_samples(cfg, path, name, out / "samples"), limit)
@@ -559,12 +526,9 @@ def study_cmd(study_file, cluster, address, parallel, runs_dir):
       rayalign study examples/study-quickstart.yaml
       rayalign report runs/study-quickstart
     """
-    from rayalign.pipelines.study import StudyError, run_study
+    from rayalign.pipelines.study import run_study
 
-    try:
-        out = run_study(study_file, cluster=cluster, address=address, parallel=parallel, runs_dir=runs_dir)
-    except StudyError as e:
-        raise UserError(str(e)) from None
+    out = run_study(study_file, cluster=cluster, address=address, parallel=parallel, runs_dir=runs_dir)
     console.print(f"done: {out}/results.parquet  (see `rayalign report {out}`)")
 
 
@@ -583,13 +547,9 @@ def report_cmd(path, out):
     Example:
       rayalign report runs/quickstart
     """
-    from rayalign.report import ReportError, report
+    from rayalign.report import report
 
-    try:
-        md = report(path, out)
-    except ReportError as e:
-        raise UserError(str(e)) from None
-    console.print(f"wrote {md}")
+    console.print(f"wrote {report(path, out)}")
 
 
 if __name__ == "__main__":

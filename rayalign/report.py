@@ -15,6 +15,8 @@ from pathlib import Path
 
 import polars as pl
 
+from rayalign.data.inspect import read_metrics
+
 REWARD_COLUMNS = ("r_lacomsa", "r_msa", "r_icr", "r_rm", "r_user")
 TRAINING_METRICS = ("loss_mean", "accuracy_mean", "reward_margin_mean")
 STUDY_METRICS = ("fidelity_mean", "accuracy_mean", "reward_margin_mean", "loss_mean")
@@ -247,24 +249,9 @@ def _last_scores(run_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.parent.name[5:]), default=None)
 
 
-def _read_metrics(run_dir: Path, doc: Document) -> list[dict]:
-    """metrics.jsonl's records; a line that is not a JSON object (a write cut short) is skipped with a note."""
-    path = run_dir / "metrics.jsonl"
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines() if path.is_file() else [], 1):
-        try:
-            record = json.loads(line) if line.strip() else {}
-        except json.JSONDecodeError:
-            record = None
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            doc.notes.append(f"`{path}` line {number} skipped: expected a JSON object")
-    return records
-
-
 def run_report(run_dir: Path, doc: Document) -> None:
-    metrics = _read_metrics(run_dir, doc)
+    metrics = read_metrics(run_dir, lambda path, number: doc.notes.append(
+        f"`{path}` line {number} skipped: expected a JSON object"))
     iterations = iteration_frame(metrics)
     scores_dir = _last_scores(run_dir)
     scores = _read_scores(scores_dir, doc) if scores_dir else None
@@ -390,7 +377,7 @@ def scaling_series(results: pl.DataFrame, axis: str, metric: str,
 
 def study_metrics(final: pl.DataFrame) -> list[str]:
     """Key metrics present at the final iterations: the training ones, then the eval_* means and maxima."""
-    evals = [c for c in final.columns if c.startswith("eval_") and c.endswith(("_mean", "_max"))]
+    evals = [c for c in final.columns if c.startswith("eval_") and c.endswith(("_mean", "_max", "_win_rate"))]
     return [c for c in (*STUDY_METRICS, *evals) if _present(final, c) and final[c].dtype.is_numeric()]
 
 

@@ -51,7 +51,8 @@ def test_silhouette_rows_by_hand():
 
 
 def test_hub_layer_is_the_argmax_between_embeddings_and_language_layer():
-    assert choose_hub_layer({0: 0.9, 1: 0.1, 2: 0.3, 3: 0.3, 4: 0.95}, num_layers=4) == 2  # 0 and L excluded; tie: lower
+    # the embeddings (0) and the language layer (L) are excluded; a tie goes to the lower layer
+    assert choose_hub_layer({0: 0.9, 1: 0.1, 2: 0.3, 3: 0.3, 4: 0.95}, num_layers=4) == 2
     assert choose_hub_layer({1: -0.2, 2: -0.1, 3: -0.3}, num_layers=4) == 2
     with pytest.raises(ValueError, match="layers 1..3"):
         choose_hub_layer({0: 0.1, 4: 0.2}, num_layers=4)
@@ -166,7 +167,7 @@ def test_eval_accuracy_matches_direct_engine_scores(evaluated, tiny_model):
         assert results.filter(pl.col("lang") == lang)["value"].item() == pytest.approx(np.mean(correct))
 
 
-def test_eval_rerun_keeps_results_and_bad_options_are_named(evaluated, tiny_model):
+def test_eval_rerun_keeps_results_and_bad_options_are_named(evaluated, tiny_model, tmp_path):
     from rayalign.cli import main
 
     out, _ = evaluated
@@ -174,21 +175,60 @@ def test_eval_rerun_keeps_results_and_bad_options_are_named(evaluated, tiny_mode
     rerun = CliRunner().invoke(main, eval_args(tiny_model, out.parent.parent), catch_exceptions=False)
     assert rerun.exit_code == 0 and "finished earlier, kept" in rerun.output
     assert (out / "results" / "manifest.json").read_text() == before
-    bad = CliRunner().invoke(main, eval_args(tiny_model, out.parent.parent, "--layers", "2,x"))
-    assert bad.exit_code == 2 and "--layers '2,x'" in bad.output
-    beyond = CliRunner().invoke(main, eval_args(tiny_model, out.parent.parent, "--layers", "0,9", "--out",
-                                                str(out.parent / "beyond")))
-    assert beyond.exit_code == 2 and "0..4" in beyond.output and not (out.parent / "beyond" / "samples").exists()
+    beyond = CliRunner().invoke(main, eval_args(tiny_model, out.parent.parent, "-o", "rewards.latent.hub_layer=9",
+                                                "--out", str(out.parent / "beyond")))
+    assert beyond.exit_code == 2 and "beyond the model's 4 layers" in beyond.output
+    assert not (out.parent / "beyond").exists()  # refused before generating
     missing = CliRunner().invoke(main, eval_args(tiny_model, out.parent.parent, "--policy", "iter-3"))
     assert missing.exit_code == 2 and "iter-3" in missing.output and "no checkpoint" in missing.output
+    for lang in ("en", "es", "de"):  # prompts without reference answers
+        (tmp_path / f"{lang}.jsonl").write_text("".join(json.dumps({"instruction_id": f"p{i}", "instruction": "Hi?"})
+                                                        + "\n" for i in range(3)))
+    no_refs = CliRunner().invoke(main, eval_args(tiny_model, out.parent.parent, "--judge-url", "http://127.0.0.1:9/v1",
+                                                 "--judge-model", "j", "-o", f"prompts.path={tmp_path}",
+                                                 "--out", str(tmp_path / "out")))
+    assert no_refs.exit_code == 2 and "reference answers" in no_refs.output and "p0" in no_refs.output
+    assert not (tmp_path / "out").exists()
 
 
-def test_hub_scan_agrees_with_eval_silhouette(evaluated, tiny_model):
-    from rayalign.config import load_config
+def test_eval_with_other_settings_recomputes_and_keeps_the_old_results_aside(evaluated, tiny_model):
+    from rayalign.cli import main
     from rayalign.data.store import read_dataset
-    from rayalign.pipelines.evaluate import hub_scan
 
     out, _ = evaluated
+    samples_manifest = (out / "samples" / "manifest.json").read_text()
+    again = CliRunner().invoke(main, eval_args(tiny_model, out.parent.parent, "--likelihood", "mean",
+                                               "--silhouette-prompts", "0"), catch_exceptions=False)
+    assert again.exit_code == 0, again.output
+    assert (out / "samples" / "manifest.json").read_text() == samples_manifest  # same samples: kept
+    stale = list(out.glob("results.stale-*"))
+    assert len(stale) == 1 and read_dataset(stale[0], "eval").num_rows > 0
+    results = pl.from_arrow(read_dataset(out / "results", "eval"))
+    assert results.filter(pl.col("metric") == "silhouette").height == 0
+    assert results.filter(pl.col("metric") == "rankc").height == 3
+    stale[0].rename(out / "results.old")  # the other tests read the first evaluation
+    (out / "results").rename(out / "results.mean")
+    (out / "results.old").rename(out / "results")
+
+
+def test_eval_silhouette_matches_pooled_states_computed_directly(evaluated, tiny_model):
+    from rayalign.config import load_config
+    from rayalign.data.store import read_dataset
+    from rayalign.engines import ScoreRequest
+    from rayalign.engines.hf import HFEngine
+    from rayalign.pipelines.evaluate import hub_scan
+    from rayalign.rewards.latent import silhouette_by_prompt
+
+    out, _ = evaluated
+    samples = read_dataset(out / "samples", "samples").to_pylist()
+    engine = HFEngine(tiny_model, dtype="float32", device="cpu")
+    direct = engine.score([ScoreRequest(r["messages"], r["response"]) for r in samples], list(range(5)))
+    prompt_ids = [r["prompt_id"] for r in samples]
+    rows = pl.from_arrow(read_dataset(out / "results", "eval")).filter(pl.col("metric") == "silhouette")
+    for layer, value in zip(rows["layer"], rows["value"]):
+        expected = silhouette_by_prompt(np.stack([d.pooled[layer] for d in direct]), prompt_ids)
+        assert value == pytest.approx(expected, abs=2e-3)  # the scan keeps float16 states
+
     cfg = load_config(REPO / "examples" / "quickstart.yaml", [f"policy.path={tiny_model}", f"languages={LANGS}",
                                                              "rewards.actors=1"])
     result = hub_scan(cfg, tiny_model, "tiny", read_dataset(out / "samples", "samples"), max_prompts=3)
@@ -196,10 +236,6 @@ def test_hub_scan_agrees_with_eval_silhouette(evaluated, tiny_model):
     silhouette = {int(k): v for k, v in result["silhouette"].items()}
     assert sorted(silhouette) == [0, 1, 2, 3, 4]
     assert result["hub_layer"] == max((1, 2, 3), key=lambda k: (silhouette[k], -k))
-    full = hub_scan(cfg, tiny_model, "tiny", read_dataset(out / "samples", "samples"), max_prompts=None)
-    evaluated_rows = pl.from_arrow(read_dataset(out / "results", "eval")).filter(pl.col("metric") == "silhouette")
-    for layer, value in zip(evaluated_rows["layer"], evaluated_rows["value"]):
-        assert full["silhouette"][str(layer)] == pytest.approx(value, abs=1e-3)  # float16 states, other batches
 
 
 def test_launch_with_hub_layer_auto_scores_at_the_scanned_layer(tiny_model, ray_session, tmp_path):
@@ -231,7 +267,7 @@ def test_launch_with_hub_layer_auto_scores_at_the_scanned_layer(tiny_model, ray_
     assert [json.loads(x)["stage"] for x in (again / "metrics.jsonl").read_text().splitlines()].count("hub-scan") == 1
 
 
-def test_judge_win_rate_of_eval_samples_against_references(evaluated, serve):
+def test_judge_win_rate_of_eval_samples_against_references(evaluated, serve):  # noqa: F811 (the fixture)
     from rayalign.data.store import read_dataset
     from rayalign.eval.judge import JudgeSettings
     from rayalign.pipelines.evaluate import judge_metrics

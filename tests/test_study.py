@@ -14,7 +14,7 @@ import yaml
 
 from conftest import REPO
 from rayalign.data.schemas import schema_for
-from rayalign.data.store import DatasetWriter
+from rayalign.data.store import DatasetWriter, read_dataset
 from rayalign.pipelines.study import (StudyError, collect_results, expand, load_study, run_slug, run_study,
                                       write_study_json)
 
@@ -246,7 +246,8 @@ def e2e_study(tmp_path: Path, tiny_model: str, grid: dict, **fields) -> Path:
 
 
 def test_a_tiny_study_runs_collects_and_skips_on_a_second_call(tmp_path, tiny_model, ray_session):
-    path = e2e_study(tmp_path, tiny_model, {"method": METHODS, "prompts.limit": [4, 8]})
+    path = e2e_study(tmp_path, tiny_model, {"method": METHODS, "prompts.limit": [4, 8]},
+                     eval={"prompts_limit": 2, "samples": 2})
     started = time.perf_counter()
     study_dir = run_study(path, progress=print)
     print(f"tiny study: {time.perf_counter() - started:.1f} s")
@@ -266,13 +267,27 @@ def test_a_tiny_study_runs_collects_and_skips_on_a_second_call(tmp_path, tiny_mo
         assert row["fidelity_mean"] == pytest.approx(sum(row[f"fidelity_{x}"] for x in ("en", "es", "de")) / 3)
         assert row["pairs_rows"] > 0 and row["loss_first"] == pytest.approx(0.693147, abs=1e-3)
     assert rows[1]["pairs_rows"] > rows[0]["pairs_rows"] and rows[3]["pairs_rows"] > rows[2]["pairs_rows"]
+    for row, slug in zip(rows, slugs):  # each final policy evaluated: the eval columns are its results
+        results = read_dataset(study_dir / slug / "eval" / "final" / "results", "eval").to_pylist()
+        fidelity = {r["lang"]: r["value"] for r in results if r["metric"] == "fidelity"}
+        assert row["eval_fidelity_mean"] == fidelity["all"] and row["eval_fidelity_es"] == fidelity["es"]
+        assert -1.0 <= row["eval_silhouette_max"] <= 1.0 and row["eval_r_lacomsa_mean"] is not None
+        assert {r["policy"] for r in results} == {"iter-1/policy"}
 
-    before = {f: f.read_bytes() for s in slugs for f in (study_dir / s / "state.json", study_dir / s / "metrics.jsonl")}
+    watched = [study_dir / s / f for s in slugs for f in ("state.json", "metrics.jsonl",
+                                                          "eval/final/results/manifest.json")]
+    before = {f: f.read_bytes() for f in watched}
     lines = []
     run_study(path, progress=lines.append)
     assert {f: f.read_bytes() for f in before} == before
     assert "4 run(s), 4 finished earlier, 0 to run" in lines[0]
     assert pq.read_table(study_dir / "results.parquet").num_rows == 4
+
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**data, "eval": {**data["eval"], "silhouette_prompts": 0}}))  # only evals rerun
+    run_study(path, progress=lines.append)
+    assert {f: f.read_bytes() for f in watched[:2]} == {f: before[f] for f in watched[:2]}
+    assert all(len(list((study_dir / s / "eval" / "final").glob("results.stale-*"))) == 1 for s in slugs)
 
 
 @pytest.mark.slow

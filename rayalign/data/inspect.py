@@ -65,11 +65,22 @@ def find_datasets(path: Path) -> list[Path]:
     return sorted(found, key=lambda d: (d.parent.name, order.get(d.name, 9), d.name))
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def read_metrics(run_dir: Path, on_bad_line=None) -> list[dict]:
+    """metrics.jsonl's records. A line that is not a JSON object (a write cut short by a killed run) is skipped and
+    passed to `on_bad_line(path, line_number)`."""
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines() if path.is_file() else [], 1):
+        try:
+            record = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            if record:
+                records.append(record)
+        elif on_bad_line is not None:
+            on_bad_line(path, number)
+    return records
 
 
 def iteration_table(metrics: list[dict]) -> pl.DataFrame | None:
