@@ -263,8 +263,14 @@ def test_launch_with_hub_layer_auto_scores_at_the_scanned_layer(tiny_model, ray_
     np.testing.assert_allclose(stored, np.stack([d.pooled[scan["hub_layer"]] for d in direct]), atol=2e-3, rtol=2e-3)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["hub_layer"] for r in records if r["stage"] == "hub-scan"] == [scan["hub_layer"]]
-    again = offline.run(cfg, run_dir)  # resumed: the scan is not redone
-    assert [json.loads(x)["stage"] for x in (again / "metrics.jsonl").read_text().splitlines()].count("hub-scan") == 1
+    def scans():
+        return [json.loads(x)["stage"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()].count("hub-scan")
+
+    offline.run(cfg, run_dir)  # resumed: the scan is not redone
+    assert scans() == 1
+    offline.run(cfg, run_dir, redo=("score",))  # the scan precedes scoring: redone, the old one in the trash
+    assert scans() == 2 and len(list(run_dir.glob("trash-*/hub-scan.json"))) == 1
+    assert json.loads((run_dir / "hub-scan.json").read_text())["hub_layer"] == scan["hub_layer"]
 
 
 def test_judge_win_rate_of_eval_samples_against_references(evaluated, serve):  # noqa: F811 (the fixture)
