@@ -14,7 +14,9 @@ from rayalign.cluster.spec import (
 )
 from rayalign.config import TINY_MODEL, load_config
 
-RECIPES = sorted(str(p.relative_to(REPO)) for p in (REPO / "examples").glob("*.yaml"))
+STUDIES = sorted(str(p.relative_to(REPO)) for p in (REPO / "examples").glob("*study*.yaml"))
+RECIPES = sorted(str(p.relative_to(REPO)) for p in (REPO / "examples").glob("*.yaml") if str(p.relative_to(REPO))
+                 not in STUDIES)
 LLAMA3_8B = 8_030_261_248
 LLAMA3_70B = 70_553_706_496
 GOOD_SPEC = dict(name="mine", nodes=2, cpus_per_node=32, gpus_per_node=8, gpu_type="A100-80GB", gpu_memory_gb=80,
@@ -254,3 +256,12 @@ def test_plan_table_and_saved_json(tmp_path):
     (other / "state.json").write_text(json.dumps({"config_hash": "another", "finished": []}))
     assert save_plan(result, other) is None and not (other / "plan.json").exists()
 
+
+
+def test_every_run_of_the_gpu_scaling_study_plans_on_one_a100_node():
+    from rayalign.pipelines.study import expand, load_study
+
+    runs = expand(load_study(REPO / "examples" / "scaling-study-llama3-8b.yaml"))
+    assert len(runs) == 12
+    for run in runs:
+        assert plan(run.cfg, load_cluster_spec("a100x8")).problems == [], run.slug
