@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 from rich.console import Console
 from rich.table import Table
 
 from rayalign.config import ConfigError, RunConfig, load_config
-from rayalign.data.store import atomic_write_text
+from rayalign.data.store import atomic_write_text, write_parquet_atomic
 
 console = Console(stderr=True)
 STUDY_KEYS = ("name", "recipe", "runs_dir", "parallel", "overrides", "grid", "eval")
@@ -528,9 +527,7 @@ def collect_results(study_dir: str | Path) -> pa.Table:
                                 *(k for k in seen if k.startswith("eval_"))]))
     names = [n for n in names if n in seen or n in ("run", "run_dir", "status", "iteration", *record["axes"])]
     table = pa.table({name: _column([row.get(name) for row in rows]) for name in names})
-    tmp = study_dir / "results.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, study_dir / "results.parquet")
+    write_parquet_atomic(table, study_dir / "results.parquet")
     return table
 
 
