@@ -54,7 +54,7 @@ def test_datasets_library_reads_the_shards(launched):
     ds = datasets.load_dataset("parquet", data_files=str(run_dir / "iter-1" / "samples" / "part-*.parquet"),
                                split="train")
     assert ds.num_rows == 24 and ds[0]["messages"][0]["role"] == "user"
-    local = datasets.load_dataset(str(run_dir / "iter-1" / "samples"), split="train")  # via the card's configs
+    local = datasets.load_dataset(str(run_dir / "iter-1" / "samples"), split="train")
     assert local.num_rows == 24
 
 

@@ -148,11 +148,13 @@ def _size_category(rows: int) -> str:
 
 
 def dataset_card(manifest: dict) -> str:
+    # No `configs:` entry: with one, `datasets` keys its cache by the directory's name and the glob alone, so
+    # every `samples/` directory would load the first one cached. Without it, the key covers the resolved
+    # shard paths and their modification times.
     header = {
         "language": manifest["languages"],
         "size_categories": [_size_category(manifest["rows"])],
         "tags": ["rayalign", manifest["schema"], "multilingual", "synthetic"],
-        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": SHARD_GLOB}]}],
     }
     models = "\n".join(f"- {role}: `{name}`" for role, name in manifest["models"].items()) or "- (none)"
     seeds = "\n".join(f"- {k}: {v}" for k, v in manifest["seeds"].items()) or "- (none)"
