@@ -433,6 +433,7 @@ def dco_stage(cfg: RunConfig, initial_policy_path: str, iteration: int, out_dir:
     from rayalign.actors.scorer import ModelRole, ScoringGroup
     from rayalign.data.prompts import load_candidate_sets
     from rayalign.pairs import dco_tuples
+    from rayalign.rewards.consistency import dco_gamma_table
     from rayalign.scoring import ForwardSpec
 
     c = cfg.rewards.consistency
@@ -455,8 +456,7 @@ def dco_stage(cfg: RunConfig, initial_policy_path: str, iteration: int, out_dir:
     write_table(scored, out_dir, "candidate_scores", cfg, iteration, {"dco_reference": ref.path}, {},
                 "pi_ref log-probs of every candidate answer in every language.", shard_rows=4096)
     anchor = cfg.anchor_language
-    gammas = {(a, b): (c.gamma_from_anchor if a == anchor else c.gamma_to_anchor if b == anchor else c.gamma_between)
-              for a in cfg.languages for b in cfg.languages if a != b}
+    gammas = dco_gamma_table(cfg.languages, anchor, c.gamma_from_anchor, c.gamma_to_anchor, c.gamma_between)
     return dco_tuples(pl.from_arrow(scored), cfg.languages, anchor, gammas, c.pairs_per_question,
                       cfg.sampling.seed + iteration, iteration)
 

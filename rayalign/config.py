@@ -138,10 +138,11 @@ class ConsistencyRewardConfig:
         "candidates (list) and gold; relative paths are taken from the recipe's directory first")
     reference: ModelConfig | None = _field(None, help="pi_ref, fixed; null = the starting policy")
     beta: float = _field(1.0, help="DCO beta", gt=0.0)
-    gamma_from_anchor: float = _field(1.0, help="gamma_{en,x}: weight of the anchor's margin in language x's target",
-                                      gt=0.0)
-    gamma_to_anchor: float = _field(1.0, help="gamma_{x,en}: weight of language x's margin in the anchor's target",
-                                    gt=0.0)
+    gamma_from_anchor: float = _field(1.0, help="gamma_{x,en} (DCO eq. 6): weight of the anchor's reference margin "
+                                      "inside language x's target; large = x moves toward the anchor", gt=0.0)
+    gamma_to_anchor: float = _field(1.0, help="gamma_{en,x}: weight of language x's reference margin inside the "
+                                    "anchor's target; small = the anchor stays close to pi_ref (EN stable: 10 and "
+                                    "0.1)", gt=0.0)
     gamma_between: float = _field(1.0, help="gamma_{x,y} between two non-anchor languages", gt=0.0)
     pairs_per_question: int = _field(2, help="random (chosen, rejected) candidate pairs per question and language "
                                      "pair", ge=1)
@@ -394,14 +395,10 @@ class RunConfig:
             raise ConfigError(f"pairs.method: {method} needs {needs[method][0]}")
         c = r.consistency
         if c.enabled and not c.force:
-            from rayalign.rewards.consistency import check_gamma_rank_one, gamma_matrix
+            from rayalign.rewards.consistency import check_gamma_rank_one, dco_gamma_table, gamma_matrix
 
-            gammas = {}
-            for a in self.languages:
-                for b in self.languages:
-                    if a != b:
-                        gammas[(a, b)] = (c.gamma_from_anchor if a == self.anchor_language else
-                                          c.gamma_to_anchor if b == self.anchor_language else c.gamma_between)
+            gammas = dco_gamma_table(self.languages, self.anchor_language, c.gamma_from_anchor, c.gamma_to_anchor,
+                                     c.gamma_between)
             try:
                 check_gamma_rank_one(gamma_matrix(self.languages, gammas, c.beta))
             except ValueError as e:

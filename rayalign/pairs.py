@@ -75,7 +75,8 @@ def dco_tuples(candidates: pl.DataFrame, languages: list[str], anchor: str, gamm
     """DCO tuples (x1, yw1, yl1, x2, yw2, yl2): the same question in two languages and the same RANDOM
     pair of candidates on both sides (not correct vs wrong; METHODS.md section 3), with pi_ref log-probs.
 
-    Language pairs: the anchor with every other language.
+    Language pairs: the anchor (side 1) with every other language (side 2). gammas: dco_gamma_table's
+    gamma_ij (j's reference margin inside i's target), so gamma_12 = gammas[(anchor, other)].
     """
     rng = np.random.default_rng(seed)
     by_key = {(r["prompt_id"], r["lang"], r["candidate_idx"]): r for r in candidates.iter_rows(named=True)}

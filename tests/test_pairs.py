@@ -1,7 +1,11 @@
 import polars as pl
 import pytest
+import torch
 
+from rayalign.config import load_config
+from rayalign.losses import dco_loss
 from rayalign.pairs import dco_tuples, kto_rows, lidr_pairs, lidr_requests, preference_pairs
+from rayalign.rewards.consistency import dco_gamma_table
 
 
 def scores_frame(rows):
@@ -61,8 +65,10 @@ def test_dco_tuples_use_the_same_random_pair_in_both_languages():
                            "candidate_idx": c, "candidate": f"{q}-{l}-{c}", "gold": 0,
                            "logp_ref": -(10 * c + (1 if l == "de" else 0)), "num_tokens": 3}
                           for q in ("q1", "q2") for l in ("en", "de", "fr") for c in range(4)])
-    gammas = {("en", "de"): 10.0, ("de", "en"): 0.1, ("en", "fr"): 2.0, ("fr", "en"): 0.5,
-              ("de", "fr"): 1.0, ("fr", "de"): 1.0}
+    gammas = dco_gamma_table(["en", "de", "fr"], "en", from_anchor=10.0, to_anchor=0.1, between=1.0)
+    # paper indexing: gamma_{i,j} weighs j's reference margin inside i's target
+    assert gammas == {("en", "de"): 0.1, ("en", "fr"): 0.1, ("de", "en"): 10.0, ("fr", "en"): 10.0,
+                      ("de", "fr"): 1.0, ("fr", "de"): 1.0}
     t = dco_tuples(cands, ["en", "de", "fr"], "en", gammas, pairs_per_question=3, seed=0, iteration=1).to_pylist()
     assert len(t) == 2 * 2 * 3
     seen_pairs = set()
@@ -75,11 +81,49 @@ def test_dco_tuples_use_the_same_random_pair_in_both_languages():
         cl = int(l1.split("-")[2])
         assert row["ref_logp_chosen_1"] == -10 * int(cw) and row["ref_logp_rejected_1"] == -10 * cl
         assert row["ref_logp_chosen_2"] == -(10 * int(cw) + (1 if row["lang_2"] == "de" else 0))
-        assert (row["gamma_12"], row["gamma_21"]) == (gammas[("en", row["lang_2"])], gammas[(row["lang_2"], "en")])
+        assert (row["gamma_12"], row["gamma_21"]) == (0.1, 10.0)  # English (side 1) stable: small gamma in its target
         seen_pairs.add((int(cw), cl))
     assert len(seen_pairs) > 3  # random pairs, not always correct-vs-wrong
     again = dco_tuples(cands, ["en", "de", "fr"], "en", gammas, pairs_per_question=3, seed=0, iteration=1)
     assert again.to_pylist() == t
+
+
+def _dco_margins_after_training(gamma_from_anchor, gamma_to_anchor, steps=40):
+    """Recipe gammas -> DCO tuple -> Adam on dco_loss with the policy's log-probs as free parameters.
+
+    Reference margins: English +2, Swahili -1 (they disagree). Returns the (en, sw) policy margins after training.
+    """
+    cfg = load_config(None, ["languages=[en,sw]", "rewards.consistency.enabled=true",
+                             f"rewards.consistency.gamma_from_anchor={gamma_from_anchor}",
+                             f"rewards.consistency.gamma_to_anchor={gamma_to_anchor}"])
+    c = cfg.rewards.consistency
+    gammas = dco_gamma_table(cfg.languages, cfg.anchor_language, c.gamma_from_anchor, c.gamma_to_anchor,
+                             c.gamma_between)
+    ref = {("en", 0): -3.0, ("en", 1): -5.0, ("sw", 0): -6.0, ("sw", 1): -5.0}
+    cands = pl.DataFrame([{"prompt_id": "q", "lang": lang, "messages": [{"role": "user", "content": lang}],
+                           "candidate_idx": k, "candidate": f"{lang}{k}", "gold": 0, "logp_ref": ref[(lang, k)],
+                           "num_tokens": 2} for lang in ("en", "sw") for k in (0, 1)])
+    row = dco_tuples(cands, cfg.languages, "en", gammas, pairs_per_question=1, seed=0, iteration=1).to_pylist()[0]
+    sign = 1.0 if row["chosen_1"][0]["content"] == "en0" else -1.0  # margins reported as candidate 0 - candidate 1
+    refs = [torch.tensor([row[k]]) for k in ("ref_logp_chosen_1", "ref_logp_rejected_1", "ref_logp_chosen_2",
+                                             "ref_logp_rejected_2")]
+    params = [r.clone().requires_grad_(True) for r in refs]
+    opt = torch.optim.Adam(params, lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        dco_loss(*params, *refs, row["gamma_12"], row["gamma_21"], beta=c.beta).loss.backward()
+        opt.step()
+    pw1, pl1, pw2, pl2 = (p.item() for p in params)
+    return sign * (pw1 - pl1), sign * (pw2 - pl2)
+
+
+def test_dco_direction_control_en_stable_keeps_english_and_moves_the_other_language():
+    en, sw = _dco_margins_after_training(gamma_from_anchor=10.0, gamma_to_anchor=0.1)  # EN stable (paper 10 : 0.1)
+    assert abs(en - 2.0) < 0.5 < 1.0 < abs(sw - (-1.0))
+    assert en > 0 and sw > -1.0 + 3.0  # English keeps its preference; Swahili moved toward it
+    en, sw = _dco_margins_after_training(gamma_from_anchor=0.1, gamma_to_anchor=10.0)  # the other language stable
+    assert abs(sw - (-1.0)) < 0.5 < 1.0 < abs(en - 2.0)
+    assert sw < 0 and en < 2.0 - 3.0
 
 
 def test_lidr_requests_and_pairs():

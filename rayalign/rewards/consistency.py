@@ -37,6 +37,20 @@ def check_gamma_pair(gamma_12: float, gamma_21: float, beta: float, rtol: float 
                          f"beta**2 = {beta}**2 = {expected:g} (DCO Lemma 1); e.g. gamma_21 = {expected / gamma_12:g}")
 
 
+def dco_gamma_table(languages, anchor: str, from_anchor: float, to_anchor: float,
+                    between: float) -> dict[tuple[str, str], float]:
+    """gamma_ij for every ordered language pair, indexed as in DCO eq. 6 and eq. 10: gamma_ij multiplies
+    language j's reference margin INSIDE language i's target, and a small gamma_ij keeps language i close
+    to pi_ref (Remark 1).
+
+    from_anchor = gamma_{x,anchor} (transfer from the anchor into x), to_anchor = gamma_{anchor,x}
+    (transfer from x into the anchor), between = gamma_{x,y} for two non-anchor languages. "Anchor stable"
+    (the DCO paper's EN stable, 10 : 0.1) is from_anchor = 10, to_anchor = 0.1.
+    """
+    return {(i, j): (to_anchor if i == anchor else from_anchor if j == anchor else between)
+            for i in languages for j in languages if i != j}
+
+
 def gamma_matrix(langs, gammas: dict, beta: float) -> np.ndarray:
     """Gamma (L, L) of DCO Lemma 3: 1 on the diagonal, gammas[(l_i, l_j)] / beta off it.
 
