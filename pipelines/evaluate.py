@@ -19,6 +19,7 @@ from rayalign.config import ConfigError, RunConfig
 from rayalign.data.store import DatasetWriter, atomic_write_text, read_dataset, read_manifest
 from rayalign.eval import metrics
 from rayalign.models import resolve_model_path
+from rayalign.progress import model_build_progress
 from rayalign.pipelines.offline import (_complete, _layers, _progress, console, forward_rewards, num_hidden_layers,
                                         scoring_setup, with_scoring_prompts, write_table)
 from rayalign.scores import REWARD_COLUMNS
@@ -35,7 +36,7 @@ def run_policy(cfg: RunConfig, run_dir: Path, policy: str | None = None) -> tupl
         trained = sorted(run_dir.glob("iter-*/policy/config.json"), key=lambda p: int(p.parent.parent.name[5:]))
         policy = trained[-1].parent.parent.name if trained else "initial"
     if policy == "initial":
-        return resolve_model_path(cfg.policy.path), cfg.policy.path, "initial"
+        return resolve_model_path(cfg.policy.path, model_build_progress(cfg.policy.path)), cfg.policy.path, "initial"
     if policy.startswith("iter-") and policy[5:].isdigit():
         path = run_dir / policy / "policy"
         if not (path / "config.json").is_file():

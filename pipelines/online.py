@@ -22,6 +22,7 @@ from rayalign.config import ConfigError, RunConfig
 from rayalign.data.prompts import load_prompts
 from rayalign.data.store import DatasetWriter
 from rayalign.models import load_tokenizer, resolve_model_path
+from rayalign.progress import deepspeed_op_notice, model_build_progress
 from rayalign.pipelines.offline import console, log_metrics, prepare_run_dir, write_state
 
 
@@ -67,7 +68,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
     if state["finished"]:
         raise ConfigError(f"{run_dir}: holds an online run ({len(state['finished'])} steps); online runs do not "
                           "resume yet: use another --run-dir")
-    policy_path = resolve_model_path(cfg.policy.path)
+    policy_path = resolve_model_path(cfg.policy.path, model_build_progress(cfg.policy.path))
     resources = connect(spec, address)
     ppo = o.algorithm == "ppo"
     need = (cfg.engines.count * cfg.engines.num_cpus + tcfg.world_size * tcfg.num_cpus * (2 if ppo else 1)
@@ -81,6 +82,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
                   f"({o.prompts_per_step} prompts x {len(cfg.languages)} languages x n={cfg.sampling.n}) -> {run_dir}")
     tokenizer = load_tokenizer(policy_path, cfg.policy.trust_remote_code)
     generators = GenerationGroup(policy_path, cfg.policy, cfg.engines)
+    deepspeed_op_notice()
     trainer = TrainerGroup(policy_path, cfg.policy, tcfg)
     critic = TrainerGroup(policy_path, cfg.policy, dataclasses.replace(tcfg, lr=o.critic_lr), role="critic") \
         if ppo else None

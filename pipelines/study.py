@@ -334,7 +334,7 @@ def check_inputs(study: Study, runs: list[StudyRun]) -> None:
     from rayalign.data.prompts import PromptError, load_prompts
     from rayalign.models import ModelLoadError, resolve_model_path
     from rayalign.pipelines.evaluate import eval_setup
-    from rayalign.pipelines.offline import _model_build_progress
+    from rayalign.progress import model_build_progress
 
     checked = set()
     for run in runs:
@@ -346,7 +346,7 @@ def check_inputs(study: Study, runs: list[StudyRun]) -> None:
             if cfg.pairs.method != "dco" and prompts not in checked:
                 load_prompts(prompts[0], list(prompts[1]), limit=1, system_prompt=prompts[2])
             for model in set(models) - checked:
-                resolve_model_path(model, progress=_model_build_progress())
+                resolve_model_path(model, progress=model_build_progress(model))
             if study.eval is not None:  # the eval settings fit the run (candidates in its languages, samples, ...)
                 eval_setup(cfg, resolve_model_path(cfg.policy.path), cfg.policy.path, **study.eval)
         except (PromptError, ModelLoadError, ConfigError) as e:

@@ -10,6 +10,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS_DIR = REPO / "examples" / "data" / "prompts"
 
+# Pure modules (no Ray, no model, no subprocess): `pytest -m unit` runs them in seconds.
+UNIT_MODULES = {"test_config", "test_judge", "test_losses", "test_pairs", "test_planner", "test_progress",
+                "test_prompts", "test_report", "test_rewards_consistency", "test_rewards_implicit",
+                "test_rewards_latent", "test_rl_losses", "test_store"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in UNIT_MODULES:
+            item.add_marker(pytest.mark.unit)
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from rayalign.eval.metrics import (candidate_rows, choose_hub_layer, distribution_rows, fidelity_rows,
                                    silhouette_rows)
-from tests.conftest import REPO
-from tests.test_judge import serve  # noqa: F401  (fixture)
+from conftest import REPO
+from test_judge import serve  # noqa: F401  (fixture)
 
 MC = REPO / "examples" / "data" / "mc"
 
@@ -277,7 +277,7 @@ def test_judge_win_rate_of_eval_samples_against_references(evaluated, serve):  #
     from rayalign.data.store import read_dataset
     from rayalign.eval.judge import JudgeSettings
     from rayalign.pipelines.evaluate import judge_metrics
-    from tests.test_judge import ANSWER, chat_reply
+    from test_judge import ANSWER, chat_reply
 
     def prefers_longer(request):
         a, b = (len(text) for _, text in sorted(ANSWER.findall(request["messages"][-1]["content"])))
