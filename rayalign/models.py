@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 from rayalign.config import TINY_MODEL
@@ -236,18 +237,55 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+_END_OF_TURN_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_MARKER = "RAYALIGNENDOFTURNMARKER"
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The token ids the chat template writes right after an assistant message's content, up to and including its
+    end-of-turn token (the first special token there): [<|eot_id|>] for Llama-3, [<|im_end|>] for Qwen2.5 and
+    ChatML, [<end_of_turn>] for Gemma-2, [</s>] for Mistral. Formatting after it (Qwen's and Gemma's "\n") is left
+    out: generation stops at the end-of-turn token. This, not `tokenizer.eos_token`, closes every teacher-forced
+    response (scoring and the training target) and stops generation; Llama-3 base/SFT checkpoints have eos
+    <|end_of_text|> but close a turn with <|eot_id|>. A template that writes nothing after the content falls back
+    to the eos token."""
+    key = (tokenizer.chat_template, tokenizer.eos_token_id)
+    cached = _END_OF_TURN_CACHE.get(tokenizer)
+    if cached is not None and cached[0] == key:
+        return list(cached[1])
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _MARKER}]
+    text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    if _MARKER not in text:
+        raise ValueError(f"{tokenizer.name_or_path}: the chat template does not write the assistant's content")
+    after = list(tokenizer(text[text.rindex(_MARKER) + len(_MARKER):], add_special_tokens=False)["input_ids"])
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    end = next((k for k, i in enumerate(after) if i in special), None)
+    ids = after[: end + 1] if end is not None else []
+    if not ids:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"{tokenizer.name_or_path}: the chat template writes no end-of-turn token after an "
+                             "assistant message and the tokenizer has no eos token to close a response")
+        ids = [tokenizer.eos_token_id]
+    _END_OF_TURN_CACHE[tokenizer] = (key, tuple(ids))
+    return ids
+
+
+def stop_token_ids(tokenizer, generation_eos=None) -> list[int]:
+    """Generation stops at the template's end-of-turn token, the tokenizer's eos and the generation config's eos."""
+    eos = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
+    return sorted({end_of_turn_ids(tokenizer)[-1], *eos} | ({tokenizer.eos_token_id} - {None}))
+
+
 def encode_response(tokenizer, messages: list[dict], response: str) -> tuple[list[int], list[int]]:
     """(prompt_ids, response_ids) as every teacher-forced pass sees them (scoring and training alike): the templated
-    prompt with the assistant header, then the response's tokens and the end-of-turn (eos) token."""
-    eot = tokenizer.eos_token_id
-    if eot is None:
-        raise ValueError(f"{tokenizer.name_or_path}: the tokenizer has no eos (end-of-turn) token to close a response")
+    prompt with the assistant header, then the response's tokens and the template's end-of-turn tokens
+    (`end_of_turn_ids`)."""
     prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                 return_dict=False))
     if not prompt:
         raise ValueError("the chat template produced no prompt tokens; the first response token needs a preceding "
                          "position to be predicted from")
-    return prompt, list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [eot]
+    return prompt, list(tokenizer(response, add_special_tokens=False)["input_ids"]) + end_of_turn_ids(tokenizer)
 
 
 def torch_dtype(name: str, device: str):

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rayalign.models import encode_response
+from rayalign.models import encode_response, end_of_turn_ids
 from rayalign.rl_losses import gae, grpo_advantages, kl_shaped_rewards, rloo_advantages
 
 
@@ -46,7 +46,8 @@ def rollout_sequences(tokenizer, samples: pa.Table) -> list[tuple[list[int], lis
     for messages, response, finish in zip(samples.column("messages").to_pylist(), samples.column("response").to_pylist(),
                                           samples.column("finish_reason").to_pylist()):
         prompt, tokens = encode_response(tokenizer, messages, response)
-        out.append((prompt, tokens if finish == "stop" else tokens[:-1] or tokens))
+        cut = len(tokens) - len(end_of_turn_ids(tokenizer))
+        out.append((prompt, tokens if finish == "stop" else tokens[:cut] or tokens))
     return out
 
 

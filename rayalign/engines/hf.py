@@ -10,7 +10,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from rayalign.engines import Completion, GenerationRequest, SamplingParams, ScoreRequest, ScoreResult
-from rayalign.models import encode_response, load_causal_lm, load_tokenizer, pad_id
+from rayalign.models import encode_response, load_causal_lm, load_tokenizer, pad_id, stop_token_ids
 
 
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
@@ -91,9 +91,7 @@ class HFEngine:
         self.max_batch_tokens = max_batch_tokens  # score(): padded tokens per forward pass (rows * width), None = no cap
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.model = load_causal_lm(model_path, dtype, self.device, trust_remote_code)
-        eos = self.model.generation_config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        self.eos_ids = sorted(set(eos) | {self.tokenizer.eos_token_id})
+        self.eos_ids = stop_token_ids(self.tokenizer, self.model.generation_config.eos_token_id)
 
     @torch.no_grad()
     def update_weights(self, named_tensors: dict) -> None:
@@ -166,7 +164,7 @@ class HFEngine:
 
     def encode_score(self, request: ScoreRequest) -> tuple[list[int], list[int]]:
         """(prompt_ids, response_ids): the templated prompt with the assistant header, and the response's tokens
-        followed by the end-of-turn token (the tokenizer's eos token)."""
+        followed by the chat template's end-of-turn tokens (`end_of_turn_ids`)."""
         return encode_response(self.tokenizer, request.messages, request.response)
 
     def _score_batches(self, lengths: list[int]) -> list[list[int]]:
