@@ -128,6 +128,7 @@ def generate_stage(cfg: RunConfig, prompts, policy_path: str, policy_name: str, 
                     f"{cfg.sampling.temperature}, top_p {cfg.sampling.top_p}, iteration {iteration}.",
     )
     done = {i for i in range(len(shards)) if writer.has_shard(i)}
+    report_untrusted(writer.rejected)
     group = GenerationGroup(policy_path, cfg.policy, cfg.engines)
     total_rows, resumed_rows = prompts.num_rows, sum(shards[i].num_rows for i in done)
     it_dir = out_dir.parent
@@ -309,7 +310,26 @@ def read_checkpoints(directory: Path, count: int) -> dict:
 
     for stale in directory.glob("*.tmp"):
         stale.unlink()
-    return {i: pq.read_table(directory / shard_name(i)) for i in range(count) if (directory / shard_name(i)).is_file()}
+    results, rejected = {}, []
+    for i in range(count):
+        shard = directory / shard_name(i)
+        if not shard.is_file():
+            continue
+        problem = shard_problem(shard)
+        if problem:
+            rejected.append(f"{shard}: {problem}")
+            shard.unlink()
+            checksum_path(shard).unlink(missing_ok=True)
+        else:
+            results[i] = pq.read_table(shard)
+    report_untrusted(rejected)
+    return results
+
+
+def report_untrusted(problems: list[str]) -> None:
+    """Say which kept files failed their check and are computed again."""
+    for problem in problems:
+        console.print(f"[yellow]not kept[/]: {problem}; computing it again")
 
 
 def checkpoint(directory: Path, results: dict):
@@ -319,7 +339,7 @@ def checkpoint(directory: Path, results: dict):
     directory.mkdir(parents=True, exist_ok=True)
 
     def on_shard(index, table):
-        write_parquet_atomic(table, directory / shard_name(index))
+        write_parquet_atomic(table, directory / shard_name(index), checksum=True)
         results[index] = table
 
     return on_shard
@@ -611,14 +631,22 @@ def _progress(label: str, total: int, unit: str, done: int = 0):
 
 # ---- rescoring without a forward pass ----
 
-def rescore(cfg: RunConfig, scores_dir: Path, out_dir: Path) -> dict:
-    from rayalign.data.store import read_dataset, read_manifest
+def rescore(cfg: RunConfig, scores_dir: Path, out_dir: Path, replace: bool = False) -> dict:
+    """New rewards from a scores dataset's stored log-probs and states into `out_dir`, which must be new or empty
+    (with `replace`, a non-empty one is moved to the trash of the run that holds it, as --redo does)."""
+    from rayalign.data.store import claim_output_dir, read_dataset, read_manifest
     from rayalign.scores import compute_rewards
 
-    if out_dir.resolve() == scores_dir.resolve():
+    out, source = out_dir.resolve(), scores_dir.resolve()
+    if out == source or out in source.parents:
         raise ConfigError(f"--output {out_dir}: choose a new directory; the scores dataset is not overwritten")
     manifest = read_manifest(scores_dir)
     table, params = compute_rewards(read_dataset(scores_dir, "scores"), cfg)
+    run_root = next((d for d in out.parents if (d / "state.json").is_file()), None)
+    trash = run_root / f"trash-{time.strftime('%Y%m%d-%H%M%S')}" / out.parent.relative_to(run_root) if run_root else None
+    moved = claim_output_dir(out_dir, replace=replace, trash=trash)
+    if moved:
+        console.print(f"--replace: moved the old {out_dir} to {moved}")
     params["layers"] = manifest.get("params", {}).get("layers", {})
     params["rescored_from"] = str(scores_dir)
     return write_table(table, out_dir, "scores", cfg, manifest["seeds"].get("iteration", 1), manifest["models"],
@@ -663,9 +691,16 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
         for stage in stages:
             name = f"iter-{iteration}/{stage}"
             out_dir = it_dir / {"generate": "samples", "score": "scores", "train": "policy"}.get(stage, stage)
-            if name in state["finished"] and _complete(out_dir):
-                console.print(f"{name}: finished earlier, kept")
-                continue
+            if name in state["finished"]:
+                problems = kept_output_problems(run_dir, state, out_dir)
+                if not problems:
+                    console.print(f"{name}: finished earlier, kept")
+                    continue
+                report_untrusted(problems)
+                log_metrics(run_dir, {"stage": "verify", "output": f"{it_dir.name}/{out_dir.name}",
+                                      "untrusted": problems})
+                state["finished"].remove(name)
+                write_state(run_dir, state)
             started = time.perf_counter()
             if stage == "generate":
                 result = generate_stage(cfg, prompts, policy_path, policy_name, iteration, out_dir)
@@ -679,6 +714,10 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
                 result = train_stage(cfg, it_dir / "pairs", policy_path, iteration, out_dir)
             result["wall_seconds"] = round(time.perf_counter() - started, 3)
             log_metrics(run_dir, {"iteration": iteration, "stage": stage, **result})
+            if stage == "train" and (out_dir / "config.json").is_file():
+                from rayalign.data.store import directory_checksums
+
+                state.setdefault("checksums", {})[f"{it_dir.name}/policy"] = directory_checksums(out_dir)
             state["finished"].append(name)
             write_state(run_dir, state)
             shown = {k: (len(set(v)) if k == "actor_nodes" else v) for k, v in result.items()}
@@ -703,6 +742,20 @@ def _complete(dataset_dir: Path) -> bool:
         return True
     except DatasetError:
         return False
+
+
+def kept_output_problems(run_dir: Path, state: dict, out_dir: Path) -> list[str]:
+    """Why a finished stage's output cannot be kept: a dataset whose manifest or shards fail their recorded
+    checksums (untrusted shards are removed, so the stage recomputes only those when it can), or a policy whose
+    files differ from the checksums recorded when it was saved. Empty when intact."""
+    from rayalign.data.store import directory_problems, remove_untrusted_shards
+
+    if out_dir.name != "policy":
+        return remove_untrusted_shards(out_dir)
+    recorded = state.get("checksums", {}).get(str(out_dir.relative_to(run_dir)))
+    if not (out_dir / "config.json").is_file():
+        return [f"{out_dir}: missing"]
+    return [] if recorded is None else directory_problems(out_dir, recorded)
 
 
 SUMMARY_KEYS = {"generate": ("fidelity_",), "pairs": ("rows",), "train": (

@@ -216,9 +216,11 @@ _stage_command("pairs", "Run only the pairs stage: <run-dir>/iter-1/pairs (from 
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="directory of the new scores dataset")
 @click.option("--recipe", type=click.Path(dir_okay=False),
               help="recipe to start from (default: the config.yaml of the run that holds SCORES)")
+@click.option("--replace", is_flag=True, help="when OUTPUT exists and is not empty, move it to the trash (the run's "
+              "trash-<time>/ when OUTPUT is in a run directory) and write there; without it, such an OUTPUT is refused")
 @click.option("-o", "--override", "overrides", multiple=True, help=OVERRIDE_HELP)
 @_user_errors
-def rescore(scores, output, recipe, overrides):
+def rescore(scores, output, recipe, overrides, replace):
     """Recompute rewards from a scores dataset without a forward pass.
 
     Latent rewards use the stored pooled states (new alpha, gamma, weight form, centroid mode or
@@ -234,7 +236,7 @@ def rescore(scores, output, recipe, overrides):
     scores = Path(scores)
     recipe = recipe or scores.parent.parent / "config.yaml"
     cfg = _load(recipe, overrides)
-    manifest = offline.rescore(cfg, scores, Path(output))
+    manifest = offline.rescore(cfg, scores, Path(output), replace=replace)
     console.print(f"done: {output} ({manifest['rows']} rows)")
 
 
@@ -302,16 +304,32 @@ def validate(path):
       rayalign validate runs/quickstart/iter-1/samples
     """
     from rayalign.data.inspect import find_datasets
-    from rayalign.data.store import read_dataset, read_manifest
+    from rayalign.data.store import DatasetError, dataset_problems, read_dataset, read_manifest
 
-    datasets = find_datasets(Path(path))
+    path = Path(path)
+    datasets = find_datasets(path)
+    # shards without a manifest: an unfinished dataset (reported, never skipped); scores.forward/ holds checkpoints
+    datasets += sorted({p.parent for p in [*path.glob("part-*.parquet"), *path.glob("iter-*/*/part-*.parquet")]
+                        if not p.parent.name.endswith(".forward")} - set(datasets))
     if not datasets:
         raise UserError(f"{path}: no manifest.json here or under iter-*/ (incomplete or not a rayalign dataset)")
+    failed = []
     for ds in datasets:
-        table = read_dataset(ds)
-        manifest = read_manifest(ds)
+        problems = [message for _, message in dataset_problems(ds)]
+        if not problems:
+            try:
+                table, manifest = read_dataset(ds), read_manifest(ds)
+            except DatasetError as e:
+                problems = [str(e)]
+        if problems:
+            failed.append(ds)
+            for problem in problems:
+                err.print(f"FAILED  {problem}", soft_wrap=True)
+            continue
         console.print(f"ok  {ds}: {manifest['schema']} v{manifest['schema_version']}, {table.num_rows} rows, "
                       f"{len(manifest['shards'])} shard(s), checksums match")
+    if failed:
+        raise UserError(f"{len(failed)} of {len(datasets)} dataset(s) failed: {', '.join(map(str, failed))}")
 
 
 @main.command("build-tiny-model")

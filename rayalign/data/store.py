@@ -1,8 +1,9 @@
 """The dataset store: a directory of Parquet shards, a manifest.json and a README.md dataset card.
 
-A shard is written under a temporary name and renamed when complete; the manifest is written last,
-so a directory with a manifest is a complete dataset and a crash never leaves a half-written shard
-under a final name.
+A shard is written under a temporary name and renamed when complete, after its checksum file
+(`part-XXXXX.parquet.sha256`, in `sha256sum` format); the manifest is written last, so a directory with a
+manifest is a complete dataset and a crash never leaves a half-written shard under a final name. A shard is
+trusted on resume only when it matches the checksum recorded when it was written.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -23,6 +26,8 @@ from rayalign.data.schemas import schema_for
 MANIFEST = "manifest.json"
 CARD = "README.md"
 SHARD_GLOB = "part-*.parquet"
+CHECKSUM = ".sha256"
+DATASET_FILE = re.compile(r"part-\d+\.parquet(\.sha256)?|manifest\.json|README\.md|.*\.tmp")
 
 
 class DatasetError(RuntimeError):
@@ -43,6 +48,55 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def checksum_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + CHECKSUM)
+
+
+def recorded_sha256(shard: Path) -> str | None:
+    """The checksum recorded when `shard` was written (its .sha256 file), or None when there is none."""
+    try:
+        digest = checksum_path(shard).read_text(encoding="ascii").split()[0]
+    except (OSError, UnicodeDecodeError, IndexError):
+        return None
+    return digest if re.fullmatch(r"[0-9a-f]{64}", digest) else None
+
+
+def shard_problem(shard: Path, manifest_sha256: str | None = None) -> str | None:
+    """Why `shard` cannot be trusted (missing, or not the bytes recorded when it was written), or None.
+
+    Checked against the manifest's checksum when given and against the shard's checksum file when present; a
+    shard with neither was never recorded and is not trusted."""
+    if not shard.is_file():
+        return "missing"
+    recorded = recorded_sha256(shard)
+    if recorded is None and manifest_sha256 is None:
+        return "no checksum was recorded when it was written"
+    actual = sha256_file(shard)
+    if manifest_sha256 is not None and actual != manifest_sha256:
+        return "sha256 does not match the manifest (file changed or corrupted)"
+    if recorded is not None and actual != recorded:
+        return f"sha256 does not match {checksum_path(shard).name} (file changed or corrupted)"
+    return None
+
+
+def directory_checksums(path: Path) -> dict[str, str]:
+    """sha256 of every file under `path`, by relative path (to check a saved policy or checkpoint later)."""
+    return {str(f.relative_to(path)): sha256_file(f) for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def directory_problems(path: Path, recorded: dict[str, str]) -> list[str]:
+    """How the files under `path` differ from `recorded` (directory_checksums when written): missing, changed or
+    extra files. Empty when identical."""
+    if not path.is_dir():
+        return [f"{path}: missing"]
+    actual = {str(f.relative_to(path)) for f in path.rglob("*") if f.is_file()}
+    problems = [f"{path / name}: missing" for name in sorted(set(recorded) - actual)]
+    problems += [f"{path / name}: not written by this run" for name in sorted(actual - set(recorded))]
+    problems += [f"{path / name}: sha256 does not match the checksum recorded when it was written"
+                 for name in sorted(set(recorded) & actual) if sha256_file(path / name) != recorded[name]]
+    return problems
 
 
 def conform(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
@@ -75,14 +129,18 @@ def atomic_write_text(path: Path, text: str) -> None:
                                 "kept") from e
 
 
-def write_parquet_atomic(table: pa.Table, path: Path, **options) -> Path:
+def write_parquet_atomic(table: pa.Table, path: Path, *, checksum: bool = False, **options) -> Path:
     """Write `table` to `path` under a temporary name, sync, then rename: `path` is complete or absent (or as
-    before). A failed write (disk full, permission denied) raises DatasetWriteError naming `path`."""
+    before). With `checksum`, the written bytes' sha256 goes to `path`.sha256 before the rename, so a shard in
+    place always has its recorded checksum. A failed write (disk full, permission denied) raises
+    DatasetWriteError naming `path`."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         pq.write_table(table, tmp, **options)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        if checksum:
+            atomic_write_text(checksum_path(path), f"{sha256_file(tmp)}  {path.name}\n")
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -105,25 +163,43 @@ class DatasetWriter:
         self.meta = {"schema_params": schema_params or {}, "config_hash": config_hash, "models": models or {},
                      "seeds": seeds or {}, "params": params or {}, "languages": languages or [],
                      "description": description}
+        check_dataset_dir(self.path, schema_name)
         self.path.mkdir(parents=True, exist_ok=True)
         for stale in self.path.glob("*.tmp"):  # left by an interrupted write; never a complete shard
             stale.unlink()
+        self.rejected: list[str] = []  # shards found damaged or unrecorded on resume, removed to be recomputed
 
     def has_shard(self, index: int) -> bool:
-        return (self.path / shard_name(index)).is_file()
+        """Whether shard `index` is on disk and matches the checksum recorded when it was written; a shard that
+        does not is removed (and listed in `rejected`) so that it is computed again."""
+        shard = self.path / shard_name(index)
+        if not shard.is_file():
+            return False
+        problem = shard_problem(shard)
+        if problem:
+            self.rejected.append(f"{shard}: {problem}")
+            shard.unlink()
+            checksum_path(shard).unlink(missing_ok=True)
+            return False
+        return True
 
     def write_shard(self, index: int, table: pa.Table) -> Path:
         table = conform(table, self.schema, f"{self.path / shard_name(index)}")
-        return write_parquet_atomic(table, self.path / shard_name(index), compression="zstd")
+        return write_parquet_atomic(table, self.path / shard_name(index), checksum=True, compression="zstd")
 
     def finalize(self, expected_shards: int | None = None) -> dict:
+        """Write the card and the manifest, whose checksums are those recorded when each shard was written (a
+        shard that no longer matches is refused, never re-hashed into the manifest)."""
         shards = sorted(self.path.glob(SHARD_GLOB))
         if expected_shards is not None and len(shards) != expected_shards:
             raise DatasetError(f"{self.path}: expected {expected_shards} shards, found {len(shards)}")
         entries, rows = [], 0
         for shard in shards:
+            problem = shard_problem(shard)
+            if problem:
+                raise DatasetError(f"{shard}: {problem}; launch again to recompute it")
             n = pq.ParquetFile(shard).metadata.num_rows
-            entries.append({"file": shard.name, "rows": n, "sha256": sha256_file(shard)})
+            entries.append({"file": shard.name, "rows": n, "sha256": recorded_sha256(shard)})
             rows += n
         manifest = {
             "schema": self.schema_name,
@@ -137,6 +213,71 @@ class DatasetWriter:
         atomic_write_text(self.path / CARD, dataset_card(manifest))
         atomic_write_text(self.path / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         return manifest
+
+
+def check_dataset_dir(path: Path, schema_name: str) -> None:
+    """Refuse to write a `schema_name` dataset into a directory that holds anything else: files that are not a
+    dataset's, or a dataset of another schema."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise DatasetError(f"{path}: exists and is not a directory; choose another output")
+    others = sorted(p.name for p in path.iterdir() if not (p.is_file() and DATASET_FILE.fullmatch(p.name)))
+    if others:
+        raise DatasetError(f"{path}: holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+                           f"; a {schema_name} dataset is written only into a new or empty directory or its own")
+    try:
+        held = json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("schema")
+    except (OSError, ValueError, AttributeError):
+        return
+    if held != schema_name:
+        raise DatasetError(f"{path}: holds a {held} dataset; a {schema_name} dataset is not written over it")
+
+
+def claim_output_dir(path: Path, *, replace: bool = False, trash: Path | None = None) -> Path | None:
+    """Make `path` ready for a new dataset that a command was told to write there: absent or empty is fine; a
+    non-empty directory is refused unless `replace`, in which case it is moved into `trash` (returned)."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return None
+    if not replace:
+        raise DatasetError(f"{path}: exists and is not empty; choose a new directory, or pass --replace to move the "
+                           "old one to the trash and write there")
+    target = (trash or path.parent / f"trash-{time.strftime('%Y%m%d-%H%M%S')}") / path.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(path, target)
+    return target
+
+
+def dataset_problems(path: str | Path) -> list[tuple[Path | None, str]]:
+    """What makes the dataset at `path` untrustworthy, as (shard or None, message): an unreadable or missing
+    manifest, shards not in it, and shards that are missing or do not match the checksums recorded when they
+    were written. Empty when intact."""
+    path = Path(path)
+    try:
+        listed = {entry["file"]: entry.get("sha256") for entry in read_manifest(path)["shards"]}
+        problems = [(path / name, f"{path / name}: not in the manifest")
+                    for name in sorted({p.name for p in path.glob(SHARD_GLOB)} - set(listed))]
+    except DatasetError as e:
+        listed, problems = {p.name: None for p in sorted(path.glob(SHARD_GLOB))}, [(None, str(e))]
+    for name, sha in listed.items():
+        problem = shard_problem(path / name, sha)
+        if problem:
+            problems.append((path / name, f"{path / name}: {problem}"))
+    return problems
+
+
+def remove_untrusted_shards(path: Path) -> list[str]:
+    """Check a kept dataset before a resume builds on it. When anything is wrong, the untrusted shards and the
+    manifest are removed, so the dataset counts as unfinished and only those shards are computed again.
+    Returns the problems found."""
+    problems = dataset_problems(path)
+    if problems:
+        for shard, _ in problems:
+            if shard is not None:
+                shard.unlink(missing_ok=True)
+                checksum_path(shard).unlink(missing_ok=True)
+        (path / MANIFEST).unlink(missing_ok=True)
+    return [message for _, message in problems]
 
 
 def _size_category(rows: int) -> str:
@@ -215,8 +356,9 @@ def read_dataset(path: str | Path, schema_name: str | None = None, *, verify: bo
         shard = path / entry["file"]
         if not shard.is_file():
             raise DatasetError(f"{shard}: listed in the manifest but missing")
-        if verify and sha256_file(shard) != entry["sha256"]:
-            raise DatasetError(f"{shard}: sha256 does not match the manifest (file changed or corrupted)")
+        problem = shard_problem(shard, entry["sha256"]) if verify else None
+        if problem:
+            raise DatasetError(f"{shard}: {problem}")
         try:
             table = pq.read_table(shard)
         except (pa.ArrowInvalid, OSError) as e:

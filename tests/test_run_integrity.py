@@ -1,0 +1,184 @@
+"""Runs that cannot be fooled: outputs never written over other data, kept shards verified against the checksums
+recorded when they were written, damaged ones recomputed."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import PROMPTS_DIR
+from rayalign.cli import main
+from rayalign.data.store import read_dataset
+
+DATASETS = ("samples", "scores", "pairs")
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line(output: str) -> str:
+    return "".join(output.split("\n"))
+
+
+def snapshot(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def recipe_file(path: Path, model: str) -> Path:
+    """4 prompt ids x 2 languages, n = 2, one prompt row per shard: 8 samples shards, 8 scores shards, 1 pairs."""
+    path.write_text(f"name: integrity\nlanguages: [en, de]\npolicy: {{path: {model}}}\n"
+                    f"prompts: {{path: {PROMPTS_DIR}, limit: 4}}\nsampling: {{n: 2, max_new_tokens: 8, seed: 3}}\n"
+                    "engines: {count: 1, batch_size: 8, shard_rows: 1}\n"
+                    "rewards: {latent: {enabled: true}, actors: 1}\npairs: {method: lacomsa}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model, ray_session):
+    """An uninterrupted run (generate, score, pairs) and its recipe; tests work on copies."""
+    tmp = tmp_path_factory.mktemp("integrity")
+    recipe = recipe_file(tmp / "recipe.yaml", tiny_model)
+    result = invoke("launch", recipe, "--run-dir", tmp / "run")
+    assert result.exit_code == 0, result.output
+    return tmp / "run", recipe
+
+
+def copy_run(finished_run, tmp_path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], run_dir)
+    return run_dir
+
+
+def tables(run_dir: Path) -> dict:
+    return {name: read_dataset(run_dir / "iter-1" / name, name) for name in DATASETS}
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- outputs never replace another dataset ----
+
+def test_rescore_refuses_an_output_holding_another_dataset_or_other_files(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    samples = run_dir / "iter-1" / "samples"
+    before = snapshot(samples)
+    result = invoke("rescore", run_dir / "iter-1" / "scores", "--output", samples, "-o", "rewards.latent.alpha=1.0")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{samples}: exists and is not empty" in one_line(result.output) and "--replace" in result.output
+    assert snapshot(samples) == before
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    result = invoke("rescore", run_dir / "iter-1" / "scores", "--output", notes)
+    assert result.exit_code == 2 and (notes / "todo.txt").read_text() == "mine" and len(list(notes.iterdir())) == 1
+    result = invoke("rescore", run_dir / "iter-1" / "scores", "--output", run_dir / "iter-1")  # holds the input
+    assert result.exit_code == 2 and snapshot(samples) == before
+
+
+def test_rescore_replace_moves_the_old_output_to_the_runs_trash(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    samples = run_dir / "iter-1" / "samples"
+    before = snapshot(samples)
+    result = invoke("rescore", run_dir / "iter-1" / "scores", "--output", samples, "--replace")
+    assert result.exit_code == 0, result.output
+    (trashed,) = run_dir.glob("trash-*/iter-1/samples")
+    assert snapshot(trashed) == before  # nothing lost
+    assert read_dataset(samples, "scores").num_rows == 16
+
+
+def test_writer_refuses_a_directory_of_other_files_or_another_schema(tmp_path):
+    from rayalign.data.store import DatasetError, DatasetWriter
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("x")
+    with pytest.raises(DatasetError, match="thesis.tex"):
+        DatasetWriter(tmp_path / "mine", "samples")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text(json.dumps({"schema": "samples"}))
+    with pytest.raises(DatasetError, match="holds a samples dataset"):
+        DatasetWriter(tmp_path / "other", "scores")
+
+
+# ---- verified resumes ----
+
+def flip_bit(path: Path, rng: random.Random, done: set) -> None:
+    """Flip one bit of `path` that was not flipped before (so no two flips cancel)."""
+    size = path.stat().st_size
+    while True:
+        bit = rng.randrange(size * 8)
+        if (path, bit) not in done:
+            break
+    done.add((path, bit))
+    data = bytearray(path.read_bytes())
+    data[bit // 8] ^= 1 << (bit % 8)
+    path.write_bytes(bytes(data))
+
+
+def test_validate_reports_a_dataset_without_a_manifest_and_a_damaged_shard(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    assert invoke("validate", run_dir).exit_code == 0
+    (run_dir / "iter-1" / "samples" / "manifest.json").unlink()
+    flip_bit(run_dir / "iter-1" / "pairs" / "part-00000.parquet", random.Random(0), set())
+    result = invoke("validate", run_dir)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    output = one_line(result.output)
+    assert f"{run_dir / 'iter-1' / 'samples' / 'manifest.json'}: missing" in output
+    assert f"{run_dir / 'iter-1' / 'pairs' / 'part-00000.parquet'}: sha256 does not match" in output
+    assert f"ok  {run_dir / 'iter-1' / 'scores'}" in output
+
+
+def damage_and_relaunch(run_dir: Path, recipe: Path, rng: random.Random, flips: int, done: set,
+                        drop_manifests: bool = False) -> set[Path]:
+    """Flip `flips` random bits in random finished shards of every dataset (at least one each), relaunch, and
+    return the damaged shards."""
+    shards = {name: sorted((run_dir / "iter-1" / name).glob("part-*.parquet")) for name in DATASETS}
+    targets = [rng.choice(shards[name]) for name in DATASETS]
+    targets += [rng.choice(shards[rng.choice(DATASETS)]) for _ in range(flips - len(targets))]
+    for shard in targets:
+        flip_bit(shard, rng, done)
+    if drop_manifests:  # a lost manifest must not turn damaged shards into trusted ones
+        for name in DATASETS:
+            (run_dir / "iter-1" / name / "manifest.json").unlink()
+    result = invoke("launch", recipe, "--run-dir", run_dir)
+    assert result.exit_code == 0, result.output
+    output = one_line(result.output)
+    for shard in set(targets):
+        assert f"not kept: {shard}: sha256 does not match" in output, (shard, output)
+    return set(targets)
+
+
+def test_damaged_shards_of_finished_stages_are_detected_and_recomputed(finished_run, tmp_path):
+    """One relaunch after flipping bits in samples, scores and pairs shards and deleting every manifest."""
+    run_dir, recipe = copy_run(finished_run, tmp_path), finished_run[1]
+    expected = tables(finished_run[0])
+    damaged = damage_and_relaunch(run_dir, recipe, random.Random(7), 4, set(), drop_manifests=True)
+    recomputed = [m for m in metrics(run_dir) if m["stage"] == "verify"]
+    assert {m["output"] for m in recomputed} == {f"iter-1/{d.parent.name}" for d in damaged}
+    got = tables(run_dir)
+    for name in DATASETS:
+        assert got[name].equals(expected[name]), name
+    assert invoke("validate", run_dir).exit_code == 0
+    assert invoke("launch", recipe, "--run-dir", run_dir).output.count("finished earlier, kept") == 3
+
+
+@pytest.mark.slow
+def test_fault_injection_fifty_random_bit_flips_are_all_detected_and_recomputed(finished_run, tmp_path):
+    """Seeded: 5 relaunches, each after 10 random bit flips in random finished shards of samples, scores and
+    pairs; every damaged shard is named and recomputed, and the datasets end equal to the uninterrupted run's."""
+    run_dir, recipe = copy_run(finished_run, tmp_path), finished_run[1]
+    expected = tables(finished_run[0])
+    rng, done, damaged = random.Random(2024), set(), 0
+    for relaunch in range(5):
+        damaged += len(damage_and_relaunch(run_dir, recipe, rng, 10, done, drop_manifests=relaunch == 2))
+        got = tables(run_dir)
+        for name in DATASETS:
+            assert got[name].equals(expected[name]), (relaunch, name)
+    assert len(done) == 50 and damaged >= 15
