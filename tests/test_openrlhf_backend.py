@@ -1,46 +1,78 @@
-"""The openrlhf trainer backend's command; checked against OpenRLHF's own CLI where openrlhf imports."""
+"""The openrlhf trainer backend against OpenRLHF's own code (the released wheel, installed without its CUDA
+dependencies): its `train_dpo` argument parser takes our command, and its RewardDataset reads our pairs into the
+token ids rayalign trains on."""
 
 import dataclasses
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import pytest
 
 from rayalign.config import TrainingConfig
 from rayalign.data.schemas import schema_for
-from rayalign.openrlhf import dpo_command
+from rayalign.openrlhf import dpo_command, parse_dpo_command
 
 T = TrainingConfig(loss="dpo", backend="openrlhf", micro_batch_size=2, gradient_accumulation=4, world_size=8,
-                   zero_stage=3, beta=0.1, nll_weight=1.0)
+                   zero_stage=3, beta=0.1, nll_weight=1.0, lr=5e-7, weight_decay=0.01, warmup_ratio=0.1,
+                   max_grad_norm=0.5, epochs=2, max_length=768, seed=3)
 
 
-def flags(command: list[str]) -> dict:
-    out, i = {}, command.index("openrlhf.cli.train_dpo") + 1
-    while i < len(command):
-        key = command[i]
-        if i + 1 < len(command) and not command[i + 1].startswith("--"):
-            out[key], i = command[i + 1], i + 2
-        else:
-            out[key], i = True, i + 1
-    return out
+def test_openrlhf_parser_reads_our_command_as_meant():
+    command = dpo_command(T, "runs/x/iter-1/pairs", "/models/p", "runs/x/iter-1/policy.tmp")
+    assert command[:5] == ["deepspeed", "--num_gpus", "8", "--module", "openrlhf.cli.train_dpo"]
+    a = parse_dpo_command(command)
+    assert a.model.model_name_or_path == a.ref.model_name_or_path == "/models/p"  # the training reference: t-1
+    assert a.data.dataset == "runs/x/iter-1/pairs/part-*.parquet" and a.data.dataset_split == "train"
+    assert (a.data.prompt_key, a.data.chosen_key, a.data.rejected_key) == ("prompt", "chosen", "rejected")
+    assert {a.data.prompt_key, a.data.chosen_key, a.data.rejected_key} <= set(schema_for("pairs")[1].names)
+    assert a.data.apply_chat_template is True and a.data.max_len == 768
+    assert a.ckpt.output_dir == "runs/x/iter-1/policy.tmp"
+    assert a.train.batch_size == 64 and a.train.micro_batch_size == 2  # 2 x 4 accumulation x 8 ranks
+    assert a.ds.zero_stage == 3 and a.ds.param_dtype == "bf16" and a.train.seed == 3 and a.train.max_epochs == 2
+    assert a.optim == "adam" and a.adam.lr == 5e-7 and list(a.adam.betas) == [0.9, 0.999]
+    assert a.adam.weight_decay == 0.01 and a.lr_warmup_ratio == 0.1 and a.min_lr_ratio == 0.0
+    assert a.max_norm == 0.5 and a.model.beta == 0.1 and a.model.nll_loss_coef == 1.0
+    assert a.model.ipo_enable is False and a.model.label_smoothing == 0.0
+    assert a.model.gradient_checkpointing_enable is False
+
+    ipo = parse_dpo_command(dpo_command(dataclasses.replace(T, loss="ipo", nll_weight=0.0), "d", "p", "o"))
+    assert ipo.model.ipo_enable is True and ipo.model.nll_loss_coef == 0
+    cdpo = parse_dpo_command(dpo_command(dataclasses.replace(T, loss="cdpo", label_smoothing=0.2,
+                                                             gradient_checkpointing=True), "d", "p", "o"))
+    assert cdpo.model.label_smoothing == 0.2 and cdpo.model.gradient_checkpointing_enable is True
 
 
-def test_command_maps_our_pairs_and_training_settings():
-    f = flags(dpo_command(T, "runs/x/iter-1/pairs", "/models/p", "runs/x/iter-1/policy"))
-    columns = set(schema_for("pairs")[1].names)
-    assert {f["--prompt_key"], f["--chosen_key"], f["--rejected_key"]} <= columns and f["--apply_chat_template"]
-    assert f["--train_batch_size"] == "64" and f["--micro_train_batch_size"] == "2" and f["--zero_stage"] == "3"
-    assert f["--pretrain"] == f["--ref_pretrain"] == "/models/p"  # the training reference is policy t-1
-    assert f["--nll_loss_coef"] == "1.0" and "--ipo" not in f and "--label_smoothing" not in f
-    ipo = flags(dpo_command(dataclasses.replace(T, loss="ipo", nll_weight=0.0), "d", "p", "o"))
-    assert ipo["--ipo"] and "--nll_loss_coef" not in ipo
-    assert flags(dpo_command(dataclasses.replace(T, loss="cdpo", label_smoothing=0.2), "d", "p", "o"))[
-        "--label_smoothing"] == "0.2"
+def test_openrlhf_parser_refuses_flags_it_does_not_have():
+    """The flat flags of OpenRLHF 0.9 (and of rayalign's earlier command) are refused by name."""
+    with pytest.raises(ValueError, match="does not take --pretrain --zero_stage"):
+        parse_dpo_command(dpo_command(T, "d", "p", "o") + ["--pretrain", "p", "--zero_stage", "3"])
 
 
-def test_openrlhf_cli_knows_every_flag():
-    pytest.importorskip("openrlhf")
-    help_text = subprocess.run([sys.executable, "-m", "openrlhf.cli.train_dpo", "--help"], capture_output=True,
-                               text=True, timeout=300).stdout
-    for key in flags(dpo_command(T, "d", "p", "o")):
-        assert key in help_text, key
+def test_openrlhf_reward_dataset_reads_our_pairs(tiny_model, pairs_dataset):
+    """OpenRLHF's blending_datasets and RewardDataset (DPO mode), configured by the arguments its parser reads from
+    our command, over our pairs: chosen/rejected token ids equal rayalign's training sequences, prompt included.
+
+    OpenRLHF's DeepSpeed strategy needs flash-attn (CUDA) to import; the dataset code reads only `strategy.args`
+    and `strategy.print`, so a namespace holding OpenRLHF's parsed arguments stands in for it."""
+    import pyarrow.parquet as pq
+    from openrlhf.datasets import RewardDataset
+    from openrlhf.datasets.utils import blending_datasets
+    from openrlhf.utils import get_tokenizer
+
+    from rayalign.models import load_tokenizer
+    from rayalign.training import encode_dataset
+
+    args = parse_dpo_command(dpo_command(T, pairs_dataset, tiny_model, "o"))
+    strategy = SimpleNamespace(args=args, print=lambda *_: None, is_rank_0=lambda: True)
+    data = blending_datasets(args.data.dataset, None, strategy, args.train.seed, dataset_split=args.data.dataset_split)
+    tokenizer = get_tokenizer(args.model.model_name_or_path, None, "right", strategy)
+    theirs = RewardDataset(data, tokenizer, args.data.max_len, strategy, input_template=args.data.input_template,
+                           is_dpo=True, num_processors=1)
+
+    table = pq.read_table(f"{pairs_dataset}/part-00000.parquet")
+    ours = encode_dataset(table, "pairs", load_tokenizer(tiny_model), max_length=T.max_length, source="pairs")
+    assert len(theirs) == len(ours) == table.num_rows == 40
+    for i, ((prompt, chosen), (prompt_r, rejected)) in enumerate(ours.sequences):
+        chosen_ids, _, rejected_ids, _, prompt_len = theirs[i]
+        assert prompt_len == len(prompt) and prompt_r == prompt
+        assert chosen_ids[0].tolist() == prompt + chosen, i
+        assert rejected_ids[0].tolist() == prompt + rejected, i
