@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -208,6 +209,10 @@ class TrainingConfig:
     orpo_lambda: float = _field(0.1, help="ORPO weight lambda of the odds-ratio term", ge=0.0)
     kto_desirable_weight: float = _field(1.0, help="KTO lambda_D", gt=0.0)
     kto_undesirable_weight: float = _field(1.0, help="KTO lambda_U", gt=0.0)
+    kto_reference_point: str = _field(
+        "mismatched", help="KTO z_ref: mismatched = the KTO paper's estimate from (x, y') pairs with another prompt's "
+        "response, over the global batch, with pi_ref = the starting policy; matched = each micro-batch's own rows, "
+        "per rank", choices=("mismatched", "matched"))
     lr: float = _field(5e-7, help="peak learning rate (AdamW)", gt=0.0)
     warmup_ratio: float = _field(0.03, help="share of the steps with linear warmup before cosine decay", ge=0.0, le=1.0)
     weight_decay: float = _field(0.0, help="AdamW weight decay", ge=0.0)
@@ -307,6 +312,10 @@ class RunConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self) -> None:
+        if any(part in ("", ".", "..") for part in self.name.split("/")) or any(c in self.name for c in "\\\0"):
+            raise ConfigError(f"name: {self.name!r} is not a run name: the run directory runs/<name> must stay under "
+                              "runs/ (no '..', '.', empty parts, leading '/' or backslash; '/' only nests, as studies "
+                              "do); set run_dir to choose another path")
         if not self.languages:
             raise ConfigError("languages: expected at least one ISO 639-1 code, got an empty list")
         for i, code in enumerate(self.languages):
@@ -457,6 +466,8 @@ def _convert(value, tp, key: str):
     )
     if not ok:
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     return float(value) if tp is float else value
 
 
@@ -537,6 +548,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
+        if not data:
+            raise ConfigError(f"{path}: the recipe is empty; write at least the settings that differ from the "
+                              "defaults (see `rayalign config`), for example `name: my-run`")
     for override in overrides:
         _set_override(data, override)
     where = f"{path}: " if path is not None else ""
