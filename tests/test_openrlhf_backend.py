@@ -3,6 +3,7 @@ dependencies): its `train_dpo` argument parser takes our command, and its Reward
 token ids rayalign trains on."""
 
 import dataclasses
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -76,3 +77,46 @@ def test_openrlhf_reward_dataset_reads_our_pairs(tiny_model, pairs_dataset):
         assert prompt_len == len(prompt) and prompt_r == prompt
         assert chosen_ids[0].tolist() == prompt + chosen, i
         assert rejected_ids[0].tolist() == prompt + rejected, i
+
+
+def test_openrlhf_loads_and_calls_our_reward_file(tmp_path):
+    """`rayalign online --openrlhf-reward-file` output, loaded by OpenRLHF's SingleTurnAgentExecutor from the path
+    given as --reward.remote_url, called through its reward path with a query built as its executor builds one
+    (prompt + response token ids decoded with special tokens kept), and turned into an Experience by its samples
+    generator. Rewards: fidelity 1 or 0 minus 0.5 x characters / 2000, the end-of-turn token not counted."""
+    import asyncio
+
+    from click.testing import CliRunner
+    from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
+    from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+    from rayalign.cli import main
+    from rayalign.config import TINY_MODEL
+    from rayalign.models import load_tokenizer, resolve_model_path
+
+    path = tmp_path / "reward_func.py"
+    recipe = str(Path(__file__).resolve().parents[1] / "examples" / "online-grpo-quickstart.yaml")
+    result = CliRunner().invoke(main, ["online", recipe, "--openrlhf-reward-file", str(path),
+                                       "-o", "online.length_weight=0.5"])
+    assert result.exit_code == 0, result.output
+    executor = SingleTurnAgentExecutor(str(path))
+    assert executor.reward_func is not None
+    tokenizer = load_tokenizer(resolve_model_path(TINY_MODEL))  # the recipe's policy
+    response = "Es ist schon sehr spät am Abend, wir sollten nach Hause gehen."
+    for lang, fidelity in (("de", 1.0), ("en", 0.0)):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Wie spät ist es?"}], tokenize=False,
+                                               add_generation_prompt=True)
+        prompt_ids = tokenizer(text=prompt, add_special_tokens=False)["input_ids"]
+        action_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        query = tokenizer.decode(prompt_ids + action_ids, skip_special_tokens=False)
+        assert query.endswith(tokenizer.eos_token)
+        [info] = asyncio.run(executor._fetch_rewards_via_func([query], [prompt], [lang]))
+        expected = fidelity - 0.5 * len(response) / 2000
+        assert info["rewards"].tolist() == pytest.approx([expected])
+        sample = {"prompt": prompt, "label": lang, "observation_tokens": prompt_ids + action_ids,
+                  "action_ranges": [(len(prompt_ids), len(prompt_ids) + len(action_ids))], "rollout_log_probs": None,
+                  "truncated": False, "reward": info["rewards"], "scores": info["scores"],
+                  "extra_logs": info["extra_logs"]}
+        experience = SamplesGenerator._process_response_into_experience(None, sample, max_len=512)
+        assert experience.rewards.tolist() == pytest.approx([expected])
+        assert experience.info["language_fidelity"].tolist() == [fidelity]
