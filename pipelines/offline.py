@@ -19,6 +19,7 @@ from rayalign.data.prompts import load_prompts
 from rayalign.data.store import DatasetError, DatasetWriter, atomic_write_text, read_manifest, write_parquet_atomic
 from rayalign.generation import FailedRowsError
 from rayalign.models import resolve_model_path
+from rayalign.progress import deepspeed_op_notice, model_build_progress
 
 console = Console(stderr=True)
 STAGES = ("generate", "score", "pairs", "train")
@@ -191,7 +192,7 @@ def scoring_setup(cfg: RunConfig, policy_path: str, hub_layer: int | None = None
     specs = [ForwardSpec("policy", "messages", "logp_policy", tuple(layers.items()), tokens_column="score_tokens")]
     if r.implicit.enabled:
         ref = r.implicit.reward_reference
-        roles["reward_reference"] = ModelRole(resolve_model_path(ref.path), ref)
+        roles["reward_reference"] = ModelRole(resolve_model_path(ref.path, progress=model_build_progress(ref.path)), ref)
         prompt = "messages"
         if r.implicit.prompt == "cross_lingual":
             prompt = "messages_cross_lingual"
@@ -200,7 +201,8 @@ def scoring_setup(cfg: RunConfig, policy_path: str, hub_layer: int | None = None
     reward_model = None
     if r.reward_model.enabled:
         reward_model = "reward_model"
-        roles[reward_model] = ModelRole(resolve_model_path(r.reward_model.model.path), r.reward_model.model,
+        rm_path = r.reward_model.model.path
+        roles[reward_model] = ModelRole(resolve_model_path(rm_path, model_build_progress(rm_path)), r.reward_model.model,
                                         kind="reward_model")
     return roles, specs, reward_model, layers
 
@@ -458,7 +460,7 @@ def dco_stage(cfg: RunConfig, initial_policy_path: str, iteration: int, out_dir:
 
     c = cfg.rewards.consistency
     ref = c.reference or cfg.policy
-    ref_path = resolve_model_path(ref.path) if c.reference else initial_policy_path
+    ref_path = resolve_model_path(ref.path, model_build_progress(ref.path)) if c.reference else initial_policy_path
     cands = load_candidate_sets(c.candidates_path, cfg.languages).rename_columns(
         ["prompt_id", "lang", "messages", "candidate_idx", "response", "gold"])
     group = ScoringGroup({"dco_reference": ModelRole(ref_path, ref)}, cfg.rewards.actors, cfg.rewards.batch_size,
@@ -563,6 +565,7 @@ def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int
     ckpt_dir = out_dir.with_name("train.ckpt")
     aligned = ([cfg.anchor_language] + [x for x in cfg.languages if x != cfg.anchor_language]
                if t.batch_alignment else None)
+    deepspeed_op_notice()
     group = TrainerGroup(policy_path, cfg.policy, t, cfg.rewards.consistency.beta)
     with Progress(TextColumn(f"train iter-{iteration}"), BarColumn(), TextColumn("{task.fields[status]}"),
                   TimeElapsedColumn(), console=console) as bar:
@@ -682,7 +685,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
               if prompts is not None else f"{len(cfg.languages)} languages")
     console.print(f"run {cfg.name}: {source}, {cfg.iterations} iteration(s) of {', '.join(stages)} on cluster "
                   f"{spec.name} -> {run_dir}")
-    initial_path = resolve_model_path(cfg.policy.path, progress=_model_build_progress())
+    initial_path = resolve_model_path(cfg.policy.path, progress=model_build_progress(cfg.policy.path))
     connect(spec, address)
 
     policy_path, policy_name = initial_path, cfg.policy.path
@@ -788,17 +791,3 @@ def write_tensorboard(run_dir: Path, summary: dict) -> None:
         for key, value in summary.items():
             if isinstance(value, (int, float)) and key != "iteration":
                 writer.add_scalar(key, value, summary["iteration"])
-
-
-def _model_build_progress():
-    """Progress printer for the first build of the tiny model (cached afterwards)."""
-    shown = {"last": 0}
-
-    def progress(step, total, loss):
-        if step == 1:
-            console.print("building the tiny offline model (first run only; cached afterwards)")
-        if step - shown["last"] >= max(1, total // 10) or step == total:
-            shown["last"] = step
-            console.print(f"  tiny model training step {step}/{total}  loss {loss:.3f}")
-
-    return progress
