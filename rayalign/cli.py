@@ -84,15 +84,16 @@ CLUSTER_HELP = "cluster spec: a shipped name (local, a100x8, a100x64, h100x16, h
               "moved to <run-dir>/trash-<time>/")
 @_user_errors
 def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch, redo):
-    """Run a recipe's stages for every iteration into a run directory.
+    """Run a recipe into a run directory: its iterations (offline), or its RL steps (mode: online).
 
-    Plans the recipe on the cluster spec first (see `rayalign plan`), checks the Ray cluster against the
+    Offline: plans the recipe on the cluster spec first (see `rayalign plan`), checks the Ray cluster against the
     spec, and saves the plan as <run-dir>/plan.json. Re-running with the same recipe and run directory
     resumes: finished stages and shards are kept. A changed recipe needs --redo.
 
     \b
     Example:
       rayalign launch --cluster local examples/quickstart.yaml -o sampling.n=2
+      rayalign launch --cluster local examples/online-grpo-quickstart.yaml
       rayalign launch --cluster a100x64 --dry-run examples/lacomsa-llama3-8b.yaml
       rayalign launch examples/quickstart.yaml -o rewards.latent.alpha=1.0 --redo score
     """
@@ -106,6 +107,11 @@ def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch
     if unknown or (redo is not None and not redo_stages):
         raise UserError(f"--redo {redo!r}: expected stages among {', '.join(offline.STAGES)}, comma-separated")
     cfg = _load(recipe, overrides)
+    if cfg.mode == "online":
+        if redo_stages:
+            raise UserError("--redo: an online recipe (mode: online) has no stages to redo")
+        if not dry_run:
+            return _run_online(cfg, run_dir, cluster, address)
     spec = load_cluster_spec(cluster)
     if dry_run:
         console.print(plan(cfg, spec, strict=True).table())
@@ -390,7 +396,9 @@ def config_cmd(recipe, overrides):
               help="write the recipe's rewards as an OpenRLHF reward_func file (for its --remote_rm_url) and exit")
 @_user_errors
 def online_cmd(recipe, cluster, overrides, run_dir, address, openrlhf_reward_file):
-    """Online RL (GRPO or RLOO): rollouts, rewards, update and weight sync, step after step.
+    """Online RL (GRPO, RLOO or PPO): rollouts, rewards, update and weight sync, step after step.
+
+    The same as `rayalign launch` on a recipe with `mode: online`; here the mode is implied.
 
     Each step's rollouts are written to <run-dir>/online/step-XXXX/ and its reward mean, KL and phase
     timings to metrics.jsonl; the final policy to <run-dir>/online/policy.
@@ -399,15 +407,19 @@ def online_cmd(recipe, cluster, overrides, run_dir, address, openrlhf_reward_fil
     Example:
       rayalign online --cluster local examples/online-grpo-quickstart.yaml
     """
-    from rayalign.pipelines import online
-
     if openrlhf_reward_file:
         from rayalign.openrlhf_reward import write_reward_file
 
-        path = write_reward_file(_load(recipe, overrides), openrlhf_reward_file)
+        path = write_reward_file(_load(recipe, overrides + ("mode=online",)), openrlhf_reward_file)
         console.print(f"wrote {path}: use it with OpenRLHF's train_ppo_ray --remote_rm_url {path} --label_key lang")
         return
-    out = online.run(_load(recipe, overrides), Path(run_dir) if run_dir else None, cluster=cluster, address=address)
+    _run_online(_load(recipe, overrides + ("mode=online",)), run_dir, cluster, address)
+
+
+def _run_online(cfg, run_dir, cluster, address):
+    from rayalign.pipelines import online
+
+    out = online.run(cfg, Path(run_dir) if run_dir else None, cluster=cluster, address=address)
     console.print(f"done: {out}  (see {out / 'metrics.jsonl'})")
 
 

@@ -273,10 +273,17 @@ class ClusterConfig:
     """Placement on a cluster beyond the spec; filled by the cluster release."""
 
 
+RUN_MODES = ("offline", "online")
+OFFLINE_ONLY = ("iterations", "pairs", "training.loss", "training.batch_alignment", "training.backend")
+
+
 @dataclass
 class RunConfig:
     name: str = _field("run", help="run name; the run directory defaults to runs/<name>")
     run_dir: str | None = _field(None, help="where datasets, checkpoints and metrics go; null = runs/<name>")
+    mode: str = _field("offline", help="offline: iterations of generate -> score -> pairs -> train; online: RL steps "
+                       "of rollouts, rewards and updates (the online section). `rayalign launch` runs either",
+                       choices=RUN_MODES)
     iterations: int = _field(1, help="self-alignment iterations (generate -> score -> pairs -> train)", ge=1)
     languages: list[str] = _field(
         help="ISO 639-1 codes of the languages to generate in", factory=lambda: ["en", "es", "de", "fr", "ru"]
@@ -307,6 +314,8 @@ class RunConfig:
         d = self.to_dict()
         for key in ("name", "run_dir"):
             d.pop(key)
+        if d["mode"] == "offline":  # offline hashes predate the key
+            d.pop("mode")
         d["engines"].pop("count")
         d["engines"].pop("max_failed_share")  # raising it lets a stopped run resume
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -329,6 +338,7 @@ class RunConfig:
             raise ConfigError(
                 f"anchor_language: {self.anchor_language!r} is not one of languages {self.languages}"
             )
+        self._validate_mode()
         self._validate_rewards()
         self._validate_training()
         self._validate_online()
@@ -338,6 +348,28 @@ class RunConfig:
                 f"({self.engines.tensor_parallel_size}) GPUs per engine, got {self.engines.num_gpus}"
             )
 
+
+    def _validate_mode(self) -> None:
+        """Refuse a recipe whose settings belong to the other mode: they would be silently ignored."""
+        def changed(keys: tuple[str, ...]) -> list[str]:
+            default, ours = dataclasses.asdict(RunConfig()), self.to_dict()
+            out = []
+            for key in keys:
+                a, b = default, ours
+                for part in key.split("."):
+                    a, b = a[part], b[part]
+                if isinstance(a, dict):
+                    out += [f"{key}.{k}" for k in a if a[k] != b[k]]
+                elif a != b:
+                    out.append(key)
+            return out
+
+        if self.mode == "offline" and (keys := changed(("online",))):
+            raise ConfigError(f"{', '.join(keys)}: online settings in an offline recipe; set mode: online to run the "
+                              "online loop, or remove them")
+        if self.mode == "online" and (keys := changed(OFFLINE_ONLY)):
+            raise ConfigError(f"{', '.join(keys)}: offline settings in an online recipe (mode: online); remove them, "
+                              "or set mode: offline")
 
     def _validate_online(self) -> None:
         o, r = self.online, self.rewards

@@ -19,7 +19,7 @@ def test_rewards_and_group_advantages_by_hand():
     from rayalign.online import group_advantages, rollout_rewards
 
     table = samples_table([("a", "de", "de", 8), ("a", "de", "en", 16), ("a", "en", "en", 4), ("a", "en", "en", 12)])
-    cfg = load_config(None, ["online.length_weight=0.5", "sampling.max_new_tokens=16"])
+    cfg = load_config(None, ["mode=online", "online.length_weight=0.5", "sampling.max_new_tokens=16"])
     rewards = rollout_rewards(table, cfg)
     assert rewards.tolist() == pytest.approx([1 - 0.25, 0 - 0.5, 1 - 0.125, 1 - 0.375])
     # GRPO over (a, de) and (a, en): (r - mean) / (sample std + 1e-6); two members -> +-1/sqrt(2)
@@ -27,7 +27,7 @@ def test_rewards_and_group_advantages_by_hand():
     assert grpo.tolist() == pytest.approx([2 ** -0.5, -(2 ** -0.5), 2 ** -0.5, -(2 ** -0.5)], abs=1e-5)
     rloo = group_advantages(table, rewards, "rloo")  # r_i - the other member's reward
     assert rloo.tolist() == pytest.approx([1.25, -1.25, 0.25, -0.25])
-    cfg = load_config(None, ["online.target_language=de"])
+    cfg = load_config(None, ["mode=online", "online.target_language=de"])
     assert rollout_rewards(table, cfg).tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
@@ -187,18 +187,32 @@ def test_online_lacomsa_reward_equals_the_offline_scoring_of_the_same_rollouts(r
     assert max(abs(e - f) for e, f in zip(expected, fidelity)) > 1e-3
 
 
-def test_online_quickstart_through_the_cli(ray_session, tiny_model, tmp_path):
+def test_recipes_mixing_offline_and_online_settings_are_refused_with_the_keys():
+    from rayalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^online.steps, online.kl_coef: online settings in an offline recipe; "
+                                          r"set mode: online"):
+        load_config(None, ["online.steps=3", "online.kl_coef=0.1"])
+    with pytest.raises(ConfigError, match=r"^iterations, pairs.method, training.loss: offline settings in an online recipe"):
+        load_config(None, ["mode=online", "iterations=2", "pairs.method=msa", "training.loss=dpo"])
+    assert load_config(REPO / "examples" / "online-grpo-quickstart.yaml").mode == "online"
+    offline = load_config(REPO / "examples" / "quickstart.yaml")
+    assert offline.mode == "offline" and "mode" not in offline.to_dict()["online"]
+
+
+def test_launch_runs_an_online_recipe_online(ray_session, tiny_model, tmp_path):
     from click.testing import CliRunner
 
     from rayalign.cli import main
 
     run_dir = tmp_path / "online"
-    result = CliRunner().invoke(main, ["online", str(REPO / "examples" / "online-grpo-quickstart.yaml"),
+    result = CliRunner().invoke(main, ["launch", str(REPO / "examples" / "online-grpo-quickstart.yaml"),
                                        "--run-dir", str(run_dir), "-o", f"policy.path={tiny_model}",
                                        "-o", "online.steps=2"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2]
     for s in steps:
-        assert {"reward_mean", "kl", "seconds_generate", "seconds_reward", "seconds_train", "seconds_sync"} <= set(s)
+        assert {"reward_mean", "kl", "clip_fraction", "seconds_generate", "seconds_reward", "seconds_train",
+                "seconds_sync"} <= set(s)
         assert {f"reward_{lang}" for lang in ("en", "es", "de", "fr", "ru")} <= set(s)
