@@ -121,8 +121,49 @@ class TrainerActor:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, t.warmup_ratio))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config)
+        self.mismatched = None
+        if loss == "kto" and t.kto_reference_point == "mismatched":
+            self.mismatched = self._kto_mismatched_reference()
         return {"rows": len(self.data), "dropped_too_long": self.data.dropped_too_long, "steps": total,
                 "steps_per_epoch": self.steps_per_epoch, "global_batch": self.global_batch}
+
+    def _mismatched_logps(self, rows: list[int]):
+        """Summed log-probs of the mismatched (x_i, y_j) sequences of `rows` under the current weights, no gradient."""
+        import torch
+
+        from rayalign.models import pad_id
+        from rayalign.training import collate, sequence_logps
+
+        with torch.no_grad():
+            batch = {k: x.to(self.device) for k, x in collate(self.mismatched, rows, pad_id(self.tokenizer)).items()}
+            return sequence_logps(self.engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])[0]
+
+    def _kto_mismatched_reference(self):
+        """KTO's mismatched pairs with their pi_ref log-probs: the starting weights, before any step (the dataset's
+        ref_logp comes from the same policy, which generated the samples)."""
+        import numpy as np
+        import torch
+
+        from rayalign.training import kto_mismatched_data
+
+        self.mismatched = kto_mismatched_data(self.data)
+        size = self.t.micro_batch_size
+        refs = [self._mismatched_logps(list(range(s, min(s + size, len(self.data)))))
+                for s in range(0, len(self.data), size)]
+        self.mismatched.values["ref_logp"] = torch.cat(refs).double().cpu().numpy().astype(np.float64)
+        return self.mismatched
+
+    def _kto_kl(self, micro_batches: list[list[int]]):
+        """z_ref over the global batch: this rank's mismatched rows of every micro-batch, summed over the ranks."""
+        import torch
+        import torch.distributed as dist
+
+        from rayalign.losses import kto_reference_point
+
+        rows = [r for mb in micro_batches for r in mb]
+        policy = torch.cat([self._mismatched_logps(mb) for mb in micro_batches]).float()
+        ref = torch.as_tensor(self.mismatched.values["ref_logp"][rows], dtype=torch.float32, device=policy.device)
+        return kto_reference_point(policy, ref, all_reduce=dist.all_reduce)
 
     def _plan(self, epoch: int) -> list[list[int]]:
         from rayalign.training import batch_plan
@@ -156,11 +197,13 @@ class TrainerActor:
             started, lr = time.perf_counter(), self.scheduler.get_last_lr()[0]
             sums = torch.zeros(2 * len(METRICS), dtype=torch.float64)
             tokens = 0
-            for rows in self.batch_rows(self.step):
+            micro_batches = self.batch_rows(self.step)
+            kto_kl = self._kto_kl(micro_batches) if getattr(self, "mismatched", None) is not None else None
+            for rows in micro_batches:
                 batch = collate(self.data, rows, pad)
                 dev = {k: x.to(self.device) for k, x in batch.items()}
                 logps, counts = sequence_logps(self.engine, dev["input_ids"], dev["attention_mask"], dev["loss_mask"])
-                loss, metrics = compute_loss(self.loss, logps, counts, batch, self.t, self.dco_beta)
+                loss, metrics = compute_loss(self.loss, logps, counts, batch, self.t, self.dco_beta, kto_kl)
                 self.engine.backward(loss)
                 self.engine.step()
                 tokens += int(batch["attention_mask"].sum())

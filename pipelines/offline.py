@@ -165,13 +165,15 @@ def num_hidden_layers(cfg: RunConfig, policy_path: str) -> int:
 
 def _layers(cfg: RunConfig, policy_path: str, hub_layer: int | None = None) -> dict[str, int]:
     """Pooled layers of the latent rewards; `hub_layer` is the hub scan's choice when the recipe says auto."""
+    from rayalign.rewards.latent import default_hub_layer
+
     num_layers = num_hidden_layers(cfg, policy_path)
     lat = cfg.rewards.latent
     if hub_layer is None:
         if lat.hub_layer == "auto":
             raise ConfigError("rewards.latent.hub_layer: auto is resolved by a hub scan (`rayalign launch` runs one on "
                               "iteration 1's samples; or run `rayalign hub-scan` and set the layer)")
-        hub_layer = num_layers // 2 if lat.hub_layer is None else lat.hub_layer
+        hub_layer = default_hub_layer(num_layers) if lat.hub_layer is None else lat.hub_layer
     layers = {"h_hub": hub_layer, "h_last": num_layers if lat.language_layer is None else lat.language_layer}
     for column, layer in layers.items():
         if layer > num_layers:
@@ -561,10 +563,10 @@ def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int
 
         return train_dpo(cfg, data_dir, policy_path, out_dir)
     from rayalign.actors.trainer import TrainerGroup
+    from rayalign.training import batch_alignment_languages
 
     ckpt_dir = out_dir.with_name("train.ckpt")
-    aligned = ([cfg.anchor_language] + [x for x in cfg.languages if x != cfg.anchor_language]
-               if t.batch_alignment else None)
+    aligned = batch_alignment_languages(cfg.languages, cfg.anchor_language, t.batch_alignment)
     deepspeed_op_notice()
     group = TrainerGroup(policy_path, cfg.policy, t, cfg.rewards.consistency.beta)
     with Progress(TextColumn(f"train iter-{iteration}"), BarColumn(), TextColumn("{task.fields[status]}"),

@@ -98,10 +98,11 @@ class EnginesConfig:
 
 @dataclass
 class LatentRewardConfig:
-    enabled: bool = _field(False, help="compute MSA and LaCoMSA latent rewards (METHODS.md section 1)")
+    enabled: bool = _field(False, help="compute MSA and LaCoMSA latent rewards (docs/methods.md)")
     hub_layer: int | str | None = _field(
-        None, help="semantic-hub layer l (hidden_states index); null = floor(L/2); auto = the argmax of the silhouette "
-        "by prompt over layers 1..L-1, scanned on iteration 1's samples (rayalign hub-scan)")
+        None, help="semantic-hub layer l (hidden_states index, 0 = embeddings); null = floor((L - 1) / 2), "
+        "hidden_states[15] of the 32-layer Llama-3-8B as in the released LaCoMSA code; auto = the argmax of the "
+        "silhouette by prompt over layers 1..L-1, scanned on iteration 1's samples (rayalign hub-scan)")
     hub_scan_prompts: int = _field(32, help="hub_layer auto: prompts (with responses in every language) scanned", ge=2)
     language_layer: int | None = _field(None, help="language layer for phi; null = L, the last hidden state", ge=0)
     alpha: float = _field(0.5, help="weight slope alpha in w = sigma(alpha * (phi - r_MSA) ** gamma)")

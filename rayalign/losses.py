@@ -1,6 +1,6 @@
 """Preference losses on per-sequence log-probs: DPO (+NLL, cDPO), IPO, SimPO, KTO, ORPO and DCO.
 
-METHODS.md sections 3 and 4. Pure torch, no model: every log-prob argument is the SUMMED log-prob of
+The methods and their papers: docs/methods.md. Pure torch, no model: every log-prob argument is the SUMMED log-prob of
 the response tokens, shape (B,); token counts are (B,), int or float. Math runs in at least float32.
 `loss` is the batch mean; rewards are per row and detached.
 """
@@ -44,7 +44,7 @@ def _tokens(tokens: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _pair_output(loss, chosen_rewards, rejected_rewards, policy_chosen, chosen_tokens, nll_weight, **metrics):
-    """Adds ICR's NLL term nll_weight * mean(-log pi(y_w|x) / |y_w|) (METHODS.md 4) and the reward metrics."""
+    """Adds ICR's NLL term nll_weight * mean(-log pi(y_w|x) / |y_w|) and the reward metrics."""
     if nll_weight != 0 and chosen_tokens is None:
         raise ValueError("nll_weight != 0 needs chosen_tokens (token counts of the chosen responses)")
     if chosen_tokens is not None:
@@ -92,18 +92,42 @@ def simpo_loss(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, *
     return _pair_output(per_row.mean(), chosen_rewards, rejected_rewards, pc, nw, nll_weight)
 
 
-def kto_kl_estimate(policy, ref) -> torch.Tensor:
-    """z_ref: the batch mean of log pi - log pi_ref, clamped at 0, detached (KTO's KL reference point).
+def kto_reference_point(policy, ref, all_reduce=None) -> torch.Tensor:
+    """KTO's reference point z_ref = max(0, mean of log pi(y|x) - log pi_ref(y|x)), detached (KTO paper, eq. 8).
 
-    The paper estimates it on mismatched (x, y') pairs of the microbatch; pass such log-probs here for that."""
+    The paper's estimate takes (x, y') pairs whose response belongs to ANOTHER prompt (mismatched pairs, see
+    `kto_mismatched_rows`) over the whole global batch: pass those log-probs, every micro-batch of this rank, and
+    all_reduce = torch.distributed.all_reduce (sums a float64 tensor over the ranks in place) so that the mean is
+    over all ranks' rows. The "matched" option passes the micro-batch's own rows and no all_reduce.
+    """
     policy, ref = _rows(policy=policy, ref=ref)
-    return (policy - ref).mean().clamp(min=0).detach()
+    stats = torch.stack([(policy - ref).detach().double().sum(), torch.tensor(float(len(policy)), dtype=torch.float64,
+                                                                              device=policy.device)])
+    if all_reduce is not None:
+        all_reduce(stats)
+    return (stats[0] / stats[1]).clamp(min=0).to(policy.dtype)
+
+
+def kto_kl_estimate(policy, ref) -> torch.Tensor:
+    """The "matched" reference point: z_ref from the batch's own rows, on one rank."""
+    return kto_reference_point(policy, ref)
+
+
+def kto_mismatched_rows(prompt_ids) -> list[int]:
+    """For each row i, the row j whose response pairs with x_i in KTO's mismatched estimate: the next row (cyclic)
+    with another prompt id; the next row when every row shares one prompt."""
+    n = len(prompt_ids)
+    out = []
+    for i in range(n):
+        out.append(next((j % n for j in range(i + 1, i + n) if prompt_ids[j % n] != prompt_ids[i]), (i + 1) % n))
+    return out
 
 
 def kto_loss(policy, ref, labels, *, beta, desirable_weight=1.0, undesirable_weight=1.0, kl=None) -> LossOutput:
     """KTO (Ethayarajh et al. 2024, eq. 8): mean over rows of lambda_y - v(x, y), on unpaired rows.
 
-    labels (B,) bool, True = desirable. kl: the reference point z (float or scalar tensor), default the batch estimate.
+    labels (B,) bool, True = desirable. kl: the reference point z (float or scalar tensor, see `kto_reference_point`);
+    None = the "matched" estimate from these rows.
     """
     policy, ref = _rows(policy=policy, ref=ref)
     if not isinstance(labels, torch.Tensor) or labels.dtype != torch.bool or labels.shape != policy.shape:
@@ -146,7 +170,7 @@ def orpo_loss(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, *,
 
 def dco_loss(policy_chosen_1, policy_rejected_1, policy_chosen_2, policy_rejected_2, ref_chosen_1, ref_rejected_1,
              ref_chosen_2, ref_rejected_2, gamma_12, gamma_21, *, beta) -> LossOutput:
-    """DCO (METHODS.md 3) on parallel tuples (x1, yw1, yl1, x2, yw2, yl2); gammas are (B,) tensors or floats.
+    """DCO (DCO paper, eq. 7) on parallel tuples (x1, yw1, yl1, x2, yw2, yl2); gammas are (B,) tensors or floats.
 
     The consistency condition gamma_12 * gamma_21 = beta^2 (Lemma 1) is checked where the config is loaded.
     """

@@ -13,6 +13,7 @@ import polars as pl
 import pyarrow as pa
 
 from rayalign.data.schemas import schema_for
+from rayalign.rewards.implicit import best_worst
 
 REWARD_OF_METHOD = {"lacomsa": "r_lacomsa", "msa": "r_msa", "icr": "r_icr", "reward_model": "r_rm", "user": "r_user"}
 
@@ -26,8 +27,9 @@ def _ranked(scores: pl.DataFrame, reward: str, min_margin: float) -> pl.DataFram
     if scores[reward].null_count():
         raise ValueError(f"column {reward} has {scores[reward].null_count()} null value(s): was the reward computed?")
     ordered = scores.sort("prompt_id", "lang", "sample_idx")
-    best = ordered.sort(reward, descending=True, maintain_order=True).group_by("prompt_id", "lang", maintain_order=True).first()
-    worst = ordered.sort(reward, maintain_order=True).group_by("prompt_id", "lang", maintain_order=True).first()
+    groups = ordered.select(pl.concat_str("prompt_id", "lang", separator="\x1f")).to_series().to_numpy()
+    _, best_idx, worst_idx, _ = best_worst(ordered[reward].to_numpy(), groups)
+    best, worst = ordered[best_idx.tolist()], ordered[worst_idx.tolist()]
     pairs = best.join(worst, on=["prompt_id", "lang"], suffix="_rej")
     return pairs.filter((pl.col(reward) - pl.col(f"{reward}_rej")) > min_margin).sort("prompt_id", "lang")
 
@@ -73,7 +75,7 @@ def kto_rows(scores: pl.DataFrame, reward_method: str, iteration: int, *, min_ma
 def dco_tuples(candidates: pl.DataFrame, languages: list[str], anchor: str, gammas: dict[tuple[str, str], float],
                pairs_per_question: int, seed: int, iteration: int) -> pa.Table:
     """DCO tuples (x1, yw1, yl1, x2, yw2, yl2): the same question in two languages and the same RANDOM
-    pair of candidates on both sides (not correct vs wrong; METHODS.md section 3), with pi_ref log-probs.
+    pair of candidates on both sides (not correct vs wrong; DCO paper, section 3), with pi_ref log-probs.
 
     Language pairs: the anchor (side 1) with every other language (side 2). gammas: dco_gamma_table's
     gamma_ij (j's reference margin inside i's target), so gamma_12 = gammas[(anchor, other)].
@@ -103,7 +105,7 @@ TRANSLATE_PROMPT = ("Translate the following text into {language}. Reply with th
 
 
 def lidr_requests(samples: pl.DataFrame, anchor: str, language_names: dict[str, str]) -> pl.DataFrame:
-    """Self-translation prompts for LIDR (METHODS.md section 5), one per (prompt_id, language), sample 0:
+    """Self-translation prompts for LIDR (the ICR paper's self-translation baseline), one per (prompt_id, language), sample 0:
     non-anchor rows translate the anchor response into the row's language (the chosen side); anchor rows
     back-translate one non-anchor response into the anchor language (the rejected side)."""
     first = samples.filter(pl.col("sample_idx") == 0).sort("prompt_id", "lang")

@@ -90,7 +90,7 @@ def user_rewards(table: pa.Table, path: str, function: str) -> np.ndarray:
 def compute_rewards(table: pa.Table, cfg: RunConfig) -> tuple[pa.Table, dict]:
     """Fill the reward columns that the recipe enables; returns the table in the scores schema and the
     parameters used (layers, per-language alphas), which go into the dataset's manifest."""
-    from rayalign.rewards.implicit import alpha_per_language
+    from rayalign.rewards.implicit import alpha_per_language, implicit_reward
     from rayalign.rewards.latent import latent_rewards
 
     prompt_ids = np.asarray(table.column("prompt_id").to_pylist())
@@ -110,19 +110,21 @@ def compute_rewards(table: pa.Table, cfg: RunConfig) -> tuple[pa.Table, dict]:
                             "weight_form": lat.weight_form, "anchor": cfg.anchor_language}
     imp = cfg.rewards.implicit
     if imp.enabled:
-        base = imp.beta * (np.asarray(table.column("logp_policy_icr").to_pylist(), dtype=np.float64)
-                           - np.asarray(table.column("logp_reward_ref").to_pylist(), dtype=np.float64))
+        logp_policy, logp_ref = (np.asarray(table.column(c).to_pylist(), dtype=np.float64)
+                                 for c in ("logp_policy_icr", "logp_reward_ref"))
         if imp.length_unit == "chars":
             lengths = np.asarray([len(r) for r in table.column("response").to_pylist()], dtype=np.float64)
         else:
             lengths = np.asarray(table.column("score_tokens").to_pylist(), dtype=np.float64)
         groups = np.char.add(np.char.add(prompt_ids.astype(str), "\x1f"), langs.astype(str))
         if imp.alpha is None:
+            base = implicit_reward(logp_policy, logp_ref, lengths, alpha=0.0, beta=imp.beta)
             alphas = alpha_per_language(base, lengths, groups, langs, grid=np.arange(imp.alpha_grid) / imp.alpha_grid)
         else:
             alphas = {lang: imp.alpha for lang in np.unique(langs)}
         alphas = {str(k): float(v) for k, v in alphas.items()}
-        columns["r_icr"] = base - np.asarray([alphas[lang] for lang in langs]) * lengths
+        columns["r_icr"] = implicit_reward(logp_policy, logp_ref, lengths, np.asarray([alphas[lang] for lang in langs]),
+                                           beta=imp.beta)
         params["icr"] = {"alpha_per_language": alphas, "beta": imp.beta, "length_unit": imp.length_unit,
                          "prompt": imp.prompt}
     if cfg.rewards.user.path:

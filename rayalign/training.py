@@ -112,13 +112,23 @@ def encode_dataset(table: pa.Table, schema: str, tokenizer, *, max_length: int, 
                         [columns[lang_col][i] for i in keep], dropped, source)
 
 
+def batch_alignment_languages(languages: list[str], anchor: str, enabled: bool) -> list[str] | None:
+    """The languages of every batch-alignment group (the batch alignment paper): the anchor first, then the others;
+    None when batch alignment is off."""
+    if not enabled:
+        return None
+    if anchor not in languages:
+        raise ValueError(f"batch alignment: the anchor language {anchor!r} is not among the run's {languages}")
+    return [anchor] + [lang for lang in languages if lang != anchor]
+
+
 def batch_plan(data: TrainingData, global_batch: int, *, seed: int, epoch: int, length_grouping: bool = True,
                aligned_languages: list[str] | None = None) -> list[list[int]]:
     """Row indices of every full global batch of an epoch (an incomplete last batch is left out).
 
     length_grouping: rows are shuffled, sorted by length within windows of 16 batches, cut into batches, and
     the batches shuffled again; each batch is sorted by length so its micro-batches pad little.
-    aligned_languages (batch alignment, seed 003): every batch is made of whole prompt groups, each group the
+    aligned_languages (batch alignment): every batch is made of whole prompt groups, each group the
     same prompt_id in every language, in the given order; prompt ids missing a language are left out.
     """
     rng = np.random.default_rng([seed, epoch])
@@ -194,12 +204,24 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return token_logps(model, input_ids, attention_mask, loss_mask).sum(1), loss_mask.sum(1).float()
 
 
-def compute_loss(loss: str, logps: torch.Tensor, counts: torch.Tensor, batch: dict, t, dco_beta: float = 1.0):
-    """The configured loss (TrainingConfig `t`) on one micro-batch's sequence log-probs -> (loss, metrics)."""
+def kto_mismatched_data(data: TrainingData) -> TrainingData:
+    """Row i of a kto dataset as KTO's mismatched pair (x_i, y_j), j = `losses.kto_mismatched_rows` (another
+    prompt's response), for the reference point z_ref."""
+    pairs = losses.kto_mismatched_rows(data.prompt_ids)
+    sequences = [[(data.sequences[i][0][0], data.sequences[j][0][1])] for i, j in enumerate(pairs)]
+    return TrainingData("kto", sequences, {}, data.prompt_ids, data.langs, 0, data.source)
+
+
+def compute_loss(loss: str, logps: torch.Tensor, counts: torch.Tensor, batch: dict, t, dco_beta: float = 1.0,
+                 kto_kl: torch.Tensor | None = None):
+    """The configured loss (TrainingConfig `t`) on one micro-batch's sequence log-probs -> (loss, metrics).
+
+    kto_kl: KTO's reference point over the global batch (`losses.kto_reference_point`); None = the matched rows."""
     v = {k: x.to(logps.device) for k, x in batch.items() if k not in ("input_ids", "attention_mask", "loss_mask")}
     if loss == "kto":
         out = losses.kto_loss(logps, v["ref_logp"], v["label"].bool(), beta=t.beta,
-                              desirable_weight=t.kto_desirable_weight, undesirable_weight=t.kto_undesirable_weight)
+                              desirable_weight=t.kto_desirable_weight, undesirable_weight=t.kto_undesirable_weight,
+                              kl=kto_kl)
     elif loss == "dco":
         out = losses.dco_loss(*logps.split(len(logps) // 4), v["ref_logp_chosen_1"], v["ref_logp_rejected_1"], v["ref_logp_chosen_2"],
                               v["ref_logp_rejected_2"], v["gamma_12"], v["gamma_21"], beta=dco_beta)

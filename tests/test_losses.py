@@ -14,6 +14,8 @@ from rayalign.losses import (
     dpo_loss,
     ipo_loss,
     kto_kl_estimate,
+    kto_mismatched_rows,
+    kto_reference_point,
     kto_loss,
     orpo_loss,
     simpo_loss,
@@ -135,6 +137,46 @@ def test_kto_hand_values_with_batch_kl_estimate():
     close(policy.grad, [-0.5 * ds[0] / 4, 1.5 * 0.5 * ds[1] / 4, -0.5 * ds[2] / 4, 1.5 * 0.5 * ds[3] / 4])
 
 
+def test_kto_mismatched_rows_pair_each_prompt_with_another_prompts_response():
+    assert kto_mismatched_rows(["a", "a", "b", "b", "c"]) == [2, 2, 4, 4, 0]
+    assert kto_mismatched_rows(["a", "b"]) == [1, 0]
+    assert kto_mismatched_rows(["a", "a"]) == [1, 0]  # one prompt only: the next row
+
+
+def _reference_point_on_rank(rank, world, port, queue):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # rank 0: log-ratios [3, -1]; rank 1: [0.5, 0.5, 2]
+    policy = [vec(-7.0, -9.0), vec(-5.0, -5.0, -4.0)][rank]
+    ref = [vec(-10.0, -8.0), vec(-5.5, -5.5, -6.0)][rank]
+    queue.put((rank, kto_reference_point(policy, ref, all_reduce=dist.all_reduce).item()))
+    dist.destroy_process_group()
+
+
+def test_kto_reference_point_is_the_global_batch_mean_over_ranks():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    # one process: mean of [3, -1, 0.5] = 2.5 / 3; negative means clamp at 0
+    close(kto_reference_point(vec(-7.0, -9.0, -5.0), vec(-10.0, -8.0, -5.5)), 2.5 / 3)
+    assert kto_reference_point(vec(-3.0), vec(-1.0)).item() == 0.0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_reference_point_on_rank, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    # the 5 rows of both ranks: (3 - 1 + 0.5 + 0.5 + 2) / 5 = 1.0 (a mean of the ranks' means would be 1.5)
+    assert got == {0: pytest.approx(1.0), 1: pytest.approx(1.0)}
+
+
 def test_kto_kl_estimate_clamp_and_given_kl():
     close(kto_kl_estimate(vec(-10.0, -12.0, -8.0, -15.0), vec(-12.0, -11.0, -9.0, -15.5)), 0.625)
     policy = vec(-12.0, -10.0, grad=True)
@@ -208,7 +250,17 @@ def test_dco_consistent_optimum_when_gamma_product_is_beta_squared():
               "policy_chosen_2": vec(-5.0), "policy_rejected_2": vec(-8.0)}
     out = dco_loss(**policy, **dco_refs(), gamma_12=vec(g12), gamma_21=vec(g21), beta=beta)
     assert out.loss.item() == pytest.approx(0.0, abs=1e-12)
-    assert 3.0 == pytest.approx(g21 / beta * 1.5)  # the same preference on both sides, scaled by g21 / beta > 0
+    # trained from the reference, the policy reaches that optimum: margin_2 = (beta / g12) * margin_1 (Lemma 1)
+    params = [vec(-10.0, grad=True), vec(-12.0, grad=True), vec(-9.0, grad=True), vec(-8.0, grad=True)]
+    opt = torch.optim.Adam(params, lr=0.01)
+    for step in range(3000):
+        for group in opt.param_groups:
+            group["lr"] = 0.01 * (1 - step / 3000)
+        opt.zero_grad()
+        dco_loss(*params, **dco_refs(), gamma_12=g12, gamma_21=g21, beta=beta).loss.backward()
+        opt.step()
+    margin_1, margin_2 = (params[0] - params[1]).item(), (params[2] - params[3]).item()
+    assert margin_1 == pytest.approx(1.5, abs=0.02) and margin_2 == pytest.approx(beta / g12 * margin_1, abs=0.05)
     moved = dict(policy, policy_chosen_1=vec(-9.0))  # side 1 off by beta * 1
     close(dco_loss(**moved, **dco_refs(), gamma_12=g12, gamma_21=g21, beta=beta).loss, 0.5)
 

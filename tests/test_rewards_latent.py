@@ -345,3 +345,22 @@ def test_silhouette_refuses_degenerate_clusterings():
         silhouette_by_prompt(np.eye(3), np.array(["a", "a", "a"]))
     with pytest.raises(ValueError, match="number of prompts"):
         silhouette_by_prompt(np.eye(3), np.array(["a", "b", "c"]))
+
+
+@pytest.mark.parametrize("num_layers, hub", [(32, 15), (4, 1), (2, 1)])
+def test_default_hub_layer_is_the_released_codes_layer(tmp_path, num_layers, hub):
+    """hidden_states[15] on the 32-layer Llama-3-8B (the released LaCoMSA code); 4 layers is the tiny model."""
+    from transformers import LlamaConfig
+
+    from rayalign.config import load_config
+    from rayalign.models import TINY_DEFAULTS
+    from rayalign.pipelines.offline import _layers
+    from rayalign.rewards.latent import default_hub_layer
+
+    assert TINY_DEFAULTS["num_hidden_layers"] == 4
+    LlamaConfig(num_hidden_layers=num_layers, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                vocab_size=32).save_pretrained(tmp_path)
+    cfg = load_config(None, ["rewards.latent.enabled=true"])
+    assert cfg.rewards.latent.hub_layer is None
+    assert default_hub_layer(num_layers) == hub
+    assert _layers(cfg, str(tmp_path)) == {"h_hub": hub, "h_last": num_layers}

@@ -113,3 +113,49 @@ def test_every_loss_trains_a_step(ray_session, tiny_model, pairs_dataset):
         result, _, group = fit(tiny_model, pairs_dataset, loss=loss, micro_batch_size=20, gradient_accumulation=1)
         group.shutdown()
         assert result["prepare"]["steps"] == 2 and all(np.isfinite(r["loss"]) for r in result["steps"]), loss
+
+
+@pytest.fixture(scope="module")
+def kto_dataset(pairs_dataset, tmp_path_factory) -> str:
+    """KTO rows from the pairs (chosen desirable, rejected undesirable), reference log-probs shifted by -1 so that
+    the matched reference point starts at 1 while the mismatched one (pi_ref = the starting weights) starts at 0."""
+    import pyarrow as pa
+
+    from rayalign.data.schemas import schema_for
+    from rayalign.data.store import DatasetWriter, read_dataset
+
+    rows = []
+    for r in read_dataset(pairs_dataset, "pairs").to_pylist():
+        for side, label in (("chosen", True), ("rejected", False)):
+            rows.append({"prompt": r["prompt"], "completion": r[side], "label": label, "prompt_id": r["prompt_id"],
+                         "lang": r["lang"], "score": float(label), "ref_logp": r[f"ref_logp_{side}"] - 1.0,
+                         "num_tokens": r[f"{side}_num_tokens"], "method": "kto-icr", "iteration": 1})
+    out = tmp_path_factory.mktemp("kto") / "kto"
+    writer = DatasetWriter(out, "kto", languages=sorted({r["lang"] for r in rows}), description="test kto rows")
+    writer.write_shard(0, pa.Table.from_pylist(rows, schema=schema_for("kto")[1]))
+    writer.finalize(expected_shards=1)
+    return str(out)
+
+
+def fit_kto(model: str, data: str, **changes):
+    from rayalign.actors.trainer import TrainerGroup
+
+    t = dataclasses.replace(BASE, loss="kto", micro_batch_size=8, **changes)
+    group = TrainerGroup(model, ModelConfig(path=model), t)
+    try:
+        return group.fit(data, "kto", "kto")["steps"], group.parameters()
+    finally:
+        group.shutdown()
+
+
+@pytest.mark.slow
+def test_kto_reference_point_from_mismatched_pairs_over_the_global_batch(ray_session, tiny_model, kto_dataset):
+    one, params_one = fit_kto(tiny_model, kto_dataset, world_size=1, gradient_accumulation=2)
+    # step 1: the policy is pi_ref, so every mismatched log-ratio is 0 (the dataset's shifted ref_logp is not used)
+    assert one[0]["kl"] == pytest.approx(0.0, abs=1e-4)
+    # z_ref is summed over the ranks: two ranks with one micro-batch each train exactly like one rank with two
+    two, params_two = fit_kto(tiny_model, kto_dataset, world_size=2, gradient_accumulation=1)
+    assert [r["kl"] for r in two] == pytest.approx([r["kl"] for r in one], abs=1e-5)
+    assert max_diff(params_one, params_two) < TOL
+    matched, _ = fit_kto(tiny_model, kto_dataset, world_size=1, gradient_accumulation=2, kto_reference_point="matched")
+    assert matched[0]["kl"] == pytest.approx(1.0, abs=1e-3)  # the micro-batch's own rows against the dataset's ref

@@ -137,6 +137,24 @@ def test_batch_alignment_puts_one_prompt_group_in_all_languages_in_each_batch():
         batch_plan(data, 35, seed=0, epoch=0, aligned_languages=LANGS)
 
 
+def test_batch_alignment_plan_keeps_the_anchor_in_every_group():
+    from rayalign.config import load_config
+    from rayalign.training import batch_alignment_languages
+
+    cfg = load_config(None, ["languages=[de,en,fr]", "training.batch_alignment=true", "training.micro_batch_size=3"])
+    t = cfg.training
+    aligned = batch_alignment_languages(cfg.languages, cfg.anchor_language, t.batch_alignment)
+    assert aligned == ["en", "de", "fr"]
+    assert batch_alignment_languages(cfg.languages, cfg.anchor_language, False) is None
+    ids = [f"q{i}" for i in range(4) for _ in range(3)]
+    data = synthetic([10] * 12, ids, ["de", "en", "fr"] * 4)
+    plan = batch_plan(data, t.micro_batch_size * t.gradient_accumulation * t.world_size, seed=0, epoch=0,
+                      aligned_languages=aligned)
+    assert len(plan) == 4
+    for b in plan:  # each batch: one prompt in German, English and French
+        assert len({data.prompt_ids[i] for i in b}) == 1 and sorted(data.langs[i] for i in b) == ["de", "en", "fr"]
+
+
 def test_warmup_then_cosine_schedule():
     from rayalign.actors.trainer import warmup_cosine
 
@@ -171,6 +189,16 @@ def dco_table(pairs: pa.Table) -> pa.Table:
                     f"ref_logp_chosen_{side}": r["ref_logp_chosen"], f"ref_logp_rejected_{side}": r["ref_logp_rejected"]}
         rows.append(row)
     return pa.Table.from_pylist(rows)
+
+
+def test_kto_mismatched_pairs_take_another_prompts_response(tokenizer, pairs):
+    from rayalign.training import kto_mismatched_data
+
+    data = encode_dataset(kto_table(pairs), "kto", tokenizer, max_length=1024)
+    mismatched = kto_mismatched_data(data)
+    for i, [(prompt, response)] in enumerate(mismatched.sequences):
+        j = next(j for j, [(_, r)] in enumerate(data.sequences) if r == response and data.prompt_ids[j] != data.prompt_ids[i])
+        assert prompt == data.sequences[i][0][0] and data.sequences[j][0][0] != prompt
 
 
 @pytest.mark.parametrize("schema", ["kto", "dco"])

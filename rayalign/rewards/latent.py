@@ -1,6 +1,5 @@
-"""Latent rewards from pooled hidden states: MSA, language consistency and LaCoMSA (METHODS.md section 1).
-
-Seed 000 (LaCoMSA). All functions take numpy arrays and compute in float64, except `masked_mean_pool`,
+"""Latent rewards from pooled hidden states: MSA, language consistency and LaCoMSA (the LaCoMSA paper; see
+docs/methods.md). All functions take numpy arrays and compute in float64, except `masked_mean_pool`,
 which runs on the model's torch tensors. `N` responses, `M` anchor responses, `H` hidden size.
 """
 
@@ -10,6 +9,13 @@ import numpy as np
 import torch
 
 WEIGHT_FORMS = ("paper", "code")
+
+
+def default_hub_layer(num_layers: int) -> int:
+    """The semantic-hub layer as HF hidden_states index (0 = the embeddings, num_layers = the last layer, after the
+    final norm): floor((num_layers - 1) / 2), at least 1. On the 32-layer Llama-3-8B this is hidden_states[15], the
+    layer the released LaCoMSA code pools (the paper's "floor(L/2)" counts the last layer as L = 31)."""
+    return max(1, (num_layers - 1) // 2)
 CENTROID_MODES = ("language", "prompt")
 
 
