@@ -146,7 +146,7 @@ def scan_subset(samples: pa.Table, languages: list[str], max_prompts: int | None
 
 def hub_scan(cfg: RunConfig, policy_path: str, policy_name: str, samples: pa.Table, max_prompts: int | None) -> dict:
     """Silhouette of the pooled response states, clustered by prompt id, at every layer 0..L; the hub layer is
-    the argmax over 1..L-1 (METHODS.md section 1)."""
+    the argmax over 1..L-1 (docs/methods.md section 1)."""
     from rayalign.actors.scorer import ModelRole
     from rayalign.scoring import ForwardSpec, latent_matrix
 

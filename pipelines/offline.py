@@ -486,7 +486,7 @@ def dco_stage(cfg: RunConfig, initial_policy_path: str, iteration: int, out_dir:
 
 
 def lidr_stage(cfg: RunConfig, samples, policy_path: str, iteration: int):
-    """LIDR: the policy translates its own responses; chosen/rejected as METHODS.md section 5."""
+    """LIDR: the policy translates its own responses; chosen/rejected as in docs/methods.md (ICR section, LIDR)."""
     import dataclasses
 
     import polars as pl

@@ -504,7 +504,7 @@ def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates, s
 @_user_errors
 def hub_scan_cmd(recipe, policy, run_dir, prompts_limit, samples, cluster, address, overrides):
     """Choose the semantic-hub layer: the layer whose pooled response states cluster best by prompt across
-    languages (silhouette score, METHODS.md section 1).
+    languages (silhouette score; docs/methods.md, section 1).
 
     Generates responses to the recipe's prompts in every language, scores them once with pooled states at
     every layer, and prints the silhouette by layer. Writes <run-dir>/hub-scan-<label>/ (samples and

@@ -119,7 +119,7 @@ class LatentRewardConfig:
 
 @dataclass
 class ImplicitRewardConfig:
-    enabled: bool = _field(False, help="compute the implicit cross-lingual reward ICR (METHODS.md section 2)")
+    enabled: bool = _field(False, help="compute the implicit cross-lingual reward ICR (docs/methods.md)")
     reward_reference: ModelConfig | None = _field(
         None, help="pi_I, the model the policy was DPO-trained from (fixed in every iteration); required when enabled")
     prompt: str = _field("cross_lingual", help="cross_lingual: R_c under G(x); native: R_m under the native prompt",
@@ -134,7 +134,7 @@ class ImplicitRewardConfig:
 
 @dataclass
 class ConsistencyRewardConfig:
-    enabled: bool = _field(False, help="build DCO tuples from parallel candidate sets (METHODS.md section 3)")
+    enabled: bool = _field(False, help="build DCO tuples from parallel candidate sets (docs/methods.md)")
     candidates_path: str = _field(
         "examples/data/mc", help="parallel candidate set: a directory with <lang>.jsonl holding question_id, question, "
         "candidates (list) and gold; relative paths are taken from the recipe's directory first")
@@ -198,7 +198,7 @@ TRAINING_LOSSES = ("dpo", "ipo", "cdpo", "simpo", "kto", "orpo", "dco")
 
 @dataclass
 class TrainingConfig:
-    loss: str | None = _field(None, help=f"training loss on the pairs: {', '.join(TRAINING_LOSSES)} (METHODS.md "
+    loss: str | None = _field(None, help=f"training loss on the pairs: {', '.join(TRAINING_LOSSES)} (docs/methods.md "
                               "section 4); null = no training stage", choices=TRAINING_LOSSES)
     backend: str = _field("deepspeed", help="deepspeed: rayalign's trainer actors (CPU or GPU); openrlhf: hand the "
                           "pairs to OpenRLHF's DPO trainer (GPU, the openrlhf extra)", choices=("deepspeed", "openrlhf"))
@@ -230,7 +230,7 @@ class TrainingConfig:
                              "training (their reference log-probs cover the whole response) and counted", ge=8)
     length_grouping: bool = _field(True, help="group rows of similar length into batches to limit padding")
     batch_alignment: bool = _field(False, help="every global batch holds whole prompt groups in all the run's "
-                                   "languages, anchor included (seed 003; DPO or ORPO)")
+                                   "languages, anchor included (batch alignment paper; DPO or ORPO)")
     gradient_checkpointing: bool = _field(False, help="recompute activations in backward to save memory")
     checkpoint_every: int = _field(0, help="save a resumable mid-epoch checkpoint every N optimizer steps; 0 = only "
                                    "at the end", ge=0)
@@ -400,7 +400,7 @@ class RunConfig:
             raise ConfigError(f"training.loss: {t.loss} does not fit pairs.method {method}; use pairs.method {wanted}")
         if t.batch_alignment:
             if t.loss not in ("dpo", "orpo"):
-                raise ConfigError(f"training.batch_alignment: works with loss dpo or orpo (seed 003), got {t.loss}")
+                raise ConfigError(f"training.batch_alignment: works with loss dpo or orpo (the batch alignment paper), got {t.loss}")
             batch = t.micro_batch_size * t.gradient_accumulation * t.world_size
             if batch % len(self.languages):
                 raise ConfigError(f"training.batch_alignment: the global batch (micro_batch_size x "

@@ -12,7 +12,7 @@ from rayalign.rl_losses import gae, grpo_advantages, kl_shaped_rewards, rloo_adv
 
 def rollout_rewards(samples: pa.Table, cfg) -> np.ndarray:
     """The configured mix per sample: language fidelity (+1 when detected in the target language), the user's
-    reward file, minus a length term (METHODS.md section 4, online)."""
+    reward file, minus a length term (docs/methods.md section 4, online)."""
     o = cfg.online
     langs, detected = samples.column("lang").to_pylist(), samples.column("lang_detected").to_pylist()
     target = [o.target_language or lang for lang in langs]

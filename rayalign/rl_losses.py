@@ -1,6 +1,6 @@
 """Online RL math: KL estimators, group advantages (GRPO, RLOO), GAE, PPO policy and value losses.
 
-METHODS.md section 4 "Online". Pure torch, no model. Token tensors are (B, T) over response tokens with a mask (B, T),
+docs/methods.md, section 4 "Online". Pure torch, no model. Token tensors are (B, T) over response tokens with a mask (B, T),
 bool or 0/1, True on valid tokens (right-padded for GAE and kl_shaped_rewards); padded entries may hold anything, even
 inf: they are zeroed before any math. Math runs in at least float32. Losses return (scalar, metrics of floats);
 aggregation="sequence" averages each row over its tokens, then the rows (GRPO, Shao et al. 2024 eq. 3), "token"

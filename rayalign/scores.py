@@ -27,7 +27,7 @@ class RewardError(ValueError):
 
 def cross_lingual_messages(table: pa.Table, anchor: str) -> list[list[dict]]:
     """G(x^l) for every row: the anchor-language instruction of the same prompt_id, with the language prefix
-    for non-anchor rows (METHODS.md section 2). System messages of the row are kept."""
+    for non-anchor rows (docs/methods.md section 2). System messages of the row are kept."""
     from rayalign.rewards.implicit import cross_lingual_prompt
 
     rows = table.select(["prompt_id", "lang", "messages"]).to_pylist()

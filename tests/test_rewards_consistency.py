@@ -1,4 +1,4 @@
-"""DCO targets and gamma checks, RankC and accuracy (METHODS.md 3) against hand-worked values and loops."""
+"""DCO targets and gamma checks, RankC and accuracy (docs/methods.md, DCO) against hand-worked values and loops."""
 
 import itertools
 import math

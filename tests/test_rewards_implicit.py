@@ -1,4 +1,4 @@
-"""ICR reward, best/worst pairs and the alpha search (METHODS.md 2) against hand-worked values and loops."""
+"""ICR reward, best/worst pairs and the alpha search (docs/methods.md, ICR) against hand-worked values and loops."""
 
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Latent rewards (METHODS.md 1) against hand-worked values and plain per-sample loops written here."""
+"""Latent rewards (docs/methods.md, LaCoMSA) against hand-worked values and plain per-sample loops written here."""
 
 import math
 
@@ -185,7 +185,7 @@ def test_lacomsa_weight_validates_and_does_not_overflow():
 
 def loop_latent_rewards(prompt_ids, langs, h_hub, h_last, anchor, alpha, gamma, centroid_mode, weight_form,
                         centroids=None):
-    """Per-sample reference of METHODS.md 1, written without the implementation's helpers."""
+    """Per-sample reference of the LaCoMSA paper (eq. 1-4), written without the implementation's helpers."""
     n = len(prompt_ids)
     mean = lambda rows: sum(rows) / len(rows)  # noqa: E731
     out = {key: [] for key in ("r_msa", "phi", "w", "r_lacomsa")}

@@ -50,7 +50,7 @@ def distribution_rows(metric: str, values, langs) -> list[dict]:
 
 
 def silhouette_rows(pooled: dict[int, np.ndarray], prompt_ids) -> list[dict]:
-    """Silhouette of the pooled states at each layer, clustered by prompt id (METHODS.md 1, the hub scan)."""
+    """Silhouette of the pooled states at each layer, clustered by prompt id (docs/methods.md 1, the hub scan)."""
     prompt_ids = np.asarray(list(prompt_ids))
     count = len(set(prompt_ids.tolist()))
     return [row("silhouette", "score", "all", silhouette_by_prompt(h, prompt_ids), count, layer=layer)
@@ -67,7 +67,7 @@ def choose_hub_layer(silhouette: dict[int, float], num_layers: int) -> int:
 
 
 def candidate_likelihood(df: pl.DataFrame, mode: str) -> pl.Expr:
-    """sum: the summed log-prob of the candidate continuation (METHODS.md 3, default); mean: per candidate token."""
+    """sum: the summed log-prob of the candidate continuation (docs/methods.md 3, default); mean: per candidate token."""
     if mode == "sum":
         return pl.col("logp")
     if mode == "mean":

@@ -1,6 +1,6 @@
 """Direct Consistency Optimization targets and checks, and the RankC consistency metric.
 
-METHODS.md section 3 (seed 002: DCO, its Lemma 1 and Lemma 3, RankC in appendix I). Numpy in,
+The DCO paper (docs/methods.md, section 3: its Lemma 1 and Lemma 3, RankC in appendix I). Numpy in,
 numpy out, float64 math. `Q` queries, `C` candidates per query, `L` languages.
 """
 
@@ -10,7 +10,7 @@ import numpy as np
 
 
 def dco_targets(ref_w1, ref_l1, ref_w2, ref_l2, gamma_12: float, gamma_21: float) -> tuple[np.ndarray, np.ndarray]:
-    """Targets of the DCO reward margins (METHODS.md 3, loss per tuple), each (B,).
+    """Targets of the DCO reward margins (docs/methods.md 3, loss per tuple), each (B,).
 
     ref_* (B,) are log pi_ref(y|x) of the chosen (w) and other (l) candidate in language 1 and 2.
     The loss is |margin_1 - target_1| + |margin_2 - target_2| with margin_k = rhat(x_k, y_wk) - rhat(x_k, y_lk);
@@ -26,7 +26,7 @@ def dco_targets(ref_w1, ref_l1, ref_w2, ref_l2, gamma_12: float, gamma_21: float
 def check_gamma_pair(gamma_12: float, gamma_21: float, beta: float, rtol: float = 1e-6) -> None:
     """Refuse (ValueError) a language pair whose DCO optimum is not consistent: needs gamma_12 * gamma_21 = beta**2.
 
-    Lemma 1 of seed 002; its proof also needs gamma_12, gamma_21, beta > 0 (monotone power), so
+    Lemma 1 of the DCO paper; its proof also needs gamma_12, gamma_21, beta > 0 (monotone power), so
     non-positive values are refused too.
     """
     if not (gamma_12 > 0 and gamma_21 > 0 and beta > 0):

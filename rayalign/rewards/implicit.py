@@ -1,6 +1,6 @@
 """Implicit cross-lingual reward (ICR), best/worst pairs and the per-language length penalty search.
 
-METHODS.md section 2 (seed 001). Numpy in, numpy out, float64 math. `N` samples, `G` groups
+The ICR paper (docs/methods.md, section 2). Numpy in, numpy out, float64 math. `N` samples, `G` groups
 (one group = one (prompt, language)), `n_max` the largest group.
 Group ids are a 1-D array of hashable scalars (str or int), e.g. f"{prompt_id}\\x1f{lang}".
 """
@@ -18,7 +18,7 @@ GRID_CHUNK = 16  # grid values evaluated at once by alpha_search: (GRID_CHUNK, G
 
 
 def cross_lingual_prompt(instruction_anchor: str, lang: str, language_name: str, anchor: str = "en") -> str:
-    """G(x^l) (METHODS.md 2): the anchor instruction, prefixed with P(l) unless l is the anchor."""
+    """G(x^l) (docs/methods.md 2): the anchor instruction, prefixed with P(l) unless l is the anchor."""
     if lang == anchor:
         return instruction_anchor
     return CROSS_LINGUAL_PREFIX.format(language=language_name) + instruction_anchor
@@ -34,7 +34,7 @@ def _as_vector(x, name: str, n: int | None = None) -> np.ndarray:
 
 
 def implicit_reward(logp_policy, logp_ref, length, alpha, beta: float = 1.0) -> np.ndarray:
-    """R_c (N,) = beta * (logp_policy - logp_ref) - alpha * length (METHODS.md 2).
+    """R_c (N,) = beta * (logp_policy - logp_ref) - alpha * length (docs/methods.md 2).
 
     logp_* (N,) are summed response log-probs under G(x); length (N,) in characters or tokens;
     alpha a scalar or (N,) (per-language alphas already looked up per row).
@@ -84,7 +84,7 @@ def _pad_groups(group_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def best_worst(rewards, group_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Best and worst sample of each group (METHODS.md 2, pairs).
+    """Best and worst sample of each group (docs/methods.md 2, pairs).
 
     rewards (N,), group_ids (N,) -> (groups (G,), best_idx (G,), worst_idx (G,), valid (G,)), groups in
     order of first appearance, indices into the N samples (first index on ties), valid False where
@@ -103,7 +103,7 @@ def best_worst(rewards, group_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
 
 
 def alpha_search(base_reward, lengths, group_ids, grid=None) -> tuple[float, np.ndarray]:
-    """Length penalty alpha that balances chosen and rejected lengths (METHODS.md 2, paper A.3).
+    """Length penalty alpha that balances chosen and rejected lengths (docs/methods.md 2, paper A.3).
 
     base_reward (N,) = beta * (logp_policy - logp_ref), lengths (N,), group_ids (N,). For each grid
     value a: rewards = base_reward - a * lengths; per group chosen = argmax, rejected = argmin (first
@@ -146,7 +146,7 @@ def alpha_search(base_reward, lengths, group_ids, grid=None) -> tuple[float, np.
 
 
 def alpha_per_language(base_reward, lengths, group_ids, langs, grid=None) -> dict[str, float]:
-    """alpha_l per language (METHODS.md 2): alpha_search on each language's rows -> {lang: alpha}."""
+    """alpha_l per language (docs/methods.md 2): alpha_search on each language's rows -> {lang: alpha}."""
     base_reward = _as_vector(base_reward, "base_reward")
     langs = np.asarray(langs)
     group_ids = np.asarray(group_ids)

@@ -22,7 +22,7 @@ CENTROID_MODES = ("language", "prompt")
 def masked_mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `hidden` (B, T, H) over the positions where `mask` (B, T) is set -> (B, H) float32.
 
-    `mask` marks the RESPONSE tokens only (METHODS.md 1: offsets from the templated prompt, end-of-turn
+    `mask` marks the RESPONSE tokens only (docs/methods.md 1: offsets from the templated prompt, end-of-turn
     token included), so the result does not depend on the padding side. A row with no response token
     is an error, not a silent zero or NaN.
     """
@@ -67,7 +67,7 @@ def cosine_matrix(a, b) -> np.ndarray:
 def msa_scores(h, h_anchor) -> np.ndarray:
     """r_MSA (N,): mean cosine of each row of `h` (N, H) to the anchor responses `h_anchor` (M, H).
 
-    METHODS.md 1: r_MSA(y) = (1/M) sum_i cos(h_l(y), h_l(e_i)), at the semantic-hub layer l.
+    LaCoMSA paper, eq. 1: r_MSA(y) = (1/M) sum_i cos(h_l(y), h_l(e_i)), at the semantic-hub layer l.
     """
     return cosine_matrix(h, h_anchor).mean(axis=1)
 
@@ -75,7 +75,7 @@ def msa_scores(h, h_anchor) -> np.ndarray:
 def msa_leave_one_out(h_anchor) -> np.ndarray:
     """r_MSA (N,) of anchor responses `h_anchor` (N, H), each against the OTHER N-1 (N >= 2).
 
-    rayalign's choice for English responses (METHODS.md 1); the paper does not score them.
+    rayalign's choice for English responses (docs/methods.md 1); the paper does not score them.
     """
     h_anchor = _as_matrix(h_anchor, "h_anchor")
     n = h_anchor.shape[0]
@@ -94,7 +94,7 @@ def _rowwise_cosine(h: np.ndarray, centroid, name: str) -> np.ndarray:
 
 
 def language_consistency(h_last, centroid_lang, centroid_anchor) -> np.ndarray:
-    """phi (N,) = cos(h_L(y), c^lang) - cos(h_L(y), c^anchor) (METHODS.md 1, language consistency).
+    """phi (N,) = cos(h_L(y), c^lang) - cos(h_L(y), c^anchor) (docs/methods.md 1, language consistency).
 
     h_last (N, H) are last-layer pooled states; each centroid is (N, H) (one per row) or (H,) (shared).
     """
@@ -181,7 +181,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def lacomsa_weight(phi, r_msa, alpha: float = 0.5, gamma: float = 1.0, form: str = "paper") -> np.ndarray:
-    """LaCoMSA weight w (N,) from phi (N,) and r_MSA (N,) (METHODS.md 1, weight).
+    """LaCoMSA weight w (N,) from phi (N,) and r_MSA (N,) (docs/methods.md 1, weight).
 
     form "paper": w = sigma(alpha * spow(phi - r_MSA, gamma)), spow(d, g) = sign(d) * |d| ** g.
     form "code":  w = sigma(alpha * (phi - r_MSA)) ** gamma (the released code). Equal at gamma = 1.
@@ -209,7 +209,7 @@ def _rows_by_key(keys: np.ndarray):
 def latent_rewards(prompt_ids, langs, h_hub, h_last, anchor: str = "en", alpha: float = 0.5,
                    gamma: float = 1.0, centroid_mode: str = "language", weight_form: str = "paper",
                    centroids: dict | None = None) -> dict[str, np.ndarray]:
-    """MSA and LaCoMSA rewards of N responses (METHODS.md 1) -> {"r_msa", "phi", "w", "r_lacomsa"}, each (N,).
+    """MSA and LaCoMSA rewards of N responses (docs/methods.md 1) -> {"r_msa", "phi", "w", "r_lacomsa"}, each (N,).
 
     prompt_ids (N,), langs (N,); h_hub (N, H) pooled at the semantic-hub layer, h_last (N, H) at the
     last layer. Non-anchor rows: r_MSA against the same prompt's anchor rows, phi with `centroid_mode`
@@ -264,7 +264,7 @@ def latent_rewards(prompt_ids, langs, h_hub, h_last, anchor: str = "en", alpha: 
 def silhouette_by_prompt(h, prompt_ids, chunk_rows: int = 4096) -> float:
     """Mean silhouette (cosine distance) of states `h` (N, H) clustered by `prompt_ids` (N,).
 
-    The semantic-hub scan (METHODS.md 1, paper Figure 2). Per sample: a = mean distance to the other
+    The semantic-hub scan (docs/methods.md 1, paper Figure 2). Per sample: a = mean distance to the other
     members of its cluster, b = the smallest mean distance to another cluster, s = (b - a) / max(a, b),
     and s = 0 for a sample alone in its cluster (sklearn's convention). Distance = 1 - cos is linear in
     the unit vectors, so the sum of distances to a cluster is size_k - u_i . (sum of the cluster's unit
