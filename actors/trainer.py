@@ -308,45 +308,62 @@ class TrainerActor:
         self.step += 1
         return {"value_loss": float(sums[0] / sums[1])}
 
-    def rl_step(self, sequences: list, advantages: list, kl_coef: float, kl_estimator: str,
-                clip_eps: float) -> dict:
-        """One policy-gradient update on a rollout batch (every rank gets the whole batch and takes its slice):
-        PPO clipped surrogate plus a KL penalty to the reference. `advantages`: one per sequence (GRPO, RLOO) or
-        one list per sequence with a value per response token (PPO with GAE)."""
+    def rl_step(self, sequences: list, advantages: list, old_logps: list, ref_logps: list, kl_coef: float,
+                kl_estimator: str, clip_eps: float) -> dict:
+        """One optimizer update on a mini-batch of rollouts (every rank gets the mini-batch and takes its slice):
+        PPO clipped surrogate against the behaviour policy's log-probs plus a KL penalty to the reference.
+
+        `advantages`: one per sequence (GRPO, RLOO) or one list per sequence with a value per response token (PPO
+        with GAE); `old_logps`, `ref_logps`: per response token, recorded before the step's first update
+        (`rollout_stats`), so the ratio is 1 on the first update and moves on later mini-batches and epochs."""
         import torch
         import torch.distributed as dist
 
-        from rayalign.rl_losses import kl_penalty_loss, ppo_policy_loss
-        from rayalign.training import token_logps
+        from rayalign.engines.hf import token_logprobs
+        from rayalign.rl_losses import kl_penalty_loss, masked_mean, ppo_policy_loss, token_entropy
 
         if len(sequences) != self.ds_config["train_batch_size"]:
-            raise ValueError(f"rl_step: {len(sequences)} sequences, expected the global batch "
+            raise ValueError(f"rl_step: {len(sequences)} sequences, expected the mini-batch "
                              f"{self.ds_config['train_batch_size']}")
         started, lr = time.perf_counter(), self.scheduler.get_last_lr()[0]
-        sums = torch.zeros(4, dtype=torch.float64)  # policy loss, kl, clip fraction, micro-batches
+        keys = ("policy_loss", "kl", "clip_fraction", "approx_kl", "entropy")
+        sums = torch.zeros(len(keys) + 1, dtype=torch.float64)  # the metrics, then micro-batches
+
+        def per_token(rows, values):  # lists of per-token values -> (B, T) on the response positions
+            out = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
+            out[mask] = torch.tensor([x for r in rows for x in values[r]], dtype=torch.float32, device=self.device)
+            return out
+
         for rows, b in self._batches(sequences):
             mask = b["loss_mask"]
-            if isinstance(advantages[0], (list, tuple)):  # per token
-                adv = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
-                adv[mask] = torch.tensor([x for r in rows for x in advantages[r]], device=self.device)
+            if isinstance(advantages[0], (list, tuple)):
+                adv = per_token(rows, advantages)
             else:
                 adv = torch.tensor([advantages[r] for r in rows], dtype=torch.float32, device=self.device)
-            logp = token_logps(self.engine, b["input_ids"], b["attention_mask"], mask)
+            logits = self.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+            predicting = mask[:, 1:]  # logits at t predict token t + 1
+            logp = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
+            logp[:, 1:][predicting] = token_logprobs(logits[:, :-1][predicting], b["input_ids"][:, 1:][predicting])
+            pg, metrics = ppo_policy_loss(logp, per_token(rows, old_logps), adv, mask, clip_eps=clip_eps)
+            kl, kl_metrics = kl_penalty_loss(logp, per_token(rows, ref_logps), mask, coef=kl_coef, kind=kl_estimator)
             with torch.no_grad():
-                ref = token_logps(self.reference, b["input_ids"], b["attention_mask"], mask)
-            # one update per rollout batch: the behaviour policy is the current one (weights are synced exactly)
-            pg, metrics = ppo_policy_loss(logp, logp.detach(), adv, mask, clip_eps=clip_eps)
-            kl, kl_metrics = kl_penalty_loss(logp, ref, mask, coef=kl_coef, kind=kl_estimator)
+                entropy = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
+                entropy[:, 1:][predicting] = token_entropy(logits[:, :-1][predicting])
+                metrics["entropy"] = masked_mean(entropy, mask).item()
             self.engine.backward(pg + kl)
             self.engine.step()
-            sums += torch.tensor([float(pg.detach()), kl_metrics["kl"], metrics["clip_fraction"], 1.0],
-                                 dtype=torch.float64)
+            metrics |= {"policy_loss": float(pg.detach()), "kl": kl_metrics["kl"]}
+            sums += torch.tensor([metrics[k] for k in keys] + [1.0], dtype=torch.float64)
         sums = sums.to(self.device)
         dist.all_reduce(sums)
         sums = sums.cpu().tolist()
         self.step += 1
-        return {"step": self.step, "lr": lr, "policy_loss": sums[0] / sums[3], "kl": sums[1] / sums[3],
-                "clip_fraction": sums[2] / sums[3], "seconds": round(time.perf_counter() - started, 4)}
+        record = {"step": self.step, "lr": lr, **{k: sums[i] / sums[-1] for i, k in enumerate(keys)},
+                  "seconds": round(time.perf_counter() - started, 4)}
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            record["grad_norm"] = float(norm)
+        return record
 
     def checkpoint(self, directory: str) -> int:
         """A resumable DeepSpeed checkpoint (weights, optimizer, schedule, step); every rank writes its part."""

@@ -27,14 +27,19 @@ from rayalign.pipelines.offline import console, log_metrics, prepare_run_dir, wr
 
 
 def trainer_config(cfg: RunConfig, rollout_size: int):
-    """The training section with gradient accumulation set so that one optimizer step takes the whole rollout."""
-    t = cfg.training
+    """The training section with gradient accumulation set so that one optimizer update takes one mini-batch
+    (online.mini_batch_size, by default the whole rollout batch)."""
+    t, o = cfg.training, cfg.online
+    mini = o.mini_batch_size or rollout_size
     per_pass = t.micro_batch_size * t.world_size
-    if rollout_size % per_pass:
-        raise ConfigError(f"online: a step's rollout ({cfg.online.prompts_per_step} prompts x {len(cfg.languages)} "
-                          f"languages x n={cfg.sampling.n} = {rollout_size} samples) must be a multiple of "
-                          f"training.micro_batch_size x training.world_size = {per_pass}")
-    return dataclasses.replace(t, loss=None, gradient_accumulation=rollout_size // per_pass)
+    step = (f"a step's rollout ({o.prompts_per_step} prompts x {len(cfg.languages)} languages x n={cfg.sampling.n} = "
+            f"{rollout_size} samples)")
+    if rollout_size % mini:
+        raise ConfigError(f"online.mini_batch_size: {mini} does not divide {step}")
+    if mini % per_pass:
+        raise ConfigError(f"online: a mini-batch ({mini} rollouts: online.mini_batch_size, or {step}) must be a "
+                          f"multiple of training.micro_batch_size x training.world_size = {per_pass}")
+    return dataclasses.replace(t, loss=None, gradient_accumulation=mini // per_pass)
 
 
 def step_prompts(prompts: pa.Table, step: int, per_step: int, seed: int) -> pa.Table:
@@ -52,7 +57,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
     from rayalign.actors.pool import split_shards
     from rayalign.actors.trainer import TrainerGroup
     from rayalign.cluster import connect, load_cluster_spec
-    from rayalign.online import group_advantages, ppo_advantages, rollout_rewards, rollout_sequences
+    from rayalign.online import group_advantages, minibatch_order, ppo_advantages, rollout_rewards, rollout_sequences
 
     o = cfg.online
     if o.score_weight and cfg.rewards.latent.enabled and cfg.rewards.latent.hub_layer == "auto":
@@ -64,6 +69,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
                            system_prompt=cfg.prompts.system_prompt)
     rollout_size = min(o.prompts_per_step, prompts.num_rows // len(cfg.languages)) * len(cfg.languages) * cfg.sampling.n
     tcfg = trainer_config(cfg, rollout_size)
+    updates_per_step = o.ppo_epochs * rollout_size // (o.mini_batch_size or rollout_size)
     state = prepare_run_dir(cfg, run_dir)
     if state["finished"]:
         raise ConfigError(f"{run_dir}: holds an online run ({len(state['finished'])} steps); online runs do not "
@@ -89,7 +95,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
     scorers = ScoredReward(cfg, policy_path) if o.score_weight else None
     try:
         for group in (trainer, critic) if ppo else (trainer,):
-            group._all("prepare_online", o.steps, policy_path)
+            group._all("prepare_online", o.steps * updates_per_step, policy_path)
         for step in range(1, o.steps + 1):
             timings, started = {}, time.perf_counter()
             batch = step_prompts(prompts, step, o.prompts_per_step, cfg.sampling.seed)
@@ -105,10 +111,10 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
                 scored = scorers(samples)
                 rewards = rewards + o.score_weight * scored
             sequences = rollout_sequences(tokenizer, samples)
-            critic_update = {}
+            behaviour = trainer.rollout_stats(sequences)  # log-probs of the policy that generated, and the reference
             if ppo:  # KL goes into the per-token rewards; GAE over the critic's values
                 token_adv, returns, values = ppo_advantages(
-                    rewards, trainer.rollout_stats(sequences), critic.rollout_stats(sequences), kl_coef=o.kl_coef,
+                    rewards, behaviour, critic.rollout_stats(sequences), kl_coef=o.kl_coef,
                     kl_estimator=o.kl_estimator, gamma=o.gamma, lam=o.lam)
                 advantages = np.array([np.mean(a) for a in token_adv])
             else:
@@ -119,10 +125,20 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
             timings["seconds_reward"] = time.perf_counter() - started
 
             started = time.perf_counter()
-            update = trainer._all("rl_step", sequences, token_adv if ppo else advantages.tolist(),
-                                  0.0 if ppo else o.kl_coef, o.kl_estimator, o.clip_eps)[0]
-            if ppo:
-                critic_update = critic._all("critic_step", sequences, returns, values, o.clip_eps)[0]
+            step_adv = token_adv if ppo else advantages.tolist()
+            old, ref = [s["logp"] for s in behaviour], [s["ref_logp"] for s in behaviour]
+            updates, critic_updates = [], []
+            for rows in minibatch_order(len(sequences), o.mini_batch_size or len(sequences), o.ppo_epochs,
+                                        seed=[cfg.sampling.seed, step]):
+                pick = lambda values: [values[i] for i in rows]  # noqa: E731
+                updates.append(trainer._all("rl_step", pick(sequences), pick(step_adv), pick(old), pick(ref),
+                                            0.0 if ppo else o.kl_coef, o.kl_estimator, o.clip_eps)[0])
+                if ppo:
+                    critic_updates.append(critic._all("critic_step", pick(sequences), pick(returns), pick(values),
+                                                      o.clip_eps)[0])
+            update = {k: float(np.mean([u[k] for u in updates])) for k in updates[0] if k not in ("step", "seconds")}
+            update["lr"] = updates[0]["lr"]
+            critic_update = {"value_loss": float(np.mean([u["value_loss"] for u in critic_updates]))} if ppo else {}
             timings["seconds_train"] = time.perf_counter() - started
 
             started = time.perf_counter()
@@ -135,13 +151,13 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
             record = {"step": step, "stage": "online", "reward_mean": float(rewards.mean()),
                       **{f"reward_{lang}": float(rewards[np.array(samples.column("lang").to_pylist()) == lang].mean())
                          for lang in cfg.languages},
-                      "kl": update["kl"], "policy_loss": update["policy_loss"], "clip_fraction": update["clip_fraction"],
-                      "lr": update["lr"], "rollouts": samples.num_rows, **critic_update,
+                      **update, "updates": len(updates), "rollouts": samples.num_rows, **critic_update,
                       **{k: round(v, 3) for k, v in timings.items()}}
             log_metrics(run_dir, record)
             state["finished"].append(f"online/step-{step}")
             write_state(run_dir, state)
             console.print(f"step {step}/{o.steps}: reward {record['reward_mean']:.3f}  kl {record['kl']:.4f}  "
+                          f"clip {record['clip_fraction']:.3f}  entropy {record['entropy']:.3f}  "
                           + "  ".join(f"{k.removeprefix('seconds_')} {v:.1f}s" for k, v in timings.items()))
         trainer.save(str(run_dir / "online" / "policy"))
     finally:

@@ -252,6 +252,10 @@ class OnlineConfig:
     kl_coef: float = _field(0.05, help="weight of the KL penalty to the reference (the starting policy)", ge=0.0)
     kl_estimator: str = _field("k3", help="per-token KL estimator: k1, k2 or k3", choices=("k1", "k2", "k3"))
     clip_eps: float = _field(0.2, help="PPO ratio clip range (and the critic's value clip range)", gt=0.0)
+    ppo_epochs: int = _field(1, help="passes over each step's rollouts (OpenRLHF max_epochs, verl ppo_epochs); the "
+                             "ratio to the behaviour policy and its clip act from the second update on", ge=1)
+    mini_batch_size: int | None = _field(None, help="rollouts per optimizer update (verl ppo_mini_batch_size); must "
+                                         "divide the step's rollouts; null = all of them, one update per epoch", ge=1)
     gamma: float = _field(1.0, help="ppo: discount of GAE", gt=0.0, le=1.0)
     lam: float = _field(0.95, help="ppo: lambda of GAE", ge=0.0, le=1.0)
     critic_lr: float = _field(1e-5, help="ppo: the critic's learning rate (its other settings follow training)",

@@ -78,3 +78,16 @@ def ppo_advantages(rewards: np.ndarray, policy_stats: list[dict], critic_stats: 
     adv = torch.where(mask, (adv - valid.mean()) / (valid.std() + 1e-8), 0.0)
     rows = lambda x: [x[i][mask[i]].tolist() for i in range(len(x))]  # noqa: E731
     return rows(adv), rows(returns), rows(values)
+
+
+def minibatch_order(size: int, mini_batch_size: int, epochs: int, seed) -> list[list[int]]:
+    """Row indices of each optimizer update of a step: `epochs` passes over the rollout batch, each a fresh seeded
+    shuffle cut into mini-batches (one pass over one mini-batch keeps the rollout order)."""
+    if size % mini_batch_size:
+        raise ValueError(f"mini-batch size {mini_batch_size} does not divide the rollout batch {size}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(epochs):
+        order = np.arange(size) if mini_batch_size == size and epochs == 1 else rng.permutation(size)
+        out += [order[i:i + mini_batch_size].tolist() for i in range(0, size, mini_batch_size)]
+    return out

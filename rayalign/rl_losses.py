@@ -51,6 +51,12 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.
     return torch.exp(log_ratio) - log_ratio - 1  # Bregman form: >= 0, = 0 iff pi = pi_ref
 
 
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of softmax(logits) over the last axis, float32: (..., V) -> (...)."""
+    logp = torch.log_softmax(_float(logits), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of x over the valid entries (mask has x's shape), all of them or along dim; an empty row gives 0."""
     if mask.shape != x.shape:

@@ -60,7 +60,9 @@ def test_generation_engines_take_the_trainers_weights(ray_session, tiny_model):
     try:
         before = generators.weights()[0]
         trainer._all("prepare_online", 2, tiny_model)
-        update = trainer._all("rl_step", sequences, [1.0, -1.0, 0.5, -0.5], 0.1, "k3", 0.2)[0]
+        stats = trainer.rollout_stats(sequences)
+        old, ref = [s["logp"] for s in stats], [s["ref_logp"] for s in stats]
+        update = trainer._all("rl_step", sequences, [1.0, -1.0, 0.5, -0.5], old, ref, 0.1, "k3", 0.2)[0]
         assert update["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step starts at the reference
         params = trainer.parameters()
         generators.update_weights(params)
@@ -77,6 +79,44 @@ def test_generation_engines_take_the_trainers_weights(ray_session, tiny_model):
     assert all(not np.array_equal(after[k], before[k]) for k in params)
 
 
+def test_second_ppo_epoch_moves_the_ratio_and_the_clip_engages(ray_session, tiny_model):
+    """Two updates on one rollout batch against the log-probs recorded before the first: the first sees ratio 1
+    (no clipping, approx KL 0); the second, after a large step, sees ratios away from 1 and a tight clip acts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rayalign.actors.trainer import TrainerGroup
+    from rayalign.models import encode_response, load_tokenizer
+    from rayalign.rl_losses import token_entropy
+
+    cfg = load_config(None, [f"policy.path={tiny_model}", "training.micro_batch_size=4", "training.lr=1.0e-2",
+                             "training.warmup_ratio=0.0"])
+    tok = load_tokenizer(tiny_model)
+    sequences = [encode_response(tok, [{"role": "user", "content": q}], a)
+                 for q, a in [("Hi", "Hello there"), ("Hallo", "Guten Tag"), ("Hola", "Buenas"), ("Salut", "Bonjour")]]
+    trainer = TrainerGroup(tiny_model, ModelConfig(path=tiny_model), cfg.training)
+    try:
+        trainer._all("prepare_online", 2, tiny_model)
+        stats = trainer.rollout_stats(sequences)
+        old, ref = [s["logp"] for s in stats], [s["ref_logp"] for s in stats]
+        advantages = [1.0, -1.0, 1.0, -1.0]
+        first = trainer._all("rl_step", sequences, advantages, old, ref, 0.0, "k3", 1e-3)[0]
+        second = trainer._all("rl_step", sequences, advantages, old, ref, 0.0, "k3", 1e-3)[0]
+    finally:
+        trainer.shutdown()
+    assert first["clip_fraction"] == 0.0 and first["approx_kl"] == pytest.approx(0.0, abs=1e-7)
+    assert second["approx_kl"] > 1e-4 and second["clip_fraction"] > 0.2
+    assert first["grad_norm"] > 0 and second["grad_norm"] > 0
+    # entropy of the first update: the starting model's next-token distributions over the response positions
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    entropies = []
+    with torch.no_grad():
+        for prompt, response in sequences:
+            logits = model(torch.tensor([prompt + response])).logits[0]
+            entropies += token_entropy(logits[len(prompt) - 1:-1]).tolist()
+    assert first["entropy"] == pytest.approx(sum(entropies) / len(entropies), rel=1e-4)
+
+
 def test_online_grpo_raises_an_easily_learnable_reward(ray_session, tiny_model, tmp_path):
     """A length reward (shorter is better) on the tiny model: the engines sample from the updated weights,
     so the mean reward of later steps rises clearly above the first steps'."""
@@ -89,7 +129,9 @@ def test_online_grpo_raises_an_easily_learnable_reward(ray_session, tiny_model, 
     run_dir = online.run(cfg, tmp_path / "online")
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rewards = [s["reward_mean"] for s in steps]
-    assert len(steps) == 8 and all(s["kl"] >= 0 and s["seconds_train"] > 0 for s in steps)
+    assert len(steps) == 8 and all(s["seconds_train"] > 0 for s in steps)
+    # KL to the reference: zero while the policy is the reference (step 1), then the updates move it away
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6) and min(s["kl"] for s in steps[2:]) > 1e-6
     assert np.mean(rewards[-3:]) > np.mean(rewards[:2]) + 0.1, rewards
     rollouts = read_dataset(run_dir / "online" / "step-0008", "rollouts")
     assert rollouts.num_rows == 2 * 5 * 4 and set(rollouts.column("step").to_pylist()) == {8}

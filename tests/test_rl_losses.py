@@ -276,3 +276,25 @@ def test_shape_and_argument_errors():
         kl_shaped_rewards(torch.zeros(2), x, x, torch.tensor([[1, 1, 0], [0, 0, 0]]), coef=0.1)
     with pytest.raises(ValueError, match="right-padded"):
         kl_shaped_rewards(torch.zeros(2), x, x, torch.tensor([[0, 1, 1], [1, 1, 1]]), coef=0.1)
+
+
+def test_token_entropy_hand_values():
+    from rayalign.rl_losses import token_entropy
+
+    logits = torch.tensor([[0.0, 0.0], [0.0, math.log(3.0)], [5.0, 5.0]])  # p = (1/2, 1/2), (1/4, 3/4), (1/2, 1/2)
+    expected = [math.log(2), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), math.log(2)]
+    assert token_entropy(logits).tolist() == pytest.approx(expected, abs=1e-6)
+    assert token_entropy(torch.tensor([[0.0, -1e4, -1e4]])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_minibatch_order_covers_every_row_once_per_epoch():
+    from rayalign.online import minibatch_order
+
+    assert minibatch_order(6, 6, 1, seed=0) == [[0, 1, 2, 3, 4, 5]]
+    updates = minibatch_order(6, 2, 3, seed=[1, 2])
+    assert len(updates) == 9 and all(len(u) == 2 for u in updates)
+    for epoch in range(3):
+        assert sorted(i for u in updates[3 * epoch:3 * epoch + 3] for i in u) == list(range(6))
+    assert updates == minibatch_order(6, 2, 3, seed=[1, 2]) and updates != minibatch_order(6, 2, 3, seed=[1, 3])
+    with pytest.raises(ValueError, match="does not divide"):
+        minibatch_order(6, 4, 1, seed=0)
