@@ -109,10 +109,13 @@ def test_resume_equals_an_uninterrupted_run(ray_session, tiny_model, pairs_datas
 
 def test_every_loss_trains_a_step(ray_session, tiny_model, pairs_dataset):
     """The pair losses run end to end on the trainer (KTO and DCO need their own datasets; see test_training)."""
+    start = initial_parameters(tiny_model)
     for loss in ("ipo", "cdpo", "simpo", "orpo"):
-        result, _, group = fit(tiny_model, pairs_dataset, loss=loss, micro_batch_size=20, gradient_accumulation=1)
+        result, params, group = fit(tiny_model, pairs_dataset, loss=loss, micro_batch_size=20, gradient_accumulation=1)
         group.shutdown()
         assert result["prepare"]["steps"] == 2 and all(np.isfinite(r["loss"]) for r in result["steps"]), loss
+        unchanged = [k for k in start if np.abs(params[k] - start[k]).max() == 0]
+        assert not unchanged, f"{loss}: parameters never updated: {unchanged}"
 
 
 @pytest.fixture(scope="module")
