@@ -194,6 +194,7 @@ class Plan:
     phases: list[PhasePlan]
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # why a CPU-only preview would not run as written
+    config: object = None  # the recipe with its auto counts resolved for this cluster
 
     def phase(self, name: str) -> PhasePlan | None:
         return next((p for p in self.phases if p.phase == name), None)
@@ -281,13 +282,13 @@ def _gpu_usage(count: int, gpus: float, spec: ClusterSpec) -> str:
 
 
 def _check_host_memory(phase: str, section: str, per_actor_gb: float, count: int, cpus: float, spec: ClusterSpec,
-                       refuse: _Shortfalls) -> float:
+                       refuse: _Shortfalls, batch_key: str) -> float:
     """The host memory one CPU actor may use (its node's memory over the actors sharing the node)."""
     sharing = max(1, min(count, int(spec.cpus_per_node // cpus) or 1))
     share = spec.memory_gb_per_node / sharing
     if per_actor_gb > share:
         refuse(f"{phase}: {sharing} actor(s) x {per_actor_gb:.1f} GB on one node > its {spec.memory_gb_per_node:g} GB "
-               "of memory", f"lower {section}.batch_size, raise {section}.num_cpus (fewer actors per node), or use "
+               "of memory", f"lower {batch_key}, raise {section}.num_cpus (fewer actors per node), or use "
                "a smaller dtype")
     return share
 
@@ -320,7 +321,8 @@ def _generation(cfg, spec: ClusterSpec, policy: ModelInfo, refuse: _Shortfalls) 
         nodes, placement = _place("generate", "engines", "count", e.count, e.num_cpus, 0, spec, refuse)
         weights = policy.weights_gb(dtype_bytes)
         kv = e.batch_size * sequence_tokens * policy.kv_bytes_per_token(dtype_bytes) / GB
-        share = _check_host_memory("generate", "engines", weights + kv, e.count, e.num_cpus, spec, refuse)
+        share = _check_host_memory("generate", "engines", weights + kv, e.count, e.num_cpus, spec, refuse,
+                                   "engines.batch_size")
         return PhasePlan("generate", role, e.count, "cpu", e.num_cpus, 0, placement, nodes, [policy.name],
                          {"weights": weights, "kv_cache": kv, "total": weights + kv}, share,
                          f"KV for {e.batch_size} x {sequence_tokens} tokens")
@@ -385,7 +387,8 @@ def _scoring(cfg, spec: ClusterSpec, held: dict[str, ModelInfo], refuse: _Shortf
     models = [m.name for m in held.values()]
     if device == "cpu":
         nodes, placement = _place("score", "rewards", "actors", r.actors, r.num_cpus, 0, spec, refuse)
-        share = _check_host_memory("score", "rewards", weights + activations, r.actors, r.num_cpus, spec, refuse)
+        share = _check_host_memory("score", "rewards", weights + activations, r.actors, r.num_cpus, spec, refuse,
+                                   "rewards.batch_size")
         return PhasePlan("score", role, r.actors, "cpu", r.num_cpus, 0, placement, nodes, models,
                          {"weights": weights, "activations": activations, "total": weights + activations}, share)
     nodes, placement = _place("score", "rewards", "actors", r.actors, r.num_cpus, r.num_gpus, spec, refuse)
@@ -434,7 +437,8 @@ def _training(cfg, spec: ClusterSpec, policy: ModelInfo, refuse: _Shortfalls) ->
     nodes, placement = _place("train", "training", "world_size", t.world_size, t.num_cpus, gpus, spec, refuse,
                               pack=True)
     if device == "cpu":
-        share = _check_host_memory("train", "training", memory["total"], t.world_size, t.num_cpus, spec, refuse)
+        share = _check_host_memory("train", "training", memory["total"], t.world_size, t.num_cpus, spec, refuse,
+                                   "training.micro_batch_size")
     else:
         placement += _gpu_usage(t.world_size, gpus, spec)
         share = min(gpus, 1) * spec.gpu_memory_gb
@@ -448,6 +452,79 @@ def _training(cfg, spec: ClusterSpec, policy: ModelInfo, refuse: _Shortfalls) ->
                      [policy.name], memory, share, details)
 
 
+def _per_node(cpus: float, gpus: float, spec: ClusterSpec) -> int:
+    """Actors of `cpus` CPUs and `gpus` GPUs that one node holds (GPUs bound GPU actors, CPUs the rest)."""
+    fits = [int(spec.cpus_per_node // cpus)]
+    if gpus and spec.gpus_per_node:
+        fits.append(int(round(spec.gpus_per_node / gpus, 6)))
+    return max(1, min(fits))
+
+
+def resolve_counts(cfg, spec: ClusterSpec):
+    """The recipe with every `auto` count filled for the cluster: engines.count and rewards.actors as many as fit
+    (offline phases run one after another, so each may take the whole cluster), training.world_size as many ranks
+    as fit, at most training.global_batch_size / micro_batch_size (a divisor of it, the accumulation derived)."""
+    e, r, t = cfg.engines, cfg.rewards, cfg.training
+    auto = [k for k, v in (("engines.count", e.count), ("rewards.actors", r.actors), ("training.world_size",
+                                                                                       t.world_size)) if v == "auto"]
+    if auto and cfg.mode == "online":
+        raise PlanError(f"{', '.join(auto)}: auto is for offline runs, whose phases take the cluster in turn; an "
+                        "online run places generation, scoring and training side by side", "give them as numbers")
+    engines, rewards, training = e, r, t
+    on_gpu = bool(spec.gpus_per_node)
+    if e.count == "auto":
+        tp = e.tensor_parallel_size if e.backend == "vllm" else 1
+        gpus = (tp if tp > 1 else e.num_gpus) if on_gpu else 0
+        engines = dataclasses.replace(e, count=_per_node(e.num_cpus, gpus, spec) * spec.nodes)
+    if r.actors == "auto":
+        rewards = dataclasses.replace(r, actors=_per_node(r.num_cpus, r.num_gpus if on_gpu else 0, spec) * spec.nodes)
+    if t.world_size == "auto":
+        most = _per_node(t.num_cpus, t.num_gpus if on_gpu else 0, spec) * spec.nodes
+        if t.global_batch_size:
+            per_rank = t.global_batch_size // t.micro_batch_size
+            world = max(w for w in range(1, min(most, per_rank) + 1) if per_rank % w == 0)
+            training = dataclasses.replace(t, world_size=world, gradient_accumulation=per_rank // world)
+        else:
+            training = dataclasses.replace(t, world_size=most)
+    resolved = dataclasses.replace(cfg, engines=engines, rewards=rewards, training=training)
+    resolved.validate()
+    return resolved
+
+
+COUNT_KEYS = {"generate": "engines.count", "score": "rewards.actors", "train": "training.world_size"}
+
+
+def with_counts(cfg, spec: ClusterSpec, address: str | None = None):
+    """`cfg` with its auto counts filled for the running cluster (connecting to it first); as it is without any."""
+    if "auto" not in (cfg.engines.count, cfg.rewards.actors, cfg.training.world_size):
+        return cfg
+    from rayalign.cluster.spec import connect, running_cluster_spec
+
+    connect(spec, address)
+    return resolve_counts(cfg, running_cluster_spec(spec))
+
+
+def _utilisation(phase: PhasePlan, spec: ClusterSpec, asked) -> str | None:
+    """'<phase> uses X of Y GPUs' (or CPUs), with advice when it leaves most of the cluster idle."""
+    if phase.device == "gpu":
+        used, present, unit = phase.actors * phase.gpus_per_actor, spec.total_gpus, "GPUs"
+    else:
+        used, present, unit = phase.actors * phase.cpus_per_actor, spec.cpus_per_node * spec.nodes, "CPUs"
+    if not present:
+        return None
+    line = f"{phase.phase}: {used:g} of {present:g} {unit} ({used / present:.0%})"
+    if phase.device == "gpu" and used < present / 2:
+        key = COUNT_KEYS[phase.phase]
+        section, name = key.split(".")
+        if getattr(getattr(asked, section), name) != "auto":
+            line += f"; most of the cluster idles in this phase: set {key}: auto to fill it"
+        elif phase.phase == "train":
+            t = asked.training
+            line += (f"; training.global_batch_size {t.global_batch_size} / micro_batch_size {t.micro_batch_size} "
+                     f"caps the ranks at {t.global_batch_size // t.micro_batch_size}")
+    return line
+
+
 def plan(cfg, spec: ClusterSpec, strict: bool = False) -> Plan:
     """Map a recipe's phases onto the cluster and check that each fits; raises PlanError when one does not.
 
@@ -455,6 +532,7 @@ def plan(cfg, spec: ClusterSpec, strict: bool = False) -> Plan:
     listed in `Plan.problems`; `strict` (launch) raises the first of them instead.
     """
     refuse = _Shortfalls(spec)
+    asked, cfg = cfg, resolve_counts(cfg, spec)
     r, method = cfg.rewards, cfg.pairs.method
     models = {"policy": model_info(cfg.policy.path)}
     phases, notes = [], ["phases run one after another; each may use the whole cluster"]
@@ -483,4 +561,5 @@ def plan(cfg, spec: ClusterSpec, strict: bool = False) -> Plan:
     if refuse.found and strict:
         raise PlanError(*refuse.found[0])
     problems = [f"{reason}; {suggestion}" for reason, suggestion in refuse.found]
-    return Plan(cfg.name, cfg.config_hash(), spec, models, phases, notes, problems)
+    notes += [line for p in phases if (line := _utilisation(p, spec, asked))]
+    return Plan(cfg.name, cfg.config_hash(), spec, models, phases, notes, problems, config=cfg)

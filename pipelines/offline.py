@@ -665,6 +665,7 @@ def rescore(cfg: RunConfig, scores_dir: Path, out_dir: Path, replace: bool = Fal
 def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", address: str | None = None,
         stages: tuple[str, ...] = STAGES, redo: tuple[str, ...] = ()) -> Path:
     from rayalign.cluster import connect, load_cluster_spec
+    from rayalign.cluster.planner import with_counts
 
     r = cfg.rewards
     if not (r.latent.enabled or r.implicit.enabled or r.reward_model.enabled or r.user.path):
@@ -677,6 +678,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
         stages = tuple(st for st in stages if st in ("pairs", "train"))
     run_dir = Path(run_dir or cfg.resolved_run_dir())
     spec = load_cluster_spec(cluster)
+    cfg = with_counts(cfg, spec, address)
     prompts = None
     if "generate" in stages:
         prompts = load_prompts(cfg.prompts.path, cfg.languages, limit=cfg.prompts.limit,

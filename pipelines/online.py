@@ -57,6 +57,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
     from rayalign.actors.pool import split_shards
     from rayalign.actors.trainer import TrainerGroup
     from rayalign.cluster import connect, load_cluster_spec
+    from rayalign.cluster.planner import with_counts
     from rayalign.online import group_advantages, minibatch_order, ppo_advantages, rollout_rewards, rollout_sequences
 
     o = cfg.online
@@ -65,8 +66,8 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
                           "RECIPE` and set the layer it prints")
     run_dir = Path(run_dir or cfg.resolved_run_dir())
     spec = load_cluster_spec(cluster)
-    prompts = load_prompts(cfg.prompts.path, cfg.languages, limit=cfg.prompts.limit,
-                           system_prompt=cfg.prompts.system_prompt)
+    cfg = with_counts(cfg, spec, address)
+    prompts = load_prompts(cfg.prompts.path, cfg.languages, **cfg.prompts.load_kwargs())
     rollout_size = min(o.prompts_per_step, prompts.num_rows // len(cfg.languages)) * len(cfg.languages) * cfg.sampling.n
     tcfg = trainer_config(cfg, rollout_size)
     updates_per_step = o.ppo_epochs * rollout_size // (o.mini_batch_size or rollout_size)

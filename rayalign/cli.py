@@ -469,6 +469,7 @@ def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates, s
       rayalign eval examples/quickstart.yaml --candidates examples/data/mc     # the latest iteration
     """
     from rayalign.cluster import connect, load_cluster_spec
+    from rayalign.cluster.planner import with_counts
     from rayalign.pipelines.evaluate import evaluate_policy, print_summary, run_hub_layer, run_policy
 
     cfg = _load(recipe, overrides)
@@ -483,6 +484,7 @@ def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates, s
     path, name, label = run_policy(cfg, run_dir, policy)
     out = Path(out) if out else run_dir / "eval" / label
     connect(load_cluster_spec(cluster), address)
+    cfg = with_counts(cfg, load_cluster_spec(cluster), address)
     result = evaluate_policy(cfg, path, out, policy_name=name, prompts_limit=prompts_limit, samples=samples,
                              candidates_path=candidates, silhouette_prompts=silhouette_prompts,
                              likelihood=likelihood, judge=judge, hub_layer=run_hub_layer(cfg, run_dir))
@@ -518,6 +520,7 @@ def hub_scan_cmd(recipe, policy, run_dir, prompts_limit, samples, cluster, addre
     import dataclasses
 
     from rayalign.cluster import connect, load_cluster_spec
+    from rayalign.cluster.planner import with_counts
     from rayalign.pipelines.evaluate import eval_samples, hub_scan, print_hub_scan, run_policy, save_hub_scan
 
     cfg = _load(recipe, overrides)
@@ -528,6 +531,7 @@ def hub_scan_cmd(recipe, policy, run_dir, prompts_limit, samples, cluster, addre
     path, name, label = run_policy(cfg, run_dir, policy)
     out = run_dir / f"hub-scan-{label}"
     connect(load_cluster_spec(cluster), address)
+    cfg = with_counts(cfg, load_cluster_spec(cluster), address)
     result = hub_scan(cfg, path, name, eval_samples(cfg, path, name, out / "samples"), limit)
     save_hub_scan(result, out / "hub-scan.json")
     print_hub_scan(result)

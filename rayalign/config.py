@@ -78,7 +78,8 @@ class SamplingConfig:
 class EnginesConfig:
     backend: str = _field("hf", help="inference engine: hf (transformers, CPU or GPU) or vllm (GPU)",
                           choices=("hf", "vllm"))
-    count: int = _field(1, help="number of generation actors (K), each owning one engine", ge=1)
+    count: int | str = _field(1, help="number of generation actors (K), each owning one engine; auto = as many as "
+                              "the cluster holds (the plan shows them)", ge=1, auto=True)
     batch_size: int = _field(32, help="samples per forward batch inside an engine", ge=1)
     shard_rows: int = _field(
         16, help="prompt rows per shard; a shard is the unit of work and of output files. Results do not "
@@ -173,7 +174,7 @@ class RewardsConfig:
     consistency: ConsistencyRewardConfig = _field(help="DCO", factory=ConsistencyRewardConfig)
     reward_model: RewardModelConfig = _field(help="reward-model transfer", factory=RewardModelConfig)
     user: UserRewardConfig = _field(help="a reward function from a user's Python file", factory=UserRewardConfig)
-    actors: int = _field(1, help="scoring actors (M)", ge=1)
+    actors: int | str = _field(1, help="scoring actors (M); auto = as many as the cluster holds", ge=1, auto=True)
     batch_size: int = _field(16, help="sequences per teacher-forced forward", ge=1)
     num_cpus: float = _field(1.0, help="CPUs per scoring actor", gt=0.0)
     num_gpus: float = _field(0.0, help="GPUs per scoring actor", ge=0.0)
@@ -221,8 +222,12 @@ class TrainingConfig:
     epochs: int = _field(1, help="passes over each iteration's pairs", ge=1)
     micro_batch_size: int = _field(4, help="rows per rank per forward/backward", ge=1)
     gradient_accumulation: int = _field(1, help="micro-batches per optimizer step on each rank", ge=1)
-    world_size: int = _field(1, help="trainer actors (W), one DeepSpeed rank each; global batch = micro_batch_size "
-                             "x gradient_accumulation x world_size", ge=1)
+    world_size: int | str = _field(1, help="trainer actors (W), one DeepSpeed rank each; global batch = "
+                                   "micro_batch_size x gradient_accumulation x world_size; auto = as many ranks as the "
+                                   "cluster holds, at most global_batch_size / micro_batch_size", ge=1, auto=True)
+    global_batch_size: int | None = _field(None, help="with world_size auto: the global batch to keep whatever the "
+                                           "cluster (gradient_accumulation is derived); null = fill the cluster with "
+                                           "gradient_accumulation as given", ge=1)
     zero_stage: int = _field(2, help="DeepSpeed ZeRO stage 0-3", ge=0, le=3)
     num_cpus: float = _field(1.0, help="CPUs per trainer actor (sets its torch threads)", gt=0.0)
     num_gpus: float = _field(0.0, help="GPUs per trainer actor (0 = CPU training with gloo)", ge=0.0)
@@ -391,6 +396,16 @@ class RunConfig:
 
     def _validate_training(self) -> None:
         t, method = self.training, self.pairs.method
+        if t.global_batch_size is not None:
+            if t.global_batch_size % t.micro_batch_size:
+                raise ConfigError(f"training.global_batch_size: {t.global_batch_size} is not a multiple of "
+                                  f"training.micro_batch_size {t.micro_batch_size}")
+            if t.world_size != "auto" and t.global_batch_size != t.micro_batch_size * t.gradient_accumulation * \
+                    t.world_size:
+                raise ConfigError(f"training.global_batch_size: {t.global_batch_size} differs from micro_batch_size x "
+                                  f"gradient_accumulation x world_size = "
+                                  f"{t.micro_batch_size * t.gradient_accumulation * t.world_size}; set world_size: auto "
+                                  "to derive the accumulation, or remove global_batch_size")
         if self.iterations > 1 and t.loss is None:
             raise ConfigError(f"iterations: {self.iterations} needs training.loss (policy t is trained on iteration "
                               "t's pairs); set training.loss or iterations: 1")
@@ -405,8 +420,9 @@ class RunConfig:
         if t.batch_alignment:
             if t.loss not in ("dpo", "orpo"):
                 raise ConfigError(f"training.batch_alignment: works with loss dpo or orpo (the batch alignment paper), got {t.loss}")
-            batch = t.micro_batch_size * t.gradient_accumulation * t.world_size
-            if batch % len(self.languages):
+            batch = (t.global_batch_size if t.world_size == "auto" else
+                     t.micro_batch_size * t.gradient_accumulation * t.world_size)
+            if batch and batch % len(self.languages):
                 raise ConfigError(f"training.batch_alignment: the global batch (micro_batch_size x "
                                   f"gradient_accumulation x world_size = {batch}) must be a multiple of the "
                                   f"{len(self.languages)} languages, so that every batch holds whole prompt groups")
@@ -485,7 +501,7 @@ def _convert(value, tp, key: str):
             try:
                 return _convert(value, arg, key)
             except ConfigError:
-                if len(args) == 2:
+                if len(args) == 2 and type(None) in args:
                     raise
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is list:
@@ -510,6 +526,10 @@ def _convert(value, tp, key: str):
 
 def _check(value, meta: dict, key: str) -> None:
     if value is None:
+        return
+    if meta.get("auto") and isinstance(value, str):
+        if value != "auto":
+            raise ConfigError(f"{key}: expected an integer >= {meta['ge']} or auto, got {value!r}")
         return
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{key}: expected one of {', '.join(meta['choices'])}, got {value!r}")

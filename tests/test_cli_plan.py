@@ -38,7 +38,8 @@ def no_run(monkeypatch):
 def test_plan_prints_the_table():
     result = invoke("plan", "--cluster", "a100x64", LACOMSA)
     assert result.exit_code == 0, result.output
-    for text in ("lacomsa-llama3-8b on a100x64", "8 x vllm engine", "16.1 weights", "426,784 KV tokens", "8 x scorer",
+    for text in ("lacomsa-llama3-8b on a100x64", "64 x vllm engine", "16.1 weights", "426,784 KV tokens",
+                 "64 x scorer", "8 x trainer rank", "generate: 64 of 64 GPUs (100%)",
                  "policy: princeton-nlp/Llama-3-Base-8B-SFT-DPO (8.03B parameters"):
         assert text in result.output, text
 
@@ -59,7 +60,7 @@ def test_plan_json_is_what_launch_saves():
 def test_launch_dry_run_prints_the_plan_and_starts_nothing(tmp_path, no_run):
     result = invoke("launch", "--dry-run", "--cluster", "a100x64", LACOMSA, "--run-dir", tmp_path / "run")
     assert result.exit_code == 0, result.output
-    assert "8 x vllm engine" in result.output
+    assert "64 x vllm engine" in result.output
     assert no_run == {} and not (tmp_path / "run").exists()
     refused = invoke("launch", "--dry-run", "--cluster", "local", LACOMSA)
     assert refused.exit_code == 2 and "engines.num_gpus is 1 but cluster local has no GPUs" in refused.output

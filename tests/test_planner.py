@@ -190,7 +190,7 @@ def test_llama3_8b_memory_by_hand():
     kv_budget = 0.9 * 80 - weights  # vLLM takes 0.9 of the GPU; the rest of it after weights is KV cache
     assert generate.memory_gb["kv_cache"] == pytest.approx(kv_budget)
     assert f"{int(kv_budget * 1e9 // (2 * 32 * 8 * 128 * 2)):,} KV tokens" in generate.details  # 426,784
-    assert generate.placement.startswith("SPREAD, 8 of 8 nodes") and "8 of 64 GPUs" in generate.placement
+    assert generate.placement.startswith("SPREAD, 8 of 8 nodes") and "64 of 64 GPUs" in generate.placement
     assert score.memory_gb["weights"] == pytest.approx(weights)
     # ZeRO-2 over 8 ranks: bf16 weights 2 B/param whole, grads 2 and fp32 Adam + master 12 sharded
     assert train.memory_gb["weights"] + train.memory_gb["gradients"] + train.memory_gb["optimizer"] == \
@@ -265,3 +265,57 @@ def test_every_run_of_the_gpu_scaling_study_plans_on_one_a100_node():
     assert len(runs) == 12
     for run in runs:
         assert plan(run.cfg, load_cluster_spec("a100x8")).problems == [], run.slug
+
+
+def test_auto_counts_fill_a100x64_and_the_global_batch_caps_the_ranks():
+    result = plan(recipe("lacomsa-llama3-8b.yaml"), load_cluster_spec("a100x64"))
+    generate, score, train = result.phases
+    assert (generate.actors, score.actors, train.actors) == (64, 64, 8)  # 8 nodes x 8 GPUs; 16 / 2 = 8 ranks
+    assert result.config.training.gradient_accumulation == 1 and result.config.engines.count == 64
+    assert "generate: 64 of 64 GPUs (100%)" in result.notes and "score: 64 of 64 GPUs (100%)" in result.notes
+    assert ("train: 8 of 64 GPUs (12%); training.global_batch_size 16 / micro_batch_size 2 caps the ranks at 8"
+            in result.notes)
+    # without a global batch the ranks fill the cluster; with one of 24 at 2 per rank: the largest divisor of 12
+    assert plan(recipe("lacomsa-llama3-8b.yaml", "training.global_batch_size=null"),
+                load_cluster_spec("a100x64")).phase("train").actors == 64
+    capped = plan(recipe("lacomsa-llama3-8b.yaml", "training.global_batch_size=24"), load_cluster_spec("a100x8"))
+    assert capped.phase("train").actors == 6 and capped.config.training.gradient_accumulation == 2
+    # tensor parallel engines: 2 GPUs each -> 4 per node
+    tp2 = plan(recipe("lacomsa-llama3-8b.yaml", "engines.tensor_parallel_size=2", "engines.num_gpus=2"),
+               load_cluster_spec("a100x64"))
+    assert tp2.phase("generate").actors == 32 and "generate: 64 of 64 GPUs (100%)" in tp2.notes
+
+
+def test_fixed_counts_that_leave_the_cluster_idle_are_named():
+    result = plan(recipe("lacomsa-llama3-8b.yaml", "engines.count=8", "rewards.actors=8"), load_cluster_spec("a100x64"))
+    assert ("generate: 8 of 64 GPUs (12%); most of the cluster idles in this phase: set engines.count: auto to fill it"
+            in result.notes)
+    assert any(n.startswith("score: 8 of 64 GPUs (12%); most of the cluster idles") for n in result.notes)
+
+
+def test_auto_counts_on_cpus_and_refused_online():
+    from rayalign.cluster.planner import resolve_counts
+    from rayalign.cluster.spec import ClusterSpec
+
+    spec = ClusterSpec(name="cpu", nodes=2, cpus_per_node=8, gpus_per_node=0, gpu_type="", gpu_memory_gb=0,
+                       memory_gb_per_node=32)
+    cfg = resolve_counts(load_config(None, ["engines.count=auto", "engines.num_cpus=2", "rewards.actors=auto",
+                                            "rewards.num_cpus=3", "training.world_size=auto"]), spec)
+    assert (cfg.engines.count, cfg.rewards.actors, cfg.training.world_size) == (8, 4, 16)
+    with pytest.raises(PlanError, match="engines.count: auto is for offline runs"):
+        resolve_counts(load_config(None, ["mode=online", "engines.count=auto"]), spec)
+
+
+def test_host_memory_advice_names_real_keys(tmp_path):
+    import re
+
+    from rayalign.config import describe_fields
+
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(dict(name="small", nodes=1, cpus_per_node=8, gpus_per_node=0, gpu_memory_gb=0,
+                                        gpu_type="none", memory_gb_per_node=0.05)))
+    problems = plan(recipe("quickstart.yaml"), load_cluster_spec(str(path))).problems
+    advised = [m.group(1) for p in problems for m in re.finditer(r"lower ([\w.]+)", p)]
+    assert "training.micro_batch_size" in advised and "rewards.batch_size" in advised
+    keys = {key for key, _, _ in describe_fields()}
+    assert set(advised) <= keys, set(advised) - keys
