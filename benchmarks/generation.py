@@ -40,7 +40,7 @@ def main() -> None:
     model = args.model or str(ensure_tiny_model())
     cfg = load_config(REPO / "examples" / "quickstart.yaml", [
         f"sampling.n={args.n}", f"sampling.max_new_tokens={args.max_new_tokens}", f"policy.path={model}"])
-    prompts = load_prompts(cfg.prompts.path, cfg.languages, limit=args.prompts)
+    prompts = load_prompts(cfg.prompts.path, cfg.languages, **{**cfg.prompts.load_kwargs(), "limit": args.prompts})
     shards = split_shards(prompts, cfg.engines.shard_rows)
     print(f"{prompts.num_rows} prompt rows x n={args.n} = {prompts.num_rows * args.n} samples, "
           f"{len(shards)} shards of {cfg.engines.shard_rows} rows, batch {cfg.engines.batch_size}, "

@@ -84,7 +84,8 @@ def main() -> None:
     torch.set_num_threads(2)
     model = args.model or str(ensure_tiny_model())
     cfg = load_config(REPO / "examples" / "quickstart.yaml", [f"policy.path={model}", "sampling.max_new_tokens=64"])
-    prompts = load_prompts(cfg.prompts.path, cfg.languages, limit=-(-args.samples // (cfg.sampling.n * 5)))
+    prompts = load_prompts(cfg.prompts.path, cfg.languages,
+                           **{**cfg.prompts.load_kwargs(), "limit": -(-args.samples // (cfg.sampling.n * 5))})
     engine = HFEngine(model, batch_size=args.batch_size)
     samples = generate_samples(engine, prompts, cfg.sampling, 1, "bench").slice(0, args.samples).to_pylist()
     requests = [ScoreRequest(s["messages"], s["response"]) for s in samples]

@@ -90,8 +90,7 @@ def eval_samples(cfg: RunConfig, policy_path: str, policy_name: str, out_dir: Pa
     key = eval_key(cfg, policy_path, policy_name)
     if kept(out_dir, key):
         return read_dataset(out_dir, "samples")
-    prompts = load_prompts(cfg.prompts.path, cfg.languages, limit=cfg.prompts.limit,
-                           system_prompt=cfg.prompts.system_prompt)
+    prompts = load_prompts(cfg.prompts.path, cfg.languages, **cfg.prompts.load_kwargs())
     shards = split_shards(prompts, cfg.engines.shard_rows)
     writer = DatasetWriter(out_dir, "samples", config_hash=cfg.config_hash(), languages=cfg.languages,
                            models={"policy": policy_name}, seeds={"run_seed": cfg.sampling.seed, "iteration": 0},
@@ -205,8 +204,7 @@ def eval_setup(cfg: RunConfig, policy_path: str, policy_name: str, *, prompts_li
     if candidates_path:
         load_candidate_sets(candidates_path, cfg.languages)
     if judge is not None:
-        prompts = load_prompts(cfg.prompts.path, cfg.languages, limit=cfg.prompts.limit,
-                               system_prompt=cfg.prompts.system_prompt)
+        prompts = load_prompts(cfg.prompts.path, cfg.languages, **cfg.prompts.load_kwargs())
         missing = [r["prompt_id"] for r in prompts.select(["prompt_id", "reference"]).to_pylist() if not r["reference"]]
         if missing:
             raise ConfigError(f"eval: the judge compares with reference answers, but {len(missing)} prompt row(s) of "

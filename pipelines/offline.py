@@ -681,8 +681,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
     cfg = with_counts(cfg, spec, address)
     prompts = None
     if "generate" in stages:
-        prompts = load_prompts(cfg.prompts.path, cfg.languages, limit=cfg.prompts.limit,
-                               system_prompt=cfg.prompts.system_prompt)
+        prompts = load_prompts(cfg.prompts.path, cfg.languages, **cfg.prompts.load_kwargs())
     state = prepare_run_dir(cfg, run_dir, redo)
     source = (f"{prompts.num_rows} prompt rows ({prompts.num_rows // len(cfg.languages)} ids x {len(cfg.languages)} "
               f"languages), n={cfg.sampling.n}, {cfg.engines.count} {cfg.engines.backend} engine(s)"

@@ -339,12 +339,12 @@ def check_inputs(study: Study, runs: list[StudyRun]) -> None:
     checked = set()
     for run in runs:
         cfg, r = run.cfg, run.cfg.rewards
-        prompts = (cfg.prompts.path, tuple(cfg.languages), cfg.prompts.system_prompt)
+        prompts = (cfg.prompts.path, tuple(cfg.languages), json.dumps(cfg.prompts.load_kwargs(), sort_keys=True))
         models = [m.path for m in (cfg.policy, cfg.reference, r.implicit.reward_reference, r.reward_model.model,
                                    r.consistency.reference) if m is not None]
         try:
             if cfg.pairs.method != "dco" and prompts not in checked:
-                load_prompts(prompts[0], list(prompts[1]), limit=1, system_prompt=prompts[2])
+                load_prompts(prompts[0], list(prompts[1]), **{**cfg.prompts.load_kwargs(), "limit": 1})
             for model in set(models) - checked:
                 resolve_model_path(model, progress=model_build_progress(model))
             if study.eval is not None:  # the eval settings fit the run (candidates in its languages, samples, ...)

@@ -50,10 +50,19 @@ def _user_errors(fn):
     return wrapper
 
 
-def _load(recipe, overrides):
+def _load(recipe, overrides, *, sources: bool = True, models: bool = True):
+    """The recipe, validated; with `sources`, its prompt set (and with `models`, its models) checked readable from
+    here before Ray starts: a Hub name neither cached nor reachable is refused at once."""
     from rayalign.config import load_config
+    from rayalign.data.hub import HubError, check_sources
 
-    return load_config(recipe, overrides)
+    cfg = load_config(recipe, overrides)
+    if sources:
+        try:
+            check_sources(cfg, models=models)
+        except HubError as e:
+            raise UserError(str(e)) from None
+    return cfg
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -106,7 +115,8 @@ def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch
     unknown = [s for s in redo_stages if s not in offline.STAGES]
     if unknown or (redo is not None and not redo_stages):
         raise UserError(f"--redo {redo!r}: expected stages among {', '.join(offline.STAGES)}, comma-separated")
-    cfg = _load(recipe, overrides)
+    # the models are loaded where the actors run: checked here unless this is only a plan or a Ray client
+    cfg = _load(recipe, overrides, models=not dry_run and not (address or "").startswith("ray://"))
     if cfg.mode == "online":
         if redo_stages:
             raise UserError("--redo: an online recipe (mode: online) has no stages to redo")
@@ -147,7 +157,7 @@ def plan_cmd(recipe, cluster, overrides, as_json):
     from rayalign.cluster import load_cluster_spec
     from rayalign.cluster.planner import plan
 
-    result = plan(_load(recipe, overrides), load_cluster_spec(cluster))
+    result = plan(_load(recipe, overrides, models=False), load_cluster_spec(cluster))
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
@@ -241,7 +251,7 @@ def rescore(scores, output, recipe, overrides, replace):
 
     scores = Path(scores)
     recipe = recipe or scores.parent.parent / "config.yaml"
-    cfg = _load(recipe, overrides)
+    cfg = _load(recipe, overrides, sources=False)
     manifest = offline.rescore(cfg, scores, Path(output), replace=replace)
     console.print(f"done: {output} ({manifest['rows']} rows)")
 

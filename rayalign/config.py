@@ -52,15 +52,36 @@ class ModelConfig:
 
 
 @dataclass
+class PromptColumnsConfig:
+    prompt_id: str | None = _field(None, help="column holding the prompt id, the same in every language; null = "
+                                   "prompt_id (or instruction_id)")
+    instruction: str | None = _field(None, help="column holding the prompt text; null = instruction (or prompt, "
+                                     "or messages)")
+    lang: str | None = _field(None, help="column holding the ISO 639-1 language code; null = lang")
+
+
+@dataclass
 class PromptsConfig:
     path: str = _field(
         "examples/data/prompts",
         help="parallel prompt set: a JSONL or Parquet file with prompt_id, lang and instruction (or messages), "
-        "or a directory with one file per language (<lang>.jsonl/.json/.parquet) holding instruction_id and "
-        "instruction; relative paths are taken from the recipe's directory first, then the working directory",
+        "a directory with one file per language (<lang>.jsonl/.json/.parquet) holding instruction_id and "
+        "instruction, or hf:<dataset name or local dataset directory> read with datasets.load_dataset; relative "
+        "paths are taken from the recipe's directory first, then the working directory",
     )
     limit: int | None = _field(None, help="use only the first N prompt ids (sorted); null = all", ge=1)
     system_prompt: str | None = _field(None, help="system message prepended to every prompt; null = none")
+    split: str = _field("train", help="hf: sources: the dataset split")
+    revision: str | None = _field(None, help="hf: sources: a branch, tag or commit of the dataset; null = main")
+    config: str | None = _field(None, help="hf: sources: the dataset config; '{lang}' = one config per language "
+                                "(as m-ArenaHard and Global-MMLU); null = one table with a language column")
+    columns: PromptColumnsConfig = _field(help="column names of the source, where they differ from rayalign's",
+                                          factory=PromptColumnsConfig)
+
+    def load_kwargs(self) -> dict:
+        """Keyword arguments of rayalign.data.prompts.load_prompts for this source."""
+        return dict(limit=self.limit, system_prompt=self.system_prompt, split=self.split, revision=self.revision,
+                    config=self.config, columns=dataclasses.asdict(self.columns))
 
 
 @dataclass
@@ -326,6 +347,9 @@ class RunConfig:
             d.pop(key)
         if d["mode"] == "offline":  # offline hashes predate the key
             d.pop("mode")
+        for key, default in dataclasses.asdict(PromptsConfig()).items():  # hashes predate the hf: source keys
+            if key not in ("path", "limit", "system_prompt") and d["prompts"][key] == default:
+                d["prompts"].pop(key)
         d["engines"].pop("count")
         d["engines"].pop("max_failed_share")  # raising it lets a stopped run resume
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -620,8 +644,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         for section, key in ((cfg.prompts, "path"), (cfg.rewards.consistency, "candidates_path"),
                              (cfg.rewards.user, "path")):
             value = getattr(section, key)
+            prefix = "hf:" if section is cfg.prompts and value.startswith("hf:") else ""
+            value = value[len(prefix):] if value else value
             if value and not Path(value).is_absolute() and (path.parent / value).exists():
-                setattr(section, key, str(path.parent / value))
+                setattr(section, key, prefix + str(path.parent / value))
     return cfg
 
 

@@ -195,6 +195,12 @@ def resolve_model_path(path: str, progress=None) -> str:
         return str(p.resolve())
     if path.startswith((".", "/", "~")):
         raise ModelLoadError(f"{path}: model directory not found")
+    from rayalign.data.hub import HubError, check_model_source
+
+    try:
+        check_model_source("model", path)
+    except HubError as e:
+        raise ModelLoadError(str(e)) from None
     return path  # a hub id, resolved by transformers (from its local cache when offline)
 
 

@@ -4,7 +4,10 @@ Accepted sources:
 - a JSONL file or a Parquet file with `prompt_id` (or `instruction_id`), `lang`, and `messages` or
   `instruction` (plus optional `input`, `output`/`reference`);
 - a directory with one file per language, `<lang>.jsonl`, `<lang>.json` (a list of objects) or
-  `<lang>.parquet`, holding `instruction_id` and `instruction` (the layout of the ICR and LaCoMSA data).
+  `<lang>.parquet`, holding `instruction_id` and `instruction` (the layout of the ICR and LaCoMSA data);
+- `hf:<dataset name or local dataset directory>`, read with `datasets.load_dataset`: one config per
+  language (`config="{lang}"`) or one table with a language column.
+`columns` maps rayalign's field names (prompt_id, instruction, lang) to the source's column names.
 """
 
 from __future__ import annotations
@@ -109,9 +112,32 @@ def _to_row(where: str, obj: dict, lang: str | None, system_prompt: str | None, 
             "reference": reference if isinstance(reference, str) else None, "source": source, "_where": where}
 
 
+def _mapped(obj: dict, columns: dict[str, str]) -> dict:
+    return {**obj, **{field: obj[col] for field, col in columns.items() if col in obj}} if columns else obj
+
+
 def load_prompts(path: str | Path, languages: list[str], *, limit: int | None = None,
-                 system_prompt: str | None = None) -> pa.Table:
-    """Load a parallel prompt set for `languages`; every prompt_id must be present in every language."""
+                 system_prompt: str | None = None, split: str = "train", revision: str | None = None,
+                 config: str | None = None, columns: dict[str, str] | None = None) -> pa.Table:
+    """Load a parallel prompt set for `languages`; every prompt_id must be present in every language.
+
+    `split`, `revision` and `config` apply to hf: sources; `columns` maps prompt_id, instruction and lang
+    to the source's column names."""
+    columns = {k: v for k, v in (columns or {}).items() if v}
+    if str(path).startswith("hf:"):
+        from rayalign.data.hub import HubError, read_hub_rows
+
+        try:
+            hub_rows = read_hub_rows(str(path), languages, split=split, revision=revision, config=config,
+                                     lang_column=columns.get("lang", "lang"))
+        except HubError as e:
+            raise PromptError(str(e)) from None
+        rows = []
+        for where, obj, lang in hub_rows:
+            row = _to_row(where, _mapped(obj, columns), lang, system_prompt, str(path))
+            row["lang"] = lang
+            rows.append(row)
+        return _parallel(str(path), rows, languages, limit)
     path = Path(path)
     rows: list[dict] = []
     if path.is_dir():
@@ -123,16 +149,20 @@ def load_prompts(path: str | Path, languages: list[str], *, limit: int | None = 
             if len(files) > 1:
                 raise PromptError(f"{path}: several files for language {lang!r}: {', '.join(f.name for f in files)}")
             for where, obj in _read(files[0]):
-                row = _to_row(where, obj, lang, system_prompt, files[0].name)
+                row = _to_row(where, _mapped(obj, columns), lang, system_prompt, files[0].name)
                 if row["lang"] != lang:
                     raise PromptError(f"{where}: lang {row['lang']!r} in the file for {lang!r}")
                 rows.append(row)
     elif path.is_file():
-        rows = [_to_row(where, obj, None, system_prompt, path.name) for where, obj in _read(path)]
+        rows = [_to_row(where, _mapped(obj, columns), None, system_prompt, path.name) for where, obj in _read(path)]
         rows = [r for r in rows if r["lang"] in languages]
     else:
         raise PromptError(f"{path}: prompt source not found")
+    return _parallel(path, rows, languages, limit)
 
+
+def _parallel(path, rows: list[dict], languages: list[str], limit: int | None) -> pa.Table:
+    """Refuse duplicates and ids missing a language; sort by (prompt_id, language order); keep `limit` ids."""
     seen: dict[tuple[str, str], str] = {}
     for row in rows:
         key = (row["prompt_id"], row["lang"])

@@ -1,0 +1,132 @@
+"""Prompt sets read with datasets.load_dataset (hf:<dir or name>), and Hub names refused clearly when offline.
+
+The Hub-layout directories are built here (data/<config>/*.parquet and a README with configs:); nothing
+is downloaded. The offline tests use names that are not in any cache.
+"""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import REPO
+from rayalign.cli import main
+from rayalign.data.prompts import PromptError, load_prompts
+
+NOT_CACHED = "rayalign-tests/no-such-prompt-set"
+
+
+def hub_layout(root, tables: dict[str, list[dict]]):
+    """A dataset directory as the Hub lays it out: one config per key, data/<config>/train-*.parquet."""
+    configs = []
+    for name, rows in tables.items():
+        (root / "data" / name).mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(rows), root / "data" / name / "train-00000-of-00001.parquet")
+        configs.append({"config_name": name, "data_files": [{"split": "train", "path": f"data/{name}/train-*"}]})
+    (root / "README.md").write_text("---\n" + yaml.safe_dump({"configs": configs}) + "---\n# prompts\n")
+    return root
+
+
+def per_language(tmp_path, langs=("en", "de", "fr"), ids=("q1", "q2")):
+    return hub_layout(tmp_path / "ds", {lang: [{"question_id": i, "prompt": f"{lang} text {i}", "category": "x"}
+                                              for i in ids] for lang in langs})
+
+
+@pytest.fixture(autouse=True)
+def restore_offline_env(monkeypatch):
+    """The CLI sets HF_HUB_OFFLINE when the Hub cannot be reached: keep that inside each test."""
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(key, "0")
+
+
+def test_one_config_per_language_with_column_mapping(tmp_path):
+    ds = per_language(tmp_path)
+    table = load_prompts(f"hf:{ds}", ["en", "de"], config="{lang}", columns={"prompt_id": "question_id"},
+                         system_prompt="Be brief.")
+    rows = table.to_pylist()
+    assert [(r["prompt_id"], r["lang"]) for r in rows] == [("q1", "en"), ("q1", "de"), ("q2", "en"), ("q2", "de")]
+    assert rows[1]["messages"] == [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": "de text q1"}]
+    assert rows[0]["source"] == f"hf:{ds}"
+
+
+def test_one_table_with_a_language_column(tmp_path):
+    rows = [{"id": i, "language": lang, "text": f"{lang}-{i}"} for i in (7, 3) for lang in ("en", "ru", "ja")]
+    ds = hub_layout(tmp_path / "ds", {"default": rows})
+    table = load_prompts(f"hf:{ds}", ["ru", "en"], columns={"prompt_id": "id", "instruction": "text",
+                                                              "lang": "language"}, limit=1)
+    assert [(r["prompt_id"], r["lang"], r["messages"][0]["content"]) for r in table.to_pylist()] == [
+        ("3", "ru", "ru-3"), ("3", "en", "en-3")]
+
+
+def test_a_missing_language_is_named_with_the_languages_the_dataset_has(tmp_path):
+    ds = per_language(tmp_path)
+    with pytest.raises(PromptError, match=r"no config for language\(s\) sw, ja .*it has configs: de, en, fr"):
+        load_prompts(f"hf:{ds}", ["en", "sw", "ja"], config="{lang}", columns={"prompt_id": "question_id"})
+    table = hub_layout(tmp_path / "t", {"default": [{"prompt_id": 1, "lang": lang, "instruction": "q"}
+                                                    for lang in ("en", "de")]})
+    with pytest.raises(PromptError, match=r"no rows for language\(s\) fr in column 'lang'; it has: de, en"):
+        load_prompts(f"hf:{table}", ["en", "fr"])
+    with pytest.raises(PromptError, match=r"no language column 'language' \(columns: prompt_id, lang, instruction\)"):
+        load_prompts(f"hf:{table}", ["en"], columns={"lang": "language"})
+    with pytest.raises(PromptError, match="no split 'test'"):
+        load_prompts(f"hf:{table}", ["en"], split="test")
+
+
+def test_parallel_checks_apply(tmp_path):
+    uneven = hub_layout(tmp_path / "a", {"en": [{"question_id": "q1", "prompt": "a"}, {"question_id": "q2", "prompt": "b"}],
+                                         "de": [{"question_id": "q1", "prompt": "c"}]})
+    with pytest.raises(PromptError, match="1 prompt_id.s. lack languages: q2: de"):
+        load_prompts(f"hf:{uneven}", ["en", "de"], config="{lang}", columns={"prompt_id": "question_id"})
+    empty = hub_layout(tmp_path / "b", {"en": [{"question_id": "q1", "prompt": " "}]})
+    with pytest.raises(PromptError, match=r"\[en/train\] row 0: empty prompt for prompt_id 'q1' \(en\)"):
+        load_prompts(f"hf:{empty}", ["en"], config="{lang}", columns={"prompt_id": "question_id"})
+    dup = hub_layout(tmp_path / "c", {"en": [{"question_id": "q1", "prompt": "a"}, {"question_id": "q1", "prompt": "b"}]})
+    with pytest.raises(PromptError, match=r"row 1: duplicate \(prompt_id, lang\) \('q1', 'en'\)"):
+        load_prompts(f"hf:{dup}", ["en"], config="{lang}", columns={"prompt_id": "question_id"})
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_recipe_reads_a_local_hub_layout_relative_to_the_recipe(tmp_path):
+    per_language(tmp_path, langs=("en", "es", "de", "fr", "ru"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "hub", "prompts": {"path": "hf:ds", "config": "{lang}",
+                                                                  "columns": {"prompt_id": "question_id"}}}))
+    result = invoke("config", recipe)
+    assert result.exit_code == 0, result.output
+    assert f"path: hf:{tmp_path / 'ds'}" in result.output
+    bad = invoke("plan", recipe, "-o", "languages=[en,sw]", "-o", "anchor_language=en")
+    assert bad.exit_code == 2 and "no config for language(s) sw" in bad.output
+
+
+@pytest.mark.parametrize("forced_offline", [True, False])
+def test_uncached_hub_names_fail_at_config_check_with_no_retries(forced_offline, monkeypatch):
+    from rayalign.data.hub import hub_reachable
+
+    if forced_offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    elif hub_reachable():
+        pytest.skip("the Hugging Face Hub is reachable from here")
+    quickstart = REPO / "examples" / "quickstart.yaml"
+    for command in (["config"], ["plan"], ["launch", "--cluster", "local"]):
+        result = invoke(*command, quickstart, "-o", f"prompts.path=hf:{NOT_CACHED}", "-o", "prompts.split=test")
+        assert result.exit_code == 2, result.output
+        assert f"prompts.path hf:{NOT_CACHED}: not in the local datasets cache" in result.output
+        assert "Retrying" not in result.output and "Traceback" not in result.output
+        if command == ["plan"]:  # a plan needs no weights, only sizes (test_cli_plan plans uncached 8B models)
+            continue
+        model = invoke(*command, quickstart, "-o", "policy.path=Qwen/Qwen2.5-0.5B-Instruct")
+        assert model.exit_code == 2, model.output
+        assert "policy.path: 'Qwen/Qwen2.5-0.5B-Instruct' is not a local directory and not in the Hugging Face cache" \
+            in model.output
+
+
+def test_shipped_hub_recipe_says_it_needs_the_dataset(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke("config", REPO / "examples" / "hub-prompts-m-arenahard.yaml")
+    assert result.exit_code == 2
+    assert "prompts.path hf:CohereLabs/m-ArenaHard-v2.0 (config 'en'): not in the local datasets cache" in result.output
