@@ -370,6 +370,44 @@ def build_tiny_model_cmd(out_dir, steps):
     console.print(str(path))
 
 
+@main.command("export")
+@click.argument("source", type=click.Path(exists=True))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["hub", "verl"]), default="hub", show_default=True,
+              help="hub: a run's dataset in Hugging Face Hub layout (one config per language plus default); verl: the "
+              "recipe's prompt set (SOURCE a recipe or a run directory) as verl's RL Parquet")
+@click.option("--stage", type=click.Choice(["pairs", "scores", "samples"]), default="pairs", show_default=True,
+              help="with a run directory as SOURCE: which dataset of its last iteration")
+@click.option("--license", "license_id", default="other", show_default=True, help="license id for the card")
+@click.option("--push-to-hub", "repo", help="upload OUT to this Hub dataset repo (needs the network and a token)")
+@click.option("--private", is_flag=True, help="with --push-to-hub: create the repo private")
+@click.option("-o", "--override", "overrides", multiple=True, help=OVERRIDE_HELP + " (--format verl)")
+@_user_errors
+def export_cmd(source, out, fmt, stage, license_id, repo, private, overrides):
+    """Export a run's dataset in Hugging Face Hub layout, or a prompt set as verl's RL Parquet.
+
+    \b
+    Example:
+      rayalign export runs/quickstart hub/quickstart-pairs
+      python -c "import datasets; print(datasets.load_dataset('hub/quickstart-pairs', 'de'))"
+      rayalign export --format verl examples/quickstart.yaml verl/prompts
+    """
+    from rayalign.data.export import ExportError, export_hub, export_verl, push_to_hub
+
+    source, out = Path(source), Path(out)
+    try:
+        if fmt == "verl":
+            recipe = source / "config.yaml" if source.is_dir() else source
+            console.print(f"wrote {export_verl(_load(recipe, overrides, models=False), out)}")
+        else:
+            header = export_hub(source, out, stage=stage, license=license_id)
+            console.print(f"wrote {out}: configs {', '.join(c['config_name'] for c in header['configs'])}")
+        if repo:
+            console.print(f"pushed: {push_to_hub(out, repo, private=private)}")
+    except ExportError as e:
+        raise UserError(str(e)) from None
+
+
 @main.command("config")
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @click.option("-o", "--override", "overrides", multiple=True, help=OVERRIDE_HELP)

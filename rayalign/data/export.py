@@ -1,0 +1,170 @@
+"""`rayalign export`: a run's dataset in Hugging Face Hub layout, or a prompt set as verl's RL Parquet.
+
+Hub layout: data/<lang>/train-<content hash>-00000-of-00001.parquet, one config per language plus `default`
+(every language), and a README whose YAML header declares them. The content hash in the file names keeps
+two exports in directories of the same name apart in one datasets cache: for a local directory with
+`configs:`, `datasets` keys its cache by the directory's name and the file patterns alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+
+from rayalign.data.store import DatasetError, _size_category, read_dataset, read_manifest
+
+STAGES = ("pairs", "scores", "samples")
+TASKS = {"pairs": ["text-generation", "reinforcement-learning"], "kto": ["text-generation"],
+         "dco": ["text-generation"], "scores": ["text-generation"], "samples": ["text-generation"]}
+
+
+class ExportError(ValueError):
+    """An export that cannot be made; the message names the path and what was expected."""
+
+
+def find_dataset(path: Path, stage: str) -> Path:
+    """A dataset directory itself, or in a run directory the last iteration's `stage` dataset."""
+    if (path / "manifest.json").is_file():
+        return path
+    iterations = sorted((p for p in path.glob("iter-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+    for it in reversed(iterations):
+        if (it / stage / "manifest.json").is_file():
+            return it / stage
+    raise ExportError(f"{path}: neither a dataset (no manifest.json) nor a run with a finished {stage} dataset "
+                      "(iter-*/" + stage + "/manifest.json)")
+
+
+def _run_config(dataset: Path) -> dict:
+    for parent in (dataset.parent.parent, dataset.parent):
+        if (parent / "config.yaml").is_file():
+            return yaml.safe_load((parent / "config.yaml").read_text(encoding="utf-8")) or {}
+    return {}
+
+
+def _claim(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out}: exists and is not an empty directory; choose a new OUT")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _body(manifest: dict, cfg: dict, source: Path, by_lang: dict[str, int]) -> str:
+    models = "\n".join(f"- {role}: `{name}`" for role, name in manifest.get("models", {}).items()) or "- (none)"
+    params = json.dumps(manifest.get("params", {}), indent=2, ensure_ascii=False, sort_keys=True)
+    rewards = cfg.get("rewards", {})
+    used = [name for name, section in rewards.items() if isinstance(section, dict)
+            and (section.get("enabled") or (name == "user" and section.get("path")))]
+    lines = [
+        f"# {manifest['schema']} from a rayalign run\n",
+        f"{manifest.get('description', '')}\n",
+        "## How it was made\n",
+        f"- rayalign {manifest.get('rayalign_version', '?')}, schema {manifest['schema']} "
+        f"v{manifest['schema_version']}, config hash `{manifest.get('config_hash', '')}`",
+        f"- source: `{source}` ({manifest['rows']} rows)",
+        f"- rows per language: {', '.join(f'{k} {v}' for k, v in by_lang.items())}",
+        f"- rewards: {', '.join(used) or '(none recorded)'}",
+    ]
+    if cfg:
+        pairs, training = cfg.get("pairs", {}), cfg.get("training", {})
+        lines += [f"- pairs method: {pairs.get('method')}; training loss: {training.get('loss')}",
+                  f"- sampling: {json.dumps(cfg.get('sampling', {}), sort_keys=True)}",
+                  f"- prompts: `{cfg.get('prompts', {}).get('path')}`"]
+    lines += ["", "Models:", models, "", "Parameters:", "```json", params, "```", "",
+              "## Loading", "", "```python", "import datasets",
+              "datasets.load_dataset(REPO_OR_DIR, split=\"train\")        # every language",
+              "datasets.load_dataset(REPO_OR_DIR, \"de\", split=\"train\")  # one language", "```", ""]
+    if cfg:
+        lines += ["## Recipe", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True).rstrip(),
+                  "```", ""]
+    return "\n".join(lines)
+
+
+def export_hub(source: Path, out: Path, *, stage: str = "pairs", license: str = "other",
+               pretty_name: str | None = None) -> dict:
+    """Write `source` (a dataset, or a run's last `stage` dataset) to `out` in Hub layout; returns the header."""
+    dataset = find_dataset(source, stage)
+    try:
+        manifest, table = read_manifest(dataset), read_dataset(dataset)
+    except DatasetError as e:
+        raise ExportError(str(e)) from None
+    if "lang" not in table.column_names:
+        raise ExportError(f"{dataset}: {manifest['schema']} rows have no lang column")
+    if table.num_rows == 0:
+        raise ExportError(f"{dataset}: no rows to export")
+    order = manifest.get("languages") or []
+    present = set(table.column("lang").to_pylist())
+    languages = [lang for lang in order if lang in present] + sorted(present - set(order))
+    digest = hashlib.sha256()
+    for shard in manifest["shards"]:
+        digest.update(shard["sha256"].encode())
+    tag = digest.hexdigest()[:12]
+    _claim(out)
+    by_lang, configs = {}, [{"config_name": "default", "data_files": [
+        {"split": "train", "path": f"data/*/train-{tag}-*.parquet"}], "default": True}]
+    for lang in languages:
+        part = table.filter(pc.equal(table.column("lang"), lang))
+        (out / "data" / lang).mkdir(parents=True)
+        pq.write_table(part, out / "data" / lang / f"train-{tag}-00000-of-00001.parquet", compression="zstd")
+        by_lang[lang] = part.num_rows
+        configs.append({"config_name": lang, "data_files": [{"split": "train",
+                                                              "path": f"data/{lang}/train-{tag}-*.parquet"}]})
+    header = {
+        "configs": configs,
+        "language": languages,
+        "license": license,
+        "task_categories": TASKS.get(manifest["schema"], ["text-generation"]),
+        "size_categories": [_size_category(table.num_rows)],
+        "pretty_name": pretty_name or f"rayalign {manifest['schema']} ({', '.join(languages)})",
+        "tags": ["rayalign", manifest["schema"], "multilingual", "synthetic"],
+    }
+    cfg = _run_config(dataset)
+    card = f"---\n{yaml.safe_dump(header, sort_keys=False, allow_unicode=True)}---\n\n" + \
+        _body(manifest, cfg, dataset, by_lang)
+    (out / "README.md").write_text(card, encoding="utf-8")
+    return header
+
+
+def verl_rows(prompts: pa.Table, data_source: str, ability: str = "multilingual") -> pa.Table:
+    """verl's RL dataset rows: data_source, prompt (chat list), ability, reward_model {style, ground_truth}
+    and extra_info {split, index, prompt_id, lang, reference}, as verl's prepare_data documents; ground_truth is the language the response should be in."""
+    rows = []
+    for i, r in enumerate(prompts.to_pylist()):
+        rows.append({"data_source": data_source, "prompt": r["messages"], "ability": ability,
+                     "reward_model": {"style": "rule", "ground_truth": r["lang"]},
+                     "extra_info": {"split": "train", "index": i, "prompt_id": r["prompt_id"], "lang": r["lang"],
+                                    "reference": r.get("reference") or ""}})
+    return pa.Table.from_pylist(rows)
+
+
+def export_verl(cfg, out: Path, *, data_source: str = "rayalign") -> Path:
+    """The recipe's prompt set (all languages) as one verl RL Parquet file, out/train.parquet."""
+    from rayalign.data.prompts import load_prompts
+
+    prompts = load_prompts(cfg.prompts.path, cfg.languages, **cfg.prompts.load_kwargs())
+    _claim(out)
+    path = out / "train.parquet"
+    pq.write_table(verl_rows(prompts, data_source), path)
+    return path
+
+
+def push_to_hub(out: Path, repo: str, *, private: bool = False) -> str:
+    """Upload an export to the Hub dataset `repo` (needs the network and a token: `hf auth login` or HF_TOKEN)."""
+    from huggingface_hub import HfApi, get_token
+
+    if not get_token():
+        raise ExportError("--push-to-hub: no Hugging Face token configured (run `hf auth login` or set HF_TOKEN)")
+    api = HfApi()
+    try:
+        api.create_repo(repo, repo_type="dataset", private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=str(out), repo_id=repo, repo_type="dataset",
+                                 commit_message="rayalign export")
+    except Exception as e:  # network, permissions: one clean line
+        raise ExportError(f"--push-to-hub {repo}: upload failed ({type(e).__name__}: {str(e).splitlines()[0]})") \
+            from None
+    return getattr(info, "commit_url", f"https://huggingface.co/datasets/{repo}")
+

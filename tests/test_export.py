@@ -1,0 +1,109 @@
+"""rayalign export: Hub layout read back with the real `datasets`, and verl's RL Parquet columns."""
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import REPO
+from rayalign.cli import main
+from rayalign.data.store import DatasetWriter
+
+LANGS = ["en", "de", "fr"]
+
+
+def pairs_run(run, tag: str, ids=("p0", "p1")):
+    """A run directory with one finished pairs dataset (rows written by the store's own writer)."""
+    def chat(role, text):
+        return [{"role": role, "content": text}]
+
+    rows = [{"prompt": chat("user", f"{lang} {pid}"), "chosen": chat("assistant", f"{tag} good {lang}"),
+             "rejected": chat("assistant", f"{tag} bad {lang}"), "prompt_id": pid, "lang": lang,
+             "score_chosen": 1.0, "score_rejected": 0.5, "ref_logp_chosen": -3.0, "ref_logp_rejected": -4.0,
+             "chosen_num_tokens": 3, "rejected_num_tokens": 3, "method": "lacomsa", "iteration": 1}
+            for pid in ids for lang in LANGS]
+    import pyarrow as pa
+
+    writer = DatasetWriter(run / "iter-1" / "pairs", "pairs", config_hash="abc123", languages=LANGS,
+                           models={"policy": "builtin:tiny-multilingual"}, params={"method": "lacomsa"},
+                           description="best-vs-worst pairs")
+    writer.write_shard(0, pa.Table.from_pylist(rows))
+    writer.finalize()
+    (run / "config.yaml").write_text(yaml.safe_dump({"name": "r", "rewards": {"latent": {"enabled": True}},
+                                                     "pairs": {"method": "lacomsa"}, "training": {"loss": "dpo"}}))
+    return run
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_export_hub_layout_loads_per_language_and_whole(tmp_path):
+    import datasets
+
+    run = pairs_run(tmp_path / "run", "A")
+    out = tmp_path / "export"
+    result = invoke("export", run, out, "--license", "apache-2.0")
+    assert result.exit_code == 0, result.output
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet"))
+    assert [f.split("/")[:2] for f in files] == [["data", "de"], ["data", "en"], ["data", "fr"]]
+    assert all(f.split("/")[2].startswith("train-") for f in files)
+    card = (out / "README.md").read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    assert {"configs", "language", "license", "task_categories", "size_categories", "pretty_name", "tags"} <= set(header)
+    assert [c["config_name"] for c in header["configs"]] == ["default", "en", "de", "fr"]
+    assert header["language"] == LANGS and header["license"] == "apache-2.0" and header["size_categories"] == ["n<1K"]
+    for text in ("config hash `abc123`", "policy: `builtin:tiny-multilingual`", "rewards: latent",
+                 "pairs method: lacomsa; training loss: dpo", '"method": "lacomsa"', "rayalign 0."):
+        assert text in card, text
+    cache = tmp_path / "cache"
+    de = datasets.load_dataset(str(out), "de", split="train", cache_dir=str(cache))
+    assert de.num_rows == 2 and set(de["lang"]) == {"de"}
+    assert de[0]["chosen"] == [{"role": "assistant", "content": "A good de"}]
+    whole = datasets.load_dataset(str(out), cache_dir=str(cache))
+    assert list(whole) == ["train"] and whole["train"].num_rows == 6
+    assert sorted(set(whole["train"]["lang"])) == sorted(LANGS)
+
+
+def test_two_exports_named_the_same_load_as_themselves_in_one_cache(tmp_path):
+    import datasets
+
+    cache = str(tmp_path / "cache")
+    loaded = {}
+    for tag, ids in (("A", ("p0",)), ("B", ("p0", "p1", "p2"))):
+        out = tmp_path / tag / "export"  # the same directory name
+        assert invoke("export", pairs_run(tmp_path / f"run{tag}", tag, ids), out).exit_code == 0
+        fr = datasets.load_dataset(str(out), "fr", split="train", cache_dir=cache)
+        loaded[tag] = (fr.num_rows, fr[0]["chosen"][0]["content"],
+                       datasets.load_dataset(str(out), split="train", cache_dir=cache).num_rows)
+    assert loaded == {"A": (1, "A good fr", 3), "B": (3, "B good fr", 9)}
+
+
+def test_export_refuses_bad_sources_and_outputs(tmp_path):
+    run = pairs_run(tmp_path / "run", "A")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    refused = invoke("export", run, tmp_path / "full")
+    assert refused.exit_code == 2 and "exists and is not an empty directory" in refused.output
+    none = invoke("export", run, tmp_path / "o", "--stage", "samples")
+    assert none.exit_code == 2 and "nor a run with a finished samples dataset" in none.output
+    push = invoke("export", run, tmp_path / "p", "--push-to-hub", "me/pairs")
+    assert push.exit_code == 2 or "pushed" in push.output  # no token here: refused with the reason
+    if push.exit_code == 2:
+        assert "no Hugging Face token configured" in push.output or "upload failed" in push.output
+
+
+def test_export_verl_prompt_set(tmp_path):
+    out = tmp_path / "verl"
+    result = invoke("export", "--format", "verl", REPO / "examples" / "quickstart.yaml", out, "-o", "prompts.limit=2",
+                    "-o", "languages=[en,de]")
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out / "train.parquet")
+    assert table.column_names == ["data_source", "prompt", "ability", "reward_model", "extra_info"]
+    rows = table.to_pylist()
+    assert len(rows) == 4 and [r["extra_info"]["lang"] for r in rows] == ["en", "de", "en", "de"]
+    assert rows[1]["prompt"][-1]["role"] == "user" and rows[1]["reward_model"] == {"style": "rule",
+                                                                                   "ground_truth": "de"}
+    assert rows[0]["extra_info"]["prompt_id"] == rows[1]["extra_info"]["prompt_id"]
+    assert [r["extra_info"]["index"] for r in rows] == [0, 1, 2, 3] and rows[0]["data_source"] == "rayalign"
+    assert isinstance(rows[0]["ability"], str)
