@@ -79,7 +79,7 @@ class ScoringGroup:
                           max_failed_rows=max_failed_rows)
 
     def update_weights(self, role: str, named_tensors: dict) -> None:
-        ref = ray.put(named_tensors)
+        ref = named_tensors if isinstance(named_tensors, ray.ObjectRef) else ray.put(named_tensors)
         ray.get([self.actors[i].update_weights.remote(role, ref) for i in self.alive])
 
     def weights(self, role: str) -> list[dict]:

@@ -414,6 +414,12 @@ class TrainerActor:
                 out[name] = param.detach().float().cpu().numpy().copy()
         return out
 
+    def publish_weights(self) -> list:
+        """Put the full parameters into the object store from this actor (rank 0; every rank joins the ZeRO-3
+        gathers) and return [ref]: engines fetch them from here, and the driver never holds them."""
+        weights = self.parameters()
+        return [ray.put(weights)] if self.rank == 0 else []
+
     def state(self) -> dict:
         return {"rank": self.rank, "step": self.step, "node": ray.util.get_node_ip_address(),
                 "steps_per_epoch": getattr(self, "steps_per_epoch", None)}
@@ -477,6 +483,10 @@ class TrainerGroup:
 
     def parameters(self) -> dict:
         return self._all("parameters")[0]  # every rank takes part in the ZeRO-3 gathers
+
+    def publish_weights(self) -> "ray.ObjectRef":
+        """The full parameters as an object in the store, put there by rank 0 (see TrainerActor.publish_weights)."""
+        return self._all("publish_weights")[0][0]
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group

@@ -143,7 +143,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
             timings["seconds_train"] = time.perf_counter() - started
 
             started = time.perf_counter()
-            weights = trainer.parameters()
+            weights = trainer.publish_weights()  # put by the trainer, fetched by the engines: no driver hop
             generators.update_weights(weights)
             if scorers is not None:
                 scorers.group.update_weights("policy", weights)

@@ -64,11 +64,13 @@ def test_generation_engines_take_the_trainers_weights(ray_session, tiny_model):
         old, ref = [s["logp"] for s in stats], [s["ref_logp"] for s in stats]
         update = trainer._all("rl_step", sequences, [1.0, -1.0, 0.5, -0.5], old, ref, 0.1, "k3", 0.2)[0]
         assert update["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step starts at the reference
-        params = trainer.parameters()
-        generators.update_weights(params)
+        published = trainer.publish_weights()  # put by the trainer actor; the driver holds only the reference
+        assert isinstance(published, ray_session.ObjectRef)
+        generators.update_weights(published)
         after = generators.weights()[0]
         scorers = ScoringGroup({"policy": ModelRole(tiny_model, ModelConfig(path=tiny_model))}, 1, 8, 1, 0)
-        scorers.update_weights("policy", params)
+        scorers.update_weights("policy", published)
+        params = trainer.parameters()
         scored = scorers.weights("policy")[0]
         scorers.shutdown()
     finally:
