@@ -18,6 +18,8 @@ import ray
 
 from rayalign.config import ModelConfig, TrainingConfig
 
+TRAIN_LOG = "train_log.jsonl"
+
 
 def deepspeed_config(t: TrainingConfig, on_gpu: bool) -> dict:
     return {
@@ -44,6 +46,20 @@ def warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], floa
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+class CheckpointError(RuntimeError):
+    """A training checkpoint that cannot be loaded; the message names the file."""
+
+
+def deepspeed_checkpoint_globals() -> list:
+    """The non-tensor types DeepSpeed writes into its checkpoints (plain data classes and an enum, rebuilt from their
+    fields without calling anything else), allowed when loading them with weights_only."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
 
 
 class TrainerActor:
@@ -371,10 +387,31 @@ class TrainerActor:
         return self.step
 
     def resume(self, directory: str) -> int:
-        """Load the latest checkpoint in `directory`; the next step continues the same data order."""
-        path, client = self.engine.load_checkpoint(directory)
+        """Load the latest checkpoint in `directory`; the next step continues the same data order.
+
+        Every file is read with torch.load(weights_only=True): tensors, containers and DeepSpeed's enums only,
+        never arbitrary pickled objects (DeepSpeed's own loader would unpickle anything)."""
+        import pickle
+
+        import torch
+
+        engine = self.engine.checkpoint_engine
+        loader = engine.load
+
+        def load_weights_only(path, map_location=None):
+            try:
+                with torch.serialization.safe_globals(deepspeed_checkpoint_globals()):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise CheckpointError(f"{path}: holds objects other than weights; not loaded ({e})") from None
+
+        engine.load = load_weights_only
+        try:
+            path, client = self.engine.load_checkpoint(directory)
+        finally:
+            engine.load = loader
         if path is None:
-            raise RuntimeError(f"{directory}: no DeepSpeed checkpoint to resume from")
+            raise CheckpointError(f"{directory}: no DeepSpeed checkpoint to resume from")
         self.step = int(client["step"])
         return self.step
 
@@ -393,13 +430,18 @@ class TrainerActor:
             elif self.rank == 0:
                 state[name] = param.detach().cpu()
         if self.rank == 0:
+            import shutil
+
             out = Path(path)
             tmp = out.with_name(out.name + ".tmp")
+            if tmp.is_dir():  # left by an interrupted save
+                shutil.rmtree(tmp)
+            elif tmp.exists():
+                tmp.unlink()
+            tmp.mkdir(parents=True)
             module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
             if out.exists():
-                import shutil
-
                 shutil.rmtree(out)
             tmp.rename(out)
         dist.barrier()
@@ -451,26 +493,47 @@ class TrainerGroup:
 
     def fit(self, data_path: str, schema: str, loss: str, *, aligned_languages: list[str] | None = None,
             checkpoint_dir: str | None = None, checkpoint_every: int = 0,
-            progress: Callable[[int, int, dict], None] | None = None) -> dict:
-        """Train on a preference dataset; resume from `checkpoint_dir` if it holds a checkpoint.
+            progress: Callable[[int, int, dict], None] | None = None,
+            on_checkpoint: Callable[[Path], None] | None = None) -> dict:
+        """Train on a preference dataset; resume from `checkpoint_dir` if it holds a checkpoint (the caller decides
+        whether to trust it). Each checkpoint holds the steps' log so far (train_log.jsonl), so a resumed run's
+        log is whole; `on_checkpoint(tag_dir)` is called after each one is written.
 
-        Returns {"prepare": ..., "steps": [per-step metrics], "resumed_from": step}."""
+        Returns {"prepare": ..., "steps": [per-step metrics, from step 1], "resumed_from": step}."""
+        import json
+
         info = self._all("prepare", data_path, schema, loss, aligned_languages)[0]
-        resumed = 0
+        resumed, history = 0, []
         if checkpoint_dir and (Path(checkpoint_dir) / "latest").is_file():
             resumed = self._all("resume", checkpoint_dir)[0]
-        history, total = [], info["steps"]
+            log = Path(checkpoint_dir) / f"step-{resumed}" / TRAIN_LOG
+            if log.is_file():
+                history = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
+        total = info["steps"]
         for step in range(resumed, total):
             record = self._all("train_steps", 1)[0][0]
             history.append(record)
             if checkpoint_dir and checkpoint_every and record["step"] % checkpoint_every == 0 and record["step"] < total:
                 self._all("checkpoint", checkpoint_dir)
+                tag_dir = Path(checkpoint_dir) / f"step-{record['step']}"
+                (tag_dir / TRAIN_LOG).write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
+                if on_checkpoint:
+                    on_checkpoint(tag_dir)
             if progress:
                 progress(record["step"], total, record)
         return {"prepare": info, "steps": history, "resumed_from": resumed}
 
     def save(self, path: str) -> None:
-        self._all("save", path)
+        """Save the policy; a file that cannot be written (disk full) raises DatasetWriteError naming it."""
+        from rayalign.data.store import DatasetWriteError
+
+        try:
+            self._all("save", path)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, OSError):
+                raise DatasetWriteError(f"{path}: the trained policy could not be saved ({e.cause}); launch again to "
+                                        "resume from the latest checkpoint") from None
+            raise
 
     def rollout_stats(self, sequences: list) -> list[dict]:
         """Per-token log-probs (policy) or values (critic) of every sequence, in order."""

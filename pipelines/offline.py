@@ -548,7 +548,8 @@ def _with_reference_logps(cfg: RunConfig, pairs_table, policy_path: str):
 
 # ---- training stage ----
 
-def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int, out_dir: Path) -> dict:
+def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int, out_dir: Path,
+                state: dict | None = None) -> dict:
     """Train policy t from policy t-1 on iteration t's preference data -> a Hugging Face checkpoint at `out_dir`.
 
     The training reference is policy t-1, whose log-probs the pairs carry. Mid-stage checkpoints go to
@@ -566,6 +567,18 @@ def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int
     from rayalign.training import batch_alignment_languages
 
     ckpt_dir = out_dir.with_name("train.ckpt")
+    run_dir = out_dir.parent.parent
+    state = state if state is not None else {}
+    records = state.setdefault("checkpoints", {})
+    key = str(ckpt_dir.relative_to(run_dir))
+    set_aside_untrusted_checkpoint(ckpt_dir, records.get(key), t.checkpoint_every, run_dir)
+
+    def on_checkpoint(tag_dir: Path) -> None:  # recorded in the run state: only these files are ever loaded
+        from rayalign.data.store import directory_checksums
+
+        records[key] = {"tag": tag_dir.name, "files": directory_checksums(tag_dir)}
+        write_state(run_dir, state)
+
     aligned = batch_alignment_languages(cfg.languages, cfg.anchor_language, t.batch_alignment)
     deepspeed_op_notice()
     group = TrainerGroup(policy_path, cfg.policy, t, cfg.rewards.consistency.beta)
@@ -579,16 +592,15 @@ def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int
 
         try:
             fit = group.fit(str(data_dir), schema, t.loss, aligned_languages=aligned, checkpoint_dir=str(ckpt_dir),
-                            checkpoint_every=t.checkpoint_every, progress=progress)
+                            checkpoint_every=t.checkpoint_every, progress=progress, on_checkpoint=on_checkpoint)
             group.save(str(out_dir))
             nodes = group.nodes
         finally:
             group.shutdown()
-    steps = fit["steps"]
-    with open(out_dir.with_name("train_log.jsonl"), "a", encoding="utf-8") as f:
-        for record in steps:
-            f.write(json.dumps(record) + "\n")
+    steps = fit["steps"]  # every step, those before a resume included
+    atomic_write_text(out_dir.with_name("train_log.jsonl"), "".join(json.dumps(r) + "\n" for r in steps))
     shutil.rmtree(ckpt_dir, ignore_errors=True)
+    records.pop(key, None)
     seconds = sum(r["seconds"] for r in steps)
     result = {"objective": t.loss, "rows": fit["prepare"]["rows"], "dropped_too_long": fit["prepare"]["dropped_too_long"],
               "steps": fit["prepare"]["steps"], "resumed_from_step": fit["resumed_from"],
@@ -601,6 +613,34 @@ def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int
             result[f"{key}_first"] = round(values[0], 5)
             result[f"{key}_mean"] = round(sum(values) / len(values), 5)
     return result
+
+
+def set_aside_untrusted_checkpoint(ckpt_dir: Path, record: dict | None, checkpoint_every: int, run_dir: Path) -> None:
+    """Leave in `ckpt_dir` only a checkpoint that this run wrote and recorded, unchanged; anything else (checkpointing
+    off, no record, other or changed files) is moved to the run's trash, and training starts over."""
+    from rayalign.data.store import directory_problems
+
+    if not ckpt_dir.exists():
+        return
+    if not checkpoint_every:
+        why = ["training.checkpoint_every is 0 (checkpointing is off)"]
+    elif record is None:
+        why = ["no checkpoint was recorded in state.json by this run"]
+    else:
+        tag = ckpt_dir / record["tag"]
+        latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
+        why = [] if latest == record["tag"] else [f"{ckpt_dir / 'latest'}: names {latest!r}, not {record['tag']!r}"]
+        why += directory_problems(tag, record["files"])
+        others = [p.name for p in ckpt_dir.iterdir() if p.name not in ("latest", record["tag"])]
+        if not why:
+            for name in others:  # older tags: never loaded, no longer needed
+                shutil.rmtree(ckpt_dir / name) if (ckpt_dir / name).is_dir() else (ckpt_dir / name).unlink()
+            return
+    trash = run_dir / f"trash-{time.strftime('%Y%m%d-%H%M%S')}" / ckpt_dir.relative_to(run_dir)
+    trash.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(ckpt_dir, trash)
+    console.print(f"[yellow]{ckpt_dir}: not loaded[/] ({'; '.join(why)}); moved to {trash}; training starts from "
+                  "step 0")
 
 
 def language_fidelity(samples_dir: Path) -> dict[str, float]:
@@ -717,7 +757,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
             elif stage == "pairs":
                 result = pairs_stage(cfg, run_dir, policy_path, initial_path, iteration, out_dir)
             else:
-                result = train_stage(cfg, it_dir / "pairs", policy_path, iteration, out_dir)
+                result = train_stage(cfg, it_dir / "pairs", policy_path, iteration, out_dir, state)
             result["wall_seconds"] = round(time.perf_counter() - started, 3)
             log_metrics(run_dir, {"iteration": iteration, "stage": stage, **result})
             if stage == "train" and (out_dir / "config.json").is_file():
