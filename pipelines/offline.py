@@ -307,10 +307,11 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
 
 
 def read_checkpoints(directory: Path, count: int) -> dict:
-    """Forward-result shards finished by an earlier, interrupted run (complete files only)."""
+    """Forward-result shards finished by an earlier, interrupted run: complete files that match the checksum
+    recorded when they were written (others are removed and computed again)."""
     import pyarrow.parquet as pq
 
-    from rayalign.data.store import shard_name
+    from rayalign.data.store import checksum_path, shard_name, shard_problem
 
     for stale in directory.glob("*.tmp"):
         stale.unlink()
@@ -688,7 +689,8 @@ def rescore(cfg: RunConfig, scores_dir: Path, out_dir: Path, replace: bool = Fal
     manifest = read_manifest(scores_dir)
     table, params = compute_rewards(read_dataset(scores_dir, "scores"), cfg)
     run_root = next((d for d in out.parents if (d / "state.json").is_file()), None)
-    trash = run_root / f"trash-{time.strftime('%Y%m%d-%H%M%S')}" / out.parent.relative_to(run_root) if run_root else None
+    trash = (run_root / f"trash-{time.strftime('%Y%m%d-%H%M%S')}" / out.parent.relative_to(run_root)
+             if run_root else None)
     moved = claim_output_dir(out_dir, replace=replace, trash=trash)
     if moved:
         console.print(f"--replace: moved the old {out_dir} to {moved}")
