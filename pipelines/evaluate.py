@@ -240,9 +240,12 @@ def evaluate_policy(cfg: RunConfig, policy_path: str, out_dir: str | Path, *, po
                                                                             "hub_layer"))
     scan_self = cfg.rewards.latent.enabled and cfg.rewards.latent.hub_layer == "auto" and hub_layer is None
 
+    from rayalign.eval.confusion import confusion_rows
+
     table = eval_samples(cfg, policy_path, policy_name, out_dir / "samples")
     langs = table.column("lang").to_pylist()
     rows = metrics.fidelity_rows(langs, table.column("lang_detected").to_pylist())
+    rows += confusion_rows(langs, table.column("response").to_pylist())
     rows += [r for r in metrics.distribution_rows("response_tokens", table.column("num_tokens").to_pylist(), langs)
              if r["stat"] == "mean"]
     if silhouette_prompts >= 2 and len(set(table.column("prompt_id").to_pylist())) >= 2:
@@ -320,7 +323,8 @@ def print_summary(result: pa.Table, languages: list[str], anchor: str) -> None:
     rows = result.to_pylist()
     value = {(r["metric"], r["stat"], r["lang"], r["other_lang"]): r["value"] for r in rows}
     rewards = sorted({r["metric"] for r in rows if r["metric"].startswith("r_")})
-    columns = [("fidelity", "share", None), ("response_tokens", "mean", None)]
+    columns = [("fidelity", "share", None), ("lpr", "share", None), ("wpr", "share", None), ("lcpr", "share", None),
+               ("response_tokens", "mean", None)]
     columns += [(m, "mean", None) for m in rewards] + [("accuracy", "share", None), ("rankc", "score", anchor),
                                                         ("judge_win_rate", "share", None)]
     present = [c for c in columns if any(k[:2] == c[:2] for k in value)]

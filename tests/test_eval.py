@@ -122,9 +122,12 @@ def evaluated(tiny_model, ray_session, tmp_path_factory):
 def test_eval_writes_results_that_match_its_own_datasets(evaluated):
     from rayalign.data.store import read_dataset
 
+    from rayalign.eval.confusion import confusion_metrics
+
     out, printed = evaluated
     results = pl.from_arrow(read_dataset(out / "results", "eval"))
-    samples = pl.from_arrow(read_dataset(out / "samples", "samples").select(["lang", "lang_detected", "num_tokens"]))
+    samples = pl.from_arrow(read_dataset(out / "samples", "samples").select(["lang", "lang_detected", "num_tokens",
+                                                                              "response"]))
     scores = pl.from_arrow(read_dataset(out / "scores", "scores").select(["lang", "r_lacomsa"]))
     assert samples.height == 4 * 3 * 2 and scores.height == samples.height
 
@@ -136,6 +139,8 @@ def test_eval_writes_results_that_match_its_own_datasets(evaluated):
         mine = samples.filter(pl.col("lang") == lang)
         assert value("fidelity", "share", lang) == pytest.approx((mine["lang"] == mine["lang_detected"]).mean())
         assert value("response_tokens", "mean", lang) == pytest.approx(mine["num_tokens"].mean())
+        confusion = confusion_metrics(mine["response"].to_list(), lang)  # worked by hand in test_confusion
+        assert value("lpr", "share", lang) == confusion["lpr"] and value("lcpr", "share", lang) == confusion["lcpr"]
         rewards = scores.filter(pl.col("lang") == lang)["r_lacomsa"].to_numpy()
         assert value("r_lacomsa", "mean", lang) == pytest.approx(rewards.mean())
         assert value("r_lacomsa", "p75", lang) == pytest.approx(np.percentile(rewards, 75))
@@ -144,7 +149,7 @@ def test_eval_writes_results_that_match_its_own_datasets(evaluated):
     assert all(-1.0 <= v <= 1.0 for v in layers["value"]) and set(layers["count"]) == {4}
     pairs = results.filter(pl.col("metric") == "rankc")
     assert sorted(zip(pairs["lang"], pairs["other_lang"].fill_null("-"))) == [("all", "-"), ("en", "de"), ("en", "es")]
-    assert "eval of" in printed and "silhouette by layer" in printed
+    assert "eval of" in printed and "silhouette by layer" in printed and "lcpr" in printed
 
 
 def test_eval_accuracy_matches_direct_engine_scores(evaluated, tiny_model):
