@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pyarrow as pa
 
 from rayalign.config import ConfigError, RunConfig
 from rayalign.data.prompts import load_prompts
-from rayalign.data.store import DatasetWriter
+from rayalign.data.store import DatasetWriter, atomic_write_text
 from rayalign.models import load_tokenizer, resolve_model_path
 from rayalign.progress import deepspeed_op_notice, model_build_progress
 from rayalign.pipelines.offline import console, log_metrics, prepare_run_dir, write_state
@@ -72,9 +73,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
     tcfg = trainer_config(cfg, rollout_size)
     updates_per_step = o.ppo_epochs * rollout_size // (o.mini_batch_size or rollout_size)
     state = prepare_run_dir(cfg, run_dir)
-    if state["finished"]:
-        raise ConfigError(f"{run_dir}: holds an online run ({len(state['finished'])} steps); online runs do not "
-                          "resume yet: use another --run-dir")
+    resume_step = resumable_step(run_dir, state, o.checkpoint_every, ppo=o.algorithm == "ppo")
     policy_path = resolve_model_path(cfg.policy.path, model_build_progress(cfg.policy.path))
     resources = connect(spec, address)
     ppo = o.algorithm == "ppo"
@@ -95,9 +94,18 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
         if ppo else None
     scorers = ScoredReward(cfg, policy_path) if o.score_weight else None
     try:
-        for group in (trainer, critic) if ppo else (trainer,):
+        groups = {"policy": trainer, "critic": critic} if ppo else {"policy": trainer}
+        for group in groups.values():
             group._all("prepare_online", o.steps * updates_per_step, policy_path)
-        for step in range(1, o.steps + 1):
+        if resume_step:
+            for role, group in groups.items():
+                group._all("resume", str(run_dir / "online" / CHECKPOINT_DIRS[role]))
+            weights = trainer.publish_weights()
+            generators.update_weights(weights)
+            if scorers is not None:
+                scorers.group.update_weights("policy", weights)
+            console.print(f"resumed from the checkpoint of step {resume_step}")
+        for step in range(resume_step + 1, o.steps + 1):
             timings, started = {}, time.perf_counter()
             batch = step_prompts(prompts, step, o.prompts_per_step, cfg.sampling.seed)
             parts: dict[int, pa.Table] = {}
@@ -156,6 +164,8 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
                       **{k: round(v, 3) for k, v in timings.items()}}
             log_metrics(run_dir, record)
             state["finished"].append(f"online/step-{step}")
+            if o.checkpoint_every and step % o.checkpoint_every == 0:
+                state["online_checkpoint"] = save_checkpoints(run_dir, groups, step)
             write_state(run_dir, state)
             console.print(f"step {step}/{o.steps}: reward {record['reward_mean']:.3f}  kl {record['kl']:.4f}  "
                           f"clip {record['clip_fraction']:.3f}  entropy {record['entropy']:.3f}  "
@@ -168,6 +178,60 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", 
             if group is not None:
                 group.shutdown()
     return run_dir
+
+
+CHECKPOINT_DIRS = {"policy": "train.ckpt", "critic": "critic.ckpt"}
+
+
+def save_checkpoints(run_dir: Path, groups: dict, step: int) -> dict:
+    """Every trainer group's DeepSpeed checkpoint of this step; returns the record (tags and file checksums) that
+    the run state keeps: a relaunch loads only checkpoints that match it."""
+    from rayalign.data.store import directory_checksums
+
+    record = {"step": step}
+    for role, group in groups.items():
+        directory = run_dir / "online" / CHECKPOINT_DIRS[role]
+        tag = f"step-{group._all('checkpoint', str(directory))[0]}"
+        for old in directory.iterdir():  # older tags are never loaded again
+            if old.is_dir() and old.name != tag:
+                shutil.rmtree(old)
+        record[role] = {"tag": tag, "files": directory_checksums(directory / tag)}
+    return record
+
+
+def resumable_step(run_dir: Path, state: dict, checkpoint_every: int, ppo: bool) -> int:
+    """The step a relaunch continues after: the last recorded checkpoint's, when every checkpoint it needs is
+    intact (0 otherwise). Outputs of later steps (rollouts, metrics, the final policy) are moved to the run's
+    trash, so that the relaunch writes them again exactly as an uninterrupted run would."""
+    from rayalign.pipelines.offline import set_aside_untrusted_checkpoint
+
+    if not state["finished"]:
+        return 0
+    record = state.get("online_checkpoint") or {}
+    roles = ("policy", "critic") if ppo else ("policy",)
+    for role in roles:
+        set_aside_untrusted_checkpoint(run_dir / "online" / CHECKPOINT_DIRS[role], record.get(role),
+                                       checkpoint_every, run_dir)
+    intact = all((run_dir / "online" / CHECKPOINT_DIRS[role]).is_dir() for role in roles)
+    step = record.get("step", 0) if intact and record else 0
+    trash = run_dir / f"trash-{time.strftime('%Y%m%d-%H%M%S')}" / "online"
+    later = [p for p in sorted((run_dir / "online").glob("step-*")) if int(p.name[5:]) > step]
+    for path in later + [p for p in [run_dir / "online" / "policy"] if p.exists()]:
+        trash.mkdir(parents=True, exist_ok=True)
+        shutil.move(path, trash / path.name)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        kept = [line for line in metrics.read_text().splitlines()
+                if json.loads(line).get("stage") != "online" or json.loads(line)["step"] <= step]
+        atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+    state["finished"] = [f"online/step-{s}" for s in range(1, step + 1)]
+    if step:
+        console.print(f"{run_dir}: continuing after step {step} (its checkpoint verified)")
+    else:
+        console.print(f"{run_dir}: no usable checkpoint (online.checkpoint_every {checkpoint_every}); starting over "
+                      f"from step 1, earlier outputs moved to {trash.parent}")
+        state.pop("online_checkpoint", None)
+    return step
 
 
 class ScoredReward:

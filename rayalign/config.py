@@ -290,6 +290,9 @@ class OnlineConfig:
     kl_coef: float = _field(0.05, help="weight of the KL penalty to the reference (the starting policy)", ge=0.0)
     kl_estimator: str = _field("k3", help="per-token KL estimator: k1, k2 or k3", choices=("k1", "k2", "k3"))
     clip_eps: float = _field(0.2, help="PPO ratio clip range (and the critic's value clip range)", gt=0.0)
+    checkpoint_every: int = _field(0, help="save a resumable checkpoint (policy, optimizer, schedule, critic, step) "
+                                   "every N steps; a relaunch continues from the last one; 0 = off (a relaunch "
+                                   "starts over)", ge=0)
     ppo_epochs: int = _field(1, help="passes over each step's rollouts (OpenRLHF max_epochs, verl ppo_epochs); the "
                              "ratio to the behaviour policy and its clip act from the second update on", ge=1)
     mini_batch_size: int | None = _field(None, help="rollouts per optimizer update (verl ppo_mini_batch_size); must "
