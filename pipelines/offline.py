@@ -608,7 +608,8 @@ def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int
               "global_batch": fit["prepare"]["global_batch"], "world_size": t.world_size,
               "seconds": round(seconds, 3), "tokens_per_s": round(sum(r["tokens"] for r in steps) / max(seconds, 1e-9), 1),
               "actor_nodes": nodes}
-    for key in ("loss", "reward_margin", "accuracy", "reward_chosen", "reward_rejected", "nll", "kl"):
+    for key in ("loss", "loss_at_reference", "reward_margin", "accuracy", "reward_chosen", "reward_rejected", "nll",
+                "kl"):
         values = [r[key] for r in steps if key in r]
         if values:  # the first step and the mean over the stage's steps
             result[f"{key}_first"] = round(values[0], 5)

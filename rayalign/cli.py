@@ -250,8 +250,11 @@ def rescore(scores, output, recipe, overrides, replace):
     from rayalign.pipelines import offline
 
     scores = Path(scores)
-    recipe = recipe or scores.parent.parent / "config.yaml"
-    cfg = _load(recipe, overrides, sources=False)
+    cfg = _load(recipe or scores.parent.parent / "config.yaml", overrides, sources=False)
+    if cfg.rewards.user.path:  # user code: say which file runs, and from where its path came
+        source = f"--recipe {recipe}" if recipe else f"{scores.parent.parent / 'config.yaml'} (the scored run's config)"
+        err.print(f"rescore: runs the user reward file {cfg.rewards.user.path} as code, named by {source}; pass "
+                  "--recipe or -o rewards.user.path=... to choose another", soft_wrap=True)
     manifest = offline.rescore(cfg, scores, Path(output), replace=replace)
     console.print(f"done: {output} ({manifest['rows']} rows)")
 

@@ -182,3 +182,17 @@ def test_fault_injection_fifty_random_bit_flips_are_all_detected_and_recomputed(
         for name in DATASETS:
             assert got[name].equals(expected[name]), (relaunch, name)
     assert len(done) == 50 and damaged >= 15
+
+
+def test_rescore_names_the_user_reward_file_it_runs_before_running_it(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    reward = tmp_path / "reward.py"
+    reward.write_text("import sys\nprint('USER CODE RAN', file=sys.stderr)\n\ndef reward(group):\n"
+                      "    return [1.0 for _ in group]\n")
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("user:\n    path: null", f"user:\n    path: {reward}"))
+    assert str(reward) in config.read_text()
+    result = invoke("rescore", run_dir / "iter-1" / "scores", "--output", tmp_path / "rescored")
+    output = one_line(result.output)
+    notice = f"runs the user reward file {reward} as code, named by {config} (the scored run's config)"
+    assert notice in output
