@@ -1,7 +1,8 @@
 """The dataset store: a directory of Parquet shards, a manifest.json and a README.md dataset card.
 
 A shard is written under a temporary name and renamed when complete, after its checksum file
-(`part-XXXXX.parquet.sha256`, in `sha256sum` format); the manifest is written last, so a directory with a
+(`part-XXXXX.sha256`, in `sha256sum -c` format; not `.parquet.sha256`, which `datasets` would
+take for a Parquet file); the manifest is written last, so a directory with a
 manifest is a complete dataset and a crash never leaves a half-written shard under a final name. A shard is
 trusted on resume only when it matches the checksum recorded when it was written.
 """
@@ -27,7 +28,7 @@ MANIFEST = "manifest.json"
 CARD = "README.md"
 SHARD_GLOB = "part-*.parquet"
 CHECKSUM = ".sha256"
-DATASET_FILE = re.compile(r"part-\d+\.parquet(\.sha256)?|manifest\.json|README\.md|.*\.tmp")
+DATASET_FILE = re.compile(r"part-\d+\.(parquet|sha256)|manifest\.json|README\.md|.*\.tmp")
 
 
 class DatasetError(RuntimeError):
@@ -51,7 +52,7 @@ def sha256_file(path: Path) -> str:
 
 
 def checksum_path(shard: Path) -> Path:
-    return shard.with_name(shard.name + CHECKSUM)
+    return shard.with_suffix(CHECKSUM)
 
 
 def recorded_sha256(shard: Path) -> str | None:
@@ -131,8 +132,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_parquet_atomic(table: pa.Table, path: Path, *, checksum: bool = False, **options) -> Path:
     """Write `table` to `path` under a temporary name, sync, then rename: `path` is complete or absent (or as
-    before). With `checksum`, the written bytes' sha256 goes to `path`.sha256 before the rename, so a shard in
-    place always has its recorded checksum. A failed write (disk full, permission denied) raises
+    before). With `checksum`, the written bytes' sha256 goes to the .sha256 file beside `path` before the
+    rename, so a shard in place always has its recorded checksum. A failed write (disk full, permission denied) raises
     DatasetWriteError naming `path`."""
     tmp = path.with_name(path.name + ".tmp")
     try:
