@@ -47,7 +47,7 @@ def test_shards_are_renamed_only_when_complete(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         w.write_shard(1, prompts_table(["b"]))
     monkeypatch.undo()
-    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["part-00000.parquet", "part-00000.parquet.sha256"]
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["part-00000.parquet", "part-00000.sha256"]
     assert w.has_shard(0) and not w.has_shard(1)
 
 
