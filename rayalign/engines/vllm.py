@@ -22,7 +22,6 @@ import gc
 import itertools
 import os
 import threading
-from pathlib import Path
 
 import torch
 import vllm
@@ -31,24 +30,19 @@ from vllm.platforms import current_platform
 from rayalign.engines import Completion, GenerationRequest, ScoreRequest, ScoreResult
 from rayalign.models import encode_response, load_tokenizer, stop_token_ids
 
-UPDATE_CHUNK_BYTES = 1 << 30  # update_weights sends the tensors to the workers in RPCs of about this size
 CPU_KV_CACHE_GIB = 1.0  # KV cache per engine on CPU when kv_cache_gib is not set
 
 
-class WorkerWeights:
-    """Mixed into every vLLM worker (worker_extension_cls), so collective_rpc can load tensors into its shard."""
-
-    def rayalign_load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-        self.model_runner.model.load_weights(weights=named_tensors)  # HF names; vLLM shards and fuses them
-
-    def rayalign_load_checkpoint(self, path: str) -> None:
-        """Load every weight of the HF checkpoint directory `path` (safetensors, else .bin files)."""
-        from vllm.model_executor.model_loader.weight_utils import pt_weights_iterator, safetensors_weights_iterator
-
-        files = sorted(str(f) for f in Path(path).glob("*.safetensors"))
-        weights = safetensors_weights_iterator(files, False) if files else pt_weights_iterator(
-            sorted(str(f) for f in Path(path).glob("*.bin")), False)
-        self.model_runner.model.load_weights(weights=weights)
+def retie_output_head(worker) -> None:
+    """Run on each vLLM worker after an in-place reload: a tied output head (tie_word_embeddings) is not in the
+    checkpoint, so the reload leaves it, and on CPU its packed GEMM weights, on the old embeddings."""
+    model = worker.model_runner.model
+    head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
+    config = getattr(model, "config", None)
+    if head is None or embed is None or not getattr(config, "tie_word_embeddings", False):
+        return
+    head.tie_weights(embed)
+    head.quant_method.process_weights_after_loading(head)
 
 
 def generation_eos(model_path: str, trust_remote_code: bool = False):
@@ -69,8 +63,7 @@ class VLLMEngine:
         self.trust_remote_code = trust_remote_code
         self.on_cpu = current_platform.is_cpu()
         self.options = dict(dtype=dtype, tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code,
-                            max_model_len=max_model_len, seed=seed, generation_config="vllm",
-                            worker_extension_cls=f"{__name__}.{WorkerWeights.__qualname__}")
+                            max_model_len=max_model_len, seed=seed, generation_config="vllm")
         if kv_cache_gib is not None or self.on_cpu:
             self.options["kv_cache_memory_bytes"] = int((kv_cache_gib or CPU_KV_CACHE_GIB) * (1 << 30))
         else:
@@ -187,30 +180,25 @@ class VLLMEngine:
     # ---- weights ------------------------------------------------------------------------------------------------
 
     def load_weights(self, path: str) -> None:
-        """Serve the HF checkpoint at `path` from now on (the next iteration's policy), loaded into the running
-        engine; the checkpoint must have the served model's architecture and tokenizer."""
+        """Serve the HF checkpoint at `path` from now on (the next iteration's policy), reloaded into the running
+        engine (vLLM's in-place reload, which re-packs weights for the CPU kernels); the checkpoint must have the
+        served model's architecture and tokenizer."""
         with self._lock:
-            self.llm.collective_rpc("rayalign_load_checkpoint", args=(str(path),))
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+            self.llm.collective_rpc(retie_output_head)
             self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.model_path = str(path)
         self.tokenizer = load_tokenizer(self.model_path, self.trust_remote_code)
         self.eos_ids = stop_token_ids(self.tokenizer, generation_eos(self.model_path, self.trust_remote_code))
 
     def update_weights(self, named_tensors) -> None:
-        """Load HF-named parameters (a dict or (name, tensor) pairs; numpy or torch) into the served model in place,
-        for online training."""
-        batch, size = [], 0
+        """Load the model's HF-named parameters (a dict or (name, tensor) pairs; numpy or torch), the trainer's full
+        set, into the served model in place, for online training."""
         pairs = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
+        weights = [(name, torch.as_tensor(t).detach().cpu()) for name, t in pairs]  # CPU tensors serialise to workers
         with self._lock:
-            for name, tensor in pairs:
-                tensor = torch.as_tensor(tensor)
-                batch.append((name, tensor.detach().cpu()))  # CPU tensors serialise to worker processes and Ray
-                size += tensor.numel() * tensor.element_size()
-                if size >= UPDATE_CHUNK_BYTES:
-                    self.llm.collective_rpc("rayalign_load_weights", args=(batch,))
-                    batch, size = [], 0
-            if batch:
-                self.llm.collective_rpc("rayalign_load_weights", args=(batch,))
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            self.llm.collective_rpc(retie_output_head)
             self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def shutdown(self) -> None:
