@@ -170,7 +170,7 @@ def orpo_loss(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, *,
 
 def dco_loss(policy_chosen_1, policy_rejected_1, policy_chosen_2, policy_rejected_2, ref_chosen_1, ref_rejected_1,
              ref_chosen_2, ref_rejected_2, gamma_12, gamma_21, *, beta) -> LossOutput:
-    """DCO (DCO paper, eq. 7) on parallel tuples (x1, yw1, yl1, x2, yw2, yl2); gammas are (B,) tensors or floats.
+    """DCO (DCO paper, eq. 11) on parallel tuples (x1, yw1, yl1, x2, yw2, yl2); gammas are (B,) tensors or floats.
 
     The consistency condition gamma_12 * gamma_21 = beta^2 (Lemma 1) is checked where the config is loaded.
     """
@@ -185,6 +185,10 @@ def dco_loss(policy_chosen_1, policy_rejected_1, policy_chosen_2, policy_rejecte
     # |(rhat(x1,yw1) - rhat(x1,yl1)) - g12 (ref_w2 - ref_l2)| + |(rhat(x2,yw2) - rhat(x2,yl2)) - g21 (ref_w1 - ref_l1)|
     term_1 = ((rhat_w1 - rhat_l1) - g12 * (rw2 - rl2)).abs()
     term_2 = ((rhat_w2 - rhat_l2) - g21 * (rw1 - rl1)).abs()
-    metrics = {"term_1": term_1.mean().item(), "term_2": term_2.mean().item()}
+    # the loss these tuples have at pi_ref (rhat = 0): its scale varies from batch to batch with the reference
+    # margins, so compare a batch's loss with it, not with another batch's loss
+    at_reference = (g12 * (rw2 - rl2)).abs() + (g21 * (rw1 - rl1)).abs()
+    metrics = {"term_1": term_1.mean().item(), "term_2": term_2.mean().item(),
+               "loss_at_reference": at_reference.mean().item()}
     chosen_rewards, rejected_rewards = torch.cat([rhat_w1, rhat_w2]), torch.cat([rhat_l1, rhat_l2])
     return LossOutput((term_1 + term_2).mean(), chosen_rewards.detach(), rejected_rewards.detach(), metrics)

@@ -27,7 +27,8 @@ SEQUENCES = {
 }
 SCHEMA_OF_LOSS = {"kto": "kto", "dco": "dco"}  # every other loss trains on pairs
 REFERENCE_FREE = ("simpo", "orpo")
-METRICS = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "accuracy", "nll", "kl", "log_odds_ratio")
+METRICS = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "accuracy", "nll", "kl", "log_odds_ratio",
+           "loss_at_reference")
 
 
 class TrainingDataError(ValueError):

@@ -234,6 +234,8 @@ def test_dco_asymmetric_gammas_hand_values():
     # row 0, gammas (10, 0.1): |2 - 10 * (-1)| + |-2 - 0.1 * 2| = 12 + 2.2;  row 1, gammas (1, 1): 3 + 4
     out = dco_loss(**policy, **dco_refs(2), gamma_12=vec(10.0, 1.0), gamma_21=vec(0.1, 1.0), beta=1.0)
     close(out.loss, (14.2 + 7.0) / 2)
+    # at pi_ref: row 0 |10 * (-1)| + |0.1 * 2| = 10.2, row 1 |1 * (-1)| + |1 * 2| = 3
+    assert out.metrics["loss_at_reference"] == pytest.approx((10.2 + 3.0) / 2)
     close(out.chosen_rewards, [1.0, 1.0, -1.0, -1.0])
     close(out.rejected_rewards, [-1.0, -1.0, 1.0, 1.0])
     out.loss.backward()
