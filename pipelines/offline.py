@@ -705,8 +705,17 @@ def rescore(cfg: RunConfig, scores_dir: Path, out_dir: Path, replace: bool = Fal
 
 # ---- the run ----
 
-def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", address: str | None = None,
-        stages: tuple[str, ...] = STAGES, redo: tuple[str, ...] = ()) -> Path:
+def run(cfg: RunConfig, run_dir: Path | None = None, **options) -> Path:
+    """Run the recipe's iterations into `run_dir`, holding the run directory's lock throughout."""
+    from rayalign.run_lock import run_dir_lock
+
+    run_dir = Path(run_dir or cfg.resolved_run_dir())
+    with run_dir_lock(run_dir, console.print):
+        return _run(cfg, run_dir, **options)
+
+
+def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str | None = None,
+         stages: tuple[str, ...] = STAGES, redo: tuple[str, ...] = ()) -> Path:
     from rayalign.cluster import connect, load_cluster_spec
     from rayalign.cluster.planner import with_counts
 

@@ -53,7 +53,16 @@ def step_prompts(prompts: pa.Table, step: int, per_step: int, seed: int) -> pa.T
     return prompts.filter(pa.compute.is_in(prompts.column("prompt_id"), pa.array(sorted(chosen))))
 
 
-def run(cfg: RunConfig, run_dir: Path | None = None, *, cluster: str = "local", address: str | None = None) -> Path:
+def run(cfg: RunConfig, run_dir: Path | None = None, **options) -> Path:
+    """Run the recipe's online steps into `run_dir`, holding the run directory's lock throughout."""
+    from rayalign.run_lock import run_dir_lock
+
+    run_dir = Path(run_dir or cfg.resolved_run_dir())
+    with run_dir_lock(run_dir, console.print):
+        return _run(cfg, run_dir, **options)
+
+
+def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str | None = None) -> Path:
     from rayalign.actors.generator import GenerationGroup
     from rayalign.actors.pool import split_shards
     from rayalign.actors.trainer import TrainerGroup

@@ -1,0 +1,74 @@
+"""One run directory, one writer: a second launch into a run directory in use is refused, naming the holder."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rayalign.config import ConfigError
+from rayalign.run_lock import LOCK_FILE, run_dir_lock
+
+HOLD = ("import sys, time\nfrom pathlib import Path\nfrom rayalign.run_lock import run_dir_lock\n"
+        "with run_dir_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(60)\n")
+
+
+def test_a_held_lock_refuses_another_process_and_is_released(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError) as refused:
+            with run_dir_lock(tmp_path):
+                pass
+        assert f"in use by process {holder.pid} on {socket.gethostname()}" in str(refused.value)
+        assert str(tmp_path / LOCK_FILE) in str(refused.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_dir_lock(tmp_path, announce=lambda message: None):  # the killed holder's lock is stale now
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_stale_lock_is_taken_over_only_on_its_own_host(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock = tmp_path / LOCK_FILE
+    lock.write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "since": "earlier"}))
+    said = []
+    with run_dir_lock(tmp_path, announce=said.append):
+        pass
+    assert said == [f"{lock}: removed the stale lock of process {gone.pid} (no longer running)"]
+    lock.write_text(json.dumps({"pid": gone.pid, "host": "node-7", "since": "2026-11-29 10:00:00"}))
+    with pytest.raises(ConfigError, match=f"in use by process {gone.pid} on node-7 since 2026-11-29 10:00:00"):
+        with run_dir_lock(tmp_path):
+            pass
+    assert lock.exists()  # another host's lock is never broken
+
+
+def test_two_launches_into_one_run_directory(tmp_path, tiny_model):
+    from conftest import PROMPTS_DIR
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: lock\nlanguages: [en, de]\npolicy: {{path: {tiny_model}}}\n"
+                      f"prompts: {{path: {PROMPTS_DIR}, limit: 4}}\nsampling: {{n: 2, max_new_tokens: 8}}\n"
+                      "engines: {count: 1, batch_size: 8, shard_rows: 2}\n")
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "rayalign.cli", "launch", "--cluster", "local", str(recipe), "--run-dir",
+               str(run_dir)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (run_dir / LOCK_FILE).exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
+        time.sleep(0.05)
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, out[-3000:]
+    assert second.returncode == 2 and f"in use by process {first.pid}" in second.stdout + second.stderr
+    assert "Traceback" not in second.stdout + second.stderr
+    stages = [json.loads(line)["stage"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert stages.count("generate") == 1 and not (run_dir / LOCK_FILE).exists()
