@@ -41,10 +41,10 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = ()) -
         old_hash, new_hash = state["config_hash"], cfg.config_hash()
         if old_hash != new_hash and not redo:
             raise ConfigError(
-                f"{run_dir}: holds a run with another config (hash {old_hash}, this recipe {new_hash}); pass "
-                f"--redo STAGE[,STAGE...] ({', '.join(STAGES)}) to recompute those stages and every later one "
-                "with this recipe (earlier ones are kept), use another --run-dir, or delete the directory to "
-                "start over"
+                f"{run_dir}: holds a run with another config (hash {old_hash}, this recipe {new_hash}); run "
+                f"`rayalign launch RECIPE --redo STAGE[,STAGE...]` ({', '.join(STAGES)}) to recompute those stages "
+                "and every later one with this recipe (earlier ones are kept), use another --run-dir, or delete "
+                "the directory to start over"
             )
         if redo:
             redo_stages(cfg, run_dir, state, redo, config_changed=old_hash != new_hash)

@@ -46,6 +46,10 @@ def _user_errors(fn):
         except (ConfigError, PromptError, DatasetError, ModelLoadError, ClusterError, PlanError, FailedRowsError,
                 RewardError, JudgeError, StudyError, ReportError) as e:
             raise UserError(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: run the same command again to resume (finished stages, shards and "
+                       "checkpoints are kept)", err=True)
+            sys.exit(130)
 
     return wrapper
 

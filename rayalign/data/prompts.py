@@ -83,8 +83,10 @@ def _to_row(where: str, obj: dict, lang: str | None, system_prompt: str | None, 
     if prompt_id is None:
         raise PromptError(f"{where}: missing prompt_id (or instruction_id)")
     lang = obj.get("lang", lang)
-    if not isinstance(lang, str):
+    if lang is None:
         raise PromptError(f"{where}: missing lang")
+    if not isinstance(lang, str):
+        raise PromptError(f"{where}: lang must be an ISO 639-1 code such as 'de', got {type(lang).__name__} {lang!r}")
     if obj.get("messages") is not None:
         messages = obj["messages"]
         if not isinstance(messages, list) or not all(
