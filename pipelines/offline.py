@@ -714,6 +714,18 @@ def run(cfg: RunConfig, run_dir: Path | None = None, **options) -> Path:
         return _run(cfg, run_dir, **options)
 
 
+def preflight(cfg: RunConfig, policy_path: str) -> None:
+    """Checks that need the model or user code, made before any work: the latent layers against the model's, and
+    the user reward file's function (importing the file runs it, as scoring would)."""
+    from rayalign.scores import load_user_reward
+
+    r = cfg.rewards
+    if r.latent.enabled and r.latent.hub_layer != "auto":
+        _layers(cfg, policy_path)
+    if r.user.path:
+        load_user_reward(r.user.path, r.user.function)
+
+
 def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str | None = None,
          stages: tuple[str, ...] = STAGES, redo: tuple[str, ...] = ()) -> Path:
     from rayalign.cluster import connect, load_cluster_spec
@@ -734,13 +746,14 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     prompts = None
     if "generate" in stages:
         prompts = load_prompts(cfg.prompts.path, cfg.languages, **cfg.prompts.load_kwargs())
+    initial_path = resolve_model_path(cfg.policy.path, progress=model_build_progress(cfg.policy.path))
+    preflight(cfg, initial_path)  # before the run directory is touched: a refused recipe leaves nothing behind
     state = prepare_run_dir(cfg, run_dir, redo)
     source = (f"{prompts.num_rows} prompt rows ({prompts.num_rows // len(cfg.languages)} ids x {len(cfg.languages)} "
               f"languages), n={cfg.sampling.n}, {cfg.engines.count} {cfg.engines.backend} engine(s)"
               if prompts is not None else f"{len(cfg.languages)} languages")
     console.print(f"run {cfg.name}: {source}, {cfg.iterations} iteration(s) of {', '.join(stages)} on cluster "
                   f"{spec.name} -> {run_dir}")
-    initial_path = resolve_model_path(cfg.policy.path, progress=model_build_progress(cfg.policy.path))
     connect(spec, address)
 
     policy_path, policy_name = initial_path, cfg.policy.path

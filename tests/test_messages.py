@@ -52,3 +52,23 @@ def test_ctrl_c_says_that_relaunching_resumes(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted: run the same command again to resume" in err and "Traceback" not in out + err
     assert not (tmp_path / "run" / "run.lock").exists()
+
+
+@pytest.mark.parametrize("setting, file, expected", [
+    ("rewards: {latent: {enabled: true, hub_layer: 9}}\n", None, "rewards.latent.hub_layer: 9 is beyond the model's 4"),
+    ("rewards: {user: {path: reward.py}}\npairs: {method: user}\n", "def not_reward(group):\n    return []\n",
+     "defines no function 'reward'"),
+])
+def test_inputs_that_need_the_model_or_user_code_are_refused_before_work(tmp_path, tiny_model, ray_session, setting,
+                                                                         file, expected):
+    from conftest import PROMPTS_DIR
+
+    if file:
+        (tmp_path / "reward.py").write_text(file)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: early\nlanguages: [en, de]\npolicy: {{path: {tiny_model}}}\n"
+                      f"prompts: {{path: {PROMPTS_DIR}, limit: 2}}\nsampling: {{n: 2, max_new_tokens: 8}}\n" + setting)
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(main, ["launch", str(recipe), "--run-dir", str(run_dir)])
+    assert result.exit_code == 2 and expected in result.output, result.output
+    assert not (run_dir / "state.json").exists() and not (run_dir / "iter-1").exists()
