@@ -57,9 +57,10 @@ class GenerationGroup:
     def __init__(self, model_path: str, model: ModelConfig, engines: EnginesConfig, concurrency: int | None = None):
         tp = engines.tensor_parallel_size if engines.backend == "vllm" else 1
         options, self.placement = placement_options(engines.count, engines.num_cpus, engines.num_gpus, tp)
-        # A vLLM engine batches the requests of both shards in flight (no idle tail while a shard's last sequences
-        # finish); the hf engine takes one shard at a time.
-        concurrency = concurrency or (2 if engines.backend == "vllm" else 1)
+        # concurrency 2 lets a vLLM actor batch the requests of both shards in flight in one engine (no idle tail
+        # while a shard's last sequences finish); on vLLM-CPU that measured slower (benchmarks/generation.py), so
+        # each actor takes one shard at a time unless asked
+        concurrency = concurrency or 1
         self.actors = [GenerationActor.options(**o, max_concurrency=concurrency).remote(model_path, model, engines)
                        for o in options]
         self.alive = list(range(len(self.actors)))

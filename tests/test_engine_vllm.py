@@ -209,3 +209,29 @@ def test_tensor_parallel_engine_matches_hf(tiny_model, ray_session):
         assert [r.logp for r in engine.score(requests)] == pytest.approx([w.logp for w in want], abs=2e-2)
     finally:
         engine.shutdown()
+
+
+@pytest.mark.slow
+def test_vllm_quickstart_runs_two_iterations(tmp_path):
+    """`rayalign launch --cluster local examples/quickstart-vllm.yaml` (fewer prompts): generate on vLLM actors ->
+    score -> pairs -> train, twice; iteration 2 generates with iteration 1's checkpoint; validate accepts the data."""
+    import json
+    import subprocess
+
+    from conftest import REPO
+    from rayalign.data.store import read_dataset
+
+    run_dir = tmp_path / "quickstart-vllm"
+    cmd = ["rayalign", "launch", "--cluster", "local", "examples/quickstart-vllm.yaml", "--run-dir", str(run_dir),
+           "-o", "prompts.limit=8", "-o", "sampling.n=2"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((run_dir / "state.json").read_text())["finished"] == [
+        f"iter-{t}/{stage}" for t in (1, 2) for stage in ("generate", "score", "pairs", "train", "summary")]
+    for t in (1, 2):
+        for name in ("samples", "scores", "pairs"):
+            check = subprocess.run(["rayalign", "validate", str(run_dir / f"iter-{t}" / name)], capture_output=True,
+                                   text=True)
+            assert check.returncode == 0, check.stdout + check.stderr
+    samples = read_dataset(run_dir / "iter-2" / "samples", "samples")
+    assert samples.num_rows == 8 * 5 * 2 and set(samples.column("policy").to_pylist()) == {"iter-1/policy"}
