@@ -78,7 +78,7 @@ def main() -> None:
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
     for backend in args.engines.split(","):
         cfg.engines.backend = backend
-        runs = [(1, 1), (1, 2), (2, 2)] if backend == "vllm" else [(1, 1), (2, 1)]
+        runs = [(1, 1), (1, 2), (2, 1)] if backend == "vllm" else [(1, 1), (2, 1)]
         for k, in_flight in runs:
             cfg.engines.count = k
             group = GenerationGroup(model, cfg.policy, cfg.engines, concurrency=in_flight)
@@ -100,7 +100,7 @@ def main() -> None:
     print()
     for backend in args.engines.split(","):
         bare = results[backend, "bare, shard by shard"][1]
-        k1 = results[backend, "Ray K=1" + (", 2 shard(s) at a time" if backend == "vllm" else "")][1]
+        k1 = results[backend, "Ray K=1" + (", 1 shard(s) at a time" if backend == "vllm" else "")][1]
         print(f"{backend}: actor-layer cost (K=1 time / bare shard-by-shard time - 1): {k1 / bare - 1:+.1%}")
     if "vllm" in args.engines.split(","):
         by_shard, one_call = results["vllm", "bare, shard by shard"][1], results["vllm", "bare, one call"][1]
@@ -110,7 +110,7 @@ def main() -> None:
         print(f"vllm: two shards in flight per actor against one (K=1 time saved): {1 - overlapped / serial:+.1%}")
     if {"hf", "vllm"} <= set(args.engines.split(",")):
         for mode_hf, mode_vllm in (("bare, shard by shard", "bare, shard by shard"),
-                                   ("Ray K=2", "Ray K=2, 2 shard(s) at a time")):
+                                   ("Ray K=2", "Ray K=2, 1 shard(s) at a time")):
             hf, vl = results["hf", mode_hf], results["vllm", mode_vllm]
             print(f"vllm / hf samples/s, {mode_hf}: {(vl[0].num_rows / vl[1]) / (hf[0].num_rows / hf[1]):.2f}x")
 
