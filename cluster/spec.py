@@ -234,3 +234,48 @@ def connect(spec: ClusterSpec, address: str | None = None, allow_mismatch: bool 
                            "RAY_ADDRESS (use --cluster local on one machine)")
     check_cluster(spec, alive_node_resources(), allow_mismatch)
     return ray.cluster_resources()
+
+
+def check_run_dir_visible(run_dir: Path) -> None:
+    """Every alive node that can hold an actor must read what the driver writes into the run directory and write
+    there what the driver reads: a probe file each way, by a task pinned to each node. ClusterError names the
+    nodes that cannot (a node-local path, a mount missing on a node). One node: nothing to check."""
+    import secrets
+    import shutil
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    if len(nodes) < 2:
+        return
+    probe_dir = Path(run_dir).resolve() / f".probe-{secrets.token_hex(4)}"
+    probe_dir.mkdir(parents=True)
+    token = secrets.token_hex(8)
+    (probe_dir / "driver").write_text(token)
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def probe(directory: str, node_id: str) -> str | None:
+        try:
+            if Path(directory, "driver").read_text() != token:
+                return "reads another file than the driver wrote"
+            Path(directory, node_id).write_text(token)
+        except OSError as e:
+            return f"{type(e).__name__}: {e.strerror or e}"
+        return None
+
+    try:
+        refs = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(str(probe_dir), n["NodeID"]) for n in nodes}
+        problems = []
+        for node in nodes:
+            problem = ray.get(refs[node["NodeID"]])
+            if problem is None and not (probe_dir / node["NodeID"]).is_file():
+                problem = "wrote a probe file that the driver does not see"
+            if problem:
+                problems.append(f"node {node['NodeManagerAddress']} ({node['NodeID'][:12]}): {problem}")
+    finally:
+        shutil.rmtree(probe_dir, ignore_errors=True)
+    if problems:
+        raise ClusterError(f"{run_dir}: every node must see the run directory at the same path (a shared file "
+                           f"system); " + "; ".join(problems) + ". Put --run-dir on a file system all nodes mount")

@@ -730,6 +730,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
          stages: tuple[str, ...] = STAGES, redo: tuple[str, ...] = ()) -> Path:
     from rayalign.cluster import connect, load_cluster_spec
     from rayalign.cluster.planner import with_counts
+    from rayalign.cluster.spec import check_run_dir_visible
 
     r = cfg.rewards
     if not (r.latent.enabled or r.implicit.enabled or r.reward_model.enabled or r.user.path):
@@ -755,6 +756,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     console.print(f"run {cfg.name}: {source}, {cfg.iterations} iteration(s) of {', '.join(stages)} on cluster "
                   f"{spec.name} -> {run_dir}")
     connect(spec, address)
+    check_run_dir_visible(run_dir)
 
     policy_path, policy_name = initial_path, cfg.policy.path
     for iteration in range(1, cfg.iterations + 1):

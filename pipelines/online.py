@@ -68,6 +68,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     from rayalign.actors.trainer import TrainerGroup
     from rayalign.cluster import connect, load_cluster_spec
     from rayalign.cluster.planner import with_counts
+    from rayalign.cluster.spec import check_run_dir_visible
     from rayalign.online import group_advantages, minibatch_order, ppo_advantages, rollout_rewards, rollout_sequences
 
     o = cfg.online
@@ -85,6 +86,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     resume_step = resumable_step(run_dir, state, o.checkpoint_every, ppo=o.algorithm == "ppo")
     policy_path = resolve_model_path(cfg.policy.path, model_build_progress(cfg.policy.path))
     resources = connect(spec, address)
+    check_run_dir_visible(run_dir)
     ppo = o.algorithm == "ppo"
     need = (cfg.engines.count * cfg.engines.num_cpus + tcfg.world_size * tcfg.num_cpus * (2 if ppo else 1)
             + (cfg.rewards.actors * cfg.rewards.num_cpus if o.score_weight else 0))
