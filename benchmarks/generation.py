@@ -75,7 +75,7 @@ def main() -> None:
             engine.shutdown()
         del engine
 
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
     for backend in args.engines.split(","):
         cfg.engines.backend = backend
         runs = [(1, 1), (1, 2), (2, 1)] if backend == "vllm" else [(1, 1), (2, 1)]

@@ -158,7 +158,7 @@ def test_load_and_update_weights_serve_the_new_model(vllm_engine, tiny_model, tm
 
 
 def test_generation_actors_give_the_rows_of_one_engine(vllm_engine, tiny_model, ray_session):
-    """K = 1 and K = 2 vLLM GenerationActors, two shards in flight each, write the rows the bare engine writes."""
+    """K = 1 and K = 2 vLLM GenerationActors (K = 2 also with two shards in flight) write the bare engine's rows."""
     import pyarrow as pa
 
     from rayalign.actors.generator import GenerationGroup, split_shards
@@ -169,17 +169,17 @@ def test_generation_actors_give_the_rows_of_one_engine(vllm_engine, tiny_model, 
     sampling = SamplingConfig(n=3, max_new_tokens=16)
     shards = split_shards(prompts, 4)
     bare = pa.concat_tables([generate_samples(vllm_engine, s, sampling, 1, "p") for s in shards])
-    for k in (1, 2):
+    for k, in_flight in ((1, 1), (2, 1), (2, 2)):
         engines = EnginesConfig(backend="vllm", count=k, num_cpus=1, kv_cache_gib=0.125, max_model_len=256,
                                 max_batch_tokens=2048)
-        group = GenerationGroup(tiny_model, ModelConfig(dtype="float32"), engines)
+        group = GenerationGroup(tiny_model, ModelConfig(dtype="float32"), engines, concurrency=in_flight)
         out = {}
         try:
             stats = group.run(shards, sampling, 1, "p", lambda i, t: out.__setitem__(i, t))
         finally:
             group.shutdown()
         assert stats.rows_out == 36 and len(stats.shards_by_actor) == k
-        assert pa.concat_tables([out[i] for i in sorted(out)]).equals(bare), f"K={k}"
+        assert pa.concat_tables([out[i] for i in sorted(out)]).equals(bare), f"K={k}, {in_flight} in flight"
 
 
 def test_create_engine_without_vllm_names_the_extras(monkeypatch, tiny_model):
