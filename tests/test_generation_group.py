@@ -108,3 +108,22 @@ def test_dead_scoring_actor_shard_is_retried_elsewhere(setup, baseline):
     assert stats.retries >= 1 and table.num_rows == samples.num_rows
     assert table.column("logp_policy").to_pylist() == pytest.approx(undisturbed.column("logp_policy").to_pylist(),
                                                                     abs=1e-6)
+
+
+def test_actors_that_cannot_start_are_reported_while_waited_for(ray_session, capfd):
+    import threading
+
+    from rayalign.actors.pool import wait_started
+
+    @ray_session.remote(num_cpus=64)
+    class TooBig:
+        def ready(self):
+            return True
+
+    actor = TooBig.remote()
+    threading.Timer(2.5, lambda: ray_session.kill(actor)).start()
+    with pytest.raises(ray_session.exceptions.RayActorError):
+        wait_started([actor.ready.remote()], "big actors", {"CPU": 64, "GPU": 0}, every=1.0)
+    err = capfd.readouterr().err
+    assert "waiting 1 s for 1 of 1 big actors to start (64 CPU each); the cluster has" in err
+    assert "A lost node or a cluster smaller than the recipe keeps them waiting" in err
