@@ -40,12 +40,36 @@ def start(command: str, env) -> subprocess.Popen:
                             start_new_session=True)
 
 
+NODE = "--num-cpus=1 --disable-usage-stats --block"
+
+
+def start_head():
+    """(port, env, process) of a Ray head with one CPU, in its own process group."""
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    return port, env, start(f"exec ray start --head --port={port} --include-dashboard=false {NODE}", env)
+
+
+def wait_for_nodes(port: int, env, count: int) -> None:
+    script = ("import sys, time, ray\nray.init(address=sys.argv[1], log_to_driver=False)\n"
+              "while sum(1 for n in ray.nodes() if n['Alive']) < int(sys.argv[2]):\n    time.sleep(0.5)\n")
+    subprocess.run([sys.executable, "-c", script, f"127.0.0.1:{port}", str(count)], env=env, check=True,
+                   capture_output=True, timeout=120)
+
+
 def stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
+    """End a started node's whole process group (idempotent)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=60)
+            return
+        except ProcessLookupError:
+            proc.wait()
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 @pytest.mark.slow
@@ -55,11 +79,7 @@ def test_a_node_that_cannot_see_the_run_directory_is_named(tmp_path):
     shared = tmp_path / "shared"
     run_dir = shared / "run"
     run_dir.mkdir(parents=True)
-    port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    common = "--num-cpus=1 --disable-usage-stats --block"
-    head = start(f"exec ray start --head --port={port} --include-dashboard=false {common}", env)
+    port, env, head = start_head()
     workers = []
     try:
         def check(nodes):
@@ -69,11 +89,11 @@ def test_a_node_that_cannot_see_the_run_directory_is_named(tmp_path):
 
         time.sleep(5)
         # a worker that sees the same files: the probe passes
-        workers.append(start(f"exec ray start --address=127.0.0.1:{port} {common}", env))
+        workers.append(start(f"exec ray start --address=127.0.0.1:{port} {NODE}", env))
         assert "VISIBLE" in check(2)
         # a worker with a private (node-local) file system where the run directory's parent is
         workers.append(start(f"exec unshare -m sh -c 'mount -t tmpfs tmpfs {shared} && mkdir -p {run_dir} && "
-                             f"exec ray start --address=127.0.0.1:{port} {common}'", env))
+                             f"exec ray start --address=127.0.0.1:{port} {NODE}'", env))
         result = check(3)
         assert "REFUSED" in result and f"{run_dir}: every node must see the run directory" in result, result
         named = result.split("(a shared file system); ")[1].split(". Put --run-dir")[0]
@@ -81,3 +101,63 @@ def test_a_node_that_cannot_see_the_run_directory_is_named(tmp_path):
     finally:
         for proc in [*workers, head]:
             stop(proc)
+
+
+@pytest.mark.slow
+def test_losing_a_worker_node_mid_generation_and_mid_scoring_keeps_the_datasets(tmp_path, tiny_model):
+    """A head and two worker nodes, each its own `ray start`; `rayalign launch --address` spreads 3 engines and 3
+    scorers over them. One worker is killed (its whole process group) once the first samples shard exists, the
+    other once the first scoring checkpoint exists: the run finishes on what is left, with the lost shards retried,
+    and its samples and scores equal an uninterrupted run's on the same cluster."""
+    import json
+
+    from conftest import PROMPTS_DIR
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: nodes\nlanguages: [en, de]\npolicy: {{path: {tiny_model}}}\n"
+                      f"prompts: {{path: {PROMPTS_DIR}, limit: 12}}\nsampling: {{n: 2, max_new_tokens: 16}}\n"
+                      "engines: {count: 3, batch_size: 4, shard_rows: 2, num_cpus: 1}\n"
+                      "rewards: {latent: {enabled: true}, actors: 2, batch_size: 4, num_cpus: 1}\n")
+    port, env, head = start_head()
+    workers = []
+
+    def launch(run_dir):
+        return subprocess.Popen([sys.executable, "-m", "rayalign.cli", "launch", "--cluster", "local", str(recipe),
+                                 "--address", f"127.0.0.1:{port}", "--run-dir", str(run_dir)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def wait_for(pattern_dir, pattern, proc, timeout=600):
+        deadline = time.time() + timeout
+        while not list(pattern_dir.glob(pattern)):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, f"no {pattern} in {pattern_dir}"
+            time.sleep(0.05)
+
+    try:
+        time.sleep(5)
+        workers = [start(f"exec ray start --address=127.0.0.1:{port} {NODE}", env) for _ in range(2)]
+        wait_for_nodes(port, env, 3)
+        straight = launch(tmp_path / "straight")
+        out, _ = straight.communicate(timeout=900)
+        assert straight.returncode == 0, out[-3000:]
+
+        killed_dir = tmp_path / "killed"
+        run = launch(killed_dir)
+        wait_for(killed_dir / "iter-1" / "samples", "part-*.parquet", run)
+        stop(workers[0])
+        wait_for(killed_dir / "iter-1" / "scores.forward", "part-*.parquet", run)
+        stop(workers[1])
+        out, _ = run.communicate(timeout=900)
+        assert run.returncode == 0, out[-3000:]
+    finally:
+        for proc in [*workers, head]:
+            stop(proc)
+    metrics = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    retries = {m["stage"]: m.get("retries", 0) for m in metrics if m.get("stage") in ("generate", "score")}
+    assert retries["generate"] >= 1 and retries["score"] >= 1, retries
+    from rayalign.data.store import read_dataset
+
+    key = [("prompt_id", "ascending"), ("lang", "ascending"), ("sample_idx", "ascending")]
+    for name in ("samples", "scores"):
+        a, b = (read_dataset(run_dir / "iter-1" / name, name).sort_by(key) for run_dir in (killed_dir, tmp_path / "straight"))
+        assert a.equals(b), name
