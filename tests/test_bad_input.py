@@ -80,7 +80,7 @@ def recipe(tmp_path: Path, model: str, prompts: Path | str, extra: str = "") -> 
     ("sampling: {n: 2\nname: [\n", [], "malformed YAML"),
     ("sampling:\n  n: 2\n  temprature: 0.3\n", [], "sampling.temprature: unknown key"),
     ("sampling: {max_new_tokens: long}\n", [], "sampling.max_new_tokens: expected an integer, got str 'long'"),
-    ("name: x\n", ["-o", "engines.count=two"], "engines.count: expected an integer, got str 'two'"),
+    ("name: x\n", ["-o", "engines.count=two"], "engines.count: expected an integer >= 1 or auto, got 'two'"),
     ("name: x\n", ["-o", "engines.cuont=2"], "override engines.cuont: unknown key 'cuont' in engines"),
 ])
 def test_bad_recipe_on_an_existing_run_exits_2_and_leaves_the_run_untouched(existing_run, tmp_path, text, overrides,

@@ -133,7 +133,7 @@ def test_scores_hold_every_quantity(rewards_run, tiny_model):
         assert scores.column(column).null_count == 0, column
     assert scores.schema.field("h_hub").type == pa.list_(pa.float16(), 128)
     manifest = read_manifest(run_dir / "iter-1" / "scores")
-    assert manifest["params"]["layers"] == {"h_hub": 2, "h_last": 4}
+    assert manifest["params"]["layers"] == {"h_hub": 1, "h_last": 4}  # hub (L - 1) // 2 as the released code
     assert set(manifest["models"]) == {"policy", "reward_reference", "reward_model"}
     df = pl.from_arrow(scores.drop_columns(["h_hub", "h_last"]))
     alphas = manifest["params"]["icr"]["alpha_per_language"]
@@ -250,7 +250,8 @@ def test_dco_quickstart_recipe(tmp_path, tiny_model, ray_session):
     t = tuples[0]
     logp = {(q, l, c): v for q, l, c, v in cands.select("prompt_id", "lang", "candidate", "logp_ref").rows()}
     assert t["ref_logp_chosen_2"] == logp[(t["prompt_id"], t["lang_2"], t["chosen_2"][0]["content"])]
-    assert (t["gamma_12"], t["gamma_21"]) == (10.0, 0.1)
+    # EN stable (gamma_from_anchor 10, gamma_to_anchor 0.1): the small gamma sits inside English's own target
+    assert (t["lang_1"], t["gamma_12"], t["gamma_21"]) == ("en", 0.1, 10.0)
     assert not (run_dir / "iter-1" / "samples").exists()  # DCO learns from candidate sets
     assert (run_dir / "iter-1" / "policy" / "config.json").is_file()
 

@@ -5,7 +5,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -49,26 +48,26 @@ def test_a_stale_lock_is_taken_over_only_on_its_own_host(tmp_path):
     assert lock.exists()  # another host's lock is never broken
 
 
-def test_two_launches_into_one_run_directory(tmp_path, tiny_model):
+def test_a_launch_into_a_run_directory_in_use_is_refused_before_any_work(tmp_path, tiny_model):
+    """Another process holds the run directory (as a running launch does): `rayalign launch` into it exits 2
+    naming that process, writes nothing, and leaves the holder's lock alone."""
     from conftest import PROMPTS_DIR
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"name: lock\nlanguages: [en, de]\npolicy: {{path: {tiny_model}}}\n"
-                      f"prompts: {{path: {PROMPTS_DIR}, limit: 4}}\nsampling: {{n: 2, max_new_tokens: 8}}\n"
-                      "engines: {count: 1, batch_size: 8, shard_rows: 2}\n")
+                      f"prompts: {{path: {PROMPTS_DIR}, limit: 2}}\nsampling: {{n: 2, max_new_tokens: 8}}\n")
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "rayalign.cli", "launch", "--cluster", "local", str(recipe), "--run-dir",
-               str(run_dir)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.monotonic() + 120
-    while not (run_dir / LOCK_FILE).exists():
-        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
-        time.sleep(0.05)
-    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    out, _ = first.communicate(timeout=600)
-    assert first.returncode == 0, out[-3000:]
-    assert second.returncode == 2 and f"in use by process {first.pid}" in second.stdout + second.stderr
-    assert "Traceback" not in second.stdout + second.stderr
-    stages = [json.loads(line)["stage"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert stages.count("generate") == 1 and not (run_dir / LOCK_FILE).exists()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        second = subprocess.run([sys.executable, "-m", "rayalign.cli", "launch", "--cluster", "local", str(recipe),
+                                 "--run-dir", str(run_dir)], capture_output=True, text=True, env=env, timeout=300)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"in use by process {holder.pid} on {socket.gethostname()}" in second.stdout + second.stderr
+        assert "Traceback" not in second.stdout + second.stderr
+        assert sorted(p.name for p in run_dir.iterdir()) == ["plan.json", LOCK_FILE]  # no state, no datasets
+        assert json.loads((run_dir / LOCK_FILE).read_text())["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
