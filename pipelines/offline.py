@@ -549,6 +549,10 @@ def _with_reference_logps(cfg: RunConfig, pairs_table, policy_path: str):
 
 # ---- training stage ----
 
+class TrainerLostError(RuntimeError):
+    """A trainer rank died mid-stage (a lost node, OOM); the message says how the run resumes."""
+
+
 def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int, out_dir: Path,
                 state: dict | None = None) -> dict:
     """Train policy t from policy t-1 on iteration t's preference data -> a Hugging Face checkpoint at `out_dir`.
@@ -580,6 +584,8 @@ def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int
         records[key] = {"tag": tag_dir.name, "files": directory_checksums(tag_dir)}
         write_state(run_dir, state)
 
+    import ray
+
     aligned = batch_alignment_languages(cfg.languages, cfg.anchor_language, t.batch_alignment)
     deepspeed_op_notice()
     group = TrainerGroup(policy_path, cfg.policy, t, cfg.rewards.consistency.beta)
@@ -596,6 +602,13 @@ def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int
                             checkpoint_every=t.checkpoint_every, progress=progress, on_checkpoint=on_checkpoint)
             group.save(str(out_dir))
             nodes = group.nodes
+        except ray.exceptions.RayActorError as e:
+            resume = (f"resumes from the last checkpoint in {ckpt_dir} (training.checkpoint_every {t.checkpoint_every})"
+                      if t.checkpoint_every else "trains this stage from step 0 (set training.checkpoint_every to "
+                      "resume mid-stage)")
+            raise TrainerLostError(f"train iter-{iteration}: a trainer rank died ({str(e).splitlines()[0][:200]}); "
+                                   f"DeepSpeed cannot go on without it. Once the cluster is whole, the same command "
+                                   f"{resume}; earlier stages are kept") from None
         finally:
             group.shutdown()
     steps = fit["steps"]  # every step, those before a resume included

@@ -37,6 +37,7 @@ def _user_errors(fn):
         from rayalign.eval.judge import JudgeError
         from rayalign.generation import FailedRowsError
         from rayalign.models import ModelLoadError
+        from rayalign.pipelines.offline import TrainerLostError
         from rayalign.pipelines.study import StudyError
         from rayalign.report import ReportError
         from rayalign.scores import RewardError
@@ -44,7 +45,7 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (ConfigError, PromptError, DatasetError, ModelLoadError, ClusterError, PlanError, FailedRowsError,
-                RewardError, JudgeError, StudyError, ReportError) as e:
+                RewardError, JudgeError, StudyError, ReportError, TrainerLostError) as e:
             raise UserError(str(e)) from None
         except KeyboardInterrupt:
             click.echo("\ninterrupted: run the same command again to resume (finished stages, shards and "

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -72,3 +73,45 @@ def test_inputs_that_need_the_model_or_user_code_are_refused_before_work(tmp_pat
     result = CliRunner().invoke(main, ["launch", str(recipe), "--run-dir", str(run_dir)])
     assert result.exit_code == 2 and expected in result.output, result.output
     assert not (run_dir / "state.json").exists() and not (run_dir / "iter-1").exists()
+
+
+@pytest.mark.slow
+def test_a_trainer_rank_killed_mid_training_is_a_message_and_the_relaunch_resumes(tmp_path, tiny_model):
+    from conftest import PROMPTS_DIR
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: lost\nlanguages: [en, de]\npolicy: {{path: {tiny_model}}}\n"
+                      f"prompts: {{path: {PROMPTS_DIR}, limit: 8}}\nsampling: {{n: 2, max_new_tokens: 8}}\n"
+                      "rewards: {latent: {enabled: true}, actors: 1}\npairs: {method: lacomsa}\n"
+                      "training: {loss: dpo, micro_batch_size: 1, checkpoint_every: 1, world_size: 1, num_cpus: 1}\n")
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "rayalign.cli", "launch", "--cluster", "local", str(recipe), "--run-dir",
+               str(run_dir)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (run_dir / "iter-1" / "train.ckpt" / "latest").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.05)
+        ranks = []  # the run's trainer rank: a Ray worker in the launch's session
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if b"ray::TrainerActor" in cmdline.read_bytes() and os.getsid(int(cmdline.parent.name)) == proc.pid:
+                    ranks.append(int(cmdline.parent.name))
+            except (OSError, ProcessLookupError):
+                continue
+        assert ranks, "no trainer actor process found"
+        os.kill(ranks[0], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2 and "train iter-1: a trainer rank died" in out, out[-3000:]
+    assert "resumes from the last checkpoint" in out and "Traceback" not in out
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("stage") == "train"]
+    assert len(train) == 1 and train[0]["resumed_from_step"] >= 1
