@@ -754,7 +754,6 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
         stages = tuple(st for st in stages if st != "train")
     if cfg.pairs.method == "dco":  # DCO learns from parallel candidate sets, not from samples
         stages = tuple(st for st in stages if st in ("pairs", "train"))
-    run_dir = Path(run_dir or cfg.resolved_run_dir())
     spec = load_cluster_spec(cluster)
     cfg = with_counts(cfg, spec, address)
     prompts = None

@@ -75,7 +75,6 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     if o.score_weight and cfg.rewards.latent.enabled and cfg.rewards.latent.hub_layer == "auto":
         raise ConfigError("rewards.latent.hub_layer: auto is not resolved by online runs; run `rayalign hub-scan "
                           "RECIPE` and set the layer it prints")
-    run_dir = Path(run_dir or cfg.resolved_run_dir())
     spec = load_cluster_spec(cluster)
     cfg = with_counts(cfg, spec, address)
     prompts = load_prompts(cfg.prompts.path, cfg.languages, **cfg.prompts.load_kwargs())
@@ -232,9 +231,9 @@ def resumable_step(run_dir: Path, state: dict, checkpoint_every: int, ppo: bool)
         shutil.move(path, trash / path.name)
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
-        kept = [line for line in metrics.read_text().splitlines()
-                if json.loads(line).get("stage") != "online" or json.loads(line)["step"] <= step]
-        atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        kept = [r for r in records if r.get("stage") != "online" or r["step"] <= step]
+        atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
     state["finished"] = [f"online/step-{s}" for s in range(1, step + 1)]
     if step:
         console.print(f"{run_dir}: continuing after step {step} (its checkpoint verified)")

@@ -44,17 +44,23 @@ def test_rollout_sequences_keep_the_end_of_turn_only_when_generated(tiny_model):
     assert stop == (prompt, response) and cut == (prompt, response[:-1]) and response[-1] == tok.eos_token_id
 
 
+def greetings(model_path: str) -> list:
+    """Four short (prompt ids, response ids) rollouts, templated as every teacher-forced pass sees them."""
+    from rayalign.models import encode_response, load_tokenizer
+
+    tok = load_tokenizer(model_path)
+    return [encode_response(tok, [{"role": "user", "content": q}], a)
+            for q, a in [("Hi", "Hello there"), ("Hallo", "Guten Tag"), ("Hola", "Buenas"), ("Salut", "Bonjour")]]
+
+
 def test_generation_engines_take_the_trainers_weights(ray_session, tiny_model):
     from rayalign.actors.generator import GenerationGroup
     from rayalign.actors.scorer import ModelRole, ScoringGroup
     from rayalign.actors.trainer import TrainerGroup
-    from rayalign.models import encode_response, load_tokenizer
 
     cfg = load_config(None, [f"policy.path={tiny_model}", "training.micro_batch_size=4", "training.lr=1.0e-3",
                              "training.warmup_ratio=0.0"])
-    tok = load_tokenizer(tiny_model)
-    sequences = [encode_response(tok, [{"role": "user", "content": q}], a)
-                 for q, a in [("Hi", "Hello there"), ("Hallo", "Guten Tag"), ("Hola", "Buenas"), ("Salut", "Bonjour")]]
+    sequences = greetings(tiny_model)
     generators = GenerationGroup(tiny_model, ModelConfig(path=tiny_model), cfg.engines)
     trainer = TrainerGroup(tiny_model, ModelConfig(path=tiny_model), cfg.training)
     try:
@@ -88,14 +94,11 @@ def test_second_ppo_epoch_moves_the_ratio_and_the_clip_engages(ray_session, tiny
     from transformers import AutoModelForCausalLM
 
     from rayalign.actors.trainer import TrainerGroup
-    from rayalign.models import encode_response, load_tokenizer
     from rayalign.rl_losses import token_entropy
 
     cfg = load_config(None, [f"policy.path={tiny_model}", "training.micro_batch_size=4", "training.lr=1.0e-2",
                              "training.warmup_ratio=0.0"])
-    tok = load_tokenizer(tiny_model)
-    sequences = [encode_response(tok, [{"role": "user", "content": q}], a)
-                 for q, a in [("Hi", "Hello there"), ("Hallo", "Guten Tag"), ("Hola", "Buenas"), ("Salut", "Bonjour")]]
+    sequences = greetings(tiny_model)
     trainer = TrainerGroup(tiny_model, ModelConfig(path=tiny_model), cfg.training)
     try:
         trainer._all("prepare_online", 2, tiny_model)
