@@ -12,6 +12,7 @@ from rayalign.rewards.implicit import (
     cross_lingual_prompt,
     implicit_reward,
 )
+from rayalign.rewards.implicit import _upper_envelopes
 
 
 def test_cross_lingual_prompt():
@@ -140,6 +141,78 @@ def test_alpha_search_matches_double_loop(seed):
     expected_alpha, expected_objective = loop_alpha_search(base, lengths, group_ids, custom)
     assert best_alpha == expected_alpha
     np.testing.assert_allclose(objective, expected_objective, rtol=0, atol=1e-9)
+
+
+def test_upper_envelope_corners_by_hand():
+    # One group, lines b - a l as points (l, b): (10, 0), (20, 3), (20, 1), (25, 2), (30, 4), (40, 8).
+    # Upper hull: (10, 0) -> (20, 3) slope 0.3, (20, 3) -> (40, 8) slope 0.25; (30, 4) lies under the chord
+    # (3 + 10 * 0.25 = 5.5 > 4), (25, 2) too, (20, 1) has a larger twin. So l = 40 wins for a < 0.25
+    # (a = 0: 8 against 3), l = 20 for 0.25 < a < 0.3 (a = 0.26: -2.2 against -2.4 and -2.6), l = 10 above.
+    lengths = np.array([10.0, 20.0, 20.0, 25.0, 30.0, 40.0])
+    base = np.array([0.0, 3.0, 1.0, 2.0, 4.0, 8.0])
+    start_x, group, slope, step, gap = _upper_envelopes(lengths, base, np.zeros(6, dtype=np.int64), 1)
+    assert start_x.tolist() == [40.0] and group.tolist() == [0, 0]
+    np.testing.assert_allclose(slope, [0.3, 0.25], rtol=1e-15)
+    assert step.tolist() == [-10.0, -20.0] and gap.tolist() == [5.0]
+
+
+def grid_brute_force(base, lengths, group_ids, grid):
+    """Every (grid value, group) pair: rewards as floats, np.argmax / np.argmin of each group's rows."""
+    rows = [np.flatnonzero(group_ids == g) for g in dict.fromkeys(group_ids.tolist())]
+    objective = np.empty(len(grid))
+    for k, a in enumerate(grid):
+        gaps = [lengths[r[np.argmax(base[r] - a * lengths[r])]] - lengths[r[np.argmin(base[r] - a * lengths[r])]]
+                for r in rows]
+        objective[k] = abs(np.mean(gaps))
+    return grid[int(np.argmin(objective))], objective
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_alpha_search_equals_brute_force_on_ties(seed):
+    # Ties everywhere: integer bases and lengths with many repeats and a grid of multiples of 1/64, where
+    # b - a l is exact, so several lines meet at one corner and the first index has to win; plus samples
+    # placed on a decimal grid value a0 (b = a0 * l + c in floats), where the loop's float rounding decides.
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 9, size=40)
+    group_ids = rng.permutation(np.repeat(np.arange(40), sizes))
+    n = group_ids.size
+    lengths = rng.integers(1, 8, size=n).astype(float) * 4
+    base = rng.integers(-6, 7, size=n).astype(float)
+    dyadic = np.arange(-16, 65) / 64
+    alpha, objective = alpha_search(base, lengths, group_ids, grid=dyadic)
+    expected_alpha, expected = grid_brute_force(base, lengths, group_ids, dyadic)
+    assert alpha == expected_alpha
+    np.testing.assert_array_equal(objective, expected)
+    decimal = np.arange(1000) / 1000
+    a0 = decimal[rng.integers(1, 1000)]
+    on_a0 = rng.random(n) < 0.5
+    base = np.where(on_a0, a0 * lengths + rng.integers(-2, 3, size=n), base)
+    alpha, objective = alpha_search(base, lengths, group_ids, grid=rng.permutation(decimal))
+    alpha_sorted, objective_sorted = alpha_search(base, lengths, group_ids, grid=decimal)
+    expected_alpha, expected = grid_brute_force(base, lengths, group_ids, decimal)
+    assert alpha_sorted == expected_alpha
+    np.testing.assert_array_equal(objective_sorted, expected)
+    assert np.isin(alpha, decimal[expected == expected.min()])
+
+
+def test_alpha_search_equals_brute_force_on_the_benchmark_data():
+    # The distribution of benchmarks/scoring.py (groups of 10, lengths 20..1999, a reward favouring length),
+    # 20,000 samples; brute force as one (grid chunk, group, member) array.
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(2000), 10)
+    lengths = rng.integers(20, 2000, size=groups.size).astype(np.float64)
+    base = rng.normal(size=groups.size) * 50 + 0.3 * lengths
+    grid = np.arange(1000) / 1000
+    alpha, objective = alpha_search(base, lengths, groups, grid)
+    b, l = base.reshape(-1, 10), lengths.reshape(-1, 10)
+    expected = np.empty(grid.size)
+    for start in range(0, grid.size, 50):
+        rewards = b - grid[start:start + 50, None, None] * l  # (50, G, 10)
+        chosen = np.take_along_axis(l[None], rewards.argmax(axis=2)[..., None], axis=2)[..., 0]
+        rejected = np.take_along_axis(l[None], rewards.argmin(axis=2)[..., None], axis=2)[..., 0]
+        expected[start:start + 50] = np.abs((chosen - rejected).mean(axis=1))
+    assert alpha == grid[np.argmin(expected)]
+    np.testing.assert_array_equal(objective, expected)
 
 
 def test_alpha_per_language_uses_each_language_alone():

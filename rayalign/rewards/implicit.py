@@ -14,7 +14,6 @@ CROSS_LINGUAL_PREFIX = (
     "unless explicitly instructed to respond in a different language.\n\n"
 )
 DEFAULT_ALPHA_GRID = np.arange(1000) / 1000  # 0, 0.001, ..., 0.999 as in the released code
-GRID_CHUNK = 16  # grid values evaluated at once by alpha_search: (GRID_CHUNK, G) arrays, cache-sized
 
 
 def cross_lingual_prompt(instruction_anchor: str, lang: str, language_name: str, anchor: str = "en") -> str:
@@ -54,8 +53,9 @@ def _check_same_length(values: np.ndarray, group_ids, name: str) -> None:
         raise ValueError(f"{name} has {values.shape[0]} rows but group_ids has {num_ids}")
 
 
-def _pad_groups(group_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Groups in order of first appearance (G,), member row indices (G, n_max), and its filled mask.
+def _pad_groups(group_ids, return_codes: bool = False) -> tuple[np.ndarray, ...]:
+    """Groups in order of first appearance (G,), member row indices (G, n_max), and its filled mask
+    (and with return_codes each row's group index (N,)).
 
     Members of a group keep their original order, so an argmax over a row returns the first of tied
     members, as np.argmax does on the group's own rows. Unfilled slots hold index 0.
@@ -80,6 +80,8 @@ def _pad_groups(group_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     filled = np.zeros(members.shape, dtype=bool)
     members[sorted_codes, slot] = rows_by_group
     filled[sorted_codes, slot] = True
+    if return_codes:
+        return unique_ids[appearance_order], members, filled, codes
     return unique_ids[appearance_order], members, filled
 
 
@@ -102,6 +104,99 @@ def best_worst(rewards, group_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return groups, best_idx, worst_idx, valid
 
 
+def _upper_envelopes(x, y, codes, num_groups):
+    """Upper envelopes of the lines y_i - a * x_i over a, one per group: the upper convex hull of (x_i, y_i).
+
+    As a grows the winner moves along the hull towards smaller x; it moves from hull vertex k to k - 1
+    when a passes the slope of the edge between them. Monotone chain, all groups one slot at a time:
+    O(n log n) per group. Returns (x of the winner as a -> -inf (G,), and per edge: group (E,), slope (E,)
+    = the a past which the winner changes, step (E,) = the change of the winner's x, scale (G,) of the
+    rounding error of y - a x in units of a, for the windows around each slope).
+    """
+    order = np.lexsort((-y, x, codes))  # by group, x ascending, the largest y first among equal x
+    c, xs, ys = codes[order], x[order], y[order]
+    first = np.ones(c.size, dtype=bool)
+    first[1:] = (c[1:] != c[:-1]) | (xs[1:] != xs[:-1])  # equal x: only the largest y can win
+    c, xs, ys = c[first], xs[first], ys[first]
+    sizes = np.bincount(c, minlength=num_groups)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    slot = np.arange(c.size) - starts[c]
+    width = int(sizes.max())
+    px, py = np.zeros((num_groups, width)), np.zeros((num_groups, width))
+    px[c, slot], py[c, slot] = xs, ys
+    hx, hy = np.zeros_like(px), np.zeros_like(py)  # hull stacks, hull size per group
+    top = np.zeros(num_groups, dtype=np.int64)
+    by_size = np.argsort(-sizes, kind="stable")
+    for s in range(width):
+        rows = by_size[:np.count_nonzero(sizes > s)]
+        cx, cy = px[rows, s], py[rows, s]
+        pending = np.arange(rows.size)
+        while pending.size:  # pop while the stack's top is not above the chord from the one below to the new point
+            r = rows[pending]
+            t = top[r]
+            pending, r, t = pending[t >= 2], r[t >= 2], t[t >= 2]
+            ox, oy, ax, ay = hx[r, t - 2], hy[r, t - 2], hx[r, t - 1], hy[r, t - 1]
+            pop = (ax - ox) * (cy[pending] - oy) - (ay - oy) * (cx[pending] - ox) >= 0
+            pending = pending[pop]
+            top[r[pop]] -= 1
+        hx[rows, top[rows]], hy[rows, top[rows]] = cx, cy
+        top[rows] += 1
+    groups = np.arange(num_groups)
+    edge = np.arange(1, width)[None, :] < top[:, None]  # (G, width - 1): edge between vertices k - 1 and k
+    dx, dy = np.diff(hx, axis=1), np.diff(hy, axis=1)
+    edge_group = np.broadcast_to(groups[:, None], edge.shape)[edge]
+    slope, step = dy[edge] / dx[edge], -dx[edge]
+    # Distinct x within a group differ by at least gap: y - a x of two lines with different x then differ
+    # by at least gap * |a - crossing|, so float rounding can only flip an argmax within a window of
+    # (rounding of y - a x) / gap around a hull slope (see alpha_search).
+    gap = np.full(num_groups, np.inf)
+    inner = slot > 0
+    np.minimum.at(gap, c[inner], xs[inner] - xs[np.nonzero(inner)[0] - 1])
+    return hx[groups, top - 1], edge_group, slope, step, gap
+
+
+def _winner_x_sums(x, y, codes, members, grid_sorted):
+    """Sum over groups of x at argmax_i (y_i - a x_i), the first member on ties, for each a in grid_sorted.
+
+    Exact envelopes give the winner away from their corners; within a rounding window of a corner the
+    members' y - a * x are evaluated as floats and compared like np.argmax, so the result equals
+    the double loop's, ties included.
+    """
+    num_groups = members.shape[0]
+    start_x, edge_group, slope, step, gap = _upper_envelopes(x, y, codes, num_groups)
+    order = np.argsort(slope, kind="stable")
+    passed = np.searchsorted(slope[order], grid_sorted, side="right")  # edges with slope <= a
+    sums = start_x.sum() + np.concatenate([[0.0], np.cumsum(step[order])])[passed]
+    if not slope.size:
+        return sums
+    eps = np.finfo(np.float64).eps
+    reach = np.abs(grid_sorted).max()
+    scale = np.zeros(num_groups)
+    np.maximum.at(scale, codes, np.abs(y) + reach * np.abs(x))
+    window = 64 * eps * (scale[edge_group] / gap[edge_group] + np.abs(slope))
+    lo = np.searchsorted(grid_sorted, slope - window, side="left")
+    hi = np.searchsorted(grid_sorted, slope + window, side="right")
+    count = hi - lo
+    if not count.any():
+        return sums
+    near_grid = np.repeat(lo, count) + np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+    key = np.unique(np.repeat(edge_group, count) * grid_sorted.size + near_grid)
+    g, j = key // grid_sorted.size, key % grid_sorted.size
+    a = grid_sorted[j]
+    # the envelope's answer there (as counted in sums) ...
+    per_group = np.zeros((num_groups, int(np.bincount(edge_group).max())))
+    per_group_step = np.zeros_like(per_group)
+    rank = np.arange(edge_group.size) - np.searchsorted(edge_group, edge_group)
+    per_group[:] = np.inf
+    per_group[edge_group, rank], per_group_step[edge_group, rank] = slope, step
+    envelope_x = start_x[g] + (per_group_step[g] * (per_group[g] <= a[:, None])).sum(axis=1)
+    # ... replaced by the float comparison over the group's members
+    rows = members[g]
+    winner = rows[np.arange(g.size), np.argmax(y[rows] - a[:, None] * x[rows], axis=1)]
+    np.add.at(sums, j, x[winner] - envelope_x)
+    return sums
+
+
 def alpha_search(base_reward, lengths, group_ids, grid=None) -> tuple[float, np.ndarray]:
     """Length penalty alpha that balances chosen and rejected lengths (docs/methods.md 2, paper A.3).
 
@@ -109,7 +204,10 @@ def alpha_search(base_reward, lengths, group_ids, grid=None) -> tuple[float, np.
     value a: rewards = base_reward - a * lengths; per group chosen = argmax, rejected = argmin (first
     index on ties); objective(a) = |mean over groups of (len[chosen] - len[rejected])|.
     Returns (the grid value with the smallest objective, first on ties; objective (len(grid),)).
-    Vectorised: groups padded to (G, n_max); GRID_CHUNK grid values x all groups at once, one pass per slot.
+    As functions of a, the chosen and rejected samples of a group are the upper and lower envelopes of
+    the lines base_i - a * len_i: built per group in O(n log n), their corners summed over groups and
+    read off at the sorted grid in O(grid). Near a corner the samples are compared as floats, as a loop
+    over the grid does, so ties resolve the same. The objective is exact for integer lengths.
     """
     base_reward = _as_vector(base_reward, "base_reward")
     lengths = _as_vector(lengths, "lengths", base_reward.shape[0])
@@ -117,30 +215,17 @@ def alpha_search(base_reward, lengths, group_ids, grid=None) -> tuple[float, np.
     if grid.size == 0:
         raise ValueError("grid is empty")
     _check_same_length(base_reward, group_ids, "base_reward")
-    _, members, filled = _pad_groups(group_ids)
+    _, members, filled, codes = _pad_groups(group_ids, return_codes=True)
     # Pad each group with copies of its first member: a copy never wins a strict comparison against
     # an earlier slot, so the first index still wins ties, and no padding value is needed.
     members = np.where(filled, members, members[:, :1])
-    group_base, group_len = base_reward[members].T.copy(), lengths[members].T.copy()  # (n_max, G)
-
+    grid_order = np.argsort(grid, kind="stable")
+    grid_sorted = grid[grid_order]
+    chosen = _winner_x_sums(lengths, base_reward, codes, members, grid_sorted)
+    # argmin_i (b_i - a l_i) = argmax_i ((-b_i) - a (-l_i)), and float negation is exact
+    rejected = -_winner_x_sums(-lengths, -base_reward, codes, members, grid_sorted)
     objective = np.empty(grid.size)
-    for start in range(0, grid.size, GRID_CHUNK):
-        alphas = grid[start:start + GRID_CHUNK, None]  # (C, 1)
-        best = group_base[0] - alphas * group_len[0]  # (C, G) running max / min of the reward
-        worst = best.copy()
-        best_len = np.broadcast_to(group_len[0], best.shape).copy()
-        worst_len = best_len.copy()
-        reward, wins = np.empty_like(best), np.empty(best.shape, dtype=bool)
-        for slot_base, slot_len in zip(group_base[1:], group_len[1:]):  # in place: (C, G) stays in cache
-            np.subtract(slot_base, np.multiply(alphas, slot_len, out=reward), out=reward)
-            slot_len = np.broadcast_to(slot_len, reward.shape)
-            np.greater(reward, best, out=wins)  # strict: the first index wins ties
-            np.copyto(best, reward, where=wins)
-            np.copyto(best_len, slot_len, where=wins)
-            np.less(reward, worst, out=wins)
-            np.copyto(worst, reward, where=wins)
-            np.copyto(worst_len, slot_len, where=wins)
-        objective[start:start + GRID_CHUNK] = np.abs((best_len - worst_len).mean(axis=1))
+    objective[grid_order] = np.abs((chosen - rejected) / members.shape[0])
     best = int(np.argmin(objective))
     return float(grid[best]), objective
 
