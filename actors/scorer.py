@@ -11,7 +11,7 @@ import ray
 from rayalign.actors.pool import (ShardStats, actor_nodes, placement_options, remove_placement, run_shards,
                                   wait_started)
 from rayalign.config import ModelConfig
-from rayalign.scoring import ForwardSpec
+from rayalign.scoring.forward import ForwardSpec
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class ScoringActor:
 
     def score(self, table: pa.Table, specs: list[ForwardSpec], reward_model: str | None) -> tuple[pa.Table, pa.Table]:
         """(scored rows, errors): samples that fail by themselves are left out and named in `errors`."""
-        from rayalign.scoring import forward_rows_isolating
+        from rayalign.scoring.forward import forward_rows_isolating
 
         return forward_rows_isolating(self.engines, table, specs, reward_model)
 

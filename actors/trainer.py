@@ -2,7 +2,7 @@
 
 The driver calls `fit`, `save` and `state`; tensors never leave the actors. Rank 0 picks the master
 address and port; every rank reads the same preference dataset and takes its slice of each global batch
-(`rayalign.training.batch_plan`). CPU actors use DeepSpeed's CPU accelerator with gloo, in fp32; GPU actors
+(`rayalign.training.data.batch_plan`). CPU actors use DeepSpeed's CPU accelerator with gloo, in fp32; GPU actors
 use NCCL and bf16.
 """
 
@@ -123,7 +123,7 @@ class TrainerActor:
         import torch
 
         from rayalign.data.store import read_dataset
-        from rayalign.training import REFERENCE_FREE, encode_dataset
+        from rayalign.training.data import REFERENCE_FREE, encode_dataset
 
         t = self.t
         self.loss, self.aligned = loss, aligned_languages
@@ -148,7 +148,7 @@ class TrainerActor:
         import torch
 
         from rayalign.models import pad_id
-        from rayalign.training import collate, sequence_logps
+        from rayalign.training.data import collate, sequence_logps
 
         with torch.no_grad():
             batch = {k: x.to(self.device) for k, x in collate(self.mismatched, rows, pad_id(self.tokenizer)).items()}
@@ -160,7 +160,7 @@ class TrainerActor:
         import numpy as np
         import torch
 
-        from rayalign.training import kto_mismatched_data
+        from rayalign.training.data import kto_mismatched_data
 
         self.mismatched = kto_mismatched_data(self.data)
         size = self.t.micro_batch_size
@@ -174,7 +174,7 @@ class TrainerActor:
         import torch
         import torch.distributed as dist
 
-        from rayalign.losses import kto_reference_point
+        from rayalign.losses.preference import kto_reference_point
 
         rows = [r for mb in micro_batches for r in mb]
         policy = torch.cat([self._mismatched_logps(mb) for mb in micro_batches]).float()
@@ -182,7 +182,7 @@ class TrainerActor:
         return kto_reference_point(policy, ref, all_reduce=dist.all_reduce)
 
     def _plan(self, epoch: int) -> list[list[int]]:
-        from rayalign.training import batch_plan
+        from rayalign.training.data import batch_plan
 
         if getattr(self, "_plan_epoch", None) != epoch:
             self._plan_cache = batch_plan(self.data, self.global_batch, seed=self.t.seed, epoch=epoch,
@@ -192,7 +192,7 @@ class TrainerActor:
 
     def batch_rows(self, step: int) -> list[list[int]]:
         """Rows this rank trains on at optimizer step `step`, per accumulation step."""
-        from rayalign.training import micro_batch
+        from rayalign.training.data import micro_batch
 
         batch = self._plan(step // self.steps_per_epoch)[step % self.steps_per_epoch]
         return [micro_batch(batch, self.rank, m, self.t.world_size, self.t.micro_batch_size)
@@ -204,7 +204,7 @@ class TrainerActor:
         import torch.distributed as dist
 
         from rayalign.models import pad_id
-        from rayalign.training import METRICS, collate, compute_loss, sequence_logps
+        from rayalign.training.data import METRICS, collate, compute_loss, sequence_logps
 
         pad = pad_id(self.tokenizer)
         results = []
@@ -264,7 +264,7 @@ class TrainerActor:
     def _batches(self, sequences: list):
         """(rows, tensors) of this rank's micro-batches of a rollout batch (each rank takes its slice)."""
         from rayalign.models import pad_id
-        from rayalign.training import TrainingData, collate, micro_batch
+        from rayalign.training.data import TrainingData, collate, micro_batch
 
         data = TrainingData("rollouts", [[s] for s in sequences], {}, [""] * len(sequences), [""] * len(sequences))
         pad = pad_id(self.tokenizer)
@@ -286,7 +286,7 @@ class TrainerActor:
         critic's values, for this rank's slice of the batch (TrainerGroup.rollout_stats joins the slices)."""
         import torch
 
-        from rayalign.training import token_logps
+        from rayalign.training.data import token_logps
 
         out = []
         with torch.no_grad():
@@ -306,7 +306,7 @@ class TrainerActor:
         import torch
         import torch.distributed as dist
 
-        from rayalign.rl_losses import value_loss
+        from rayalign.losses.rl import value_loss
 
         sums = torch.zeros(2, dtype=torch.float64)
         for rows, b in self._batches(sequences):
@@ -336,7 +336,7 @@ class TrainerActor:
         import torch.distributed as dist
 
         from rayalign.engines.hf import token_logprobs
-        from rayalign.rl_losses import kl_penalty_loss, masked_mean, ppo_policy_loss, token_entropy
+        from rayalign.losses.rl import kl_penalty_loss, masked_mean, ppo_policy_loss, token_entropy
 
         if len(sequences) != self.ds_config["train_batch_size"]:
             raise ValueError(f"rl_step: {len(sequences)} sequences, expected the mini-batch "

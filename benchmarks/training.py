@@ -55,7 +55,7 @@ def make_pairs(tokenizer, count: int) -> pa.Table:
 
 def reference_logps(model, data, batches, pad):
     """What the scoring pass stores: each sequence's summed log-prob under the (frozen) reference."""
-    from rayalign.training import collate, sequence_logps
+    from rayalign.training.data import collate, sequence_logps
 
     for rows in batches:
         b = collate(data, rows, pad)
@@ -69,7 +69,7 @@ def reference_logps(model, data, batches, pad):
 def run(model_path: str, data, batches, pad, held_reference: bool) -> dict:
     from rayalign.config import TrainingConfig
     from rayalign.models import load_causal_lm
-    from rayalign.training import collate, compute_loss, sequence_logps
+    from rayalign.training.data import collate, compute_loss, sequence_logps
 
     t = TrainingConfig(loss="dpo", beta=0.1)
     policy = load_causal_lm(model_path, "float32").train()
@@ -115,7 +115,7 @@ def main() -> None:
     torch.set_num_threads(2)
 
     from rayalign.models import load_causal_lm, load_tokenizer
-    from rayalign.training import encode_dataset
+    from rayalign.training.data import encode_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         model_path = build_model(Path(tmp) / "model", args.hidden, args.layers)

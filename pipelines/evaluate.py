@@ -22,7 +22,7 @@ from rayalign.models import resolve_model_path
 from rayalign.progress import model_build_progress
 from rayalign.pipelines.offline import (_complete, _layers, _progress, console, forward_rewards, num_hidden_layers,
                                         scoring_setup, with_scoring_prompts, write_table)
-from rayalign.scores import REWARD_COLUMNS
+from rayalign.scoring.rewards import REWARD_COLUMNS
 
 EVAL_ITERATION = 0  # seeds of evaluation samples: (run seed, prompt, language, sample, iteration 0)
 
@@ -147,7 +147,7 @@ def hub_scan(cfg: RunConfig, policy_path: str, policy_name: str, samples: pa.Tab
     """Silhouette of the pooled response states, clustered by prompt id, at every layer 0..L; the hub layer is
     the argmax over 1..L-1 (docs/methods.md section 1)."""
     from rayalign.actors.scorer import ModelRole
-    from rayalign.scoring import ForwardSpec, latent_matrix
+    from rayalign.scoring.forward import ForwardSpec, latent_matrix
 
     subset = scan_subset(samples, cfg.languages, max_prompts)
     num_layers = num_hidden_layers(cfg, policy_path)
@@ -181,7 +181,8 @@ def save_hub_scan(result: dict, path: Path) -> None:
 
 def eval_setup(cfg: RunConfig, policy_path: str, policy_name: str, *, prompts_limit: int | None = None,
                samples: int | None = None, candidates_path: str | None = None, silhouette_prompts: int | None = None,
-               likelihood: str = "sum", judge=None, hub_layer: int | None = None) -> tuple[RunConfig, dict, str]:
+               likelihood: str = "sum", accuracy: str = "likelihood", judge=None,
+               hub_layer: int | None = None) -> tuple[RunConfig, dict, str]:
     """Check an evaluation's inputs (before anything is generated); returns the evaluation's config, its settings
     and the key its outputs are kept under."""
     from rayalign.data.prompts import load_candidate_sets, load_prompts
@@ -192,8 +193,9 @@ def eval_setup(cfg: RunConfig, policy_path: str, policy_name: str, *, prompts_li
     lat = cfg.rewards.latent
     silhouette_prompts = lat.hub_scan_prompts if silhouette_prompts is None else silhouette_prompts
     candidates_path = candidates_path or cfg.rewards.consistency.candidates_path
-    if likelihood not in ("sum", "mean"):
-        raise ConfigError(f"eval: likelihood must be sum or mean, got {likelihood!r}")
+    if likelihood not in metrics.LIKELIHOODS or accuracy not in metrics.ACCURACY_SCORINGS:
+        raise ConfigError(f"eval: likelihood must be one of {', '.join(metrics.LIKELIHOODS)} and accuracy one of "
+                          f"{', '.join(metrics.ACCURACY_SCORINGS)}; got {likelihood!r} and {accuracy!r}")
     if lat.enabled and cfg.sampling.n < 2:
         raise ConfigError(f"eval: latent rewards need at least 2 samples per prompt, got {cfg.sampling.n}")
     if lat.enabled and lat.hub_layer == "auto" and hub_layer is None and silhouette_prompts < 2:
@@ -209,7 +211,8 @@ def eval_setup(cfg: RunConfig, policy_path: str, policy_name: str, *, prompts_li
         if missing:
             raise ConfigError(f"eval: the judge compares with reference answers, but {len(missing)} prompt row(s) of "
                               f"{cfg.prompts.path} have none (e.g. {missing[0]}); give them an output/reference field")
-    settings = {"candidates_path": candidates_path, "likelihood": likelihood, "silhouette_prompts": silhouette_prompts,
+    settings = {"candidates_path": candidates_path, "likelihood": likelihood, "accuracy": accuracy,
+                "silhouette_prompts": silhouette_prompts,
                 "hub_layer": hub_layer, "judge": judge and [judge.url, judge.model]}
     return cfg, settings, eval_key(cfg, policy_path, policy_name, settings)
 
@@ -225,8 +228,9 @@ def evaluate_policy(cfg: RunConfig, policy_path: str, out_dir: str | Path, *, po
     Language fidelity and response length per language; statistics of the recipe's rewards (`hub_layer`: the
     run's scanned layer when the recipe says auto); the silhouette of pooled states at every layer on
     `silhouette_prompts` prompts (default rewards.latent.hub_scan_prompts; 0 = none); RankC and accuracy on a
-    parallel candidate set (`candidates_path`, default rewards.consistency.candidates_path; `likelihood` sum or
-    mean per candidate token); the judge's win rate against reference answers (`judge`: a JudgeSettings). Other
+    parallel candidate set (`candidates_path`, default rewards.consistency.candidates_path; `likelihood` sum, mean
+    per candidate token or sequence_mean as the RankC code; `accuracy` by that likelihood or by the continuation
+    without the end-of-turn token, as the DCO paper); the judge's win rate against reference answers (`judge`: a JudgeSettings). Other
     settings: `prompts_limit`, `samples` (see `eval_setup`). The samples and the results are kept on a rerun with
     the same settings and checkpoint (outputs made otherwise are moved aside); scores are recomputed.
     """
@@ -267,7 +271,7 @@ def evaluate_policy(cfg: RunConfig, policy_path: str, out_dir: str | Path, *, po
         if scored.column(column).null_count < scored.num_rows:
             rows += metrics.distribution_rows(column, scored.column(column).to_pylist(), langs)
     if candidates_path:
-        rows += candidate_metrics(cfg, policy_path, candidates_path, settings["likelihood"])
+        rows += candidate_metrics(cfg, policy_path, candidates_path, settings["likelihood"], settings["accuracy"])
     if judge is not None:
         rows += judge_metrics(table, judge)
 
@@ -280,21 +284,22 @@ def evaluate_policy(cfg: RunConfig, policy_path: str, out_dir: str | Path, *, po
     return read_dataset(out_dir / "results", "eval")
 
 
-def candidate_metrics(cfg: RunConfig, policy_path: str, candidates_path: str, likelihood: str) -> list[dict]:
+def candidate_metrics(cfg: RunConfig, policy_path: str, candidates_path: str, likelihood: str,
+                      accuracy: str = "likelihood") -> list[dict]:
     """The policy's log-likelihood of every candidate answer in every language -> accuracy and RankC rows."""
     import polars as pl
 
     from rayalign.actors.scorer import ModelRole
     from rayalign.data.prompts import load_candidate_sets
-    from rayalign.scoring import ForwardSpec
+    from rayalign.scoring.forward import ForwardSpec
 
     cands = load_candidate_sets(candidates_path, cfg.languages).rename_columns(
         ["prompt_id", "lang", "messages", "candidate_idx", "response", "gold"])
-    spec = ForwardSpec("policy", "messages", "logp", tokens_column="num_tokens")
+    spec = ForwardSpec("policy", "messages", "logp", tokens_column="num_tokens", likelihood_parts=True)
     scored = score_rows(cfg, {"policy": ModelRole(policy_path, cfg.policy)}, [spec], None, cands,
                         "eval candidates", shard_rows=256)
     return metrics.candidate_rows(pl.from_arrow(scored.drop_columns(["messages", "response"])), cfg.languages,
-                                  cfg.anchor_language, likelihood)
+                                  cfg.anchor_language, likelihood, accuracy)
 
 
 def judge_metrics(samples: pa.Table, judge) -> list[dict]:

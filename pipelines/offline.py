@@ -20,6 +20,7 @@ from rayalign.data.store import DatasetError, DatasetWriter, atomic_write_text, 
 from rayalign.generation import FailedRowsError
 from rayalign.models import resolve_model_path
 from rayalign.progress import deepspeed_op_notice, model_build_progress
+from rayalign.tracking import Trackers, check_trackers
 
 console = Console(stderr=True)
 STAGES = ("generate", "score", "pairs", "train")
@@ -186,7 +187,7 @@ def scoring_setup(cfg: RunConfig, policy_path: str, hub_layer: int | None = None
     """What the scoring pass needs for the recipe's rewards: (model roles, forward specs, the reward-model role or
     None, pooled layers). Samples get their extra prompt column from `with_scoring_prompts`."""
     from rayalign.actors.scorer import ModelRole
-    from rayalign.scoring import ForwardSpec
+    from rayalign.scoring.forward import ForwardSpec
 
     r = cfg.rewards
     roles = {"policy": ModelRole(policy_path, cfg.policy)}
@@ -212,7 +213,7 @@ def scoring_setup(cfg: RunConfig, policy_path: str, hub_layer: int | None = None
 def forward_rewards(cfg: RunConfig, table):
     """Rewards from the scoring pass's forward results: (scores table, reward parameters). R_m scores under the
     native prompt, whose log-probs are the policy's own."""
-    from rayalign.scores import compute_rewards
+    from rayalign.scoring.rewards import compute_rewards
 
     if cfg.rewards.implicit.enabled and cfg.rewards.implicit.prompt == "native":
         table = table.append_column("logp_policy_icr", table.column("logp_policy"))
@@ -223,7 +224,7 @@ def with_scoring_prompts(cfg: RunConfig, samples):
     """Samples with the cross-lingual prompt G(x) that ICR's R_c scores under, when the recipe asks for it."""
     import pyarrow as pa
 
-    from rayalign.scores import cross_lingual_messages
+    from rayalign.scoring.rewards import cross_lingual_messages
 
     if not (cfg.rewards.implicit.enabled and cfg.rewards.implicit.prompt == "cross_lingual"):
         return samples
@@ -459,7 +460,7 @@ def dco_stage(cfg: RunConfig, initial_policy_path: str, iteration: int, out_dir:
     from rayalign.data.prompts import load_candidate_sets
     from rayalign.pairs import dco_tuples
     from rayalign.rewards.consistency import dco_gamma_table
-    from rayalign.scoring import ForwardSpec
+    from rayalign.scoring.forward import ForwardSpec
 
     c = cfg.rewards.consistency
     ref = c.reference or cfg.policy
@@ -524,7 +525,7 @@ def _with_reference_logps(cfg: RunConfig, pairs_table, policy_path: str):
 
     from rayalign.actors.pool import split_shards
     from rayalign.actors.scorer import ModelRole, ScoringGroup
-    from rayalign.scoring import ForwardSpec
+    from rayalign.scoring.forward import ForwardSpec
 
     rows = pairs_table.to_pylist()
     requests = pa.Table.from_pylist([{"messages": r["prompt"], "response": r[side][0]["content"]}
@@ -560,16 +561,16 @@ def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int
     The training reference is policy t-1, whose log-probs the pairs carry. Mid-stage checkpoints go to
     `iter-t/train.ckpt` (training.checkpoint_every) and an interrupted stage resumes from the latest one.
     """
-    from rayalign.training import schema_for_loss
+    from rayalign.training.data import schema_for_loss
 
     t = cfg.training
     schema = schema_for_loss(t.loss)
     if t.backend == "openrlhf":
-        from rayalign.openrlhf import train_dpo
+        from rayalign.integrations.openrlhf import train_dpo
 
         return train_dpo(cfg, data_dir, policy_path, out_dir)
     from rayalign.actors.trainer import TrainerGroup
-    from rayalign.training import batch_alignment_languages
+    from rayalign.training.data import batch_alignment_languages
 
     ckpt_dir = out_dir.with_name("train.ckpt")
     run_dir = out_dir.parent.parent
@@ -695,7 +696,7 @@ def rescore(cfg: RunConfig, scores_dir: Path, out_dir: Path, replace: bool = Fal
     """New rewards from a scores dataset's stored log-probs and states into `out_dir`, which must be new or empty
     (with `replace`, a non-empty one is moved to the trash of the run that holds it, as --redo does)."""
     from rayalign.data.store import claim_output_dir, read_dataset, read_manifest
-    from rayalign.scores import compute_rewards
+    from rayalign.scoring.rewards import compute_rewards
 
     out, source = out_dir.resolve(), scores_dir.resolve()
     if out == source or out in source.parents:
@@ -728,10 +729,11 @@ def run(cfg: RunConfig, run_dir: Path | None = None, **options) -> Path:
 
 
 def preflight(cfg: RunConfig, policy_path: str) -> None:
-    """Checks that need the model or user code, made before any work: the latent layers against the model's, and
-    the user reward file's function (importing the file runs it, as scoring would)."""
-    from rayalign.scores import load_user_reward
+    """Checks that need the model or user code, made before any work: the trackers' packages, the latent layers
+    against the model's, and the user reward file's function (importing the file runs it, as scoring would)."""
+    from rayalign.scoring.rewards import load_user_reward
 
+    check_trackers(cfg)
     r = cfg.rewards
     if r.latent.enabled and r.latent.hub_layer != "auto":
         _layers(cfg, policy_path)
@@ -743,7 +745,8 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
          stages: tuple[str, ...] = STAGES, redo: tuple[str, ...] = ()) -> Path:
     from rayalign.cluster import connect, load_cluster_spec
     from rayalign.cluster.planner import with_counts
-    from rayalign.cluster.spec import check_run_dir_visible
+    from rayalign.cluster.schedule import choose_schedule
+    from rayalign.cluster.spec import check_run_dir_visible, running_cluster_spec
 
     r = cfg.rewards
     if not (r.latent.enabled or r.implicit.enabled or r.reward_model.enabled or r.user.path):
@@ -769,54 +772,78 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
                   f"{spec.name} -> {run_dir}")
     connect(spec, address)
     check_run_dir_visible(run_dir)
+    schedule = choose_schedule(cfg, running_cluster_spec(spec)) if {"generate", "score"} <= set(stages) else None
+    if schedule:
+        console.print(schedule.text())
 
     policy_path, policy_name = initial_path, cfg.policy.path
-    for iteration in range(1, cfg.iterations + 1):
-        it_dir = run_dir / f"iter-{iteration}"
-        for stage in stages:
-            name = f"iter-{iteration}/{stage}"
-            out_dir = it_dir / {"generate": "samples", "score": "scores", "train": "policy"}.get(stage, stage)
-            if name in state["finished"]:
-                problems = kept_output_problems(run_dir, state, out_dir)
-                if not problems:
-                    console.print(f"{name}: finished earlier, kept")
-                    continue
-                report_untrusted(problems)
-                log_metrics(run_dir, {"stage": "verify", "output": f"{it_dir.name}/{out_dir.name}",
-                                      "untrusted": problems})
-                state["finished"].remove(name)
-                write_state(run_dir, state)
-            started = time.perf_counter()
-            if stage == "generate":
-                result = generate_stage(cfg, prompts, policy_path, policy_name, iteration, out_dir)
-                result |= {f"fidelity_{lang}": v for lang, v in language_fidelity(out_dir).items()}
-            elif stage == "score":
-                hub_layer = hub_layer_of_run(cfg, run_dir, state, initial_path)
-                result = score_stage(cfg, it_dir / "samples", policy_path, iteration, out_dir, hub_layer)
-            elif stage == "pairs":
-                result = pairs_stage(cfg, run_dir, policy_path, initial_path, iteration, out_dir)
-            else:
-                result = train_stage(cfg, it_dir / "pairs", policy_path, iteration, out_dir, state)
-            result["wall_seconds"] = round(time.perf_counter() - started, 3)
-            log_metrics(run_dir, {"iteration": iteration, "stage": stage, **result})
-            if stage == "train" and (out_dir / "config.json").is_file():
-                from rayalign.data.store import directory_checksums
+    with Trackers(cfg, run_dir) as tracker:
+        for iteration in range(1, cfg.iterations + 1):
+            it_dir = run_dir / f"iter-{iteration}"
+            streamed = {}  # the score stage's result when it ran streaming behind generation
+            for stage in stages:
+                name = f"iter-{iteration}/{stage}"
+                out_dir = it_dir / {"generate": "samples", "score": "scores", "train": "policy"}.get(stage, stage)
+                if name in state["finished"]:
+                    problems = kept_output_problems(run_dir, state, out_dir)
+                    if not problems:
+                        console.print(f"{name}: finished earlier, kept")
+                        continue
+                    report_untrusted(problems)
+                    log_metrics(run_dir, {"stage": "verify", "output": f"{it_dir.name}/{out_dir.name}",
+                                          "untrusted": problems})
+                    state["finished"].remove(name)
+                    write_state(run_dir, state)
+                started = time.perf_counter()
+                if stage == "generate":
+                    if stream_now(cfg, schedule, state, iteration):
+                        from rayalign.pipelines.streaming import generate_score_stage
 
-                state.setdefault("checksums", {})[f"{it_dir.name}/policy"] = directory_checksums(out_dir)
-            state["finished"].append(name)
-            write_state(run_dir, state)
-            shown = {k: (len(set(v)) if k == "actor_nodes" else v) for k, v in result.items()}
-            console.print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in shown.items()) + f" -> {out_dir}")
-        if f"iter-{iteration}/summary" not in state["finished"]:
-            summary = {"iteration": iteration, "stage": "iteration", "policy": policy_name,
-                       **iteration_summary(run_dir, iteration)}
-            log_metrics(run_dir, summary)
-            write_tensorboard(run_dir, summary)
-            state["finished"].append(f"iter-{iteration}/summary")
-            write_state(run_dir, state)
-        if "train" in stages:
-            policy_path, policy_name = str(it_dir / "policy"), f"iter-{iteration}/policy"
+                        result, streamed["score"] = generate_score_stage(
+                            cfg, prompts, policy_path, policy_name, iteration, it_dir,
+                            hub_layer_of_run(cfg, run_dir, state, initial_path))
+                    else:
+                        result = generate_stage(cfg, prompts, policy_path, policy_name, iteration, out_dir)
+                    result |= {f"fidelity_{lang}": v for lang, v in language_fidelity(out_dir).items()}
+                elif stage == "score" and streamed:
+                    result = streamed.pop("score")
+                elif stage == "score":
+                    hub_layer = hub_layer_of_run(cfg, run_dir, state, initial_path)
+                    result = score_stage(cfg, it_dir / "samples", policy_path, iteration, out_dir, hub_layer)
+                elif stage == "pairs":
+                    result = pairs_stage(cfg, run_dir, policy_path, initial_path, iteration, out_dir)
+                else:
+                    result = train_stage(cfg, it_dir / "pairs", policy_path, iteration, out_dir, state)
+                result.setdefault("wall_seconds", round(time.perf_counter() - started, 3))  # streamed: set per stage
+                log_metrics(run_dir, {"iteration": iteration, "stage": stage, **result})
+                tracker.update()
+                if stage == "train" and (out_dir / "config.json").is_file():
+                    from rayalign.data.store import directory_checksums
+
+                    state.setdefault("checksums", {})[f"{it_dir.name}/policy"] = directory_checksums(out_dir)
+                state["finished"].append(name)
+                write_state(run_dir, state)
+                shown = {k: (len(set(v)) if k == "actor_nodes" else v) for k, v in result.items()}
+                console.print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in shown.items()) + f" -> {out_dir}")
+            if f"iter-{iteration}/summary" not in state["finished"]:
+                summary = {"iteration": iteration, "stage": "iteration", "policy": policy_name,
+                           **iteration_summary(run_dir, iteration)}
+                log_metrics(run_dir, summary)
+                tracker.update()
+                state["finished"].append(f"iter-{iteration}/summary")
+                write_state(run_dir, state)
+            if "train" in stages:
+                policy_path, policy_name = str(it_dir / "policy"), f"iter-{iteration}/policy"
     return run_dir
+
+
+def stream_now(cfg: RunConfig, schedule, state: dict, iteration: int) -> bool:
+    """Whether this iteration's generate and score stages run at once (pipelines/streaming.py): the schedule
+    streams, neither finished earlier, and the hub layer is known (hub_layer auto scans iteration 1's samples)."""
+    names = {f"iter-{iteration}/generate", f"iter-{iteration}/score"}
+    scan_pending = cfg.rewards.latent.enabled and cfg.rewards.latent.hub_layer == "auto" and \
+        "hub-scan" not in state["finished"]
+    return bool(schedule and schedule.stream) and not names & set(state["finished"]) and not scan_pending
 
 
 def _complete(dataset_dir: Path) -> bool:
@@ -861,15 +888,3 @@ def iteration_summary(run_dir: Path, iteration: int) -> dict:
             if any(key.startswith(prefix) for prefix in SUMMARY_KEYS.get(stage, ())):
                 out[f"pairs_{key}" if stage == "pairs" else key] = value
     return out
-
-
-def write_tensorboard(run_dir: Path, summary: dict) -> None:
-    """Iteration metrics as TensorBoard scalars, when tensorboard is installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return
-    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
-        for key, value in summary.items():
-            if isinstance(value, (int, float)) and key != "iteration":
-                writer.add_scalar(key, value, summary["iteration"])

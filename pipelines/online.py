@@ -24,6 +24,7 @@ from rayalign.data.prompts import load_prompts
 from rayalign.data.store import DatasetWriter, atomic_write_text
 from rayalign.models import load_tokenizer, resolve_model_path
 from rayalign.progress import deepspeed_op_notice, model_build_progress
+from rayalign.tracking import Trackers, check_trackers
 from rayalign.pipelines.offline import console, log_metrics, prepare_run_dir, write_state
 
 
@@ -69,9 +70,10 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     from rayalign.cluster import connect, load_cluster_spec
     from rayalign.cluster.planner import with_counts
     from rayalign.cluster.spec import check_run_dir_visible
-    from rayalign.online import group_advantages, minibatch_order, ppo_advantages, rollout_rewards, rollout_sequences
+    from rayalign.training.rollouts import group_advantages, minibatch_order, ppo_advantages, rollout_rewards, rollout_sequences
 
     o = cfg.online
+    check_trackers(cfg)
     if o.score_weight and cfg.rewards.latent.enabled and cfg.rewards.latent.hub_layer == "auto":
         raise ConfigError("rewards.latent.hub_layer: auto is not resolved by online runs; run `rayalign hub-scan "
                           "RECIPE` and set the layer it prints")
@@ -103,6 +105,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     critic = TrainerGroup(policy_path, cfg.policy, dataclasses.replace(tcfg, lr=o.critic_lr), role="critic") \
         if ppo else None
     scorers = ScoredReward(cfg, policy_path) if o.score_weight else None
+    tracker = Trackers(cfg, run_dir)
     try:
         groups = {"policy": trainer, "critic": critic} if ppo else {"policy": trainer}
         for group in groups.values():
@@ -173,6 +176,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
                       **update, "updates": len(updates), "rollouts": samples.num_rows, **critic_update,
                       **{k: round(v, 3) for k, v in timings.items()}}
             log_metrics(run_dir, record)
+            tracker.update()
             state["finished"].append(f"online/step-{step}")
             if o.checkpoint_every and step % o.checkpoint_every == 0:
                 state["online_checkpoint"] = save_checkpoints(run_dir, groups, step)
@@ -181,7 +185,9 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
                           f"clip {record['clip_fraction']:.3f}  entropy {record['entropy']:.3f}  "
                           + "  ".join(f"{k.removeprefix('seconds_')} {v:.1f}s" for k, v in timings.items()))
         trainer.save(str(run_dir / "online" / "policy"))
+        tracker.close()
     finally:
+        tracker.close(plots=False)  # after an error: what was logged, without the report's plots
         generators.shutdown()
         trainer.shutdown()
         for group in (critic, scorers.group if scorers else None):

@@ -40,7 +40,7 @@ def _user_errors(fn):
         from rayalign.pipelines.offline import TrainerLostError
         from rayalign.pipelines.study import StudyError
         from rayalign.report import ReportError
-        from rayalign.scores import RewardError
+        from rayalign.scoring.rewards import RewardError
 
         try:
             return fn(*args, **kwargs)
@@ -56,12 +56,14 @@ def _user_errors(fn):
 
 
 def _load(recipe, overrides, *, sources: bool = True, models: bool = True):
-    """The recipe, validated; with `sources`, its prompt set (and with `models`, its models) checked readable from
+    """The recipe, validated, its trackers' packages installed; with `sources`, its prompt set (and with `models`, its models) checked readable from
     here before Ray starts: a Hub name neither cached nor reachable is refused at once."""
     from rayalign.config import load_config
     from rayalign.data.hub import HubError, check_sources
+    from rayalign.tracking import check_trackers
 
     cfg = load_config(recipe, overrides)
+    check_trackers(cfg)
     if sources:
         try:
             check_sources(cfg, models=models)
@@ -464,7 +466,7 @@ def online_cmd(recipe, cluster, overrides, run_dir, address, openrlhf_reward_fil
       rayalign online --cluster local examples/online-grpo-quickstart.yaml
     """
     if openrlhf_reward_file:
-        from rayalign.openrlhf_reward import write_reward_file
+        from rayalign.integrations.openrlhf_reward import write_reward_file
 
         path = write_reward_file(_load(recipe, overrides + ("mode=online",)), openrlhf_reward_file)
         console.print(f"wrote {path}: use it with OpenRLHF's train_ppo_ray --remote_rm_url {path} --label_key lang")
@@ -500,8 +502,12 @@ POLICY_HELP = "checkpoint to evaluate: initial (the recipe's policy), iter-N (th
 @click.option("--silhouette-prompts", type=click.IntRange(min=0),
               help="prompts (in every language) whose pooled states give the silhouette by layer (default: "
               "rewards.latent.hub_scan_prompts; 0 = none)")
-@click.option("--likelihood", type=click.Choice(["sum", "mean"]), default="sum", show_default=True,
-              help="candidate likelihood: summed log-prob of the candidate, or its mean per token")
+@click.option("--likelihood", type=click.Choice(["sum", "mean", "sequence_mean"]), default="sum", show_default=True,
+              help="candidate likelihood for RankC and accuracy: summed log-prob of the candidate, its mean per "
+              "candidate token, or the mean over the whole sequence (question and candidate) as the RankC code")
+@click.option("--accuracy", type=click.Choice(["likelihood", "continuation"]), default="likelihood",
+              show_default=True, help="accuracy ranks by --likelihood, or by the candidate's summed log-prob as a "
+              "continuation without the end-of-turn token (the DCO paper's evaluation)")
 @click.option("--judge-url", help="OpenAI-compatible endpoint of a judge you run (e.g. http://localhost:8000/v1); "
               "adds the win rate against the prompts' reference answers")
 @click.option("--judge-model", help="the judge's model name on that endpoint")
@@ -511,7 +517,7 @@ POLICY_HELP = "checkpoint to evaluate: initial (the recipe's policy), iter-N (th
 @click.option("-o", "--override", "overrides", multiple=True, help=OVERRIDE_HELP)
 @_user_errors
 def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates, silhouette_prompts, likelihood,
-             judge_url, judge_model, judge_api_key, cluster, address, overrides):
+             accuracy, judge_url, judge_model, judge_api_key, cluster, address, overrides):
     """Evaluate a policy checkpoint on the recipe's prompts.
 
     Language fidelity and response length per language, statistics of the recipe's rewards, the silhouette
@@ -543,7 +549,7 @@ def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates, s
     cfg = with_counts(cfg, load_cluster_spec(cluster), address)
     result = evaluate_policy(cfg, path, out, policy_name=name, prompts_limit=prompts_limit, samples=samples,
                              candidates_path=candidates, silhouette_prompts=silhouette_prompts,
-                             likelihood=likelihood, judge=judge, hub_layer=run_hub_layer(cfg, run_dir))
+                             likelihood=likelihood, accuracy=accuracy, judge=judge, hub_layer=run_hub_layer(cfg, run_dir))
     print_summary(result, cfg.languages, cfg.anchor_language)
     console.print(f"results: {out / 'results'}")
 

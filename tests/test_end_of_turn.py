@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rayalign.models import encode_response, end_of_turn_ids, stop_token_ids
-from rayalign.training import collate, encode_dataset
+from rayalign.training.data import collate, encode_dataset
 
 LLAMA3 = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "

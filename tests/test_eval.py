@@ -94,8 +94,40 @@ def test_mean_likelihood_divides_by_candidate_tokens():
     assert mean[("accuracy", "en")]["value"] == 0.0
     w3 = np.exp([2.0, 1.0, 0.0]) / np.exp([2.0, 1.0, 0.0]).sum()
     assert mean[("rankc", "en")]["value"] == pytest.approx(w3[1] + w3[2])
-    with pytest.raises(ValueError, match="sum or mean"):
+    with pytest.raises(ValueError, match="sum, mean, sequence_mean"):
         candidate_rows(frame, ["en", "de"], "en", "max")
+
+
+def test_sequence_mean_and_continuation_accuracy_by_hand():
+    # One query, three candidates; both languages' templated question: 5 tokens, log-prob -0.4 over tokens 1..4.
+    #            logp (candidate + eot)  tokens  eot logp | sum    mean    sequence_mean         continuation
+    # en cand 0: -6.0                    3       -4.0     | -6.0   -2.0    -6.4 / 7  = -0.914    -2.0
+    # en cand 1: -5.0                    6       -0.5     | -5.0   -0.833  -5.4 / 10 = -0.540    -4.5
+    # en cand 2: -9.0                    12      -0.2     | -9.0   -0.75   -9.4 / 16 = -0.5875   -8.8
+    # de cand 1: -5.6 instead            6       -0.5     |                -6.0 / 10 = -0.600
+    # Top: sum 1, mean 2, sequence_mean en 1 (de 2), continuation 0 = the gold answer.
+    rows = []
+    for lang, logps in (("en", [-6.0, -5.0, -9.0]), ("de", [-6.0, -5.6, -9.0])):
+        for i, (logp, tokens, eot) in enumerate(zip(logps, [3, 6, 12], [-4.0, -0.5, -0.2])):
+            rows.append({"prompt_id": "q1", "lang": lang, "candidate_idx": i, "gold": 0, "logp": logp,
+                         "num_tokens": tokens, "logp_end_of_turn": eot, "logp_prompt": -0.4, "prompt_tokens": 5})
+    frame = pl.DataFrame(rows)
+    w3 = np.exp([2.0, 1.0, 0.0]) / np.exp([2.0, 1.0, 0.0]).sum()
+    sequence = by_key(candidate_rows(frame, ["en", "de"], "en", "sequence_mean"), "metric", "lang")
+    # en ranks 1, 2, 0 and de 2, 1, 0: P@1 = 0, P@2 = P@3 = 1
+    assert sequence[("rankc", "en")]["value"] == pytest.approx(w3[1] + w3[2])
+    assert sequence[("accuracy", "en")]["value"] == 0.0
+    mean = by_key(candidate_rows(frame, ["en", "de"], "en", "mean"), "metric", "lang")  # both rank 2, 1, 0
+    assert mean[("rankc", "en")]["value"] == pytest.approx(1.0)
+    for likelihood in ("sum", "mean", "sequence_mean"):
+        continuation = by_key(candidate_rows(frame, ["en", "de"], "en", likelihood, accuracy="continuation"),
+                              "metric", "lang")
+        assert continuation[("accuracy", "en")]["value"] == 1.0 and continuation[("accuracy", "de")]["value"] == 1.0
+        plain = by_key(candidate_rows(frame, ["en", "de"], "en", likelihood), "metric", "lang")
+        assert plain[("accuracy", "en")]["value"] == 0.0
+        assert continuation[("rankc", "en")]["value"] == plain[("rankc", "en")]["value"]  # RankC keeps --likelihood
+    with pytest.raises(ValueError, match="likelihood, continuation"):
+        candidate_rows(frame, ["en", "de"], "en", accuracy="best")
 
 
 # ---- on the tiny model, with Ray ----
@@ -249,7 +281,7 @@ def test_launch_with_hub_layer_auto_scores_at_the_scanned_layer(tiny_model, ray_
     from rayalign.engines import ScoreRequest
     from rayalign.engines.hf import HFEngine
     from rayalign.pipelines import offline
-    from rayalign.scoring import latent_matrix
+    from rayalign.scoring.forward import latent_matrix
 
     cfg = load_config(REPO / "examples" / "quickstart.yaml", [
         f"policy.path={tiny_model}", f"languages={LANGS}", "prompts.limit=4", "sampling.n=2", "iterations=1",

@@ -81,7 +81,7 @@ def test_dead_actor_shard_is_retried_elsewhere(setup, baseline):
 def test_dead_scoring_actor_shard_is_retried_elsewhere(setup, baseline):
     """The same for ScoringActors: a killed actor's shard is scored by the other, with the same numbers."""
     from rayalign.actors.scorer import ModelRole, ScoringGroup
-    from rayalign.scoring import ForwardSpec
+    from rayalign.scoring.forward import ForwardSpec
 
     cfg, _, model = setup
     samples = baseline[0]

@@ -1,4 +1,4 @@
-"""rayalign.losses against values worked out by hand with `math`, and dpo_loss against TRL's own DPO loss code."""
+"""rayalign.losses.preference against values worked out by hand with `math`, and dpo_loss against TRL's own DPO loss code."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rayalign.losses import (
+from rayalign.losses.preference import (
     dco_loss,
     dpo_loss,
     ipo_loss,

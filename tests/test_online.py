@@ -16,7 +16,7 @@ def samples_table(rows):
 
 
 def test_rewards_and_group_advantages_by_hand():
-    from rayalign.online import group_advantages, rollout_rewards
+    from rayalign.training.rollouts import group_advantages, rollout_rewards
 
     table = samples_table([("a", "de", "de", 8), ("a", "de", "en", 16), ("a", "en", "en", 4), ("a", "en", "en", 12)])
     cfg = load_config(None, ["mode=online", "online.length_weight=0.5", "sampling.max_new_tokens=16"])
@@ -33,7 +33,7 @@ def test_rewards_and_group_advantages_by_hand():
 
 def test_rollout_sequences_keep_the_end_of_turn_only_when_generated(tiny_model):
     from rayalign.models import encode_response, load_tokenizer
-    from rayalign.online import rollout_sequences
+    from rayalign.training.rollouts import rollout_sequences
 
     tok = load_tokenizer(tiny_model)
     messages = [{"role": "user", "content": "Hola"}]
@@ -94,7 +94,7 @@ def test_second_ppo_epoch_moves_the_ratio_and_the_clip_engages(ray_session, tiny
     from transformers import AutoModelForCausalLM
 
     from rayalign.actors.trainer import TrainerGroup
-    from rayalign.rl_losses import token_entropy
+    from rayalign.losses.rl import token_entropy
 
     cfg = load_config(None, [f"policy.path={tiny_model}", "training.micro_batch_size=4", "training.lr=1.0e-2",
                              "training.warmup_ratio=0.0"])
@@ -174,7 +174,7 @@ def test_ppo_advantages_by_hand():
     """Two sequences (3 and 2 response tokens): KL-shaped token rewards, GAE with gamma 1, lambda 0.5, whitening."""
     import math
 
-    from rayalign.online import ppo_advantages
+    from rayalign.training.rollouts import ppo_advantages
 
     policy = [{"logp": [-1.0, -2.0, -1.0], "ref_logp": [-1.0, -1.5, -1.0]},
               {"logp": [-0.5, -0.5], "ref_logp": [-0.5, -1.0]}]

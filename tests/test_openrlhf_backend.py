@@ -10,7 +10,7 @@ import pytest
 
 from rayalign.config import TrainingConfig
 from rayalign.data.schemas import schema_for
-from rayalign.openrlhf import dpo_command, parse_dpo_command
+from rayalign.integrations.openrlhf import dpo_command, parse_dpo_command
 
 T = TrainingConfig(loss="dpo", backend="openrlhf", micro_batch_size=2, gradient_accumulation=4, world_size=8,
                    zero_stage=3, beta=0.1, nll_weight=1.0, lr=5e-7, weight_decay=0.01, warmup_ratio=0.1,
@@ -60,7 +60,7 @@ def test_openrlhf_reward_dataset_reads_our_pairs(tiny_model, pairs_dataset):
     from openrlhf.utils import get_tokenizer
 
     from rayalign.models import load_tokenizer
-    from rayalign.training import encode_dataset
+    from rayalign.training.data import encode_dataset
 
     args = parse_dpo_command(dpo_command(T, pairs_dataset, tiny_model, "o"))
     strategy = SimpleNamespace(args=args, print=lambda *_: None, is_rank_0=lambda: True)

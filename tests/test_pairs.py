@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from rayalign.config import load_config
-from rayalign.losses import dco_loss
+from rayalign.losses.preference import dco_loss
 from rayalign.pairs import dco_tuples, kto_rows, lidr_pairs, lidr_requests, preference_pairs
 from rayalign.rewards.consistency import dco_gamma_table
 

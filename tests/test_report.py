@@ -11,7 +11,7 @@ import pytest
 from rayalign.data.store import DatasetWriter
 from rayalign.report import (ReportError, eval_fidelity, fidelity_by_run, fidelity_series, final_rows,
                              iteration_frame, numeric_axes, report, reward_values, scaling_series, silhouette_series)
-from rayalign.scores import to_scores_schema
+from rayalign.scoring.rewards import to_scores_schema
 
 ITERATIONS = [  # the `iteration` records of metrics.jsonl; fidelity_mean: 0.8, then 0.9
     {"iteration": 1, "stage": "iteration", "policy": "iter-1/policy", "fidelity_en": 0.9, "fidelity_de": 0.7,

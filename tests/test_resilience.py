@@ -90,7 +90,7 @@ def test_generation_isolates_rows_that_fail_alone():
 
 def test_scoring_isolates_samples_that_fail_alone(tiny_model):
     from rayalign.engines.hf import HFEngine
-    from rayalign.scoring import ForwardSpec, forward_rows, forward_rows_isolating
+    from rayalign.scoring.forward import ForwardSpec, forward_rows, forward_rows_isolating
 
     engine = HFEngine(tiny_model, dtype="float32", device="cpu", batch_size=8)
     real_score = engine.score

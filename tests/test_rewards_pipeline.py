@@ -15,7 +15,7 @@ from rayalign.config import ConfigError, load_config
 from rayalign.data.store import read_dataset, read_manifest
 from rayalign.pairs import preference_pairs
 from rayalign.rewards.latent import latent_rewards
-from rayalign.scores import RewardError, check_finite, cross_lingual_messages
+from rayalign.scoring.rewards import RewardError, check_finite, cross_lingual_messages
 
 USER_REWARD = '''
 def reward(group):
@@ -257,7 +257,7 @@ def test_dco_quickstart_recipe(tmp_path, tiny_model, ray_session):
 
 
 def test_shipped_user_reward_file():
-    from rayalign.scores import user_rewards
+    from rayalign.scoring.rewards import user_rewards
 
     table = pa.table({"prompt_id": ["a", "a", "b"], "lang": ["en", "de", "de"], "response": ["Hi", "Hallo", "Hello"],
                       "lang_detected": ["en", "de", "en"]})

@@ -1,4 +1,4 @@
-"""rayalign.rl_losses against values worked out by hand with `math` / `statistics`, and GRPO against TRL's own lines."""
+"""rayalign.losses.rl against values worked out by hand with `math` / `statistics`, and GRPO against TRL's own lines."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import statistics
 import pytest
 import torch
 
-from rayalign.rl_losses import (
+from rayalign.losses.rl import (
     gae,
     grpo_advantages,
     kl_estimate,
@@ -279,7 +279,7 @@ def test_shape_and_argument_errors():
 
 
 def test_token_entropy_hand_values():
-    from rayalign.rl_losses import token_entropy
+    from rayalign.losses.rl import token_entropy
 
     logits = torch.tensor([[0.0, 0.0], [0.0, math.log(3.0)], [5.0, 5.0]])  # p = (1/2, 1/2), (1/4, 3/4), (1/2, 1/2)
     expected = [math.log(2), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), math.log(2)]
@@ -288,7 +288,7 @@ def test_token_entropy_hand_values():
 
 
 def test_minibatch_order_covers_every_row_once_per_epoch():
-    from rayalign.online import minibatch_order
+    from rayalign.training.rollouts import minibatch_order
 
     assert minibatch_order(6, 6, 1, seed=0) == [[0, 1, 2, 3, 4, 5]]
     updates = minibatch_order(6, 2, 3, seed=[1, 2])

@@ -160,7 +160,7 @@ def test_auto_map_code_does_not_run_without_trust_remote_code(remote_code_model)
 def test_reward_file_is_loaded_only_from_the_recipes_path(tmp_path, monkeypatch):
     import numpy as np
 
-    from rayalign.scores import load_user_reward, user_rewards
+    from rayalign.scoring.rewards import load_user_reward, user_rewards
 
     marker = tmp_path / "imported-by-name"
     decoy_dir = tmp_path / "on_sys_path"

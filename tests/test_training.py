@@ -11,7 +11,7 @@ import torch
 from rayalign.config import TrainingConfig
 from rayalign.data.store import read_dataset
 from rayalign.models import load_causal_lm, load_tokenizer
-from rayalign.training import (TrainingData, TrainingDataError, batch_plan, collate, compute_loss, encode_dataset,
+from rayalign.training.data import (TrainingData, TrainingDataError, batch_plan, collate, compute_loss, encode_dataset,
                                micro_batch, sequence_logps)
 
 LANGS = ["en", "es", "de", "fr", "ru"]
@@ -139,7 +139,7 @@ def test_batch_alignment_puts_one_prompt_group_in_all_languages_in_each_batch():
 
 def test_batch_alignment_plan_keeps_the_anchor_in_every_group():
     from rayalign.config import load_config
-    from rayalign.training import batch_alignment_languages
+    from rayalign.training.data import batch_alignment_languages
 
     cfg = load_config(None, ["languages=[de,en,fr]", "training.batch_alignment=true", "training.micro_batch_size=3"])
     t = cfg.training
@@ -192,7 +192,7 @@ def dco_table(pairs: pa.Table) -> pa.Table:
 
 
 def test_kto_mismatched_pairs_take_another_prompts_response(tokenizer, pairs):
-    from rayalign.training import kto_mismatched_data
+    from rayalign.training.data import kto_mismatched_data
 
     data = encode_dataset(kto_table(pairs), "kto", tokenizer, max_length=1024)
     mismatched = kto_mismatched_data(data)

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rayalign import losses
+from rayalign.losses import preference as losses
 from rayalign.models import encode_response
 
 # (prompt column, response column, reference log-prob column, scored token-count column) per sequence of a row

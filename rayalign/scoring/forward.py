@@ -21,6 +21,8 @@ class ForwardSpec:
     logp_column: str
     layers: tuple[tuple[str, int], ...] = ()  # (output column, hidden_states index)
     tokens_column: str | None = None
+    # also <logp_column>_end_of_turn / end_of_turn_tokens and <logp_column>_prompt / prompt_tokens (candidate scoring)
+    likelihood_parts: bool = False
 
 
 def latent_array(values: list[np.ndarray]) -> pa.FixedSizeListArray:
@@ -40,11 +42,18 @@ def forward_rows(engines: dict, table: pa.Table, specs: list[ForwardSpec], rewar
     """Append each spec's columns (and `r_rm` when a reward model is loaded) to `table`."""
     rows = table.select([c for c in table.column_names if c.startswith("messages") or c == "response"]).to_pylist()
     for spec in specs:
-        requests = [ScoreRequest(r[spec.prompt_column], r["response"]) for r in rows]
+        requests = [ScoreRequest(r[spec.prompt_column], r["response"], spec.likelihood_parts) for r in rows]
         results = engines[spec.role].score(requests, [layer for _, layer in spec.layers])
         table = table.append_column(spec.logp_column, pa.array([r.logp for r in results], pa.float64()))
         if spec.tokens_column:
             table = table.append_column(spec.tokens_column, pa.array([r.num_tokens for r in results], pa.int32()))
+        if spec.likelihood_parts:
+            for column, values, kind in [
+                    (f"{spec.logp_column}_end_of_turn", [r.end_of_turn_logp for r in results], pa.float64()),
+                    ("end_of_turn_tokens", [r.end_of_turn_tokens for r in results], pa.int32()),
+                    (f"{spec.logp_column}_prompt", [r.prompt_logp for r in results], pa.float64()),
+                    ("prompt_tokens", [r.prompt_tokens for r in results], pa.int32())]:
+                table = table.append_column(column, pa.array(values, kind))
         for column, layer in spec.layers:
             table = table.append_column(column, latent_array([r.pooled[layer] for r in results]))
     if reward_model:

@@ -7,7 +7,7 @@ import pyarrow as pa
 import torch
 
 from rayalign.models import encode_response, end_of_turn_ids
-from rayalign.rl_losses import gae, grpo_advantages, kl_shaped_rewards, rloo_advantages
+from rayalign.losses.rl import gae, grpo_advantages, kl_shaped_rewards, rloo_advantages
 
 
 def rollout_rewards(samples: pa.Table, cfg) -> np.ndarray:
@@ -18,7 +18,7 @@ def rollout_rewards(samples: pa.Table, cfg) -> np.ndarray:
     target = [o.target_language or lang for lang in langs]
     rewards = o.fidelity_weight * np.array([float(d == t) for d, t in zip(detected, target)])
     if o.user_weight:
-        from rayalign.scores import user_rewards
+        from rayalign.scoring.rewards import user_rewards
 
         rewards = rewards + o.user_weight * user_rewards(samples, cfg.rewards.user.path, cfg.rewards.user.function)
     if o.length_weight:

@@ -16,7 +16,7 @@ import pyarrow as pa
 from rayalign.config import ConfigError, RunConfig
 from rayalign.data.schemas import LATENT_COLUMNS, schema_for
 from rayalign.languages import language_name
-from rayalign.scoring import latent_matrix
+from rayalign.scoring.forward import latent_matrix
 
 REWARD_COLUMNS = ("r_msa", "phi", "w", "r_lacomsa", "r_icr", "r_rm", "r_user")
 
