@@ -7,8 +7,8 @@ from typing import Callable
 import pyarrow as pa
 import ray
 
-from rayalign.actors.pool import (ShardStats, actor_nodes, placement_options, remove_placement, run_shards,
-                                  split_shards, wait_started)  # noqa: F401  (split_shards re-exported)
+from rayalign.actors.groups import ActorGroup
+from rayalign.actors.pool import ShardStats, placement_options, split_shards  # noqa: F401  (re-exported)
 from rayalign.config import EnginesConfig, ModelConfig, SamplingConfig
 
 
@@ -44,6 +44,17 @@ class GenerationActor:
     def weights(self) -> dict:
         return self.engine.weights()
 
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
+        self.engine.join_weight_group(host, port, rank, world_size)
+
+    def receive_weights(self, meta: list) -> None:
+        self.engine.receive_weights(meta)
+
+    def token_logps(self, sequences: list) -> list[list[float]]:
+        """Per-token log-probs of (prompt ids, response ids) under the engine's current weights: the behaviour policy
+        of rollouts it generated (online.async records them before the engine takes newer weights)."""
+        return self.engine.token_logps(sequences)
+
     def ready(self) -> bool:
         return True
 
@@ -51,45 +62,41 @@ class GenerationActor:
         return ray.get_runtime_context().get_node_id()
 
 
-class GenerationGroup:
+class GenerationGroup(ActorGroup):
     """K GenerationActors; keeps each busy with shards and hands finished shards to `on_shard` at once."""
+
+    what = "generation actors"
 
     def __init__(self, model_path: str, model: ModelConfig, engines: EnginesConfig, concurrency: int | None = None):
         tp = engines.tensor_parallel_size if engines.backend == "vllm" else 1
-        options, self.placement = placement_options(engines.count, engines.num_cpus, engines.num_gpus, tp)
-        self.each = {"CPU": engines.num_cpus, "GPU": engines.num_gpus}
+        options, placement = placement_options(engines.count, engines.num_cpus, engines.num_gpus, tp)
         # concurrency 2 lets a vLLM actor batch the requests of both shards in flight in one engine (no idle tail
         # while a shard's last sequences finish); on vLLM-CPU that measured slower (benchmarks/generation.py), so
         # each actor takes one shard at a time unless asked
         concurrency = concurrency or 1
-        self.actors = [GenerationActor.options(**o, max_concurrency=concurrency).remote(model_path, model, engines)
-                       for o in options]
-        self.alive = list(range(len(self.actors)))
+        super().__init__([GenerationActor.options(**o, max_concurrency=concurrency).remote(model_path, model, engines)
+                          for o in options], placement, {"CPU": engines.num_cpus, "GPU": engines.num_gpus})
 
     def run(self, shards: list[pa.Table], sampling: SamplingConfig, iteration: int, policy: str,
             on_shard: Callable[[int, pa.Table], None], skip=frozenset(),
             progress: Callable[[ShardStats], None] | None = None,
             on_errors: Callable[[int, pa.Table], None] | None = None, max_failed_rows: int = 0) -> ShardStats:
-        # model loading is not generation time
-        wait_started([self.actors[i].ready.remote() for i in self.alive], "generation actors", self.each)
-        return run_shards(self.actors, self.alive,
-                          lambda actor, shard: actor.generate.remote(shard, sampling, iteration, policy),
-                          shards, on_shard, skip=skip, progress=progress, token_column="num_tokens",
-                          on_errors=on_errors, max_failed_rows=max_failed_rows)
+        return self._map(lambda actor, shard: actor.generate.remote(shard, sampling, iteration, policy),
+                         shards, on_shard, skip=skip, progress=progress, token_column="num_tokens",
+                         on_errors=on_errors, max_failed_rows=max_failed_rows)
 
-    def update_weights(self, named_tensors: dict) -> None:
-        """Push new weights to every engine: one copy in the object store (an ObjectRef, e.g. a trainer's
-        `publish_weights`, is passed on as it is), fetched by each actor."""
-        ref = named_tensors if isinstance(named_tensors, ray.ObjectRef) else ray.put(named_tensors)
-        ray.get([self.actors[i].update_weights.remote(ref) for i in self.alive])
+    def update_weights(self, named_tensors) -> None:
+        """Push new weights to every engine (a dict, or an ObjectRef such as a trainer's `publish_weights`)."""
+        self._broadcast("update_weights", weights=named_tensors)
 
     def weights(self) -> list[dict]:
-        return ray.get([self.actors[i].weights.remote() for i in self.alive])
+        return self._gather("weights")
 
-    def nodes(self) -> list[str]:
-        return actor_nodes([self.actors[i] for i in self.alive])
-
-    def shutdown(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
-        remove_placement(self.placement)
+    def token_logps(self, sequences: list) -> list[list[float]]:
+        """Per-token log-probs of (prompt ids, response ids) pairs under the engines' current weights, in order
+        (split over the live actors)."""
+        actors = [self.actors[i] for i in self.alive]
+        size = -(-len(sequences) // len(actors))
+        parts = ray.get([a.token_logps.remote(sequences[s:s + size])
+                         for a, s in zip(actors, range(0, len(sequences), size))])
+        return [row for part in parts for row in part]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -25,8 +26,47 @@ class ShardStats:
     shards_by_actor: dict[int, int] = field(default_factory=dict)
 
 
+class ShardFeed:
+    """Shards that arrive while a pool runs (generation streaming into scoring): a producer `put`s each one as it
+    is ready and `close`s the feed when no more will come; `abort` stops the consuming pool with the error."""
+
+    def __init__(self):
+        self.shards: dict[int, pa.Table] = {}
+        self.closed = False
+        self._arrived: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+
+    def put(self, index: int, table: pa.Table) -> None:
+        self.shards[index] = table
+        self._arrived.put(index)
+
+    def close(self) -> None:
+        self._arrived.put(None)
+
+    def abort(self, error: BaseException) -> None:
+        self._error = error
+        self._arrived.put(None)
+
+    def arrived(self, block: bool) -> list[int]:
+        """The indices put since the last call (waiting for one, or for the close, when `block`)."""
+        out = []
+        try:
+            item = self._arrived.get() if block else self._arrived.get_nowait()
+            while True:
+                if item is None:
+                    self.closed = True
+                else:
+                    out.append(item)
+                item = self._arrived.get_nowait()
+        except queue.Empty:
+            pass
+        if self._error is not None:
+            raise RuntimeError(f"the shards' producer stopped: {self._error}")
+        return out
+
+
 def run_shards(actors: list, alive: list[int], call: Callable[[object, pa.Table], ray.ObjectRef],
-               shards: list[pa.Table], on_shard: Callable[[int, pa.Table], None], *, skip=frozenset(),
+               shards: list[pa.Table] | ShardFeed, on_shard: Callable[[int, pa.Table], None], *, skip=frozenset(),
                progress: Callable[[ShardStats], None] | None = None, max_retries: int = 3,
                token_column: str | None = None, on_errors: Callable[[int, pa.Table], None] | None = None,
                max_failed_rows: int = 0) -> ShardStats:
@@ -34,10 +74,13 @@ def run_shards(actors: list, alive: list[int], call: Callable[[object, pa.Table]
 
     A shard's failed rows go to `on_errors(index, errors)`, then its table to `on_shard(index, table)`, at once
     (in completion order). A shard whose actor died goes back to the queue for another actor; `alive` is
-    updated in place. More than `max_failed_rows` failed rows in all raise FailedRowsError.
+    updated in place. More than `max_failed_rows` failed rows in all raise FailedRowsError. `shards` may be a
+    ShardFeed: its shards are taken as they arrive, until it is closed.
     """
+    feed = shards if isinstance(shards, ShardFeed) else None
+    shards = feed.shards if feed else shards
     stats = ShardStats(skipped_shards=len(skip))
-    todo = [i for i in range(len(shards)) if i not in skip]
+    todo = [] if feed else [i for i in range(len(shards)) if i not in skip]
     attempts = {i: 0 for i in todo}
     in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}
     started = time.perf_counter()
@@ -47,11 +90,26 @@ def run_shards(actors: list, alive: list[int], call: Callable[[object, pa.Table]
             index = todo.pop(0)
             in_flight[call(actors[actor], shards[index])] = (index, actor)
 
+    def take_arrived() -> None:  # streaming: queue what arrived, give idle actors work
+        for index in feed.arrived(block=not in_flight):
+            if index not in skip:
+                todo.append(index)
+                attempts[index] = 0
+        for actor in alive:
+            while todo and sum(1 for _, a in in_flight.values() if a == actor) < 2:
+                submit(actor)
+
     for actor in list(alive):  # two shards per actor: one running, one queued behind it
         submit(actor)
         submit(actor)
-    while in_flight:
-        done, _ = ray.wait(list(in_flight), num_returns=1)
+    while in_flight or (feed and not feed.closed):
+        if feed and not feed.closed:
+            take_arrived()
+            if not in_flight:
+                continue
+        done, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.05 if feed and not feed.closed else None)
+        if not done:
+            continue
         index, actor = in_flight.pop(done[0])
         try:
             table, errors = ray.get(done[0])

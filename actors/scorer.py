@@ -8,8 +8,8 @@ from typing import Callable
 import pyarrow as pa
 import ray
 
-from rayalign.actors.pool import (ShardStats, actor_nodes, placement_options, remove_placement, run_shards,
-                                  wait_started)
+from rayalign.actors.groups import ActorGroup
+from rayalign.actors.pool import ShardStats, placement_options
 from rayalign.config import ModelConfig
 from rayalign.scoring.forward import ForwardSpec
 
@@ -59,14 +59,20 @@ class ScoringActor:
         return forward_rows_isolating(self.engines, table, specs, reward_model)
 
 
-class ScoringGroup:
+class ScoringGroup(ActorGroup):
     """M ScoringActors with the same models; `run` streams shards through them."""
 
+    what = "scoring actors"
+
     def __init__(self, roles: dict[str, ModelRole], count: int, batch_size: int, num_cpus: float, num_gpus: float):
-        options, self.placement = placement_options(count, num_cpus, num_gpus)
-        self.each = {"CPU": num_cpus, "GPU": num_gpus}
-        self.actors = [ScoringActor.options(**o).remote(roles, batch_size, int(num_cpus)) for o in options]
-        self.alive = list(range(count))
+        options, placement = placement_options(count, num_cpus, num_gpus)
+        super().__init__([ScoringActor.options(**o).remote(roles, batch_size, int(num_cpus)) for o in options],
+                         placement, {"CPU": num_cpus, "GPU": num_gpus})
+
+    @classmethod
+    def for_recipe(cls, roles: dict[str, ModelRole], rewards) -> "ScoringGroup":
+        """The recipe's scoring actors (rewards.actors, batch_size, num_cpus, num_gpus)."""
+        return cls(roles, rewards.actors, rewards.batch_size, rewards.num_cpus, rewards.num_gpus)
 
     def num_layers(self, role: str) -> int:
         return ray.get(self.actors[self.alive[0]].num_layers.remote(role))
@@ -75,22 +81,11 @@ class ScoringGroup:
             on_shard: Callable[[int, pa.Table], None], skip=frozenset(),
             progress: Callable[[ShardStats], None] | None = None,
             on_errors: Callable[[int, pa.Table], None] | None = None, max_failed_rows: int = 0) -> ShardStats:
-        wait_started([self.actors[i].ready.remote() for i in self.alive], "scoring actors", self.each)
-        return run_shards(self.actors, self.alive, lambda a, shard: a.score.remote(shard, specs, reward_model),
-                          shards, on_shard, skip=skip, progress=progress, on_errors=on_errors,
-                          max_failed_rows=max_failed_rows)
+        return self._map(lambda a, shard: a.score.remote(shard, specs, reward_model), shards, on_shard, skip=skip,
+                         progress=progress, on_errors=on_errors, max_failed_rows=max_failed_rows)
 
-    def update_weights(self, role: str, named_tensors: dict) -> None:
-        ref = named_tensors if isinstance(named_tensors, ray.ObjectRef) else ray.put(named_tensors)
-        ray.get([self.actors[i].update_weights.remote(role, ref) for i in self.alive])
+    def update_weights(self, role: str, named_tensors) -> None:
+        self._broadcast("update_weights", role, weights=named_tensors)
 
     def weights(self, role: str) -> list[dict]:
-        return ray.get([self.actors[i].weights.remote(role) for i in self.alive])
-
-    def nodes(self) -> list[str]:
-        return actor_nodes([self.actors[i] for i in self.alive])
-
-    def shutdown(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
-        remove_placement(self.placement)
+        return self._gather("weights", role)

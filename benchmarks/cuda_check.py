@@ -82,13 +82,13 @@ def check_scoring(model: str, limit: int) -> dict:
 
 def check_zero2(model: str, pairs: str, out_dir: Path, steps: int) -> dict:
     ray_stand_in()
-    from rayalign.actors.trainer import TrainerActor
+    from rayalign.actors.preference_trainer import PreferenceTrainer
     from rayalign.config import ModelConfig, TrainingConfig
     from rayalign.models import load_causal_lm
 
     t = TrainingConfig(loss="dpo", lr=1e-4, micro_batch_size=4, gradient_accumulation=2, world_size=1,
                        zero_stage=2, num_gpus=1, warmup_ratio=0.0)
-    rank = TrainerActor(0, model, ModelConfig(path=model), t, dco_beta=1.0)
+    rank = PreferenceTrainer(0, model, ModelConfig(path=model), t, dco_beta=1.0)
     with socket.socket() as s:
         s.bind(("", 0))
         port = s.getsockname()[1]

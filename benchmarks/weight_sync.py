@@ -34,14 +34,14 @@ def measure(model_path: str, repeats: int) -> dict:
     import ray
 
     from rayalign.actors.generator import GenerationGroup
-    from rayalign.actors.trainer import TrainerGroup
+    from rayalign.actors.rl_trainer import PolicyGroup
     from rayalign.config import ModelConfig, load_config
 
     cfg = load_config(None, [f"policy.path={model_path}", "engines.count=2", "training.micro_batch_size=1"])
     generators = GenerationGroup(model_path, ModelConfig(path=model_path), cfg.engines)
-    trainer = TrainerGroup(model_path, ModelConfig(path=model_path), cfg.training)
+    trainer = PolicyGroup(model_path, ModelConfig(path=model_path), cfg.training)
     try:
-        trainer._all("prepare_online", 1, model_path)
+        trainer.prepare(1, model_path)
         reference = trainer.parameters()
         gb = sum(v.nbytes for v in reference.values()) / 1e9
         times = {"driver": [], "direct": []}

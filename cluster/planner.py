@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from rayalign.cluster.spec import GB, ClusterSpec
+from rayalign.methods import SEQUENCES, schema_of
 
 MODELS_FILE = Path(__file__).parent / "models.yaml"
 PROMPT_TOKENS = 256  # assumed prompt length (tokens) for KV cache and activation estimates
@@ -23,7 +24,6 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # training memory per parameter (mixed precision on GPU: bf16 weights and grads, fp32 Adam m, v and master
 # weights; fp32 throughout on CPU), as (weights, grads, optimizer) bytes
 ZERO_BYTES = {"gpu": (2, 2, 12), "cpu": (4, 4, 8)}
-SEQUENCES_PER_EXAMPLE = {"kto": 1, "dco": 4}  # pair losses: chosen + rejected = 2; DCO: two languages' pairs
 
 
 class PlanError(ValueError):
@@ -195,6 +195,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # why a CPU-only preview would not run as written
     config: object = None  # the recipe with its auto counts resolved for this cluster
+    estimate: dict = field(default_factory=dict)  # time per phase and iteration (rayalign.cluster.estimate)
 
     def phase(self, name: str) -> PhasePlan | None:
         return next((p for p in self.phases if p.phase == name), None)
@@ -222,15 +223,18 @@ class Plan:
     def to_dict(self) -> dict:
         return {"recipe": self.recipe, "config_hash": self.config_hash, "cluster": dataclasses.asdict(self.cluster),
                 "models": {role: dataclasses.asdict(m) for role, m in self.models.items()},
-                "phases": [dataclasses.asdict(p) for p in self.phases], "notes": self.notes, "problems": self.problems}
+                "phases": [dataclasses.asdict(p) for p in self.phases], "notes": self.notes, "problems": self.problems,
+                "estimate": self.estimate}
 
 
 def save_plan(plan: Plan, run_dir: str | Path) -> Path | None:
     """Write plan.json into the run directory; not into one that holds a run with another config (the pipeline
     refuses that directory)."""
     run_dir = Path(run_dir)
-    state = run_dir / "state.json"
-    if state.is_file() and json.loads(state.read_text()).get("config_hash") != plan.config_hash:
+    from rayalign.run_state import read_state
+
+    state = read_state(run_dir)  # a damaged one is refused here, before the run starts
+    if state is not None and state["config_hash"] != plan.config_hash:
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "plan.json"
@@ -428,7 +432,7 @@ def _training(cfg, spec: ClusterSpec, policy: ModelInfo, refuse: _Shortfalls) ->
     t = cfg.training
     device = "gpu" if _on_gpu("train", "training", t.num_gpus, spec, refuse, "") else "cpu"
     memory = zero_memory_gb(policy.parameters, t.world_size, t.zero_stage, device)
-    tokens = t.micro_batch_size * SEQUENCES_PER_EXAMPLE.get(t.loss, 2) * t.max_length
+    tokens = t.micro_batch_size * len(SEQUENCES[schema_of(t.loss)]) * t.max_length
     memory["activations"] = activation_memory_gb(policy, tokens, 2 if device == "gpu" else 4, t.gradient_checkpointing)
     memory["total"] = sum(memory.values())
     details = (f"ZeRO-{t.zero_stage}, {tokens:,} tokens per micro-batch"
@@ -562,4 +566,15 @@ def plan(cfg, spec: ClusterSpec, strict: bool = False) -> Plan:
         raise PlanError(*refuse.found[0])
     problems = [f"{reason}; {suggestion}" for reason, suggestion in refuse.found]
     notes += [line for p in phases if (line := _utilisation(p, spec, asked))]
-    return Plan(cfg.name, cfg.config_hash(), spec, models, phases, notes, problems, config=cfg)
+    from rayalign.cluster.estimate import estimate
+    from rayalign.cluster.schedule import choose_schedule
+
+    schedule = choose_schedule(cfg, spec)
+    if schedule.stream:
+        notes = [line.replace("phases run one after another; each may use the whole cluster", "generate and score "
+                              "run side by side (scoring streams behind generation); train takes the whole cluster")
+                 for line in notes]
+    notes.append(schedule.text())
+    result = Plan(cfg.name, cfg.config_hash(), spec, models, phases, notes, problems, config=cfg)
+    result.estimate = estimate(result)
+    return result

@@ -16,12 +16,13 @@ from pathlib import Path
 import pyarrow as pa
 
 from rayalign.config import ConfigError, RunConfig
-from rayalign.data.store import DatasetWriter, atomic_write_text, read_dataset, read_manifest
+from rayalign.data.store import DatasetWriter, read_dataset, read_manifest
 from rayalign.eval import metrics
 from rayalign.models import resolve_model_path
-from rayalign.progress import model_build_progress
-from rayalign.pipelines.offline import (_complete, _layers, _progress, console, forward_rewards, num_hidden_layers,
-                                        scoring_setup, with_scoring_prompts, write_table)
+from rayalign.progress import console, model_build_progress, progress_bar
+from rayalign.run_dir import dataset_complete, write_table
+from rayalign.scoring.hub_scan import hub_scan
+from rayalign.scoring.setup import forward_rewards, latent_layers, scoring_setup, with_scoring_prompts
 from rayalign.scoring.rewards import REWARD_COLUMNS
 
 EVAL_ITERATION = 0  # seeds of evaluation samples: (run seed, prompt, language, sample, iteration 0)
@@ -46,18 +47,6 @@ def run_policy(cfg: RunConfig, run_dir: Path, policy: str | None = None) -> tupl
     return resolve_model_path(policy), policy, Path(policy).name or "policy"
 
 
-def run_hub_layer(cfg: RunConfig, run_dir: Path) -> int | None:
-    """The layer a run's own hub scan chose when the recipe says `hub_layer: auto` (None otherwise)."""
-    path = run_dir / "hub-scan.json"
-    if cfg.rewards.latent.hub_layer != "auto" or not path.is_file():
-        return None
-    try:
-        return int(json.loads(path.read_text())["hub_layer"])
-    except (ValueError, KeyError, TypeError):
-        raise ConfigError(f"{path}: expected a JSON object with an integer hub_layer (delete it to scan again)") \
-            from None
-
-
 def eval_key(cfg: RunConfig, policy_path: str, policy_name: str, settings: dict | None = None) -> str:
     """What evaluation outputs depend on: the config (prompts, sampling, rewards), the checkpoint (its name and
     its files' modification times, so a retrained iteration is evaluated again) and the evaluation settings."""
@@ -69,7 +58,7 @@ def eval_key(cfg: RunConfig, policy_path: str, policy_name: str, settings: dict 
 
 def kept(path: Path, key: str) -> bool:
     """True when `path` holds a complete dataset made with `key`; one made otherwise is moved aside."""
-    if not _complete(path):
+    if not dataset_complete(path):
         return False
     if read_manifest(path).get("params", {}).get("eval_key") == key:
         return True
@@ -98,13 +87,9 @@ def eval_samples(cfg: RunConfig, policy_path: str, policy_name: str, out_dir: Pa
                            description=f"Evaluation samples of {policy_name}: {cfg.sampling.n} per (prompt_id, "
                                        f"language), temperature {cfg.sampling.temperature}.")
     done = {i for i in range(len(shards)) if writer.has_shard(i)}
-    group = GenerationGroup(policy_path, cfg.policy, cfg.engines)
-    with _progress("eval generate", prompts.num_rows, "rows") as update:
-        try:
-            group.run(shards, cfg.sampling, EVAL_ITERATION, policy_name, writer.write_shard, skip=done,
-                      progress=update)
-        finally:
-            group.shutdown()
+    with GenerationGroup(policy_path, cfg.policy, cfg.engines) as group, \
+            progress_bar("eval generate", prompts.num_rows, "rows") as update:
+        group.run(shards, cfg.sampling, EVAL_ITERATION, policy_name, writer.write_shard, skip=done, progress=update)
     writer.finalize(expected_shards=len(shards))
     return read_dataset(out_dir, "samples")
 
@@ -115,66 +100,8 @@ def score_rows(cfg: RunConfig, roles: dict, specs: list, reward_model: str | Non
     from rayalign.actors.pool import split_shards
     from rayalign.actors.scorer import ScoringGroup
 
-    r = cfg.rewards
-    shards = split_shards(rows, shard_rows or cfg.engines.shard_rows * cfg.sampling.n)
-    results: dict[int, pa.Table] = {}
-    group = ScoringGroup(roles, r.actors, r.batch_size, r.num_cpus, r.num_gpus)
-    with _progress(label, rows.num_rows, "rows") as update:
-        try:
-            group.run(shards, specs, reward_model, results.__setitem__, progress=update)
-        finally:
-            group.shutdown()
-    return pa.concat_tables([results[i] for i in range(len(shards))])
-
-
-# ---- the semantic-hub scan ----
-
-def scan_subset(samples: pa.Table, languages: list[str], max_prompts: int | None) -> pa.Table:
-    """The samples of the first `max_prompts` prompt ids (sorted) that have responses in every language."""
-    import polars as pl
-
-    df = pl.from_arrow(samples.select(["prompt_id", "lang"]))
-    complete = (df.group_by("prompt_id").agg(pl.col("lang").n_unique().alias("n"))
-                .filter(pl.col("n") == len(languages))["prompt_id"].sort().to_list())
-    keep = set(complete[:max_prompts] if max_prompts else complete)
-    if len(keep) < 2:
-        raise ConfigError(f"hub scan: needs at least 2 prompts with responses in every language {languages}; "
-                          f"found {len(keep)}")
-    return samples.filter(pa.array([p in keep for p in samples.column("prompt_id").to_pylist()]))
-
-
-def hub_scan(cfg: RunConfig, policy_path: str, policy_name: str, samples: pa.Table, max_prompts: int | None) -> dict:
-    """Silhouette of the pooled response states, clustered by prompt id, at every layer 0..L; the hub layer is
-    the argmax over 1..L-1 (docs/methods.md section 1)."""
-    from rayalign.actors.scorer import ModelRole
-    from rayalign.scoring.forward import ForwardSpec, latent_matrix
-
-    subset = scan_subset(samples, cfg.languages, max_prompts)
-    num_layers = num_hidden_layers(cfg, policy_path)
-    columns = [(f"h_layer_{layer}", layer) for layer in range(num_layers + 1)]
-    spec = ForwardSpec("policy", "messages", "logp_policy", tuple(columns), tokens_column="score_tokens")
-    table = score_rows(cfg, {"policy": ModelRole(policy_path, cfg.policy)}, [spec], None, subset, "hub scan")
-    pooled = {layer: latent_matrix(table.column(column)) for column, layer in columns}
-    rows = metrics.silhouette_rows(pooled, table.column("prompt_id").to_pylist())
-    silhouette = {r["layer"]: r["value"] for r in rows}
-    return {"policy": policy_name, "config_hash": cfg.config_hash(),
-            "hub_layer": metrics.choose_hub_layer(silhouette, num_layers), "num_layers": num_layers,
-            "silhouette": {str(k): round(v, 6) for k, v in silhouette.items()},
-            "candidates": list(range(1, num_layers)), "prompts": rows[0]["count"], "samples": table.num_rows}
-
-
-def print_hub_scan(result: dict) -> None:
-    best = result["hub_layer"]
-    console.print(f"hub scan of {result['policy']} ({result['prompts']} prompts, {result['samples']} samples): "
-                  f"silhouette by layer (0 = embeddings, {result['num_layers']} = language layer)")
-    for layer, value in result["silhouette"].items():
-        bar = "#" * max(0, int(round(max(value, 0.0) * 40)))
-        console.print(f"  layer {int(layer):>3}  {value:+.4f}  {bar}{'  <- hub' if int(layer) == best else ''}")
-
-
-def save_hub_scan(result: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    return ScoringGroup.for_recipe(roles, cfg.rewards).collect(
+        split_shards(rows, shard_rows or cfg.engines.shard_rows * cfg.sampling.n), specs, reward_model, label=label)
 
 
 # ---- evaluation ----
@@ -202,7 +129,7 @@ def eval_setup(cfg: RunConfig, policy_path: str, policy_name: str, *, prompts_li
         raise ConfigError("eval: rewards.latent.hub_layer is auto and the run has no hub scan, so the evaluation "
                           "scans itself: it needs silhouette prompts >= 2")
     if lat.enabled and (lat.hub_layer != "auto" or hub_layer is not None):
-        _layers(cfg, policy_path, hub_layer)  # refuses layers beyond the model's
+        latent_layers(cfg, policy_path, hub_layer)  # refuses layers beyond the model's
     if candidates_path:
         load_candidate_sets(candidates_path, cfg.languages)
     if judge is not None:
@@ -218,7 +145,7 @@ def eval_setup(cfg: RunConfig, policy_path: str, policy_name: str, *, prompts_li
 
 
 def evaluation_kept(out_dir: Path, key: str) -> bool:
-    return _complete(out_dir / "results") and read_manifest(out_dir / "results")["params"].get("eval_key") == key
+    return dataset_complete(out_dir / "results") and read_manifest(out_dir / "results")["params"].get("eval_key") == key
 
 
 def evaluate_policy(cfg: RunConfig, policy_path: str, out_dir: str | Path, *, policy_name: str | None = None,
@@ -314,7 +241,7 @@ def judge_metrics(samples: pa.Table, judge) -> list[dict]:
     items = [{"prompt_id": r["prompt_id"], "lang": r["lang"], "prompt": r["messages"][-1]["content"],
               "response": r["response"], "reference": r["reference"]} for r in first]
     started = time.perf_counter()
-    with _progress("eval judge", len(items), "items") as update:
+    with progress_bar("eval judge", len(items), "items") as update:
         judged = judge_items(items, judge, progress=lambda done, total: update(types.SimpleNamespace(
             rows_in=done, rows_out=done, seconds=time.perf_counter() - started)))
     return [metrics.row("judge_win_rate", "share", lang, value, count)

@@ -11,105 +11,22 @@ import shutil
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from rayalign.config import ConfigError, RunConfig, save_config
+from rayalign.config import ConfigError, RunConfig
+from rayalign.methods import schema_of
 from rayalign.data.prompts import load_prompts
-from rayalign.data.store import DatasetError, DatasetWriter, atomic_write_text, read_manifest, write_parquet_atomic
+from rayalign.data.store import DatasetWriter, atomic_write_text
+from rayalign.failures import errors_checkpoint, record_failures
 from rayalign.generation import FailedRowsError
 from rayalign.models import resolve_model_path
-from rayalign.progress import deepspeed_op_notice, model_build_progress
+from rayalign.progress import console, deepspeed_op_notice, model_build_progress, progress_bar
+from rayalign.run_dir import (STAGES, checkpoint, iteration_summary, kept_output_problems, log_metrics,
+                              prepare_run_dir, read_checkpoints, report_untrusted, set_aside_untrusted_checkpoint,
+                              write_state, write_table)
+from rayalign.scoring.hub_scan import hub_layer_of_run
+from rayalign.scoring.setup import forward_rewards, latent_layers, scoring_setup, with_scoring_prompts
 from rayalign.tracking import Trackers, check_trackers
-
-console = Console(stderr=True)
-STAGES = ("generate", "score", "pairs", "train")
-ERRORS_BY_SHARD = "errors.by-shard"  # iter-<t>/errors.by-shard/<stage>-<shard>.parquet, gathered into iter-<t>/errors/
-
-
-# ---- run directory: config, state, metrics ----
-
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = ()) -> dict:
-    """Create the run directory or reopen it for resume.
-
-    A directory that holds another config is refused unless `redo` names stages to recompute: those
-    stages and every later one are moved to <run-dir>/trash-<time>/ (see `redo_stages`), the old
-    config is kept as config.<old hash>.yaml and the state takes the new hash.
-    """
-    state_path = run_dir / "state.json"
-    if state_path.is_file():
-        state = json.loads(state_path.read_text())
-        old_hash, new_hash = state["config_hash"], cfg.config_hash()
-        if old_hash != new_hash and not redo:
-            raise ConfigError(
-                f"{run_dir}: holds a run with another config (hash {old_hash}, this recipe {new_hash}); run "
-                f"`rayalign launch RECIPE --redo STAGE[,STAGE...]` ({', '.join(STAGES)}) to recompute those stages "
-                "and every later one with this recipe (earlier ones are kept), use another --run-dir, or delete "
-                "the directory to start over"
-            )
-        if redo:
-            redo_stages(cfg, run_dir, state, redo, config_changed=old_hash != new_hash)
-        if old_hash != new_hash:
-            shutil.copyfile(run_dir / "config.yaml", run_dir / f"config.{old_hash}.yaml")
-            state["config_hash"] = new_hash
-        console.print(f"[bold]resuming[/] {run_dir} (finished: {', '.join(state['finished']) or 'nothing yet'})")
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        state = {"config_hash": cfg.config_hash(), "finished": []}
-    save_config(cfg, run_dir / "config.yaml")
-    write_state(run_dir, state)
-    return state
-
-
-STAGE_OUTPUTS = {  # what a stage leaves in iter-<t>/ (globs); "errors" is rebuilt by the next generate/score
-    "generate": ("samples", "errors", f"{ERRORS_BY_SHARD}/generate-*"),
-    "score": ("scores", "scores.forward", "errors", f"{ERRORS_BY_SHARD}/score-*"),
-    "pairs": ("pairs", "candidate_scores"),
-    "train": ("policy", "train.ckpt", "train_log.jsonl"),
-}
-
-
-def redo_stages(cfg: RunConfig, run_dir: Path, state: dict, redo: tuple[str, ...], config_changed: bool) -> None:
-    """Move the outputs of the `redo` stages and every later stage to <run-dir>/trash-<time>/ and forget them.
-
-    Iteration t+1 generates with policy t, so every stage of iterations after the first is redone too. When
-    the config changed, unfinished stages' partial outputs (made with the old config) go as well.
-    """
-    first = min(STAGES.index(stage) for stage in redo)
-    trash = run_dir / f"trash-{time.strftime('%Y%m%d-%H%M%S')}"
-    moved, forgotten = [], set()
-    for it_dir in sorted(run_dir.glob("iter-*"), key=lambda d: int(d.name.split("-")[1])):
-        iteration = int(it_dir.name.split("-")[1])
-        for index, stage in enumerate(STAGES):
-            name = f"{it_dir.name}/{stage}"
-            if index < first and iteration == 1 and (name in state["finished"] or not config_changed):
-                continue
-            forgotten |= {name, f"{it_dir.name}/summary"}
-            for pattern in STAGE_OUTPUTS[stage]:
-                for path in sorted(it_dir.glob(pattern)):
-                    target = trash / path.relative_to(run_dir)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.move(path, target)
-                    moved.append(str(path.relative_to(run_dir)))
-    if first <= STAGES.index("score"):  # the hub scan (hub_layer: auto) reads iteration 1's samples before scoring
-        forgotten.add("hub-scan")
-        if (run_dir / "hub-scan.json").is_file():
-            trash.mkdir(parents=True, exist_ok=True)
-            shutil.move(run_dir / "hub-scan.json", trash / "hub-scan.json")
-            moved.append("hub-scan.json")
-    state["finished"] = [name for name in state["finished"] if name not in forgotten]
-    log_metrics(run_dir, {"stage": "redo", "redo": list(redo), "config_hash": cfg.config_hash(),
-                          "moved": moved, "trash": str(trash)})
-    console.print(f"redo {', '.join(redo)}: moved {len(moved)} output(s) to {trash}")
-
-
-def write_state(run_dir: Path, state: dict) -> None:
-    atomic_write_text(run_dir / "state.json", json.dumps(state, indent=2))
-
-
-def log_metrics(run_dir: Path, record: dict) -> None:
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 # ---- generation stage ----
@@ -135,7 +52,7 @@ def generate_stage(cfg: RunConfig, prompts, policy_path: str, policy_name: str, 
     total_rows, resumed_rows = prompts.num_rows, sum(shards[i].num_rows for i in done)
     it_dir = out_dir.parent
     on_errors, may_fail = errors_checkpoint(cfg, it_dir, "generate", done, total_rows)
-    with _progress(f"generate iter-{iteration}", total_rows, "rows", done=resumed_rows) as update:
+    with group, progress_bar(f"generate iter-{iteration}", total_rows, "rows", done=resumed_rows) as update:
         try:
             stats = group.run(shards, cfg.sampling, iteration, policy_name, writer.write_shard, skip=done,
                               progress=update, on_errors=on_errors, max_failed_rows=may_fail)
@@ -143,8 +60,6 @@ def generate_stage(cfg: RunConfig, prompts, policy_path: str, policy_name: str, 
         except FailedRowsError:
             record_failures(cfg, it_dir, iteration, "generate", total_rows)
             raise
-        finally:
-            group.shutdown()
     failed = record_failures(cfg, it_dir, iteration, "generate", total_rows)
     manifest = writer.finalize(expected_shards=len(shards))
     return {
@@ -157,107 +72,6 @@ def generate_stage(cfg: RunConfig, prompts, policy_path: str, policy_name: str, 
 
 # ---- scoring stage ----
 
-def num_hidden_layers(cfg: RunConfig, policy_path: str) -> int:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(policy_path, trust_remote_code=cfg.policy.trust_remote_code)
-    return (config.get_text_config() if hasattr(config, "get_text_config") else config).num_hidden_layers
-
-
-def _layers(cfg: RunConfig, policy_path: str, hub_layer: int | None = None) -> dict[str, int]:
-    """Pooled layers of the latent rewards; `hub_layer` is the hub scan's choice when the recipe says auto."""
-    from rayalign.rewards.latent import default_hub_layer
-
-    num_layers = num_hidden_layers(cfg, policy_path)
-    lat = cfg.rewards.latent
-    if hub_layer is None:
-        if lat.hub_layer == "auto":
-            raise ConfigError("rewards.latent.hub_layer: auto is resolved by a hub scan (`rayalign launch` runs one on "
-                              "iteration 1's samples; or run `rayalign hub-scan` and set the layer)")
-        hub_layer = default_hub_layer(num_layers) if lat.hub_layer is None else lat.hub_layer
-    layers = {"h_hub": hub_layer, "h_last": num_layers if lat.language_layer is None else lat.language_layer}
-    for column, layer in layers.items():
-        if layer > num_layers:
-            key = "hub_layer" if column == "h_hub" else "language_layer"
-            raise ConfigError(f"rewards.latent.{key}: {layer} is beyond the model's {num_layers} layers")
-    return layers
-
-
-def scoring_setup(cfg: RunConfig, policy_path: str, hub_layer: int | None = None):
-    """What the scoring pass needs for the recipe's rewards: (model roles, forward specs, the reward-model role or
-    None, pooled layers). Samples get their extra prompt column from `with_scoring_prompts`."""
-    from rayalign.actors.scorer import ModelRole
-    from rayalign.scoring.forward import ForwardSpec
-
-    r = cfg.rewards
-    roles = {"policy": ModelRole(policy_path, cfg.policy)}
-    layers = _layers(cfg, policy_path, hub_layer) if r.latent.enabled else {}
-    specs = [ForwardSpec("policy", "messages", "logp_policy", tuple(layers.items()), tokens_column="score_tokens")]
-    if r.implicit.enabled:
-        ref = r.implicit.reward_reference
-        roles["reward_reference"] = ModelRole(resolve_model_path(ref.path, progress=model_build_progress(ref.path)), ref)
-        prompt = "messages"
-        if r.implicit.prompt == "cross_lingual":
-            prompt = "messages_cross_lingual"
-            specs.append(ForwardSpec("policy", prompt, "logp_policy_icr"))
-        specs.append(ForwardSpec("reward_reference", prompt, "logp_reward_ref"))
-    reward_model = None
-    if r.reward_model.enabled:
-        reward_model = "reward_model"
-        rm_path = r.reward_model.model.path
-        roles[reward_model] = ModelRole(resolve_model_path(rm_path, model_build_progress(rm_path)), r.reward_model.model,
-                                        kind="reward_model")
-    return roles, specs, reward_model, layers
-
-
-def forward_rewards(cfg: RunConfig, table):
-    """Rewards from the scoring pass's forward results: (scores table, reward parameters). R_m scores under the
-    native prompt, whose log-probs are the policy's own."""
-    from rayalign.scoring.rewards import compute_rewards
-
-    if cfg.rewards.implicit.enabled and cfg.rewards.implicit.prompt == "native":
-        table = table.append_column("logp_policy_icr", table.column("logp_policy"))
-    return compute_rewards(table, cfg)
-
-
-def with_scoring_prompts(cfg: RunConfig, samples):
-    """Samples with the cross-lingual prompt G(x) that ICR's R_c scores under, when the recipe asks for it."""
-    import pyarrow as pa
-
-    from rayalign.scoring.rewards import cross_lingual_messages
-
-    if not (cfg.rewards.implicit.enabled and cfg.rewards.implicit.prompt == "cross_lingual"):
-        return samples
-    return samples.append_column("messages_cross_lingual",
-                                 pa.array(cross_lingual_messages(samples, cfg.anchor_language)))
-
-
-def hub_layer_of_run(cfg: RunConfig, run_dir: Path, state: dict, initial_path: str) -> int | None:
-    """The hub layer when the recipe says `hub_layer: auto`: scanned once on iteration 1's samples with the starting
-    policy (so every iteration's rewards use the same layer), saved in hub-scan.json; None otherwise."""
-    from rayalign.data.store import read_dataset
-    from rayalign.pipelines.evaluate import hub_scan, print_hub_scan, run_hub_layer, save_hub_scan
-
-    lat = cfg.rewards.latent
-    if not (lat.enabled and lat.hub_layer == "auto"):
-        return None
-    path = run_dir / "hub-scan.json"
-    if "hub-scan" in state["finished"] and path.is_file():
-        return run_hub_layer(cfg, run_dir)
-    started = time.perf_counter()
-    result = hub_scan(cfg, initial_path, cfg.policy.path, read_dataset(run_dir / "iter-1" / "samples", "samples"),
-                      lat.hub_scan_prompts)
-    save_hub_scan(result, path)
-    print_hub_scan(result)
-    log_metrics(run_dir, {"iteration": 1, "stage": "hub-scan", "hub_layer": result["hub_layer"],
-                          "prompts": result["prompts"],
-                          **{f"silhouette_{k}": v for k, v in result["silhouette"].items()},
-                          "wall_seconds": round(time.perf_counter() - started, 3)})
-    state["finished"].append("hub-scan")
-    write_state(run_dir, state)
-    return result["hub_layer"]
-
-
 def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: int, out_dir: Path,
                 hub_layer: int | None = None) -> dict:
     """One teacher-forced pass per needed model over every sample -> the scores dataset at `out_dir`."""
@@ -265,22 +79,27 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
 
     from rayalign.actors.pool import split_shards
     from rayalign.actors.scorer import ScoringGroup
+    from rayalign.anchor_groups import anchor_rows_needed, drop_prompts_without_anchor, dropped_message
     from rayalign.data.store import read_dataset
 
     samples = read_dataset(samples_dir, "samples")
     r = cfg.rewards
     roles, specs, reward_model, layers = scoring_setup(cfg, policy_path, hub_layer)
-    samples = with_scoring_prompts(cfg, samples)
+    anchor, needed = cfg.anchor_language, anchor_rows_needed(cfg)
+    # the cross-lingual prompt needs the anchor prompt before the forward pass; latent rewards check after it
+    cross_lingual = r.implicit.enabled and r.implicit.prompt == "cross_lingual"
+    kept, dropped = drop_prompts_without_anchor(samples, anchor, int(cross_lingual))
+    dropped_rows, samples = samples.num_rows - kept.num_rows, with_scoring_prompts(cfg, kept)
     shards = split_shards(samples, cfg.engines.shard_rows * cfg.sampling.n)
     # Forward results are checkpointed shard by shard, so an interrupted stage redoes only what is missing;
     # rewards need every row (English anchors, centroids, alpha search) and are computed at the end.
     forward_dir = out_dir.with_name(out_dir.name + ".forward")
     results = read_checkpoints(forward_dir, len(shards))
-    group = ScoringGroup(roles, r.actors, r.batch_size, r.num_cpus, r.num_gpus)
+    group = ScoringGroup.for_recipe(roles, r)
     it_dir = out_dir.parent
     on_errors, may_fail = errors_checkpoint(cfg, it_dir, "score", set(results), samples.num_rows)
-    with _progress(f"score iter-{iteration}", samples.num_rows, "samples",
-                   done=sum(shards[i].num_rows for i in results)) as update:
+    with group, progress_bar(f"score iter-{iteration}", samples.num_rows, "samples",
+                             done=sum(shards[i].num_rows for i in results)) as update:
         try:
             stats = group.run(shards, specs, reward_model, checkpoint(forward_dir, results), skip=set(results),
                               progress=update, on_errors=on_errors, max_failed_rows=may_fail)
@@ -288,11 +107,13 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
         except FailedRowsError:
             record_failures(cfg, it_dir, iteration, "score", samples.num_rows)
             raise
-        finally:
-            group.shutdown()
     failed = record_failures(cfg, it_dir, iteration, "score", samples.num_rows)
     # a shard whose every row failed holds no scored columns
     table = pa.concat_tables([results[i] for i in range(len(shards)) if results[i].num_rows])
+    scored, table, more = table.num_rows, *drop_prompts_without_anchor(table, anchor, needed)
+    dropped, dropped_rows = sorted(dropped + more), dropped_rows + scored - table.num_rows
+    if dropped:
+        console.print(f"[yellow]{dropped_message(f'score iter-{iteration}', dropped, dropped_rows, anchor, needed)}")
     table, params = forward_rewards(cfg, table)
     params["layers"] = layers
     write_table(table, out_dir, "scores", cfg, iteration, {n: role.path for n, role in roles.items()}, params,
@@ -302,117 +123,9 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
     shutil.rmtree(forward_dir, ignore_errors=True)
     tokens = sum(table.column("score_tokens").to_pylist()) * len(specs)
     return {"samples": table.num_rows, "forward_passes": len(specs), "retries": stats.retries, "failed_rows": failed,
-            "resumed_shards": stats.skipped_shards, "actor_nodes": nodes,
+            "dropped_prompts": len(dropped), "dropped_rows": dropped_rows, "resumed_shards": stats.skipped_shards, "actor_nodes": nodes,
             "seconds": round(stats.seconds, 3), "tokens_per_s": round(tokens / max(stats.seconds, 1e-9), 2), **{
                 f"alpha_{lang}": a for lang, a in params.get("icr", {}).get("alpha_per_language", {}).items()}}
-
-
-def read_checkpoints(directory: Path, count: int) -> dict:
-    """Forward-result shards finished by an earlier, interrupted run: complete files that match the checksum
-    recorded when they were written (others are removed and computed again)."""
-    import pyarrow.parquet as pq
-
-    from rayalign.data.store import checksum_path, shard_name, shard_problem
-
-    for stale in directory.glob("*.tmp"):
-        stale.unlink()
-    results, rejected = {}, []
-    for i in range(count):
-        shard = directory / shard_name(i)
-        if not shard.is_file():
-            continue
-        problem = shard_problem(shard)
-        if problem:
-            rejected.append(f"{shard}: {problem}")
-            shard.unlink()
-            checksum_path(shard).unlink(missing_ok=True)
-        else:
-            results[i] = pq.read_table(shard)
-    report_untrusted(rejected)
-    return results
-
-
-def report_untrusted(problems: list[str]) -> None:
-    """Say which kept files failed their check and are computed again."""
-    for problem in problems:
-        console.print(f"[yellow]not kept[/]: {problem}; computing it again")
-
-
-def checkpoint(directory: Path, results: dict):
-    """An on_shard callback that keeps a shard's table and writes it under a temporary name, then renames it."""
-    from rayalign.data.store import shard_name
-
-    directory.mkdir(parents=True, exist_ok=True)
-
-    def on_shard(index, table):
-        write_parquet_atomic(table, directory / shard_name(index), checksum=True)
-        results[index] = table
-
-    return on_shard
-
-
-def write_table(table, out_dir: Path, schema: str, cfg: RunConfig, iteration: int, models: dict, params: dict,
-                description: str, shard_rows: int, latent_dim: int = 0) -> dict:
-    """Write a whole table as a dataset (shards of `shard_rows` rows, then card and manifest)."""
-    from rayalign.actors.pool import split_shards
-
-    writer = DatasetWriter(out_dir, schema, config_hash=cfg.config_hash(), languages=cfg.languages, models=models,
-                           seeds={"run_seed": cfg.sampling.seed, "iteration": iteration}, description=description,
-                           schema_params={"latent_dim": latent_dim} if schema == "scores" else None, params=params)
-    shards = split_shards(table, max(1, shard_rows))
-    for i, shard in enumerate(shards):
-        writer.write_shard(i, shard)
-    return writer.finalize(expected_shards=len(shards))
-
-
-# ---- rows that failed by themselves ----
-
-def errors_checkpoint(cfg: RunConfig, it_dir: Path, stage: str, done: set[int], total_rows: int):
-    """(on_errors callback, failed rows still allowed) for a stage over `total_rows` rows.
-
-    The callback writes a shard's failed rows before the shard itself, so the failures of a finished shard
-    survive an interruption; failures recorded for shards not in `done` are stale and removed here.
-    """
-    directory = it_dir / ERRORS_BY_SHARD
-    for path in directory.glob(f"{stage}-*.parquet"):
-        if int(path.stem.rsplit("-", 1)[1]) not in done:
-            path.unlink()
-
-    def on_errors(index, errors):
-        directory.mkdir(parents=True, exist_ok=True)
-        write_parquet_atomic(errors, directory / f"{stage}-{index:05d}.parquet")
-
-    allowed = int(cfg.engines.max_failed_share * total_rows)
-    return on_errors, max(0, allowed - _count_failed(it_dir, stage))
-
-
-def _count_failed(it_dir: Path, stage: str) -> int:
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in (it_dir / ERRORS_BY_SHARD).glob(f"{stage}-*.parquet"))
-
-
-def record_failures(cfg: RunConfig, it_dir: Path, iteration: int, stage: str, total_rows: int) -> int:
-    """Gather the iteration's failed rows (every stage so far) into the errors dataset iter-<t>/errors/ and
-    return this stage's count; stop the run when they pass engines.max_failed_share."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out = it_dir / "errors"
-    shutil.rmtree(out, ignore_errors=True)  # rebuilt from errors.by-shard/, which stays the source
-    parts = sorted((it_dir / ERRORS_BY_SHARD).glob("*.parquet"))
-    if parts:
-        table = pa.concat_tables([pq.read_table(p) for p in parts])
-        write_table(table, out, "errors", cfg, iteration, {}, {},
-                    f"Rows of iteration {iteration} that failed by themselves and were left out, with the reason.",
-                    shard_rows=table.num_rows)
-    failed, share = _count_failed(it_dir, stage), cfg.engines.max_failed_share
-    if failed > int(share * total_rows):
-        raise FailedRowsError(
-            f"{stage} iter-{iteration}: {failed} of {total_rows} rows ({failed / max(total_rows, 1):.2%}) failed by "
-            f"themselves, more than engines.max_failed_share={share} allows; their reasons are in {out} "
-            f"(`rayalign inspect {out}`). Fix the input, or raise the share and launch again to resume")
-    return failed
 
 
 # ---- pairs stage ----
@@ -453,7 +166,6 @@ def dco_stage(cfg: RunConfig, initial_policy_path: str, iteration: int, out_dir:
     """Score every candidate answer with pi_ref (fixed: the starting model unless set) in every language, then
     build DCO tuples."""
     import polars as pl
-    import pyarrow as pa
 
     from rayalign.actors.pool import split_shards
     from rayalign.actors.scorer import ModelRole, ScoringGroup
@@ -467,17 +179,10 @@ def dco_stage(cfg: RunConfig, initial_policy_path: str, iteration: int, out_dir:
     ref_path = resolve_model_path(ref.path, model_build_progress(ref.path)) if c.reference else initial_policy_path
     cands = load_candidate_sets(c.candidates_path, cfg.languages).rename_columns(
         ["prompt_id", "lang", "messages", "candidate_idx", "response", "gold"])
-    group = ScoringGroup({"dco_reference": ModelRole(ref_path, ref)}, cfg.rewards.actors, cfg.rewards.batch_size,
-                         cfg.rewards.num_cpus, cfg.rewards.num_gpus)
-    shards = split_shards(cands, 256)
-    results: dict[int, pa.Table] = {}
-    with _progress(f"score candidates iter-{iteration}", cands.num_rows, "candidates") as update:
-        try:
-            group.run(shards, [ForwardSpec("dco_reference", "messages", "logp_ref", tokens_column="num_tokens")],
-                      None, results.__setitem__, progress=update)
-        finally:
-            group.shutdown()
-    scored = pa.concat_tables([results[i] for i in range(len(shards))]).rename_columns(
+    group = ScoringGroup.for_recipe({"dco_reference": ModelRole(ref_path, ref)}, cfg.rewards)
+    scored = group.collect(split_shards(cands, 256),
+                           [ForwardSpec("dco_reference", "messages", "logp_ref", tokens_column="num_tokens")], None,
+                           label=f"score candidates iter-{iteration}", unit="candidates").rename_columns(
         ["prompt_id", "lang", "messages", "candidate_idx", "candidate", "gold", "logp_ref", "num_tokens"])
     write_table(scored, out_dir, "candidate_scores", cfg, iteration, {"dco_reference": ref.path}, {},
                 "pi_ref log-probs of every candidate answer in every language.", shard_rows=4096)
@@ -506,14 +211,9 @@ def lidr_stage(cfg: RunConfig, samples, policy_path: str, iteration: int):
     sampling = dataclasses.replace(cfg.sampling, n=1, temperature=0.0,
                                    max_new_tokens=max(cfg.sampling.max_new_tokens * 2, 16))
     group = GenerationGroup(policy_path, cfg.policy, cfg.engines)
-    shards = split_shards(prompts, cfg.engines.shard_rows)
-    out: dict[int, pa.Table] = {}
-    with _progress(f"translate iter-{iteration}", prompts.num_rows, "translations") as update:
-        try:
-            group.run(shards, sampling, iteration, cfg.policy.path, out.__setitem__, progress=update)
-        finally:
-            group.shutdown()
-    translations = pl.from_arrow(pa.concat_tables([out[i] for i in range(len(shards))]))
+    translations = pl.from_arrow(group.collect(split_shards(prompts, cfg.engines.shard_rows), sampling, iteration,
+                                               cfg.policy.path, label=f"translate iter-{iteration}",
+                                               unit="translations"))
     table = lidr_pairs(samples, translations, cfg.anchor_language, iteration)
     return _with_reference_logps(cfg, table, policy_path)
 
@@ -530,16 +230,10 @@ def _with_reference_logps(cfg: RunConfig, pairs_table, policy_path: str):
     rows = pairs_table.to_pylist()
     requests = pa.Table.from_pylist([{"messages": r["prompt"], "response": r[side][0]["content"]}
                                      for side in ("chosen", "rejected") for r in rows])
-    group = ScoringGroup({"policy": ModelRole(policy_path, cfg.policy)}, cfg.rewards.actors, cfg.rewards.batch_size,
-                         cfg.rewards.num_cpus, cfg.rewards.num_gpus)
-    shards = split_shards(requests, 256)
-    results: dict[int, pa.Table] = {}
-    try:
-        group.run(shards, [ForwardSpec("policy", "messages", "logp", tokens_column="num_tokens")], None,
-                  results.__setitem__)
-    finally:
-        group.shutdown()
-    scored = pa.concat_tables([results[i] for i in range(len(shards))])
+    group = ScoringGroup.for_recipe({"policy": ModelRole(policy_path, cfg.policy)}, cfg.rewards)
+    scored = group.collect(split_shards(requests, 256), [ForwardSpec("policy", "messages", "logp",
+                                                                     tokens_column="num_tokens")], None,
+                           label="score translations")
     logp, tokens, n = scored.column("logp").to_pylist(), scored.column("num_tokens").to_pylist(), len(rows)
     for column, values in (("ref_logp_chosen", logp[:n]), ("ref_logp_rejected", logp[n:]),
                            ("chosen_num_tokens", tokens[:n]), ("rejected_num_tokens", tokens[n:])):
@@ -561,15 +255,14 @@ def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int
     The training reference is policy t-1, whose log-probs the pairs carry. Mid-stage checkpoints go to
     `iter-t/train.ckpt` (training.checkpoint_every) and an interrupted stage resumes from the latest one.
     """
-    from rayalign.training.data import schema_for_loss
 
     t = cfg.training
-    schema = schema_for_loss(t.loss)
+    schema = schema_of(t.loss)
     if t.backend == "openrlhf":
         from rayalign.integrations.openrlhf import train_dpo
 
         return train_dpo(cfg, data_dir, policy_path, out_dir)
-    from rayalign.actors.trainer import TrainerGroup
+    from rayalign.actors.preference_trainer import PreferenceTrainerGroup
     from rayalign.training.data import batch_alignment_languages
 
     ckpt_dir = out_dir.with_name("train.ckpt")
@@ -589,7 +282,7 @@ def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int
 
     aligned = batch_alignment_languages(cfg.languages, cfg.anchor_language, t.batch_alignment)
     deepspeed_op_notice()
-    group = TrainerGroup(policy_path, cfg.policy, t, cfg.rewards.consistency.beta)
+    group = PreferenceTrainerGroup(policy_path, cfg.policy, t, cfg.rewards.consistency.beta)
     with Progress(TextColumn(f"train iter-{iteration}"), BarColumn(), TextColumn("{task.fields[status]}"),
                   TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("train", total=None, status="loading data")
@@ -602,7 +295,7 @@ def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int
             fit = group.fit(str(data_dir), schema, t.loss, aligned_languages=aligned, checkpoint_dir=str(ckpt_dir),
                             checkpoint_every=t.checkpoint_every, progress=progress, on_checkpoint=on_checkpoint)
             group.save(str(out_dir))
-            nodes = group.nodes
+            nodes = group.nodes()
         except ray.exceptions.RayActorError as e:
             resume = (f"resumes from the last checkpoint in {ckpt_dir} (training.checkpoint_every {t.checkpoint_every})"
                       if t.checkpoint_every else "trains this stage from step 0 (set training.checkpoint_every to "
@@ -631,34 +324,6 @@ def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int
     return result
 
 
-def set_aside_untrusted_checkpoint(ckpt_dir: Path, record: dict | None, checkpoint_every: int, run_dir: Path) -> None:
-    """Leave in `ckpt_dir` only a checkpoint that this run wrote and recorded, unchanged; anything else (checkpointing
-    off, no record, other or changed files) is moved to the run's trash, and training starts over."""
-    from rayalign.data.store import directory_problems
-
-    if not ckpt_dir.exists():
-        return
-    if not checkpoint_every:
-        why = ["training.checkpoint_every is 0 (checkpointing is off)"]
-    elif record is None:
-        why = ["no checkpoint was recorded in state.json by this run"]
-    else:
-        tag = ckpt_dir / record["tag"]
-        latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
-        why = [] if latest == record["tag"] else [f"{ckpt_dir / 'latest'}: names {latest!r}, not {record['tag']!r}"]
-        why += directory_problems(tag, record["files"])
-        others = [p.name for p in ckpt_dir.iterdir() if p.name not in ("latest", record["tag"])]
-        if not why:
-            for name in others:  # older tags: never loaded, no longer needed
-                shutil.rmtree(ckpt_dir / name) if (ckpt_dir / name).is_dir() else (ckpt_dir / name).unlink()
-            return
-    trash = run_dir / f"trash-{time.strftime('%Y%m%d-%H%M%S')}" / ckpt_dir.relative_to(run_dir)
-    trash.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(ckpt_dir, trash)
-    console.print(f"[yellow]{ckpt_dir}: not loaded[/] ({'; '.join(why)}); moved to {trash}; training starts from "
-                  "step 0")
-
-
 def language_fidelity(samples_dir: Path) -> dict[str, float]:
     """Share of each language's samples detected in that language."""
     import polars as pl
@@ -668,26 +333,6 @@ def language_fidelity(samples_dir: Path) -> dict[str, float]:
     df = pl.from_arrow(read_dataset(samples_dir, "samples").select(["lang", "lang_detected"]))
     share = df.group_by("lang").agg((pl.col("lang") == pl.col("lang_detected")).mean().alias("share")).sort("lang")
     return {lang: round(v, 4) for lang, v in share.iter_rows()}
-
-
-def _progress(label: str, total: int, unit: str, done: int = 0):
-    """A progress bar context; yields an update(stats) callback for run_shards (`done`: resumed rows)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def bar():
-        with Progress(TextColumn(label), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                      console=console) as progress:
-            task = progress.add_task(label, total=total, completed=done, status=f"{done}/{total} {unit}")
-
-            def update(stats):
-                rows = done + stats.rows_in
-                rate = stats.rows_out / max(stats.seconds, 1e-9)
-                progress.update(task, completed=rows, status=f"{rows}/{total} {unit} | {rate:.1f} rows out/s")
-
-            yield update
-
-    return bar()
 
 
 # ---- rescoring without a forward pass ----
@@ -736,7 +381,7 @@ def preflight(cfg: RunConfig, policy_path: str) -> None:
     check_trackers(cfg)
     r = cfg.rewards
     if r.latent.enabled and r.latent.hub_layer != "auto":
-        _layers(cfg, policy_path)
+        latent_layers(cfg, policy_path)
     if r.user.path:
         load_user_reward(r.user.path, r.user.function)
 
@@ -846,45 +491,3 @@ def stream_now(cfg: RunConfig, schedule, state: dict, iteration: int) -> bool:
     return bool(schedule and schedule.stream) and not names & set(state["finished"]) and not scan_pending
 
 
-def _complete(dataset_dir: Path) -> bool:
-    if (dataset_dir / "config.json").is_file():  # a policy checkpoint, renamed into place when complete
-        return True
-    try:
-        read_manifest(dataset_dir)
-        return True
-    except DatasetError:
-        return False
-
-
-def kept_output_problems(run_dir: Path, state: dict, out_dir: Path) -> list[str]:
-    """Why a finished stage's output cannot be kept: a dataset whose manifest or shards fail their recorded
-    checksums (untrusted shards are removed, so the stage recomputes only those when it can), or a policy whose
-    files differ from the checksums recorded when it was saved. Empty when intact."""
-    from rayalign.data.store import directory_problems, remove_untrusted_shards
-
-    if out_dir.name != "policy":
-        return remove_untrusted_shards(out_dir)
-    recorded = state.get("checksums", {}).get(str(out_dir.relative_to(run_dir)))
-    if not (out_dir / "config.json").is_file():
-        return [f"{out_dir}: missing"]
-    return [] if recorded is None else directory_problems(out_dir, recorded)
-
-
-SUMMARY_KEYS = {"generate": ("fidelity_",), "pairs": ("rows",), "train": (
-    "loss_first", "loss_mean", "reward_margin_mean", "accuracy_mean", "dropped_too_long", "steps")}
-
-
-def iteration_summary(run_dir: Path, iteration: int) -> dict:
-    """One iteration's headline metrics and phase timings, from its stage records in metrics.jsonl."""
-    from rayalign.data.inspect import read_metrics
-
-    out = {}
-    for record in read_metrics(run_dir):
-        stage = record.get("stage")
-        if record.get("iteration") != iteration or stage == "iteration":
-            continue
-        out[f"seconds_{stage}"] = record.get("wall_seconds")
-        for key, value in record.items():
-            if any(key.startswith(prefix) for prefix in SUMMARY_KEYS.get(stage, ())):
-                out[f"pairs_{key}" if stage == "pairs" else key] = value
-    return out

@@ -2,8 +2,8 @@
 
 Each step samples `online.prompts_per_step` prompt ids in every language (so rewards can compare languages
 within a step) on the GenerationActors, scores the rollouts, computes GRPO or RLOO advantages over the n
-samples of each (prompt, language) or PPO advantages (GAE over a critic TrainerGroup's values, with the KL to
-the starting policy in the per-token reward), updates the policy on the TrainerGroup (clipped policy gradient;
+samples of each (prompt, language) or PPO advantages (GAE over a CriticGroup's values, with the KL to
+the starting policy in the per-token reward), updates the policy on the PolicyGroup (clipped policy gradient;
 GRPO and RLOO add the KL penalty to the loss), and pushes the new weights to the generation engines through
 the Ray object store. Every step's rollouts are written as an Arrow dataset (`online/step-XXXX/`).
 """
@@ -18,14 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import ray
 
 from rayalign.config import ConfigError, RunConfig
 from rayalign.data.prompts import load_prompts
 from rayalign.data.store import DatasetWriter, atomic_write_text
-from rayalign.models import load_tokenizer, resolve_model_path
-from rayalign.progress import deepspeed_op_notice, model_build_progress
+from rayalign.models import resolve_model_path
+from rayalign.progress import console, deepspeed_op_notice, model_build_progress
 from rayalign.tracking import Trackers, check_trackers
-from rayalign.pipelines.offline import console, log_metrics, prepare_run_dir, write_state
+from rayalign.actors.weight_sync import WeightSync, uses_nccl
+from rayalign.pipelines.online_rollouts import Rollouts
+from rayalign.run_dir import log_metrics, prepare_run_dir, set_aside_untrusted_checkpoint, write_state
+from rayalign.scoring.setup import forward_rewards, scoring_setup, with_scoring_prompts
 
 
 def trainer_config(cfg: RunConfig, rollout_size: int):
@@ -65,12 +69,11 @@ def run(cfg: RunConfig, run_dir: Path | None = None, **options) -> Path:
 
 def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str | None = None) -> Path:
     from rayalign.actors.generator import GenerationGroup
-    from rayalign.actors.pool import split_shards
-    from rayalign.actors.trainer import TrainerGroup
+    from rayalign.actors.rl_trainer import CriticGroup, PolicyGroup
     from rayalign.cluster import connect, load_cluster_spec
     from rayalign.cluster.planner import with_counts
     from rayalign.cluster.spec import check_run_dir_visible
-    from rayalign.training.rollouts import group_advantages, minibatch_order, ppo_advantages, rollout_rewards, rollout_sequences
+    from rayalign.training.rollouts import group_advantages, minibatch_order, ppo_advantages, rollout_rewards
 
     o = cfg.online
     check_trackers(cfg)
@@ -98,42 +101,44 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
                           f"cluster has {resources.get('CPU', 0):g}: lower engines.count or the CPUs per actor")
     console.print(f"online {o.algorithm} {cfg.name}: {o.steps} steps of {rollout_size} rollouts "
                   f"({o.prompts_per_step} prompts x {len(cfg.languages)} languages x n={cfg.sampling.n}) -> {run_dir}")
-    tokenizer = load_tokenizer(policy_path, cfg.policy.trust_remote_code)
     generators = GenerationGroup(policy_path, cfg.policy, cfg.engines)
     deepspeed_op_notice()
-    trainer = TrainerGroup(policy_path, cfg.policy, tcfg)
-    critic = TrainerGroup(policy_path, cfg.policy, dataclasses.replace(tcfg, lr=o.critic_lr), role="critic") \
-        if ppo else None
+    trainer = PolicyGroup(policy_path, cfg.policy, tcfg)
+    critic = CriticGroup(policy_path, cfg.policy, dataclasses.replace(tcfg, lr=o.critic_lr)) if ppo else None
     scorers = ScoredReward(cfg, policy_path) if o.score_weight else None
+    rollouts = Rollouts(cfg, generators, prompts, policy_path)
+    sync = WeightSync(trainer, generators, uses_nccl(cfg),
+                      cfg.engines.tensor_parallel_size if cfg.engines.backend == "vllm" else 1)
     tracker = Trackers(cfg, run_dir)
     try:
         groups = {"policy": trainer, "critic": critic} if ppo else {"policy": trainer}
         for group in groups.values():
-            group._all("prepare_online", o.steps * updates_per_step, policy_path)
+            group.prepare(o.steps * updates_per_step, policy_path)
         if resume_step:
             for role, group in groups.items():
-                group._all("resume", str(run_dir / "online" / CHECKPOINT_DIRS[role]))
-            weights = trainer.publish_weights()
-            generators.update_weights(weights)
+                group.resume(str(run_dir / "online" / CHECKPOINT_DIRS[role]))
+            weights = sync.push()
             if scorers is not None:
-                scorers.group.update_weights("policy", weights)
+                scorers.group.update_weights("policy", weights or trainer.publish_weights())
+            rollouts.load_pending(run_dir / "online" / CHECKPOINT_DIRS["policy"]
+                                  / state["online_checkpoint"]["policy"]["tag"], resume_step + 1)
             console.print(f"resumed from the checkpoint of step {resume_step}")
         for step in range(resume_step + 1, o.steps + 1):
-            timings, started = {}, time.perf_counter()
-            batch = step_prompts(prompts, step, o.prompts_per_step, cfg.sampling.seed)
-            parts: dict[int, pa.Table] = {}
-            shards = split_shards(batch, cfg.engines.shard_rows)
-            generators.run(shards, cfg.sampling, step, f"online-step-{step - 1}", parts.__setitem__)
-            samples = pa.concat_tables([parts[i] for i in range(len(shards))])
-            timings["seconds_generate"] = time.perf_counter() - started
+            timings = {}
+            batch, timings["seconds_generate"] = rollouts.take(step)  # one step off: only the wait for them
+            samples, sequences = batch.samples, batch.sequences
 
             started = time.perf_counter()
             rewards = rollout_rewards(samples, cfg)
             if scorers is not None:
                 scored = scorers(samples)
                 rewards = rewards + o.score_weight * scored
-            sequences = rollout_sequences(tokenizer, samples)
             behaviour = trainer.rollout_stats(sequences)  # log-probs of the policy that generated, and the reference
+            if batch.behaviour is not None:  # one step off: the generating engine's, one update behind the trainer
+                for stats, logps in zip(behaviour, batch.behaviour):
+                    if len(logps) != len(stats["logp"]):
+                        raise RuntimeError("online: the engine's and the trainer's token counts differ for a rollout")
+                    stats["logp"] = logps
             if ppo:  # KL goes into the per-token rewards; GAE over the critic's values
                 token_adv, returns, values = ppo_advantages(
                     rewards, behaviour, critic.rollout_stats(sequences), kl_coef=o.kl_coef,
@@ -153,21 +158,20 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
             for rows in minibatch_order(len(sequences), o.mini_batch_size or len(sequences), o.ppo_epochs,
                                         seed=[cfg.sampling.seed, step]):
                 pick = lambda values: [values[i] for i in rows]  # noqa: E731
-                updates.append(trainer._all("rl_step", pick(sequences), pick(step_adv), pick(old), pick(ref),
-                                            0.0 if ppo else o.kl_coef, o.kl_estimator, o.clip_eps)[0])
+                updates.append(trainer.update(pick(sequences), pick(step_adv), pick(old), pick(ref),
+                                              0.0 if ppo else o.kl_coef, o.kl_estimator, o.clip_eps))
                 if ppo:
-                    critic_updates.append(critic._all("critic_step", pick(sequences), pick(returns), pick(values),
-                                                      o.clip_eps)[0])
+                    critic_updates.append(critic.update(pick(sequences), pick(returns), pick(values), o.clip_eps))
             update = {k: float(np.mean([u[k] for u in updates])) for k in updates[0] if k not in ("step", "seconds")}
             update["lr"] = updates[0]["lr"]
             critic_update = {"value_loss": float(np.mean([u["value_loss"] for u in critic_updates]))} if ppo else {}
             timings["seconds_train"] = time.perf_counter() - started
 
             started = time.perf_counter()
-            weights = trainer.publish_weights()  # put by the trainer, fetched by the engines: no driver hop
-            generators.update_weights(weights)
+            rollouts.settle()  # one step off: the next step's rollouts were generated with the weights before
+            weights = sync.push()  # no driver hop: NCCL broadcast on CUDA, else published by the trainer
             if scorers is not None:
-                scorers.group.update_weights("policy", weights)
+                scorers.group.update_weights("policy", weights or trainer.publish_weights())
             timings["seconds_sync"] = time.perf_counter() - started
 
             record = {"step": step, "stage": "online", "reward_mean": float(rewards.mean()),
@@ -179,15 +183,18 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
             tracker.update()
             state["finished"].append(f"online/step-{step}")
             if o.checkpoint_every and step % o.checkpoint_every == 0:
-                state["online_checkpoint"] = save_checkpoints(run_dir, groups, step)
+                state["online_checkpoint"] = save_checkpoints(run_dir, groups, step, rollouts.save_pending)
             write_state(run_dir, state)
             console.print(f"step {step}/{o.steps}: reward {record['reward_mean']:.3f}  kl {record['kl']:.4f}  "
                           f"clip {record['clip_fraction']:.3f}  entropy {record['entropy']:.3f}  "
                           + "  ".join(f"{k.removeprefix('seconds_')} {v:.1f}s" for k, v in timings.items()))
         trainer.save(str(run_dir / "online" / "policy"))
         tracker.close()
+    except ray.exceptions.RayActorError as e:  # generation and scoring actors are retried; a trainer rank is not
+        raise trainer_lost(e, state, o.checkpoint_every) from None
     finally:
-        tracker.close(plots=False)  # after an error: what was logged, without the report's plots
+        tracker.close(ok=False)  # after an error (closed already otherwise)
+        rollouts.close()
         generators.shutdown()
         trainer.shutdown()
         for group in (critic, scorers.group if scorers else None):
@@ -196,18 +203,32 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     return run_dir
 
 
+def trainer_lost(error, state: dict, checkpoint_every: int):
+    """The message for a trainer (or critic) rank that died: what resumes when the same command runs again."""
+    from rayalign.pipelines.offline import TrainerLostError
+
+    done = state.get("online_checkpoint", {}).get("step")
+    resume = (f"resumes from the checkpoint of step {done} (online.checkpoint_every {checkpoint_every})" if done else
+              "starts over from step 1 (no checkpoint yet; set online.checkpoint_every to resume mid-run)")
+    return TrainerLostError(f"online: a trainer rank died ({str(error).splitlines()[0][:200]}); DeepSpeed cannot go "
+                            f"on without it. Once the cluster is whole, the same command {resume}")
+
+
 CHECKPOINT_DIRS = {"policy": "train.ckpt", "critic": "critic.ckpt"}
 
 
-def save_checkpoints(run_dir: Path, groups: dict, step: int) -> dict:
-    """Every trainer group's DeepSpeed checkpoint of this step; returns the record (tags and file checksums) that
-    the run state keeps: a relaunch loads only checkpoints that match it."""
+def save_checkpoints(run_dir: Path, groups: dict, step: int, add_to_policy=None) -> dict:
+    """Every trainer group's DeepSpeed checkpoint of this step (`add_to_policy(tag_dir)` writes more files into the
+    policy's); returns the record (tags and file checksums) that the run state keeps: a relaunch loads only
+    checkpoints that match it."""
     from rayalign.data.store import directory_checksums
 
     record = {"step": step}
     for role, group in groups.items():
         directory = run_dir / "online" / CHECKPOINT_DIRS[role]
-        tag = f"step-{group._all('checkpoint', str(directory))[0]}"
+        tag = f"step-{group.checkpoint(str(directory))}"
+        if role == "policy" and add_to_policy is not None:
+            add_to_policy(directory / tag)
         for old in directory.iterdir():  # older tags are never loaded again
             if old.is_dir() and old.name != tag:
                 shutil.rmtree(old)
@@ -219,7 +240,6 @@ def resumable_step(run_dir: Path, state: dict, checkpoint_every: int, ppo: bool)
     """The step a relaunch continues after: the last recorded checkpoint's, when every checkpoint it needs is
     intact (0 otherwise). Outputs of later steps (rollouts, metrics, the final policy) are moved to the run's
     trash, so that the relaunch writes them again exactly as an uninterrupted run would."""
-    from rayalign.pipelines.offline import set_aside_untrusted_checkpoint
 
     if not state["finished"]:
         return 0
@@ -256,17 +276,15 @@ class ScoredReward:
 
     def __init__(self, cfg: RunConfig, policy_path: str):
         from rayalign.actors.scorer import ScoringGroup
-        from rayalign.pairs import REWARD_OF_METHOD
-        from rayalign.pipelines.offline import scoring_setup
+        from rayalign.methods import REWARD_COLUMN
 
-        self.cfg, self.column = cfg, REWARD_OF_METHOD[cfg.online.score_reward]
+        self.cfg, self.column = cfg, REWARD_COLUMN[cfg.online.score_reward]
         roles, self.specs, self.reward_model, _ = scoring_setup(cfg, policy_path)
         r = cfg.rewards
         self.group = ScoringGroup(roles, r.actors, r.batch_size, r.num_cpus, r.num_gpus)
 
     def __call__(self, samples: pa.Table) -> np.ndarray:
         from rayalign.actors.pool import split_shards
-        from rayalign.pipelines.offline import forward_rewards, with_scoring_prompts
 
         cfg = self.cfg
         samples = with_scoring_prompts(cfg, samples)

@@ -89,8 +89,9 @@ def generate_score_stage(cfg: RunConfig, prompts, policy_path: str, policy_name:
     from rayalign.actors.pool import ShardFeed
     from rayalign.actors.scorer import ScoringGroup
     from rayalign.data.store import shard_name
-    from rayalign.pipelines.offline import (checkpoint, errors_checkpoint, forward_rewards, read_checkpoints,
-                                            record_failures, report_untrusted, scoring_setup, write_table)
+    from rayalign.failures import errors_checkpoint, record_failures
+    from rayalign.run_dir import checkpoint, read_checkpoints, report_untrusted, write_table
+    from rayalign.scoring.setup import forward_rewards, scoring_setup
 
     started = time.perf_counter()
     e, r, n = cfg.engines, cfg.rewards, cfg.sampling.n
@@ -212,6 +213,6 @@ def generate_score_stage(cfg: RunConfig, prompts, policy_path: str, policy_name:
 
 
 def _console():
-    from rayalign.pipelines.offline import console
+    from rayalign.progress import console
 
     return console

@@ -247,7 +247,8 @@ def run_finished(run: StudyRun) -> bool:
 
 def eval_finished(study: Study, run: StudyRun) -> bool:
     """The run's final policy was evaluated with the study's current eval settings."""
-    from rayalign.pipelines.evaluate import eval_setup, evaluation_kept, run_hub_layer
+    from rayalign.pipelines.evaluate import eval_setup, evaluation_kept
+    from rayalign.scoring.hub_scan import run_hub_layer
 
     policy, name = final_policy(run)
     _, _, key = eval_setup(run.cfg, policy, name, hub_layer=run_hub_layer(run.cfg, run.run_dir), **study.eval)
@@ -438,7 +439,8 @@ def final_policy(run: StudyRun) -> tuple[str, str]:
 
 def evaluate_run(study: Study, run: StudyRun) -> None:
     """Evaluate the run's final policy into <run_dir>/eval/final (with an eval section; kept when done)."""
-    from rayalign.pipelines.evaluate import evaluate_policy, run_hub_layer
+    from rayalign.pipelines.evaluate import evaluate_policy
+    from rayalign.scoring.hub_scan import run_hub_layer
 
     if study.eval is not None:
         policy, name = final_policy(run)

@@ -114,6 +114,7 @@ def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch
       rayalign launch examples/quickstart.yaml -o rewards.latent.alpha=1.0 --redo score
     """
     from rayalign.cluster import connect, load_cluster_spec
+    from rayalign.cluster.estimate import estimate_table
     from rayalign.cluster.planner import plan, save_plan
     from rayalign.cluster.spec import running_cluster_spec
     from rayalign.pipelines import offline
@@ -131,11 +132,14 @@ def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch
             return _run_online(cfg, run_dir, cluster, address)
     spec = load_cluster_spec(cluster)
     if dry_run:
-        console.print(plan(cfg, spec, strict=True).table())
+        dry_plan = plan(cfg, spec, strict=True)
+        console.print(dry_plan.table())
+        console.print(estimate_table(dry_plan.estimate, dry_plan.config.iterations))
         return
     connect(spec, address, allow_mismatch=allow_mismatch)
     run_plan = plan(cfg, running_cluster_spec(spec), strict=True)
     err.print(run_plan.table())
+    err.print(estimate_table(run_plan.estimate, run_plan.config.iterations))
     save_plan(run_plan, Path(run_dir) if run_dir else cfg.resolved_run_dir())
     out = offline.run(cfg, Path(run_dir) if run_dir else None, cluster=cluster, address=address,
                       **({"redo": redo_stages} if redo_stages else {}))
@@ -162,6 +166,7 @@ def plan_cmd(recipe, cluster, overrides, as_json):
     import json
 
     from rayalign.cluster import load_cluster_spec
+    from rayalign.cluster.estimate import estimate_table
     from rayalign.cluster.planner import plan
 
     result = plan(_load(recipe, overrides, models=False), load_cluster_spec(cluster))
@@ -169,6 +174,7 @@ def plan_cmd(recipe, cluster, overrides, as_json):
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
         console.print(result.table())
+        console.print(estimate_table(result.estimate, result.config.iterations))
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -272,6 +278,17 @@ ITERATION_HEADERS = {"policy": "generating policy", "pairs_rows": "pairs", "loss
                      "seconds_score": "score s", "seconds_pairs": "pairs s", "seconds_train": "train s"}
 
 
+def planned_seconds(run_dir: Path) -> dict[str, float]:
+    """Estimated seconds per phase of one iteration from the run's plan.json; empty without one."""
+    import json
+
+    try:
+        phases = json.loads((run_dir / "plan.json").read_text()).get("estimate", {}).get("phases", {})
+    except (OSError, ValueError):
+        return {}
+    return {phase: value["seconds"] for phase, value in phases.items() if value.get("seconds") is not None}
+
+
 @main.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @_user_errors
@@ -300,10 +317,15 @@ def inspect(path):
             console.print(table)
     metrics = read_metrics(path)
     if metrics:
-        table = Table("iteration", "stage", "seconds", "samples/s", "tokens/s", "retries", "failed rows")
+        estimated = planned_seconds(path)
+        table = Table("iteration", "stage", "seconds", "estimate s", "samples/s", "tokens/s", "retries", "failed rows",
+                      caption="estimate: the plan's, saved at launch (plan.json); start-up not counted"
+                      if estimated else None, caption_justify="left")
         for m in (m for m in metrics if m.get("stage") != "iteration"):
             seconds = m.get("wall_seconds", m.get("seconds", ""))  # a "redo" record has neither, nor an iteration
+            estimate = estimated.get(m.get("stage")) if "iteration" in m else None
             table.add_row(str(m.get("iteration", "")), m.get("stage", ""), str(seconds),
+                          "" if estimate is None else f"{estimate:.3g}",
                           str(m.get("samples_per_s", "")), str(m.get("tokens_per_s", "")), str(m.get("retries", "")),
                           str(m.get("failed_rows", "")))
         console.print(table)
@@ -532,7 +554,8 @@ def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates, s
     """
     from rayalign.cluster import connect, load_cluster_spec
     from rayalign.cluster.planner import with_counts
-    from rayalign.pipelines.evaluate import evaluate_policy, print_summary, run_hub_layer, run_policy
+    from rayalign.pipelines.evaluate import evaluate_policy, print_summary, run_policy
+    from rayalign.scoring.hub_scan import run_hub_layer
 
     cfg = _load(recipe, overrides)
     run_dir = _run_dir(cfg, run_dir)
@@ -583,7 +606,8 @@ def hub_scan_cmd(recipe, policy, run_dir, prompts_limit, samples, cluster, addre
 
     from rayalign.cluster import connect, load_cluster_spec
     from rayalign.cluster.planner import with_counts
-    from rayalign.pipelines.evaluate import eval_samples, hub_scan, print_hub_scan, run_policy, save_hub_scan
+    from rayalign.pipelines.evaluate import eval_samples, run_policy
+    from rayalign.scoring.hub_scan import hub_scan, print_hub_scan, save_hub_scan
 
     cfg = _load(recipe, overrides)
     run_dir = _run_dir(cfg, run_dir)

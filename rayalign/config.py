@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from rayalign.languages import ISO_639_1, language_name
+from rayalign.methods import REWARD_KEY, SCHEMA, reward_enabled, schema_of
 
 TINY_MODEL = "builtin:tiny-multilingual"
 
@@ -69,7 +70,9 @@ class PromptsConfig:
         "instruction, or hf:<dataset name or local dataset directory> read with datasets.load_dataset; relative "
         "paths are taken from the recipe's directory first, then the working directory",
     )
-    limit: int | None = _field(None, help="use only the first N prompt ids (sorted); null = all", ge=1)
+    limit: int | None = _field(None, help="use only the first N prompt ids (sorted, after skip); null = all", ge=1)
+    skip: int = _field(0, help="leave out the first N prompt ids (sorted): e.g. train on limit: 48 and evaluate "
+                       "held-out prompts with skip: 48", ge=0)
     system_prompt: str | None = _field(None, help="system message prepended to every prompt; null = none")
     split: str = _field("train", help="hf: sources: the dataset split")
     revision: str | None = _field(None, help="hf: sources: a branch, tag or commit of the dataset; null = main")
@@ -80,8 +83,8 @@ class PromptsConfig:
 
     def load_kwargs(self) -> dict:
         """Keyword arguments of rayalign.data.prompts.load_prompts for this source."""
-        return dict(limit=self.limit, system_prompt=self.system_prompt, split=self.split, revision=self.revision,
-                    config=self.config, columns=dataclasses.asdict(self.columns))
+        return dict(limit=self.limit, skip=self.skip, system_prompt=self.system_prompt, split=self.split,
+                    revision=self.revision, config=self.config, columns=dataclasses.asdict(self.columns))
 
 
 @dataclass
@@ -297,6 +300,10 @@ class OnlineConfig:
                              "ratio to the behaviour policy and its clip act from the second update on", ge=1)
     mini_batch_size: int | None = _field(None, help="rollouts per optimizer update (verl ppo_mini_batch_size); must "
                                          "divide the step's rollouts; null = all of them, one update per epoch", ge=1)
+    async_train: bool = _field(False, help="one step off the policy (OpenRLHF's --async_train): the next step's "
+                               "rollouts are generated, with the weights before this step's update, while this step "
+                               "trains; the ratio uses the generating engine's log-probs, so the clip corrects the "
+                               "one-step lag")
     gamma: float = _field(1.0, help="ppo: discount of GAE", gt=0.0, le=1.0)
     lam: float = _field(0.95, help="ppo: lambda of GAE", ge=0.0, le=1.0)
     critic_lr: float = _field(1e-5, help="ppo: the critic's learning rate (its other settings follow training)",
@@ -314,9 +321,43 @@ class OnlineConfig:
                                choices=("lacomsa", "msa", "icr", "reward_model"))
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class WandbConfig:
+    project: str = _field("rayalign", help="W&B project")
+    entity: str | None = _field(None, help="W&B entity (user or team); null = the logged-in user's default")
+    mode: str | None = _field(None, help="online (needs `wandb login` and the network), offline (files under "
+                              "<run-dir>/wandb/, upload later with `wandb sync`) or disabled; null = $WANDB_MODE, "
+                              "else online", choices=WANDB_MODES)
+
+
+@dataclass
+class LoggingConfig:
+    """Experiment trackers (rayalign/tracking.py): the metrics.jsonl and train_log.jsonl records, as they are written."""
+    tensorboard: bool | None = _field(None, help="TensorBoard scalars in <run-dir>/tensorboard/: true (needs the "
+                                      "tensorboard extra), false, or null = when tensorboard is installed")
+    wandb: WandbConfig | None = _field(None, help="Weights & Biases run {project, entity, mode} with the same "
+                                       "metrics, the config and the report's plots (the wandb extra); null = off")
+
+
 @dataclass
 class ClusterConfig:
-    """Placement on a cluster beyond the spec; filled by the cluster release."""
+    """How the run uses the cluster beyond the spec: the phases' schedule and the figures of the time estimate."""
+    schedule: str = _field(
+        "auto", help="stream: scoring actors start on finished sample shards while generation goes on (both roles "
+        "held at once); barrier: scoring waits for the last sample shard; auto = stream when the cluster holds both "
+        "roles side by side, else barrier. The datasets are the same either way", choices=("auto", "stream", "barrier"))
+    generation_tokens_per_s: float | None = _field(
+        None, help="time estimate: generated tokens per second of one engine; null = cluster/throughput.yaml's table "
+        "by GPU type and model size", gt=0.0)
+    device_tflops: float | None = _field(
+        None, help="time estimate: peak TFLOP/s of one GPU (or of one CPU core on CPU actors); null = the table's "
+        "figure for the spec's GPU type", gt=0.0)
+    efficiency: float | None = _field(
+        None, help="time estimate: share of device_tflops that scoring and training reach; null = the table's",
+        gt=0.0, le=1.0)
 
 
 RUN_MODES = ("offline", "online")
@@ -344,7 +385,8 @@ class RunConfig:
     pairs: PairsConfig = _field(help="preference pairs", factory=PairsConfig)
     training: TrainingConfig = _field(help="DPO-family training", factory=TrainingConfig)
     online: OnlineConfig = _field(help="online RL (rayalign online RECIPE)", factory=OnlineConfig)
-    cluster: ClusterConfig = _field(help="cluster placement (later release)", factory=ClusterConfig)
+    cluster: ClusterConfig = _field(help="schedule of the phases and time-estimate figures", factory=ClusterConfig)
+    logging: LoggingConfig = _field(help="experiment trackers: TensorBoard, Weights & Biases", factory=LoggingConfig)
 
     def language_names(self) -> dict[str, str]:
         return {code: language_name(code) for code in self.languages}
@@ -358,13 +400,16 @@ class RunConfig:
     def config_hash(self) -> str:
         """Hash of every setting that changes results (not the name, run dir, actor count or failure share)."""
         d = self.to_dict()
-        for key in ("name", "run_dir"):
+        for key in ("name", "run_dir", "logging"):  # where results are recorded, not what they are
             d.pop(key)
         if d["mode"] == "offline":  # offline hashes predate the key
             d.pop("mode")
+        if not d["online"]["async_train"]:  # hashes predate the key
+            d["online"].pop("async_train")
         for key, default in dataclasses.asdict(PromptsConfig()).items():  # hashes predate the hf: source keys
             if key not in ("path", "limit", "system_prompt") and d["prompts"][key] == default:
                 d["prompts"].pop(key)
+        d["cluster"] = {}  # the schedule and the estimate's figures do not change rows
         for key in ("count", "max_failed_share", "kv_cache_gib", "max_batch_tokens"):  # they do not change rows
             d["engines"].pop(key)  # (raising max_failed_share lets a stopped run resume)
         if d["engines"]["max_model_len"] is None:  # hashes predate the key
@@ -430,11 +475,8 @@ class RunConfig:
     def _validate_online(self) -> None:
         o, r = self.online, self.rewards
         if o.score_weight:
-            section = {"lacomsa": ("rewards.latent.enabled", r.latent.enabled), "msa": ("rewards.latent.enabled",
-                       r.latent.enabled), "icr": ("rewards.implicit.enabled", r.implicit.enabled),
-                       "reward_model": ("rewards.reward_model.enabled", r.reward_model.enabled)}[o.score_reward]
-            if not section[1]:
-                raise ConfigError(f"online.score_reward: {o.score_reward} needs {section[0]}")
+            if not reward_enabled(self, o.score_reward):
+                raise ConfigError(f"online.score_reward: {o.score_reward} needs {REWARD_KEY[o.score_reward]}")
         if o.user_weight and not r.user.path:
             raise ConfigError("online.user_weight: needs rewards.user.path (the reward file)")
         if o.target_language is not None and o.target_language not in self.languages:
@@ -457,11 +499,10 @@ class RunConfig:
                               "t's pairs); set training.loss or iterations: 1")
         if t.loss is None:
             return
-        schema = {"kto": "kto", "dco": "dco"}
         if method is None:
             raise ConfigError(f"training.loss: {t.loss} needs preference data; set pairs.method")
-        if schema.get(t.loss, "pairs") != schema.get(method, "pairs"):
-            wanted = {"kto": "kto", "dco": "dco"}.get(t.loss, "one of lacomsa, msa, icr, reward_model, user, lidr")
+        if schema_of(t.loss) != schema_of(method):
+            wanted = SCHEMA.get(t.loss, "one of lacomsa, msa, icr, reward_model, user, lidr")
             raise ConfigError(f"training.loss: {t.loss} does not fit pairs.method {method}; use pairs.method {wanted}")
         if t.batch_alignment:
             if t.loss not in ("dpo", "orpo"):
@@ -491,16 +532,9 @@ class RunConfig:
         if r.latent.enabled and self.sampling.n < 2:
             raise ConfigError(f"sampling.n: latent rewards score each anchor response against the other anchor "
                               f"responses, so n must be >= 2, got {self.sampling.n}")
-        needs = {"lacomsa": ("rewards.latent.enabled", r.latent.enabled),
-                 "msa": ("rewards.latent.enabled", r.latent.enabled),
-                 "icr": ("rewards.implicit.enabled", r.implicit.enabled),
-                 "dco": ("rewards.consistency.enabled", r.consistency.enabled),
-                 "reward_model": ("rewards.reward_model.enabled", r.reward_model.enabled),
-                 "user": ("rewards.user.path", r.user.path is not None)}
-        if method == "kto":
-            needs["kto"] = needs[{"lacomsa": "lacomsa", "msa": "msa"}.get(self.pairs.kto_reward, self.pairs.kto_reward)]
-        if method in needs and not needs[method][1]:
-            raise ConfigError(f"pairs.method: {method} needs {needs[method][0]}")
+        ranked_by = self.pairs.kto_reward if method == "kto" else method
+        if ranked_by in REWARD_KEY and not reward_enabled(self, ranked_by):
+            raise ConfigError(f"pairs.method: {method} needs {REWARD_KEY[ranked_by]}")
         c = r.consistency
         if c.enabled and not c.force:
             from rayalign.rewards.consistency import check_gamma_rank_one, dco_gamma_table, gamma_matrix

@@ -13,9 +13,9 @@ import polars as pl
 import pyarrow as pa
 
 from rayalign.data.schemas import schema_for
+from rayalign.methods import REWARD_COLUMN
 from rayalign.rewards.implicit import best_worst
 
-REWARD_OF_METHOD = {"lacomsa": "r_lacomsa", "msa": "r_msa", "icr": "r_icr", "reward_model": "r_rm", "user": "r_user"}
 
 
 def _assistant(text_col: str) -> pl.Expr:
@@ -41,7 +41,7 @@ def _keep_languages(scores: pl.DataFrame, include_anchor: bool, anchor: str) -> 
 def preference_pairs(scores: pl.DataFrame, method: str, iteration: int, *, min_margin: float = 0.0,
                      include_anchor: bool = True, anchor: str = "en") -> pa.Table:
     """Best-vs-worst pairs under the method's reward column (LaCoMSA ranks by the WEIGHTED reward)."""
-    reward = REWARD_OF_METHOD[method]
+    reward = REWARD_COLUMN[method]
     r = _ranked(_keep_languages(scores, include_anchor, anchor), reward, min_margin)
     df = r.select(
         pl.col("messages").alias("prompt"),
@@ -59,7 +59,7 @@ def preference_pairs(scores: pl.DataFrame, method: str, iteration: int, *, min_m
 def kto_rows(scores: pl.DataFrame, reward_method: str, iteration: int, *, min_margin: float = 0.0,
              include_anchor: bool = True, anchor: str = "en") -> pa.Table:
     """Unpaired rows: the best sample of each (prompt, language) desirable, the worst undesirable."""
-    reward = REWARD_OF_METHOD[reward_method]
+    reward = REWARD_COLUMN[reward_method]
     r = _ranked(_keep_languages(scores, include_anchor, anchor), reward, min_margin)
     parts = []
     for suffix, label in (("", True), ("_rej", False)):

@@ -1,10 +1,12 @@
-"""Lines printed before waits that would otherwise be silent: model builds and one-time op compiles."""
+"""What a user sees during waits: progress bars over shards, and lines before model builds and one-time op
+compiles that would otherwise be silent."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 console = Console(stderr=True)
 
@@ -35,3 +37,23 @@ def deepspeed_op_notice() -> None:
     if not (build_dir / "deepspeed_shm_comm.so").is_file():
         console.print(f"DeepSpeed compiles its CPU communication op on first use (about 70-90 s on 2 CPU cores, "
                       f"cached in {build_dir})")
+
+
+def progress_bar(label: str, total: int, unit: str, done: int = 0):
+    """A progress bar context; yields an update(stats) callback for run_shards (`done`: resumed rows)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def bar():
+        with Progress(TextColumn(label), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                      console=console) as progress:
+            task = progress.add_task(label, total=total, completed=done, status=f"{done}/{total} {unit}")
+
+            def update(stats):
+                rows = done + stats.rows_in
+                rate = stats.rows_out / max(stats.seconds, 1e-9)
+                progress.update(task, completed=rows, status=f"{rows}/{total} {unit} | {rate:.1f} rows out/s")
+
+            yield update
+
+    return bar()

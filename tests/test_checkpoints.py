@@ -66,7 +66,7 @@ def straight(tmp_path_factory, tiny_model, pairs_dataset, ray_session):
 def interrupted(tmp_path_factory, tiny_model, pairs_dataset, ray_session):
     """A run interrupted (Ctrl-C) while saving the policy: every step trained, the last checkpoint (step 9 of 10)
     recorded in state.json."""
-    from rayalign.actors.trainer import TrainerGroup
+    from rayalign.actors.preference_trainer import PreferenceTrainerGroup as TrainerGroup
 
     def interrupt(self, path):
         raise KeyboardInterrupt
@@ -137,16 +137,16 @@ def test_checkpoints_load_as_weights_only_and_a_failed_save_names_the_path(tmp_p
                                                                           ray_session):
     """Even a checkpoint that passed every other check is read with weights_only: a pickle does not run. A policy
     that cannot be written (here its directory's parent is a file) is named, without a Ray traceback."""
-    from rayalign.actors.trainer import TrainerGroup
+    from rayalign.actors.preference_trainer import PreferenceTrainerGroup as TrainerGroup
 
     cfg, marker = config(tiny_model), tmp_path / "pwned"
     plant(tmp_path / "ckpt", marker)
     (tmp_path / "full").write_text("not a directory")
     group = TrainerGroup(tiny_model, cfg.policy, cfg.training)
     try:
-        group._all("prepare", pairs_dataset, "pairs", "dpo", None)
+        group.prepare(pairs_dataset, "pairs", "dpo", None)
         with pytest.raises(Exception, match="holds objects other than weights; not loaded"):
-            group._all("resume", str(tmp_path / "ckpt"))
+            group.resume(str(tmp_path / "ckpt"))
         with pytest.raises(DatasetWriteError) as failure:
             group.save(str(tmp_path / "full" / "policy"))
     finally:

@@ -253,7 +253,7 @@ def test_eval_silhouette_matches_pooled_states_computed_directly(evaluated, tiny
     from rayalign.data.store import read_dataset
     from rayalign.engines import ScoreRequest
     from rayalign.engines.hf import HFEngine
-    from rayalign.pipelines.evaluate import hub_scan
+    from rayalign.scoring.hub_scan import hub_scan
     from rayalign.rewards.latent import silhouette_by_prompt
 
     out, _ = evaluated

@@ -56,19 +56,19 @@ def greetings(model_path: str) -> list:
 def test_generation_engines_take_the_trainers_weights(ray_session, tiny_model):
     from rayalign.actors.generator import GenerationGroup
     from rayalign.actors.scorer import ModelRole, ScoringGroup
-    from rayalign.actors.trainer import TrainerGroup
+    from rayalign.actors.rl_trainer import PolicyGroup
 
     cfg = load_config(None, [f"policy.path={tiny_model}", "training.micro_batch_size=4", "training.lr=1.0e-3",
                              "training.warmup_ratio=0.0"])
     sequences = greetings(tiny_model)
     generators = GenerationGroup(tiny_model, ModelConfig(path=tiny_model), cfg.engines)
-    trainer = TrainerGroup(tiny_model, ModelConfig(path=tiny_model), cfg.training)
+    trainer = PolicyGroup(tiny_model, ModelConfig(path=tiny_model), cfg.training)
     try:
         before = generators.weights()[0]
-        trainer._all("prepare_online", 2, tiny_model)
+        trainer.prepare(2, tiny_model)
         stats = trainer.rollout_stats(sequences)
         old, ref = [s["logp"] for s in stats], [s["ref_logp"] for s in stats]
-        update = trainer._all("rl_step", sequences, [1.0, -1.0, 0.5, -0.5], old, ref, 0.1, "k3", 0.2)[0]
+        update = trainer.update(sequences, [1.0, -1.0, 0.5, -0.5], old, ref, 0.1, "k3", 0.2)
         assert update["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step starts at the reference
         published = trainer.publish_weights()  # put by the trainer actor; the driver holds only the reference
         assert isinstance(published, ray_session.ObjectRef)
@@ -93,20 +93,20 @@ def test_second_ppo_epoch_moves_the_ratio_and_the_clip_engages(ray_session, tiny
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rayalign.actors.trainer import TrainerGroup
+    from rayalign.actors.rl_trainer import PolicyGroup
     from rayalign.losses.rl import token_entropy
 
     cfg = load_config(None, [f"policy.path={tiny_model}", "training.micro_batch_size=4", "training.lr=1.0e-2",
                              "training.warmup_ratio=0.0"])
     sequences = greetings(tiny_model)
-    trainer = TrainerGroup(tiny_model, ModelConfig(path=tiny_model), cfg.training)
+    trainer = PolicyGroup(tiny_model, ModelConfig(path=tiny_model), cfg.training)
     try:
-        trainer._all("prepare_online", 2, tiny_model)
+        trainer.prepare(2, tiny_model)
         stats = trainer.rollout_stats(sequences)
         old, ref = [s["logp"] for s in stats], [s["ref_logp"] for s in stats]
         advantages = [1.0, -1.0, 1.0, -1.0]
-        first = trainer._all("rl_step", sequences, advantages, old, ref, 0.0, "k3", 1e-3)[0]
-        second = trainer._all("rl_step", sequences, advantages, old, ref, 0.0, "k3", 1e-3)[0]
+        first = trainer.update(sequences, advantages, old, ref, 0.0, "k3", 1e-3)
+        second = trainer.update(sequences, advantages, old, ref, 0.0, "k3", 1e-3)
     finally:
         trainer.shutdown()
     assert first["clip_fraction"] == 0.0 and first["approx_kl"] == pytest.approx(0.0, abs=1e-7)
@@ -163,7 +163,11 @@ def test_openrlhf_reward_file_calls_rayalign_rewards(tmp_path):
     responses = ["Es ist schon sehr spät am Abend, wir sollten nach Hause gehen.",
                  "Es ist schon sehr spät am Abend, wir sollten nach Hause gehen."]
     out = module.reward_func([p + r for p, r in zip(prompts, responses)], prompts, ["de", "en"])
-    penalty = 0.5 * len(responses[0]) / 2000
+    from rayalign.config import TINY_MODEL
+    from rayalign.models import load_tokenizer, resolve_model_path
+
+    tokens = len(load_tokenizer(resolve_model_path(TINY_MODEL))(responses[0], add_special_tokens=False)["input_ids"])
+    penalty = 0.5 * min(tokens, 32) / 32  # generated tokens over the recipe's max_new_tokens, as online computes it
     assert out["rewards"].tolist() == pytest.approx([1 - penalty, 0 - penalty])
     assert out["extra_logs"]["language_fidelity"].tolist() == [1.0, 0.0]
     with pytest.raises(ValueError, match="does not start with its prompt"):

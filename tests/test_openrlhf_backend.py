@@ -83,7 +83,8 @@ def test_openrlhf_loads_and_calls_our_reward_file(tmp_path):
     """`rayalign online --openrlhf-reward-file` output, loaded by OpenRLHF's SingleTurnAgentExecutor from the path
     given as --reward.remote_url, called through its reward path with a query built as its executor builds one
     (prompt + response token ids decoded with special tokens kept), and turned into an Experience by its samples
-    generator. Rewards: fidelity 1 or 0 minus 0.5 x characters / 2000, the end-of-turn token not counted."""
+    generator. Rewards: fidelity 1 or 0 minus 0.5 x generated tokens / max_new_tokens (32 in the recipe), as `rayalign online`
+    computes them; the end-of-turn token counts as generated."""
     import asyncio
 
     from click.testing import CliRunner
@@ -111,7 +112,7 @@ def test_openrlhf_loads_and_calls_our_reward_file(tmp_path):
         query = tokenizer.decode(prompt_ids + action_ids, skip_special_tokens=False)
         assert query.endswith(tokenizer.eos_token)
         [info] = asyncio.run(executor._fetch_rewards_via_func([query], [prompt], [lang]))
-        expected = fidelity - 0.5 * len(response) / 2000
+        expected = fidelity - 0.5 * min(len(action_ids), 32) / 32
         assert info["rewards"].tolist() == pytest.approx([expected])
         sample = {"prompt": prompt, "label": lang, "observation_tokens": prompt_ids + action_ids,
                   "action_ranges": [(len(prompt_ids), len(prompt_ids) + len(action_ids))], "rollout_log_probs": None,

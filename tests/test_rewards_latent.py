@@ -354,7 +354,7 @@ def test_default_hub_layer_is_the_released_codes_layer(tmp_path, num_layers, hub
 
     from rayalign.config import load_config
     from rayalign.models import TINY_DEFAULTS
-    from rayalign.pipelines.offline import _layers
+    from rayalign.scoring.setup import latent_layers
     from rayalign.rewards.latent import default_hub_layer
 
     assert TINY_DEFAULTS["num_hidden_layers"] == 4
@@ -363,4 +363,4 @@ def test_default_hub_layer_is_the_released_codes_layer(tmp_path, num_layers, hub
     cfg = load_config(None, ["rewards.latent.enabled=true"])
     assert cfg.rewards.latent.hub_layer is None
     assert default_hub_layer(num_layers) == hub
-    assert _layers(cfg, str(tmp_path)) == {"h_hub": hub, "h_last": num_layers}
+    assert latent_layers(cfg, str(tmp_path)) == {"h_hub": hub, "h_last": num_layers}

@@ -268,6 +268,7 @@ def test_shipped_user_reward_file():
 
 
 def test_interrupted_scoring_resumes_from_checkpointed_shards(tmp_path, tiny_model, ray_session, monkeypatch):
+    from rayalign import run_dir as run_dir_module
     from rayalign.pipelines import offline
 
     recipe = tmp_path / "r.yaml"
@@ -290,13 +291,15 @@ def test_interrupted_scoring_resumes_from_checkpointed_shards(tmp_path, tiny_mod
             written.append(index)
         return on_shard
 
-    monkeypatch.setattr(offline, "checkpoint", dying_checkpoint)
+    for module in (offline, run_dir_module):  # the barrier and the streaming schedule both checkpoint through it
+        monkeypatch.setattr(module, "checkpoint", dying_checkpoint)
     cut = tmp_path / "cut"
     result = runner.invoke(main, ["launch", str(recipe), "--run-dir", str(cut)])
     assert isinstance(result.exception, RuntimeError) and "killed while scoring" in str(result.exception)
     assert len(list((cut / "iter-1" / "scores.forward").glob("part-*.parquet"))) == 2
     assert not (cut / "iter-1" / "scores" / "manifest.json").exists()
-    monkeypatch.setattr(offline, "checkpoint", real_checkpoint)
+    for module in (offline, run_dir_module):
+        monkeypatch.setattr(module, "checkpoint", real_checkpoint)
     result = runner.invoke(main, ["launch", str(recipe), "--run-dir", str(cut)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     metrics = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]

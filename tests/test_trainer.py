@@ -15,7 +15,7 @@ BASE = TrainingConfig(loss="dpo", lr=1e-3, warmup_ratio=0.0, micro_batch_size=2,
 
 
 def fit(model: str, data: str, **changes):
-    from rayalign.actors.trainer import TrainerGroup
+    from rayalign.actors.preference_trainer import PreferenceTrainerGroup as TrainerGroup
 
     t = dataclasses.replace(BASE, **changes)
     group = TrainerGroup(model, ModelConfig(path=model), t)
@@ -81,7 +81,7 @@ def test_zero3_two_ranks_match_zero2(ray_session, tiny_model, pairs_dataset, tmp
 def test_resume_equals_an_uninterrupted_run(ray_session, tiny_model, pairs_dataset, tmp_path):
     import ray
 
-    from rayalign.actors.trainer import TrainerGroup
+    from rayalign.actors.preference_trainer import PreferenceTrainerGroup as TrainerGroup
 
     t = dataclasses.replace(BASE, micro_batch_size=4, warmup_ratio=0.2)
     straight, params_straight, group = fit(tiny_model, pairs_dataset, micro_batch_size=4, warmup_ratio=0.2)
@@ -90,9 +90,9 @@ def test_resume_equals_an_uninterrupted_run(ray_session, tiny_model, pairs_datas
     ckpt = str(tmp_path / "train.ckpt")
     group = TrainerGroup(tiny_model, ModelConfig(path=tiny_model), t)
     try:  # train 4 of 10 steps, checkpoint, then lose the actors
-        group._all("prepare", pairs_dataset, "pairs", "dpo", None)
+        group.prepare(pairs_dataset, "pairs", "dpo", None)
         ray.get(group.actors[0].train_steps.remote(4))
-        group._all("checkpoint", ckpt)
+        group.checkpoint(ckpt)
     finally:
         group.shutdown()
     group = TrainerGroup(tiny_model, ModelConfig(path=tiny_model), t)
@@ -141,7 +141,7 @@ def kto_dataset(pairs_dataset, tmp_path_factory) -> str:
 
 
 def fit_kto(model: str, data: str, **changes):
-    from rayalign.actors.trainer import TrainerGroup
+    from rayalign.actors.preference_trainer import PreferenceTrainerGroup as TrainerGroup
 
     t = dataclasses.replace(BASE, loss="kto", micro_batch_size=8, **changes)
     group = TrainerGroup(model, ModelConfig(path=model), t)

@@ -16,16 +16,9 @@ import pyarrow as pa
 import torch
 
 from rayalign.losses import preference as losses
+from rayalign.methods import SEQUENCES
 from rayalign.models import encode_response
 
-# (prompt column, response column, reference log-prob column, scored token-count column) per sequence of a row
-SEQUENCES = {
-    "pairs": [("prompt", "chosen", "ref_logp_chosen", "chosen_num_tokens"),
-              ("prompt", "rejected", "ref_logp_rejected", "rejected_num_tokens")],
-    "kto": [("prompt", "completion", "ref_logp", "num_tokens")],
-    "dco": [(f"prompt_{s}", f"{name}_{s}", f"ref_logp_{name}_{s}", None) for s in (1, 2) for name in ("chosen", "rejected")],
-}
-SCHEMA_OF_LOSS = {"kto": "kto", "dco": "dco"}  # every other loss trains on pairs
 REFERENCE_FREE = ("simpo", "orpo")
 METRICS = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "accuracy", "nll", "kl", "log_odds_ratio",
            "loss_at_reference")
@@ -51,10 +44,6 @@ class TrainingData:
 
     def __len__(self) -> int:
         return len(self.sequences)
-
-
-def schema_for_loss(loss: str) -> str:
-    return SCHEMA_OF_LOSS.get(loss, "pairs")
 
 
 def _response_text(messages, where: str) -> str:

@@ -22,12 +22,18 @@ def rollout_rewards(samples: pa.Table, cfg) -> np.ndarray:
 
         rewards = rewards + o.user_weight * user_rewards(samples, cfg.rewards.user.path, cfg.rewards.user.function)
     if o.length_weight:
-        rewards = rewards - o.length_weight * samples.column("num_tokens").to_numpy() / cfg.sampling.max_new_tokens
+        rewards = rewards - length_penalty(samples.column("num_tokens").to_numpy(), cfg.sampling.max_new_tokens,
+                                           o.length_weight)
     if not np.isfinite(rewards).all():
         bad = int(np.flatnonzero(~np.isfinite(rewards))[0])
         raise ValueError(f"online reward of row {bad} (prompt_id {samples.column('prompt_id')[bad]}) is "
                          f"{rewards[bad]}; rewards must be finite")
     return rewards
+
+
+def length_penalty(num_tokens, max_new_tokens: int, weight: float) -> np.ndarray:
+    """The online length term: weight x generated tokens / sampling.max_new_tokens (at most weight)."""
+    return weight * np.minimum(np.asarray(num_tokens, dtype=np.float64), max_new_tokens) / max_new_tokens
 
 
 def group_advantages(samples: pa.Table, rewards: np.ndarray, algorithm: str) -> np.ndarray:

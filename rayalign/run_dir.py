@@ -1,0 +1,247 @@
+"""A run directory: its config and state, the metrics log, verified resume of finished outputs, and redo.
+
+<run-dir>/state.json lists finished stages and the checksums of what they wrote; nothing on disk is kept on
+resume unless it matches them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from rayalign.config import ConfigError, RunConfig, save_config
+from rayalign.data.store import DatasetError, DatasetWriter, atomic_write_text, read_manifest, write_parquet_atomic
+from rayalign.progress import console
+
+STAGES = ("generate", "score", "pairs", "train")
+ERRORS_BY_SHARD = "errors.by-shard"  # iter-<t>/errors.by-shard/<stage>-<shard>.parquet, gathered into iter-<t>/errors/
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = ()) -> dict:
+    """Create the run directory or reopen it for resume.
+
+    A directory that holds another config is refused unless `redo` names stages to recompute: those
+    stages and every later one are moved to <run-dir>/trash-<time>/ (see `redo_stages`), the old
+    config is kept as config.<old hash>.yaml and the state takes the new hash.
+    """
+    from rayalign.run_state import read_state
+
+    state = read_state(run_dir)
+    if state is not None:
+        old_hash, new_hash = state["config_hash"], cfg.config_hash()
+        if old_hash != new_hash and not redo:
+            raise ConfigError(
+                f"{run_dir}: holds a run with another config (hash {old_hash}, this recipe {new_hash}); run "
+                f"`rayalign launch RECIPE --redo STAGE[,STAGE...]` ({', '.join(STAGES)}) to recompute those stages "
+                "and every later one with this recipe (earlier ones are kept), use another --run-dir, or delete "
+                "the directory to start over"
+            )
+        if redo:
+            redo_stages(cfg, run_dir, state, redo, config_changed=old_hash != new_hash)
+        if old_hash != new_hash:
+            shutil.copyfile(run_dir / "config.yaml", run_dir / f"config.{old_hash}.yaml")
+            state["config_hash"] = new_hash
+        console.print(f"[bold]resuming[/] {run_dir} (finished: {', '.join(state['finished']) or 'nothing yet'})")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state = {"config_hash": cfg.config_hash(), "finished": []}
+    save_config(cfg, run_dir / "config.yaml")
+    write_state(run_dir, state)
+    return state
+
+
+
+STAGE_OUTPUTS = {  # what a stage leaves in iter-<t>/ (globs); "errors" is rebuilt by the next generate/score
+    "generate": ("samples", "errors", f"{ERRORS_BY_SHARD}/generate-*"),
+    "score": ("scores", "scores.forward", "errors", f"{ERRORS_BY_SHARD}/score-*"),
+    "pairs": ("pairs", "candidate_scores"),
+    "train": ("policy", "train.ckpt", "train_log.jsonl"),
+}
+
+
+
+def redo_stages(cfg: RunConfig, run_dir: Path, state: dict, redo: tuple[str, ...], config_changed: bool) -> None:
+    """Move the outputs of the `redo` stages and every later stage to <run-dir>/trash-<time>/ and forget them.
+
+    Iteration t+1 generates with policy t, so every stage of iterations after the first is redone too. When
+    the config changed, unfinished stages' partial outputs (made with the old config) go as well.
+    """
+    first = min(STAGES.index(stage) for stage in redo)
+    trash = run_dir / f"trash-{time.strftime('%Y%m%d-%H%M%S')}"
+    moved, forgotten = [], set()
+    for it_dir in sorted(run_dir.glob("iter-*"), key=lambda d: int(d.name.split("-")[1])):
+        iteration = int(it_dir.name.split("-")[1])
+        for index, stage in enumerate(STAGES):
+            name = f"{it_dir.name}/{stage}"
+            if index < first and iteration == 1 and (name in state["finished"] or not config_changed):
+                continue
+            forgotten |= {name, f"{it_dir.name}/summary"}
+            for pattern in STAGE_OUTPUTS[stage]:
+                for path in sorted(it_dir.glob(pattern)):
+                    target = trash / path.relative_to(run_dir)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(path, target)
+                    moved.append(str(path.relative_to(run_dir)))
+    if first <= STAGES.index("score"):  # the hub scan (hub_layer: auto) reads iteration 1's samples before scoring
+        forgotten.add("hub-scan")
+        if (run_dir / "hub-scan.json").is_file():
+            trash.mkdir(parents=True, exist_ok=True)
+            shutil.move(run_dir / "hub-scan.json", trash / "hub-scan.json")
+            moved.append("hub-scan.json")
+    state["finished"] = [name for name in state["finished"] if name not in forgotten]
+    log_metrics(run_dir, {"stage": "redo", "redo": list(redo), "config_hash": cfg.config_hash(),
+                          "moved": moved, "trash": str(trash)})
+    console.print(f"redo {', '.join(redo)}: moved {len(moved)} output(s) to {trash}")
+
+
+
+def write_state(run_dir: Path, state: dict) -> None:
+    atomic_write_text(run_dir / "state.json", json.dumps(state, indent=2))
+
+
+
+def log_metrics(run_dir: Path, record: dict) -> None:
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+
+def read_checkpoints(directory: Path, count: int) -> dict:
+    """Forward-result shards finished by an earlier, interrupted run: complete files that match the checksum
+    recorded when they were written (others are removed and computed again)."""
+    import pyarrow.parquet as pq
+
+    from rayalign.data.store import checksum_path, shard_name, shard_problem
+
+    for stale in directory.glob("*.tmp"):
+        stale.unlink()
+    results, rejected = {}, []
+    for i in range(count):
+        shard = directory / shard_name(i)
+        if not shard.is_file():
+            continue
+        problem = shard_problem(shard)
+        if problem:
+            rejected.append(f"{shard}: {problem}")
+            shard.unlink()
+            checksum_path(shard).unlink(missing_ok=True)
+        else:
+            results[i] = pq.read_table(shard)
+    report_untrusted(rejected)
+    return results
+
+
+
+def report_untrusted(problems: list[str]) -> None:
+    """Say which kept files failed their check and are computed again."""
+    for problem in problems:
+        console.print(f"[yellow]not kept[/]: {problem}; computing it again")
+
+
+
+def checkpoint(directory: Path, results: dict):
+    """An on_shard callback that keeps a shard's table and writes it under a temporary name, then renames it."""
+    from rayalign.data.store import shard_name
+
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def on_shard(index, table):
+        write_parquet_atomic(table, directory / shard_name(index), checksum=True)
+        results[index] = table
+
+    return on_shard
+
+
+
+def write_table(table, out_dir: Path, schema: str, cfg: RunConfig, iteration: int, models: dict, params: dict,
+                description: str, shard_rows: int, latent_dim: int = 0) -> dict:
+    """Write a whole table as a dataset (shards of `shard_rows` rows, then card and manifest)."""
+    from rayalign.actors.pool import split_shards
+
+    writer = DatasetWriter(out_dir, schema, config_hash=cfg.config_hash(), languages=cfg.languages, models=models,
+                           seeds={"run_seed": cfg.sampling.seed, "iteration": iteration}, description=description,
+                           schema_params={"latent_dim": latent_dim} if schema == "scores" else None, params=params)
+    shards = split_shards(table, max(1, shard_rows))
+    for i, shard in enumerate(shards):
+        writer.write_shard(i, shard)
+    return writer.finalize(expected_shards=len(shards))
+
+
+
+def set_aside_untrusted_checkpoint(ckpt_dir: Path, record: dict | None, checkpoint_every: int, run_dir: Path) -> None:
+    """Leave in `ckpt_dir` only a checkpoint that this run wrote and recorded, unchanged; anything else (checkpointing
+    off, no record, other or changed files) is moved to the run's trash, and training starts over."""
+    from rayalign.data.store import directory_problems
+
+    if not ckpt_dir.exists():
+        return
+    if not checkpoint_every:
+        why = ["training.checkpoint_every is 0 (checkpointing is off)"]
+    elif record is None:
+        why = ["no checkpoint was recorded in state.json by this run"]
+    else:
+        tag = ckpt_dir / record["tag"]
+        latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
+        why = [] if latest == record["tag"] else [f"{ckpt_dir / 'latest'}: names {latest!r}, not {record['tag']!r}"]
+        why += directory_problems(tag, record["files"])
+        others = [p.name for p in ckpt_dir.iterdir() if p.name not in ("latest", record["tag"])]
+        if not why:
+            for name in others:  # older tags: never loaded, no longer needed
+                shutil.rmtree(ckpt_dir / name) if (ckpt_dir / name).is_dir() else (ckpt_dir / name).unlink()
+            return
+    trash = run_dir / f"trash-{time.strftime('%Y%m%d-%H%M%S')}" / ckpt_dir.relative_to(run_dir)
+    trash.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(ckpt_dir, trash)
+    console.print(f"[yellow]{ckpt_dir}: not loaded[/] ({'; '.join(why)}); moved to {trash}; training starts from "
+                  "step 0")
+
+
+
+def dataset_complete(dataset_dir: Path) -> bool:
+    """A dataset with a readable manifest, or a saved policy checkpoint."""
+    if (dataset_dir / "config.json").is_file():  # a policy checkpoint, renamed into place when complete
+        return True
+    try:
+        read_manifest(dataset_dir)
+        return True
+    except DatasetError:
+        return False
+
+
+
+def kept_output_problems(run_dir: Path, state: dict, out_dir: Path) -> list[str]:
+    """Why a finished stage's output cannot be kept: a dataset whose manifest or shards fail their recorded
+    checksums (untrusted shards are removed, so the stage recomputes only those when it can), or a policy whose
+    files differ from the checksums recorded when it was saved. Empty when intact."""
+    from rayalign.data.store import directory_problems, remove_untrusted_shards
+
+    if out_dir.name != "policy":
+        return remove_untrusted_shards(out_dir)
+    recorded = state.get("checksums", {}).get(str(out_dir.relative_to(run_dir)))
+    if not (out_dir / "config.json").is_file():
+        return [f"{out_dir}: missing"]
+    return [] if recorded is None else directory_problems(out_dir, recorded)
+
+
+
+SUMMARY_KEYS = {"generate": ("fidelity_",), "pairs": ("rows",), "train": (
+    "loss_first", "loss_mean", "reward_margin_mean", "accuracy_mean", "dropped_too_long", "steps")}
+
+
+
+def iteration_summary(run_dir: Path, iteration: int) -> dict:
+    """One iteration's headline metrics and phase timings, from its stage records in metrics.jsonl."""
+    from rayalign.data.inspect import read_metrics
+
+    out = {}
+    for record in read_metrics(run_dir):
+        stage = record.get("stage")
+        if record.get("iteration") != iteration or stage == "iteration":
+            continue
+        out[f"seconds_{stage}"] = record.get("wall_seconds")
+        for key, value in record.items():
+            if any(key.startswith(prefix) for prefix in SUMMARY_KEYS.get(stage, ())):
+                out[f"pairs_{key}" if stage == "pairs" else key] = value
+    return out
