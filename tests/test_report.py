@@ -9,8 +9,9 @@ import pyarrow as pa
 import pytest
 
 from rayalign.data.store import DatasetWriter
-from rayalign.report import (ReportError, eval_fidelity, fidelity_by_run, fidelity_series, final_rows,
-                             iteration_frame, numeric_axes, report, reward_values, scaling_series, silhouette_series)
+from rayalign.report import ReportError, report
+from rayalign.report.run import eval_fidelity, fidelity_series, iteration_frame, reward_values, silhouette_series
+from rayalign.report.study import fidelity_by_run, final_rows, numeric_axes, scaling_series
 from rayalign.scoring.rewards import to_scores_schema
 
 ITERATIONS = [  # the `iteration` records of metrics.jsonl; fidelity_mean: 0.8, then 0.9
