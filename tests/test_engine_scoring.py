@@ -64,6 +64,8 @@ def plain(engine, request: ScoreRequest) -> dict:
     raw = len(tok(request.messages[-1]["content"], add_special_tokens=False)["input_ids"])
     return {
         "logp": token_lp[p - 1:].sum().item(),  # the first response token is predicted from the last prompt token
+        "prompt_logp": token_lp[:p - 1].sum().item(),  # tokens 1..p-1 of the prompt
+        "end_of_turn_logp": token_lp[-1].item(),  # the tiny model's turn ends with one token, its eos
         "num_tokens": len(response),
         "prompt_len": p,
         "raw_len": raw,
@@ -146,6 +148,27 @@ def test_results_do_not_depend_on_batching_or_padding_side(engine, reqs, base):
         assert_same(engine.score(reqs[::-1], layers=list(LAYERS))[::-1], base)
     finally:
         engine.padding_side = "right"
+
+
+def test_prompt_and_end_of_turn_parts_match_a_plain_forward(engine, reqs, base):
+    # with_prompt on every other request, in batches that mix both kinds, with either padding side
+    asked = [ScoreRequest(r.messages, r.response, with_prompt=i % 2 == 0) for i, r in enumerate(reqs)]
+    for side in ("right", "left"):
+        engine.padding_side, engine.batch_size = side, 3
+        try:
+            got = engine.score(asked)
+        finally:
+            engine.padding_side, engine.batch_size = "right", 8
+        for i, (request, result, before) in enumerate(zip(reqs, got, base)):
+            want = plain(engine, request)
+            assert result.logp == pytest.approx(before.logp, rel=TOL["rtol"], abs=TOL["atol"])
+            assert result.end_of_turn_tokens == 1
+            assert result.end_of_turn_logp == pytest.approx(want["end_of_turn_logp"], rel=0, abs=TOL["atol"])
+            if i % 2 == 0:
+                assert result.prompt_tokens == want["prompt_len"]
+                assert result.prompt_logp == pytest.approx(want["prompt_logp"], rel=0, abs=TOL["atol"])
+            else:
+                assert result.prompt_logp is None and result.prompt_tokens == 0
 
 
 def test_layers_are_optional(engine, reqs, base):

@@ -36,6 +36,7 @@ class Completion:
 class ScoreRequest:
     messages: list[dict]  # the prompt as a chat; the engine applies the chat template
     response: str  # scored as the assistant turn, followed by the end-of-turn token
+    with_prompt: bool = False  # also return the log-probs of the prompt's tokens (whole-sequence likelihoods)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ class ScoreResult:
     logp: float  # sum of log-probs of the response tokens, the end-of-turn token included
     num_tokens: int  # response tokens, the end-of-turn token included
     pooled: dict  # layer -> (H,) float32 numpy mean of hidden_states[layer] over the response tokens
+    end_of_turn_logp: float = 0.0  # the part of logp on the end-of-turn tokens (the response as a continuation:
+    end_of_turn_tokens: int = 0  # logp - end_of_turn_logp over num_tokens - end_of_turn_tokens tokens)
+    prompt_logp: float | None = None  # with_prompt: sum of log-probs of the prompt's tokens after its first
+    prompt_tokens: int = 0  # with_prompt: the prompt's tokens (prompt_tokens - 1 of them predicted)
 
 
 class Engine(Protocol):

@@ -10,7 +10,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from rayalign.engines import Completion, GenerationRequest, SamplingParams, ScoreRequest, ScoreResult
-from rayalign.models import encode_response, load_causal_lm, load_tokenizer, pad_id, stop_token_ids
+from rayalign.models import encode_response, end_of_turn_ids, load_causal_lm, load_tokenizer, pad_id, stop_token_ids
 
 
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
@@ -106,6 +106,40 @@ class HFEngine:
     def weights(self) -> dict:
         return {name: p.detach().float().cpu().numpy() for name, p in self.model.named_parameters()}
 
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
+        """Join trainer rank 0's NCCL weight-sync group (CUDA engines; see rayalign.training.weight_sync)."""
+        from rayalign.training.weight_sync import join_group
+
+        self.weight_group = join_group(host, port, rank, world_size)
+
+    @torch.no_grad()
+    def receive_weights(self, meta: list) -> None:
+        """Take every parameter trainer rank 0 broadcasts, in place."""
+        from rayalign.training.weight_sync import receive_parameters
+
+        params = dict(self.model.named_parameters())
+        for name, tensor in receive_parameters(self.weight_group, meta, self.device):
+            params[name].copy_(tensor)
+
+    @torch.inference_mode()
+    def token_logps(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """Teacher-forced log-prob of every response token of (prompt ids, response ids) pairs, in order (right
+        padding, `batch_size` rows per forward)."""
+        out = []
+        for start in range(0, len(sequences), self.batch_size):
+            batch = [list(p) + list(r) for p, r in sequences[start:start + self.batch_size]]
+            width = max(len(ids) for ids in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for i, row in enumerate(batch):
+                ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+            logps = token_logprobs(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).view(len(batch), -1)
+            for i, (prompt, response) in enumerate(sequences[start:start + self.batch_size]):
+                out.append(logps[i, len(prompt) - 1:len(prompt) - 1 + len(response)].tolist())
+        return out
+
     def encode_prompt(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                   return_dict=False)
@@ -197,12 +231,16 @@ class HFEngine:
         encoded = [self.encode_score(r) for r in requests]
         results: list[ScoreResult | None] = [None] * len(requests)
         for batch in self._score_batches([len(p) + len(r) for p, r in encoded]):
-            for i, result in zip(batch, self._score_batch([encoded[i] for i in batch], layers)):
+            for i, result in zip(batch, self._score_batch([encoded[i] for i in batch], layers,
+                                                          [requests[i].with_prompt for i in batch])):
                 results[i] = result
         return results
 
-    def _score_batch(self, encoded: list[tuple[list[int], list[int]]], layers: list[int]) -> list[ScoreResult]:
+    def _score_batch(self, encoded: list[tuple[list[int], list[int]]], layers: list[int],
+                     with_prompt: list[bool] | None = None) -> list[ScoreResult]:
         left = self.padding_side == "left"
+        with_prompt = with_prompt or [False] * len(encoded)
+        num_eot = len(end_of_turn_ids(self.tokenizer))
         prompt_lens = [len(p) for p, _ in encoded]
         seq_lens = [len(p) + len(r) for p, r in encoded]
         width = max(seq_lens)
@@ -217,9 +255,14 @@ class HFEngine:
         attention = pos >= width - seq if left else pos < seq
         position_ids = (attention.long().cumsum(-1) - 1).clamp_min(0)  # 0..len-1 over each row's real tokens
         resp = response_mask(prompt_lens, seq_lens, width, left).to(self.device)
+        eot = resp & (pos >= (width if left else seq) - num_eot)  # the last num_eot response tokens
+        start = width - seq if left else torch.zeros_like(seq)
+        wants = torch.tensor(with_prompt, device=self.device)[:, None]
+        prompt_scored = attention & ~resp & (pos > start) & wants  # prompt tokens after each row's first
 
         # logits at t predict token t + 1: keep only the tail that holds every row's predicting positions
-        first = min((width - s if left else 0) + p - 1 for p, s in zip(prompt_lens, seq_lens))
+        first = min((width - s if left else 0) + (0 if whole else p - 1)
+                    for p, s, whole in zip(prompt_lens, seq_lens, with_prompt))
         keep = width - first
         kwargs = dict(input_ids=input_ids, attention_mask=attention.long(), position_ids=position_ids,
                       use_cache=False, output_hidden_states=bool(layers))
@@ -229,15 +272,24 @@ class HFEngine:
         hidden_states = out.hidden_states if layers else None
         logits = out.logits[:, out.logits.shape[1] - keep:]  # (B, keep, V) whether or not the model sliced
         del out
-        predicting = torch.zeros_like(resp)
-        predicting[:, :-1] = resp[:, 1:]
-        predicting = predicting[:, width - keep:]
+        def predicted_at(mask):  # the positions whose logits predict the masked tokens, within the kept tail
+            shifted = torch.zeros_like(mask)
+            shifted[:, :-1] = mask[:, 1:]
+            return shifted[:, width - keep:]
+
+        predicting = predicted_at(resp | prompt_scored)
         targets = input_ids[:, width - keep + 1:]
         targets = torch.cat([targets, targets.new_full((len(rows), 1), pad)], dim=1)  # last column never predicts
         row_of = torch.arange(len(rows), device=self.device)[:, None].expand_as(predicting)[predicting]
-        token_lp = token_logprobs(logits[predicting], targets[predicting])
-        logp = torch.zeros(len(rows), dtype=torch.float64, device=self.device).index_add_(0, row_of, token_lp.double())
+        token_lp = token_logprobs(logits[predicting], targets[predicting]).double()
         del logits
+
+        def row_sums(mask):
+            part = predicted_at(mask)[predicting]
+            return torch.zeros(len(rows), dtype=torch.float64, device=self.device).index_add_(
+                0, row_of[part], token_lp[part]).tolist()
+
+        logp, eot_logp, prompt_logp = row_sums(resp), row_sums(eot), row_sums(prompt_scored)
 
         pooled = {}
         counts = resp.sum(1, keepdim=True).float()
@@ -245,9 +297,11 @@ class HFEngine:
             h = hidden_states[layer]
             total = torch.where(resp[..., None], h, h.new_zeros(())).sum(1, dtype=torch.float32)  # NaN-safe on padding
             pooled[layer] = (total / counts).cpu().numpy()
-        logp = logp.tolist()
         return [ScoreResult(logp=logp[b], num_tokens=len(encoded[b][1]),
-                            pooled={layer: pooled[layer][b].copy() for layer in layers})
+                            pooled={layer: pooled[layer][b].copy() for layer in layers},
+                            end_of_turn_logp=eot_logp[b], end_of_turn_tokens=num_eot,
+                            prompt_logp=prompt_logp[b] if with_prompt[b] else None,
+                            prompt_tokens=prompt_lens[b] if with_prompt[b] else 0)
                 for b in range(len(rows))]
 
     def _accepts_logits_to_keep(self) -> bool:

@@ -28,7 +28,7 @@ import vllm
 from vllm.platforms import current_platform
 
 from rayalign.engines import Completion, GenerationRequest, ScoreRequest, ScoreResult
-from rayalign.models import encode_response, load_tokenizer, stop_token_ids
+from rayalign.models import encode_response, end_of_turn_ids, load_tokenizer, stop_token_ids
 
 CPU_KV_CACHE_GIB = 1.0  # KV cache per engine on CPU when kv_cache_gib is not set
 
@@ -43,6 +43,21 @@ def retie_output_head(worker) -> None:
         return
     head.tie_weights(embed)
     head.quant_method.process_weights_after_loading(head)
+
+
+def join_weight_group(worker, host: str, port: int, first_rank: int, world_size: int) -> None:
+    """Run on each vLLM worker: join trainer rank 0's NCCL weight-sync group as rank first_rank + its TP rank."""
+    from rayalign.training.weight_sync import join_group
+
+    worker.rayalign_weight_group = join_group(host, port, first_rank + worker.rank, world_size)
+
+
+def receive_weights(worker, meta: list) -> None:
+    """Run on each vLLM worker: load every parameter trainer rank 0 broadcasts (HF names) into the served model."""
+    from rayalign.training.weight_sync import receive_parameters
+
+    worker.model_runner.model.load_weights(receive_parameters(worker.rayalign_weight_group, meta, worker.device))
+    retie_output_head(worker)
 
 
 def generation_eos(model_path: str, trust_remote_code: bool = False):
@@ -170,12 +185,30 @@ class VLLMEngine:
         params = vllm.SamplingParams(n=1, max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
         outputs = self._run([{"prompt_token_ids": p + r} for p, r in encoded], [params] * len(encoded))
         results = []
-        for (prompt, response), out in zip(encoded, outputs):
+        num_eot = len(end_of_turn_ids(self.tokenizer))
+        for request, (prompt, response), out in zip(requests, encoded, outputs):
             ids = prompt + response
             entries = out.prompt_logprobs  # [None, {token_id: Logprob}, ...], entry i for ids[i]
-            logp = sum(float(entries[i][ids[i]].logprob) for i in range(len(prompt), len(ids)))
-            results.append(ScoreResult(logp=logp, num_tokens=len(response), pooled={}))
+            token_lp = [0.0] + [float(entries[i][ids[i]].logprob) for i in range(1, len(ids))]
+            whole = request.with_prompt
+            results.append(ScoreResult(logp=sum(token_lp[len(prompt):]), num_tokens=len(response), pooled={},
+                                       end_of_turn_logp=sum(token_lp[len(ids) - num_eot:]),
+                                       end_of_turn_tokens=num_eot,
+                                       prompt_logp=sum(token_lp[1:len(prompt)]) if whole else None,
+                                       prompt_tokens=len(prompt) if whole else 0))
         return results
+
+    def token_logps(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """Teacher-forced log-prob of every response token of (prompt ids, response ids) pairs, in order."""
+        if not sequences:
+            return []
+        params = vllm.SamplingParams(n=1, max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        outputs = self._run([{"prompt_token_ids": list(p) + list(r)} for p, r in sequences], [params] * len(sequences))
+        out = []
+        for (prompt, response), result in zip(sequences, outputs):
+            ids, entries = list(prompt) + list(response), result.prompt_logprobs
+            out.append([float(entries[i][ids[i]].logprob) for i in range(len(prompt), len(ids))])
+        return out
 
     # ---- weights ------------------------------------------------------------------------------------------------
 
@@ -199,6 +232,16 @@ class VLLMEngine:
         with self._lock:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
             self.llm.collective_rpc(retie_output_head)
+            self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
+        """Join trainer rank 0's NCCL weight-sync group: the engine's TP workers take ranks rank.. rank + TP - 1."""
+        self.llm.collective_rpc(join_weight_group, args=(host, port, rank, world_size))
+
+    def receive_weights(self, meta: list) -> None:
+        """Take every parameter trainer rank 0 broadcasts, in place (CUDA engines)."""
+        with self._lock:
+            self.llm.collective_rpc(receive_weights, args=(meta,))
             self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def shutdown(self) -> None:

@@ -66,13 +66,41 @@ def choose_hub_layer(silhouette: dict[int, float], num_layers: int) -> int:
     return max(candidates, key=lambda layer: (silhouette[layer], -layer))
 
 
+LIKELIHOODS = ("sum", "mean", "sequence_mean")
+ACCURACY_SCORINGS = ("likelihood", "continuation")
+
+
 def candidate_likelihood(df: pl.DataFrame, mode: str) -> pl.Expr:
-    """sum: the summed log-prob of the candidate continuation (docs/methods.md 3, default); mean: per candidate token."""
+    """A candidate's likelihood under its question (docs/methods.md 3, RankC), from `logp` and `num_tokens` (the
+    candidate's tokens and the end-of-turn tokens after it) and, for sequence_mean, `logp_prompt` and
+    `prompt_tokens` (the templated question):
+    sum: logp (default); mean: logp / num_tokens, per candidate token;
+    sequence_mean: (logp_prompt + logp) / (prompt_tokens - 1 + num_tokens), the mean over every predicted token of
+    the whole sequence, as the RankC code (Qi et al., 2023) scores decoder models: the mean cross-entropy of the
+    question with the candidate filled in, its first token not predicted."""
     if mode == "sum":
         return pl.col("logp")
     if mode == "mean":
         return pl.col("logp") / pl.col("num_tokens")
-    raise ValueError(f"likelihood: expected sum or mean, got {mode!r}")
+    if mode == "sequence_mean":
+        return (pl.col("logp_prompt") + pl.col("logp")) / (pl.col("prompt_tokens") - 1 + pl.col("num_tokens"))
+    raise ValueError(f"likelihood: expected one of {', '.join(LIKELIHOODS)}, got {mode!r}")
+
+
+def continuation_likelihood() -> pl.Expr:
+    """The candidate scored as a continuation of the question, without the end-of-turn tokens after it: the summed
+    log-prob of the candidate's own tokens, as the DCO paper's evaluation scores multiple choice."""
+    return pl.col("logp") - pl.col("logp_end_of_turn")
+
+
+def _candidate_matrices(df: pl.DataFrame, languages: list[str], anchor: str):
+    """Queries grouped by their number of candidates {size: [prompt_id]}, the gold index per query, and per language
+    and size the (Q, C) matrix of `score`."""
+    sizes = df.filter(pl.col("lang") == anchor).group_by("prompt_id").agg(pl.len().alias("size"), pl.first("gold"))
+    groups = {size: sorted(g["prompt_id"].to_list()) for (size,), g in sizes.group_by("size")}
+    gold = dict(zip(sizes["prompt_id"].to_list(), sizes["gold"].to_list()))
+    matrices = {lang: {size: _score_matrix(df, lang, ids) for size, ids in groups.items()} for lang in languages}
+    return groups, gold, matrices
 
 
 def _score_matrix(df: pl.DataFrame, lang: str, query_ids: list[str]) -> np.ndarray:
@@ -82,20 +110,24 @@ def _score_matrix(df: pl.DataFrame, lang: str, query_ids: list[str]) -> np.ndarr
     return np.asarray([by_query[q] for q in query_ids], dtype=np.float64)
 
 
-def candidate_rows(candidates: pl.DataFrame, languages: list[str], anchor: str, likelihood: str = "sum") -> list[dict]:
+def candidate_rows(candidates: pl.DataFrame, languages: list[str], anchor: str, likelihood: str = "sum",
+                   accuracy: str = "likelihood") -> list[dict]:
     """Accuracy per language and RankC of the anchor with each other language (DCO appendix I), from one row per
-    (prompt_id, lang, candidate_idx) with `gold`, `logp` and `num_tokens`. Queries are grouped by their number of
-    candidates; a pair's RankC is the query-weighted mean over those groups."""
+    (prompt_id, lang, candidate_idx) with `gold`, `logp` and `num_tokens` (and the columns `candidate_likelihood`
+    and `continuation_likelihood` read for the chosen modes). RankC ranks by `likelihood`; accuracy by the same (accuracy
+    "likelihood") or by the continuation's summed log-prob without the end-of-turn tokens ("continuation").
+    Queries are grouped by their number of candidates; a pair's RankC is the query-weighted mean over those groups."""
+    if accuracy not in ACCURACY_SCORINGS:
+        raise ValueError(f"accuracy: expected one of {', '.join(ACCURACY_SCORINGS)}, got {accuracy!r}")
     df = candidates.with_columns(candidate_likelihood(candidates, likelihood).alias("score"))
-    sizes = df.filter(pl.col("lang") == anchor).group_by("prompt_id").agg(pl.len().alias("size"), pl.first("gold"))
-    groups = {size: sorted(g["prompt_id"].to_list()) for (size,), g in sizes.group_by("size")}
-    gold = dict(zip(sizes["prompt_id"].to_list(), sizes["gold"].to_list()))
-    matrices = {lang: {size: _score_matrix(df, lang, ids) for size, ids in groups.items()} for lang in languages}
-    queries = sizes.height
+    groups, gold, matrices = _candidate_matrices(df, languages, anchor)
+    accuracy_matrices = matrices if accuracy == "likelihood" else _candidate_matrices(
+        df.with_columns(continuation_likelihood().alias("score")), languages, anchor)[2]
+    queries = sum(len(ids) for ids in groups.values())
 
     rows = []
     for lang in languages:
-        correct = sum(candidate_accuracy(matrices[lang][size], np.asarray([gold[q] for q in ids])) * len(ids)
+        correct = sum(candidate_accuracy(accuracy_matrices[lang][size], np.asarray([gold[q] for q in ids])) * len(ids)
                       for size, ids in groups.items())
         rows.append(row("accuracy", "share", lang, correct / queries, queries))
     rows.append(row("accuracy", "share", "all", np.mean([r["value"] for r in rows]), queries * len(languages)))
