@@ -192,6 +192,7 @@ def resolve_model_path(path: str, progress=None) -> str:
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"{p}: not a model directory (no config.json)")
         _require_tokenizer(p)  # here, before any actor is started: an actor's load error would only kill it
+        _require_whole_weights(p)
         return str(p.resolve())
     if path.startswith((".", "/", "~")):
         raise ModelLoadError(f"{path}: model directory not found")
@@ -202,6 +203,39 @@ def resolve_model_path(path: str, progress=None) -> str:
     except HubError as e:
         raise ModelLoadError(str(e)) from None
     return path  # a hub id, resolved by transformers (from its local cache when offline)
+
+
+def check_model_code(section: str, model) -> None:
+    """Refuse, before any actor starts, a model whose config.json names code of its own (auto_map) for a model
+    type transformers does not know, unless `<section>.trust_remote_code` is true: every actor would fail on it.
+    Also refuses a local config.json that transformers cannot read. `section` is the model's recipe key."""
+    if model.trust_remote_code or model.path == TINY_MODEL or model.path.startswith(TINY_MODEL + "?"):
+        return
+    from transformers import AutoConfig
+
+    local = Path(model.path).expanduser()
+    try:
+        AutoConfig.from_pretrained(str(local) if local.is_dir() else model.path, trust_remote_code=False)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            auto_map = _auto_map(local / "config.json") if local.is_dir() else ""
+            raise ModelLoadError(
+                f"{section}.path: {model.path}: this model needs its own Python code{auto_map}, which rayalign runs "
+                f"only when told to: set {section}.trust_remote_code: true if you trust the code it ships (it runs "
+                "in every actor that loads the model), or choose a model whose type transformers supports") from None
+        if local.is_dir():
+            raise ModelLoadError(f"{section}.path: {local / 'config.json'}: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        if local.is_dir():  # unreadable or invalid JSON; a hub id not reachable is left to check_model_source
+            raise ModelLoadError(f"{section}.path: {local / 'config.json'}: {str(e).splitlines()[0]}") from None
+
+
+def _auto_map(config_file: Path) -> str:
+    try:
+        auto_map = json.loads(config_file.read_text(encoding="utf-8")).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f" (config.json auto_map: {', '.join(f'{k} -> {v}' for k, v in auto_map.items())})" if auto_map else ""
 
 
 def _tiny_overrides(path: str) -> dict:
@@ -216,6 +250,20 @@ def _tiny_overrides(path: str) -> dict:
         except ValueError:
             raise ModelLoadError(f"{path}: {key} expects a {type(TINY_DEFAULTS[key]).__name__}, got {value!r}") from None
     return overrides
+
+
+def _require_whole_weights(p: Path) -> None:
+    """Every safetensors file's header must parse and its tensors fit in the file: a truncated or garbled weights
+    file is named here, not as a load error in every actor. (Changed bytes inside a tensor are not detected: the
+    run's own policies are checked against the checksums recorded in state.json.)"""
+    from safetensors import safe_open
+
+    for file in sorted(p.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "np"):
+                pass
+        except Exception as e:  # SafetensorError, OSError
+            raise ModelLoadError(f"{file}: damaged or incomplete weights file ({e}); copy the model again") from None
 
 
 def _require_tokenizer(p: Path) -> None:

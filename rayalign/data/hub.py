@@ -186,21 +186,28 @@ def check_model_source(key: str, path: str) -> None:
                    f"(hf download {path}) and copy the cache, or set {key} to a local model directory")
 
 
+def model_sections(cfg) -> list[tuple[str, object]]:
+    """(recipe key, ModelConfig) of every model a recipe loads."""
+    r = cfg.rewards
+    models = [("policy", cfg.policy),
+              ("rewards.implicit.reward_reference", r.implicit.enabled and r.implicit.reward_reference),
+              ("rewards.reward_model.model", r.reward_model.enabled and r.reward_model.model),
+              ("rewards.consistency.reference", r.consistency.enabled and r.consistency.reference)]
+    return [(key, m) for key, m in models if m]
+
+
 def model_keys(cfg) -> list[tuple[str, str]]:
     """(recipe key, model path) of every model a recipe loads."""
-    r = cfg.rewards
-    models = [("policy.path", cfg.policy), ("reference.path", cfg.reference),
-              ("rewards.implicit.reward_reference.path", r.implicit.enabled and r.implicit.reward_reference),
-              ("rewards.reward_model.model.path", r.reward_model.enabled and r.reward_model.model),
-              ("rewards.consistency.reference.path", r.consistency.enabled and r.consistency.reference)]
-    return [(key, m.path) for key, m in models if m]
+    return [(f"{key}.path", m.path) for key, m in model_sections(cfg)]
 
 
 def check_sources(cfg, *, models: bool = True) -> None:
-    """Refuse, before Ray starts, a prompt set or (with `models`) a model that cannot be read from here.
+    """Refuse, before Ray starts, a prompt set or (with `models`) a model that cannot be read from here, or whose
+    code the recipe does not trust.
 
     hf: prompt sets are loaded when the Hub cannot be reached (from the cache, or a clear error), and looked
-    up on the Hub otherwise; local prompt paths must exist. Goes offline (HF_HUB_OFFLINE=1) when the Hub
+    up on the Hub otherwise; local prompt sets and DCO candidate sets are read whole (ids missing a language,
+    the anchor included, are refused). Goes offline (HF_HUB_OFFLINE=1) when the Hub
     cannot be reached, so the clients never retry with backoff."""
     from rayalign.data.prompts import PromptError, load_prompts
 
@@ -219,6 +226,17 @@ def check_sources(cfg, *, models: bool = True) -> None:
         elif not Path(path).exists():
             raise PromptError(f"prompts.path: {path}: prompt source not found (a file, a directory of <lang> files, "
                               "or hf:<dataset name or directory>)")
+        else:  # read whole: every prompt id in every language, the anchor included, before anything starts
+            load_prompts(path, cfg.languages, **cfg.prompts.load_kwargs())
+    elif cfg.pairs.method == "dco" and Path(cfg.rewards.consistency.candidates_path or "").is_dir():
+        from rayalign.data.prompts import load_candidate_sets
+
+        load_candidate_sets(cfg.rewards.consistency.candidates_path, cfg.languages)
     if models:
-        for key, model in model_keys(cfg):
-            check_model_source(key, model)
+        from rayalign.models import check_model_code, resolve_model_path
+
+        for section, model in model_sections(cfg):
+            check_model_source(f"{section}.path", model.path)
+            if Path(model.path).expanduser().exists():
+                resolve_model_path(model.path)  # config, tokenizer and whole weights files
+            check_model_code(section, model)  # needs trust_remote_code: refused here, not in every actor
