@@ -106,7 +106,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     trainer = PolicyGroup(policy_path, cfg.policy, tcfg)
     critic = CriticGroup(policy_path, cfg.policy, dataclasses.replace(tcfg, lr=o.critic_lr)) if ppo else None
     scorers = ScoredReward(cfg, policy_path) if o.score_weight else None
-    rollouts = Rollouts(cfg, generators, prompts, policy_path)
+    source = Rollouts(cfg, generators, prompts, policy_path)
     sync = WeightSync(trainer, generators, uses_nccl(cfg),
                       cfg.engines.tensor_parallel_size if cfg.engines.backend == "vllm" else 1)
     tracker = Trackers(cfg, run_dir)
@@ -120,12 +120,12 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
             weights = sync.push()
             if scorers is not None:
                 scorers.group.update_weights("policy", weights or trainer.publish_weights())
-            rollouts.load_pending(run_dir / "online" / CHECKPOINT_DIRS["policy"]
+            source.load_pending(run_dir / "online" / CHECKPOINT_DIRS["policy"]
                                   / state["online_checkpoint"]["policy"]["tag"], resume_step + 1)
             console.print(f"resumed from the checkpoint of step {resume_step}")
         for step in range(resume_step + 1, o.steps + 1):
             timings = {}
-            batch, timings["seconds_generate"] = rollouts.take(step)  # one step off: only the wait for them
+            batch, timings["seconds_generate"] = source.take(step)  # one step off: only the wait for them
             samples, sequences = batch.samples, batch.sequences
 
             started = time.perf_counter()
@@ -168,7 +168,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
             timings["seconds_train"] = time.perf_counter() - started
 
             started = time.perf_counter()
-            rollouts.settle()  # one step off: the next step's rollouts were generated with the weights before
+            source.settle()  # one step off: the next step's rollouts were generated with the weights before
             weights = sync.push()  # no driver hop: NCCL broadcast on CUDA, else published by the trainer
             if scorers is not None:
                 scorers.group.update_weights("policy", weights or trainer.publish_weights())
@@ -183,7 +183,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
             tracker.update()
             state["finished"].append(f"online/step-{step}")
             if o.checkpoint_every and step % o.checkpoint_every == 0:
-                state["online_checkpoint"] = save_checkpoints(run_dir, groups, step, rollouts.save_pending)
+                state["online_checkpoint"] = save_checkpoints(run_dir, groups, step, source.save_pending)
             write_state(run_dir, state)
             console.print(f"step {step}/{o.steps}: reward {record['reward_mean']:.3f}  kl {record['kl']:.4f}  "
                           f"clip {record['clip_fraction']:.3f}  entropy {record['entropy']:.3f}  "
@@ -194,7 +194,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
         raise trainer_lost(e, state, o.checkpoint_every) from None
     finally:
         tracker.close(ok=False)  # after an error (closed already otherwise)
-        rollouts.close()
+        source.close()
         generators.shutdown()
         trainer.shutdown()
         for group in (critic, scorers.group if scorers else None):

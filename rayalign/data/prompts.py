@@ -118,7 +118,7 @@ def _mapped(obj: dict, columns: dict[str, str]) -> dict:
     return {**obj, **{field: obj[col] for field, col in columns.items() if col in obj}} if columns else obj
 
 
-def load_prompts(path: str | Path, languages: list[str], *, limit: int | None = None,
+def load_prompts(path: str | Path, languages: list[str], *, limit: int | None = None, skip: int = 0,
                  system_prompt: str | None = None, split: str = "train", revision: str | None = None,
                  config: str | None = None, columns: dict[str, str] | None = None) -> pa.Table:
     """Load a parallel prompt set for `languages`; every prompt_id must be present in every language.
@@ -139,7 +139,7 @@ def load_prompts(path: str | Path, languages: list[str], *, limit: int | None = 
             row = _to_row(where, _mapped(obj, columns), lang, system_prompt, str(path))
             row["lang"] = lang
             rows.append(row)
-        return _parallel(str(path), rows, languages, limit)
+        return _parallel(str(path), rows, languages, limit, skip)
     path = Path(path)
     rows: list[dict] = []
     if path.is_dir():
@@ -160,11 +160,12 @@ def load_prompts(path: str | Path, languages: list[str], *, limit: int | None = 
         rows = [r for r in rows if r["lang"] in languages]
     else:
         raise PromptError(f"{path}: prompt source not found")
-    return _parallel(path, rows, languages, limit)
+    return _parallel(path, rows, languages, limit, skip)
 
 
-def _parallel(path, rows: list[dict], languages: list[str], limit: int | None) -> pa.Table:
-    """Refuse duplicates and ids missing a language; sort by (prompt_id, language order); keep `limit` ids."""
+def _parallel(path, rows: list[dict], languages: list[str], limit: int | None, skip: int = 0) -> pa.Table:
+    """Refuse duplicates and ids missing a language; sort by (prompt_id, language order); keep `limit` ids after
+    the first `skip`."""
     seen: dict[tuple[str, str], str] = {}
     for row in rows:
         key = (row["prompt_id"], row["lang"])
@@ -183,7 +184,10 @@ def _parallel(path, rows: list[dict], languages: list[str], limit: int | None) -
     if not rows:
         raise PromptError(f"{path}: no prompts for languages {languages}")
 
-    ids = sorted(by_id)[:limit] if limit else sorted(by_id)
+    ids = sorted(by_id)[skip:]
+    if not ids:
+        raise PromptError(f"{path}: prompts.skip {skip} leaves none of its {len(by_id)} prompt ids")
+    ids = ids[:limit] if limit else ids
     order = {lang: i for i, lang in enumerate(languages)}
     keep = set(ids)
     rows = sorted((r for r in rows if r["prompt_id"] in keep), key=lambda r: (r["prompt_id"], order[r["lang"]]))
