@@ -1,0 +1,166 @@
+"""Experiment trackers: W&B (offline mode, read back with wandb's own reader of .wandb files) and TensorBoard (read
+back with tensorboard's event reader) hold the values of metrics.jsonl and train_log.jsonl. Nothing goes online."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from rayalign.config import load_config
+
+pytest.importorskip("wandb")
+pytest.importorskip("tensorboard")
+
+
+@pytest.fixture(autouse=True)
+def wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+    (tmp_path / "wandb-dir").mkdir()
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def wandb_records(wandb_dir) -> list[dict]:
+    """Every record of the one offline run under `wandb_dir`, as wandb's `leet inspect --json` reads them."""
+    files = sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    done = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(files[0])],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def history(records: list[dict]) -> list[dict]:
+    return [r["history"]["item"] for r in records if r["type"] == "history"]
+
+
+def scalars(tensorboard_dir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def numbers(record: dict, skip=()) -> dict:
+    return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}
+
+
+def test_records_written_while_open_are_logged_with_their_x_axis(tmp_path):
+    """Lines already in metrics.jsonl when the trackers open (an earlier launch logged them) are left out; a train
+    record brings its iteration's steps, numbered after the earlier iterations' steps (3 in iter-1 -> 4, 5)."""
+    from rayalign.tracking import Trackers
+
+    run_dir = tmp_path / "run"
+    (run_dir / "iter-1").mkdir(parents=True)
+    (run_dir / "iter-2").mkdir()
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_text(json.dumps({"iteration": 1, "stage": "generate", "wall_seconds": 9.0}) + "\n")
+    (run_dir / "iter-1" / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.7}) + "\n"
+                                                                for s in (1, 2, 3)))
+    (run_dir / "iter-2" / "train_log.jsonl").write_text(
+        json.dumps({"step": 1, "loss": 0.5, "lr": 1e-5}) + "\n" + json.dumps({"step": 2, "loss": 0.25, "lr": 2e-5}) + "\n")
+    cfg = load_config(None, ["logging.tensorboard=true", "logging.wandb.project=tests", "logging.wandb.mode=offline"])
+    with Trackers(cfg, run_dir) as tracker:
+        with open(metrics, "a") as f:
+            f.write(json.dumps({"stage": "redo", "redo": ["train"], "moved": []}) + "\n")
+            f.write(json.dumps({"iteration": 2, "stage": "train", "loss_mean": 0.375, "steps": 2,
+                                "actor_nodes": ["a"], "objective": "dpo", "resumed": False}) + "\n")
+            f.write('{"iteration": 2, "stage": "iteration", "fidelity_en": 0.5')  # not yet a whole line
+        tracker.update()
+
+    rows = history(wandb_records(tmp_path / "wandb-dir"))
+    logged = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
+    assert logged == [
+        {"iteration": 2, "train/loss_mean": 0.375, "train/steps": 2},
+        {"train_step/global_step": 4, "train_step/step": 1, "train_step/loss": 0.5, "train_step/lr": 1e-5},
+        {"train_step/global_step": 5, "train_step/step": 2, "train_step/loss": 0.25, "train_step/lr": 2e-5}]
+    tb = scalars(run_dir / "tensorboard")
+    assert tb == {"train/loss_mean": [(2, 0.375)], "train/steps": [(2, 2.0)], "train_step/step": [(4, 1.0), (5, 2.0)],
+                  "train_step/loss": [(4, 0.5), (5, 0.25)],
+                  "train_step/lr": [(4, np.float32(1e-5)), (5, np.float32(2e-5))]}
+    assert (run_dir / "wandb-run-id").is_file()
+
+
+def test_a_missing_tracker_package_is_refused_at_config_check_naming_the_extra(monkeypatch):
+    from click.testing import CliRunner
+
+    from rayalign.cli import main
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: `import wandb` raises ImportError
+    result = CliRunner().invoke(main, ["config", str(REPO / "examples" / "quickstart.yaml"),
+                                       "-o", "logging.wandb.project=p"])
+    assert result.exit_code == 2 and "pip install 'rayalign[wandb]'" in result.output, result.output
+    assert "Traceback" not in result.output
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    result = CliRunner().invoke(main, ["config", str(REPO / "examples" / "quickstart.yaml"),
+                                       "-o", "logging.tensorboard=true"])
+    assert result.exit_code == 2 and "pip install 'rayalign[tensorboard]'" in result.output, result.output
+    ok = CliRunner().invoke(main, ["config", str(REPO / "examples" / "quickstart.yaml"), "-o", "logging.wandb.project=p",
+                                   "-o", "logging.wandb.mode=disabled"])
+    assert ok.exit_code == 0, ok.output  # disabled needs no package
+
+
+def test_logging_settings_leave_the_config_hash_unchanged():
+    plain = load_config(REPO / "examples" / "quickstart.yaml")
+    tracked = load_config(REPO / "examples" / "quickstart.yaml", ["logging.wandb.project=p", "logging.tensorboard=false"])
+    assert tracked.logging.wandb.project == "p" and tracked.config_hash() == plain.config_hash()
+
+
+def test_an_offline_run_logs_every_stage_iteration_and_step_as_written_to_its_files(ray_session, tiny_model, tmp_path):
+    """Two iterations through offline.run with both trackers on: W&B and TensorBoard hold each stage's and
+    iteration's numbers at its iteration, and each optimizer step's at its global step, as in metrics.jsonl and
+    train_log.jsonl; W&B also holds the resolved config and the report's plots."""
+    from rayalign.pipelines import offline
+
+    cfg = load_config(REPO / "examples" / "quickstart.yaml", [
+        f"policy.path={tiny_model}", "languages=[en,de]", "prompts.limit=4", "sampling.n=2", "sampling.max_new_tokens=8",
+        "engines.count=1", "rewards.actors=1", "training.micro_batch_size=2", "training.gradient_accumulation=1",
+        "logging.tensorboard=true", "logging.wandb.project=tests", "logging.wandb.mode=offline"])
+    run_dir = offline.run(cfg, tmp_path / "run")
+
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [[json.loads(line) for line in (run_dir / f"iter-{t}" / "train_log.jsonl").read_text().splitlines()]
+             for t in (1, 2)]
+    expected, offset = [], 0
+    for r in metrics:
+        expected.append({"iteration": r["iteration"],
+                         **{f"{r['stage']}/{k}": v for k, v in numbers(r, ("iteration",)).items()}})
+        if r["stage"] == "train":  # then that iteration's steps, numbered after the earlier iterations' steps
+            log = steps[r["iteration"] - 1]
+            expected += [{"train_step/global_step": offset + s["step"],
+                          **{f"train_step/{k}": v for k, v in numbers(s).items()}} for s in log]
+            offset += len(log)
+    assert [r["stage"] for r in metrics] == ["generate", "score", "pairs", "train", "iteration"] * 2
+    records = wandb_records(tmp_path / "wandb-dir")
+    rows = history(records)
+    logged = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows if "report/" not in str(row)]
+    assert logged == expected
+    assert len(steps[0]) == len(steps[1]) >= 2 and logged[4]["train_step/global_step"] == 1
+    config = next(r["run"]["config"]["update"] for r in records if r["type"] == "run")
+    assert config["training"]["loss"] == "dpo" and config["languages"] == ["en", "de"]
+    images = {k for row in rows for k in row if k.startswith("report/")}
+    assert {"report/fidelity_by_iteration", "report/training_by_iteration"} <= images
+
+    tb = scalars(run_dir / "tensorboard")
+    assert tb["iteration/fidelity_en"] == [(t, np.float32(metrics[5 * t - 1]["fidelity_en"])) for t in (1, 2)]
+    assert tb["train/loss_mean"] == [(t, np.float32(metrics[5 * t - 2]["loss_mean"])) for t in (1, 2)]
+    assert tb["train_step/loss"] == [(i + 1, np.float32(r["loss"])) for i, r in enumerate(steps[0] + steps[1])]
+    assert tb["generate/wall_seconds"] == [(t, np.float32(metrics[5 * (t - 1)]["wall_seconds"])) for t in (1, 2)]
+
+
+def test_an_online_run_logs_every_step(ray_session, tiny_model, tmp_path):
+    from rayalign.pipelines import online
+
+    cfg = load_config(REPO / "examples" / "online-grpo-quickstart.yaml", [
+        f"policy.path={tiny_model}", "languages=[en,de]", "online.steps=2", "online.prompts_per_step=1",
+        "logging.tensorboard=false", "logging.wandb.project=tests", "logging.wandb.mode=offline"])
+    run_dir = online.run(cfg, tmp_path / "run")
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = history(wandb_records(tmp_path / "wandb-dir"))
+    logged = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows if "report/" not in str(row)]
+    assert logged == [{f"online/{k}": v for k, v in numbers(r).items()} for r in metrics]
+    assert [r["online/step"] for r in logged] == [1, 2] and not (run_dir / "tensorboard").exists()
