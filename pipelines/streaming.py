@@ -22,29 +22,57 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rayalign.config import RunConfig
 from rayalign.data.store import DatasetWriter
 from rayalign.generation import FailedRowsError
+from rayalign.progress import console
 
 
 class ScoringCuts:
-    """Cuts samples shards, which arrive in any order, into the scoring shards that `split_shards(samples, size)`
-    makes of the whole samples dataset: `size` rows each in sample order, the last one shorter."""
+    """Cuts samples shards, which arrive in any order, into the scoring shards that `split_shards(kept, size)`
+    makes of the whole samples dataset: `size` rows each in sample order, the last one shorter.
 
-    def __init__(self, size: int):
-        self.size, self.next_sample_shard, self.next_cut = size, 0, 0
+    With `drop` (a function of a table -> (kept rows, dropped prompt ids), per prompt), rows are cut only once
+    every row of their prompt has arrived (`last_shard`: prompt_id -> the last samples shard holding its rows),
+    and `drop` sees whole prompts; samples are in prompt_id order (load_prompts), so such rows are a prefix.
+    """
+
+    def __init__(self, size: int, drop=None, last_shard: dict | None = None):
+        self.size, self.drop, self.last_shard = size, drop, last_shard
+        self.next_sample_shard, self.next_cut, self.kept_rows = 0, 0, 0
         self.arrived: dict[int, pa.Table] = {}
-        self.buffer: list[pa.Table] = []
+        self.unsettled: list[pa.Table] = []  # in order; some prompt in them is not complete yet
+        self.buffer: list[pa.Table] = []  # settled, not yet cut
+        self.dropped: list = []
 
     def add(self, index: int, samples: pa.Table) -> list[tuple[int, pa.Table]]:
         """The scoring shards that samples shard `index` completes."""
         self.arrived[index] = samples
         while self.next_sample_shard in self.arrived:
-            self.buffer.append(self.arrived.pop(self.next_sample_shard))
+            self.unsettled.append(self.arrived.pop(self.next_sample_shard))
             self.next_sample_shard += 1
+        self._settle(final=False)
         return self._cut(final=False)
 
     def finish(self) -> list[tuple[int, pa.Table]]:
         """The last, shorter scoring shard, once every samples shard has arrived."""
         assert not self.arrived, "samples shards are missing before the ones that arrived"
+        self._settle(final=True)
         return self._cut(final=True)
+
+    def _settle(self, final: bool) -> None:
+        table = pa.concat_tables(self.unsettled) if self.unsettled else None
+        if table is None or not table.num_rows:
+            return
+        settled = table.num_rows
+        if self.drop is not None and not final:
+            ids = table.column("prompt_id").to_pylist()
+            settled = next((i for i, p in enumerate(ids) if self.last_shard[p] >= self.next_sample_shard), len(ids))
+        head = table.slice(0, settled)
+        self.unsettled = [table.slice(settled)] if settled < table.num_rows else []
+        if self.drop is not None and head.num_rows:
+            head, dropped = self.drop(head)
+            self.dropped += dropped
+        if head.num_rows:
+            self.buffer.append(head)
+            self.kept_rows += head.num_rows
 
     def _cut(self, final: bool) -> list[tuple[int, pa.Table]]:
         rows = sum(t.num_rows for t in self.buffer)
@@ -88,6 +116,7 @@ def generate_score_stage(cfg: RunConfig, prompts, policy_path: str, policy_name:
     from rayalign.actors.generator import GenerationGroup, split_shards
     from rayalign.actors.pool import ShardFeed
     from rayalign.actors.scorer import ScoringGroup
+    from rayalign.anchor_groups import anchor_rows_needed, drop_prompts_without_anchor, dropped_message
     from rayalign.data.store import shard_name
     from rayalign.failures import errors_checkpoint, record_failures
     from rayalign.run_dir import checkpoint, read_checkpoints, report_untrusted, write_table
@@ -113,7 +142,14 @@ def generate_score_stage(cfg: RunConfig, prompts, policy_path: str, policy_name:
     gen_errors, gen_may_fail = errors_checkpoint(cfg, it_dir, "generate", done, prompts.num_rows)
     score_errors, score_may_fail = errors_checkpoint(cfg, it_dir, "score", set(results), most_samples)
 
-    cuts, feed, with_prompts = ScoringCuts(score_rows), ShardFeed(), scoring_prompts(cfg, prompts)
+    anchor, needed = cfg.anchor_language, anchor_rows_needed(cfg)
+    # as score_stage: the cross-lingual prompt needs the anchor prompt before the forward pass, so a prompt
+    # whose anchor rows all failed is dropped before scoring; latent rewards check after it
+    drop, last_shard = None, None
+    if r.implicit.enabled and r.implicit.prompt == "cross_lingual":
+        last_shard = {pid: i // e.shard_rows for i, pid in enumerate(prompts.column("prompt_id").to_pylist())}
+        drop = lambda table: drop_prompts_without_anchor(table, anchor, 1)  # noqa: E731
+    cuts, feed, with_prompts = ScoringCuts(score_rows, drop, last_shard), ShardFeed(), scoring_prompts(cfg, prompts)
 
     def feed_scoring(cut: list[tuple[int, pa.Table]]) -> None:
         for index, shard in cut:
@@ -128,10 +164,10 @@ def generate_score_stage(cfg: RunConfig, prompts, policy_path: str, policy_name:
         feed_scoring(cuts.add(index, pq.read_table(samples_dir / shard_name(index))))
 
     engines = GenerationGroup(policy_path, cfg.policy, e)
-    scorers = ScoringGroup(roles, r.actors, r.batch_size, r.num_cpus, r.num_gpus)
+    scorers = ScoringGroup.for_recipe(roles, r)
     scoring: dict = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
-                  TimeElapsedColumn(), console=_console()) as bar:
+                  TimeElapsedColumn(), console=console) as bar:
         resumed_rows = sum(prompt_shards[i].num_rows for i in done)
         gen_task = bar.add_task(f"generate iter-{iteration}", total=prompts.num_rows, completed=resumed_rows,
                                 status=f"{resumed_rows}/{prompts.num_rows} rows")
@@ -188,6 +224,11 @@ def generate_score_stage(cfg: RunConfig, prompts, policy_path: str, policy_name:
     count = cuts.next_cut
     # as score_stage: a shard whose every row failed holds no scored columns
     table = pa.concat_tables([results[i] for i in range(count) if results[i].num_rows])
+    scored, table, more = table.num_rows, *drop_prompts_without_anchor(table, anchor, needed)
+    dropped = sorted(cuts.dropped + more)
+    dropped_rows = manifest["rows"] - cuts.kept_rows + scored - table.num_rows
+    if dropped:
+        console.print(f"[yellow]{dropped_message(f'score iter-{iteration}', dropped, dropped_rows, anchor, needed)}")
     table, params = forward_rewards(cfg, table)
     params["layers"] = layers
     write_table(table, out_dir, "scores", cfg, iteration, {name: role.path for name, role in roles.items()}, params,
@@ -205,14 +246,8 @@ def generate_score_stage(cfg: RunConfig, prompts, policy_path: str, policy_name:
         "schedule": "stream", "wall_seconds": round(generated - started, 3)}
     score = {
         "samples": table.num_rows, "forward_passes": len(specs), "retries": stats.retries, "failed_rows": score_failed,
-        "resumed_shards": stats.skipped_shards, "actor_nodes": scoring["nodes"], "seconds": round(stats.seconds, 3),
+        "dropped_prompts": len(dropped), "dropped_rows": dropped_rows, "resumed_shards": stats.skipped_shards, "actor_nodes": scoring["nodes"], "seconds": round(stats.seconds, 3),
         "tokens_per_s": round(tokens / max(stats.seconds, 1e-9), 2), "schedule": "stream",
         "wall_seconds": round(time.perf_counter() - generated, 3),
         **{f"alpha_{lang}": a for lang, a in params.get("icr", {}).get("alpha_per_language", {}).items()}}
     return generate, score
-
-
-def _console():
-    from rayalign.progress import console
-
-    return console

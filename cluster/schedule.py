@@ -1,0 +1,73 @@
+"""Which schedule an offline iteration runs: generation streaming into scoring, or one phase after the other.
+
+Streaming holds the engines and the scorers at once, so it needs a cluster that places both side by side (or
+colocates them on shared GPUs through fractional num_gpus). The datasets are the same under either schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rayalign.cluster.spec import ClusterSpec
+
+
+@dataclass(frozen=True)
+class Schedule:
+    stream: bool
+    reason: str  # one line, said in the plan and at launch
+
+    def text(self) -> str:
+        return f"schedule: {'stream' if self.stream else 'barrier'} ({self.reason})"
+
+
+def _actors(cfg, spec: ClusterSpec) -> list[tuple[str, float, float]]:
+    """(role, CPUs, GPUs) of every engine and scorer, as the pools reserve them (GPUs only on a GPU spec)."""
+    e, r = cfg.engines, cfg.rewards
+    on_gpu = bool(spec.gpus_per_node)
+    tp = e.tensor_parallel_size if e.backend == "vllm" else 1
+    engine_gpus = (tp if tp > 1 else e.num_gpus) if on_gpu else 0.0
+    return ([("engine", e.num_cpus, engine_gpus)] * e.count
+            + [("scorer", r.num_cpus, r.num_gpus if on_gpu else 0.0)] * r.actors)
+
+
+def side_by_side(cfg, spec: ClusterSpec) -> str | None:
+    """None when every engine and every scorer fit the cluster at once (first fit, largest first, node by node);
+    else what does not fit."""
+    free = [[float(spec.cpus_per_node), float(spec.gpus_per_node)] for _ in range(spec.nodes)]
+    actors = _actors(cfg, spec)
+    for role, cpus, gpus in sorted(actors, key=lambda a: (a[2], a[1]), reverse=True):
+        node = next((n for n in free if n[0] >= cpus - 1e-9 and n[1] >= gpus - 1e-9), None)
+        if node is None:
+            need_cpus = sum(a[1] for a in actors)
+            need_gpus = sum(a[2] for a in actors)
+            return (f"{cfg.engines.count} engine(s) + {cfg.rewards.actors} scorer(s) need {need_cpus:g} CPUs"
+                    + (f" and {need_gpus:g} GPUs" if need_gpus else "") + f" at once; {spec.name} has "
+                    f"{spec.nodes * spec.cpus_per_node} CPUs" + (f" and {spec.total_gpus} GPUs" if spec.total_gpus
+                                                                  else "") + f" (a {role} found no room)")
+        node[0] -= cpus
+        node[1] -= gpus
+    return None
+
+
+def choose_schedule(cfg, spec: ClusterSpec) -> Schedule:
+    """The recipe's schedule on `spec` (its counts resolved): cluster.schedule, where auto streams when both roles
+    fit side by side. Raises PlanError for `stream` on a cluster that cannot hold both."""
+    from rayalign.cluster.planner import PlanError
+
+    asked = cfg.cluster.schedule
+    r = cfg.rewards
+    scored = r.latent.enabled or r.implicit.enabled or r.reward_model.enabled or bool(r.user.path)
+    if cfg.mode == "online":
+        return Schedule(False, "online runs hold every role at once anyway")
+    if cfg.pairs.method == "dco" or not scored:
+        return Schedule(False, "no generation feeding a scoring phase")
+    if asked == "barrier":
+        return Schedule(False, "cluster.schedule: barrier")
+    crowded = side_by_side(cfg, spec)
+    if crowded is None:
+        how = "cluster.schedule: stream" if asked == "stream" else "engines and scorers fit side by side"
+        return Schedule(True, f"{how}; scoring starts on finished sample shards")
+    if asked == "stream":
+        raise PlanError(f"cluster.schedule: stream holds engines and scorers at once, but {crowded}",
+                        "set cluster.schedule: barrier (or auto), or lower engines.count / rewards.actors")
+    return Schedule(False, f"auto: {crowded}")
