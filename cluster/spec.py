@@ -13,6 +13,7 @@ import yaml
 
 SPEC_DIR = Path(__file__).parent
 GB = 1e9
+NOT_SPECS = ("models", "throughput")  # the planner's model sizes and the estimate's figures
 
 
 class ClusterError(ValueError):
@@ -31,6 +32,7 @@ class ClusterSpec:
     description: str = ""
     source: str = ""
     auto_fields: tuple[str, ...] = ()  # fields given as 'auto': measured where the spec runs, never checked
+    slice_of: str = ""  # a study's slice of this cluster (rayalign.cluster.slices): the cluster holds at least it
 
     @property
     def total_gpus(self) -> int:
@@ -43,7 +45,7 @@ class ClusterSpec:
 
 
 def shipped_specs() -> list[str]:
-    return sorted(p.stem for p in SPEC_DIR.glob("*.yaml") if p.stem != "models")
+    return sorted(p.stem for p in SPEC_DIR.glob("*.yaml") if p.stem not in NOT_SPECS)
 
 
 def _gpu_count() -> int:
@@ -93,7 +95,7 @@ def load_cluster_spec(name_or_path: str) -> ClusterSpec:
     path = Path(name_or_path)
     if not path.suffix:
         path = SPEC_DIR / f"{name_or_path}.yaml"
-        if not path.is_file() or name_or_path == "models":
+        if not path.is_file() or name_or_path in NOT_SPECS:
             raise ClusterError(f"unknown cluster {name_or_path!r} (shipped: {', '.join(shipped_specs())}; "
                                "or give the path of a YAML spec)")
     if not path.is_file():
@@ -105,7 +107,7 @@ def load_cluster_spec(name_or_path: str) -> ClusterSpec:
     if not isinstance(data, dict):
         raise ClusterError(f"{path}: expected a mapping of spec fields, got {type(data).__name__}")
     known = {"name", "description", "gpu_type", *FIELDS}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known - {"slice_of"})
     if unknown:
         raise ClusterError(f"{path}: {unknown[0]}: unknown key (expected one of: {', '.join(sorted(known))})")
     missing = sorted(known - {"description"} - set(data))
@@ -141,7 +143,8 @@ def load_cluster_spec(name_or_path: str) -> ClusterSpec:
     return ClusterSpec(name=data["name"], gpu_type=gpu_type, gpu_memory_gb=float(gpu_memory),
                        nodes=values["nodes"], cpus_per_node=values["cpus_per_node"], gpus_per_node=gpus,
                        memory_gb_per_node=float(values["memory_gb_per_node"]),
-                       description=data.get("description", ""), source=str(path), auto_fields=tuple(auto))
+                       description=data.get("description", ""), source=str(path), auto_fields=tuple(auto),
+                       slice_of=str(data.get("slice_of", "")))
 
 
 # ---- the running Ray cluster ----
@@ -178,12 +181,16 @@ def check_cluster(spec: ClusterSpec, node_resources: list[dict], allow_mismatch:
     found = {"nodes": len(nodes), "gpus_per_node": sorted({int(n.get("GPU", 0)) for n in nodes}),
              "cpus_per_node": min((int(n.get("CPU", 0)) for n in nodes), default=0)}
     mismatches = []
-    if "nodes" not in spec.auto_fields and found["nodes"] != spec.nodes:
+    if spec.slice_of:  # a slice: the cluster holds at least its nodes, each at least its GPUs and CPUs
+        if found["nodes"] < spec.nodes or min(found["gpus_per_node"], default=0) < spec.gpus_per_node or \
+                found["cpus_per_node"] < spec.cpus_per_node:
+            mismatches.append(f"slice {spec.name} ({spec.summary()}) is larger than the cluster")
+    elif "nodes" not in spec.auto_fields and found["nodes"] != spec.nodes:
         mismatches.append(f"{spec.nodes} {kind} in the spec, {found['nodes']} in the cluster")
-    if "gpus_per_node" not in spec.auto_fields and found["gpus_per_node"] != [spec.gpus_per_node]:
+    if not spec.slice_of and "gpus_per_node" not in spec.auto_fields and found["gpus_per_node"] != [spec.gpus_per_node]:
         mismatches.append(f"{spec.gpus_per_node} GPUs per node in the spec, "
                           f"{'/'.join(map(str, found['gpus_per_node']))} in the cluster")
-    if "cpus_per_node" not in spec.auto_fields and found["cpus_per_node"] < spec.cpus_per_node:
+    if not spec.slice_of and "cpus_per_node" not in spec.auto_fields and found["cpus_per_node"] < spec.cpus_per_node:
         mismatches.append(f"{spec.cpus_per_node} CPUs per node in the spec, {found['cpus_per_node']} in the cluster")
     types = _accelerator_types(nodes)
     if spec.gpus_per_node and "gpu_type" not in spec.auto_fields and types and \

@@ -1,0 +1,135 @@
+"""The plan's time estimate: its arithmetic against hand-worked numbers, the table's lookup, and `rayalign inspect`
+showing the estimate beside the measured time."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+
+from conftest import REPO
+from rayalign.cli import main
+from rayalign.cluster import load_cluster_spec, plan
+from rayalign.cluster.estimate import gpu_family, interpolate, load_table
+from rayalign.config import load_config
+
+LACOMSA = REPO / "examples" / "lacomsa-llama3-8b.yaml"
+LLAMA3_8B = 8_030_261_248  # parameters (cluster/models.yaml)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_interpolation_is_log_log_between_sizes_and_one_over_parameters_beyond():
+    table = {1: 10000, 8: 2500}
+    assert interpolate(table, 8) == pytest.approx(2500)
+    # 2B: a third of the way from 1 to 8 on a log scale: 10000 x (2500 / 10000)^(1/3) = 6299.605
+    assert interpolate(table, 2) == pytest.approx(6299.605, rel=1e-6)
+    assert interpolate(table, 16) == pytest.approx(1250)  # 2500 x 8 / 16
+    assert interpolate(table, 0.5) == pytest.approx(20000)  # 10000 x 1 / 0.5
+
+
+def test_gpu_families_name_the_table_rows():
+    assert gpu_family("A100-80GB") == gpu_family("NVIDIA A100-SXM4-80GB") == "A100"
+    assert gpu_family("H200-141GB") == "H200" and gpu_family("none") == "cpu"
+    table = load_table()
+    for family in ("A100", "H100", "H200", "cpu"):
+        assert family in table["generation_tokens_per_s"] and family in table["device_tflops"]
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    """10 prompt ids in en and de, each instruction 400 characters: 100 tokens at 4 characters a token."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt_id": f"p{i}", "lang": lang, "instruction": "x" * 400}) + "\n"
+                            for i in range(10) for lang in ("en", "de")))
+    return path
+
+
+def eight_gpu_recipe(prompts, *more):
+    return load_config(LACOMSA, [f"prompts.path={prompts}", "languages=[en,de]", "sampling.n=4",
+                                 "sampling.max_new_tokens=100", "engines.count=8", "rewards.actors=8",
+                                 "training.world_size=8", "training.global_batch_size=null",
+                                 "training.max_length=1024", "iterations=3", *more])
+
+
+def test_estimate_per_phase_against_hand_worked_numbers(prompts):
+    cfg = eight_gpu_recipe(prompts, "cluster.generation_tokens_per_s=1000", "cluster.device_tflops=100",
+                           "cluster.efficiency=0.5")
+    result = plan(cfg, load_cluster_spec("a100x8"))
+    assert result.models["policy"].parameters == LLAMA3_8B
+    est = result.estimate
+    assert est["prompt_rows"] == 20 and est["prompt_tokens"] == 100
+    seconds = {phase: v["seconds"] for phase, v in est["phases"].items()}
+    # generate: 20 rows x 4 samples x 100 tokens = 8000 tokens over 8 engines x 1000 tokens/s
+    assert seconds["generate"] == pytest.approx(1.0)
+    # score: 2 x 8,030,261,248 x (80 samples x (100 + 100) tokens) = 2.56968359936e14 FLOPs
+    #        over 8 scorers x 1 GPU x 100e12 FLOP/s x 0.5 = 4e14 FLOP/s
+    assert seconds["score"] == pytest.approx(0.64242089984)
+    # train: one pair per prompt row, 2 sequences of 200 tokens: 8000 tokens; 6 x 8,030,261,248 x 8000
+    #        = 3.85452539904e14 FLOPs over 8 ranks x 100e12 x 0.5
+    assert seconds["train"] == pytest.approx(0.96363134976)
+    assert est["iteration_seconds"] == pytest.approx(1.0 + 0.64242089984 + 0.96363134976)
+    assert est["total_seconds"] == pytest.approx(3 * (1.0 + 0.64242089984 + 0.96363134976))
+
+
+def test_estimate_from_the_table_for_the_spec_gpu(prompts):
+    cfg = eight_gpu_recipe(prompts)
+    est = plan(cfg, load_cluster_spec("a100x8")).estimate
+    # A100 row: 2500 tokens/s at 8B, 300 at 70B; 8.03B lies t of the way on a log scale:
+    # t = ln(8.030261248 / 8) / ln(70 / 8) = 0.0037755 / 2.1690537; 2500 x (300 / 2500)^t = 2490.8 tokens/s
+    per_engine = 2500 * (300 / 2500) ** (0.0037755 / 2.1690537)
+    assert per_engine == pytest.approx(2490.8, abs=0.1)
+    assert est["phases"]["generate"]["seconds"] == pytest.approx(8000 / (8 * 2490.8), rel=1e-4)
+    # score at 312 TFLOP/s x 0.3 per GPU: 2.56968359936e14 / (8 x 93.6e12)
+    assert est["phases"]["score"]["seconds"] == pytest.approx(2.56968359936e14 / 7.488e14)
+    # train with 4 sequences of a KTO-free pair loss, ZeRO settings do not enter: 3.85452539904e14 / 7.488e14
+    assert est["phases"]["train"]["seconds"] == pytest.approx(3.85452539904e14 / 7.488e14)
+    assert any("throughput.yaml A100" in line for line in est["figures"])
+
+
+def test_scoring_counts_every_forward_of_the_recipe(prompts, tmp_path):
+    """ICR with the cross-lingual prompt: the policy twice (native, cross-lingual) and the reward reference once."""
+    cfg = eight_gpu_recipe(prompts, "rewards.implicit.enabled=true", "rewards.implicit.prompt=cross_lingual",
+                           "rewards.implicit.reward_reference.path=princeton-nlp/Llama-3-Base-8B-SFT-DPO",
+                           "cluster.device_tflops=100", "cluster.efficiency=0.5")
+    est = plan(cfg, load_cluster_spec("a100x8")).estimate
+    assert est["phases"]["score"]["seconds"] == pytest.approx(3 * 0.64242089984)
+
+
+def test_plan_prints_the_estimate_and_json_holds_it(prompts):
+    args = ["plan", "--cluster", "a100x8", LACOMSA, "-o", f"prompts.path={prompts}", "-o", "languages=[en,de]"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "estimated time per iteration" in result.output and "tokens/s" in result.output
+    data = json.loads(invoke(*args, "--json").output)
+    assert set(data["estimate"]["phases"]) == {"generate", "score", "train"}
+
+
+def test_inspect_shows_the_estimate_beside_the_measured_time(tmp_path, monkeypatch):
+    import rayalign.cli
+    from rayalign.data.schemas import schema_for
+    from rayalign.data.store import DatasetWriter
+
+    run_dir = tmp_path / "run"
+    writer = DatasetWriter(run_dir / "iter-1" / "samples", "samples", languages=["en"])
+    writer.write_shard(0, pa.Table.from_pylist([{
+        "prompt_id": "p0", "lang": "en", "messages": [{"role": "user", "content": "hi"}], "reference": None,
+        "source": "test", "sample_idx": 0, "response": "hello", "num_tokens": 2, "finish_reason": "stop", "seed": 0,
+        "policy": "tiny", "lang_detected": "en"}], schema=schema_for("samples")[1]))
+    writer.finalize()
+    (run_dir / "plan.json").write_text(json.dumps({"estimate": {"phases": {
+        "generate": {"seconds": 12.5, "work": ""}, "score": {"seconds": 30.25, "work": ""}}}}))
+    (run_dir / "metrics.jsonl").write_text(
+        json.dumps({"iteration": 1, "stage": "generate", "wall_seconds": 14.0}) + "\n"
+        + json.dumps({"iteration": 1, "stage": "score", "wall_seconds": 28.5}) + "\n")
+    monkeypatch.setattr(rayalign.cli.console, "width", 160)
+    result = invoke("inspect", run_dir)
+    assert result.exit_code == 0, result.output
+    assert "estimate s" in result.output
+    lines = {line.split("│")[2].strip(): line for line in result.output.splitlines() if line.count("│") > 4}
+    assert "14.0" in lines["generate"] and "12.5" in lines["generate"]
+    assert "28.5" in lines["score"] and "30.2" in lines["score"]
