@@ -264,8 +264,9 @@ def run_study(path: str | Path, *, cluster: str = "local", address: str | None =
     interrupted ones resume. Failed runs are recorded in study.json and the others go on; StudyError names them
     at the end. Returns the study directory.
     """
-    from rayalign.cluster import connect, load_cluster_spec, plan
+    from rayalign.cluster import ClusterError, connect, load_cluster_spec
     from rayalign.cluster.planner import PlanError
+    from rayalign.cluster.slices import plan_side_by_side, slices_text
     from rayalign.cluster.spec import running_cluster_spec
 
     say = progress or (lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True))
@@ -278,12 +279,13 @@ def run_study(path: str | Path, *, cluster: str = "local", address: str | None =
     spec = load_cluster_spec(cluster)
     connect(spec, address)
     running = running_cluster_spec(spec)
-    plans = {}
-    for run in runs:  # every run fits the cluster, before any starts
-        try:
-            plans[run.slug] = plan(run.cfg, running, strict=True)
-        except PlanError as e:
-            raise StudyError(f"{study.path}: run {run.slug}: does not fit cluster {spec.name}: {e}") from None
+    side_by_side = min(parallel, len(runs))
+    try:  # every run fits the cluster (side by side: its slice), before any starts
+        slices, plans = plan_side_by_side({run.slug: run.cfg for run in runs}, running, side_by_side)
+    except (PlanError, ClusterError) as e:
+        raise StudyError(f"{study.path}: {e}") from None
+    if side_by_side > 1:
+        say(slices_text(running, slices))
 
     record = {"name": study.name, "study_file": str(study.path), "recipe": str(study.recipe),
               "axes": [axis.name for axis in study.axes],
@@ -317,7 +319,7 @@ def run_study(path: str | Path, *, cluster: str = "local", address: str | None =
     if parallel == 1:
         _run_in_process(study, todo, plans, cluster, address, say, finish, len(runs))
     else:
-        _run_side_by_side(study, todo, cluster, address, parallel, say, finish, len(runs))
+        _run_side_by_side(study, todo, slices, address, parallel, say, finish, len(runs))
 
     table = collect_results(study.dir)
     say(summary_text(study, record, table))
@@ -341,7 +343,7 @@ def check_inputs(study: Study, runs: list[StudyRun]) -> None:
     for run in runs:
         cfg, r = run.cfg, run.cfg.rewards
         prompts = (cfg.prompts.path, tuple(cfg.languages), json.dumps(cfg.prompts.load_kwargs(), sort_keys=True))
-        models = [m.path for m in (cfg.policy, cfg.reference, r.implicit.reward_reference, r.reward_model.model,
+        models = [m.path for m in (cfg.policy, r.implicit.reward_reference, r.reward_model.model,
                                    r.consistency.reference) if m is not None]
         try:
             if cfg.pairs.method != "dco" and prompts not in checked:
@@ -376,18 +378,33 @@ def _run_in_process(study, todo, plans, cluster, address, say, finish, total):
             finish(index, run, None, None, time.perf_counter() - started)
 
 
-def _run_side_by_side(study, todo, cluster, address, parallel, say, finish, total):
-    """Up to `parallel` `rayalign launch` subprocesses on this driver's Ray cluster; evaluation here, in turn."""
+def _run_side_by_side(study, todo, slices, address, parallel, say, finish, total):
+    """Up to `parallel` `rayalign launch` subprocesses on this driver's Ray cluster, each on a free slice of it
+    (its spec written to <study dir>/slices/); evaluation here, in turn."""
+    import queue
+
     import ray
+
+    from rayalign.cluster.slices import write_slice_spec
 
     address = address or os.environ.get("RAY_ADDRESS") or ray.get_runtime_context().gcs_address
     children: set[subprocess.Popen] = set()
     lock, stopping = threading.Lock(), threading.Event()
+    free_slices: queue.Queue = queue.Queue()
+    for i, slice_spec in enumerate(slices):
+        free_slices.put(write_slice_spec(slice_spec, study.dir / "slices" / f"slice-{i + 1}.yaml"))
 
     def launch(index: int, run: StudyRun) -> tuple[int, float]:
-        started = time.perf_counter()
         if run_finished(run):
             return 0, 0.0
+        cluster = free_slices.get()
+        try:
+            return launch_on(index, run, str(cluster))
+        finally:
+            free_slices.put(cluster)
+
+    def launch_on(index: int, run: StudyRun, cluster: str) -> tuple[int, float]:
+        started = time.perf_counter()
         say(f"study {study.name}: run {index}/{total} {run.slug} ... (log: {run.run_dir / 'launch.log'})")
         run.run_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-c", "from rayalign.cli import main; main(prog_name='rayalign')", "launch",

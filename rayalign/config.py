@@ -150,6 +150,11 @@ class LatentRewardConfig:
     centroid_mode: str = _field(
         "language", help="phi centroids: language (per language over the run, the paper) or prompt (per prompt, "
         "the released code)", choices=("language", "prompt"))
+    centroid_texts: dict[str, str] | None = _field(
+        None, help="language centroids of phi from your own monolingual text instead of the run's responses: one "
+        "key per language of the run (anchor included), each a UTF-8 text file with one passage per line; each "
+        "line is pooled at the language layer as a response to an empty user turn, under the policy being "
+        "scored. Needs centroid_mode language. Relative paths are taken from the recipe's directory first")
     store_latents: bool = _field(True, help="keep pooled states (float16) in scores/ so `rayalign rescore` can "
                                  "recompute latent rewards without a forward pass")
 
@@ -182,7 +187,11 @@ class ConsistencyRewardConfig:
     gamma_to_anchor: float = _field(1.0, help="gamma_{en,x}: weight of language x's reference margin inside the "
                                     "anchor's target; small = the anchor stays close to pi_ref (EN stable: 10 and "
                                     "0.1)", gt=0.0)
-    gamma_between: float = _field(1.0, help="gamma_{x,y} between two non-anchor languages", gt=0.0)
+    gamma_between: float = _field(1.0, help="gamma_{x,y} between two non-anchor languages: the weight of y's "
+                                  "reference margin inside x's target (used with language_pairs: all)", gt=0.0)
+    language_pairs: str = _field("anchor", help="DCO tuples pair the anchor with every other language (anchor), or "
+                                 "every two languages (all: the non-anchor pairs use gamma_between both ways)",
+                                 choices=("anchor", "all"))
     pairs_per_question: int = _field(2, help="random (chosen, rejected) candidate pairs per question and language "
                                      "pair", ge=1)
     force: bool = _field(False, help="accept gammas that break the consistency guarantee (Lemma 1 / Lemma 3)")
@@ -377,7 +386,6 @@ class RunConfig:
     )
     anchor_language: str = _field("en", help="high-resource anchor language (must be in languages)")
     policy: ModelConfig = _field(help="the policy model that generates", factory=ModelConfig)
-    reference: ModelConfig | None = _field(None, help="reference model for rewards/training; null = the policy")
     prompts: PromptsConfig = _field(help="parallel prompt source", factory=PromptsConfig)
     sampling: SamplingConfig = _field(help="sampling parameters", factory=SamplingConfig)
     engines: EnginesConfig = _field(help="generation engines and actors", factory=EnginesConfig)
@@ -529,6 +537,16 @@ class RunConfig:
         hub = r.latent.hub_layer
         if isinstance(hub, str) and hub != "auto" or isinstance(hub, int) and hub < 0:
             raise ConfigError(f"rewards.latent.hub_layer: expected a hidden_states index >= 0, auto or null, got {hub!r}")
+        texts = r.latent.centroid_texts
+        if texts is not None:
+            if r.latent.centroid_mode != "language":
+                raise ConfigError("rewards.latent.centroid_texts: centroids from text files replace the per-language "
+                                  "centroids, so centroid_mode must be language")
+            missing, extra = sorted(set(self.languages) - set(texts)), sorted(set(texts) - set(self.languages))
+            if missing or extra:
+                raise ConfigError(f"rewards.latent.centroid_texts: needs one text file for each language of the run "
+                                  f"{self.languages}" + (f"; missing {', '.join(missing)}" if missing else "")
+                                  + (f"; not in languages: {', '.join(extra)}" if extra else ""))
         if r.latent.enabled and self.sampling.n < 2:
             raise ConfigError(f"sampling.n: latent rewards score each anchor response against the other anchor "
                               f"responses, so n must be >= 2, got {self.sampling.n}")
@@ -559,6 +577,8 @@ def _type_name(tp) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of language code to {_type_name(typing.get_args(tp)[1])}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}[tp]
 
 
@@ -589,6 +609,11 @@ def _convert(value, tp, key: str):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
         (item_tp,) = typing.get_args(tp)
         return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        key_tp, item_tp = typing.get_args(tp)
+        return {_convert(k, key_tp, f"{key}"): _convert(v, item_tp, f"{key}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
         value = float(value)  # PyYAML reads 3e-4 (no dot) as a string
     ok = (
@@ -658,6 +683,11 @@ def _set_override(data: dict, override: str) -> None:
             node[part] = value
             return
         hint = typing.get_type_hints(cls)[part]
+        if i == len(parts) - 2 and dict in {typing.get_origin(a) for a in (hint, *typing.get_args(hint))}:
+            if not isinstance(node.get(part), dict):  # a mapping key: section.key.<lang>=value
+                node[part] = {}
+            node[part][parts[-1]] = value
+            return
         sub = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)] or [hint]
         cls = sub[0] if dataclasses.is_dataclass(sub[0]) else None
         if cls is None:
@@ -704,6 +734,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             value = value[len(prefix):] if value else value
             if value and not Path(value).is_absolute() and (path.parent / value).exists():
                 setattr(section, key, prefix + str(path.parent / value))
+        texts = cfg.rewards.latent.centroid_texts or {}
+        for lang, value in texts.items():
+            if not Path(value).is_absolute() and (path.parent / value).exists():
+                texts[lang] = str(path.parent / value)
     return cfg
 
 

@@ -22,9 +22,21 @@ def test_defaults_and_overrides(tmp_path):
 
 
 def test_int_accepted_for_float_and_sections_filled():
-    cfg = load_config(None, ["sampling.temperature=1", "reference.path=/models/ref"])
+    cfg = load_config(None, ["sampling.temperature=1", "rewards.implicit.reward_reference.path=/models/ref"])
     assert isinstance(cfg.sampling.temperature, float)
-    assert cfg.reference.path == "/models/ref" and cfg.reference.dtype == "auto"
+    ref = cfg.rewards.implicit.reward_reference
+    assert ref.path == "/models/ref" and ref.dtype == "auto"
+
+
+def test_a_top_level_reference_model_is_refused(tmp_path):
+    """Each reference model has its own key (rewards.implicit.reward_reference, rewards.consistency.reference); a
+    top-level `reference` was never loaded by anything, so it is refused rather than silently ignored."""
+    with pytest.raises(ConfigError, match="unknown key 'reference' in the recipe"):
+        load_config(None, ["reference.path=/models/ref"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\nreference: {path: /models/ref}\n")
+    with pytest.raises(ConfigError, match="reference: unknown key in the recipe"):
+        load_config(recipe)
 
 
 @pytest.mark.parametrize("override, expected", [

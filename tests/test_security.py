@@ -64,8 +64,8 @@ def test_no_unsafe_yaml_or_pickle_in_the_package():
 def test_trust_remote_code_is_off_by_default_for_every_model():
     cfg = load_config(None, ["rewards.implicit.enabled=true", "rewards.reward_model.enabled=true",
                              "rewards.reward_model.model.path=/models/rm",
-                             "rewards.implicit.reward_reference.path=/models/ref", "reference.path=/models/ref0"])
-    models = {"policy": cfg.policy, "reference": cfg.reference,
+                             "rewards.implicit.reward_reference.path=/models/ref"])
+    models = {"policy": cfg.policy,
               "implicit reward reference": cfg.rewards.implicit.reward_reference,
               "reward model": cfg.rewards.reward_model.model}
     assert {name: m.trust_remote_code for name, m in models.items()} == dict.fromkeys(models, False)
