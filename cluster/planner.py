@@ -231,7 +231,7 @@ def save_plan(plan: Plan, run_dir: str | Path) -> Path | None:
     """Write plan.json into the run directory; not into one that holds a run with another config (the pipeline
     refuses that directory)."""
     run_dir = Path(run_dir)
-    from rayalign.run_state import read_state
+    from rayalign.run_dir import read_state
 
     state = read_state(run_dir)  # a damaged one is refused here, before the run starts
     if state is not None and state["config_hash"] != plan.config_hash:
