@@ -1,39 +1,15 @@
-"""Typed run configuration: dataclasses with help on every field, YAML in, `key.sub=value` overrides.
-
-Every check names the key and what was expected, so a bad recipe fails before any work starts.
-"""
+"""The sections of a recipe: one dataclass each, with help on every field."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import math
-import re
-import types
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
-import yaml
+from rayalign.config.fields import config_field as _field
 
-from rayalign.languages import ISO_639_1, language_name
-from rayalign.methods import REWARD_KEY, SCHEMA, reward_enabled, schema_of
 
 TINY_MODEL = "builtin:tiny-multilingual"
 
-
-class ConfigError(ValueError):
-    """A recipe or override that cannot be used; the message names the key."""
-
-
-def _field(default=dataclasses.MISSING, *, help: str, factory=None, **checks):
-    """A dataclass field with a help string and optional checks (ge, gt, le, choices)."""
-    meta = {"help": help, **checks}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -52,6 +28,7 @@ class ModelConfig:
     )
 
 
+
 @dataclass
 class PromptColumnsConfig:
     prompt_id: str | None = _field(None, help="column holding the prompt id, the same in every language; null = "
@@ -59,6 +36,7 @@ class PromptColumnsConfig:
     instruction: str | None = _field(None, help="column holding the prompt text; null = instruction (or prompt, "
                                      "or messages)")
     lang: str | None = _field(None, help="column holding the ISO 639-1 language code; null = lang")
+
 
 
 @dataclass
@@ -87,6 +65,7 @@ class PromptsConfig:
                     revision=self.revision, config=self.config, columns=dataclasses.asdict(self.columns))
 
 
+
 @dataclass
 class SamplingConfig:
     n: int = _field(4, help="samples per (prompt_id, language)", ge=1)
@@ -96,6 +75,7 @@ class SamplingConfig:
     seed: int = _field(
         0, help="run seed; each sample's seed derives from (seed, iteration, prompt_id, lang, sample_idx)", ge=0
     )
+
 
 
 @dataclass
@@ -133,6 +113,7 @@ class EnginesConfig:
     )
 
 
+
 @dataclass
 class LatentRewardConfig:
     enabled: bool = _field(False, help="compute MSA and LaCoMSA latent rewards (docs/methods.md)")
@@ -159,6 +140,7 @@ class LatentRewardConfig:
                                  "recompute latent rewards without a forward pass")
 
 
+
 @dataclass
 class ImplicitRewardConfig:
     enabled: bool = _field(False, help="compute the implicit cross-lingual reward ICR (docs/methods.md)")
@@ -172,6 +154,7 @@ class ImplicitRewardConfig:
     alpha: float | None = _field(None, help="fixed length penalty for every language; null = per-language search "
                                  "(paper A.3)", ge=0.0)
     alpha_grid: int = _field(1000, help="grid size for the alpha search: 0, 1/G, ..., (G-1)/G", ge=1)
+
 
 
 @dataclass
@@ -197,11 +180,13 @@ class ConsistencyRewardConfig:
     force: bool = _field(False, help="accept gammas that break the consistency guarantee (Lemma 1 / Lemma 3)")
 
 
+
 @dataclass
 class RewardModelConfig:
     enabled: bool = _field(False, help="score every language with an English sequence-classification reward model "
                            "(reward-model transfer)")
     model: ModelConfig | None = _field(None, help="the reward model; required when enabled")
+
 
 
 @dataclass
@@ -210,6 +195,7 @@ class UserRewardConfig:
                               "files you trust. Relative paths are taken from the recipe's directory first")
     function: str = _field("reward", help="the function's name: f(group) -> list of floats, one per sample, where "
                            "group is a list of dicts, the samples of one prompt_id in every language")
+
 
 
 @dataclass
@@ -225,7 +211,9 @@ class RewardsConfig:
     num_gpus: float = _field(0.0, help="GPUs per scoring actor", ge=0.0)
 
 
+
 PAIR_METHODS = ("lacomsa", "msa", "icr", "kto", "dco", "lidr", "reward_model", "user")
+
 
 
 @dataclass
@@ -239,7 +227,9 @@ class PairsConfig:
     include_anchor: bool = _field(True, help="keep pairs in the anchor language")
 
 
+
 TRAINING_LOSSES = ("dpo", "ipo", "cdpo", "simpo", "kto", "orpo", "dco")
+
 
 
 @dataclass
@@ -287,7 +277,9 @@ class TrainingConfig:
     seed: int = _field(0, help="data order seed (the same on every rank)", ge=0)
 
 
+
 ONLINE_ALGORITHMS = ("grpo", "rloo", "ppo")
+
 
 
 @dataclass
@@ -330,7 +322,9 @@ class OnlineConfig:
                                choices=("lacomsa", "msa", "icr", "reward_model"))
 
 
+
 WANDB_MODES = ("online", "offline", "disabled")
+
 
 
 @dataclass
@@ -342,6 +336,7 @@ class WandbConfig:
                               "else online", choices=WANDB_MODES)
 
 
+
 @dataclass
 class LoggingConfig:
     """Experiment trackers (rayalign/tracking.py): the metrics.jsonl and train_log.jsonl records, as they are written."""
@@ -349,6 +344,7 @@ class LoggingConfig:
                                       "tensorboard extra), false, or null = when tensorboard is installed")
     wandb: WandbConfig | None = _field(None, help="Weights & Biases run {project, entity, mode} with the same "
                                        "metrics, the config and the report's plots (the wandb extra); null = off")
+
 
 
 @dataclass
@@ -367,393 +363,3 @@ class ClusterConfig:
     efficiency: float | None = _field(
         None, help="time estimate: share of device_tflops that scoring and training reach; null = the table's",
         gt=0.0, le=1.0)
-
-
-RUN_MODES = ("offline", "online")
-OFFLINE_ONLY = ("iterations", "pairs", "training.loss", "training.batch_alignment", "training.backend")
-
-
-@dataclass
-class RunConfig:
-    name: str = _field("run", help="run name; the run directory defaults to runs/<name>")
-    run_dir: str | None = _field(None, help="where datasets, checkpoints and metrics go; null = runs/<name>")
-    mode: str = _field("offline", help="offline: iterations of generate -> score -> pairs -> train; online: RL steps "
-                       "of rollouts, rewards and updates (the online section). `rayalign launch` runs either",
-                       choices=RUN_MODES)
-    iterations: int = _field(1, help="self-alignment iterations (generate -> score -> pairs -> train)", ge=1)
-    languages: list[str] = _field(
-        help="ISO 639-1 codes of the languages to generate in", factory=lambda: ["en", "es", "de", "fr", "ru"]
-    )
-    anchor_language: str = _field("en", help="high-resource anchor language (must be in languages)")
-    policy: ModelConfig = _field(help="the policy model that generates", factory=ModelConfig)
-    prompts: PromptsConfig = _field(help="parallel prompt source", factory=PromptsConfig)
-    sampling: SamplingConfig = _field(help="sampling parameters", factory=SamplingConfig)
-    engines: EnginesConfig = _field(help="generation engines and actors", factory=EnginesConfig)
-    rewards: RewardsConfig = _field(help="reward computation", factory=RewardsConfig)
-    pairs: PairsConfig = _field(help="preference pairs", factory=PairsConfig)
-    training: TrainingConfig = _field(help="DPO-family training", factory=TrainingConfig)
-    online: OnlineConfig = _field(help="online RL (rayalign online RECIPE)", factory=OnlineConfig)
-    cluster: ClusterConfig = _field(help="schedule of the phases and time-estimate figures", factory=ClusterConfig)
-    logging: LoggingConfig = _field(help="experiment trackers: TensorBoard, Weights & Biases", factory=LoggingConfig)
-
-    def language_names(self) -> dict[str, str]:
-        return {code: language_name(code) for code in self.languages}
-
-    def resolved_run_dir(self) -> Path:
-        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def config_hash(self) -> str:
-        """Hash of every setting that changes results (not the name, run dir, actor count or failure share)."""
-        d = self.to_dict()
-        for key in ("name", "run_dir", "logging"):  # where results are recorded, not what they are
-            d.pop(key)
-        if d["mode"] == "offline":  # offline hashes predate the key
-            d.pop("mode")
-        if not d["online"]["async_train"]:  # hashes predate the key
-            d["online"].pop("async_train")
-        for key, default in dataclasses.asdict(PromptsConfig()).items():  # hashes predate the hf: source keys
-            if key not in ("path", "limit", "system_prompt") and d["prompts"][key] == default:
-                d["prompts"].pop(key)
-        d["cluster"] = {}  # the schedule and the estimate's figures do not change rows
-        for key in ("count", "max_failed_share", "kv_cache_gib", "max_batch_tokens"):  # they do not change rows
-            d["engines"].pop(key)  # (raising max_failed_share lets a stopped run resume)
-        if d["engines"]["max_model_len"] is None:  # hashes predate the key
-            d["engines"].pop("max_model_len")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-    def validate(self) -> None:
-        if any(part in ("", ".", "..") for part in self.name.split("/")) or any(c in self.name for c in "\\\0"):
-            raise ConfigError(f"name: {self.name!r} is not a run name: the run directory runs/<name> must stay under "
-                              "runs/ (no '..', '.', empty parts, leading '/' or backslash; '/' only nests, as studies "
-                              "do); set run_dir to choose another path")
-        if not self.languages:
-            raise ConfigError("languages: expected at least one ISO 639-1 code, got an empty list")
-        for i, code in enumerate(self.languages):
-            if code not in ISO_639_1:
-                raise ConfigError(
-                    f"languages[{i}]: unknown ISO 639-1 code {code!r} (expected two letters such as en, de, zh)"
-                )
-        if len(set(self.languages)) != len(self.languages):
-            raise ConfigError(f"languages: duplicate codes in {self.languages}")
-        if self.anchor_language not in self.languages:
-            raise ConfigError(
-                f"anchor_language: {self.anchor_language!r} is not one of languages {self.languages}"
-            )
-        self._validate_mode()
-        self._validate_rewards()
-        self._validate_training()
-        self._validate_online()
-        e = self.engines
-        if e.backend == "vllm" and 0 < e.num_gpus < e.tensor_parallel_size:
-            raise ConfigError(f"engines.num_gpus: the vllm backend needs at least tensor_parallel_size "
-                              f"({e.tensor_parallel_size}) GPUs per engine, got {e.num_gpus}")
-        if e.backend == "vllm" and e.num_gpus == 0 and e.tensor_parallel_size > 1:
-            raise ConfigError(f"engines.tensor_parallel_size: {e.tensor_parallel_size} needs GPUs (engines.num_gpus); "
-                              "vLLM on CPU (num_gpus: 0) runs one engine per actor")
-        if e.backend == "vllm" and e.max_model_len is not None and e.max_batch_tokens < e.max_model_len:
-            raise ConfigError(f"engines.max_batch_tokens: {e.max_batch_tokens} is below engines.max_model_len "
-                              f"{e.max_model_len}; a prompt must fit in one engine step")
-
-
-    def _validate_mode(self) -> None:
-        """Refuse a recipe whose settings belong to the other mode: they would be silently ignored."""
-        def changed(keys: tuple[str, ...]) -> list[str]:
-            default, ours = dataclasses.asdict(RunConfig()), self.to_dict()
-            out = []
-            for key in keys:
-                a, b = default, ours
-                for part in key.split("."):
-                    a, b = a[part], b[part]
-                if isinstance(a, dict):
-                    out += [f"{key}.{k}" for k in a if a[k] != b[k]]
-                elif a != b:
-                    out.append(key)
-            return out
-
-        if self.mode == "offline" and (keys := changed(("online",))):
-            raise ConfigError(f"{', '.join(keys)}: online settings in an offline recipe; set mode: online to run the "
-                              "online loop, or remove them")
-        if self.mode == "online" and (keys := changed(OFFLINE_ONLY)):
-            raise ConfigError(f"{', '.join(keys)}: offline settings in an online recipe (mode: online); remove them, "
-                              "or set mode: offline")
-
-    def _validate_online(self) -> None:
-        o, r = self.online, self.rewards
-        if o.score_weight:
-            if not reward_enabled(self, o.score_reward):
-                raise ConfigError(f"online.score_reward: {o.score_reward} needs {REWARD_KEY[o.score_reward]}")
-        if o.user_weight and not r.user.path:
-            raise ConfigError("online.user_weight: needs rewards.user.path (the reward file)")
-        if o.target_language is not None and o.target_language not in self.languages:
-            raise ConfigError(f"online.target_language: {o.target_language!r} is not one of languages {self.languages}")
-
-    def _validate_training(self) -> None:
-        t, method = self.training, self.pairs.method
-        if t.global_batch_size is not None:
-            if t.global_batch_size % t.micro_batch_size:
-                raise ConfigError(f"training.global_batch_size: {t.global_batch_size} is not a multiple of "
-                                  f"training.micro_batch_size {t.micro_batch_size}")
-            if t.world_size != "auto" and t.global_batch_size != t.micro_batch_size * t.gradient_accumulation * \
-                    t.world_size:
-                raise ConfigError(f"training.global_batch_size: {t.global_batch_size} differs from micro_batch_size x "
-                                  f"gradient_accumulation x world_size = "
-                                  f"{t.micro_batch_size * t.gradient_accumulation * t.world_size}; set world_size: auto "
-                                  "to derive the accumulation, or remove global_batch_size")
-        if self.iterations > 1 and t.loss is None:
-            raise ConfigError(f"iterations: {self.iterations} needs training.loss (policy t is trained on iteration "
-                              "t's pairs); set training.loss or iterations: 1")
-        if t.loss is None:
-            return
-        if method is None:
-            raise ConfigError(f"training.loss: {t.loss} needs preference data; set pairs.method")
-        if schema_of(t.loss) != schema_of(method):
-            wanted = SCHEMA.get(t.loss, "one of lacomsa, msa, icr, reward_model, user, lidr")
-            raise ConfigError(f"training.loss: {t.loss} does not fit pairs.method {method}; use pairs.method {wanted}")
-        if t.batch_alignment:
-            if t.loss not in ("dpo", "orpo"):
-                raise ConfigError(f"training.batch_alignment: works with loss dpo or orpo (the batch alignment paper), got {t.loss}")
-            batch = (t.global_batch_size if t.world_size == "auto" else
-                     t.micro_batch_size * t.gradient_accumulation * t.world_size)
-            if batch and batch % len(self.languages):
-                raise ConfigError(f"training.batch_alignment: the global batch (micro_batch_size x "
-                                  f"gradient_accumulation x world_size = {batch}) must be a multiple of the "
-                                  f"{len(self.languages)} languages, so that every batch holds whole prompt groups")
-            if not self.pairs.include_anchor:
-                raise ConfigError("training.batch_alignment: the anchor language is part of every group; set "
-                                  "pairs.include_anchor: true")
-        if t.backend == "openrlhf" and t.loss not in ("dpo", "ipo", "cdpo"):
-            raise ConfigError(f"training.backend: openrlhf trains dpo, ipo or cdpo, got loss {t.loss}")
-
-    def _validate_rewards(self) -> None:
-        r, method = self.rewards, self.pairs.method
-        if r.implicit.enabled and r.implicit.reward_reference is None:
-            raise ConfigError("rewards.implicit.reward_reference: required when rewards.implicit.enabled (pi_I, the "
-                              "model the policy was DPO-trained from)")
-        if r.reward_model.enabled and r.reward_model.model is None:
-            raise ConfigError("rewards.reward_model.model: required when rewards.reward_model.enabled")
-        hub = r.latent.hub_layer
-        if isinstance(hub, str) and hub != "auto" or isinstance(hub, int) and hub < 0:
-            raise ConfigError(f"rewards.latent.hub_layer: expected a hidden_states index >= 0, auto or null, got {hub!r}")
-        texts = r.latent.centroid_texts
-        if texts is not None:
-            if r.latent.centroid_mode != "language":
-                raise ConfigError("rewards.latent.centroid_texts: centroids from text files replace the per-language "
-                                  "centroids, so centroid_mode must be language")
-            missing, extra = sorted(set(self.languages) - set(texts)), sorted(set(texts) - set(self.languages))
-            if missing or extra:
-                raise ConfigError(f"rewards.latent.centroid_texts: needs one text file for each language of the run "
-                                  f"{self.languages}" + (f"; missing {', '.join(missing)}" if missing else "")
-                                  + (f"; not in languages: {', '.join(extra)}" if extra else ""))
-        if r.latent.enabled and self.sampling.n < 2:
-            raise ConfigError(f"sampling.n: latent rewards score each anchor response against the other anchor "
-                              f"responses, so n must be >= 2, got {self.sampling.n}")
-        ranked_by = self.pairs.kto_reward if method == "kto" else method
-        if ranked_by in REWARD_KEY and not reward_enabled(self, ranked_by):
-            raise ConfigError(f"pairs.method: {method} needs {REWARD_KEY[ranked_by]}")
-        c = r.consistency
-        if c.enabled and not c.force:
-            from rayalign.rewards.consistency import check_gamma_rank_one, dco_gamma_table, gamma_matrix
-
-            gammas = dco_gamma_table(self.languages, self.anchor_language, c.gamma_from_anchor, c.gamma_to_anchor,
-                                     c.gamma_between)
-            try:
-                check_gamma_rank_one(gamma_matrix(self.languages, gammas, c.beta))
-            except ValueError as e:
-                raise ConfigError(f"rewards.consistency: gammas break the consistency guarantee (need "
-                                  f"gamma_ij * gamma_ji = beta^2 and a rank-1 Gamma; set force: true to accept): {e}")
-
-
-# ---- building dataclasses from plain data, with key-naming errors ----
-
-
-def _type_name(tp) -> str:
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return f"a mapping of language code to {_type_name(typing.get_args(tp)[1])}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}[tp]
-
-
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _convert(value, tp, key: str):
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return _build(tp, value, key + ".")
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError:
-                if len(args) == 2 and type(None) in args:
-                    raise
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-        key_tp, item_tp = typing.get_args(tp)
-        return {_convert(k, key_tp, f"{key}"): _convert(v, item_tp, f"{key}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
-        value = float(value)  # PyYAML reads 3e-4 (no dot) as a string
-    ok = (
-        isinstance(value, bool) if tp is bool
-        else isinstance(value, int) and not isinstance(value, bool) if tp is int
-        else isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float
-        else isinstance(value, tp)
-    )
-    if not ok:
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    if tp is float and not math.isfinite(value):
-        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-    return float(value) if tp is float else value
-
-
-def _check(value, meta: dict, key: str) -> None:
-    if value is None:
-        return
-    if meta.get("auto") and isinstance(value, str):
-        if value != "auto":
-            raise ConfigError(f"{key}: expected an integer >= {meta['ge']} or auto, got {value!r}")
-        return
-    if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{key}: expected one of {', '.join(meta['choices'])}, got {value!r}")
-    if "ge" in meta and value < meta["ge"]:
-        raise ConfigError(f"{key}: expected a value >= {meta['ge']}, got {value!r}")
-    if "gt" in meta and value <= meta["gt"]:
-        raise ConfigError(f"{key}: expected a value > {meta['gt']}, got {value!r}")
-    if "le" in meta and value > meta["le"]:
-        raise ConfigError(f"{key}: expected a value <= {meta['le']}, got {value!r}")
-
-
-def _build(cls, data: dict, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        where = prefix.rstrip(".") or "the recipe"
-        expected = ", ".join(fields) if fields else "no keys yet (this section is filled by a later release)"
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key in {where} (expected one of: {expected})")
-    kwargs = {}
-    for name, value in data.items():
-        key = prefix + name
-        kwargs[name] = _convert(value, hints[name], key)
-        _check(kwargs[name], fields[name].metadata, key)
-    return cls(**kwargs)
-
-
-def _set_override(data: dict, override: str) -> None:
-    if "=" not in override:
-        raise ConfigError(f"override {override!r}: expected key.sub=value")
-    key, raw = override.split("=", 1)
-    key = key.strip()
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e})") from None
-    parts = key.split(".")
-    node, cls = data, RunConfig
-    for i, part in enumerate(parts):
-        names = {f.name for f in dataclasses.fields(cls)} if cls else set()
-        if cls is not None and part not in names:
-            where = ".".join(parts[:i]) or "the recipe"
-            raise ConfigError(f"override {key}: unknown key {part!r} in {where} (expected one of: "
-                              f"{', '.join(sorted(names)) or 'none'})")
-        if i == len(parts) - 1:
-            node[part] = value
-            return
-        hint = typing.get_type_hints(cls)[part]
-        if i == len(parts) - 2 and dict in {typing.get_origin(a) for a in (hint, *typing.get_args(hint))}:
-            if not isinstance(node.get(part), dict):  # a mapping key: section.key.<lang>=value
-                node[part] = {}
-            node[part][parts[-1]] = value
-            return
-        sub = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)] or [hint]
-        cls = sub[0] if dataclasses.is_dataclass(sub[0]) else None
-        if cls is None:
-            raise ConfigError(f"override {key}: {'.'.join(parts[:i + 1])} is not a section")
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-
-
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """Read a YAML recipe (safe loader), apply `key.sub=value` overrides, validate, and return it.
-
-    Relative `prompts.path` values are resolved against the recipe's directory when that file exists.
-    """
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: recipe file not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: malformed YAML: {e}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
-        if not data:
-            raise ConfigError(f"{path}: the recipe is empty; write at least the settings that differ from the "
-                              "defaults (see `rayalign config`), for example `name: my-run`")
-    for override in overrides:
-        _set_override(data, override)
-    where = f"{path}: " if path is not None else ""
-    try:
-        cfg = _build(RunConfig, data)
-        cfg.validate()
-    except ConfigError as e:
-        raise ConfigError(f"{where}{e}") from None
-    if path is not None:
-        for section, key in ((cfg.prompts, "path"), (cfg.rewards.consistency, "candidates_path"),
-                             (cfg.rewards.user, "path")):
-            value = getattr(section, key)
-            prefix = "hf:" if section is cfg.prompts and value.startswith("hf:") else ""
-            value = value[len(prefix):] if value else value
-            if value and not Path(value).is_absolute() and (path.parent / value).exists():
-                setattr(section, key, prefix + str(path.parent / value))
-        texts = cfg.rewards.latent.centroid_texts or {}
-        for lang, value in texts.items():
-            if not Path(value).is_absolute() and (path.parent / value).exists():
-                texts[lang] = str(path.parent / value)
-    return cfg
-
-
-def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
-
-
-def describe_fields(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, help) for every field, for `rayalign config --help`-style listings."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
-        sub = [a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)]
-        if sub and dataclasses.fields(sub[0]):
-            rows.extend(describe_fields(sub[0], prefix + f.name + "."))
-        elif not sub:
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
-    return rows

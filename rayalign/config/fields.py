@@ -1,0 +1,176 @@
+"""The machinery of typed configuration: fields with help and checks, and building dataclasses from plain data
+(YAML) with errors that name the key and what was expected."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import field
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the key."""
+
+
+
+def config_field(default=dataclasses.MISSING, *, help: str, factory=None, **checks):
+    """A dataclass field with a help string and optional checks (ge, gt, le, choices)."""
+    meta = {"help": help, **checks}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+
+def _type_name(tp) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of language code to {_type_name(typing.get_args(tp)[1])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}[tp]
+
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+
+def _convert(value, tp, key: str):
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return build_dataclass(tp, value, key + ".")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                if len(args) == 2 and type(None) in args:
+                    raise
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        key_tp, item_tp = typing.get_args(tp)
+        return {_convert(k, key_tp, f"{key}"): _convert(v, item_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        value = float(value)  # PyYAML reads 3e-4 (no dot) as a string
+    ok = (
+        isinstance(value, bool) if tp is bool
+        else isinstance(value, int) and not isinstance(value, bool) if tp is int
+        else isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float
+        else isinstance(value, tp)
+    )
+    if not ok:
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    return float(value) if tp is float else value
+
+
+
+def _check(value, meta: dict, key: str) -> None:
+    if value is None:
+        return
+    if meta.get("auto") and isinstance(value, str):
+        if value != "auto":
+            raise ConfigError(f"{key}: expected an integer >= {meta['ge']} or auto, got {value!r}")
+        return
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{key}: expected one of {', '.join(meta['choices'])}, got {value!r}")
+    if "ge" in meta and value < meta["ge"]:
+        raise ConfigError(f"{key}: expected a value >= {meta['ge']}, got {value!r}")
+    if "gt" in meta and value <= meta["gt"]:
+        raise ConfigError(f"{key}: expected a value > {meta['gt']}, got {value!r}")
+    if "le" in meta and value > meta["le"]:
+        raise ConfigError(f"{key}: expected a value <= {meta['le']}, got {value!r}")
+
+
+
+def build_dataclass(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        where = prefix.rstrip(".") or "the recipe"
+        expected = ", ".join(fields) if fields else "no keys yet (this section is filled by a later release)"
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key in {where} (expected one of: {expected})")
+    kwargs = {}
+    for name, value in data.items():
+        key = prefix + name
+        kwargs[name] = _convert(value, hints[name], key)
+        _check(kwargs[name], fields[name].metadata, key)
+    return cls(**kwargs)
+
+
+
+def set_override(data: dict, override: str, root) -> None:
+    """Apply one `key.sub=value` override (the value read as YAML) to the plain data of dataclass `root`."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key.sub=value")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e})") from None
+    parts = key.split(".")
+    node, cls = data, root
+    for i, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(cls)} if cls else set()
+        if cls is not None and part not in names:
+            where = ".".join(parts[:i]) or "the recipe"
+            raise ConfigError(f"override {key}: unknown key {part!r} in {where} (expected one of: "
+                              f"{', '.join(sorted(names)) or 'none'})")
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        hint = typing.get_type_hints(cls)[part]
+        if i == len(parts) - 2 and dict in {typing.get_origin(a) for a in (hint, *typing.get_args(hint))}:
+            if not isinstance(node.get(part), dict):  # a mapping key: section.key.<lang>=value
+                node[part] = {}
+            node[part][parts[-1]] = value
+            return
+        sub = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)] or [hint]
+        cls = sub[0] if dataclasses.is_dataclass(sub[0]) else None
+        if cls is None:
+            raise ConfigError(f"override {key}: {'.'.join(parts[:i + 1])} is not a section")
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+
+
+
+def describe_fields(cls, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every field, for `rayalign config --help`-style listings."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        sub = [a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)]
+        if sub and dataclasses.fields(sub[0]):
+            rows.extend(describe_fields(sub[0], prefix + f.name + "."))
+        elif not sub:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
+    return rows

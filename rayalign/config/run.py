@@ -1,0 +1,268 @@
+"""RunConfig, the whole recipe: its sections, the checks across sections, and the YAML loader."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rayalign.config.fields import ConfigError, build_dataclass, config_field as _field, set_override
+from rayalign.config.sections import (ClusterConfig, EnginesConfig, LoggingConfig, ModelConfig, OnlineConfig,
+                                      PairsConfig, PromptsConfig, RewardsConfig, SamplingConfig, TrainingConfig)
+from rayalign.languages import ISO_639_1, language_name
+from rayalign.methods import REWARD_KEY, SCHEMA, reward_enabled, schema_of
+
+RUN_MODES = ("offline", "online")
+OFFLINE_ONLY = ("iterations", "pairs", "training.loss", "training.batch_alignment", "training.backend")
+
+
+@dataclass
+class RunConfig:
+    name: str = _field("run", help="run name; the run directory defaults to runs/<name>")
+    run_dir: str | None = _field(None, help="where datasets, checkpoints and metrics go; null = runs/<name>")
+    mode: str = _field("offline", help="offline: iterations of generate -> score -> pairs -> train; online: RL steps "
+                       "of rollouts, rewards and updates (the online section). `rayalign launch` runs either",
+                       choices=RUN_MODES)
+    iterations: int = _field(1, help="self-alignment iterations (generate -> score -> pairs -> train)", ge=1)
+    languages: list[str] = _field(
+        help="ISO 639-1 codes of the languages to generate in", factory=lambda: ["en", "es", "de", "fr", "ru"]
+    )
+    anchor_language: str = _field("en", help="high-resource anchor language (must be in languages)")
+    policy: ModelConfig = _field(help="the policy model that generates", factory=ModelConfig)
+    prompts: PromptsConfig = _field(help="parallel prompt source", factory=PromptsConfig)
+    sampling: SamplingConfig = _field(help="sampling parameters", factory=SamplingConfig)
+    engines: EnginesConfig = _field(help="generation engines and actors", factory=EnginesConfig)
+    rewards: RewardsConfig = _field(help="reward computation", factory=RewardsConfig)
+    pairs: PairsConfig = _field(help="preference pairs", factory=PairsConfig)
+    training: TrainingConfig = _field(help="DPO-family training", factory=TrainingConfig)
+    online: OnlineConfig = _field(help="online RL (rayalign online RECIPE)", factory=OnlineConfig)
+    cluster: ClusterConfig = _field(help="schedule of the phases and time-estimate figures", factory=ClusterConfig)
+    logging: LoggingConfig = _field(help="experiment trackers: TensorBoard, Weights & Biases", factory=LoggingConfig)
+
+    def language_names(self) -> dict[str, str]:
+        return {code: language_name(code) for code in self.languages}
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        """Hash of every setting that changes results (not the name, run dir, actor count or failure share)."""
+        d = self.to_dict()
+        for key in ("name", "run_dir", "logging"):  # where results are recorded, not what they are
+            d.pop(key)
+        if d["mode"] == "offline":  # offline hashes predate the key
+            d.pop("mode")
+        if not d["online"]["async_train"]:  # hashes predate the key
+            d["online"].pop("async_train")
+        for key, default in dataclasses.asdict(PromptsConfig()).items():  # hashes predate the hf: source keys
+            if key not in ("path", "limit", "system_prompt") and d["prompts"][key] == default:
+                d["prompts"].pop(key)
+        d["cluster"] = {}  # the schedule and the estimate's figures do not change rows
+        for key in ("count", "max_failed_share", "kv_cache_gib", "max_batch_tokens"):  # they do not change rows
+            d["engines"].pop(key)  # (raising max_failed_share lets a stopped run resume)
+        if d["engines"]["max_model_len"] is None:  # hashes predate the key
+            d["engines"].pop("max_model_len")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def validate(self) -> None:
+        if any(part in ("", ".", "..") for part in self.name.split("/")) or any(c in self.name for c in "\\\0"):
+            raise ConfigError(f"name: {self.name!r} is not a run name: the run directory runs/<name> must stay under "
+                              "runs/ (no '..', '.', empty parts, leading '/' or backslash; '/' only nests, as studies "
+                              "do); set run_dir to choose another path")
+        if not self.languages:
+            raise ConfigError("languages: expected at least one ISO 639-1 code, got an empty list")
+        for i, code in enumerate(self.languages):
+            if code not in ISO_639_1:
+                raise ConfigError(
+                    f"languages[{i}]: unknown ISO 639-1 code {code!r} (expected two letters such as en, de, zh)"
+                )
+        if len(set(self.languages)) != len(self.languages):
+            raise ConfigError(f"languages: duplicate codes in {self.languages}")
+        if self.anchor_language not in self.languages:
+            raise ConfigError(
+                f"anchor_language: {self.anchor_language!r} is not one of languages {self.languages}"
+            )
+        self._validate_mode()
+        self._validate_rewards()
+        self._validate_training()
+        self._validate_online()
+        e = self.engines
+        if e.backend == "vllm" and 0 < e.num_gpus < e.tensor_parallel_size:
+            raise ConfigError(f"engines.num_gpus: the vllm backend needs at least tensor_parallel_size "
+                              f"({e.tensor_parallel_size}) GPUs per engine, got {e.num_gpus}")
+        if e.backend == "vllm" and e.num_gpus == 0 and e.tensor_parallel_size > 1:
+            raise ConfigError(f"engines.tensor_parallel_size: {e.tensor_parallel_size} needs GPUs (engines.num_gpus); "
+                              "vLLM on CPU (num_gpus: 0) runs one engine per actor")
+        if e.backend == "vllm" and e.max_model_len is not None and e.max_batch_tokens < e.max_model_len:
+            raise ConfigError(f"engines.max_batch_tokens: {e.max_batch_tokens} is below engines.max_model_len "
+                              f"{e.max_model_len}; a prompt must fit in one engine step")
+
+
+    def _validate_mode(self) -> None:
+        """Refuse a recipe whose settings belong to the other mode: they would be silently ignored."""
+        def changed(keys: tuple[str, ...]) -> list[str]:
+            default, ours = dataclasses.asdict(RunConfig()), self.to_dict()
+            out = []
+            for key in keys:
+                a, b = default, ours
+                for part in key.split("."):
+                    a, b = a[part], b[part]
+                if isinstance(a, dict):
+                    out += [f"{key}.{k}" for k in a if a[k] != b[k]]
+                elif a != b:
+                    out.append(key)
+            return out
+
+        if self.mode == "offline" and (keys := changed(("online",))):
+            raise ConfigError(f"{', '.join(keys)}: online settings in an offline recipe; set mode: online to run the "
+                              "online loop, or remove them")
+        if self.mode == "online" and (keys := changed(OFFLINE_ONLY)):
+            raise ConfigError(f"{', '.join(keys)}: offline settings in an online recipe (mode: online); remove them, "
+                              "or set mode: offline")
+
+    def _validate_online(self) -> None:
+        o, r = self.online, self.rewards
+        if o.score_weight:
+            if not reward_enabled(self, o.score_reward):
+                raise ConfigError(f"online.score_reward: {o.score_reward} needs {REWARD_KEY[o.score_reward]}")
+        if o.user_weight and not r.user.path:
+            raise ConfigError("online.user_weight: needs rewards.user.path (the reward file)")
+        if o.target_language is not None and o.target_language not in self.languages:
+            raise ConfigError(f"online.target_language: {o.target_language!r} is not one of languages {self.languages}")
+
+    def _validate_training(self) -> None:
+        t, method = self.training, self.pairs.method
+        if t.global_batch_size is not None:
+            if t.global_batch_size % t.micro_batch_size:
+                raise ConfigError(f"training.global_batch_size: {t.global_batch_size} is not a multiple of "
+                                  f"training.micro_batch_size {t.micro_batch_size}")
+            if t.world_size != "auto" and t.global_batch_size != t.micro_batch_size * t.gradient_accumulation * \
+                    t.world_size:
+                raise ConfigError(f"training.global_batch_size: {t.global_batch_size} differs from micro_batch_size x "
+                                  f"gradient_accumulation x world_size = "
+                                  f"{t.micro_batch_size * t.gradient_accumulation * t.world_size}; set world_size: auto "
+                                  "to derive the accumulation, or remove global_batch_size")
+        if self.iterations > 1 and t.loss is None:
+            raise ConfigError(f"iterations: {self.iterations} needs training.loss (policy t is trained on iteration "
+                              "t's pairs); set training.loss or iterations: 1")
+        if t.loss is None:
+            return
+        if method is None:
+            raise ConfigError(f"training.loss: {t.loss} needs preference data; set pairs.method")
+        if schema_of(t.loss) != schema_of(method):
+            wanted = SCHEMA.get(t.loss, "one of lacomsa, msa, icr, reward_model, user, lidr")
+            raise ConfigError(f"training.loss: {t.loss} does not fit pairs.method {method}; use pairs.method {wanted}")
+        if t.batch_alignment:
+            if t.loss not in ("dpo", "orpo"):
+                raise ConfigError(f"training.batch_alignment: works with loss dpo or orpo (the batch alignment paper), got {t.loss}")
+            batch = (t.global_batch_size if t.world_size == "auto" else
+                     t.micro_batch_size * t.gradient_accumulation * t.world_size)
+            if batch and batch % len(self.languages):
+                raise ConfigError(f"training.batch_alignment: the global batch (micro_batch_size x "
+                                  f"gradient_accumulation x world_size = {batch}) must be a multiple of the "
+                                  f"{len(self.languages)} languages, so that every batch holds whole prompt groups")
+            if not self.pairs.include_anchor:
+                raise ConfigError("training.batch_alignment: the anchor language is part of every group; set "
+                                  "pairs.include_anchor: true")
+        if t.backend == "openrlhf" and t.loss not in ("dpo", "ipo", "cdpo"):
+            raise ConfigError(f"training.backend: openrlhf trains dpo, ipo or cdpo, got loss {t.loss}")
+
+    def _validate_rewards(self) -> None:
+        r, method = self.rewards, self.pairs.method
+        if r.implicit.enabled and r.implicit.reward_reference is None:
+            raise ConfigError("rewards.implicit.reward_reference: required when rewards.implicit.enabled (pi_I, the "
+                              "model the policy was DPO-trained from)")
+        if r.reward_model.enabled and r.reward_model.model is None:
+            raise ConfigError("rewards.reward_model.model: required when rewards.reward_model.enabled")
+        hub = r.latent.hub_layer
+        if isinstance(hub, str) and hub != "auto" or isinstance(hub, int) and hub < 0:
+            raise ConfigError(f"rewards.latent.hub_layer: expected a hidden_states index >= 0, auto or null, got {hub!r}")
+        texts = r.latent.centroid_texts
+        if texts is not None:
+            if r.latent.centroid_mode != "language":
+                raise ConfigError("rewards.latent.centroid_texts: centroids from text files replace the per-language "
+                                  "centroids, so centroid_mode must be language")
+            missing, extra = sorted(set(self.languages) - set(texts)), sorted(set(texts) - set(self.languages))
+            if missing or extra:
+                raise ConfigError(f"rewards.latent.centroid_texts: needs one text file for each language of the run "
+                                  f"{self.languages}" + (f"; missing {', '.join(missing)}" if missing else "")
+                                  + (f"; not in languages: {', '.join(extra)}" if extra else ""))
+        if r.latent.enabled and self.sampling.n < 2:
+            raise ConfigError(f"sampling.n: latent rewards score each anchor response against the other anchor "
+                              f"responses, so n must be >= 2, got {self.sampling.n}")
+        ranked_by = self.pairs.kto_reward if method == "kto" else method
+        if ranked_by in REWARD_KEY and not reward_enabled(self, ranked_by):
+            raise ConfigError(f"pairs.method: {method} needs {REWARD_KEY[ranked_by]}")
+        c = r.consistency
+        if c.enabled and not c.force:
+            from rayalign.rewards.consistency import check_gamma_rank_one, dco_gamma_table, gamma_matrix
+
+            gammas = dco_gamma_table(self.languages, self.anchor_language, c.gamma_from_anchor, c.gamma_to_anchor,
+                                     c.gamma_between)
+            try:
+                check_gamma_rank_one(gamma_matrix(self.languages, gammas, c.beta))
+            except ValueError as e:
+                raise ConfigError(f"rewards.consistency: gammas break the consistency guarantee (need "
+                                  f"gamma_ij * gamma_ji = beta^2 and a rank-1 Gamma; set force: true to accept): {e}")
+
+
+# ---- building dataclasses from plain data, with key-naming errors ----
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a YAML recipe (safe loader), apply `key.sub=value` overrides, validate, and return it.
+
+    Relative `prompts.path` values are resolved against the recipe's directory when that file exists.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: recipe file not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: malformed YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
+        if not data:
+            raise ConfigError(f"{path}: the recipe is empty; write at least the settings that differ from the "
+                              "defaults (see `rayalign config`), for example `name: my-run`")
+    for override in overrides:
+        set_override(data, override, RunConfig)
+    where = f"{path}: " if path is not None else ""
+    try:
+        cfg = build_dataclass(RunConfig, data)
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}") from None
+    if path is not None:
+        for section, key in ((cfg.prompts, "path"), (cfg.rewards.consistency, "candidates_path"),
+                             (cfg.rewards.user, "path")):
+            value = getattr(section, key)
+            prefix = "hf:" if section is cfg.prompts and value.startswith("hf:") else ""
+            value = value[len(prefix):] if value else value
+            if value and not Path(value).is_absolute() and (path.parent / value).exists():
+                setattr(section, key, prefix + str(path.parent / value))
+        texts = cfg.rewards.latent.centroid_texts or {}
+        for lang, value in texts.items():
+            if not Path(value).is_absolute() and (path.parent / value).exists():
+                texts[lang] = str(path.parent / value)
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
