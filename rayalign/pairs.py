@@ -72,30 +72,43 @@ def kto_rows(scores: pl.DataFrame, reward_method: str, iteration: int, *, min_ma
     return df.to_arrow().cast(schema_for("kto")[1])
 
 
+def dco_language_pairs(languages: list[str], anchor: str, which: str = "anchor") -> list[tuple[str, str]]:
+    """(side 1, side 2) language pairs of DCO tuples: the anchor with every other language, then with which = all
+    every two other languages in recipe order (DCO eq. 10, N languages)."""
+    others = [lang for lang in languages if lang != anchor]
+    pairs = [(anchor, other) for other in others]
+    if which == "all":
+        pairs += [(x, y) for i, x in enumerate(others) for y in others[i + 1:]]
+    elif which != "anchor":
+        raise ValueError(f"language pairs: expected anchor or all, got {which!r}")
+    return pairs
+
+
 def dco_tuples(candidates: pl.DataFrame, languages: list[str], anchor: str, gammas: dict[tuple[str, str], float],
-               pairs_per_question: int, seed: int, iteration: int) -> pa.Table:
+               pairs_per_question: int, seed: int, iteration: int, language_pairs: str = "anchor") -> pa.Table:
     """DCO tuples (x1, yw1, yl1, x2, yw2, yl2): the same question in two languages and the same RANDOM
     pair of candidates on both sides (not correct vs wrong; DCO paper, section 3), with pi_ref log-probs.
 
-    Language pairs: the anchor (side 1) with every other language (side 2). gammas: dco_gamma_table's
-    gamma_ij (j's reference margin inside i's target), so gamma_12 = gammas[(anchor, other)].
+    Language pairs: `dco_language_pairs` (the anchor as side 1 with every other language; with "all" also every
+    two non-anchor languages). gammas: dco_gamma_table's gamma_ij (j's reference margin inside i's target), so
+    gamma_12 = gammas[(side 1, side 2)] and gamma_21 = gammas[(side 2, side 1)].
     """
     rng = np.random.default_rng(seed)
     by_key = {(r["prompt_id"], r["lang"], r["candidate_idx"]): r for r in candidates.iter_rows(named=True)}
     counts = candidates.group_by("prompt_id").agg(pl.col("candidate_idx").n_unique().alias("c")).sort("prompt_id")
     rows = []
     for qid, n_cand in counts.iter_rows():
-        for other in (lang for lang in languages if lang != anchor):
+        for first, other in dco_language_pairs(languages, anchor, language_pairs):
             for _ in range(pairs_per_question):
                 w, l = rng.choice(n_cand, size=2, replace=False)
                 row = {"prompt_id": qid}
-                for side, lang in ((1, anchor), (2, other)):
+                for side, lang in ((1, first), (2, other)):
                     cw, cl = by_key[(qid, lang, int(w))], by_key[(qid, lang, int(l))]
                     row |= {f"prompt_{side}": cw["messages"], f"lang_{side}": lang,
                             f"chosen_{side}": [{"role": "assistant", "content": cw["candidate"]}],
                             f"rejected_{side}": [{"role": "assistant", "content": cl["candidate"]}],
                             f"ref_logp_chosen_{side}": cw["logp_ref"], f"ref_logp_rejected_{side}": cl["logp_ref"]}
-                row |= {"gamma_12": gammas[(anchor, other)], "gamma_21": gammas[(other, anchor)], "method": "dco",
+                row |= {"gamma_12": gammas[(first, other)], "gamma_21": gammas[(other, first)], "method": "dco",
                         "iteration": iteration}
                 rows.append(row)
     return pa.Table.from_pylist(rows, schema=schema_for("dco")[1])

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from rayalign.eval.metrics import (candidate_rows, choose_hub_layer, distribution_rows, fidelity_rows,
-                                   silhouette_rows)
+                                   silhouette_pair_rows, silhouette_rows)
 from conftest import REPO
 from test_judge import serve  # noqa: F401  (fixture)
 
@@ -50,6 +50,45 @@ def test_silhouette_rows_by_hand():
     assert rows[1]["value"] == pytest.approx((0.5 / 0.7 + 0.02 / 0.22) / 2)
 
 
+def silhouette_by_hand(h, labels):
+    """sklearn's definition with the full (N, N) cosine-distance matrix: s = (b - a) / max(a, b), 0 when alone."""
+    unit = h / np.linalg.norm(h, axis=1, keepdims=True)
+    distance = 1.0 - unit @ unit.T
+    labels = np.asarray(labels)
+    scores = []
+    for i in range(len(h)):
+        own = (labels == labels[i]) & (np.arange(len(h)) != i)
+        if not own.any():
+            scores.append(0.0)
+            continue
+        a = distance[i, own].mean()
+        b = min(distance[i, labels == other].mean() for other in set(labels.tolist()) - {labels[i]})
+        scores.append((b - a) / max(a, b))
+    return float(np.mean(scores))
+
+
+def test_silhouette_per_language_pair_against_a_full_distance_matrix():
+    # Three prompts in en, de and sw: en and de states sit near their prompt's direction, sw states point
+    # elsewhere, so en + de separates the prompts better than en + sw, and the pooled value lies between.
+    rng = np.random.default_rng(0)
+    directions = np.eye(6)[:3] * 4
+    prompts = np.repeat(["p0", "p1", "p2"], 3)
+    langs = np.tile(["en", "de", "sw"], 3)
+    h = np.where((langs == "sw")[:, None], rng.normal(size=(9, 6)), directions[np.repeat([0, 1, 2], 3)]
+                 + 0.3 * rng.normal(size=(9, 6)))
+    pooled = {1: h, 2: h[:, ::-1] + 1.0}
+    rows = by_key(silhouette_pair_rows(pooled, prompts, langs, "en"), "other_lang", "layer")
+    assert set(rows) == {("de", 1), ("de", 2), ("sw", 1), ("sw", 2)}
+    for (other, layer), r in rows.items():
+        keep = np.isin(langs, ["en", other])
+        assert r["lang"] == "en" and r["metric"] == "silhouette" and r["count"] == 3
+        assert r["value"] == pytest.approx(silhouette_by_hand(pooled[layer][keep], prompts[keep]), abs=1e-12)
+    pooled_value = silhouette_by_hand(h, prompts)
+    assert rows[("de", 1)]["value"] > pooled_value > rows[("sw", 1)]["value"]
+    # a pair with a single prompt is left out
+    assert silhouette_pair_rows({1: h[:2]}, ["p0", "p0"], ["en", "de"], "en") == []
+
+
 def test_hub_layer_is_the_argmax_between_embeddings_and_language_layer():
     # the embeddings (0) and the language layer (L) are excluded; a tie goes to the lower layer
     assert choose_hub_layer({0: 0.9, 1: 0.1, 2: 0.3, 3: 0.3, 4: 0.95}, num_layers=4) == 2
@@ -82,6 +121,25 @@ def test_rankc_and_accuracy_by_hand():
     assert rows[("accuracy", "en", None)]["value"] == pytest.approx(2 / 3)  # q1 and q3 right, q2 wrong
     assert rows[("accuracy", "de", None)]["value"] == 0.0
     assert rows[("accuracy", "all", None)]["value"] == pytest.approx(1 / 3)
+
+
+def test_clc_all_covers_every_two_languages_by_hand():
+    # One query, three candidates. en and fr rank 0, 1, 2; de ranks 1, 0, 2: against it P@1 = 0, P@2 = P@3 = 1.
+    w3 = np.exp([2.0, 1.0, 0.0]) / np.exp([2.0, 1.0, 0.0]).sum()
+    swapped = w3[1] + w3[2]
+    scores = {("q1", "en"): [-1, -2, -3], ("q1", "de"): [-2, -1, -3], ("q1", "fr"): [-1, -2, -3]}
+    rows = by_key(candidate_rows(candidates_frame(scores, {"q1": 0}), ["en", "de", "fr"], "en"),
+                  "metric", "lang", "other_lang")
+    assert rows[("rankc", "en", "de")]["value"] == pytest.approx(swapped)
+    assert rows[("rankc", "en", "fr")]["value"] == pytest.approx(1.0)
+    assert rows[("rankc", "all", None)]["value"] == pytest.approx((swapped + 1.0) / 2)  # anchor pairs only
+    assert rows[("clc_all", "de", "fr")]["value"] == pytest.approx(swapped)
+    assert rows[("clc_all", "all", None)]["value"] == pytest.approx((swapped + 1.0 + swapped) / 3)
+    assert rows[("clc_all", "all", None)]["count"] == 3
+    assert [k for k in rows if k[0] == "clc_all"] == [("clc_all", "de", "fr"), ("clc_all", "all", None)]
+    two = candidate_rows(candidates_frame({k: v for k, v in scores.items() if k[1] != "fr"}, {"q1": 0}),
+                         ["en", "de"], "en")
+    assert not [r for r in two if r["metric"] == "clc_all"]  # with one other language CLC_all is RankC
 
 
 def test_mean_likelihood_divides_by_candidate_tokens():
@@ -176,11 +234,15 @@ def test_eval_writes_results_that_match_its_own_datasets(evaluated):
         rewards = scores.filter(pl.col("lang") == lang)["r_lacomsa"].to_numpy()
         assert value("r_lacomsa", "mean", lang) == pytest.approx(rewards.mean())
         assert value("r_lacomsa", "p75", lang) == pytest.approx(np.percentile(rewards, 75))
-    layers = results.filter(pl.col("metric") == "silhouette").sort("layer")
+    layers = results.filter((pl.col("metric") == "silhouette") & (pl.col("lang") == "all")).sort("layer")
     assert layers["layer"].to_list() == [0, 1, 2, 3, 4]  # every hidden_states index of the 4-layer model
     assert all(-1.0 <= v <= 1.0 for v in layers["value"]) and set(layers["count"]) == {4}
+    per_pair = results.filter((pl.col("metric") == "silhouette") & (pl.col("lang") == "en"))
+    assert sorted(set(per_pair["other_lang"])) == ["de", "es"] and per_pair.height == 10  # en + x, every layer
     pairs = results.filter(pl.col("metric") == "rankc")
     assert sorted(zip(pairs["lang"], pairs["other_lang"].fill_null("-"))) == [("all", "-"), ("en", "de"), ("en", "es")]
+    clc = results.filter(pl.col("metric") == "clc_all")
+    assert sorted(zip(clc["lang"], clc["other_lang"].fill_null("-"))) == [("all", "-"), ("es", "de")]
     assert "eval of" in printed and "silhouette by layer" in printed and "lcpr" in printed
 
 
@@ -262,8 +324,11 @@ def test_eval_silhouette_matches_pooled_states_computed_directly(evaluated, tiny
     direct = engine.score([ScoreRequest(r["messages"], r["response"]) for r in samples], list(range(5)))
     prompt_ids = [r["prompt_id"] for r in samples]
     rows = pl.from_arrow(read_dataset(out / "results", "eval")).filter(pl.col("metric") == "silhouette")
-    for layer, value in zip(rows["layer"], rows["value"]):
-        expected = silhouette_by_prompt(np.stack([d.pooled[layer] for d in direct]), prompt_ids)
+    langs = np.array([r["lang"] for r in samples])
+    for layer, value, other in zip(rows["layer"], rows["value"], rows["other_lang"]):
+        keep = np.ones(len(samples), bool) if other is None else np.isin(langs, ["en", other])
+        expected = silhouette_by_prompt(np.stack([d.pooled[layer] for d in direct])[keep],
+                                        np.asarray(prompt_ids)[keep])
         assert value == pytest.approx(expected, abs=2e-3)  # the scan keeps float16 states
 
     cfg = load_config(REPO / "examples" / "quickstart.yaml", [f"policy.path={tiny_model}", f"languages={LANGS}",

@@ -2,7 +2,7 @@ import polars as pl
 import pytest
 import torch
 
-from rayalign.config import load_config
+from rayalign.config import ConfigError, load_config
 from rayalign.losses.preference import dco_loss
 from rayalign.pairs import dco_tuples, kto_rows, lidr_pairs, lidr_requests, preference_pairs
 from rayalign.rewards.consistency import dco_gamma_table
@@ -86,6 +86,43 @@ def test_dco_tuples_use_the_same_random_pair_in_both_languages():
     assert len(seen_pairs) > 3  # random pairs, not always correct-vs-wrong
     again = dco_tuples(cands, ["en", "de", "fr"], "en", gammas, pairs_per_question=3, seed=0, iteration=1)
     assert again.to_pylist() == t
+
+
+def test_dco_tuples_between_every_two_languages():
+    # en, de, fr, sw; reference log-prob of candidate c in language l: -(10 c + k_l) with k = 0, 1, 2, 3.
+    langs = ["en", "de", "fr", "sw"]
+    cands = pl.DataFrame([{"prompt_id": q, "lang": l, "messages": [{"role": "user", "content": f"{q}?{l}"}],
+                           "candidate_idx": c, "candidate": f"{q}-{l}-{c}", "gold": 0,
+                           "logp_ref": -(10 * c + langs.index(l)), "num_tokens": 3}
+                          for q in ("q1", "q2") for l in langs for c in range(3)])
+    gammas = dco_gamma_table(langs, "en", from_anchor=10.0, to_anchor=0.1, between=2.5)
+    anchor_only = dco_tuples(cands, langs, "en", gammas, pairs_per_question=2, seed=0, iteration=1).to_pylist()
+    assert {(r["lang_1"], r["lang_2"]) for r in anchor_only} == {("en", "de"), ("en", "fr"), ("en", "sw")}
+    rows = dco_tuples(cands, langs, "en", gammas, pairs_per_question=2, seed=0, iteration=1,
+                      language_pairs="all").to_pylist()
+    assert len(rows) == 2 * 6 * 2  # questions x language pairs x random pairs per question
+    pairs = [(r["lang_1"], r["lang_2"]) for r in rows[:12]]  # one question, pairs in recipe order
+    assert pairs == [p for p in [("en", "de"), ("en", "fr"), ("en", "sw"), ("de", "fr"), ("de", "sw"),
+                                 ("fr", "sw")] for _ in range(2)]
+    for r in rows:
+        between = r["lang_1"] != "en"
+        assert (r["gamma_12"], r["gamma_21"]) == ((2.5, 2.5) if between else (0.1, 10.0))
+        cw, cl = int(r["chosen_1"][0]["content"][-1]), int(r["rejected_1"][0]["content"][-1])
+        assert r["chosen_2"][0]["content"] == f"{r['prompt_id']}-{r['lang_2']}-{cw}" and cw != cl
+        k1, k2 = langs.index(r["lang_1"]), langs.index(r["lang_2"])
+        assert (r["ref_logp_chosen_1"], r["ref_logp_rejected_1"]) == (-(10 * cw + k1), -(10 * cl + k1))
+        assert (r["ref_logp_chosen_2"], r["ref_logp_rejected_2"]) == (-(10 * cw + k2), -(10 * cl + k2))
+    # the anchor pairs come first and draw the same random pairs, so the anchor-only tuples of q1 are a prefix
+    assert rows[:6] == anchor_only[:6]
+
+
+def test_dco_language_pairs_recipe_key():
+    cfg = load_config(None, ["languages=[en,de,fr]", "rewards.consistency.enabled=true",
+                             "rewards.consistency.language_pairs=all"])
+    assert cfg.rewards.consistency.language_pairs == "all"
+    assert load_config(None, ["languages=[en,de]"]).rewards.consistency.language_pairs == "anchor"
+    with pytest.raises(ConfigError, match="rewards.consistency.language_pairs: expected one of anchor, all"):
+        load_config(None, ["rewards.consistency.language_pairs=every"])
 
 
 def _dco_margins_after_training(gamma_from_anchor, gamma_to_anchor, steps=40):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from rayalign.config import ACCURACY_SCORINGS, LIKELIHOODS  # noqa: F401  (the choices live with EvalConfig)
 from rayalign.rewards.consistency import candidate_accuracy, candidate_ranking_consistency
 from rayalign.rewards.latent import silhouette_by_prompt
 
@@ -57,6 +58,22 @@ def silhouette_rows(pooled: dict[int, np.ndarray], prompt_ids) -> list[dict]:
             for layer, h in sorted(pooled.items())]
 
 
+def silhouette_pair_rows(pooled: dict[int, np.ndarray], prompt_ids, langs, anchor: str) -> list[dict]:
+    """Silhouette by prompt of the anchor's and one other language's states only, for each other language and
+    layer (LaCoMSA Table 4, en + x): rows with lang = anchor, other_lang = x. A pair with fewer than 2 prompts
+    is left out."""
+    prompt_ids, langs = np.asarray(list(prompt_ids)), np.asarray(list(langs))
+    rows = []
+    for other in sorted(set(langs.tolist()) - {anchor}):
+        keep = np.isin(langs, [anchor, other])
+        count = len(set(prompt_ids[keep].tolist()))
+        if not 2 <= count <= keep.sum() - 1:
+            continue
+        rows += [row("silhouette", "score", anchor, silhouette_by_prompt(h[keep], prompt_ids[keep]), count,
+                     other_lang=other, layer=layer) for layer, h in sorted(pooled.items())]
+    return rows
+
+
 def choose_hub_layer(silhouette: dict[int, float], num_layers: int) -> int:
     """The semantic-hub layer: the argmax of the silhouette over layers 1..L-1 (the embeddings, index 0, and the
     language layer L are not candidates); the lower layer wins a tie."""
@@ -66,8 +83,6 @@ def choose_hub_layer(silhouette: dict[int, float], num_layers: int) -> int:
     return max(candidates, key=lambda layer: (silhouette[layer], -layer))
 
 
-LIKELIHOODS = ("sum", "mean", "sequence_mean")
-ACCURACY_SCORINGS = ("likelihood", "continuation")
 
 
 def candidate_likelihood(df: pl.DataFrame, mode: str) -> pl.Expr:
@@ -112,7 +127,9 @@ def _score_matrix(df: pl.DataFrame, lang: str, query_ids: list[str]) -> np.ndarr
 
 def candidate_rows(candidates: pl.DataFrame, languages: list[str], anchor: str, likelihood: str = "sum",
                    accuracy: str = "likelihood") -> list[dict]:
-    """Accuracy per language and RankC of the anchor with each other language (DCO appendix I), from one row per
+    """Accuracy per language, RankC of the anchor with each other language (DCO appendix I) and CLC_all, RankC
+    between every two languages (rows `clc_all` for the non-anchor pairs and their mean over all pairs, anchor pairs
+    included, as lang "all"; only with two or more non-anchor languages), from one row per
     (prompt_id, lang, candidate_idx) with `gold`, `logp` and `num_tokens` (and the columns `candidate_likelihood`
     and `continuation_likelihood` read for the chosen modes). RankC ranks by `likelihood`; accuracy by the same (accuracy
     "likelihood") or by the continuation's summed log-prob without the end-of-turn tokens ("continuation").
@@ -139,4 +156,15 @@ def candidate_rows(candidates: pl.DataFrame, languages: list[str], anchor: str, 
         rows.append(row("rankc", "score", anchor, pair_values[-1], queries, other_lang=other))
     if pair_values:
         rows.append(row("rankc", "score", "all", np.mean(pair_values), queries * len(pair_values)))
+    # CLC_all (DCO paper): RankC over every two languages; rows for the non-anchor pairs, then the mean of all pairs
+    others = [lang for lang in languages if lang != anchor]
+    all_values = list(pair_values)
+    for i, first in enumerate(others):
+        for second in others[i + 1:]:
+            total = sum(candidate_ranking_consistency(matrices[first][size], matrices[second][size]) * len(ids)
+                        for size, ids in groups.items())
+            all_values.append(total / queries)
+            rows.append(row("clc_all", "score", first, all_values[-1], queries, other_lang=second))
+    if len(all_values) > len(pair_values):
+        rows.append(row("clc_all", "score", "all", np.mean(all_values), queries * len(all_values)))
     return rows

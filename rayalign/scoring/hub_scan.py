@@ -62,9 +62,14 @@ def hub_scan(cfg: RunConfig, policy_path: str, policy_name: str, samples: pa.Tab
     pooled = {layer: latent_matrix(table.column(column)) for column, layer in columns}
     rows = metrics.silhouette_rows(pooled, table.column("prompt_id").to_pylist())
     silhouette = {r["layer"]: r["value"] for r in rows}
+    pairs = metrics.silhouette_pair_rows(pooled, table.column("prompt_id").to_pylist(),
+                                         table.column("lang").to_pylist(), cfg.anchor_language)
     return {"policy": policy_name, "config_hash": cfg.config_hash(),
             "hub_layer": metrics.choose_hub_layer(silhouette, num_layers), "num_layers": num_layers,
             "silhouette": {str(k): round(v, 6) for k, v in silhouette.items()},
+            "silhouette_pairs": {other: {str(r["layer"]): round(r["value"], 6) for r in pairs
+                                         if r["other_lang"] == other}
+                                 for other in dict.fromkeys(r["other_lang"] for r in pairs)},
             "candidates": list(range(1, num_layers)), "prompts": rows[0]["count"], "samples": table.num_rows}
 
 
