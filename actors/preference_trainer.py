@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from rayalign.actors.trainer import TRAIN_LOG, TrainerActor, TrainerGroup
+from rayalign.data.store import atomic_write_text
 
 
 class PreferenceTrainer(TrainerActor):
@@ -165,7 +166,7 @@ class PreferenceTrainerGroup(TrainerGroup):
             if checkpoint_dir and checkpoint_every and record["step"] % checkpoint_every == 0 and record["step"] < total:
                 self.checkpoint(checkpoint_dir)
                 tag_dir = Path(checkpoint_dir) / f"step-{record['step']}"
-                (tag_dir / TRAIN_LOG).write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
+                atomic_write_text(tag_dir / TRAIN_LOG, "".join(json.dumps(r) + "\n" for r in history))  # names it
                 if on_checkpoint:
                     on_checkpoint(tag_dir)
             if progress:

@@ -226,6 +226,23 @@ class TrainerActor:
                 "steps_per_epoch": getattr(self, "steps_per_epoch", None)}
 
 
+WRITE_FAILURES = ("No space left on device", "StorageFull", "Disk quota exceeded", "Read-only file system",
+                  "Permission denied", "file write failed", "failed writing")
+TORCH_WRITER = "inline_container.cc"  # torch.save's zip writer: on a full disk, "unexpected pos 576 vs 534"
+
+
+def write_failure(error: Exception) -> str | None:
+    """The reason, when an actor's error is a failed write: an OSError, or a library's own error around one
+    (safetensors' SafetensorError, torch.save's RuntimeError), which are not OSErrors; else None."""
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip()
+    if not (isinstance(cause, OSError) or any(marker in text for marker in WRITE_FAILURES + (TORCH_WRITER,))):
+        return None
+    lines = text.splitlines() or [type(cause).__name__]
+    reason = next((line for line in lines if any(m in line for m in WRITE_FAILURES)), lines[0]).strip()[:300]
+    return reason if any(m in reason for m in WRITE_FAILURES) else f"{reason}: a failed write; is the disk full?"
+
+
 class TrainerGroup:
     """W trainer actors in one PACK placement group, ranks 0..W-1 of one DeepSpeed job; the role's verbs are on the
     subclasses. Use as a context manager."""
@@ -261,8 +278,17 @@ class TrainerGroup:
         return ray.get([getattr(a, verb).remote(*args) for a in self.actors])
 
     def checkpoint(self, directory: str) -> int:
-        """Every rank writes its part of a resumable checkpoint; returns the step it holds."""
-        return self._all("checkpoint", directory)[0]
+        """Every rank writes its part of a resumable checkpoint; returns the step it holds. A checkpoint that cannot
+        be written (disk full) raises DatasetWriteError naming the directory."""
+        from rayalign.data.store import DatasetWriteError
+
+        try:
+            return self._all("checkpoint", directory)[0]
+        except ray.exceptions.RayTaskError as e:
+            if (reason := write_failure(e)) is None:
+                raise
+            raise DatasetWriteError(f"{directory}: the training checkpoint could not be written ({reason}); make room "
+                                    "and launch again: training resumes from the last complete checkpoint") from None
 
     def resume(self, directory: str) -> int:
         """Load the latest checkpoint in `directory` on every rank; returns its step."""
@@ -275,10 +301,10 @@ class TrainerGroup:
         try:
             self._all("save", path)
         except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, OSError):
-                raise DatasetWriteError(f"{path}: the trained policy could not be saved ({e.cause}); launch again to "
-                                        "resume from the latest checkpoint") from None
-            raise
+            if (reason := write_failure(e)) is None:
+                raise
+            raise DatasetWriteError(f"{path}: the trained policy could not be saved ({reason}); launch again to "
+                                    "resume from the latest checkpoint") from None
 
     def state(self) -> list[dict]:
         return self._all("state")
