@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from rayalign.config import ConfigError, RunConfig
+from rayalign.config import ConfigError, EvalConfig, RunConfig, build_dataclass
 from rayalign.data.store import DatasetWriter, read_dataset, read_manifest
 from rayalign.eval import metrics
 from rayalign.models import resolve_model_path
@@ -120,9 +120,7 @@ def eval_setup(cfg: RunConfig, policy_path: str, policy_name: str, *, prompts_li
     lat = cfg.rewards.latent
     silhouette_prompts = lat.hub_scan_prompts if silhouette_prompts is None else silhouette_prompts
     candidates_path = candidates_path or cfg.rewards.consistency.candidates_path
-    if likelihood not in metrics.LIKELIHOODS or accuracy not in metrics.ACCURACY_SCORINGS:
-        raise ConfigError(f"eval: likelihood must be one of {', '.join(metrics.LIKELIHOODS)} and accuracy one of "
-                          f"{', '.join(metrics.ACCURACY_SCORINGS)}; got {likelihood!r} and {accuracy!r}")
+    build_dataclass(EvalConfig, {"likelihood": likelihood, "accuracy": accuracy}, "eval.")  # the choices' one home
     if lat.enabled and cfg.sampling.n < 2:
         raise ConfigError(f"eval: latent rewards need at least 2 samples per prompt, got {cfg.sampling.n}")
     if lat.enabled and lat.hub_layer == "auto" and hub_layer is None and silhouette_prompts < 2:
@@ -183,13 +181,23 @@ def evaluate_policy(cfg: RunConfig, policy_path: str, out_dir: str | Path, *, po
         scan = hub_scan(cfg, policy_path, policy_name, table, silhouette_prompts)
         rows += [metrics.row("silhouette", "score", "all", v, scan["prompts"], layer=int(k))
                  for k, v in scan["silhouette"].items()]
+        rows += [metrics.row("silhouette", "score", cfg.anchor_language, v, scan["prompts"], other_lang=other,
+                             layer=int(k)) for other, by_layer in scan["silhouette_pairs"].items()
+                 for k, v in by_layer.items()]
         hub_layer = scan["hub_layer"] if scan_self else hub_layer
     elif silhouette_prompts:
         console.print("eval: the silhouette needs at least 2 prompts; skipped")
 
     roles, specs, reward_model, layers = scoring_setup(cfg, policy_path, hub_layer)
     scored = score_rows(cfg, roles, specs, reward_model, with_scoring_prompts(cfg, table), "eval score")
-    scored, params = forward_rewards(cfg, scored)
+    centroids = None
+    if layers and cfg.rewards.latent.centroid_texts:
+        from rayalign.rewards import centroid_texts as texts
+
+        centroids = texts.centroids_from_table(score_rows(
+            cfg, {"policy": roles["policy"]}, [texts.centroid_spec(layers["h_last"])], None,
+            texts.centroid_text_rows(cfg.rewards.latent.centroid_texts), "eval centroid texts", shard_rows=256))
+    scored, params = forward_rewards(cfg, scored, centroids)
     params["layers"] = layers
     write_table(scored.drop_columns([c for c in ("h_hub", "h_last") if c in scored.column_names]), out_dir / "scores",
                 "scores", cfg, EVAL_ITERATION, {n: role.path for n, role in roles.items()}, params,
@@ -275,7 +283,7 @@ def print_summary(result: pa.Table, languages: list[str], anchor: str) -> None:
             cells.append("" if v is None else f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}")
         table.add_row(lang, *cells)
     console.print(table)
-    silhouette = sorted((r["layer"], r["value"]) for r in rows if r["metric"] == "silhouette")
+    silhouette = sorted((r["layer"], r["value"]) for r in rows if r["metric"] == "silhouette" and r["lang"] == "all")
     if silhouette:
         best = max(silhouette, key=lambda lv: lv[1])
         console.print("silhouette by layer: " + "  ".join(f"{layer}:{v:+.3f}" for layer, v in silhouette)

@@ -29,13 +29,11 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from rayalign.config import ConfigError, RunConfig, load_config
+from rayalign.config import ConfigError, EvalConfig, RunConfig, build_dataclass, load_config
 from rayalign.data.store import atomic_write_text, write_parquet_atomic
 
 console = Console(stderr=True)
 STUDY_KEYS = ("name", "recipe", "runs_dir", "parallel", "overrides", "grid", "eval")
-EVAL_KEYS = {"prompts_limit": int, "samples": int, "candidates_path": str, "silhouette_prompts": int,
-             "likelihood": str}
 SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # names that go into file names
 RESERVED_COLUMNS = {"run", "run_dir", "status", "stage", "iteration", "policy", "pairs_rows", "loss_first",
                     "loss_mean", "reward_margin_mean", "accuracy_mean", "fidelity_mean", "steps", "dropped_too_long"}
@@ -160,22 +158,17 @@ def _axis(path: Path, name, values) -> Axis:
 
 
 def _eval_section(path: Path, data: dict) -> dict:
+    """The eval section, checked as EvalConfig (as `rayalign eval` checks its options): the keys it sets."""
     section = data["eval"] or {}
     if not isinstance(section, dict):
-        raise StudyError(f"{path}: eval: expected a mapping with keys among {', '.join(EVAL_KEYS)}, got {section!r}")
-    for key, value in section.items():
-        if key not in EVAL_KEYS:
-            raise StudyError(f"{path}: eval.{key}: unknown key (expected one of: {', '.join(EVAL_KEYS)})")
-        least = 0 if key == "silhouette_prompts" else 1
-        if not isinstance(value, EVAL_KEYS[key]) or isinstance(value, bool) or (
-                EVAL_KEYS[key] is int and value < least):
-            kind = f"an integer >= {least}" if EVAL_KEYS[key] is int else "a string"
-            raise StudyError(f"{path}: eval.{key}: expected {kind}, got {value!r}")
-    if section.get("likelihood", "sum") not in ("sum", "mean"):
-        raise StudyError(f"{path}: eval.likelihood: expected sum or mean, got {section['likelihood']!r}")
-    if "candidates_path" in section:
+        raise StudyError(f"{path}: eval: expected a mapping of EvalConfig keys, got {section!r}")
+    try:
+        build_dataclass(EvalConfig, section, "eval.")
+    except ConfigError as e:
+        raise StudyError(f"{path}: {e}") from None
+    if section.get("candidates_path"):
         section["candidates_path"] = str(path.parent / section["candidates_path"])
-    return section
+    return dict(section)
 
 
 def _yaml(value) -> str:

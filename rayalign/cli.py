@@ -507,6 +507,21 @@ def _run_dir(cfg, run_dir) -> Path:
     return Path(run_dir) if run_dir else cfg.resolved_run_dir()
 
 
+def _eval_option(name: str, flag: str, **kwargs):
+    """A `rayalign eval` option whose help, choices, range and default come from EvalConfig (their one home)."""
+    import dataclasses
+
+    from rayalign.config import EvalConfig
+
+    f = next(f for f in dataclasses.fields(EvalConfig) if f.name == name)
+    meta = f.metadata
+    if "choices" in meta:
+        kwargs = {"type": click.Choice(meta["choices"]), "default": f.default, "show_default": True, **kwargs}
+    elif "ge" in meta:
+        kwargs = {"type": click.IntRange(min=meta["ge"]), **kwargs}
+    return click.option(flag, name, help=meta["help"], **kwargs)
+
+
 POLICY_HELP = "checkpoint to evaluate: initial (the recipe's policy), iter-N (the run's iteration N), or a path; " \
               "default: the run's latest trained policy, else initial"
 
@@ -516,20 +531,12 @@ POLICY_HELP = "checkpoint to evaluate: initial (the recipe's policy), iter-N (th
 @click.option("--policy", help=POLICY_HELP)
 @click.option("--run-dir", type=click.Path(file_okay=False), help="the run directory (default: runs/<name>)")
 @click.option("--out", type=click.Path(file_okay=False), help="output directory (default: <run-dir>/eval/<label>)")
-@click.option("--prompts", "prompts_limit", type=click.IntRange(min=1),
-              help="prompts per language (default: the recipe's prompts.limit)")
-@click.option("--samples", type=click.IntRange(min=1), help="responses per prompt (default: the recipe's sampling.n)")
-@click.option("--candidates", type=click.Path(exists=True, file_okay=False),
-              help="parallel candidate set for RankC and accuracy (default: rewards.consistency.candidates_path)")
-@click.option("--silhouette-prompts", type=click.IntRange(min=0),
-              help="prompts (in every language) whose pooled states give the silhouette by layer (default: "
-              "rewards.latent.hub_scan_prompts; 0 = none)")
-@click.option("--likelihood", type=click.Choice(["sum", "mean", "sequence_mean"]), default="sum", show_default=True,
-              help="candidate likelihood for RankC and accuracy: summed log-prob of the candidate, its mean per "
-              "candidate token, or the mean over the whole sequence (question and candidate) as the RankC code")
-@click.option("--accuracy", type=click.Choice(["likelihood", "continuation"]), default="likelihood",
-              show_default=True, help="accuracy ranks by --likelihood, or by the candidate's summed log-prob as a "
-              "continuation without the end-of-turn token (the DCO paper's evaluation)")
+@_eval_option("prompts_limit", "--prompts")
+@_eval_option("samples", "--samples")
+@_eval_option("candidates_path", "--candidates", type=click.Path(exists=True, file_okay=False))
+@_eval_option("silhouette_prompts", "--silhouette-prompts")
+@_eval_option("likelihood", "--likelihood")
+@_eval_option("accuracy", "--accuracy")
 @click.option("--judge-url", help="OpenAI-compatible endpoint of a judge you run (e.g. http://localhost:8000/v1); "
               "adds the win rate against the prompts' reference answers")
 @click.option("--judge-model", help="the judge's model name on that endpoint")
@@ -538,7 +545,7 @@ POLICY_HELP = "checkpoint to evaluate: initial (the recipe's policy), iter-N (th
 @click.option("--address", help="join the Ray cluster at this address (default: $RAY_ADDRESS, or start one)")
 @click.option("-o", "--override", "overrides", multiple=True, help=OVERRIDE_HELP)
 @_user_errors
-def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates, silhouette_prompts, likelihood,
+def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates_path, silhouette_prompts, likelihood,
              accuracy, judge_url, judge_model, judge_api_key, cluster, address, overrides):
     """Evaluate a policy checkpoint on the recipe's prompts.
 
@@ -571,7 +578,7 @@ def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates, s
     connect(load_cluster_spec(cluster), address)
     cfg = with_counts(cfg, load_cluster_spec(cluster), address)
     result = evaluate_policy(cfg, path, out, policy_name=name, prompts_limit=prompts_limit, samples=samples,
-                             candidates_path=candidates, silhouette_prompts=silhouette_prompts,
+                             candidates_path=candidates_path, silhouette_prompts=silhouette_prompts,
                              likelihood=likelihood, accuracy=accuracy, judge=judge, hub_layer=run_hub_layer(cfg, run_dir))
     print_summary(result, cfg.languages, cfg.anchor_language)
     console.print(f"results: {out / 'results'}")
@@ -632,14 +639,16 @@ def hub_scan_cmd(recipe, policy, run_dir, prompts_limit, samples, cluster, addre
 @click.option("--parallel", type=click.IntRange(min=1), help="runs side by side (default: the study's parallel)")
 @click.option("--runs-dir", type=click.Path(file_okay=False), help="parent of the study directory (default: the "
               "study's runs_dir, else runs)")
+@click.option("--dry-run", is_flag=True, help="print the slices and each run's actors on its slice; starts nothing")
 @_user_errors
-def study_cmd(study_file, cluster, address, parallel, runs_dir):
+def study_cmd(study_file, cluster, address, parallel, runs_dir, dry_run):
     """Run a scaling study: a grid of runs over one base recipe, then one results table.
 
     The grid's axes (language subsets, prompts per language, samples per prompt, reward method, model,
     iterations, ...) expand into runs under <runs_dir>/<name>/; finished runs are skipped, interrupted ones
     resume. Every run's per-iteration metrics (and its evaluation, when the study has an `eval:` section)
-    are collected into <study dir>/results.parquet.
+    are collected into <study dir>/results.parquet. With parallel N, each run gets its own slice of the cluster
+    (whole nodes, or equal shares of every node), planned so the N runs fit side by side; --dry-run shows them.
 
     \b
     Example:
@@ -648,6 +657,19 @@ def study_cmd(study_file, cluster, address, parallel, runs_dir):
     """
     from rayalign.pipelines.study import run_study
 
+    if dry_run:
+        from rayalign.cluster import load_cluster_spec
+        from rayalign.cluster.slices import plan_side_by_side, slice_table, slices_text
+        from rayalign.pipelines.study import expand, load_study
+
+        study = load_study(study_file, runs_dir=runs_dir)
+        runs = expand(study)
+        side_by_side, spec = min(parallel or study.parallel, len(runs)), load_cluster_spec(cluster)
+        slices, plans = plan_side_by_side({run.slug: run.cfg for run in runs}, spec, side_by_side)
+        if side_by_side > 1:
+            console.print(slices_text(spec, slices), markup=False, highlight=False)
+        console.print(slice_table(slices, plans))
+        return
     out = run_study(study_file, cluster=cluster, address=address, parallel=parallel, runs_dir=runs_dir)
     console.print(f"done: {out}/results.parquet  (see `rayalign report {out}`)")
 

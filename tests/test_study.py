@@ -92,13 +92,23 @@ def test_slugs_are_safe_and_stable(tmp_path):
     ({"grid": {"policy": ["a"]}}, "grid.policy: the name is taken by a results column"),
     ({"grid": {"policy.path": ["a/b", "a b"]}}, "get the same directory name 'policy.path-a-b'"),
     ({"grid": {"prompts.limit": [4]}, "parallel": 0}, "parallel: expected an integer >= 1"),
-    ({"grid": {"prompts.limit": [4]}, "eval": {"samples": 0}}, "eval.samples: expected an integer >= 1"),
+    ({"grid": {"prompts.limit": [4]}, "eval": {"samples": 0}}, "eval.samples: expected a value >= 1"),
     ({"grid": {"prompts.limit": [4]}, "eval": {"judge": 1}}, "eval.judge: unknown key"),
+    ({"grid": {"prompts.limit": [4]}, "eval": {"likelihood": "max"}},
+     "eval.likelihood: expected one of sum, mean, sequence_mean"),
 ])
 def test_bad_study_files_are_refused_with_the_key(tmp_path, fields, expected):
     with pytest.raises(StudyError, match=re.escape(expected)) as info:
         load_study(study_file(tmp_path, **fields))
     assert str(tmp_path / "study.yaml") in str(info.value)
+
+
+def test_study_eval_takes_every_setting_rayalign_eval_takes(tmp_path):
+    """The eval section is checked as EvalConfig, like `rayalign eval`'s options: every likelihood and accuracy
+    mode the command offers is accepted in a study file too."""
+    study = load_study(study_file(tmp_path, grid={"prompts.limit": [4]},
+                                  eval={"likelihood": "sequence_mean", "accuracy": "continuation", "samples": 2}))
+    assert study.eval == {"likelihood": "sequence_mean", "accuracy": "continuation", "samples": 2}
 
 
 def test_a_value_that_breaks_a_run_names_the_study_file_the_run_and_the_key(tmp_path):

@@ -12,7 +12,7 @@ from rayalign.config.sections import (TINY_MODEL, ModelConfig, PromptColumnsConf
                                      ConsistencyRewardConfig, RewardModelConfig, UserRewardConfig, RewardsConfig,
                                      PAIR_METHODS, PairsConfig, TRAINING_LOSSES, TrainingConfig,
                                      ONLINE_ALGORITHMS, OnlineConfig, WANDB_MODES, WandbConfig, LoggingConfig,
-                                     ClusterConfig)
+                                     ClusterConfig, LIKELIHOODS, ACCURACY_SCORINGS, EvalConfig)
 
 __all__ = ['ConfigError', 'build_dataclass', 'config_field', 'set_override', 'describe_fields', 'OFFLINE_ONLY',
            'RUN_MODES', 'RunConfig', 'load_config', 'save_config', 'TINY_MODEL', 'ModelConfig',
@@ -20,7 +20,7 @@ __all__ = ['ConfigError', 'build_dataclass', 'config_field', 'set_override', 'de
            'ImplicitRewardConfig', 'ConsistencyRewardConfig', 'RewardModelConfig', 'UserRewardConfig',
            'RewardsConfig', 'PAIR_METHODS', 'PairsConfig', 'TRAINING_LOSSES', 'TrainingConfig',
            'ONLINE_ALGORITHMS', 'OnlineConfig', 'WANDB_MODES', 'WandbConfig', 'LoggingConfig',
-           'ClusterConfig']
+           'ClusterConfig', 'LIKELIHOODS', 'ACCURACY_SCORINGS', 'EvalConfig']
 
 
 def describe_fields(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -363,3 +363,26 @@ class ClusterConfig:
     efficiency: float | None = _field(
         None, help="time estimate: share of device_tflops that scoring and training reach; null = the table's",
         gt=0.0, le=1.0)
+
+
+LIKELIHOODS = ("sum", "mean", "sequence_mean")
+ACCURACY_SCORINGS = ("likelihood", "continuation")
+
+
+@dataclass
+class EvalConfig:
+    """The settings of an evaluation: `rayalign eval`'s options and a study file's eval section."""
+    prompts_limit: int | None = _field(None, help="prompts per language (default: the recipe's prompts.limit)", ge=1)
+    samples: int | None = _field(None, help="responses per prompt (default: the recipe's sampling.n)", ge=1)
+    candidates_path: str | None = _field(
+        None, help="parallel candidate set for RankC and accuracy (default: rewards.consistency.candidates_path)")
+    silhouette_prompts: int | None = _field(
+        None, help="prompts (in every language) whose pooled states give the silhouette by layer (default: "
+        "rewards.latent.hub_scan_prompts; 0 = none)", ge=0)
+    likelihood: str = _field(
+        "sum", help="candidate likelihood for RankC and accuracy: summed log-prob of the candidate, its mean per "
+        "candidate token, or the mean over the whole sequence (question and candidate) as the RankC code",
+        choices=LIKELIHOODS)
+    accuracy: str = _field(
+        "likelihood", help="accuracy ranks by the likelihood above, or by the candidate's summed log-prob as a "
+        "continuation without the end-of-turn token (the DCO paper's evaluation)", choices=ACCURACY_SCORINGS)
