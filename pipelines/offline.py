@@ -25,6 +25,7 @@ from rayalign.run_dir import (STAGES, checkpoint, iteration_summary, kept_output
                               prepare_run_dir, read_checkpoints, report_untrusted, set_aside_untrusted_checkpoint,
                               write_state, write_table)
 from rayalign.scoring.hub_scan import hub_layer_of_run
+from rayalign.rewards.centroid_texts import centroids_from_texts
 from rayalign.scoring.setup import forward_rewards, latent_layers, scoring_setup, with_scoring_prompts
 from rayalign.tracking import Trackers, check_trackers
 
@@ -103,6 +104,7 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
         try:
             stats = group.run(shards, specs, reward_model, checkpoint(forward_dir, results), skip=set(results),
                               progress=update, on_errors=on_errors, max_failed_rows=may_fail)
+            centroids = centroids_from_texts(cfg, group, layers["h_last"]) if layers else None
             nodes = group.nodes()
         except FailedRowsError:
             record_failures(cfg, it_dir, iteration, "score", samples.num_rows)
@@ -114,7 +116,7 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
     dropped, dropped_rows = sorted(dropped + more), dropped_rows + scored - table.num_rows
     if dropped:
         console.print(f"[yellow]{dropped_message(f'score iter-{iteration}', dropped, dropped_rows, anchor, needed)}")
-    table, params = forward_rewards(cfg, table)
+    table, params = forward_rewards(cfg, table, centroids)
     params["layers"] = layers
     write_table(table, out_dir, "scores", cfg, iteration, {n: role.path for n, role in roles.items()}, params,
                 f"Teacher-forced scores of iteration {iteration}'s samples: log-probs, rewards"
@@ -139,12 +141,20 @@ def pairs_stage(cfg: RunConfig, run_dir: Path, policy_path: str, initial_policy_
     from rayalign.data.store import read_dataset
 
     method, p, it_dir = cfg.pairs.method, cfg.pairs, run_dir / f"iter-{iteration}"
+    extra = {}
     if method == "dco":
         table = dco_stage(cfg, initial_policy_path, iteration, it_dir / "candidate_scores")
         schema = "dco"
-    elif method == "lidr":
-        samples = pl.from_arrow(read_dataset(it_dir / "samples", "samples"))
-        table = lidr_stage(cfg, samples, policy_path, iteration)
+    elif method == "lidr":  # translates each prompt's anchor response: a prompt without one is dropped
+        from rayalign.anchor_groups import drop_prompts_without_anchor, dropped_message
+
+        samples = read_dataset(it_dir / "samples", "samples")
+        kept, dropped = drop_prompts_without_anchor(samples, cfg.anchor_language, 1, other_rows=1)
+        if dropped:
+            extra = {"dropped_prompts": len(dropped), "dropped_rows": samples.num_rows - kept.num_rows}
+            console.print("[yellow]" + dropped_message(f"pairs iter-{iteration}", dropped, extra["dropped_rows"],
+                                                       cfg.anchor_language, 1))
+        table = lidr_stage(cfg, pl.from_arrow(kept), policy_path, iteration)
         schema = "pairs"
     else:
         scores = pl.from_arrow(read_dataset(it_dir / "scores", "scores").drop_columns(
@@ -159,7 +169,7 @@ def pairs_stage(cfg: RunConfig, run_dir: Path, policy_path: str, initial_policy_
             schema = "pairs"
     manifest = write_table(table, out_dir, schema, cfg, iteration, {"policy": cfg.policy.path}, {"method": method},
                            f"{method} preference data of iteration {iteration}.", shard_rows=4096)
-    return {"method": method, "rows": manifest["rows"]}
+    return {"method": method, "rows": manifest["rows"], **extra}
 
 
 def dco_stage(cfg: RunConfig, initial_policy_path: str, iteration: int, out_dir: Path):
@@ -189,7 +199,7 @@ def dco_stage(cfg: RunConfig, initial_policy_path: str, iteration: int, out_dir:
     anchor = cfg.anchor_language
     gammas = dco_gamma_table(cfg.languages, anchor, c.gamma_from_anchor, c.gamma_to_anchor, c.gamma_between)
     return dco_tuples(pl.from_arrow(scored), cfg.languages, anchor, gammas, c.pairs_per_question,
-                      cfg.sampling.seed + iteration, iteration)
+                      cfg.sampling.seed + iteration, iteration, c.language_pairs)
 
 
 def lidr_stage(cfg: RunConfig, samples, policy_path: str, iteration: int):
@@ -346,6 +356,9 @@ def rescore(cfg: RunConfig, scores_dir: Path, out_dir: Path, replace: bool = Fal
     out, source = out_dir.resolve(), scores_dir.resolve()
     if out == source or out in source.parents:
         raise ConfigError(f"--output {out_dir}: choose a new directory; the scores dataset is not overwritten")
+    if cfg.rewards.latent.enabled and cfg.rewards.latent.centroid_texts:
+        raise ConfigError("rescore: rewards.latent.centroid_texts are pooled by the policy, which rescore does not "
+                          "load; score again (rayalign launch --redo score) or leave centroid_texts out")
     manifest = read_manifest(scores_dir)
     table, params = compute_rewards(read_dataset(scores_dir, "scores"), cfg)
     run_root = next((d for d in out.parents if (d / "state.json").is_file()), None)

@@ -87,9 +87,10 @@ def user_rewards(table: pa.Table, path: str, function: str) -> np.ndarray:
     return out
 
 
-def compute_rewards(table: pa.Table, cfg: RunConfig) -> tuple[pa.Table, dict]:
+def compute_rewards(table: pa.Table, cfg: RunConfig, centroids: dict | None = None) -> tuple[pa.Table, dict]:
     """Fill the reward columns that the recipe enables; returns the table in the scores schema and the
-    parameters used (layers, per-language alphas), which go into the dataset's manifest."""
+    parameters used (layers, per-language alphas), which go into the dataset's manifest. `centroids` {lang: (H,)}
+    replace the run's language centroids of phi (rewards.latent.centroid_texts)."""
     from rayalign.rewards.implicit import alpha_per_language, implicit_reward
     from rayalign.rewards.latent import latent_rewards
 
@@ -105,9 +106,10 @@ def compute_rewards(table: pa.Table, cfg: RunConfig) -> tuple[pa.Table, dict]:
         columns.update(latent_rewards(
             prompt_ids, langs, latent_matrix(table.column("h_hub")), latent_matrix(table.column("h_last")),
             anchor=cfg.anchor_language, alpha=lat.alpha, gamma=lat.gamma, centroid_mode=lat.centroid_mode,
-            weight_form=lat.weight_form))
+            weight_form=lat.weight_form, centroids=centroids))
         params["latent"] = {"alpha": lat.alpha, "gamma": lat.gamma, "centroid_mode": lat.centroid_mode,
-                            "weight_form": lat.weight_form, "anchor": cfg.anchor_language}
+                            "weight_form": lat.weight_form, "anchor": cfg.anchor_language,
+                            "centroids": "run" if centroids is None else "centroid_texts"}
     imp = cfg.rewards.implicit
     if imp.enabled:
         logp_policy, logp_ref = (np.asarray(table.column(c).to_pylist(), dtype=np.float64)

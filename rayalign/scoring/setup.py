@@ -64,14 +64,15 @@ def scoring_setup(cfg: RunConfig, policy_path: str, hub_layer: int | None = None
 
 
 
-def forward_rewards(cfg: RunConfig, table):
+def forward_rewards(cfg: RunConfig, table, centroids: dict | None = None):
     """Rewards from the scoring pass's forward results: (scores table, reward parameters). R_m scores under the
-    native prompt, whose log-probs are the policy's own."""
+    native prompt, whose log-probs are the policy's own. `centroids`: phi's language centroids from
+    rewards.latent.centroid_texts (`centroids_from_texts`), else the run's own."""
     from rayalign.scoring.rewards import compute_rewards
 
     if cfg.rewards.implicit.enabled and cfg.rewards.implicit.prompt == "native":
         table = table.append_column("logp_policy_icr", table.column("logp_policy"))
-    return compute_rewards(table, cfg)
+    return compute_rewards(table, cfg, centroids)
 
 
 
