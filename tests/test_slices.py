@@ -1,0 +1,81 @@
+"""Studies with parallel: N on a cluster: each run on its own slice, planned so the N runs fit side by side."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import REPO
+from rayalign.cli import main
+from rayalign.cluster import ClusterError, PlanError, check_cluster, load_cluster_spec
+from rayalign.cluster.slices import plan_side_by_side, slice_cluster, write_slice_spec
+from rayalign.config import load_config
+
+LACOMSA = REPO / "examples" / "lacomsa-llama3-8b.yaml"
+SCALING = REPO / "examples" / "scaling-study-llama3-8b.yaml"
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_whole_nodes_when_the_cluster_has_as_many_nodes_as_runs():
+    spec = load_cluster_spec("a100x64")  # 8 nodes x 8 GPUs, 96 CPUs, 1152 GB
+    slices = slice_cluster(spec, 4)
+    assert len(slices) == 4
+    assert {(s.nodes, s.gpus_per_node, s.cpus_per_node, s.memory_gb_per_node) for s in slices} == {(2, 8, 96, 1152)}
+    three = slice_cluster(spec, 3)  # 8 // 3 = 2 nodes each, 2 nodes left over
+    assert [s.nodes for s in three] == [2, 2, 2]
+
+
+def test_equal_shares_of_every_node_when_runs_outnumber_nodes():
+    spec = load_cluster_spec("a100x8")  # 1 node x 8 GPUs, 96 CPUs, 1152 GB
+    slices = slice_cluster(spec, 4)
+    assert {(s.nodes, s.gpus_per_node, s.cpus_per_node, s.memory_gb_per_node) for s in slices} == {(1, 2, 24, 288)}
+    with pytest.raises(ClusterError, match="leave no whole GPU to each of its 8 GPU.s.; lower parallel to at most 8"):
+        slice_cluster(spec, 16)
+    with pytest.raises(ClusterError, match="parallel must be at most 2 or a multiple of it"):
+        slice_cluster(load_cluster_spec("h100x16"), 3)  # 2 nodes
+
+
+def test_auto_counts_fill_each_slice_not_the_cluster():
+    runs = {"a": load_config(LACOMSA), "b": load_config(LACOMSA, ["languages=[en,de]"])}
+    slices, plans = plan_side_by_side(runs, load_cluster_spec("a100x64"), 8)
+    for run_plan in plans.values():  # one node each: 8 engines, 8 scorers, 8 ranks (global batch 16 at 2 a rank)
+        assert [p.actors for p in run_plan.phases] == [8, 8, 8]
+    assert sum(p.actors for run_plan in plans.values() for p in run_plan.phases if p.phase == "generate") <= 64
+
+
+def test_a_run_that_does_not_fit_its_slice_is_refused_naming_it():
+    runs = {"big": load_config(LACOMSA, ["engines.count=4"])}
+    plan_side_by_side(runs, load_cluster_spec("a100x8"), 2)  # 4 GPUs a slice: fits
+    with pytest.raises(PlanError, match="run big does not fit its slice .slice 1 of 4 of a100x8: 1/4 of a node: "
+                                        "1 x .2 x A100-80GB.*set engines.count <= 2; or lower parallel"):
+        plan_side_by_side(runs, load_cluster_spec("a100x8"), 4)
+
+
+def test_a_slice_spec_loads_back_and_checks_against_a_larger_cluster(tmp_path):
+    spec = load_cluster_spec("a100x8")
+    path = write_slice_spec(slice_cluster(spec, 2)[1], tmp_path / "slice-2.yaml")
+    loaded = load_cluster_spec(str(path))
+    assert (loaded.name, loaded.slice_of, loaded.gpus_per_node, loaded.cpus_per_node) == ("a100x8-slice-2", "a100x8",
+                                                                                          4, 48)
+    node = {"CPU": 96.0, "GPU": 8.0, "accelerator_type:A100": 1.0}
+    assert check_cluster(loaded, [node]) == []  # the whole node holds the half-node slice
+    with pytest.raises(ClusterError, match="slice a100x8-slice-2 .* is larger than the cluster"):
+        check_cluster(loaded, [{"CPU": 96.0, "GPU": 2.0}])
+
+
+def test_study_dry_run_shows_the_slices_and_refuses_when_they_do_not_fit(monkeypatch):
+    import rayalign.cli
+
+    monkeypatch.setattr(rayalign.cli.console, "width", 200)
+    result = invoke("study", "--dry-run", "--cluster", "a100x8", SCALING)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "2 run(s) side by side on a100x8" in text and "slice 2 of 2 of a100x8: 1/2 of a node" in text
+    assert "4 x vllm engine (4 GPUs)" in text
+    refused = invoke("study", "--dry-run", "--cluster", "a100x8", "--parallel", "4", SCALING)
+    assert refused.exit_code != 0 and "does not fit its slice" in refused.output
+    assert yaml.safe_load(SCALING.read_text())["parallel"] == 2
