@@ -189,7 +189,11 @@ def evaluate_policy(cfg: RunConfig, policy_path: str, out_dir: str | Path, *, po
         console.print("eval: the silhouette needs at least 2 prompts; skipped")
 
     roles, specs, reward_model, layers = scoring_setup(cfg, policy_path, hub_layer)
-    scored = score_rows(cfg, roles, specs, reward_model, with_scoring_prompts(cfg, table), "eval score")
+    from rayalign.scoring.translation import with_translations
+
+    scored = score_rows(cfg, roles, specs, reward_model,
+                        with_translations(cfg, with_scoring_prompts(cfg, table), policy_path, EVAL_ITERATION),
+                        "eval score")
     centroids = None
     if layers and cfg.rewards.latent.centroid_texts:
         from rayalign.rewards import centroid_texts as texts

@@ -27,6 +27,7 @@ from rayalign.run_dir import (STAGES, checkpoint, iteration_summary, kept_output
 from rayalign.scoring.hub_scan import hub_layer_of_run
 from rayalign.rewards.centroid_texts import centroids_from_texts
 from rayalign.scoring.setup import forward_rewards, latent_layers, scoring_setup, with_scoring_prompts
+from rayalign.scoring.translation import with_translations
 from rayalign.tracking import Trackers, check_trackers
 
 
@@ -91,6 +92,7 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
     cross_lingual = r.implicit.enabled and r.implicit.prompt == "cross_lingual"
     kept, dropped = drop_prompts_without_anchor(samples, anchor, int(cross_lingual))
     dropped_rows, samples = samples.num_rows - kept.num_rows, with_scoring_prompts(cfg, kept)
+    samples = with_translations(cfg, samples, policy_path, iteration)  # ICR's R_t only
     shards = split_shards(samples, cfg.engines.shard_rows * cfg.sampling.n)
     # Forward results are checkpointed shard by shard, so an interrupted stage redoes only what is missing;
     # rewards need every row (English anchors, centroids, alpha search) and are computed at the end.
@@ -501,6 +503,8 @@ def stream_now(cfg: RunConfig, schedule, state: dict, iteration: int) -> bool:
     names = {f"iter-{iteration}/generate", f"iter-{iteration}/score"}
     scan_pending = cfg.rewards.latent.enabled and cfg.rewards.latent.hub_layer == "auto" and \
         "hub-scan" not in state["finished"]
-    return bool(schedule and schedule.stream) and not names & set(state["finished"]) and not scan_pending
+    translating = cfg.rewards.implicit.enabled and cfg.rewards.implicit.prompt == "translation"  # needs every row
+    return bool(schedule and schedule.stream) and not names & set(state["finished"]) and not scan_pending \
+        and not translating
 
 

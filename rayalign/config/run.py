@@ -131,6 +131,9 @@ class RunConfig:
 
     def _validate_online(self) -> None:
         o, r = self.online, self.rewards
+        if self.mode == "online" and r.implicit.enabled and r.implicit.prompt == "translation":
+            raise ConfigError("rewards.implicit.prompt: translation (R_t) translates every response with the policy "
+                              "before scoring, which offline runs do; online RL takes cross_lingual or native")
         if o.score_weight:
             if not reward_enabled(self, o.score_reward):
                 raise ConfigError(f"online.score_reward: {o.score_reward} needs {REWARD_KEY[o.score_reward]}")

@@ -146,8 +146,10 @@ class ImplicitRewardConfig:
     enabled: bool = _field(False, help="compute the implicit cross-lingual reward ICR (docs/methods.md)")
     reward_reference: ModelConfig | None = _field(
         None, help="pi_I, the model the policy was DPO-trained from (fixed in every iteration); required when enabled")
-    prompt: str = _field("cross_lingual", help="cross_lingual: R_c under G(x); native: R_m under the native prompt",
-                         choices=("cross_lingual", "native"))
+    prompt: str = _field("cross_lingual", help="cross_lingual: R_c under G(x); native: R_m under the native prompt; "
+                         "translation: R_t, the policy's own (greedy) translation of y into the anchor language, "
+                         "scored under the anchor prompt x^en (offline runs)",
+                         choices=("cross_lingual", "native", "translation"))
     beta: float = _field(1.0, help="beta scaling the log-ratio for scoring", gt=0.0)
     length_unit: str = _field("chars", help="|y| in the length penalty: chars (released code) or tokens",
                               choices=("chars", "tokens"))

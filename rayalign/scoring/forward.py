@@ -23,6 +23,7 @@ class ForwardSpec:
     tokens_column: str | None = None
     # also <logp_column>_end_of_turn / end_of_turn_tokens and <logp_column>_prompt / prompt_tokens (candidate scoring)
     likelihood_parts: bool = False
+    response_column: str = "response"  # the scored text: "response", or "response_anchor" (ICR's R_t)
 
 
 def latent_array(values: list[np.ndarray]) -> pa.FixedSizeListArray:
@@ -40,9 +41,9 @@ def latent_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def forward_rows(engines: dict, table: pa.Table, specs: list[ForwardSpec], reward_model: str | None = None) -> pa.Table:
     """Append each spec's columns (and `r_rm` when a reward model is loaded) to `table`."""
-    rows = table.select([c for c in table.column_names if c.startswith("messages") or c == "response"]).to_pylist()
+    rows = table.select([c for c in table.column_names if c.startswith(("messages", "response"))]).to_pylist()
     for spec in specs:
-        requests = [ScoreRequest(r[spec.prompt_column], r["response"], spec.likelihood_parts) for r in rows]
+        requests = [ScoreRequest(r[spec.prompt_column], r[spec.response_column], spec.likelihood_parts) for r in rows]
         results = engines[spec.role].score(requests, [layer for _, layer in spec.layers])
         table = table.append_column(spec.logp_column, pa.array([r.logp for r in results], pa.float64()))
         if spec.tokens_column:
@@ -73,7 +74,7 @@ def forward_rows_isolating(engines: dict, table: pa.Table, specs: list[ForwardSp
     from rayalign.models import encode_response
 
     too_long: list[str | None] = [None] * table.num_rows
-    rows = table.select([c for c in table.column_names if c.startswith("messages") or c == "response"]).to_pylist()
+    rows = table.select([c for c in table.column_names if c.startswith(("messages", "response"))]).to_pylist()
     for spec in specs:
         engine = engines[spec.role]
         limit = context_limit(engine)
@@ -81,7 +82,8 @@ def forward_rows_isolating(engines: dict, table: pa.Table, specs: list[ForwardSp
             continue
         for i, row in enumerate(rows):
             if too_long[i] is None:
-                prompt, response = encode_response(engine.tokenizer, row[spec.prompt_column], row["response"])
+                prompt, response = encode_response(engine.tokenizer, row[spec.prompt_column],
+                                                   row[spec.response_column])
                 if len(prompt) + len(response) > limit:
                     too_long[i] = (f"{spec.role} ({spec.prompt_column}): prompt of {len(prompt)} + response of "
                                    f"{len(response)} tokens exceed the model's context of {limit} tokens")

@@ -49,11 +49,14 @@ def scoring_setup(cfg: RunConfig, policy_path: str, hub_layer: int | None = None
     if r.implicit.enabled:
         ref = r.implicit.reward_reference
         roles["reward_reference"] = ModelRole(resolve_model_path(ref.path, progress=model_build_progress(ref.path)), ref)
-        prompt = "messages"
+        prompt, response = "messages", "response"
         if r.implicit.prompt == "cross_lingual":
             prompt = "messages_cross_lingual"
-            specs.append(ForwardSpec("policy", prompt, "logp_policy_icr"))
-        specs.append(ForwardSpec("reward_reference", prompt, "logp_reward_ref"))
+        elif r.implicit.prompt == "translation":  # R_t: the policy's translation under x^en (`with_translations`)
+            prompt, response = "messages_anchor", "response_anchor"
+        if prompt != "messages":
+            specs.append(ForwardSpec("policy", prompt, "logp_policy_icr", response_column=response))
+        specs.append(ForwardSpec("reward_reference", prompt, "logp_reward_ref", response_column=response))
     reward_model = None
     if r.reward_model.enabled:
         reward_model = "reward_model"

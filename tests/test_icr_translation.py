@@ -1,0 +1,94 @@
+"""ICR's R_t variant (rewards.implicit.prompt: translation): the policy's own English translation of y, scored under
+x^en, against hand-built tables and direct engine scores."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from rayalign.config import ConfigError, load_config
+from rayalign.data.schemas import schema_for
+from rayalign.scoring.translation import translation_prompts, with_translation_columns
+
+TRANSLATE = ("Translate the following text into English. Reply with the translation only.\n\n")
+
+
+def samples_table(rows):
+    """Samples schema rows from (prompt_id, lang, sample_idx, user text, response)."""
+    return pa.Table.from_pylist([
+        {"prompt_id": p, "lang": lang, "messages": [{"role": "system", "content": "Be brief."},
+                                                     {"role": "user", "content": text}],
+         "reference": None, "source": "test", "sample_idx": k, "response": response, "num_tokens": 3,
+         "finish_reason": "stop", "seed": 0, "policy": "tiny", "lang_detected": lang}
+        for p, lang, k, text, response in rows], schema=schema_for("samples")[1])
+
+
+SAMPLES = [("p1", "en", 0, "Name a fruit.", "An apple."), ("p1", "en", 1, "Name a fruit.", "A pear, a sweet fruit."),
+           ("p1", "de", 0, "Nenne eine Frucht.", "Ein Apfel."), ("p1", "de", 1, "Nenne eine Frucht.", "Eine Birne.")]
+
+
+def test_translation_prompts_and_scored_columns_by_hand():
+    samples = samples_table(SAMPLES)
+    prompts = translation_prompts(samples, "en", {"en": "English", "de": "German"}).to_pylist()
+    assert [(p["prompt_id"], p["lang"]) for p in prompts] == [("p1\x1fde\x1f0", "de"), ("p1\x1fde\x1f1", "de")]
+    assert prompts[0]["messages"] == [{"role": "user", "content": TRANSLATE + "Ein Apfel."}]
+    table = with_translation_columns(samples, {"p1\x1fde\x1f0": "An apple.", "p1\x1fde\x1f1": "A pear."}, "en")
+    x_en = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]
+    assert table.column("messages_anchor").to_pylist() == [x_en] * 4
+    assert table.column("response_anchor").to_pylist() == ["An apple.", "A pear, a sweet fruit.", "An apple.",
+                                                           "A pear."]
+    assert table.column("response").to_pylist() == [r[4] for r in SAMPLES]  # y itself is what pairs train on
+
+
+def test_translation_recipe_key():
+    base = ["rewards.implicit.enabled=true", "rewards.implicit.reward_reference.path=ref"]
+    assert load_config(None, base + ["rewards.implicit.prompt=translation"]).rewards.implicit.prompt == "translation"
+    with pytest.raises(ConfigError, match="expected one of cross_lingual, native, translation"):
+        load_config(None, base + ["rewards.implicit.prompt=english"])
+    with pytest.raises(ConfigError, match="translation .*offline runs do"):
+        load_config(None, base + ["rewards.implicit.prompt=translation", "mode=online"])
+
+
+@pytest.fixture(scope="module")
+def reference_model(tiny_model, tmp_path_factory):
+    """pi_I: the tiny model with a perturbed output layer, so log pi_theta - log pi_I is not zero."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.3)
+    path = tmp_path_factory.mktemp("reference")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(path)
+    return str(path)
+
+
+def test_r_t_scores_the_translation_under_the_anchor_prompt(tiny_model, reference_model):
+    from rayalign.engines import ScoreRequest
+    from rayalign.engines.hf import HFEngine
+    from rayalign.scoring.forward import forward_rows
+    from rayalign.scoring.setup import forward_rewards, scoring_setup
+
+    torch.set_num_threads(2)
+    cfg = load_config(None, [f"policy.path={tiny_model}", "languages=[en,de]", "rewards.implicit.enabled=true",
+                             f"rewards.implicit.reward_reference.path={reference_model}",
+                             "rewards.implicit.prompt=translation", "rewards.implicit.alpha=0.01"])
+    roles, specs, _, _ = scoring_setup(cfg, tiny_model)
+    assert [(s.role, s.prompt_column, s.response_column) for s in specs[1:]] == [
+        ("policy", "messages_anchor", "response_anchor"), ("reward_reference", "messages_anchor", "response_anchor")]
+    engines = {name: HFEngine(role.path, dtype="float32", batch_size=4) for name, role in roles.items()}
+    translations = {"p1\x1fde\x1f0": "An apple.", "p1\x1fde\x1f1": "A pear."}
+    table = with_translation_columns(samples_table(SAMPLES), translations, "en")
+    scores, params = forward_rewards(cfg, forward_rows(engines, table, specs))
+    assert params["icr"]["prompt"] == "translation"
+    # by hand: beta = 1, alpha = 0.01 per character of y (the response itself, not its translation)
+    x_en = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]
+    scored_text = ["An apple.", "A pear, a sweet fruit.", "An apple.", "A pear."]
+    policy = [r.logp for r in engines["policy"].score([ScoreRequest(x_en, t) for t in scored_text])]
+    reference = [r.logp for r in engines["reward_reference"].score([ScoreRequest(x_en, t) for t in scored_text])]
+    expected = [p - r - 0.01 * len(y[4]) for p, r, y in zip(policy, reference, SAMPLES)]
+    np.testing.assert_allclose(scores.column("r_icr").to_numpy(), expected, rtol=0, atol=1e-9)
+    assert abs(policy[0] - reference[0]) > 1e-3  # the two models differ
+    # the German rows score "An apple." exactly as the English row with the same text: their log-ratios agree
+    r_icr = scores.column("r_icr").to_numpy()
+    assert r_icr[2] + 0.01 * len("Ein Apfel.") == pytest.approx(r_icr[0] + 0.01 * len("An apple."), abs=1e-9)
