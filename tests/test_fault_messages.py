@@ -146,29 +146,34 @@ def test_dropping_prompts_without_enough_anchor_rows_by_hand():
     assert drop_prompts_without_anchor(table, "en", 0) == (table, [])
 
 
-@pytest.mark.parametrize("rewards", [
-    "rewards: {latent: {enabled: true}, actors: 1}\n",
-    "rewards: {implicit: {enabled: true, prompt: cross_lingual, reward_reference: {path: MODEL}}, actors: 1}\n",
+@pytest.mark.parametrize("setting, stage", [
+    ("rewards: {latent: {enabled: true}, actors: 1}\n", "score"),
+    ("rewards: {implicit: {enabled: true, prompt: cross_lingual, reward_reference: {path: MODEL}}, actors: 1}\n",
+     "score"),
+    ("pairs: {method: lidr}\n", "pairs"),
 ])
 def test_a_failed_anchor_row_under_max_failed_share_drops_its_prompt_and_the_run_finishes(tmp_path, tiny_model,
-                                                                                          ray_session, rewards):
+                                                                                          ray_session, setting, stage):
     """p1's English prompt is longer than the context: its generation fails. Within engines.max_failed_share the
-    relaunch finishes; p1 is dropped in every language, counted in metrics.jsonl and named on screen."""
+    relaunch finishes; p1 is dropped in every language, counted in metrics.jsonl and named on screen (latent
+    rewards and ICR's cross-lingual prompt in the score stage, LIDR's translations in the pairs stage)."""
     from rayalign.data.store import read_dataset
 
     prompts = prompt_file(tmp_path / "prompts.jsonl", 4, {"p1": "en"})
-    recipe = recipe_file(tmp_path / "recipe.yaml", tiny_model, prompts, rewards.replace("MODEL", tiny_model))
+    recipe = recipe_file(tmp_path / "recipe.yaml", tiny_model, prompts, setting.replace("MODEL", tiny_model))
     run_dir = tmp_path / "run"
     stopped = invoke("launch", recipe, "--run-dir", run_dir)  # 1 of 8 rows > the default 1%
     assert stopped.exit_code == 2 and "1 of 8 rows (12.50%) failed" in " ".join(stopped.output.split())
     resumed = invoke("launch", recipe, "--run-dir", run_dir, "-o", "engines.max_failed_share=0.2")
     assert resumed.exit_code == 0, resumed.output
     assert "dropped 1 prompt(s) in every language (2 rows): p1" in " ".join(resumed.output.split())
-    scores = read_dataset(run_dir / "iter-1" / "scores", "scores")
-    assert sorted(set(scores.column("prompt_id").to_pylist())) == ["p0", "p2", "p3"] and scores.num_rows == 12
-    score = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if '"stage": "score"' in line][-1]
-    assert (score["dropped_prompts"], score["dropped_rows"], score["samples"]) == (1, 2, 12)
+    output = read_dataset(run_dir / "iter-1" / {"score": "scores", "pairs": "pairs"}[stage])
+    assert sorted(set(output.column("prompt_id").to_pylist())) == ["p0", "p2", "p3"]
+    record = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if f'"stage": "{stage}"' in line][-1]
+    assert (record["dropped_prompts"], record["dropped_rows"]) == (1, 2)
+    if stage == "score":
+        assert record["samples"] == output.num_rows == 12
     errors = read_dataset(run_dir / "iter-1" / "errors", "errors").to_pylist()
     assert [(e["stage"], e["prompt_id"], e["lang"]) for e in errors] == [("generate", "p1", "en")]
 
@@ -180,6 +185,38 @@ def _can_mount_tmpfs() -> bool:
         return False
     probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
     return probe.returncode == 0
+
+
+WRITE_PROBE = """
+import sys
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+from rayalign.actors.trainer import write_failure
+for write in (lambda: save_file({"x": np.zeros(1 << 20)}, sys.argv[1] + "/w.safetensors"),
+              lambda: torch.save({"x": torch.zeros(1 << 20)}, sys.argv[1] + "/w.pt"),
+              lambda: (_ for _ in ()).throw(ValueError("not a write"))):
+    try:
+        write()
+    except Exception as e:
+        print(f"{type(e).__name__}|{isinstance(e, OSError)}|{write_failure(e)}")
+"""
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare -m and tmpfs mounts (root)")
+def test_full_disk_errors_of_safetensors_and_torch_are_recognised_as_failed_writes(tmp_path):
+    """On a real full file system (1 MiB tmpfs) safetensors raises SafetensorError and torch.save a RuntimeError
+    ("unexpected pos"), neither an OSError: both are still named as failed writes; other errors are not."""
+    (tmp_path / "probe.py").write_text(WRITE_PROBE)
+    mount = tmp_path / "full"
+    mount.mkdir()
+    out = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {mount} && "
+                          f"{sys.executable} {tmp_path / 'probe.py'} {mount}"], capture_output=True, text=True,
+                         timeout=600, check=True).stdout.splitlines()
+    assert out == ["SafetensorError|False|Error while serializing: I/O error: No space left on device (os error 28)",
+                   out[1], "ValueError|False|None"]
+    assert out[1].startswith("RuntimeError|False|[enforce fail at inline_container.cc")
+    assert out[1].endswith("a failed write; is the disk full?")
 
 
 @pytest.mark.slow
