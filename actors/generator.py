@@ -30,12 +30,13 @@ class GenerationActor:
                                     kv_cache_gib=engines.kv_cache_gib, max_model_len=engines.max_model_len,
                                     max_batch_tokens=engines.max_batch_tokens, cpu_threads=threads)
 
-    def generate(self, prompts: pa.Table, sampling: SamplingConfig, iteration: int,
-                 policy: str) -> tuple[pa.Table, pa.Table]:
-        """(samples, errors): prompt rows that fail by themselves are left out and named in `errors`."""
+    def generate(self, prompts: pa.Table, sampling: SamplingConfig, iteration: int, policy: str,
+                 token_ids: bool = False) -> tuple[pa.Table, pa.Table]:
+        """(samples, errors): prompt rows that fail by themselves are left out and named in `errors`; `token_ids`:
+        the samples carry the generated tokens (response_ids)."""
         from rayalign.generation import generate_isolating
 
-        return generate_isolating(self.engine, prompts, sampling, iteration, policy)
+        return generate_isolating(self.engine, prompts, sampling, iteration, policy, token_ids)
 
     def update_weights(self, named_tensors: dict) -> None:
         """Online RL: take the trainer's parameters (a Ray object, fetched once per actor)."""
@@ -80,8 +81,9 @@ class GenerationGroup(ActorGroup):
     def run(self, shards: list[pa.Table], sampling: SamplingConfig, iteration: int, policy: str,
             on_shard: Callable[[int, pa.Table], None], skip=frozenset(),
             progress: Callable[[ShardStats], None] | None = None,
-            on_errors: Callable[[int, pa.Table], None] | None = None, max_failed_rows: int = 0) -> ShardStats:
-        return self._map(lambda actor, shard: actor.generate.remote(shard, sampling, iteration, policy),
+            on_errors: Callable[[int, pa.Table], None] | None = None, max_failed_rows: int = 0,
+            token_ids: bool = False) -> ShardStats:
+        return self._map(lambda actor, shard: actor.generate.remote(shard, sampling, iteration, policy, token_ids),
                          shards, on_shard, skip=skip, progress=progress, token_column="num_tokens",
                          on_errors=on_errors, max_failed_rows=max_failed_rows)
 

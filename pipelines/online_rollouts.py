@@ -26,7 +26,7 @@ STEP_KEY = b"rayalign.step"
 class StepRollouts:
     step: int
     samples: pa.Table
-    sequences: list  # (prompt ids, response ids) as generated
+    sequences: list  # (prompt ids, response ids): the tokens the engine generated
     behaviour: list | None  # per-token log-probs of the generating engine (async_train), else None
 
 
@@ -43,15 +43,15 @@ class Rollouts:
     def generate(self, step: int) -> StepRollouts:
         from rayalign.actors.pool import split_shards
         from rayalign.pipelines.online import step_prompts
-        from rayalign.training.rollouts import rollout_sequences
 
         cfg = self.cfg
         batch = step_prompts(self.prompts, step, cfg.online.prompts_per_step, cfg.sampling.seed)
         parts: dict[int, pa.Table] = {}
         shards = split_shards(batch, cfg.engines.shard_rows)
-        self.generators.run(shards, cfg.sampling, step, f"online-step-{step - 1}", parts.__setitem__)
+        self.generators.run(shards, cfg.sampling, step, f"online-step-{step - 1}", parts.__setitem__, token_ids=True)
         samples = pa.concat_tables([parts[i] for i in range(len(shards))])
-        sequences = rollout_sequences(self.tokenizer, samples)
+        sequences = generated_sequences(self.tokenizer, samples)
+        samples = samples.drop_columns(["response_ids"])
         behaviour = self.generators.token_logps(sequences) if self.one_step_off else None
         return StepRollouts(step, samples, sequences, behaviour)
 
@@ -78,14 +78,15 @@ class Rollouts:
         self.settle()
         if self.next is None:
             return
-        table = self.next.samples.append_column("behaviour_logp", pa.array(self.next.behaviour, pa.list_(pa.float64())))
+        table = self.next.samples.append_column("response_ids", pa.array([r for _, r in self.next.sequences],
+                                                                          pa.list_(pa.int32())))
+        table = table.append_column("behaviour_logp", pa.array(self.next.behaviour, pa.list_(pa.float64())))
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), STEP_KEY: str(self.next.step).encode()})
         pq.write_table(table, Path(directory) / PENDING_FILE)
 
     def load_pending(self, directory: Path, step: int) -> None:
         """Take the next step's rollouts saved by `save_pending` in the checkpoint that a relaunch resumes from."""
         from rayalign.config import ConfigError
-        from rayalign.training.rollouts import rollout_sequences
 
         if not self.one_step_off or step > self.cfg.online.steps:
             return
@@ -99,10 +100,20 @@ class Rollouts:
         if saved != step:
             raise ConfigError(f"{path}: holds step {saved}'s rollouts, not step {step}'s")
         behaviour = table.column("behaviour_logp").to_pylist()
-        samples = table.drop_columns(["behaviour_logp"]).replace_schema_metadata(metadata or None)
-        self.next = StepRollouts(step, samples, rollout_sequences(self.tokenizer, samples), behaviour)
+        sequences = generated_sequences(self.tokenizer, table)
+        samples = table.drop_columns(["response_ids", "behaviour_logp"]).replace_schema_metadata(metadata or None)
+        self.next = StepRollouts(step, samples, sequences, behaviour)
 
     def close(self) -> None:
         """Stop taking work; a generation still running ends when the engines are shut down."""
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def generated_sequences(tokenizer, samples: pa.Table) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) of each rollout: the templated prompt, then exactly the tokens the engine
+    generated (re-encoding the decoded text would give other tokens where a byte-level BPE's merges or a split
+    multi-byte character differ, and the update would then reinforce sequences nobody sampled)."""
+    prompts = [list(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False))
+               for m in samples.column("messages").to_pylist()]
+    return list(zip(prompts, samples.column("response_ids").to_pylist()))

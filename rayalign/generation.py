@@ -23,14 +23,21 @@ def expand_requests(prompts: pa.Table, sampling: SamplingConfig, iteration: int)
 
 
 def generate_samples(engine: Engine, prompts: pa.Table, sampling: SamplingConfig, iteration: int,
-                     policy: str) -> pa.Table:
-    """Sample `sampling.n` responses for every prompt row; returns rows in the samples schema."""
+                     policy: str, token_ids: bool = False) -> pa.Table:
+    """Sample `sampling.n` responses for every prompt row; returns rows in the samples schema (`token_ids`: plus
+    a response_ids column, the generated tokens, which online RL trains on)."""
     rows, requests = expand_requests(prompts, sampling, iteration)
-    for row, completion in zip(rows, engine.generate(requests)):
+    completions = engine.generate(requests)
+    for row, completion in zip(rows, completions):
         row.update(response=completion.text, num_tokens=completion.num_tokens,
                    finish_reason=completion.finish_reason, policy=policy,
                    lang_detected=detect_language(completion.text))
-    return pa.Table.from_pylist(rows, schema=schema_for("samples")[1])
+    table = pa.Table.from_pylist(rows, schema=schema_for("samples")[1])
+    return with_response_ids(table, [list(c.token_ids) for c in completions]) if token_ids else table
+
+
+def with_response_ids(table: pa.Table, ids: list[list[int]]) -> pa.Table:
+    return table.append_column("response_ids", pa.array(ids, pa.list_(pa.int32())))
 
 
 class FailedRowsError(RuntimeError):
@@ -78,7 +85,7 @@ def isolate_failures(run, table: pa.Table, stage: str, too_long: list[str | None
 
 
 def generate_isolating(engine: Engine, prompts: pa.Table, sampling: SamplingConfig, iteration: int,
-                       policy: str) -> tuple[pa.Table, pa.Table]:
+                       policy: str, token_ids: bool = False) -> tuple[pa.Table, pa.Table]:
     """`generate_samples`, with prompt rows that fail by themselves left out: (samples, errors).
 
     A prompt whose tokens plus max_new_tokens exceed the model's context fails without being tried.
@@ -91,6 +98,9 @@ def generate_isolating(engine: Engine, prompts: pa.Table, sampling: SamplingConf
             if tokens + sampling.max_new_tokens > limit:
                 too_long[i] = (f"prompt of {tokens} tokens + max_new_tokens {sampling.max_new_tokens} exceeds the "
                                f"model's context of {limit} tokens")
-    samples, errors = isolate_failures(lambda rows: generate_samples(engine, rows, sampling, iteration, policy),
-                                       prompts, "generate", too_long)
-    return (samples if samples is not None else schema_for("samples")[1].empty_table()), errors
+    samples, errors = isolate_failures(lambda rows: generate_samples(engine, rows, sampling, iteration, policy,
+                                                                     token_ids), prompts, "generate", too_long)
+    if samples is None:
+        samples = schema_for("samples")[1].empty_table()
+        samples = with_response_ids(samples, []) if token_ids else samples
+    return samples, errors

@@ -13,7 +13,7 @@ def test_nccl_broadcast_gives_the_engines_the_trainers_weights(ray_session, tiny
     if torch.cuda.device_count() < 2:
         pytest.skip("NCCL weight sync needs the trainer and the engine on two GPUs")
     from rayalign.actors.generator import GenerationGroup
-    from rayalign.actors.trainer import TrainerGroup
+    from rayalign.actors.rl_trainer import PolicyGroup
     from rayalign.actors.weight_sync import WeightSync, uses_nccl
     from test_online import greetings
 
@@ -22,13 +22,13 @@ def test_nccl_broadcast_gives_the_engines_the_trainers_weights(ray_session, tiny
                              "policy.dtype=float32"])
     assert uses_nccl(cfg)
     generators = GenerationGroup(tiny_model, cfg.policy, cfg.engines)
-    trainer = TrainerGroup(tiny_model, ModelConfig(path=tiny_model), cfg.training)
+    trainer = PolicyGroup(tiny_model, ModelConfig(path=tiny_model), cfg.training)
     try:
-        trainer._all("prepare_online", 2, tiny_model)
+        trainer.prepare(2, tiny_model)
         sequences = greetings(tiny_model)
         stats = trainer.rollout_stats(sequences)
-        trainer._all("rl_step", sequences, [1.0, -1.0, 0.5, -0.5], [s["logp"] for s in stats],
-                     [s["ref_logp"] for s in stats], 0.1, "k3", 0.2)
+        trainer.update(sequences, [1.0, -1.0, 0.5, -0.5], [s["logp"] for s in stats],
+                       [s["ref_logp"] for s in stats], 0.1, "k3", 0.2)
         sync = WeightSync(trainer, generators, nccl=True)
         assert sync.push() is None  # nothing went through the object store
         params = trainer.parameters()

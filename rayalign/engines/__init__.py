@@ -30,6 +30,7 @@ class Completion:
     text: str
     num_tokens: int  # generated tokens, the end-of-turn token included when produced
     finish_reason: str  # "stop" (end-of-turn token) or "length" (max_new_tokens reached)
+    token_ids: tuple[int, ...] = ()  # the generated tokens, the end-of-turn token included when produced
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,8 @@ class HFEngine:
             tokens = row if end is None else row[:end]
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             completions.append(Completion(text=text, num_tokens=len(row) if end is None else end + 1,
-                                          finish_reason="length" if end is None else "stop"))
+                                          finish_reason="length" if end is None else "stop",
+                                          token_ids=tuple(row if end is None else row[:end + 1])))
         return completions
 
     # ---- teacher-forced scoring -------------------------------------------------------------------------------

@@ -167,7 +167,8 @@ class VLLMEngine:
             end = next((j for j, tok in enumerate(tokens) if tok in eos), None)
             text = self.tokenizer.decode(tokens if end is None else tokens[:end], skip_special_tokens=True)
             completions.append(Completion(text=text, num_tokens=len(tokens) if end is None else end + 1,
-                                          finish_reason="length" if end is None else "stop"))
+                                          finish_reason="length" if end is None else "stop",
+                                          token_ids=tuple(tokens if end is None else tokens[:end + 1])))
         return completions
 
     def score(self, requests: list[ScoreRequest], layers: list[int] = ()) -> list[ScoreResult]:
