@@ -303,8 +303,9 @@ class TrainerGroup:
         except ray.exceptions.RayTaskError as e:
             if (reason := write_failure(e)) is None:
                 raise
-            raise DatasetWriteError(f"{path}: the trained policy could not be saved ({reason}); launch again to "
-                                    "resume from the latest checkpoint") from None
+            raise DatasetWriteError(f"{path}: the trained policy could not be saved ({reason}); make room and launch "
+                                    "again: finished stages are kept, and training resumes from its last checkpoint "
+                                    "(or runs again without one)") from None
 
     def state(self) -> list[dict]:
         return self._all("state")
