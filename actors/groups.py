@@ -47,12 +47,16 @@ class ActorGroup:
             raise RuntimeError(f"every one of the {len(refs)} {self.what} died: {error}") from error
         return results
 
-    def collect(self, shards: list[pa.Table], *args, label: str, unit: str = "rows") -> pa.Table:
-        """`run` every shard behind a progress bar; the results in shard order. The group shuts down after."""
+    def gather(self, shards: list[pa.Table], *args, **options) -> pa.Table:
+        """`run` every shard; the results in shard order. The group stays up."""
         results: dict[int, pa.Table] = {}
-        with self, progress_bar(label, sum(s.num_rows for s in shards), unit) as update:
-            self.run(shards, *args, results.__setitem__, progress=update)
+        self.run(shards, *args, results.__setitem__, **options)
         return pa.concat_tables([results[i] for i in range(len(shards))])
+
+    def collect(self, shards: list[pa.Table], *args, label: str, unit: str = "rows") -> pa.Table:
+        """`gather` behind a progress bar; the group shuts down after."""
+        with self, progress_bar(label, sum(s.num_rows for s in shards), unit) as update:
+            return self.gather(shards, *args, progress=update)
 
     def _broadcast(self, method: str, *args, weights) -> None:
         """Every live actor calls `method(*args, ref)`; weights go into the object store once (an ObjectRef, such

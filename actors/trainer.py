@@ -327,3 +327,7 @@ class TrainerGroup:
         for a in self.actors:
             ray.kill(a)
         remove_placement_group(self.placement)
+
+
+class TrainerLostError(RuntimeError):
+    """A trainer rank died mid-stage (a lost node, OOM); the message says how the run resumes."""

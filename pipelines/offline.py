@@ -6,29 +6,52 @@ then `run`, which calls them in order and skips what an earlier run already fini
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
 from pathlib import Path
 
+import polars as pl
+import pyarrow as pa
+import ray
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from rayalign import pairs
+from rayalign.actors.generator import GenerationGroup
+from rayalign.actors.pool import split_shards
+from rayalign.actors.preference_trainer import PreferenceTrainerGroup
+from rayalign.actors.scorer import ModelRole, ScoringGroup
+from rayalign.actors.trainer import TrainerLostError
+from rayalign.anchor_groups import anchor_rows_needed, drop_prompts_without_anchor, dropped_message
+from rayalign.cluster import connect, load_cluster_spec
+from rayalign.cluster.planner import with_counts
+from rayalign.cluster.schedule import choose_schedule
+from rayalign.cluster.spec import check_run_dir_visible, running_cluster_spec
 from rayalign.config import ConfigError, RunConfig
-from rayalign.methods import schema_of
-from rayalign.data.prompts import load_prompts
-from rayalign.data.store import DatasetWriter, atomic_write_text
+from rayalign.data.prompts import load_candidate_sets, load_prompts
+from rayalign.data.schemas import schema_for
+from rayalign.data.store import (DatasetWriter, atomic_write_text, claim_output_dir, directory_checksums,
+                                 read_dataset, read_manifest)
 from rayalign.failures import errors_checkpoint, record_failures
 from rayalign.generation import FailedRowsError
+from rayalign.methods import schema_of
 from rayalign.models import resolve_model_path
+from rayalign.pairs import dco_tuples, lidr_pairs, lidr_requests
 from rayalign.progress import console, deepspeed_op_notice, model_build_progress, progress_bar
+from rayalign.rewards.centroid_texts import centroids_from_texts
+from rayalign.rewards.consistency import dco_gamma_table
 from rayalign.run_dir import (STAGES, checkpoint, iteration_summary, kept_output_problems, log_metrics,
                               prepare_run_dir, read_checkpoints, report_untrusted, set_aside_untrusted_checkpoint,
                               write_state, write_table)
+from rayalign.run_lock import run_dir_lock
+from rayalign.scoring.forward import ForwardSpec
 from rayalign.scoring.hub_scan import hub_layer_of_run
-from rayalign.rewards.centroid_texts import centroids_from_texts
+from rayalign.scoring.rewards import compute_rewards, load_user_reward
 from rayalign.scoring.setup import forward_rewards, latent_layers, scoring_setup, with_scoring_prompts
 from rayalign.scoring.translation import with_translations
 from rayalign.tracking import Trackers, check_trackers
+from rayalign.training.data import batch_alignment_languages
 
 
 # ---- generation stage ----
@@ -39,7 +62,6 @@ def generate_stage(cfg: RunConfig, prompts, policy_path: str, policy_name: str, 
 
     Shards already on disk (from an interrupted run with the same config) are kept, not recomputed.
     """
-    from rayalign.actors.generator import GenerationGroup, split_shards
 
     shards = split_shards(prompts, cfg.engines.shard_rows)
     writer = DatasetWriter(
@@ -77,12 +99,6 @@ def generate_stage(cfg: RunConfig, prompts, policy_path: str, policy_name: str, 
 def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: int, out_dir: Path,
                 hub_layer: int | None = None) -> dict:
     """One teacher-forced pass per needed model over every sample -> the scores dataset at `out_dir`."""
-    import pyarrow as pa
-
-    from rayalign.actors.pool import split_shards
-    from rayalign.actors.scorer import ScoringGroup
-    from rayalign.anchor_groups import anchor_rows_needed, drop_prompts_without_anchor, dropped_message
-    from rayalign.data.store import read_dataset
 
     samples = read_dataset(samples_dir, "samples")
     r = cfg.rewards
@@ -137,10 +153,6 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
 def pairs_stage(cfg: RunConfig, run_dir: Path, policy_path: str, initial_policy_path: str, iteration: int,
                 out_dir: Path) -> dict:
     """Scores (or candidate sets, for DCO) -> preference data at `out_dir`."""
-    import polars as pl
-
-    from rayalign import pairs
-    from rayalign.data.store import read_dataset
 
     method, p, it_dir = cfg.pairs.method, cfg.pairs, run_dir / f"iter-{iteration}"
     extra = {}
@@ -177,14 +189,6 @@ def pairs_stage(cfg: RunConfig, run_dir: Path, policy_path: str, initial_policy_
 def dco_stage(cfg: RunConfig, initial_policy_path: str, iteration: int, out_dir: Path):
     """Score every candidate answer with pi_ref (fixed: the starting model unless set) in every language, then
     build DCO tuples."""
-    import polars as pl
-
-    from rayalign.actors.pool import split_shards
-    from rayalign.actors.scorer import ModelRole, ScoringGroup
-    from rayalign.data.prompts import load_candidate_sets
-    from rayalign.pairs import dco_tuples
-    from rayalign.rewards.consistency import dco_gamma_table
-    from rayalign.scoring.forward import ForwardSpec
 
     c = cfg.rewards.consistency
     ref = c.reference or cfg.policy
@@ -206,15 +210,6 @@ def dco_stage(cfg: RunConfig, initial_policy_path: str, iteration: int, out_dir:
 
 def lidr_stage(cfg: RunConfig, samples, policy_path: str, iteration: int):
     """LIDR: the policy translates its own responses; chosen/rejected as in docs/methods.md (ICR section, LIDR)."""
-    import dataclasses
-
-    import polars as pl
-    import pyarrow as pa
-
-    from rayalign.actors.generator import GenerationGroup
-    from rayalign.actors.pool import split_shards
-    from rayalign.data.schemas import schema_for
-    from rayalign.pairs import lidr_pairs, lidr_requests
 
     requests = lidr_requests(samples, cfg.anchor_language, cfg.language_names())
     prompts = pa.Table.from_pylist(
@@ -233,11 +228,6 @@ def lidr_stage(cfg: RunConfig, samples, policy_path: str, iteration: int):
 def _with_reference_logps(cfg: RunConfig, pairs_table, policy_path: str):
     """Fill ref_logp_* and *_num_tokens of pairs with the policy's teacher-forced scores (the next DPO
     step's reference), for pairs whose responses were not scored before (LIDR translations)."""
-    import pyarrow as pa
-
-    from rayalign.actors.pool import split_shards
-    from rayalign.actors.scorer import ModelRole, ScoringGroup
-    from rayalign.scoring.forward import ForwardSpec
 
     rows = pairs_table.to_pylist()
     requests = pa.Table.from_pylist([{"messages": r["prompt"], "response": r[side][0]["content"]}
@@ -256,10 +246,6 @@ def _with_reference_logps(cfg: RunConfig, pairs_table, policy_path: str):
 
 # ---- training stage ----
 
-class TrainerLostError(RuntimeError):
-    """A trainer rank died mid-stage (a lost node, OOM); the message says how the run resumes."""
-
-
 def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int, out_dir: Path,
                 state: dict | None = None) -> dict:
     """Train policy t from policy t-1 on iteration t's preference data -> a Hugging Face checkpoint at `out_dir`.
@@ -274,8 +260,6 @@ def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int
         from rayalign.integrations.openrlhf import train_dpo
 
         return train_dpo(cfg, data_dir, policy_path, out_dir)
-    from rayalign.actors.preference_trainer import PreferenceTrainerGroup
-    from rayalign.training.data import batch_alignment_languages
 
     ckpt_dir = out_dir.with_name("train.ckpt")
     run_dir = out_dir.parent.parent
@@ -285,12 +269,9 @@ def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int
     set_aside_untrusted_checkpoint(ckpt_dir, records.get(key), t.checkpoint_every, run_dir)
 
     def on_checkpoint(tag_dir: Path) -> None:  # recorded in the run state: only these files are ever loaded
-        from rayalign.data.store import directory_checksums
 
         records[key] = {"tag": tag_dir.name, "files": directory_checksums(tag_dir)}
         write_state(run_dir, state)
-
-    import ray
 
     aligned = batch_alignment_languages(cfg.languages, cfg.anchor_language, t.batch_alignment)
     deepspeed_op_notice()
@@ -338,9 +319,6 @@ def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int
 
 def language_fidelity(samples_dir: Path) -> dict[str, float]:
     """Share of each language's samples detected in that language."""
-    import polars as pl
-
-    from rayalign.data.store import read_dataset
 
     df = pl.from_arrow(read_dataset(samples_dir, "samples").select(["lang", "lang_detected"]))
     share = df.group_by("lang").agg((pl.col("lang") == pl.col("lang_detected")).mean().alias("share")).sort("lang")
@@ -352,8 +330,6 @@ def language_fidelity(samples_dir: Path) -> dict[str, float]:
 def rescore(cfg: RunConfig, scores_dir: Path, out_dir: Path, replace: bool = False) -> dict:
     """New rewards from a scores dataset's stored log-probs and states into `out_dir`, which must be new or empty
     (with `replace`, a non-empty one is moved to the trash of the run that holds it, as --redo does)."""
-    from rayalign.data.store import claim_output_dir, read_dataset, read_manifest
-    from rayalign.scoring.rewards import compute_rewards
 
     out, source = out_dir.resolve(), scores_dir.resolve()
     if out == source or out in source.parents:
@@ -381,7 +357,6 @@ def rescore(cfg: RunConfig, scores_dir: Path, out_dir: Path, replace: bool = Fal
 
 def run(cfg: RunConfig, run_dir: Path | None = None, **options) -> Path:
     """Run the recipe's iterations into `run_dir`, holding the run directory's lock throughout."""
-    from rayalign.run_lock import run_dir_lock
 
     run_dir = Path(run_dir or cfg.resolved_run_dir())
     with run_dir_lock(run_dir, console.print):
@@ -391,7 +366,6 @@ def run(cfg: RunConfig, run_dir: Path | None = None, **options) -> Path:
 def preflight(cfg: RunConfig, policy_path: str) -> None:
     """Checks that need the model or user code, made before any work: the trackers' packages, the latent layers
     against the model's, and the user reward file's function (importing the file runs it, as scoring would)."""
-    from rayalign.scoring.rewards import load_user_reward
 
     check_trackers(cfg)
     r = cfg.rewards
@@ -403,10 +377,6 @@ def preflight(cfg: RunConfig, policy_path: str) -> None:
 
 def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str | None = None,
          stages: tuple[str, ...] = STAGES, redo: tuple[str, ...] = ()) -> Path:
-    from rayalign.cluster import connect, load_cluster_spec
-    from rayalign.cluster.planner import with_counts
-    from rayalign.cluster.schedule import choose_schedule
-    from rayalign.cluster.spec import check_run_dir_visible, running_cluster_spec
 
     r = cfg.rewards
     if not (r.latent.enabled or r.implicit.enabled or r.reward_model.enabled or r.user.path):

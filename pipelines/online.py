@@ -205,7 +205,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
 
 def trainer_lost(error, state: dict, checkpoint_every: int):
     """The message for a trainer (or critic) rank that died: what resumes when the same command runs again."""
-    from rayalign.pipelines.offline import TrainerLostError
+    from rayalign.actors.trainer import TrainerLostError
 
     done = state.get("online_checkpoint", {}).get("step")
     resume = (f"resumes from the checkpoint of step {done} (online.checkpoint_every {checkpoint_every})" if done else
@@ -280,8 +280,7 @@ class ScoredReward:
 
         self.cfg, self.column = cfg, REWARD_COLUMN[cfg.online.score_reward]
         roles, self.specs, self.reward_model, _ = scoring_setup(cfg, policy_path)
-        r = cfg.rewards
-        self.group = ScoringGroup(roles, r.actors, r.batch_size, r.num_cpus, r.num_gpus)
+        self.group = ScoringGroup.for_recipe(roles, cfg.rewards)
 
     def __call__(self, samples: pa.Table) -> np.ndarray:
         from rayalign.actors.pool import split_shards
@@ -289,9 +288,7 @@ class ScoredReward:
         cfg = self.cfg
         samples = with_scoring_prompts(cfg, samples)
         shards = split_shards(samples, max(1, samples.num_rows // max(1, cfg.rewards.actors)))
-        parts: dict[int, pa.Table] = {}
-        self.group.run(shards, self.specs, self.reward_model, parts.__setitem__)
-        table = pa.concat_tables([parts[i] for i in range(len(shards))])
+        table = self.group.gather(shards, self.specs, self.reward_model)
         table, _ = forward_rewards(cfg, table)
         keys = ("prompt_id", "lang", "sample_idx")
         if list(zip(*(table.column(k).to_pylist() for k in keys))) != list(zip(*(samples.column(k).to_pylist()

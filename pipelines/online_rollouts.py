@@ -46,10 +46,8 @@ class Rollouts:
 
         cfg = self.cfg
         batch = step_prompts(self.prompts, step, cfg.online.prompts_per_step, cfg.sampling.seed)
-        parts: dict[int, pa.Table] = {}
         shards = split_shards(batch, cfg.engines.shard_rows)
-        self.generators.run(shards, cfg.sampling, step, f"online-step-{step - 1}", parts.__setitem__, token_ids=True)
-        samples = pa.concat_tables([parts[i] for i in range(len(shards))])
+        samples = self.generators.gather(shards, cfg.sampling, step, f"online-step-{step - 1}", token_ids=True)
         sequences = generated_sequences(self.tokenizer, samples)
         samples = samples.drop_columns(["response_ids"])
         behaviour = self.generators.token_logps(sequences) if self.one_step_off else None

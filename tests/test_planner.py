@@ -6,9 +6,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from rayalign.cluster.planner import (
-    MODELS_FILE, PlanError, count_parameters, model_info, plan, save_plan, zero_memory_gb,
-)
+from rayalign.cluster.model_info import MODELS_FILE, PlanError, count_parameters, model_info
+from rayalign.cluster.planner import plan, save_plan, zero_memory_gb
 from rayalign.cluster.spec import (
     ClusterError, check_cluster, load_cluster_spec, running_cluster_spec, shipped_specs,
 )

@@ -64,6 +64,4 @@ def centroids_from_texts(cfg, group, language_layer: int) -> dict[str, np.ndarra
     if not texts:
         return None
     shards = split_shards(centroid_text_rows(texts), 256)
-    results: dict[int, pa.Table] = {}
-    group.run(shards, [centroid_spec(language_layer)], None, results.__setitem__)
-    return centroids_from_table(pa.concat_tables([results[i] for i in range(len(shards))]))
+    return centroids_from_table(group.gather(shards, [centroid_spec(language_layer)], None))

@@ -1,0 +1,3 @@
+from rayalign.cli import main
+
+main()

@@ -1,0 +1,98 @@
+"""The `rayalign` command line: parse, load the config, call a pipeline."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from rayalign import __version__
+
+console = Console()
+err = Console(stderr=True)
+
+OVERRIDE_HELP = "override a recipe setting, e.g. -o sampling.n=8 -o languages=[en,de] (repeatable)"
+
+
+class UserError(click.ClickException):
+    """A problem with the user's input: printed without a traceback, exit code 2."""
+
+    exit_code = 2
+
+
+def user_errors(fn):
+    """Turn rayalign's input errors into clean messages (no traceback)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from rayalign.cluster.planner import PlanError
+        from rayalign.cluster.spec import ClusterError
+        from rayalign.config import ConfigError
+        from rayalign.data.prompts import PromptError
+        from rayalign.data.store import DatasetError
+        from rayalign.eval.judge import JudgeError
+        from rayalign.generation import FailedRowsError
+        from rayalign.models import ModelLoadError
+        from rayalign.actors.trainer import TrainerLostError
+        from rayalign.pipelines.study import StudyError
+        from rayalign.report import ReportError
+        from rayalign.scoring.rewards import RewardError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, PromptError, DatasetError, ModelLoadError, ClusterError, PlanError, FailedRowsError,
+                RewardError, JudgeError, StudyError, ReportError, TrainerLostError) as e:
+            raise UserError(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: run the same command again to resume (finished stages, shards and "
+                       "checkpoints are kept)", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def load_recipe(recipe, overrides, *, sources: bool = True, models: bool = True):
+    """The recipe, validated, its trackers' packages installed; with `sources`, its prompt set (and with `models`, its models) checked readable from
+    here before Ray starts: a Hub name neither cached nor reachable is refused at once."""
+    from rayalign.config import load_config
+    from rayalign.data.hub import HubError, check_sources
+    from rayalign.tracking import check_trackers
+
+    cfg = load_config(recipe, overrides)
+    check_trackers(cfg)
+    if sources:
+        try:
+            check_sources(cfg, models=models)
+        except HubError as e:
+            raise UserError(str(e)) from None
+    return cfg
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="rayalign")
+def main():
+    """rayalign: multilingual self-alignment of LLMs on Ray.
+
+    \b
+    Quick start (tiny offline model, CPU, a few minutes):
+      rayalign launch --cluster local examples/quickstart.yaml
+      rayalign inspect runs/quickstart
+    """
+
+
+CLUSTER_HELP = "cluster spec: a shipped name (local, a100x8, a100x64, h100x16, h200x8) or the path of a spec YAML"
+
+
+def run_dir_of(cfg, run_dir) -> Path:
+    return Path(run_dir) if run_dir else cfg.resolved_run_dir()
+
+
+POLICY_HELP = "checkpoint to evaluate: initial (the recipe's policy), iter-N (the run's iteration N), or a path; " \
+              "default: the run's latest trained policy, else initial"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Commands on datasets and run directories: rescore, inspect, validate, export, config, build-tiny-model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from rayalign.cli.common import OVERRIDE_HELP, UserError, console, err, load_recipe, main, user_errors
+
+
+@main.command()
+@click.argument("scores", type=click.Path(exists=True, file_okay=False))
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="directory of the new scores dataset")
+@click.option("--recipe", type=click.Path(dir_okay=False),
+              help="recipe to start from (default: the config.yaml of the run that holds SCORES)")
+@click.option("--replace", is_flag=True, help="when OUTPUT exists and is not empty, move it to the trash (the run's "
+              "trash-<time>/ when OUTPUT is in a run directory) and write there; without it, such an OUTPUT is refused")
+@click.option("-o", "--override", "overrides", multiple=True, help=OVERRIDE_HELP)
+@user_errors
+def rescore(scores, output, recipe, overrides, replace):
+    """Recompute rewards from a scores dataset without a forward pass.
+
+    Latent rewards use the stored pooled states (new alpha, gamma, weight form, centroid mode or
+    anchor language); ICR re-runs its alpha search or takes a fixed alpha.
+
+    \b
+    Example:
+      rayalign rescore runs/quickstart/iter-1/scores --output runs/quickstart/iter-1/scores-a1 \\
+        -o rewards.latent.alpha=1.0 -o rewards.latent.centroid_mode=prompt
+    """
+    from rayalign.pipelines import offline
+
+    scores = Path(scores)
+    cfg = load_recipe(recipe or scores.parent.parent / "config.yaml", overrides, sources=False)
+    if cfg.rewards.user.path:  # user code: say which file runs, and from where its path came
+        source = f"--recipe {recipe}" if recipe else f"{scores.parent.parent / 'config.yaml'} (the scored run's config)"
+        err.print(f"rescore: runs the user reward file {cfg.rewards.user.path} as code, named by {source}; pass "
+                  "--recipe or -o rewards.user.path=... to choose another", soft_wrap=True)
+    manifest = offline.rescore(cfg, scores, Path(output), replace=replace)
+    console.print(f"done: {output} ({manifest['rows']} rows)")
+
+
+
+ITERATION_HEADERS = {"policy": "generating policy", "pairs_rows": "pairs", "loss_first": "loss, first step",
+                     "loss_mean": "loss, mean", "reward_margin_mean": "reward margin, mean",
+                     "accuracy_mean": "pair accuracy, mean", "seconds_generate": "generate s",
+                     "seconds_score": "score s", "seconds_pairs": "pairs s", "seconds_train": "train s"}
+
+
+
+def planned_seconds(run_dir: Path) -> dict[str, float]:
+    """Estimated seconds per phase of one iteration from the run's plan.json; empty without one."""
+    import json
+
+    try:
+        phases = json.loads((run_dir / "plan.json").read_text()).get("estimate", {}).get("phases", {})
+    except (OSError, ValueError):
+        return {}
+    return {phase: value["seconds"] for phase, value in phases.items() if value.get("seconds") is not None}
+
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@user_errors
+def inspect(path):
+    """Summarise a dataset or a run directory: per-language rows, lengths, detected-language share.
+
+    \b
+    Example:
+      rayalign inspect runs/quickstart
+      rayalign inspect runs/quickstart/iter-1/samples
+    """
+    from rayalign.data.inspect import dataset_summary, find_datasets, iteration_table, read_metrics
+
+    path = Path(path)
+    datasets = find_datasets(path)
+    if not datasets:
+        raise UserError(f"{path}: no datasets (no manifest.json here or under iter-*/)")
+    for ds in datasets:
+        manifest, summary = dataset_summary(ds)
+        console.print(f"[bold]{ds}[/]  {manifest['schema']} v{manifest['schema_version']}, {manifest['rows']} rows, "
+                      f"{len(manifest['shards'])} shard(s), config {manifest.get('config_hash', '')}")
+        if summary is not None:
+            table = Table(*summary.columns)
+            for row in summary.iter_rows():
+                table.add_row(*(str(v) for v in row))
+            console.print(table)
+    metrics = read_metrics(path)
+    if metrics:
+        estimated = planned_seconds(path)
+        table = Table("iteration", "stage", "seconds", "estimate s", "samples/s", "tokens/s", "retries", "failed rows",
+                      caption="estimate: the plan's, saved at launch (plan.json); start-up not counted"
+                      if estimated else None, caption_justify="left")
+        for m in (m for m in metrics if m.get("stage") != "iteration"):
+            seconds = m.get("wall_seconds", m.get("seconds", ""))  # a "redo" record has neither, nor an iteration
+            estimate = estimated.get(m.get("stage")) if "iteration" in m else None
+            table.add_row(str(m.get("iteration", "")), m.get("stage", ""), str(seconds),
+                          "" if estimate is None else f"{estimate:.3g}",
+                          str(m.get("samples_per_s", "")), str(m.get("tokens_per_s", "")), str(m.get("retries", "")),
+                          str(m.get("failed_rows", "")))
+        console.print(table)
+        iterations = iteration_table(metrics)
+        if iterations is not None:
+            table = Table("metric", *(f"iter {i}" for i in iterations["iteration"]), title="iterations")
+            for column in iterations.columns[1:]:
+                label = ITERATION_HEADERS.get(column) or f"fidelity {column.removeprefix('fidelity_')}"
+                table.add_row(label, *("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+                                       for v in iterations[column]))
+            console.print(table)
+
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@user_errors
+def validate(path):
+    """Check datasets against their manifests: schema version, shard checksums, row counts, columns.
+
+    Exits non-zero and names the file when something is wrong.
+
+    \b
+    Example:
+      rayalign validate runs/quickstart/iter-1/samples
+    """
+    from rayalign.data.inspect import find_datasets
+    from rayalign.data.store import DatasetError, dataset_problems, read_dataset, read_manifest
+
+    path = Path(path)
+    datasets = find_datasets(path)
+    # shards without a manifest: an unfinished dataset (reported, never skipped); scores.forward/ holds checkpoints
+    datasets += sorted({p.parent for p in [*path.glob("part-*.parquet"), *path.glob("iter-*/*/part-*.parquet")]
+                        if not p.parent.name.endswith(".forward")} - set(datasets))
+    if not datasets:
+        raise UserError(f"{path}: no manifest.json here or under iter-*/ (incomplete or not a rayalign dataset)")
+    failed = []
+    for ds in datasets:
+        problems = [message for _, message in dataset_problems(ds)]
+        if not problems:
+            try:
+                table, manifest = read_dataset(ds), read_manifest(ds)
+            except DatasetError as e:
+                problems = [str(e)]
+        if problems:
+            failed.append(ds)
+            for problem in problems:
+                err.print(f"FAILED  {problem}", soft_wrap=True)
+            continue
+        console.print(f"ok  {ds}: {manifest['schema']} v{manifest['schema_version']}, {table.num_rows} rows, "
+                      f"{len(manifest['shards'])} shard(s), checksums match")
+    if failed:
+        raise UserError(f"{len(failed)} of {len(datasets)} dataset(s) failed: {', '.join(map(str, failed))}")
+
+
+
+@main.command("build-tiny-model")
+@click.argument("out_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--steps", type=int, help="training steps (default: the cached model's)")
+def build_tiny_model_cmd(out_dir, steps):
+    """Build the tiny offline chat model (Llama architecture, local tokenizer).
+
+    Without OUT_DIR, builds into the cache that `builtin:tiny-multilingual` uses and prints the path.
+
+    \b
+    Example:
+      rayalign build-tiny-model /tmp/tiny --steps 100
+    """
+    from rayalign.models import build_tiny_model, ensure_tiny_model
+
+    overrides = {"train_steps": steps} if steps else {}
+    progress = lambda step, total, loss: step % max(1, total // 10) == 0 and err.print(  # noqa: E731
+        f"step {step}/{total} loss {loss:.3f}")
+    path = build_tiny_model(out_dir, progress=progress, **overrides) if out_dir else ensure_tiny_model(
+        progress=progress, **overrides)
+    console.print(str(path))
+
+
+
+@main.command("export")
+@click.argument("source", type=click.Path(exists=True))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["hub", "verl"]), default="hub", show_default=True,
+              help="hub: a run's dataset in Hugging Face Hub layout (one config per language plus default); verl: the "
+              "recipe's prompt set (SOURCE a recipe or a run directory) as verl's RL Parquet")
+@click.option("--stage", type=click.Choice(["pairs", "scores", "samples"]), default="pairs", show_default=True,
+              help="with a run directory as SOURCE: which dataset of its last iteration")
+@click.option("--license", "license_id", default="other", show_default=True, help="license id for the card")
+@click.option("--push-to-hub", "repo", help="upload OUT to this Hub dataset repo (needs the network and a token)")
+@click.option("--private", is_flag=True, help="with --push-to-hub: create the repo private")
+@click.option("-o", "--override", "overrides", multiple=True, help=OVERRIDE_HELP + " (--format verl)")
+@user_errors
+def export_cmd(source, out, fmt, stage, license_id, repo, private, overrides):
+    """Export a run's dataset in Hugging Face Hub layout, or a prompt set as verl's RL Parquet.
+
+    \b
+    Example:
+      rayalign export runs/quickstart hub/quickstart-pairs
+      python -c "import datasets; print(datasets.load_dataset('hub/quickstart-pairs', 'de'))"
+      rayalign export --format verl examples/quickstart.yaml verl/prompts
+    """
+    from rayalign.data.export import ExportError, export_hub, export_verl, push_to_hub
+
+    source, out = Path(source), Path(out)
+    try:
+        if fmt == "verl":
+            recipe = source / "config.yaml" if source.is_dir() else source
+            console.print(f"wrote {export_verl(load_recipe(recipe, overrides, models=False), out)}")
+        else:
+            header = export_hub(source, out, stage=stage, license=license_id)
+            console.print(f"wrote {out}: configs {', '.join(c['config_name'] for c in header['configs'])}")
+        if repo:
+            console.print(f"pushed: {push_to_hub(out, repo, private=private)}")
+    except ExportError as e:
+        raise UserError(str(e)) from None
+
+
+
+@main.command("config")
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.option("-o", "--override", "overrides", multiple=True, help=OVERRIDE_HELP)
+@user_errors
+def config_cmd(recipe, overrides):
+    """Print the resolved config of a recipe, or every setting with its help when no recipe is given.
+
+    \b
+    Example:
+      rayalign config examples/quickstart.yaml -o sampling.temperature=0.7
+    """
+    import yaml
+
+    from rayalign.config import describe_fields
+
+    if recipe is None and not overrides:
+        table = Table("key", "default", "help")
+        for key, default, help_text in describe_fields():
+            table.add_row(key, default, help_text)
+        console.print(table)
+        return
+    cfg = load_recipe(recipe, overrides)
+    console.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="")
+    console.print(f"# config hash {cfg.config_hash()}")

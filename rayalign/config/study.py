@@ -1,0 +1,230 @@
+"""Study files: a base recipe, overrides and a grid of axes, read and checked into a Study; `expand` builds and
+validates every run's RunConfig (the recipe loader's checks apply to each)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rayalign.config.fields import ConfigError, build_dataclass
+from rayalign.config.run import RunConfig, load_config
+from rayalign.config.sections import EvalConfig
+
+
+STUDY_KEYS = ("name", "recipe", "runs_dir", "parallel", "overrides", "grid", "eval")
+
+
+
+SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # names that go into file names
+
+
+
+RESERVED_COLUMNS = {"run", "run_dir", "status", "stage", "iteration", "policy", "pairs_rows", "loss_first",
+                    "loss_mean", "reward_margin_mean", "accuracy_mean", "fidelity_mean", "steps", "dropped_too_long"}
+
+
+
+RESERVED_PREFIXES = ("fidelity_", "seconds_", "eval_")
+
+
+
+MAX_SLUG = 120
+
+
+
+class StudyError(ValueError):
+    """A study file that cannot be used, or a study with failed runs; the message names the file and the runs."""
+
+
+
+@dataclass
+class Axis:
+    name: str
+    values: list  # plain axis: the config values; named axis: the names of its override sets
+    overrides: list[list[str]]  # per value, the `key=value` overrides it applies
+    named: bool
+
+
+
+@dataclass
+class Study:
+    name: str
+    path: Path  # the study file
+    recipe: Path
+    runs_dir: Path
+    parallel: int
+    overrides: list[str]
+    axes: list[Axis]
+    eval: dict | None  # keyword arguments of evaluate_policy; None = no evaluation
+
+    @property
+    def dir(self) -> Path:
+        return self.runs_dir / self.name
+
+
+
+@dataclass
+class StudyRun:
+    slug: str
+    params: dict[str, Any]  # axis name -> value
+    overrides: list[str]
+    run_dir: Path
+    cfg: RunConfig
+
+
+
+def load_study(path: str | Path, *, runs_dir: str | Path | None = None) -> Study:
+    """Read and check a study file; every run of its grid is built and validated (see `expand`).
+
+    `runs_dir` replaces the file's runs_dir (default runs/, relative to the working directory like a recipe's
+    run directory); the recipe and eval.candidates_path are relative to the study file.
+    """
+    path = Path(path).absolute()
+    if not path.is_file():
+        raise StudyError(f"{path}: study file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise StudyError(f"{path}: malformed YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise StudyError(f"{path}: expected a mapping with keys {', '.join(STUDY_KEYS)}, got {type(data).__name__}")
+    unknown = [k for k in data if k not in STUDY_KEYS]
+    if unknown:
+        raise StudyError(f"{path}: {unknown[0]}: unknown key (expected one of: {', '.join(STUDY_KEYS)})")
+
+    def expected(key: str, what: str) -> StudyError:
+        return StudyError(f"{path}: {key}: expected {what}, got {data.get(key)!r}")
+
+    name = data.get("name", path.stem)
+    if not isinstance(name, str) or not SAFE.fullmatch(name):
+        raise expected("name", "a name made of letters, digits and . _ + - (it names the study directory)")
+    if not isinstance(data.get("recipe"), str):
+        raise expected("recipe", "the base recipe's path, relative to the study file")
+    recipe = path.parent / data["recipe"]
+    if not recipe.is_file():
+        raise StudyError(f"{path}: recipe: {recipe} not found (the path is taken relative to the study file)")
+    runs = runs_dir if runs_dir is not None else data.get("runs_dir", "runs")
+    if not isinstance(runs, (str, Path)) or not str(runs):
+        raise expected("runs_dir", "a directory path")
+    parallel = data.get("parallel", 1)
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+        raise expected("parallel", "an integer >= 1 (runs side by side)")
+    if not isinstance(data.get("overrides") or {}, dict):
+        raise expected("overrides", "a mapping of config keys (dotted, as in -o key=value) to values")
+    grid = data.get("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise expected("grid", "a mapping of at least one axis (a config key: [values], or a name: {value name: "
+                               "{key: value, ...}})")
+    study = Study(name=name, path=path, recipe=recipe, runs_dir=Path(runs), parallel=parallel,
+                  overrides=_flatten(data.get("overrides") or {}, path, "overrides"),
+                  axes=[_axis(path, axis, values) for axis, values in grid.items()],
+                  eval=_eval_section(path, data) if "eval" in data else None)
+    expand(study)
+    return study
+
+
+
+def _axis(path: Path, name, values) -> Axis:
+    where = f"{path}: grid.{name}"
+    if not isinstance(name, str) or not SAFE.fullmatch(name):
+        raise StudyError(f"{where}: expected an axis name made of letters, digits and . _ + - (it goes into run "
+                         "directory names)")
+    if name in RESERVED_COLUMNS or name.startswith(RESERVED_PREFIXES):
+        raise StudyError(f"{where}: the name is taken by a results column; rename the axis")
+    if isinstance(values, dict) and values:  # named axis: value name -> overrides
+        for value, settings in values.items():
+            if not isinstance(value, str) or not SAFE.fullmatch(value):
+                raise StudyError(f"{where}: value name {value!r}: expected letters, digits and . _ + -")
+            if not isinstance(settings or {}, dict):
+                raise StudyError(f"{where}.{value}: expected a mapping of config keys to values, got {settings!r}")
+        return Axis(name, list(values), [_flatten(s or {}, path, f"grid.{name}.{v}") for v, s in values.items()],
+                    named=True)
+    if not isinstance(values, list) or not values:
+        raise StudyError(f"{where}: expected a non-empty list of values (a plain axis: the config key {name}) or a "
+                         f"mapping of value names to overrides (a named axis), got {values!r}")
+    for value in values:
+        if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value)):
+            raise StudyError(f"{where}: value {value!r}: a plain axis takes scalars or lists of scalars; use a named "
+                             "axis for sets of settings")
+    if len({json.dumps(v) for v in values}) != len(values):
+        raise StudyError(f"{where}: duplicate values in {values!r}")
+    return Axis(name, list(values), [[f"{name}={_yaml(v)}"] for v in values], named=False)
+
+
+
+def _eval_section(path: Path, data: dict) -> dict:
+    """The eval section, checked as EvalConfig (as `rayalign eval` checks its options): the keys it sets."""
+    section = data["eval"] or {}
+    if not isinstance(section, dict):
+        raise StudyError(f"{path}: eval: expected a mapping of EvalConfig keys, got {section!r}")
+    try:
+        build_dataclass(EvalConfig, section, "eval.")
+    except ConfigError as e:
+        raise StudyError(f"{path}: {e}") from None
+    if section.get("candidates_path"):
+        section["candidates_path"] = str(path.parent / section["candidates_path"])
+    return dict(section)
+
+
+
+def _yaml(value) -> str:
+    """A value as one line of YAML that reads back as the same value (as `-o key=VALUE` parses it)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, allow_unicode=True).strip()
+    return text.removesuffix("...").strip()
+
+
+
+def _flatten(mapping: dict, path: Path, where: str, prefix: str = "") -> list[str]:
+    """{a.b: 1, c: {d: 2}} -> ["a.b=1", "c.d=2"]: nested mappings set single keys, they never replace a section."""
+    out = []
+    for key, value in mapping.items():
+        if not isinstance(key, str) or not key or "=" in key:
+            raise StudyError(f"{path}: {where}: key {key!r}: expected a config key such as sampling.n")
+        if isinstance(value, dict) and value:
+            out += _flatten(value, path, where, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={_yaml(value)}")
+    return out
+
+
+
+def run_slug(params: dict[str, Any]) -> str:
+    """A readable, file-name-safe directory name for one point of the grid: method-lacomsa_prompts.limit-8."""
+    def text(value) -> str:
+        if isinstance(value, list):
+            return "+".join(text(v) for v in value)
+        raw = _yaml(value) if isinstance(value, (bool, type(None))) else str(value)
+        return re.sub(r"[^A-Za-z0-9.+-]+", "-", raw).strip("-.") or "empty"
+
+    slug = "_".join(f"{axis}-{text(value)}" for axis, value in params.items())
+    if len(slug) > MAX_SLUG:  # keep it a valid file name; the hash keeps it unique and stable
+        slug = slug[:MAX_SLUG - 9].rstrip("-_.+") + "-" + hashlib.sha1(slug.encode()).hexdigest()[:8]
+    return slug
+
+
+
+def expand(study: Study) -> list[StudyRun]:
+    """The cartesian product of the axes, in file order; each run's config is loaded and validated."""
+    runs, seen = [], {}
+    for picks in itertools.product(*(range(len(axis.values)) for axis in study.axes)):
+        params = {axis.name: axis.values[i] for axis, i in zip(study.axes, picks)}
+        slug = run_slug(params)
+        if slug in seen:
+            raise StudyError(f"{study.path}: runs {seen[slug]} and {params} get the same directory name {slug!r}; "
+                             "use a named axis to name the values")
+        seen[slug] = params
+        overrides = [*study.overrides, *(o for axis, i in zip(study.axes, picks) for o in axis.overrides[i]),
+                     f"name={study.name}/{slug}"]
+        try:
+            cfg = load_config(study.recipe, overrides)
+        except ConfigError as e:
+            raise StudyError(f"{study.path}: run {slug}: {e}") from None
+        runs.append(StudyRun(slug, params, overrides, study.dir / slug, cfg))
+    return runs
