@@ -19,7 +19,7 @@ class RolloutTrainer(TrainerActor):
 
         data = TrainingData("rollouts", [[s] for s in sequences], {}, [""] * len(sequences), [""] * len(sequences))
         pad = pad_id(self.tokenizer)
-        for m in range(self.t.gradient_accumulation):
+        for m in range(len(data) // (self.t.micro_batch_size * self.t.world_size)):  # a mini-batch or a whole step's
             rows = micro_batch(list(range(len(data))), self.rank, m, self.t.world_size, self.t.micro_batch_size)
             yield rows, {k: v.to(self.device) for k, v in collate(data, rows, pad).items()}
 

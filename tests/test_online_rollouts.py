@@ -1,16 +1,9 @@
-"""Online RL learns on the tiny model, through the CLI: GRPO with the language-fidelity reward raises the language
-fidelity that `rayalign eval` measures on held-out prompts (never trained on), and PPO with a critic raises the
-reward mean. Updates train on the tokens the engines generated."""
-
-import json
-
-import numpy as np
-import pytest
+"""What online updates learn from: the tokens the engines generated, and the behaviour log-probs of a step's every
+rollout."""
 
 from conftest import PROMPTS_DIR, REPO
 
 RECIPE = str(REPO / "examples" / "online-grpo-quickstart.yaml")
-TRAIN_PROMPTS = 48  # p000-p047 train; p048-p063 are held out for evaluation
 
 
 def test_rollouts_train_on_the_generated_tokens(tiny_model):
@@ -39,3 +32,22 @@ def test_rollouts_train_on_the_generated_tokens(tiny_model):
     reencoded = [tok(text, add_special_tokens=False)["input_ids"] for text in samples.column("response").to_pylist()]
     assert any(a != b[:len(a)] for a, b in zip(reencoded, ids))  # the case the generated tokens are kept for
 
+
+
+def test_rollout_stats_cover_the_whole_step_when_mini_batches_are_smaller(ray_session, tiny_model):
+    """A trainer set up for mini-batches of 2 (one micro-batch of 2 per update) records the behaviour and reference
+    log-probs of all 4 rollouts of the step, not of the first mini-batch only."""
+    from test_online import greetings
+
+    from rayalign.actors.rl_trainer import PolicyGroup
+    from rayalign.config import ModelConfig, load_config
+
+    cfg = load_config(None, [f"policy.path={tiny_model}", "training.micro_batch_size=2"])
+    sequences = greetings(tiny_model)
+    trainer = PolicyGroup(tiny_model, ModelConfig(path=tiny_model), cfg.training)
+    try:
+        trainer.prepare(2, tiny_model)
+        stats = trainer.rollout_stats(sequences)
+    finally:
+        trainer.shutdown()
+    assert [len(s["logp"]) for s in stats] == [len(r) for _, r in sequences]
