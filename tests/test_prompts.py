@@ -112,3 +112,13 @@ def test_missing_source_and_id(tmp_path):
     d = write_dir(tmp_path, {"en": [{"instruction": "q"}]})
     with pytest.raises(PromptError, match=r"en.jsonl:1: missing prompt_id \(or instruction_id\)"):
         load_prompts(d, ["en"])
+
+
+def test_skip_holds_out_the_first_ids_and_limit_counts_after_it():
+    langs = ["en", "de"]
+    held_out = load_prompts(PROMPTS_DIR, langs, skip=60)
+    assert sorted(set(held_out.column("prompt_id").to_pylist())) == ["p060", "p061", "p062", "p063"]
+    train = load_prompts(PROMPTS_DIR, langs, limit=2, skip=1)
+    assert train.column("prompt_id").to_pylist() == ["p001", "p001", "p002", "p002"]
+    with pytest.raises(PromptError, match="prompts.skip 64 leaves none of its 64 prompt ids"):
+        load_prompts(PROMPTS_DIR, langs, skip=64)
