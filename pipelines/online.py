@@ -4,8 +4,10 @@ Each step samples `online.prompts_per_step` prompt ids in every language (so rew
 within a step) on the GenerationActors, scores the rollouts, computes GRPO or RLOO advantages over the n
 samples of each (prompt, language) or PPO advantages (GAE over a CriticGroup's values, with the KL to
 the starting policy in the per-token reward), updates the policy on the PolicyGroup (clipped policy gradient;
-GRPO and RLOO add the KL penalty to the loss), and pushes the new weights to the generation engines through
-the Ray object store. Every step's rollouts are written as an Arrow dataset (`online/step-XXXX/`).
+GRPO and RLOO add the KL penalty to the loss) on the tokens the engines generated, and pushes the new weights
+to the generation engines (the trainer publishes them into the Ray object store; NCCL broadcast on CUDA). With
+`online.async_train` the next step's rollouts are generated while a step trains (pipelines/online_rollouts.py).
+Every step's rollouts are written as an Arrow dataset (`online/step-XXXX/`).
 """
 
 from __future__ import annotations
