@@ -7,6 +7,7 @@ scores and pairs datasets are equal row for row. One engine and one scorer of on
 both fit side by side. Model loading and actor start-up are in the times, as a user waits for them.
 
     python benchmarks/streaming.py [--prompts 16] [--n 4] [--max-new-tokens 48] [--recipe examples/quickstart.yaml]
+                                   [--model builtin:tiny-multilingual?train_steps=40]
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4, help="samples per prompt row")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--shard-rows", type=int, default=8)
+    ap.add_argument("--model", default="builtin:tiny-multilingual", help="policy model (a directory, or the tiny "
+                    "model with options: builtin:tiny-multilingual?train_steps=40)")
     ap.add_argument("--keep", help="keep the two run directories under this directory")
     args = ap.parse_args()
 
@@ -41,11 +44,11 @@ def main() -> None:
 
     from rayalign.config import load_config
     from rayalign.data.store import read_dataset
-    from rayalign.models import ensure_tiny_model
+    from rayalign.models import resolve_model_path
     from rayalign.pipelines import offline
 
-    ensure_tiny_model()  # built once, before either timing
-    overrides = [f"prompts.limit={args.prompts}", f"sampling.n={args.n}", f"sampling.max_new_tokens={args.max_new_tokens}",
+    resolve_model_path(args.model)  # the tiny model is built once, before either timing
+    overrides = [f"policy.path={args.model}", f"prompts.limit={args.prompts}", f"sampling.n={args.n}", f"sampling.max_new_tokens={args.max_new_tokens}",
                  "iterations=1", "engines.count=1", "engines.num_cpus=1", f"engines.shard_rows={args.shard_rows}",
                  "rewards.actors=1", "rewards.num_cpus=1", "training.world_size=1", "training.num_cpus=1"]
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
