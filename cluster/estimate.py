@@ -155,17 +155,17 @@ def forward_roles(cfg) -> list[str]:
     return roles
 
 
-def estimate(plan_) -> dict:
+def estimate(run_plan) -> dict:
     """The plan's estimate, per iteration and in all: {"phases": {phase: {seconds, work}}, "iteration_seconds",
     "total_seconds", "prompt_rows", "prompt_tokens", "figures": [...]}; phases without a figure have seconds None."""
-    cfg, spec = plan_.config, plan_.cluster
+    cfg, spec = run_plan.config, run_plan.cluster
     prompt_rows, prompt_tokens = prompt_stats(cfg)
-    models = {role: m.parameters for role, m in plan_.models.items()}
+    models = {role: m.parameters for role, m in run_plan.models.items()}
     phases, figures_by_phase, sources = {}, {}, []
-    for p in plan_.phases:
+    for p in run_plan.phases:
         units = p.gpus_per_actor if p.device == "gpu" else p.cpus_per_actor
         phases[p.phase] = (p.actors, units)
-        figures_by_phase[p.phase] = f = figures(cfg, p.device, spec.gpu_type, plan_.models["policy"].parameters)
+        figures_by_phase[p.phase] = f = figures(cfg, p.device, spec.gpu_type, run_plan.models["policy"].parameters)
         sources += [s for s in f.sources if s.split(":")[0] in (p.phase, "score, train") and s not in sources]
     if prompt_rows is None:
         return {"phases": {}, "figures": sources, "note": "prompt rows unknown (an hf: source without "
