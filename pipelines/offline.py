@@ -31,7 +31,7 @@ from rayalign.cluster.spec import check_run_dir_visible, running_cluster_spec
 from rayalign.config import ConfigError, RunConfig
 from rayalign.data.prompts import load_candidate_sets, load_prompts
 from rayalign.data.schemas import schema_for
-from rayalign.data.store import (DatasetWriter, atomic_write_text, claim_output_dir, directory_checksums,
+from rayalign.data.store import (atomic_write_text, claim_output_dir, directory_checksums,
                                  read_dataset, read_manifest)
 from rayalign.failures import errors_checkpoint, record_failures
 from rayalign.generation import FailedRowsError
@@ -41,7 +41,7 @@ from rayalign.pairs import dco_tuples, lidr_pairs, lidr_requests
 from rayalign.progress import console, deepspeed_op_notice, model_build_progress, progress_bar
 from rayalign.rewards.centroid_texts import centroids_from_texts
 from rayalign.rewards.consistency import dco_gamma_table
-from rayalign.run_dir import (STAGES, checkpoint, iteration_summary, kept_output_problems, log_metrics,
+from rayalign.run_dir import (samples_writer, STAGES, checkpoint, iteration_summary, kept_output_problems, log_metrics,
                               prepare_run_dir, read_checkpoints, report_untrusted, set_aside_untrusted_checkpoint,
                               write_state, write_table)
 from rayalign.run_lock import run_dir_lock
@@ -64,12 +64,7 @@ def generate_stage(cfg: RunConfig, prompts, policy_path: str, policy_name: str, 
     """
 
     shards = split_shards(prompts, cfg.engines.shard_rows)
-    writer = DatasetWriter(
-        out_dir, "samples", config_hash=cfg.config_hash(), languages=cfg.languages,
-        models={"policy": policy_name}, seeds={"run_seed": cfg.sampling.seed, "iteration": iteration},
-        description=f"Self-play samples: {cfg.sampling.n} per (prompt_id, language), temperature "
-                    f"{cfg.sampling.temperature}, top_p {cfg.sampling.top_p}, iteration {iteration}.",
-    )
+    writer = samples_writer(cfg, out_dir, policy_name, iteration)
     done = {i for i in range(len(shards)) if writer.has_shard(i)}
     report_untrusted(writer.rejected)
     group = GenerationGroup(policy_path, cfg.policy, cfg.engines)

@@ -20,7 +20,6 @@ import pyarrow as pa
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rayalign.config import RunConfig
-from rayalign.data.store import DatasetWriter
 from rayalign.generation import FailedRowsError
 from rayalign.progress import console
 
@@ -119,19 +118,14 @@ def generate_score_stage(cfg: RunConfig, prompts, policy_path: str, policy_name:
     from rayalign.anchor_groups import anchor_rows_needed, drop_prompts_without_anchor, dropped_message
     from rayalign.data.store import shard_name
     from rayalign.failures import errors_checkpoint, record_failures
-    from rayalign.run_dir import checkpoint, read_checkpoints, report_untrusted, write_table
+    from rayalign.run_dir import checkpoint, read_checkpoints, report_untrusted, samples_writer, write_table
     from rayalign.scoring.setup import forward_rewards, scoring_setup
 
     started = time.perf_counter()
     e, r, n = cfg.engines, cfg.rewards, cfg.sampling.n
     samples_dir, out_dir = it_dir / "samples", it_dir / "scores"
     prompt_shards = split_shards(prompts, e.shard_rows)
-    writer = DatasetWriter(
-        samples_dir, "samples", config_hash=cfg.config_hash(), languages=cfg.languages,
-        models={"policy": policy_name}, seeds={"run_seed": cfg.sampling.seed, "iteration": iteration},
-        description=f"Self-play samples: {n} per (prompt_id, language), temperature "
-                    f"{cfg.sampling.temperature}, top_p {cfg.sampling.top_p}, iteration {iteration}.",
-    )
+    writer = samples_writer(cfg, samples_dir, policy_name, iteration)
     done = {i for i in range(len(prompt_shards)) if writer.has_shard(i)}
     report_untrusted(writer.rejected)
     roles, specs, reward_model, layers = scoring_setup(cfg, policy_path, hub_layer)

@@ -7,11 +7,13 @@ same code as a real checkpoint.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 import weakref
@@ -167,16 +169,27 @@ def ensure_tiny_model(progress=None, **overrides) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        build_tiny_model(tmp, corpus, progress=progress, **overrides)
+    # one build at a time: other processes wait for it rather than build their own copy (the lock dies with
+    # its process, so a killed build never blocks the next)
+    with open(target.parent / f"{target.name}.lock", "a") as lock:
         try:
-            os.rename(tmp, target)
-        except OSError:  # built concurrently by another process: keep theirs
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process that is building {target} (first use only)", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        try:
+            build_tiny_model(tmp, corpus, progress=progress, **overrides)
+            try:
+                os.rename(tmp, target)
+            except OSError:  # built by a process the lock does not reach (another node): keep theirs
+                if not (target / "config.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

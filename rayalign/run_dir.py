@@ -154,6 +154,15 @@ def checkpoint(directory: Path, results: dict):
 
 
 
+def samples_writer(cfg: RunConfig, out_dir: Path, policy_name: str, iteration: int) -> DatasetWriter:
+    """The writer of an iteration's self-play samples (whichever schedule generates them)."""
+    return DatasetWriter(
+        out_dir, "samples", config_hash=cfg.config_hash(), languages=cfg.languages,
+        models={"policy": policy_name}, seeds={"run_seed": cfg.sampling.seed, "iteration": iteration},
+        description=f"Self-play samples: {cfg.sampling.n} per (prompt_id, language), temperature "
+                    f"{cfg.sampling.temperature}, top_p {cfg.sampling.top_p}, iteration {iteration}.")
+
+
 def write_table(table, out_dir: Path, schema: str, cfg: RunConfig, iteration: int, models: dict, params: dict,
                 description: str, shard_rows: int, latent_dim: int = 0) -> dict:
     """Write a whole table as a dataset (shards of `shard_rows` rows, then card and manifest)."""

@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,3 +45,31 @@ def test_bad_model_paths(tmp_path):
         resolve_model_path(str(tmp_path / "missing"))
     with pytest.raises(ModelLoadError, match="not a model directory \\(no config.json\\)"):
         resolve_model_path(str(tmp_path))
+
+
+def test_concurrent_first_uses_build_the_tiny_model_once(tmp_path):
+    """A second process that needs the tiny model while a first one is building it waits for that build (and
+    says so) instead of building its own copy; both get the same directory, and no temporary one is left."""
+    import os
+    import subprocess
+    import sys
+
+    def start(pause: float):  # the first builder pauses inside its build, so the second surely overlaps it
+        code = ("import sys, time; from rayalign.models import ensure_tiny_model\n"
+                f"def progress(*a):\n    print('built-step', file=sys.stderr, flush=True); time.sleep({pause})\n"
+                "print(ensure_tiny_model(progress=progress, train_steps=2, hidden_size=32, intermediate_size=64, "
+                "num_hidden_layers=1, vocab_size=512))\n")
+        return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "RAYALIGN_CACHE": str(tmp_path)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = start(pause=15.0)
+    assert "built-step" in first.stderr.readline()  # the first process is inside its build now
+    second = start(pause=0.0)
+    out2, err2 = second.communicate(timeout=600)
+    out1, err1 = first.communicate(timeout=600)
+    assert (first.returncode, second.returncode) == (0, 0), (err1, err2)
+    path1, path2 = out1.strip().splitlines()[-1], out2.strip().splitlines()[-1]
+    assert path1 == path2
+    assert "waiting for another process that is building" in err2 and "built-step" not in err2, err2
+    built = [p.name for p in (tmp_path / "models").iterdir() if p.is_dir()]
+    assert built == [Path(path1).name]
