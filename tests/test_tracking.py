@@ -16,16 +16,17 @@ pytest.importorskip("tensorboard")
 
 
 @pytest.fixture(autouse=True)
-def wandb_offline(tmp_path, monkeypatch):
+def wandb_offline(monkeypatch):
+    """No network: offline mode. WANDB_DIR stays unset (wandb reads it once per process), so each run's files go
+    under its own run directory, in the test's tmp_path."""
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
-    (tmp_path / "wandb-dir").mkdir()
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
-def wandb_records(wandb_dir) -> list[dict]:
-    """Every record of the one offline run under `wandb_dir`, as wandb's `leet inspect --json` reads them."""
-    files = sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
+def wandb_records(run_dir) -> list[dict]:
+    """Every record of the one offline run under `run_dir`, as wandb's `leet inspect --json` reads them."""
+    files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
     done = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(files[0])],
                           capture_output=True, text=True, timeout=120)
@@ -72,7 +73,7 @@ def test_records_written_while_open_are_logged_with_their_x_axis(tmp_path):
             f.write('{"iteration": 2, "stage": "iteration", "fidelity_en": 0.5')  # not yet a whole line
         tracker.update()
 
-    rows = history(wandb_records(tmp_path / "wandb-dir"))
+    rows = history(wandb_records(run_dir))
     logged = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
     assert logged == [
         {"iteration": 2, "train/loss_mean": 0.375, "train/steps": 2},
@@ -135,14 +136,14 @@ def test_an_offline_run_logs_every_stage_iteration_and_step_as_written_to_its_fi
                           **{f"train_step/{k}": v for k, v in numbers(s).items()}} for s in log]
             offset += len(log)
     assert [r["stage"] for r in metrics] == ["generate", "score", "pairs", "train", "iteration"] * 2
-    records = wandb_records(tmp_path / "wandb-dir")
+    records = wandb_records(run_dir)
     rows = history(records)
     logged = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows if "report/" not in str(row)]
     assert logged == expected
     assert len(steps[0]) == len(steps[1]) >= 2 and logged[4]["train_step/global_step"] == 1
     config = next(r["run"]["config"]["update"] for r in records if r["type"] == "run")
     assert config["training"]["loss"] == "dpo" and config["languages"] == ["en", "de"]
-    images = {k for row in rows for k in row if k.startswith("report/")}
+    images = {k.split(".")[0] for row in rows for k in row if k.startswith("report/")}  # report/<plot>.path, ...
     assert {"report/fidelity_by_iteration", "report/training_by_iteration"} <= images
 
     tb = scalars(run_dir / "tensorboard")
@@ -160,7 +161,7 @@ def test_an_online_run_logs_every_step(ray_session, tiny_model, tmp_path):
         "logging.tensorboard=false", "logging.wandb.project=tests", "logging.wandb.mode=offline"])
     run_dir = online.run(cfg, tmp_path / "run")
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = history(wandb_records(tmp_path / "wandb-dir"))
+    rows = history(wandb_records(run_dir))
     logged = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows if "report/" not in str(row)]
     assert logged == [{f"online/{k}": v for k, v in numbers(r).items()} for r in metrics]
     assert [r["online/step"] for r in logged] == [1, 2] and not (run_dir / "tensorboard").exists()
