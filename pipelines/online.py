@@ -50,16 +50,6 @@ def trainer_config(cfg: RunConfig, rollout_size: int):
     return dataclasses.replace(t, loss=None, gradient_accumulation=mini // per_pass)
 
 
-def step_prompts(prompts: pa.Table, step: int, per_step: int, seed: int) -> pa.Table:
-    """The step's prompt ids (a fresh shuffle of all ids each pass over them), every language of each."""
-    ids = sorted(set(prompts.column("prompt_id").to_pylist()))
-    per_pass = max(1, len(ids) // per_step)
-    order = np.random.default_rng([seed, (step - 1) // per_pass]).permutation(len(ids))
-    start = ((step - 1) % per_pass) * per_step
-    chosen = {ids[i] for i in order[start:start + per_step]}
-    return prompts.filter(pa.compute.is_in(prompts.column("prompt_id"), pa.array(sorted(chosen))))
-
-
 def run(cfg: RunConfig, run_dir: Path | None = None, **options) -> Path:
     """Run the recipe's online steps into `run_dir`, holding the run directory's lock throughout."""
     from rayalign.run_lock import run_dir_lock

@@ -42,7 +42,7 @@ class Rollouts:
 
     def generate(self, step: int) -> StepRollouts:
         from rayalign.actors.pool import split_shards
-        from rayalign.pipelines.online import step_prompts
+        from rayalign.training.rollouts import step_prompts
 
         cfg = self.cfg
         batch = step_prompts(self.prompts, step, cfg.online.prompts_per_step, cfg.sampling.seed)

@@ -97,3 +97,13 @@ def minibatch_order(size: int, mini_batch_size: int, epochs: int, seed) -> list[
         order = np.arange(size) if mini_batch_size == size and epochs == 1 else rng.permutation(size)
         out += [order[i:i + mini_batch_size].tolist() for i in range(0, size, mini_batch_size)]
     return out
+
+
+def step_prompts(prompts: pa.Table, step: int, per_step: int, seed: int) -> pa.Table:
+    """The step's prompt ids (a fresh shuffle of all ids each pass over them), every language of each."""
+    ids = sorted(set(prompts.column("prompt_id").to_pylist()))
+    per_pass = max(1, len(ids) // per_step)
+    order = np.random.default_rng([seed, (step - 1) // per_pass]).permutation(len(ids))
+    start = ((step - 1) % per_pass) * per_step
+    chosen = {ids[i] for i in order[start:start + per_step]}
+    return prompts.filter(pa.compute.is_in(prompts.column("prompt_id"), pa.array(sorted(chosen))))
