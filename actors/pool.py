@@ -185,8 +185,9 @@ def wait_started(refs: list, what: str, each: dict, every: float = 30.0) -> list
         free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
         need = ", ".join(f"{v:g} {k}" for k, v in each.items() if v)
         print(f"waiting {waited:.0f} s for {len(pending)} of {len(refs)} {what} to start ({need} each); the cluster "
-              f"has {', '.join(f'{v:g} {k}' for k, v in free.items()) or 'nothing'} free. A lost node or a cluster "
-              "smaller than the recipe keeps them waiting: lower the count, or add nodes", file=sys.stderr,
+              f"has {', '.join(f'{v:g} {k}' for k, v in free.items()) or 'nothing'} free. Actors already placed may still be "
+              "loading their models (slow on a busy machine). A lost node or a cluster smaller than the recipe "
+              "keeps them waiting: lower the count, or add nodes", file=sys.stderr,
               flush=True)
 
 
