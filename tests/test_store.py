@@ -35,6 +35,22 @@ def test_round_trip_manifest_and_card(tmp_path):
     assert card.startswith("---\nlanguage:\n- en\n") and "part-*.parquet" in card
 
 
+def test_finalizing_an_unchanged_dataset_again_leaves_its_files_as_they_were(tmp_path):
+    """A resumed stage finalizes its kept dataset again: with the same shards and settings, the manifest and the
+    card stay byte for byte and keep their modification times (and creation stamp)."""
+    first = write_dataset(tmp_path / "ds")
+    files = {name: ((tmp_path / "ds" / name).stat().st_mtime_ns, (tmp_path / "ds" / name).read_bytes())
+             for name in ("manifest.json", "README.md")}
+    w = DatasetWriter(tmp_path / "ds", "prompts", config_hash="abc", languages=["en"], models={"policy": "m"},
+                      seeds={"run_seed": 1})
+    assert w.finalize(expected_shards=2) == first
+    assert {name: ((tmp_path / "ds" / name).stat().st_mtime_ns, (tmp_path / "ds" / name).read_bytes())
+            for name in files} == files
+    other = DatasetWriter(tmp_path / "ds", "prompts", config_hash="def", languages=["en"], models={"policy": "m"},
+                          seeds={"run_seed": 1}).finalize(expected_shards=2)  # other settings: written anew
+    assert other["config_hash"] == "def" == read_manifest(tmp_path / "ds")["config_hash"]
+
+
 def test_shards_are_renamed_only_when_complete(tmp_path, monkeypatch):
     w = DatasetWriter(tmp_path / "ds", "prompts")
     w.write_shard(0, prompts_table(["a"]))

@@ -211,9 +211,23 @@ class DatasetWriter:
             "rayalign_version": rayalign.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        kept = self._unchanged_manifest(manifest)
+        if kept is not None:  # finalized before with the same content (a resumed stage): left as it was
+            return kept
         atomic_write_text(self.path / CARD, dataset_card(manifest))
         atomic_write_text(self.path / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         return manifest
+
+    def _unchanged_manifest(self, manifest: dict) -> dict | None:
+        """The manifest on disk when it equals `manifest` but for its creation time and the card is there."""
+        try:
+            old = json.loads((self.path / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        new = json.loads(json.dumps(manifest, ensure_ascii=False))
+        same = isinstance(old, dict) and {k: v for k, v in old.items() if k != "created"} == \
+            {k: v for k, v in new.items() if k != "created"}
+        return old if same and (self.path / CARD).is_file() else None
 
 
 def check_dataset_dir(path: Path, schema_name: str) -> None:
