@@ -285,6 +285,19 @@ def fail_on_call(monkeypatch, target, name: str, call: int, error: OSError) -> N
     monkeypatch.setattr(target, name, failing)
 
 
+def fail_writes_under(monkeypatch, directory: str, error: OSError) -> None:
+    """Make pq.write_table raise `error` on its first write into a dataset directory named `directory`."""
+    original, failed = pq.write_table, []
+
+    def failing(table, where, *args, **kwargs):
+        if not failed and Path(where).parent.name == directory:
+            failed.append(where)
+            raise error
+        return original(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", failing)
+
+
 def test_disk_full_on_a_shard_keeps_earlier_shards_and_names_the_shard(tmp_path, monkeypatch):
     path = tmp_path / "samples"
     writer = DatasetWriter(path, "samples", languages=["en"])
@@ -309,6 +322,7 @@ def test_permission_denied_on_the_manifest_keeps_the_previous_one(tmp_path, monk
     writer.write_shard(0, sample_table(2))
     writer.finalize(expected_shards=1)
     manifest = (path / "manifest.json").read_bytes()
+    writer.write_shard(1, sample_table(2, 2))  # a second shard: the manifest has to change
     original = Path.write_text
 
     def deny_manifest(self, *args, **kwargs):
@@ -319,10 +333,11 @@ def test_permission_denied_on_the_manifest_keeps_the_previous_one(tmp_path, monk
     monkeypatch.setattr(Path, "write_text", deny_manifest)
     with pytest.raises(DatasetError, match=r"manifest\.json: could not be written \(Permission denied\); the "
                                            r"previous version is kept"):
-        writer.finalize(expected_shards=1)
+        writer.finalize(expected_shards=2)
     monkeypatch.undo()
     assert (path / "manifest.json").read_bytes() == manifest and not list(path.glob("*.tmp"))
-    assert read_dataset(path, "samples").num_rows == 2
+    writer.finalize(expected_shards=2)  # once the manifest can be written, the retry lists both shards
+    assert read_dataset(path, "samples").num_rows == 4
 
 
 def test_disk_full_during_generation_stops_the_launch_naming_the_shard(long_prompt_run, tmp_path, monkeypatch):
@@ -337,7 +352,8 @@ def test_disk_full_during_generation_stops_the_launch_naming_the_shard(long_prom
     (run_dir / "iter-1" / "samples" / "part-00003.parquet").unlink()
     state = json.loads((run_dir / "state.json").read_text())
     (run_dir / "state.json").write_text(json.dumps({**state, "finished": []}))
-    fail_on_call(monkeypatch, pq, "write_table", 1, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    # scoring streams behind generation and may write first: the disk fills on the first samples shard
+    fail_writes_under(monkeypatch, "samples", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     result = invoke("launch", recipe, "--run-dir", run_dir, "-o", "engines.max_failed_share=0.2")
     assert result.exit_code == 2
     assert "part-00003.parquet: could not be written (No space left on device)" in "".join(result.output.split("\n"))
