@@ -103,6 +103,19 @@ def test_bad_study_files_are_refused_with_the_key(tmp_path, fields, expected):
     assert str(tmp_path / "study.yaml") in str(info.value)
 
 
+@pytest.mark.parametrize("content, expected", [
+    (b"grid: {prompts.limit: [4\n", "malformed YAML"),
+    (b"name: caf\xe9\n", "not valid UTF-8 (invalid continuation byte at byte 9)"),
+])
+def test_unreadable_study_files_are_named(tmp_path, content, expected):
+    path = tmp_path / "study.yaml"
+    path.write_bytes(content)
+    with pytest.raises(StudyError, match=re.escape(f"{path}: {expected}")):
+        load_study(path)
+    with pytest.raises(StudyError, match=re.escape(f"{tmp_path / 'none.yaml'}: study file not found")):
+        load_study(tmp_path / "none.yaml")
+
+
 def test_study_eval_takes_every_setting_rayalign_eval_takes(tmp_path):
     """The eval section is checked as EvalConfig, like `rayalign eval`'s options: every likelihood and accuracy
     mode the command offers is accepted in a study file too."""

@@ -9,12 +9,25 @@ import re
 import types
 import typing
 from dataclasses import field
+from pathlib import Path
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message names the key."""
+
+
+def read_yaml_file(path: Path, what: str, error: type[Exception] = ConfigError):
+    """`path` parsed with the safe loader; `error` naming the file when it is missing, not UTF-8 or not YAML."""
+    if not path.is_file():
+        raise error(f"{path}: {what} file not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise error(f"{path}: malformed YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from rayalign.config.fields import ConfigError, build_dataclass, config_field as _field, set_override
+from rayalign.config.fields import ConfigError, build_dataclass, config_field as _field, read_yaml_file, set_override
 from rayalign.config.sections import (ClusterConfig, EnginesConfig, LoggingConfig, ModelConfig, OnlineConfig,
                                       PairsConfig, PromptsConfig, RewardsConfig, SamplingConfig, TrainingConfig)
 from rayalign.languages import ISO_639_1, language_name
@@ -229,14 +229,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: recipe file not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: malformed YAML: {e}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        data = read_yaml_file(path, "recipe") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
         if not data:

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from rayalign.config.fields import ConfigError, build_dataclass
+from rayalign.config.fields import ConfigError, build_dataclass, read_yaml_file
 from rayalign.config.run import RunConfig, load_config
 from rayalign.config.sections import EvalConfig
 
@@ -87,12 +87,7 @@ def load_study(path: str | Path, *, runs_dir: str | Path | None = None) -> Study
     run directory); the recipe and eval.candidates_path are relative to the study file.
     """
     path = Path(path).absolute()
-    if not path.is_file():
-        raise StudyError(f"{path}: study file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise StudyError(f"{path}: malformed YAML: {e}") from None
+    data = read_yaml_file(path, "study", StudyError)
     if not isinstance(data, dict):
         raise StudyError(f"{path}: expected a mapping with keys {', '.join(STUDY_KEYS)}, got {type(data).__name__}")
     unknown = [k for k in data if k not in STUDY_KEYS]
