@@ -91,6 +91,26 @@ def test_chat_template_is_applied(engine):
     assert ids == engine.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def test_a_prompt_is_tokenised_once_for_its_samples_and_its_context_check(tiny_model, monkeypatch):
+    from rayalign.config import SamplingConfig
+    import pyarrow as pa
+
+    from rayalign.data.schemas import schema_for
+    from rayalign.generation import generate_isolating
+
+    fresh = HFEngine(tiny_model, batch_size=8)
+    rendered = []
+    original = fresh.tokenizer.apply_chat_template
+    monkeypatch.setattr(fresh.tokenizer, "apply_chat_template",
+                        lambda messages, **kw: rendered.append(messages[-1]["content"]) or original(messages, **kw))
+    rows = pa.Table.from_pylist([{"prompt_id": f"p{i}", "lang": "en", "messages": m} for i, m in enumerate(MESSAGES[:2])],
+                                schema=schema_for("prompts")[1])
+    samples, _ = generate_isolating(fresh, rows, SamplingConfig(n=4, max_new_tokens=4), 1, "tiny")
+    assert samples.num_rows == 8 and rendered == [m[0]["content"] for m in MESSAGES[:2]]
+    reference = original(MESSAGES[0], add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert fresh.encode_prompt(MESSAGES[0]) == reference and len(rendered) == 2
+
+
 def test_results_do_not_depend_on_batching_or_order(engine):
     reqs = requests()
     base = engine.generate(reqs)

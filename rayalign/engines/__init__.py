@@ -7,6 +7,7 @@ SamplingParams with n=1), so results do not depend on batching or on which actor
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,6 +50,24 @@ class ScoreResult:
     end_of_turn_tokens: int = 0  # logp - end_of_turn_logp over num_tokens - end_of_turn_tokens tokens)
     prompt_logp: float | None = None  # with_prompt: sum of log-probs of the prompt's tokens after its first
     prompt_tokens: int = 0  # with_prompt: the prompt's tokens (prompt_tokens - 1 of them predicted)
+
+
+class ChatPrompts:
+    """Token ids of chat prompts, the generation prompt added, memoised: the n samples of a prompt row and the
+    context check tokenise it once."""
+
+    def __init__(self, tokenizer, capacity: int = 8192):
+        self.tokenizer, self.capacity, self.ids = tokenizer, capacity, {}
+
+    def __call__(self, messages: list[dict]) -> list[int]:
+        key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+        ids = self.ids.get(key)
+        if ids is None:
+            if len(self.ids) >= self.capacity:
+                self.ids.clear()
+            ids = self.ids[key] = tuple(self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        return list(ids)
 
 
 class Engine(Protocol):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from rayalign.engines import Completion, GenerationRequest, SamplingParams, ScoreRequest, ScoreResult
+from rayalign.engines import ChatPrompts, Completion, GenerationRequest, SamplingParams, ScoreRequest, ScoreResult
 from rayalign.models import encode_response, end_of_turn_ids, load_causal_lm, load_tokenizer, pad_id, stop_token_ids
 
 
@@ -90,6 +90,7 @@ class HFEngine:
         self.padding_side = padding_side  # score() only; generate() always left-pads
         self.max_batch_tokens = max_batch_tokens  # score(): padded tokens per forward pass (rows * width), None = no cap
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+        self.encode_prompt = ChatPrompts(self.tokenizer)
         self.model = load_causal_lm(model_path, dtype, self.device, trust_remote_code)
         self.eos_ids = stop_token_ids(self.tokenizer, self.model.generation_config.eos_token_id)
 
@@ -139,10 +140,6 @@ class HFEngine:
             for i, (prompt, response) in enumerate(sequences[start:start + self.batch_size]):
                 out.append(logps[i, len(prompt) - 1:len(prompt) - 1 + len(response)].tolist())
         return out
-
-    def encode_prompt(self, messages: list[dict]) -> list[int]:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False)
 
     @torch.inference_mode()
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:

@@ -27,7 +27,7 @@ import torch
 import vllm
 from vllm.platforms import current_platform
 
-from rayalign.engines import Completion, GenerationRequest, ScoreRequest, ScoreResult
+from rayalign.engines import ChatPrompts, Completion, GenerationRequest, ScoreRequest, ScoreResult
 from rayalign.models import encode_response, end_of_turn_ids, load_tokenizer, stop_token_ids
 
 CPU_KV_CACHE_GIB = 1.0  # KV cache per engine on CPU when kv_cache_gib is not set
@@ -109,6 +109,7 @@ class VLLMEngine:
     def _start(self, model_path: str) -> None:
         self.model_path = model_path
         self.tokenizer = load_tokenizer(model_path, self.trust_remote_code)
+        self.encode_prompt = ChatPrompts(self.tokenizer)
         self.eos_ids = stop_token_ids(self.tokenizer, generation_eos(model_path, self.trust_remote_code))
         if not self.on_cpu:
             self.llm = vllm.LLM(model=model_path, **self.options)
@@ -123,10 +124,6 @@ class VLLMEngine:
     @property
     def max_model_len(self) -> int:
         return self.llm.llm_engine.model_config.max_model_len
-
-    def encode_prompt(self, messages: list[dict]) -> list[int]:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False)
 
     def _run(self, prompts: list[dict], params) -> list:
         """Finished RequestOutputs for `prompts`, in order; whichever caller holds the lock steps the engine for all."""
