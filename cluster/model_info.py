@@ -126,9 +126,9 @@ def _hub_cache_config(name: str) -> dict | None:
 def model_info(path: str) -> ModelInfo:
     """Sizes of the model a recipe names: a local directory's config.json and safetensors headers, the tiny
     offline model (never built here), cluster/models.yaml by Hugging Face name, or the local hub cache."""
-    from rayalign.config import TINY_MODEL
+    from rayalign.config import is_tiny_model
 
-    if path == TINY_MODEL or path.startswith(TINY_MODEL + "?"):
+    if is_tiny_model(path):
         return _tiny_model_info(path)
     local = Path(path).expanduser()
     if local.is_dir():

@@ -19,7 +19,7 @@ import time
 import weakref
 from pathlib import Path
 
-from rayalign.config import TINY_MODEL
+from rayalign.config import is_tiny_model
 
 TINY_BUILDER_VERSION = 1
 CHAT_TEMPLATE = (
@@ -198,7 +198,7 @@ def resolve_model_path(path: str, progress=None) -> str:
 
     `builtin:tiny-multilingual?train_steps=100` builds a variant (e.g. a weaker reference model).
     """
-    if path == TINY_MODEL or path.startswith(TINY_MODEL + "?"):
+    if is_tiny_model(path):
         return str(ensure_tiny_model(progress=progress, **_tiny_overrides(path)))
     p = Path(path).expanduser()
     if p.exists():
@@ -222,7 +222,7 @@ def check_model_code(section: str, model) -> None:
     """Refuse, before any actor starts, a model whose config.json names code of its own (auto_map) for a model
     type transformers does not know, unless `<section>.trust_remote_code` is true: every actor would fail on it.
     Also refuses a local config.json that transformers cannot read. `section` is the model's recipe key."""
-    if model.trust_remote_code or model.path == TINY_MODEL or model.path.startswith(TINY_MODEL + "?"):
+    if model.trust_remote_code or is_tiny_model(model.path):
         return
     from transformers import AutoConfig
 

@@ -3,6 +3,7 @@ compiles that would otherwise be silent."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from rich.console import Console
@@ -41,7 +42,6 @@ def deepspeed_op_notice() -> None:
 
 def progress_bar(label: str, total: int, unit: str, done: int = 0):
     """A progress bar context; yields an update(stats) callback for run_shards (`done`: resumed rows)."""
-    import contextlib
 
     @contextlib.contextmanager
     def bar():

@@ -11,8 +11,13 @@ import shutil
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from rayalign.config import ConfigError, RunConfig, save_config
-from rayalign.data.store import DatasetError, DatasetWriter, atomic_write_text, read_manifest, write_parquet_atomic
+from rayalign.data.inspect import read_metrics
+from rayalign.data.store import (DatasetError, DatasetWriter, atomic_write_text, checksum_path, directory_problems,
+                                  read_manifest, remove_untrusted_shards, shard_name, shard_problem,
+                                  write_parquet_atomic)
 from rayalign.progress import console
 
 STAGES = ("generate", "score", "pairs", "train")
@@ -110,9 +115,7 @@ def log_metrics(run_dir: Path, record: dict) -> None:
 def read_checkpoints(directory: Path, count: int) -> dict:
     """Forward-result shards finished by an earlier, interrupted run: complete files that match the checksum
     recorded when they were written (others are removed and computed again)."""
-    import pyarrow.parquet as pq
 
-    from rayalign.data.store import checksum_path, shard_name, shard_problem
 
     for stale in directory.glob("*.tmp"):
         stale.unlink()
@@ -142,7 +145,6 @@ def report_untrusted(problems: list[str]) -> None:
 
 def checkpoint(directory: Path, results: dict):
     """An on_shard callback that keeps a shard's table and writes it under a temporary name, then renames it."""
-    from rayalign.data.store import shard_name
 
     directory.mkdir(parents=True, exist_ok=True)
 
@@ -181,7 +183,6 @@ def write_table(table, out_dir: Path, schema: str, cfg: RunConfig, iteration: in
 def set_aside_untrusted_checkpoint(ckpt_dir: Path, record: dict | None, checkpoint_every: int, run_dir: Path) -> None:
     """Leave in `ckpt_dir` only a checkpoint that this run wrote and recorded, unchanged; anything else (checkpointing
     off, no record, other or changed files) is moved to the run's trash, and training starts over."""
-    from rayalign.data.store import directory_problems
 
     if not ckpt_dir.exists():
         return
@@ -223,7 +224,6 @@ def kept_output_problems(run_dir: Path, state: dict, out_dir: Path) -> list[str]
     """Why a finished stage's output cannot be kept: a dataset whose manifest or shards fail their recorded
     checksums (untrusted shards are removed, so the stage recomputes only those when it can), or a policy whose
     files differ from the checksums recorded when it was saved. Empty when intact."""
-    from rayalign.data.store import directory_problems, remove_untrusted_shards
 
     if out_dir.name != "policy":
         return remove_untrusted_shards(out_dir)
@@ -241,7 +241,6 @@ SUMMARY_KEYS = {"generate": ("fidelity_",), "pairs": ("rows",), "train": (
 
 def iteration_summary(run_dir: Path, iteration: int) -> dict:
     """One iteration's headline metrics and phase timings, from its stage records in metrics.jsonl."""
-    from rayalign.data.inspect import read_metrics
 
     out = {}
     for record in read_metrics(run_dir):

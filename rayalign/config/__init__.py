@@ -7,7 +7,7 @@ machinery, sections.py the recipe's sections, run.py the whole recipe (RunConfig
 from rayalign.config.fields import ConfigError, build_dataclass, config_field, set_override
 from rayalign.config.fields import describe_fields as _describe
 from rayalign.config.run import OFFLINE_ONLY, RUN_MODES, RunConfig, load_config, save_config
-from rayalign.config.sections import (TINY_MODEL, ModelConfig, PromptColumnsConfig, PromptsConfig, SamplingConfig,
+from rayalign.config.sections import (TINY_MODEL, is_tiny_model, ModelConfig, PromptColumnsConfig, PromptsConfig, SamplingConfig,
                                      EnginesConfig, LatentRewardConfig, ImplicitRewardConfig,
                                      ConsistencyRewardConfig, RewardModelConfig, UserRewardConfig, RewardsConfig,
                                      PAIR_METHODS, PairsConfig, TRAINING_LOSSES, TrainingConfig,
@@ -15,7 +15,7 @@ from rayalign.config.sections import (TINY_MODEL, ModelConfig, PromptColumnsConf
                                      ClusterConfig, LIKELIHOODS, ACCURACY_SCORINGS, EvalConfig)
 
 __all__ = ['ConfigError', 'build_dataclass', 'config_field', 'set_override', 'describe_fields', 'OFFLINE_ONLY',
-           'RUN_MODES', 'RunConfig', 'load_config', 'save_config', 'TINY_MODEL', 'ModelConfig',
+           'RUN_MODES', 'RunConfig', 'load_config', 'save_config', 'TINY_MODEL', 'is_tiny_model', 'ModelConfig',
            'PromptColumnsConfig', 'PromptsConfig', 'SamplingConfig', 'EnginesConfig', 'LatentRewardConfig',
            'ImplicitRewardConfig', 'ConsistencyRewardConfig', 'RewardModelConfig', 'UserRewardConfig',
            'RewardsConfig', 'PAIR_METHODS', 'PairsConfig', 'TRAINING_LOSSES', 'TrainingConfig',

@@ -11,6 +11,10 @@ from rayalign.config.fields import config_field as _field
 TINY_MODEL = "builtin:tiny-multilingual"
 
 
+def is_tiny_model(path: str) -> bool:
+    """The offline tiny model (`builtin:tiny-multilingual`, or a variant such as `...?train_steps=100`)."""
+    return path == TINY_MODEL or path.startswith(TINY_MODEL + "?")
+
 
 @dataclass
 class ModelConfig:

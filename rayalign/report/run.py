@@ -7,7 +7,8 @@ from pathlib import Path
 
 import polars as pl
 
-from rayalign.data.inspect import read_metrics
+from rayalign.data.inspect import iteration_table, read_metrics
+from rayalign.data.store import DatasetError, read_dataset
 from rayalign.report.document import (REWARD_COLUMNS, TRAINING_METRICS, Document, fidelity_languages, format_value,
                                       markdown_table, present, with_fidelity_mean)
 from rayalign.report.plots import plot_fidelity, plot_rewards, plot_silhouette, plot_small_multiples
@@ -25,7 +26,6 @@ def eval_label_order(label: str) -> tuple:
 def iteration_frame(metrics: list[dict]) -> pl.DataFrame | None:
     """One row per iteration from metrics.jsonl's `iteration` records (the last record wins when a stage was
     redone), with fidelity_mean added; None when there is none."""
-    from rayalign.data.inspect import iteration_table
 
     table = iteration_table(metrics)
     if table is None:
@@ -97,7 +97,6 @@ def eval_summary(results: dict[str, pl.DataFrame]) -> tuple[list[str], list[list
 
 
 def _read_scores(path: Path, doc: Document) -> pl.DataFrame | None:
-    from rayalign.data.store import DatasetError, read_dataset
 
     try:
         table = read_dataset(path, "scores")
@@ -109,7 +108,6 @@ def _read_scores(path: Path, doc: Document) -> pl.DataFrame | None:
 
 def _read_evals(run_dir: Path, doc: Document) -> tuple[dict[str, pl.DataFrame], dict[str, pl.DataFrame]]:
     """({label: eval results}, {label: eval scores}) under <run>/eval/, labels in eval order."""
-    from rayalign.data.store import DatasetError, read_dataset
 
     results, scores = {}, {}
     labels = sorted((p.name for p in (run_dir / "eval").glob("*") if p.is_dir()), key=eval_label_order)
