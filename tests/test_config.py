@@ -39,6 +39,48 @@ def test_a_top_level_reference_model_is_refused(tmp_path):
         load_config(recipe)
 
 
+# Computed by the code before the config/ redesign (commit e5cc184): runs made then resume only if these still hold.
+DEFAULT_HASH_AT_E5CC184 = "423501074c255388"
+QUICKSTART_HASH_AT_E5CC184 = "da4b69ba78b5803f"
+
+
+def test_hashes_of_runs_made_before_the_redesign_still_match(monkeypatch):
+    """Keys added since hash only when set away from their default, and the removed top-level `reference` hashes as
+    the null it was, so the default recipe and the shipped quickstart keep the hashes their runs recorded."""
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # as `rayalign launch examples/quickstart.yaml` is run
+    assert RunConfig().config_hash() == DEFAULT_HASH_AT_E5CC184
+    assert load_config("examples/quickstart.yaml").config_hash() == QUICKSTART_HASH_AT_E5CC184
+    # the new keys still change the hash when they are set
+    assert load_config(None, ["rewards.consistency.language_pairs=all"]).config_hash() != DEFAULT_HASH_AT_E5CC184
+    assert load_config(None, ["rewards.latent.enabled=true", "sampling.n=2",
+                              "rewards.latent.centroid_texts={en: a.txt, es: b.txt, de: c.txt, fr: d.txt, ru: e.txt}"]
+                       ).config_hash() != load_config(None, ["rewards.latent.enabled=true", "sampling.n=2"]).config_hash()
+
+
+def test_an_old_runs_config_yaml_with_reference_null_loads(tmp_path):
+    """The config.yaml of a run made before `reference` was removed holds `reference: null` (and lacks the keys added
+    since): `rayalign rescore` and `export` load it, with the hash the run recorded; a set reference is refused."""
+    old = RunConfig().to_dict()
+    for section, key in (("", "logging"), ("online", "async_train"), ("prompts", "skip"),
+                         ("rewards.latent", "centroid_texts"), ("rewards.consistency", "language_pairs")):
+        d = old
+        for part in filter(None, section.split(".")):
+            d = d[part]
+        del d[key]
+    old["cluster"] = {}
+    old["reference"] = None
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old, sort_keys=False))
+    assert "reference: null" in path.read_text()
+    cfg = load_config(path)
+    assert cfg == RunConfig() and cfg.config_hash() == DEFAULT_HASH_AT_E5CC184
+    old["reference"] = {"path": "/models/ref"}
+    path.write_text(yaml.safe_dump(old, sort_keys=False))
+    with pytest.raises(ConfigError, match="reference: .*was removed.*rewards.implicit.reward_reference"):
+        load_config(path)
+
 @pytest.mark.parametrize("override, expected", [
     ("sampling.temperature=-0.1", "sampling.temperature: expected a value >= 0.0"),
     ("sampling.n=0", "sampling.n: expected a value >= 1"),

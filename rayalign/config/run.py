@@ -71,6 +71,11 @@ class RunConfig:
             d["engines"].pop(key)  # (raising max_failed_share lets a stopped run resume)
         if d["engines"]["max_model_len"] is None:  # hashes predate the key
             d["engines"].pop("max_model_len")
+        if d["rewards"]["latent"]["centroid_texts"] is None:  # hashes predate the key
+            d["rewards"]["latent"].pop("centroid_texts")
+        if d["rewards"]["consistency"]["language_pairs"] == "anchor":  # hashes predate the key
+            d["rewards"]["consistency"].pop("language_pairs")
+        d["reference"] = None  # hashes predate the top-level key's removal (it was null unless set by hand)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self) -> None:
@@ -235,6 +240,12 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not data:
             raise ConfigError(f"{path}: the recipe is empty; write at least the settings that differ from the "
                               "defaults (see `rayalign config`), for example `name: my-run`")
+        if "reference" in data:  # the config.yaml of a run made before the key's removal holds `reference: null`
+            if data["reference"] is not None:
+                raise ConfigError(f"{path}: reference: unknown key in the recipe: the top-level reference model was "
+                                  "removed (no stage loaded it); each reference model has its own key: "
+                                  "rewards.implicit.reward_reference (ICR), rewards.consistency.reference (DCO)")
+            del data["reference"]
     for override in overrides:
         set_override(data, override, RunConfig)
     where = f"{path}: " if path is not None else ""
