@@ -17,7 +17,10 @@ from typing import Callable
 
 import ray
 
+from rayalign import failures
 from rayalign.config import ModelConfig, TrainingConfig
+
+TrainerLostError = failures.TrainerLostError  # kept importable here; defined there so the CLI catches it without Ray
 
 TRAIN_LOG = "train_log.jsonl"
 
@@ -327,7 +330,3 @@ class TrainerGroup:
         for a in self.actors:
             ray.kill(a)
         remove_placement_group(self.placement)
-
-
-class TrainerLostError(RuntimeError):
-    """A trainer rank died mid-stage (a lost node, OOM); the message says how the run resumes."""

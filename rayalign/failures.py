@@ -1,5 +1,6 @@
 """Rows that fail by themselves: written per shard as they happen, gathered into iter-<t>/errors/, and counted
-against engines.max_failed_share."""
+against engines.max_failed_share. Also TrainerLostError, a trainer rank lost mid-stage (no Ray import here, so the
+CLI can catch it cheaply)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ from rayalign.config import RunConfig
 from rayalign.data.store import write_parquet_atomic
 from rayalign.generation import FailedRowsError
 from rayalign.run_dir import ERRORS_BY_SHARD, write_table
+
+
+class TrainerLostError(RuntimeError):
+    """A trainer rank died mid-stage (a lost node, OOM); the message says how the run resumes.
+
+    Defined here, not in actors/trainer.py (which imports Ray), so the CLI's error handling stays light."""
 
 
 def errors_checkpoint(cfg: RunConfig, it_dir: Path, stage: str, done: set[int], total_rows: int):

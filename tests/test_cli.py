@@ -121,3 +121,20 @@ def test_every_command_has_help_with_an_example():
     for command in main.commands:
         result = invoke(command, "--help")
         assert result.exit_code == 0 and "Example" in result.output, command
+
+
+def test_a_light_command_does_not_import_ray(tmp_path):
+    """A command that needs no cluster (config, with a recipe error to report) does not pay for importing Ray: the
+    error handling every command shares catches TrainerLostError from rayalign.failures, not actors.trainer."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("sampling: {temperature: -1}\n")
+    code = ("import sys\nfrom rayalign.cli import main\n"
+            "for args in (['config'], ['config', sys.argv[1]]):\n"
+            "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
+            "print('RAY', 'ray' in sys.modules, file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, timeout=120)
+    assert "sampling.temperature" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert "RAY False" in done.stderr, done.stderr

@@ -34,9 +34,9 @@ def user_errors(fn):
         from rayalign.data.prompts import PromptError
         from rayalign.data.store import DatasetError
         from rayalign.eval.judge import JudgeError
+        from rayalign.failures import TrainerLostError
         from rayalign.generation import FailedRowsError
         from rayalign.models import ModelLoadError
-        from rayalign.actors.trainer import TrainerLostError
         from rayalign.pipelines.study import StudyError
         from rayalign.report import ReportError
         from rayalign.scoring.rewards import RewardError
