@@ -196,7 +196,7 @@ def evaluate_policy(cfg: RunConfig, policy_path: str, out_dir: str | Path, *, po
                         "eval score")
     centroids = None
     if layers and cfg.rewards.latent.centroid_texts:
-        from rayalign.rewards import centroid_texts as texts
+        from rayalign.scoring import centroid_texts as texts
 
         centroids = texts.centroids_from_table(score_rows(
             cfg, {"policy": roles["policy"]}, [texts.centroid_spec(layers["h_last"])], None,

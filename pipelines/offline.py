@@ -39,7 +39,7 @@ from rayalign.methods import schema_of
 from rayalign.models import resolve_model_path
 from rayalign.pairs import dco_tuples, lidr_pairs, lidr_requests
 from rayalign.progress import console, deepspeed_op_notice, model_build_progress, progress_bar
-from rayalign.rewards.centroid_texts import centroids_from_texts
+from rayalign.scoring.centroid_texts import centroids_from_texts
 from rayalign.rewards.consistency import dco_gamma_table
 from rayalign.run_dir import (samples_writer, STAGES, checkpoint, iteration_summary, kept_output_problems, log_metrics,
                               prepare_run_dir, read_checkpoints, report_untrusted, set_aside_untrusted_checkpoint,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rayalign.config import ConfigError, load_config
-from rayalign.rewards.centroid_texts import (CENTROID_PROMPT, centroid_spec, centroid_text_rows,
+from rayalign.scoring.centroid_texts import (CENTROID_PROMPT, centroid_spec, centroid_text_rows,
                                              centroids_from_table)
 from rayalign.rewards.latent import latent_rewards
 from rayalign.scoring.forward import latent_array
