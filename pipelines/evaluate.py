@@ -189,10 +189,17 @@ def evaluate_policy(cfg: RunConfig, policy_path: str, out_dir: str | Path, *, po
         console.print("eval: the silhouette needs at least 2 prompts; skipped")
 
     roles, specs, reward_model, layers = scoring_setup(cfg, policy_path, hub_layer)
+    from rayalign.anchor_groups import anchor_rows_before_scoring, drop_prompts_without_anchor, dropped_message
     from rayalign.scoring.translation import with_translations
 
+    # as the score stage: ICR's cross-lingual and translation prompts are made from the anchor prompt
+    anchor, before = cfg.anchor_language, anchor_rows_before_scoring(cfg)
+    kept_rows, dropped = drop_prompts_without_anchor(table, anchor, before)
+    if dropped:
+        console.print("[yellow]" + dropped_message("eval score", dropped, table.num_rows - kept_rows.num_rows, anchor,
+                                                   before))
     scored = score_rows(cfg, roles, specs, reward_model,
-                        with_translations(cfg, with_scoring_prompts(cfg, table), policy_path, EVAL_ITERATION),
+                        with_translations(cfg, with_scoring_prompts(cfg, kept_rows), policy_path, EVAL_ITERATION),
                         "eval score")
     centroids = None
     if layers and cfg.rewards.latent.centroid_texts:
@@ -208,7 +215,8 @@ def evaluate_policy(cfg: RunConfig, policy_path: str, out_dir: str | Path, *, po
                 f"Evaluation scores of {policy_name}.", shard_rows=max(1, scored.num_rows))
     for column in (c for c in REWARD_COLUMNS if c.startswith("r_")):
         if scored.column(column).null_count < scored.num_rows:
-            rows += metrics.distribution_rows(column, scored.column(column).to_pylist(), langs)
+            rows += metrics.distribution_rows(column, scored.column(column).to_pylist(),
+                                              scored.column("lang").to_pylist())
     if candidates_path:
         rows += candidate_metrics(cfg, policy_path, candidates_path, settings["likelihood"], settings["accuracy"])
     if judge is not None:

@@ -23,7 +23,8 @@ from rayalign.actors.pool import split_shards
 from rayalign.actors.preference_trainer import PreferenceTrainerGroup
 from rayalign.actors.scorer import ModelRole, ScoringGroup
 from rayalign.actors.trainer import TrainerLostError
-from rayalign.anchor_groups import anchor_rows_needed, drop_prompts_without_anchor, dropped_message
+from rayalign.anchor_groups import (anchor_rows_before_scoring, anchor_rows_needed, drop_prompts_without_anchor,
+                                    dropped_message)
 from rayalign.cluster import connect, load_cluster_spec
 from rayalign.cluster.planner import with_counts
 from rayalign.cluster.schedule import choose_schedule
@@ -99,9 +100,9 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
     r = cfg.rewards
     roles, specs, reward_model, layers = scoring_setup(cfg, policy_path, hub_layer)
     anchor, needed = cfg.anchor_language, anchor_rows_needed(cfg)
-    # the cross-lingual prompt needs the anchor prompt before the forward pass; latent rewards check after it
-    cross_lingual = r.implicit.enabled and r.implicit.prompt == "cross_lingual"
-    kept, dropped = drop_prompts_without_anchor(samples, anchor, int(cross_lingual))
+    # ICR's cross-lingual and translation prompts need the anchor prompt before the forward pass; latent rewards
+    # check after it
+    kept, dropped = drop_prompts_without_anchor(samples, anchor, anchor_rows_before_scoring(cfg))
     dropped_rows, samples = samples.num_rows - kept.num_rows, with_scoring_prompts(cfg, kept)
     samples = with_translations(cfg, samples, policy_path, iteration)  # ICR's R_t only
     shards = split_shards(samples, cfg.engines.shard_rows * cfg.sampling.n)

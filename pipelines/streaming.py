@@ -115,7 +115,8 @@ def generate_score_stage(cfg: RunConfig, prompts, policy_path: str, policy_name:
     from rayalign.actors.generator import GenerationGroup, split_shards
     from rayalign.actors.pool import ShardFeed
     from rayalign.actors.scorer import ScoringGroup
-    from rayalign.anchor_groups import anchor_rows_needed, drop_prompts_without_anchor, dropped_message
+    from rayalign.anchor_groups import (anchor_rows_before_scoring, anchor_rows_needed, drop_prompts_without_anchor,
+                                        dropped_message)
     from rayalign.data.store import shard_name
     from rayalign.failures import errors_checkpoint, record_failures
     from rayalign.run_dir import checkpoint, read_checkpoints, report_untrusted, samples_writer, write_table
@@ -136,13 +137,13 @@ def generate_score_stage(cfg: RunConfig, prompts, policy_path: str, policy_name:
     gen_errors, gen_may_fail = errors_checkpoint(cfg, it_dir, "generate", done, prompts.num_rows)
     score_errors, score_may_fail = errors_checkpoint(cfg, it_dir, "score", set(results), most_samples)
 
-    anchor, needed = cfg.anchor_language, anchor_rows_needed(cfg)
-    # as score_stage: the cross-lingual prompt needs the anchor prompt before the forward pass, so a prompt
+    anchor, needed, before = cfg.anchor_language, anchor_rows_needed(cfg), anchor_rows_before_scoring(cfg)
+    # as score_stage: ICR's cross-lingual prompt needs the anchor prompt before the forward pass, so a prompt
     # whose anchor rows all failed is dropped before scoring; latent rewards check after it
     drop, last_shard = None, None
-    if r.implicit.enabled and r.implicit.prompt == "cross_lingual":
+    if before:
         last_shard = {pid: i // e.shard_rows for i, pid in enumerate(prompts.column("prompt_id").to_pylist())}
-        drop = lambda table: drop_prompts_without_anchor(table, anchor, 1)  # noqa: E731
+        drop = lambda table: drop_prompts_without_anchor(table, anchor, before)  # noqa: E731
     cuts, feed, with_prompts = ScoringCuts(score_rows, drop, last_shard), ShardFeed(), scoring_prompts(cfg, prompts)
 
     def feed_scoring(cut: list[tuple[int, pa.Table]]) -> None:

@@ -15,13 +15,18 @@ import pyarrow.compute as pc
 
 def anchor_rows_needed(cfg) -> int:
     """Anchor rows a prompt needs for the recipe's rewards: 2 for latent rewards (leave-one-out MSA among the
-    anchor responses), 1 for ICR's cross-lingual prompt (built from the anchor prompt), else 0."""
-    r = cfg.rewards
-    if r.latent.enabled:
+    anchor responses), else those it needs before scoring (`anchor_rows_before_scoring`)."""
+    if cfg.rewards.latent.enabled:
         return 2
-    if r.implicit.enabled and r.implicit.prompt == "cross_lingual":
-        return 1
-    return 0
+    return anchor_rows_before_scoring(cfg)
+
+
+def anchor_rows_before_scoring(cfg) -> int:
+    """Anchor rows a prompt needs before its forward pass: 1 when ICR scores under a prompt made from the anchor
+    prompt (cross_lingual: G(x); translation: x^en, under which R_t scores t(y)), else 0. Prompts with fewer are
+    dropped before scoring; the latent rewards' needs are checked after it."""
+    imp = cfg.rewards.implicit
+    return int(imp.enabled and imp.prompt in ("cross_lingual", "translation"))
 
 
 def drop_prompts_without_anchor(table: pa.Table, anchor: str, anchor_rows: int,

@@ -92,3 +92,51 @@ def test_r_t_scores_the_translation_under_the_anchor_prompt(tiny_model, referenc
     # the German rows score "An apple." exactly as the English row with the same text: their log-ratios agree
     r_icr = scores.column("r_icr").to_numpy()
     assert r_icr[2] + 0.01 * len("Ein Apfel.") == pytest.approx(r_icr[0] + 0.01 * len("An apple."), abs=1e-9)
+
+
+def write_samples(path, rows, languages=("en", "de")):
+    from rayalign.data.store import DatasetWriter
+
+    writer = DatasetWriter(path, "samples", languages=list(languages))
+    writer.write_shard(0, samples_table(rows))
+    writer.finalize(expected_shards=1)
+    return path
+
+
+def translation_recipe(tiny_model, reference_model, *overrides):
+    return load_config(None, [f"policy.path={tiny_model}", "languages=[en,de]", "rewards.implicit.enabled=true",
+                              f"rewards.implicit.reward_reference.path={reference_model}",
+                              "rewards.implicit.prompt=translation", "rewards.implicit.alpha=0.01",
+                              "sampling.n=2", "sampling.max_new_tokens=8", "engines.count=1", "engines.shard_rows=2",
+                              "rewards.actors=1", "rewards.batch_size=4", *overrides])
+
+
+def test_a_prompt_whose_anchor_rows_failed_is_dropped_before_translation(tiny_model, reference_model, ray_session,
+                                                                         tmp_path):
+    """p1's English rows failed in generation: R_t has no x^en to score its German translations under, so p1 is
+    dropped whole (named and counted) and the stage scores the other prompts."""
+    from rayalign.anchor_groups import anchor_rows_before_scoring, anchor_rows_needed
+    from rayalign.data.store import read_dataset
+    from rayalign.engines import ScoreRequest
+    from rayalign.engines.hf import HFEngine
+    from rayalign.pipelines.offline import score_stage
+
+    torch.set_num_threads(2)
+    cfg = translation_recipe(tiny_model, reference_model)
+    assert anchor_rows_before_scoring(cfg) == anchor_rows_needed(cfg) == 1
+    rows = SAMPLES + [("p2", "de", 0, "Nenne eine Farbe.", "Rot."), ("p2", "de", 1, "Nenne eine Farbe.", "Blau.")]
+    it_dir = tmp_path / "iter-1"
+    write_samples(it_dir / "samples", rows)
+    result = score_stage(cfg, it_dir / "samples", tiny_model, 1, it_dir / "scores")
+    assert (result["dropped_prompts"], result["dropped_rows"], result["samples"]) == (1, 2, 4)
+    scores = read_dataset(it_dir / "scores", "scores")
+    assert list(zip(scores.column("prompt_id").to_pylist(), scores.column("lang").to_pylist())) == [
+        ("p1", "en"), ("p1", "en"), ("p1", "de"), ("p1", "de")]
+    # the English rows score y itself under x^en: beta = 1, alpha = 0.01 per character
+    x_en = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]
+    english = [r[4] for r in SAMPLES[:2]]
+    policy, reference = ([r.logp for r in HFEngine(path).score([ScoreRequest(x_en, y)
+                                                                                  for y in english])]
+                         for path in (tiny_model, reference_model))
+    np.testing.assert_allclose(scores.column("r_icr").to_numpy()[:2],
+                               [p - r - 0.01 * len(y) for p, r, y in zip(policy, reference, english)], atol=1e-4)
