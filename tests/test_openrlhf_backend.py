@@ -121,3 +121,45 @@ def test_openrlhf_loads_and_calls_our_reward_file(tmp_path):
         experience = SamplesGenerator._process_response_into_experience(None, sample, max_len=512)
         assert experience.rewards.tolist() == pytest.approx([expected])
         assert experience.info["language_fidelity"].tolist() == [fidelity]
+
+
+def _train_ppo_ray_flags() -> set[str]:
+    """Every option the installed `openrlhf.cli.train_ppo_ray` declares (read from its source: the module needs CUDA
+    packages to import, and builds its parser under `if __name__ == "__main__":`)."""
+    import ast
+    import importlib.util
+
+    origin = importlib.util.find_spec("openrlhf.cli.train_ppo_ray").origin
+    flags = set()
+    for node in ast.walk(ast.parse(Path(origin).read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+            flags |= {a.value for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("--")}
+    assert "--reward.remote_url" in flags and "--data.label_key" in flags  # the read found OpenRLHF's parser
+    return flags
+
+
+def test_the_cli_names_openrlhfs_real_reward_flags(tmp_path):
+    """`rayalign online --openrlhf-reward-file` (its help and what it prints) names options train_ppo_ray takes:
+    --reward.remote_url and --data.label_key (OpenRLHF 0.10.4+), not the older --remote_rm_url / --label_key."""
+    import re
+
+    import click
+    from click.testing import CliRunner
+
+    from rayalign.cli import main
+
+    flags = _train_ppo_ray_flags()
+    command = main.commands["online"]
+    ours = {opt for param in command.get_params(click.Context(command)) for opt in param.opts}
+    help_text = " ".join(CliRunner().invoke(main, ["online", "--help"]).output.split())
+    in_help = set(re.findall(r"--[a-z][a-z_.-]*[a-z_]", help_text)) - ours
+    assert in_help == {"--reward.remote_url"}, in_help
+    path = tmp_path / "reward_func.py"
+    recipe = str(Path(__file__).resolve().parents[1] / "examples" / "online-grpo-quickstart.yaml")
+    result = CliRunner().invoke(main, ["online", recipe, "--openrlhf-reward-file", str(path)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert said.endswith(f"train_ppo_ray --reward.remote_url {path} --data.label_key lang"), said
+    in_header = re.findall(r"--[a-z][a-z_.-]*[a-z_]", path.read_text(encoding="utf-8").split("\n", 1)[0])
+    assert in_header == ["--reward.remote_url", "--data.label_key"], in_header
+    assert in_help | {"--reward.remote_url", "--data.label_key"} <= flags

@@ -174,7 +174,7 @@ _stage_command("pairs", "Run only the pairs stage: <run-dir>/iter-1/pairs (from 
 @click.option("--run-dir", type=click.Path(file_okay=False), help="run directory (default: runs/<name>)")
 @click.option("--address", help="join the Ray cluster at this address (default: $RAY_ADDRESS, or start one)")
 @click.option("--openrlhf-reward-file", type=click.Path(dir_okay=False),
-              help="write the recipe's rewards as an OpenRLHF reward_func file (for its --remote_rm_url) and exit")
+              help="write the recipe's rewards as an OpenRLHF reward_func file (for its --reward.remote_url) and exit")
 @user_errors
 def online_cmd(recipe, cluster, overrides, run_dir, address, openrlhf_reward_file):
     """Online RL (GRPO, RLOO or PPO): rollouts, rewards, update and weight sync, step after step.
@@ -192,7 +192,8 @@ def online_cmd(recipe, cluster, overrides, run_dir, address, openrlhf_reward_fil
         from rayalign.integrations.openrlhf_reward import write_reward_file
 
         path = write_reward_file(load_recipe(recipe, overrides + ("mode=online",)), openrlhf_reward_file)
-        console.print(f"wrote {path}: use it with OpenRLHF's train_ppo_ray --remote_rm_url {path} --label_key lang")
+        console.print(f"wrote {path}: use it with OpenRLHF's train_ppo_ray --reward.remote_url {path} "
+                      "--data.label_key lang")
         return
     _run_online(load_recipe(recipe, overrides + ("mode=online",)), run_dir, cluster, address)
 
