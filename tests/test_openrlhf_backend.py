@@ -163,3 +163,27 @@ def test_the_cli_names_openrlhfs_real_reward_flags(tmp_path):
     in_header = re.findall(r"--[a-z][a-z_.-]*[a-z_]", path.read_text(encoding="utf-8").split("\n", 1)[0])
     assert in_header == ["--reward.remote_url", "--data.label_key"], in_header
     assert in_help | {"--reward.remote_url", "--data.label_key"} <= flags
+
+
+def test_rewards_the_reward_file_cannot_compute_are_refused_cleanly(tmp_path):
+    """OpenRLHF's reward_func sees samples, not prompt groups or scoring actors: `rayalign online
+    --openrlhf-reward-file` refuses online.user_weight and online.score_weight with the key (exit 2, no traceback)
+    instead of writing a file whose rewards differ from `rayalign online`'s."""
+    from click.testing import CliRunner
+
+    from rayalign.cli import main
+
+    user = tmp_path / "user_reward.py"
+    user.write_text("def reward(group):\n    return [0.0] * len(group)\n")
+    recipe = str(Path(__file__).resolve().parents[1] / "examples" / "online-grpo-quickstart.yaml")
+    path = tmp_path / "reward_func.py"
+    for overrides, key in ((["online.user_weight=1", f"rewards.user.path={user}"], "online.user_weight"),
+                           (["online.score_weight=1", "online.score_reward=msa", "rewards.latent.enabled=true"],
+                            "online.score_weight")):
+        args = ["online", recipe, "--openrlhf-reward-file", str(path)]
+        for override in overrides:
+            args += ["-o", override]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (key, result.exception)
+        assert f"Error: {key}: " in result.output and "Traceback" not in result.output, result.output
+        assert not path.exists()

@@ -64,10 +64,16 @@ def _tokenizer(path: str):
 
 def write_reward_file(cfg, path: str | Path) -> Path:
     """The recipe's online reward settings as an OpenRLHF reward_func file."""
+    from rayalign.config import ConfigError
+
     o = cfg.online
     if o.user_weight:
-        raise ValueError("online.user_weight: OpenRLHF calls reward_func per sample batch without prompt groups; "
-                         "the group-wise user reward is not available there")
+        raise ConfigError("online.user_weight: OpenRLHF calls reward_func per sample batch without prompt groups; "
+                          "the group-wise user reward is not available there (set online.user_weight=0)")
+    if o.score_weight:
+        raise ConfigError(f"online.score_weight: the scored reward ({o.score_reward}) needs rayalign's scoring actors "
+                          "on each step's rollouts, which OpenRLHF's reward_func does not have (set "
+                          "online.score_weight=0)")
     from rayalign.models import load_tokenizer, resolve_model_path
 
     policy = resolve_model_path(cfg.policy.path)
