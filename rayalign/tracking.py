@@ -67,8 +67,12 @@ class Trackers:
             self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
             self.tensorboard.add_text("config", "```\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```")
         if log.wandb is not None and _wandb_mode(log.wandb.mode) != "disabled":
-            self.wandb = _open_wandb(cfg, self.run_dir)
             self.wandb_prefixes: set[str] = set()
+            try:
+                self.wandb = _open_wandb(cfg, self.run_dir)
+            except BaseException:
+                self.close(ok=False)  # the TensorBoard writer opened above
+                raise
 
     def __enter__(self) -> "Trackers":
         return self
@@ -140,15 +144,20 @@ class Trackers:
         """The plots of `rayalign report` for this run (written to <run-dir>/report/), as W&B images."""
         import wandb
 
+        from rayalign.progress import console
         from rayalign.report import ReportError, report
 
         try:
             out = report(self.run_dir).parent
+            images = {f"report/{png.stem}": wandb.Image(str(png)) for png in sorted(out.glob("*.png"))}
+            if images:
+                run.log(images)
         except ReportError:
             return
-        images = {f"report/{png.stem}": wandb.Image(str(png)) for png in sorted(out.glob("*.png"))}
-        if images:
-            run.log(images)
+        except Exception as e:  # the run itself succeeded: a plot that cannot be made must not fail it
+            why = str(e).strip().splitlines()[0][:300] if str(e).strip() else "no message"
+            console.print(f"[yellow]warning[/]: the report's plots were not sent to W&B ({type(e).__name__}: {why}); "
+                          f"the run's results are complete, and `rayalign report {self.run_dir}` draws the plots")
 
 
 def _line_count(path: Path) -> int:
@@ -164,10 +173,21 @@ def _open_wandb(cfg: RunConfig, run_dir: Path):
     id_file = run_dir / WANDB_ID_FILE
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id + "\n")
-    run = wandb.init(project=w.project, entity=w.entity, mode=_wandb_mode(w.mode), id=run_id, resume="allow",
-                     name=cfg.name, group=cfg.name.rpartition("/")[0] or None, config=json.loads(json.dumps(
-                         cfg.to_dict())), dir=None if os.environ.get("WANDB_DIR") else str(run_dir),
-                     settings=wandb.Settings(console="off"))
+    mode = _wandb_mode(w.mode)
+    try:
+        run = wandb.init(project=w.project, entity=w.entity, mode=mode, id=run_id, resume="allow", name=cfg.name,
+                         group=cfg.name.rpartition("/")[0] or None, config=json.loads(json.dumps(cfg.to_dict())),
+                         dir=None if os.environ.get("WANDB_DIR") else str(run_dir),
+                         settings=wandb.Settings(console="off"))
+    except Exception as e:
+        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else "no message"
+        raise ConfigError(
+            f"logging.wandb: W&B could not start the run (mode {mode}, project {w.project!r}"
+            + (f", entity {w.entity!r}" if w.entity else "") + f"): {type(e).__name__}: {why}. Check "
+            "logging.wandb's project and entity; for mode online run `wandb login` (it needs an API key and the "
+            "network), or set "
+            "logging.wandb.mode=offline (files under the run directory, upload later with `wandb sync`); or remove "
+            "logging.wandb to run without W&B") from e
     for x_key in set(STEP_OF.values()):
         run.define_metric(x_key)
     return run

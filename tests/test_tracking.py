@@ -105,6 +105,47 @@ def test_a_missing_tracker_package_is_refused_at_config_check_naming_the_extra(m
     assert ok.exit_code == 0, ok.output  # disabled needs no package
 
 
+def test_a_wandb_run_that_cannot_start_is_a_config_error_and_closes_tensorboard(tmp_path):
+    """wandb.init refusing its arguments (here a project name with '/', which W&B does not allow) stops the run with
+    a ConfigError naming logging.wandb and what to do, which the CLI prints without a traceback, and the TensorBoard
+    writer opened before it is closed (its writer thread ends), not left running."""
+    import threading
+
+    from rayalign.config import ConfigError
+    from rayalign.tracking import Trackers
+
+    def tensorboard_writers():
+        return {t for t in threading.enumerate() if type(t).__name__ == "_AsyncWriterThread"}
+
+    before = tensorboard_writers()
+    cfg = load_config(None, ["logging.tensorboard=true", "logging.wandb.project=team/project",
+                             "logging.wandb.mode=offline"])
+    with pytest.raises(ConfigError, match=r"logging.wandb: W&B could not start the run \(mode offline, project "
+                       r"'team/project'\): UsageError: Invalid project name.*wandb login.*logging.wandb.mode=offline"):
+        Trackers(cfg, tmp_path / "run")
+    assert tensorboard_writers() == before
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))  # it had been opened
+
+
+def test_report_plots_that_fail_at_the_end_of_a_run_only_warn(tmp_path, capsys):
+    """The report's plots are sent to W&B when a run ends well; any failure to make them (here <run-dir>/report is a
+    file, so the report cannot write there) is a warning, not an error for a run whose results are complete."""
+    from rayalign.tracking import Trackers
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "stage": "iteration", "fidelity_en": 0.5})
+                                           + "\n")
+    (run_dir / "report").write_text("not a directory\n")
+    cfg = load_config(None, ["logging.tensorboard=false", "logging.wandb.project=tests", "logging.wandb.mode=offline"])
+    with Trackers(cfg, run_dir):
+        pass
+    err = " ".join(capsys.readouterr().err.split())
+    assert "warning: the report's plots were not sent to W&B (FileExistsError:" in err, err
+    assert f"rayalign report {run_dir}" in err
+    assert [r["exit"]["exit_code"] for r in wandb_records(run_dir) if r["type"] == "exit"] == [0]  # a success
+
+
 def test_logging_settings_leave_the_config_hash_unchanged():
     plain = load_config(REPO / "examples" / "quickstart.yaml")
     tracked = load_config(REPO / "examples" / "quickstart.yaml", ["logging.wandb.project=p", "logging.tensorboard=false"])
