@@ -92,7 +92,3 @@ def run_dir_of(cfg, run_dir) -> Path:
 
 POLICY_HELP = "checkpoint to evaluate: initial (the recipe's policy), iter-N (the run's iteration N), or a path; " \
               "default: the run's latest trained policy, else initial"
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -55,7 +55,14 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def config_hash(self) -> str:
-        """Hash of every setting that changes results (not the name, run dir, actor count or failure share)."""
+        """Hash of every setting that changes results, which a run directory's results are checked against.
+
+        Left out: name, run_dir and logging (where results are recorded, not what they are), cluster (the schedule
+        and the time estimate's figures), and engines.count, max_failed_share, kv_cache_gib and max_batch_tokens
+        (they do not change rows). Keys added after runs were first recorded are left out while they hold their
+        defaults (mode: offline, online.async_train: false, the prompts' hf: source keys, engines.max_model_len: null,
+        rewards.latent.centroid_texts: null, rewards.consistency.language_pairs: anchor), and the removed top-level
+        reference hashes as the null it was, so those runs still resume."""
         d = self.to_dict()
         for key in ("name", "run_dir", "logging"):  # where results are recorded, not what they are
             d.pop(key)
@@ -223,7 +230,7 @@ class RunConfig:
                                   f"gamma_ij * gamma_ji = beta^2 and a rank-1 Gamma; set force: true to accept): {e}")
 
 
-# ---- building dataclasses from plain data, with key-naming errors ----
+# ---- reading and writing recipes (the dataclass builder and the override parser are in config/fields.py) ----
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:

@@ -83,15 +83,3 @@ def with_fidelity_mean(df: pl.DataFrame) -> pl.DataFrame:
 def fidelity_languages(df: pl.DataFrame) -> list[str]:
     """Language codes of the fidelity_<lang> columns (fidelity_mean excluded)."""
     return [c.removeprefix("fidelity_") for c in df.columns if c.startswith("fidelity_") and c != "fidelity_mean"]
-
-
-# ---- run: data ----
-
-# ---- run: reading ----
-
-# ---- study: data ----
-
-# ---- study: reading ----
-
-# ---- plots ----
-
