@@ -75,8 +75,9 @@ def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates_pa
         judge = JudgeSettings(url=judge_url, model=judge_model, api_key=judge_api_key)
     path, name, label = run_policy(cfg, run_dir, policy)
     out = Path(out) if out else run_dir / "eval" / label
-    connect(load_cluster_spec(cluster), address)
-    cfg = with_counts(cfg, load_cluster_spec(cluster), address)
+    spec = load_cluster_spec(cluster)
+    connect(spec, address)
+    cfg = with_counts(cfg, spec, address)
     result = evaluate_policy(cfg, path, out, policy_name=name, prompts_limit=prompts_limit, samples=samples,
                              candidates_path=candidates_path, silhouette_prompts=silhouette_prompts,
                              likelihood=likelihood, accuracy=accuracy, judge=judge, hub_layer=run_hub_layer(cfg, run_dir))
@@ -124,8 +125,9 @@ def hub_scan_cmd(recipe, policy, run_dir, prompts_limit, samples, cluster, addre
                               sampling=dataclasses.replace(cfg.sampling, n=samples))
     path, name, label = run_policy(cfg, run_dir, policy)
     out = run_dir / f"hub-scan-{label}"
-    connect(load_cluster_spec(cluster), address)
-    cfg = with_counts(cfg, load_cluster_spec(cluster), address)
+    spec = load_cluster_spec(cluster)
+    connect(spec, address)
+    cfg = with_counts(cfg, spec, address)
     result = hub_scan(cfg, path, name, eval_samples(cfg, path, name, out / "samples"), limit)
     save_hub_scan(result, out / "hub-scan.json")
     print_hub_scan(result)
