@@ -50,7 +50,7 @@ from rayalign.scoring.forward import ForwardSpec
 from rayalign.scoring.hub_scan import hub_layer_of_run
 from rayalign.scoring.rewards import compute_rewards, load_user_reward
 from rayalign.scoring.setup import forward_rewards, latent_layers, scoring_setup, with_scoring_prompts
-from rayalign.scoring.translation import with_translations
+from rayalign.scoring.translation import translated_rows, with_translations
 from rayalign.tracking import Trackers, check_trackers
 from rayalign.training.data import batch_alignment_languages
 
@@ -104,14 +104,22 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
     # check after it
     kept, dropped = drop_prompts_without_anchor(samples, anchor, anchor_rows_before_scoring(cfg))
     dropped_rows, samples = samples.num_rows - kept.num_rows, with_scoring_prompts(cfg, kept)
-    samples = with_translations(cfg, samples, policy_path, iteration)  # ICR's R_t only
+    it_dir = out_dir.parent
+    translated = translated_rows(cfg, samples)  # ICR's R_t: its failed translations count as generation's rows do
+    if translated:
+        on_errors, may_fail = errors_checkpoint(cfg, it_dir, "translate", set(), translated)
+        try:
+            samples = with_translations(cfg, samples, policy_path, iteration, on_errors, may_fail)
+        except FailedRowsError:
+            record_failures(cfg, it_dir, iteration, "translate", translated)
+            raise
+        translate_failed = record_failures(cfg, it_dir, iteration, "translate", translated)
     shards = split_shards(samples, cfg.engines.shard_rows * cfg.sampling.n)
     # Forward results are checkpointed shard by shard, so an interrupted stage redoes only what is missing;
     # rewards need every row (English anchors, centroids, alpha search) and are computed at the end.
     forward_dir = out_dir.with_name(out_dir.name + ".forward")
     results = read_checkpoints(forward_dir, len(shards))
     group = ScoringGroup.for_recipe(roles, r)
-    it_dir = out_dir.parent
     on_errors, may_fail = errors_checkpoint(cfg, it_dir, "score", set(results), samples.num_rows)
     with group, progress_bar(f"score iter-{iteration}", samples.num_rows, "samples",
                              done=sum(shards[i].num_rows for i in results)) as update:
@@ -141,7 +149,8 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
     return {"samples": table.num_rows, "forward_passes": len(specs), "retries": stats.retries, "failed_rows": failed,
             "dropped_prompts": len(dropped), "dropped_rows": dropped_rows, "resumed_shards": stats.skipped_shards, "actor_nodes": nodes,
             "seconds": round(stats.seconds, 3), "tokens_per_s": round(tokens / max(stats.seconds, 1e-9), 2), **{
-                f"alpha_{lang}": a for lang, a in params.get("icr", {}).get("alpha_per_language", {}).items()}}
+                f"alpha_{lang}": a for lang, a in params.get("icr", {}).get("alpha_per_language", {}).items()},
+            **({"translate_failed_rows": translate_failed} if translated else {})}
 
 
 # ---- pairs stage ----

@@ -59,7 +59,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = ()) -
 
 STAGE_OUTPUTS = {  # what a stage leaves in iter-<t>/ (globs); "errors" is rebuilt by the next generate/score
     "generate": ("samples", "errors", f"{ERRORS_BY_SHARD}/generate-*"),
-    "score": ("scores", "scores.forward", "errors", f"{ERRORS_BY_SHARD}/score-*"),
+    "score": ("scores", "scores.forward", "errors", f"{ERRORS_BY_SHARD}/score-*", f"{ERRORS_BY_SHARD}/translate-*"),
     "pairs": ("pairs", "candidate_scores"),
     "train": ("policy", "train.ckpt", "train_log.jsonl"),
 }

@@ -140,3 +140,39 @@ def test_a_prompt_whose_anchor_rows_failed_is_dropped_before_translation(tiny_mo
                          for path in (tiny_model, reference_model))
     np.testing.assert_allclose(scores.column("r_icr").to_numpy()[:2],
                                [p - r - 0.01 * len(y) for p, r, y in zip(policy, reference, english)], atol=1e-4)
+
+
+def test_failed_translations_count_against_max_failed_share_under_the_samples_names(tiny_model, reference_model,
+                                                                                     ray_session, tmp_path):
+    """A German response too long to translate within the model's context fails by itself: within
+    engines.max_failed_share its sample is left out and named in the errors dataset (stage translate); past it
+    the stage stops, naming the count and the share, as generation does."""
+    from rayalign.data.store import read_dataset
+    from rayalign.generation import FailedRowsError
+    from rayalign.pipelines.offline import score_stage
+
+    long = "word " * 5000  # more tokens than the tiny model's 4096-position context
+    rows = SAMPLES + [("p2", "en", 0, "Name a colour.", "Red."), ("p2", "en", 1, "Name a colour.", "Blue."),
+                      ("p2", "de", 0, "Nenne eine Farbe.", "Rot."), ("p2", "de", 1, "Nenne eine Farbe.", long)]
+    it_dir = tmp_path / "iter-1"
+    write_samples(it_dir / "samples", rows)
+    # 1 of the 4 German samples fails to translate; the default share (0.01 x 4 rows) allows none
+    with pytest.raises(FailedRowsError) as stopped:
+        score_stage(translation_recipe(tiny_model, reference_model), it_dir / "samples", tiny_model, 1,
+                    it_dir / "scores")
+    message = " ".join(str(stopped.value).split())
+    assert "translate iter-1: 1 of 4 rows (25.00%) failed by themselves" in message
+    assert "engines.max_failed_share=0.01" in message
+    errors = read_dataset(it_dir / "errors", "errors").to_pylist()
+    assert [(e["stage"], e["prompt_id"], e["lang"], e["sample_idx"]) for e in errors] == [("translate", "p2", "de", 1)]
+    assert "exceeds the model's context of 4096 tokens" in errors[0]["reason"]
+    assert not (it_dir / "scores").exists()
+
+    cfg = translation_recipe(tiny_model, reference_model, "engines.max_failed_share=0.25")
+    result = score_stage(cfg, it_dir / "samples", tiny_model, 1, it_dir / "scores")
+    assert result["translate_failed_rows"] == 1 and result["samples"] == 7
+    scores = read_dataset(it_dir / "scores", "scores")
+    assert list(zip(scores.column("prompt_id").to_pylist(), scores.column("lang").to_pylist(),
+                    scores.column("sample_idx").to_pylist())) == [(p, lang, k) for p, lang, k, _, _ in rows[:-1]]
+    errors = read_dataset(it_dir / "errors", "errors").to_pylist()
+    assert [(e["stage"], e["prompt_id"], e["lang"], e["sample_idx"]) for e in errors] == [("translate", "p2", "de", 1)]
