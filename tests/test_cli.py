@@ -138,3 +138,33 @@ def test_a_light_command_does_not_import_ray(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, timeout=120)
     assert "sampling.temperature" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert "RAY False" in done.stderr, done.stderr
+
+
+def test_inspect_shows_every_recorded_iteration_metric(tmp_path, monkeypatch):
+    import rayalign.cli
+    from rayalign.data.inspect import iteration_table
+
+    import pyarrow as pa
+
+    from rayalign.data.schemas import schema_for
+    from rayalign.data.store import DatasetWriter
+
+    run_dir = tmp_path / "run"
+    writer = DatasetWriter(run_dir / "iter-1" / "samples", "samples", languages=["en"])
+    writer.write_shard(0, pa.Table.from_pylist([{
+        "prompt_id": "p0", "lang": "en", "messages": [{"role": "user", "content": "hi"}], "reference": None,
+        "source": "test", "sample_idx": 0, "response": "hello", "num_tokens": 2, "finish_reason": "stop", "seed": 0,
+        "policy": "tiny", "lang_detected": "en"}], schema=schema_for("samples")[1]))
+    writer.finalize()
+    record = {"iteration": 1, "stage": "iteration", "policy": "tiny", "pairs_rows": 24, "loss_first": 0.6931,
+              "loss_mean": 0.5, "steps": 6, "dropped_too_long": 2}
+    (run_dir / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    table = iteration_table([record])
+    assert table.row(0, named=True)["steps"] == 6 and table.row(0, named=True)["dropped_too_long"] == 2
+    assert "steps" not in iteration_table([{k: v for k, v in record.items() if k != "steps"}]).columns
+    monkeypatch.setattr(rayalign.cli.console, "width", 160)
+    result = invoke("inspect", run_dir)
+    assert result.exit_code == 0, result.output
+    lines = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.output.splitlines()
+             if line.count("│") >= 3}
+    assert lines["training steps"] == "6" and lines["pairs dropped, too long"] == "2"

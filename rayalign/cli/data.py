@@ -45,7 +45,8 @@ def rescore(scores, output, recipe, overrides, replace):
 
 ITERATION_HEADERS = {"policy": "generating policy", "pairs_rows": "pairs", "loss_first": "loss, first step",
                      "loss_mean": "loss, mean", "reward_margin_mean": "reward margin, mean",
-                     "accuracy_mean": "pair accuracy, mean", "seconds_generate": "generate s",
+                     "accuracy_mean": "pair accuracy, mean", "steps": "training steps",
+                     "dropped_too_long": "pairs dropped, too long", "seconds_generate": "generate s",
                      "seconds_score": "score s", "seconds_pairs": "pairs s", "seconds_train": "train s"}
 
 

@@ -90,6 +90,7 @@ def iteration_table(metrics: list[dict]) -> pl.DataFrame | None:
     if not rows:
         return None
     columns = ["iteration", "policy", "pairs_rows", "loss_first", "loss_mean", "reward_margin_mean", "accuracy_mean"]
+    columns += [k for k in ("steps", "dropped_too_long") if any(k in r for r in rows)]
     columns += sorted({k for r in rows for k in r if k.startswith("fidelity_")})
     columns += [k for k in ("seconds_generate", "seconds_score", "seconds_pairs", "seconds_train")
                 if any(k in r for r in rows)]
