@@ -189,7 +189,10 @@ def evaluate_policy(cfg: RunConfig, policy_path: str, out_dir: str | Path, *, po
         console.print("eval: the silhouette needs at least 2 prompts; skipped")
 
     roles, specs, reward_model, layers = scoring_setup(cfg, policy_path, hub_layer)
+    from rayalign.actors.pool import split_shards
+    from rayalign.actors.scorer import ScoringGroup
     from rayalign.anchor_groups import anchor_rows_before_scoring, drop_prompts_without_anchor, dropped_message
+    from rayalign.scoring.finish import stage_centroids
     from rayalign.scoring.translation import with_translations
 
     # as the score stage: ICR's cross-lingual and translation prompts are made from the anchor prompt
@@ -198,16 +201,12 @@ def evaluate_policy(cfg: RunConfig, policy_path: str, out_dir: str | Path, *, po
     if dropped:
         console.print("[yellow]" + dropped_message("eval score", dropped, table.num_rows - kept_rows.num_rows, anchor,
                                                    before))
-    scored = score_rows(cfg, roles, specs, reward_model,
-                        with_translations(cfg, with_scoring_prompts(cfg, kept_rows), policy_path, EVAL_ITERATION),
-                        "eval score")
-    centroids = None
-    if layers and cfg.rewards.latent.centroid_texts:
-        from rayalign.scoring import centroid_texts as texts
-
-        centroids = texts.centroids_from_table(score_rows(
-            cfg, {"policy": roles["policy"]}, [texts.centroid_spec(layers["h_last"])], None,
-            texts.centroid_text_rows(cfg.rewards.latent.centroid_texts), "eval centroid texts", shard_rows=256))
+    inputs = with_translations(cfg, with_scoring_prompts(cfg, kept_rows), policy_path, EVAL_ITERATION)
+    with ScoringGroup.for_recipe(roles, cfg.rewards) as group, \
+            progress_bar("eval score", inputs.num_rows, "samples") as update:
+        scored = group.gather(split_shards(inputs, cfg.engines.shard_rows * cfg.sampling.n), specs, reward_model,
+                              progress=update)
+        centroids = stage_centroids(cfg, group, layers)  # as the score stage: rewards.latent.centroid_texts
     scored, params = forward_rewards(cfg, scored, centroids)
     params["layers"] = layers
     write_table(scored.drop_columns([c for c in ("h_hub", "h_last") if c in scored.column_names]), out_dir / "scores",

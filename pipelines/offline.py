@@ -23,8 +23,7 @@ from rayalign.actors.pool import split_shards
 from rayalign.actors.preference_trainer import PreferenceTrainerGroup
 from rayalign.actors.scorer import ModelRole, ScoringGroup
 from rayalign.actors.trainer import TrainerLostError
-from rayalign.anchor_groups import (anchor_rows_before_scoring, anchor_rows_needed, drop_prompts_without_anchor,
-                                    dropped_message)
+from rayalign.anchor_groups import anchor_rows_before_scoring, drop_prompts_without_anchor, dropped_message
 from rayalign.cluster import connect, load_cluster_spec
 from rayalign.cluster.planner import with_counts
 from rayalign.cluster.schedule import choose_schedule
@@ -40,16 +39,16 @@ from rayalign.methods import schema_of
 from rayalign.models import resolve_model_path
 from rayalign.pairs import dco_tuples, lidr_pairs, lidr_requests
 from rayalign.progress import console, deepspeed_op_notice, model_build_progress, progress_bar
-from rayalign.scoring.centroid_texts import centroids_from_texts
 from rayalign.rewards.consistency import dco_gamma_table
 from rayalign.run_dir import (samples_writer, STAGES, checkpoint, iteration_summary, kept_output_problems, log_metrics,
                               prepare_run_dir, read_checkpoints, report_untrusted, set_aside_untrusted_checkpoint,
                               write_state, write_table)
 from rayalign.run_lock import run_dir_lock
+from rayalign.scoring.finish import finish_scores, stage_centroids
 from rayalign.scoring.forward import ForwardSpec
 from rayalign.scoring.hub_scan import hub_layer_of_run
 from rayalign.scoring.rewards import compute_rewards, load_user_reward
-from rayalign.scoring.setup import forward_rewards, latent_layers, scoring_setup, with_scoring_prompts
+from rayalign.scoring.setup import latent_layers, scoring_setup, with_scoring_prompts
 from rayalign.scoring.translation import translated_rows, with_translations
 from rayalign.tracking import Trackers, check_trackers
 from rayalign.training.data import batch_alignment_languages
@@ -99,10 +98,9 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
     samples = read_dataset(samples_dir, "samples")
     r = cfg.rewards
     roles, specs, reward_model, layers = scoring_setup(cfg, policy_path, hub_layer)
-    anchor, needed = cfg.anchor_language, anchor_rows_needed(cfg)
     # ICR's cross-lingual and translation prompts need the anchor prompt before the forward pass; latent rewards
-    # check after it
-    kept, dropped = drop_prompts_without_anchor(samples, anchor, anchor_rows_before_scoring(cfg))
+    # check after it (finish_scores)
+    kept, dropped = drop_prompts_without_anchor(samples, cfg.anchor_language, anchor_rows_before_scoring(cfg))
     dropped_rows, samples = samples.num_rows - kept.num_rows, with_scoring_prompts(cfg, kept)
     it_dir = out_dir.parent
     translated = translated_rows(cfg, samples)  # ICR's R_t: its failed translations count as generation's rows do
@@ -116,7 +114,7 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
         translate_failed = record_failures(cfg, it_dir, iteration, "translate", translated)
     shards = split_shards(samples, cfg.engines.shard_rows * cfg.sampling.n)
     # Forward results are checkpointed shard by shard, so an interrupted stage redoes only what is missing;
-    # rewards need every row (English anchors, centroids, alpha search) and are computed at the end.
+    # rewards need every row (English anchors, centroids, alpha search) and are computed at the end (finish_scores).
     forward_dir = out_dir.with_name(out_dir.name + ".forward")
     results = read_checkpoints(forward_dir, len(shards))
     group = ScoringGroup.for_recipe(roles, r)
@@ -126,30 +124,18 @@ def score_stage(cfg: RunConfig, samples_dir: Path, policy_path: str, iteration: 
         try:
             stats = group.run(shards, specs, reward_model, checkpoint(forward_dir, results), skip=set(results),
                               progress=update, on_errors=on_errors, max_failed_rows=may_fail)
-            centroids = centroids_from_texts(cfg, group, layers["h_last"]) if layers else None
+            centroids = stage_centroids(cfg, group, layers)
             nodes = group.nodes()
         except FailedRowsError:
             record_failures(cfg, it_dir, iteration, "score", samples.num_rows)
             raise
     failed = record_failures(cfg, it_dir, iteration, "score", samples.num_rows)
-    # a shard whose every row failed holds no scored columns
-    table = pa.concat_tables([results[i] for i in range(len(shards)) if results[i].num_rows])
-    scored, table, more = table.num_rows, *drop_prompts_without_anchor(table, anchor, needed)
-    dropped, dropped_rows = sorted(dropped + more), dropped_rows + scored - table.num_rows
-    if dropped:
-        console.print(f"[yellow]{dropped_message(f'score iter-{iteration}', dropped, dropped_rows, anchor, needed)}")
-    table, params = forward_rewards(cfg, table, centroids)
-    params["layers"] = layers
-    write_table(table, out_dir, "scores", cfg, iteration, {n: role.path for n, role in roles.items()}, params,
-                f"Teacher-forced scores of iteration {iteration}'s samples: log-probs, rewards"
-                f"{' and pooled states' if layers else ''}.", shard_rows=cfg.engines.shard_rows * cfg.sampling.n,
-                latent_dim=table.schema.field("h_hub").type.list_size if layers else 0)
-    shutil.rmtree(forward_dir, ignore_errors=True)
+    table, fields = finish_scores(cfg, results, len(shards), out_dir, iteration, roles, layers, centroids, dropped,
+                                  dropped_rows)
     tokens = sum(table.column("score_tokens").to_pylist()) * len(specs)
-    return {"samples": table.num_rows, "forward_passes": len(specs), "retries": stats.retries, "failed_rows": failed,
-            "dropped_prompts": len(dropped), "dropped_rows": dropped_rows, "resumed_shards": stats.skipped_shards, "actor_nodes": nodes,
-            "seconds": round(stats.seconds, 3), "tokens_per_s": round(tokens / max(stats.seconds, 1e-9), 2), **{
-                f"alpha_{lang}": a for lang, a in params.get("icr", {}).get("alpha_per_language", {}).items()},
+    return {**fields, "forward_passes": len(specs), "retries": stats.retries, "failed_rows": failed,
+            "resumed_shards": stats.skipped_shards, "actor_nodes": nodes, "seconds": round(stats.seconds, 3),
+            "tokens_per_s": round(tokens / max(stats.seconds, 1e-9), 2),
             **({"translate_failed_rows": translate_failed} if translated else {})}
 
 
@@ -165,8 +151,6 @@ def pairs_stage(cfg: RunConfig, run_dir: Path, policy_path: str, initial_policy_
         table = dco_stage(cfg, initial_policy_path, iteration, it_dir / "candidate_scores")
         schema = "dco"
     elif method == "lidr":  # translates each prompt's anchor response: a prompt without one is dropped
-        from rayalign.anchor_groups import drop_prompts_without_anchor, dropped_message
-
         samples = read_dataset(it_dir / "samples", "samples")
         kept, dropped = drop_prompts_without_anchor(samples, cfg.anchor_language, 1, other_rows=1)
         if dropped:

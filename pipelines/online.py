@@ -31,6 +31,7 @@ from rayalign.tracking import Trackers, check_trackers
 from rayalign.actors.weight_sync import WeightSync, uses_nccl
 from rayalign.pipelines.online_rollouts import Rollouts
 from rayalign.run_dir import log_metrics, prepare_run_dir, set_aside_untrusted_checkpoint, write_state
+from rayalign.scoring.finish import stage_centroids
 from rayalign.scoring.setup import forward_rewards, scoring_setup, with_scoring_prompts
 
 
@@ -264,14 +265,16 @@ def resumable_step(run_dir: Path, state: dict, checkpoint_every: int, ppo: bool)
 
 class ScoredReward:
     """The recipe's scored reward on each step's rollouts, by ScoringActors that hold the models (their policy
-    copy is synced with the trainer after every update, like the generation engines)."""
+    copy is synced with the trainer after every update, like the generation engines). LaCoMSA's centroids from
+    rewards.latent.centroid_texts are pooled again on every step, by the policy that scores its rollouts, as each
+    offline iteration pools them by its own policy."""
 
     def __init__(self, cfg: RunConfig, policy_path: str):
         from rayalign.actors.scorer import ScoringGroup
         from rayalign.methods import REWARD_COLUMN
 
         self.cfg, self.column = cfg, REWARD_COLUMN[cfg.online.score_reward]
-        roles, self.specs, self.reward_model, _ = scoring_setup(cfg, policy_path)
+        roles, self.specs, self.reward_model, self.layers = scoring_setup(cfg, policy_path)
         self.group = ScoringGroup.for_recipe(roles, cfg.rewards)
 
     def __call__(self, samples: pa.Table) -> np.ndarray:
@@ -281,7 +284,7 @@ class ScoredReward:
         samples = with_scoring_prompts(cfg, samples)
         shards = split_shards(samples, max(1, samples.num_rows // max(1, cfg.rewards.actors)))
         table = self.group.gather(shards, self.specs, self.reward_model)
-        table, _ = forward_rewards(cfg, table)
+        table, _ = forward_rewards(cfg, table, stage_centroids(cfg, self.group, self.layers))
         keys = ("prompt_id", "lang", "sample_idx")
         if list(zip(*(table.column(k).to_pylist() for k in keys))) != list(zip(*(samples.column(k).to_pylist()
                                                                                for k in keys))):

@@ -4,14 +4,13 @@ Engines and scorers are held side by side (cluster.schedule, rayalign.cluster.sc
 shard is written and read back as the barrier schedule would read it; whole scoring shards are cut from the
 samples in order, at the same row boundaries as the barrier schedule cuts the finished dataset, so every
 forward batch, and so every score, is the same. Rewards need every row (anchors, centroids, alpha search) and
-are computed when the last shard is scored, as under the barrier schedule. An interrupted stream resumes from
+are computed when the last shard is scored, by the barrier schedule's code (rayalign.scoring.finish). An interrupted stream resumes from
 the verified samples shards and forward checkpoints, under either schedule.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -115,12 +114,12 @@ def generate_score_stage(cfg: RunConfig, prompts, policy_path: str, policy_name:
     from rayalign.actors.generator import GenerationGroup, split_shards
     from rayalign.actors.pool import ShardFeed
     from rayalign.actors.scorer import ScoringGroup
-    from rayalign.anchor_groups import (anchor_rows_before_scoring, anchor_rows_needed, drop_prompts_without_anchor,
-                                        dropped_message)
+    from rayalign.anchor_groups import anchor_rows_before_scoring, drop_prompts_without_anchor
     from rayalign.data.store import shard_name
     from rayalign.failures import errors_checkpoint, record_failures
-    from rayalign.run_dir import checkpoint, read_checkpoints, report_untrusted, samples_writer, write_table
-    from rayalign.scoring.setup import forward_rewards, scoring_setup
+    from rayalign.run_dir import checkpoint, read_checkpoints, report_untrusted, samples_writer
+    from rayalign.scoring.finish import finish_scores, stage_centroids
+    from rayalign.scoring.setup import scoring_setup
 
     started = time.perf_counter()
     e, r, n = cfg.engines, cfg.rewards, cfg.sampling.n
@@ -137,7 +136,7 @@ def generate_score_stage(cfg: RunConfig, prompts, policy_path: str, policy_name:
     gen_errors, gen_may_fail = errors_checkpoint(cfg, it_dir, "generate", done, prompts.num_rows)
     score_errors, score_may_fail = errors_checkpoint(cfg, it_dir, "score", set(results), most_samples)
 
-    anchor, needed, before = cfg.anchor_language, anchor_rows_needed(cfg), anchor_rows_before_scoring(cfg)
+    anchor, before = cfg.anchor_language, anchor_rows_before_scoring(cfg)
     # as score_stage: ICR's cross-lingual prompt needs the anchor prompt before the forward pass, so a prompt
     # whose anchor rows all failed is dropped before scoring; latent rewards check after it
     drop, last_shard = None, None
@@ -204,6 +203,8 @@ def generate_score_stage(cfg: RunConfig, prompts, policy_path: str, policy_name:
             manifest = writer.finalize(expected_shards=len(prompt_shards))
             generated = time.perf_counter()
             thread.join()
+            if "error" not in scoring:  # on the scorers, before they go: rewards.latent.centroid_texts
+                centroids = stage_centroids(cfg, scorers, layers)
         except BaseException as error:
             feed.abort(error)
             thread.join(timeout=60)
@@ -216,21 +217,8 @@ def generate_score_stage(cfg: RunConfig, prompts, policy_path: str, policy_name:
         raise scoring["error"]
     stats = scoring["stats"]
     score_failed = record_failures(cfg, it_dir, iteration, "score", manifest["rows"])
-    count = cuts.next_cut
-    # as score_stage: a shard whose every row failed holds no scored columns
-    table = pa.concat_tables([results[i] for i in range(count) if results[i].num_rows])
-    scored, table, more = table.num_rows, *drop_prompts_without_anchor(table, anchor, needed)
-    dropped = sorted(cuts.dropped + more)
-    dropped_rows = manifest["rows"] - cuts.kept_rows + scored - table.num_rows
-    if dropped:
-        console.print(f"[yellow]{dropped_message(f'score iter-{iteration}', dropped, dropped_rows, anchor, needed)}")
-    table, params = forward_rewards(cfg, table)
-    params["layers"] = layers
-    write_table(table, out_dir, "scores", cfg, iteration, {name: role.path for name, role in roles.items()}, params,
-                f"Teacher-forced scores of iteration {iteration}'s samples: log-probs, rewards"
-                f"{' and pooled states' if layers else ''}.", shard_rows=score_rows,
-                latent_dim=table.schema.field("h_hub").type.list_size if layers else 0)
-    shutil.rmtree(forward_dir, ignore_errors=True)
+    table, fields = finish_scores(cfg, results, cuts.next_cut, out_dir, iteration, roles, layers, centroids,
+                                  cuts.dropped, manifest["rows"] - cuts.kept_rows)
     tokens = sum(table.column("score_tokens").to_pylist()) * len(specs)
     generate = {
         "rows": prompts.num_rows, "samples": manifest["rows"], "new_samples": gen_stats.rows_out,
@@ -240,9 +228,8 @@ def generate_score_stage(cfg: RunConfig, prompts, policy_path: str, policy_name:
         "tokens_per_s": round(gen_stats.tokens / max(gen_stats.seconds, 1e-9), 2), "actor_nodes": gen_nodes,
         "schedule": "stream", "wall_seconds": round(generated - started, 3)}
     score = {
-        "samples": table.num_rows, "forward_passes": len(specs), "retries": stats.retries, "failed_rows": score_failed,
-        "dropped_prompts": len(dropped), "dropped_rows": dropped_rows, "resumed_shards": stats.skipped_shards, "actor_nodes": scoring["nodes"], "seconds": round(stats.seconds, 3),
+        **fields, "forward_passes": len(specs), "retries": stats.retries, "failed_rows": score_failed,
+        "resumed_shards": stats.skipped_shards, "actor_nodes": scoring["nodes"], "seconds": round(stats.seconds, 3),
         "tokens_per_s": round(tokens / max(stats.seconds, 1e-9), 2), "schedule": "stream",
-        "wall_seconds": round(time.perf_counter() - generated, 3),
-        **{f"alpha_{lang}": a for lang, a in params.get("icr", {}).get("alpha_per_language", {}).items()}}
+        "wall_seconds": round(time.perf_counter() - generated, 3)}
     return generate, score

@@ -345,3 +345,48 @@ def test_sigkill_mid_online_run_resumes_to_the_uninterrupted_result(ray_session,
         assert read_dataset(killed / path, "rollouts").equals(read_dataset(straight / path, "rollouts")), step
     a, b = (load_file(run / "online" / "policy" / "model.safetensors") for run in (killed, straight))
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
+
+
+def test_online_scored_lacomsa_takes_its_centroids_from_the_text_files(ray_session, tiny_model, tmp_path):
+    """ScoredReward pools rewards.latent.centroid_texts on its own scoring actors (the policy of the step): its
+    r_lacomsa equals the rewards of the same rollouts scored here by the engine, with centroids pooled here from the
+    text lines, and differs from the run-centroid rewards."""
+    import torch
+
+    from rayalign.data.schemas import schema_for
+    from rayalign.engines.hf import HFEngine
+    from rayalign.pipelines.online import ScoredReward
+    from rayalign.scoring.centroid_texts import centroid_spec, centroid_text_rows, centroids_from_table
+    from rayalign.scoring.forward import forward_rows
+    from rayalign.scoring.setup import forward_rewards, scoring_setup
+
+    torch.set_num_threads(2)
+    texts = {"en": "The cat sleeps on the mat.\nIt rains today.\n", "de": "Die Katze schläft.\nHeute regnet es.\n"}
+    for lang, text in texts.items():
+        (tmp_path / f"{lang}.txt").write_text(text, encoding="utf-8")
+    cfg = load_config(None, ["mode=online", "languages=[en,de]", f"policy.path={tiny_model}", "online.score_weight=1",
+                             "rewards.latent.enabled=true", "rewards.latent.alpha=2", "rewards.actors=1",
+                             "rewards.batch_size=4", *(f"rewards.latent.centroid_texts.{lang}={tmp_path / f'{lang}.txt'}" for lang in texts)])
+    answers = {("p1", "en"): ["An apple.", "A pear."], ("p1", "de"): ["Ein Apfel.", "An apple."],
+               ("p2", "en"): ["Red.", "Blue sky."], ("p2", "de"): ["Rot.", "Blau."]}
+    samples = pa.Table.from_pylist([
+        {"prompt_id": p, "lang": lang, "messages": [{"role": "user", "content": f"Question {p} in {lang}"}],
+         "reference": None, "source": "test", "sample_idx": k, "response": response, "num_tokens": 3,
+         "finish_reason": "stop", "seed": 0, "policy": "tiny", "lang_detected": lang}
+        for (p, lang), responses in answers.items() for k, response in enumerate(responses)],
+        schema=schema_for("samples")[1])
+    scorer = ScoredReward(cfg, tiny_model)
+    try:
+        got = scorer(samples)
+    finally:
+        scorer.group.shutdown()
+    _, specs, _, layers = scoring_setup(cfg, tiny_model)
+    engines = {"policy": HFEngine(tiny_model, batch_size=4)}
+    forward = forward_rows(engines, samples, specs)
+    centroids = centroids_from_table(forward_rows(engines, centroid_text_rows(cfg.rewards.latent.centroid_texts),
+                                                  [centroid_spec(layers["h_last"])]))
+    expected = forward_rewards(cfg, forward, centroids)[0].column("r_lacomsa").to_numpy()
+    run_own = forward_rewards(cfg, forward)[0].column("r_lacomsa").to_numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    # the tiny model's states are nearly parallel, so phi moves little; alpha 2 is near w's steepest point
+    assert np.abs(run_own - expected).max() > 5e-4

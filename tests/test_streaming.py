@@ -15,7 +15,7 @@ from rayalign.cluster.planner import PlanError
 from rayalign.cluster.schedule import choose_schedule, side_by_side
 from rayalign.cluster.spec import ClusterSpec
 from rayalign.config import load_config
-from rayalign.data.store import read_dataset
+from rayalign.data.store import read_dataset, read_manifest
 from rayalign.pipelines.streaming import ScoringCuts
 
 LONG_PROMPT = "word " * 5000  # more tokens than the tiny model's 4096-position context: the row fails alone
@@ -123,11 +123,18 @@ def test_the_schedule_does_not_change_the_config_hash():
 
 # ---- streamed and barrier runs give the same datasets ----
 
+CENTROID_TEXTS = {"en": ["The cat sleeps on the mat.", "It rains today."],
+                  "de": ["Die Katze schläft auf der Matte.", "Heute regnet es."]}
+
+
 @pytest.fixture(scope="module")
 def streamed_and_barrier(tmp_path_factory, tiny_model, ray_session):
-    """Generate + score (LaCoMSA and ICR's cross-lingual prompt) over 4 ids x 2 languages, p1/de longer than the
-    context (so generated shards differ in size), once streamed and once with the barrier."""
+    """Generate + score (LaCoMSA with centroids from text files, and ICR's cross-lingual prompt) over 4 ids x 2
+    languages, p1/de longer than the context (so generated shards differ in size), once streamed and once with
+    the barrier."""
     tmp = tmp_path_factory.mktemp("streaming")
+    for lang, text in CENTROID_TEXTS.items():
+        (tmp / f"{lang}.txt").write_text("\n".join(text) + "\n", encoding="utf-8")
     with open(tmp / "prompts.jsonl", "w", encoding="utf-8") as f:
         for i in range(4):
             for lang in ("en", "de"):
@@ -138,7 +145,8 @@ def streamed_and_barrier(tmp_path_factory, tiny_model, ray_session):
         f"name: streaming\nlanguages: [en, de]\npolicy: {{path: {tiny_model}}}\n"
         f"prompts: {{path: {tmp / 'prompts.jsonl'}}}\nsampling: {{n: 2, max_new_tokens: 8, seed: 5}}\n"
         "engines: {count: 1, batch_size: 8, shard_rows: 2, max_failed_share: 0.2}\n"
-        f"rewards: {{latent: {{enabled: true}}, implicit: {{enabled: true, prompt: cross_lingual, "
+        f"rewards: {{latent: {{enabled: true, centroid_texts: {{en: en.txt, de: de.txt}}}}, "
+        f"implicit: {{enabled: true, prompt: cross_lingual, "
         f"reward_reference: {{path: {tiny_model}}}}}, actors: 1, batch_size: 4}}\n")
     runs = {}
     for schedule in ("stream", "barrier"):
@@ -158,6 +166,37 @@ def test_streamed_datasets_equal_the_barrier_schedules_row_for_row(streamed_and_
     assert read_dataset(runs["stream"] / "iter-1" / "errors").column("prompt_id").to_pylist() == ["p1"]
     records = {m["stage"]: m for m in metrics(runs["stream"]) if m.get("iteration") == 1}
     assert records["generate"]["schedule"] == records["score"]["schedule"] == "stream"
+    recipe_path = streamed_and_barrier[0]
+    for run in runs.values():
+        latent = read_manifest(run / "iter-1" / "scores")["params"]["latent"]
+        assert latent["centroids"] == "centroid_texts"
+        assert latent["centroid_texts"] == {lang: str(recipe_path.parent / f"{lang}.txt") for lang in CENTROID_TEXTS}
+
+
+@pytest.mark.slow
+def test_streamed_lacomsa_uses_the_centroids_of_the_text_files(streamed_and_barrier, tiny_model):
+    """phi of the streamed scores, recomputed from their stored states with centroids pooled here by the engine from
+    the text lines (an empty user turn, each line as the response), and not with the run's own centroids."""
+    import numpy as np
+
+    from rayalign.engines import ScoreRequest
+    from rayalign.engines.hf import HFEngine
+    from rayalign.rewards.latent import latent_rewards
+    from rayalign.scoring.forward import latent_matrix
+
+    _, runs = streamed_and_barrier
+    scores = read_dataset(runs["stream"] / "iter-1" / "scores")
+    layer = read_manifest(runs["stream"] / "iter-1" / "scores")["params"]["layers"]["h_last"]
+    engine = HFEngine(tiny_model, dtype="float32", device="cpu", batch_size=4)
+    centroids = {lang: np.mean([r.pooled[layer] for r in engine.score(
+        [ScoreRequest([{"role": "user", "content": ""}], line) for line in lines], [layer])], axis=0)
+        for lang, lines in CENTROID_TEXTS.items()}
+    states = [np.asarray(scores.column(c).to_pylist()) for c in ("prompt_id", "lang")] + [
+        latent_matrix(scores.column(c)) for c in ("h_hub", "h_last")]
+    expected, run_own = latent_rewards(*states, centroids=centroids), latent_rewards(*states)
+    np.testing.assert_allclose(scores.column("phi").to_numpy(), expected["phi"], atol=5e-3)
+    np.testing.assert_allclose(scores.column("r_lacomsa").to_numpy(), expected["r_lacomsa"], atol=5e-3)
+    assert np.abs(run_own["phi"] - expected["phi"]).max() > 0.05
     assert "schedule" not in {m["stage"]: m for m in metrics(runs["barrier"])}["score"]
 
 

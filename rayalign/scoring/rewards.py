@@ -110,6 +110,8 @@ def compute_rewards(table: pa.Table, cfg: RunConfig, centroids: dict | None = No
         params["latent"] = {"alpha": lat.alpha, "gamma": lat.gamma, "centroid_mode": lat.centroid_mode,
                             "weight_form": lat.weight_form, "anchor": cfg.anchor_language,
                             "centroids": "run" if centroids is None else "centroid_texts"}
+        if centroids is not None and lat.centroid_texts:
+            params["latent"]["centroid_texts"] = dict(lat.centroid_texts)  # the files, by language
     imp = cfg.rewards.implicit
     if imp.enabled:
         logp_policy, logp_ref = (np.asarray(table.column(c).to_pylist(), dtype=np.float64)
