@@ -241,3 +241,29 @@ def test_nan_user_reward_names_the_reward_file_and_the_prompt_and_keeps_the_samp
     assert result.exit_code == 0, result.output
     assert snapshot(samples) == kept
     assert read_dataset(run_dir / "iter-1" / "scores", "scores").column("r_user").to_pylist() == [1.0] * 8
+
+
+# ---- files the rewards read, checked before Ray starts ----
+
+def test_missing_centroid_text_and_dco_candidates_are_named_before_ray_starts(tmp_path, tiny_model):
+    """A typo in rewards.latent.centroid_texts or rewards.consistency.candidates_path: exit 2 naming the key and the
+    path, before the cluster is connected (launch writes plan.json once it is) and before any work."""
+    from conftest import PROMPTS_DIR
+
+    (tmp_path / "en.txt").write_text("The cat sleeps.\n", encoding="utf-8")
+    path = recipe(tmp_path, tiny_model, PROMPTS_DIR, "rewards:\n  latent:\n    enabled: true\n    centroid_texts:\n"
+                  "      en: en.txt\n      de: de.tx\n")
+    result = invoke("launch", path, "--run-dir", tmp_path / "r1")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "rewards.latent.centroid_texts.de: de.tx not found (a relative path is taken from the recipe's directory" \
+        in one_line(result.output)
+    assert not (tmp_path / "r1").exists()
+
+    missing = tmp_path / "no-candidates"
+    path = recipe(tmp_path, tiny_model, PROMPTS_DIR, f"rewards: {{consistency: {{enabled: true, candidates_path: "
+                  f"{missing}}}}}\npairs: {{method: dco}}\ntraining: {{loss: dco}}\n")
+    result = invoke("launch", path, "--run-dir", tmp_path / "r2")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert (f"rewards.consistency.candidates_path: {missing}: candidate set directory not found"
+            in one_line(result.output))
+    assert not (tmp_path / "r2").exists()

@@ -207,7 +207,7 @@ def check_sources(cfg, *, models: bool = True) -> None:
 
     hf: prompt sets are loaded when the Hub cannot be reached (from the cache, or a clear error), and looked
     up on the Hub otherwise; local prompt sets and DCO candidate sets are read whole (ids missing a language,
-    the anchor included, are refused). Goes offline (HF_HUB_OFFLINE=1) when the Hub
+    the anchor included, are refused), and so are the text files of rewards.latent.centroid_texts. Goes offline (HF_HUB_OFFLINE=1) when the Hub
     cannot be reached, so the clients never retry with backoff."""
     from rayalign.data.prompts import PromptError, load_prompts
 
@@ -228,10 +228,19 @@ def check_sources(cfg, *, models: bool = True) -> None:
                               "or hf:<dataset name or directory>)")
         else:  # read whole: every prompt id in every language, the anchor included, before anything starts
             load_prompts(path, cfg.languages, **cfg.prompts.load_kwargs())
-    elif cfg.pairs.method == "dco" and Path(cfg.rewards.consistency.candidates_path or "").is_dir():
+    elif cfg.pairs.method == "dco":
         from rayalign.data.prompts import load_candidate_sets
 
-        load_candidate_sets(cfg.rewards.consistency.candidates_path, cfg.languages)
+        candidates = cfg.rewards.consistency.candidates_path
+        if not candidates or not Path(candidates).is_dir():
+            raise PromptError(f"rewards.consistency.candidates_path: {candidates}: candidate set directory not found "
+                              "(a directory with one <lang>.jsonl per language; a relative path is taken from the "
+                              "recipe's directory, else from the current one)")
+        load_candidate_sets(candidates, cfg.languages)
+    if cfg.rewards.latent.enabled and cfg.rewards.latent.centroid_texts:
+        from rayalign.scoring.centroid_texts import centroid_text_rows
+
+        centroid_text_rows(cfg.rewards.latent.centroid_texts)  # each file found, UTF-8 and not empty
     if models:
         from rayalign.models import check_model_code, resolve_model_path
 

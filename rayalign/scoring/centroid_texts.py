@@ -27,7 +27,9 @@ def centroid_text_rows(texts: dict[str, str]) -> pa.Table:
         try:
             lines = Path(path).read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
-            raise ConfigError(f"{key}: {path} not found") from None
+            where = "" if Path(path).is_absolute() else (" (a relative path is taken from the recipe's directory, "
+                                                         f"else from the current one, {Path.cwd()})")
+            raise ConfigError(f"{key}: {path} not found{where}") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{key}: {path} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
         except OSError as e:
