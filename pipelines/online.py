@@ -12,6 +12,7 @@ Every step's rollouts are written as an Arrow dataset (`online/step-XXXX/`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -94,105 +95,108 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
                           f"cluster has {resources.get('CPU', 0):g}: lower engines.count or the CPUs per actor")
     console.print(f"online {o.algorithm} {cfg.name}: {o.steps} steps of {rollout_size} rollouts "
                   f"({o.prompts_per_step} prompts x {len(cfg.languages)} languages x n={cfg.sampling.n}) -> {run_dir}")
-    generators = GenerationGroup(policy_path, cfg.policy, cfg.engines)
-    deepspeed_op_notice()
-    trainer = PolicyGroup(policy_path, cfg.policy, tcfg)
-    critic = CriticGroup(policy_path, cfg.policy, dataclasses.replace(tcfg, lr=o.critic_lr)) if ppo else None
-    scorers = ScoredReward(cfg, policy_path) if o.score_weight else None
-    source = Rollouts(cfg, generators, prompts, policy_path)
-    sync = WeightSync(trainer, generators, uses_nccl(cfg),
-                      cfg.engines.tensor_parallel_size if cfg.engines.backend == "vllm" else 1)
-    tracker = Trackers(cfg, run_dir)
-    try:
-        groups = {"policy": trainer, "critic": critic} if ppo else {"policy": trainer}
-        for group in groups.values():
-            group.prepare(o.steps * updates_per_step, policy_path)
-        if resume_step:
-            for role, group in groups.items():
-                group.resume(str(run_dir / "online" / CHECKPOINT_DIRS[role]))
-            weights = sync.push()
-            if scorers is not None:
-                scorers.group.update_weights("policy", weights or trainer.publish_weights())
-            source.load_pending(run_dir / "online" / CHECKPOINT_DIRS["policy"]
-                                  / state["online_checkpoint"]["policy"]["tag"], resume_step + 1)
-            console.print(f"resumed from the checkpoint of step {resume_step}")
-        for step in range(resume_step + 1, o.steps + 1):
-            timings = {}
-            batch, timings["seconds_generate"] = source.take(step)  # one step off: only the wait for them
-            samples, sequences = batch.samples, batch.sequences
+    # every group shuts down (its actors killed, its placement group removed) however the run ends, also when a
+    # later one fails to start; the rollout source closes before the engines it uses, the trackers first
+    with contextlib.ExitStack() as stack:
+        generators = stack.enter_context(GenerationGroup(policy_path, cfg.policy, cfg.engines))
+        deepspeed_op_notice()
+        trainer = stack.enter_context(PolicyGroup(policy_path, cfg.policy, tcfg))
+        critic = stack.enter_context(CriticGroup(policy_path, cfg.policy, dataclasses.replace(tcfg, lr=o.critic_lr))) \
+            if ppo else None
+        scorers = ScoredReward(cfg, policy_path) if o.score_weight else None
+        if scorers is not None:
+            stack.enter_context(scorers.group)
+        source = Rollouts(cfg, generators, prompts, policy_path)
+        stack.callback(source.close)
+        sync = WeightSync(trainer, generators, uses_nccl(cfg),
+                          cfg.engines.tensor_parallel_size if cfg.engines.backend == "vllm" else 1)
+        tracker = Trackers(cfg, run_dir)
+        stack.callback(tracker.close, ok=False)  # after an error (closed already otherwise)
+        try:
+            groups = {"policy": trainer, "critic": critic} if ppo else {"policy": trainer}
+            for group in groups.values():
+                group.prepare(o.steps * updates_per_step, policy_path)
+            if resume_step:
+                for role, group in groups.items():
+                    group.resume(str(run_dir / "online" / CHECKPOINT_DIRS[role]))
+                weights = sync.push()
+                if scorers is not None:
+                    scorers.group.update_weights("policy", weights or trainer.publish_weights())
+                source.load_pending(run_dir / "online" / CHECKPOINT_DIRS["policy"]
+                                      / state["online_checkpoint"]["policy"]["tag"], resume_step + 1)
+                console.print(f"resumed from the checkpoint of step {resume_step}")
+            for step in range(resume_step + 1, o.steps + 1):
+                timings = {}
+                batch, timings["seconds_generate"] = source.take(step)  # one step off: only the wait for them
+                samples, sequences = batch.samples, batch.sequences
 
-            started = time.perf_counter()
-            rewards = rollout_rewards(samples, cfg)
-            if scorers is not None:
-                scored = scorers(samples)
-                rewards = rewards + o.score_weight * scored
-            behaviour = trainer.rollout_stats(sequences)  # log-probs of the policy that generated, and the reference
-            if batch.behaviour is not None:  # one step off: the generating engine's, one update behind the trainer
-                for stats, logps in zip(behaviour, batch.behaviour):
-                    if len(logps) != len(stats["logp"]):
-                        raise RuntimeError("online: the engine's and the trainer's token counts differ for a rollout")
-                    stats["logp"] = logps
-            if ppo:  # KL goes into the per-token rewards; GAE over the critic's values
-                token_adv, returns, values = ppo_advantages(
-                    rewards, behaviour, critic.rollout_stats(sequences), kl_coef=o.kl_coef,
-                    kl_estimator=o.kl_estimator, gamma=o.gamma, lam=o.lam)
-                advantages = np.array([np.mean(a) for a in token_adv])
-            else:
-                advantages = group_advantages(samples, rewards, o.algorithm)
-            rollouts = samples.append_column("step", pa.array([step] * samples.num_rows, pa.int32())) \
-                .append_column("reward", pa.array(rewards)).append_column("advantage", pa.array(advantages))
-            write_rollouts(rollouts, run_dir / "online" / f"step-{step:04d}", cfg, step)
-            timings["seconds_reward"] = time.perf_counter() - started
+                started = time.perf_counter()
+                rewards = rollout_rewards(samples, cfg)
+                if scorers is not None:
+                    scored = scorers(samples)
+                    rewards = rewards + o.score_weight * scored
+                # log-probs of the policy that generated, and the reference
+                behaviour = trainer.rollout_stats(sequences)
+                if batch.behaviour is not None:  # one step off: the generating engine's, one update behind the trainer
+                    for stats, logps in zip(behaviour, batch.behaviour):
+                        if len(logps) != len(stats["logp"]):
+                            raise RuntimeError("online: the engine's and the trainer's token counts differ for a "
+                                               "rollout")
+                        stats["logp"] = logps
+                if ppo:  # KL goes into the per-token rewards; GAE over the critic's values
+                    token_adv, returns, values = ppo_advantages(
+                        rewards, behaviour, critic.rollout_stats(sequences), kl_coef=o.kl_coef,
+                        kl_estimator=o.kl_estimator, gamma=o.gamma, lam=o.lam)
+                    advantages = np.array([np.mean(a) for a in token_adv])
+                else:
+                    advantages = group_advantages(samples, rewards, o.algorithm)
+                rollouts = samples.append_column("step", pa.array([step] * samples.num_rows, pa.int32())) \
+                    .append_column("reward", pa.array(rewards)).append_column("advantage", pa.array(advantages))
+                write_rollouts(rollouts, run_dir / "online" / f"step-{step:04d}", cfg, step)
+                timings["seconds_reward"] = time.perf_counter() - started
 
-            started = time.perf_counter()
-            step_adv = token_adv if ppo else advantages.tolist()
-            old, ref = [s["logp"] for s in behaviour], [s["ref_logp"] for s in behaviour]
-            updates, critic_updates = [], []
-            for rows in minibatch_order(len(sequences), o.mini_batch_size or len(sequences), o.ppo_epochs,
-                                        seed=[cfg.sampling.seed, step]):
-                pick = lambda values: [values[i] for i in rows]  # noqa: E731
-                updates.append(trainer.update(pick(sequences), pick(step_adv), pick(old), pick(ref),
-                                              0.0 if ppo else o.kl_coef, o.kl_estimator, o.clip_eps))
-                if ppo:
-                    critic_updates.append(critic.update(pick(sequences), pick(returns), pick(values), o.clip_eps))
-            update = {k: float(np.mean([u[k] for u in updates])) for k in updates[0] if k not in ("step", "seconds")}
-            update["lr"] = updates[0]["lr"]
-            critic_update = {"value_loss": float(np.mean([u["value_loss"] for u in critic_updates]))} if ppo else {}
-            timings["seconds_train"] = time.perf_counter() - started
+                started = time.perf_counter()
+                step_adv = token_adv if ppo else advantages.tolist()
+                old, ref = [s["logp"] for s in behaviour], [s["ref_logp"] for s in behaviour]
+                updates, critic_updates = [], []
+                for rows in minibatch_order(len(sequences), o.mini_batch_size or len(sequences), o.ppo_epochs,
+                                            seed=[cfg.sampling.seed, step]):
+                    pick = lambda values: [values[i] for i in rows]  # noqa: E731
+                    updates.append(trainer.update(pick(sequences), pick(step_adv), pick(old), pick(ref),
+                                                  0.0 if ppo else o.kl_coef, o.kl_estimator, o.clip_eps))
+                    if ppo:
+                        critic_updates.append(critic.update(pick(sequences), pick(returns), pick(values), o.clip_eps))
+                update = {k: float(np.mean([u[k] for u in updates])) for k in updates[0]
+                          if k not in ("step", "seconds")}
+                update["lr"] = updates[0]["lr"]
+                critic_update = {"value_loss": float(np.mean([u["value_loss"] for u in critic_updates]))} if ppo else {}
+                timings["seconds_train"] = time.perf_counter() - started
 
-            started = time.perf_counter()
-            source.settle()  # one step off: the next step's rollouts were generated with the weights before
-            weights = sync.push()  # no driver hop: NCCL broadcast on CUDA, else published by the trainer
-            if scorers is not None:
-                scorers.group.update_weights("policy", weights or trainer.publish_weights())
-            timings["seconds_sync"] = time.perf_counter() - started
+                started = time.perf_counter()
+                source.settle()  # one step off: the next step's rollouts were generated with the weights before
+                weights = sync.push()  # no driver hop: NCCL broadcast on CUDA, else published by the trainer
+                if scorers is not None:
+                    scorers.group.update_weights("policy", weights or trainer.publish_weights())
+                timings["seconds_sync"] = time.perf_counter() - started
 
-            record = {"step": step, "stage": "online", "reward_mean": float(rewards.mean()),
-                      **{f"reward_{lang}": float(rewards[np.array(samples.column("lang").to_pylist()) == lang].mean())
-                         for lang in cfg.languages},
-                      **update, "updates": len(updates), "rollouts": samples.num_rows, **critic_update,
-                      **{k: round(v, 3) for k, v in timings.items()}}
-            log_metrics(run_dir, record)
-            tracker.update()
-            state["finished"].append(f"online/step-{step}")
-            if o.checkpoint_every and step % o.checkpoint_every == 0:
-                state["online_checkpoint"] = save_checkpoints(run_dir, groups, step, source.save_pending)
-            write_state(run_dir, state)
-            console.print(f"step {step}/{o.steps}: reward {record['reward_mean']:.3f}  kl {record['kl']:.4f}  "
-                          f"clip {record['clip_fraction']:.3f}  entropy {record['entropy']:.3f}  "
-                          + "  ".join(f"{k.removeprefix('seconds_')} {v:.1f}s" for k, v in timings.items()))
-        trainer.save(str(run_dir / "online" / "policy"))
-        tracker.close()
-    except ray.exceptions.RayActorError as e:  # generation and scoring actors are retried; a trainer rank is not
-        raise trainer_lost(e, state, o.checkpoint_every) from None
-    finally:
-        tracker.close(ok=False)  # after an error (closed already otherwise)
-        source.close()
-        generators.shutdown()
-        trainer.shutdown()
-        for group in (critic, scorers.group if scorers else None):
-            if group is not None:
-                group.shutdown()
+                langs = np.array(samples.column("lang").to_pylist())
+                record = {"step": step, "stage": "online", "reward_mean": float(rewards.mean()),
+                          **{f"reward_{lang}": float(rewards[langs == lang].mean()) for lang in cfg.languages},
+                          **update, "updates": len(updates), "rollouts": samples.num_rows, **critic_update,
+                          **{k: round(v, 3) for k, v in timings.items()}}
+                log_metrics(run_dir, record)
+                tracker.update()
+                state["finished"].append(f"online/step-{step}")
+                if o.checkpoint_every and step % o.checkpoint_every == 0:
+                    state["online_checkpoint"] = save_checkpoints(run_dir, groups, step, source.save_pending)
+                write_state(run_dir, state)
+                console.print(f"step {step}/{o.steps}: reward {record['reward_mean']:.3f}  kl {record['kl']:.4f}  "
+                              f"clip {record['clip_fraction']:.3f}  entropy {record['entropy']:.3f}  "
+                              + "  ".join(f"{k.removeprefix('seconds_')} {v:.1f}s" for k, v in timings.items()))
+            trainer.save(str(run_dir / "online" / "policy"))
+            tracker.close()
+        except ray.exceptions.RayActorError as e:  # generation and scoring actors are retried; a trainer rank is not
+            raise trainer_lost(e, state, o.checkpoint_every) from None
     return run_dir
 
 

@@ -10,6 +10,7 @@ the verified samples shards and forward checkpoints, under either schedule.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -157,11 +158,13 @@ def generate_score_stage(cfg: RunConfig, prompts, policy_path: str, policy_name:
     for index in sorted(done):
         feed_scoring(cuts.add(index, pq.read_table(samples_dir / shard_name(index))))
 
-    engines = GenerationGroup(policy_path, cfg.policy, e)
-    scorers = ScoringGroup.for_recipe(roles, r)
     scoring: dict = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
-                  TimeElapsedColumn(), console=console) as bar:
+    # both groups shut down however the stage ends, also when the scorers fail to start after the engines did
+    with contextlib.ExitStack() as stack:
+        engines = stack.enter_context(GenerationGroup(policy_path, cfg.policy, e))
+        scorers = stack.enter_context(ScoringGroup.for_recipe(roles, r))
+        bar = stack.enter_context(Progress(TextColumn("{task.description}"), BarColumn(),
+                                           TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console))
         resumed_rows = sum(prompt_shards[i].num_rows for i in done)
         gen_task = bar.add_task(f"generate iter-{iteration}", total=prompts.num_rows, completed=resumed_rows,
                                 status=f"{resumed_rows}/{prompts.num_rows} rows")
@@ -209,8 +212,6 @@ def generate_score_stage(cfg: RunConfig, prompts, policy_path: str, policy_name:
             feed.abort(error)
             thread.join(timeout=60)
             raise
-        finally:
-            scorers.shutdown()
     if "error" in scoring:
         if isinstance(scoring["error"], FailedRowsError):
             record_failures(cfg, it_dir, iteration, "score", manifest["rows"])
