@@ -24,6 +24,19 @@ STAGES = ("generate", "score", "pairs", "train")
 ERRORS_BY_SHARD = "errors.by-shard"  # iter-<t>/errors.by-shard/<stage>-<shard>.parquet, gathered into iter-<t>/errors/
 
 
+def check_run_dir_config(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = ()) -> dict | None:
+    """The run state in `run_dir` (None for a new run); a run of another config is refused unless `redo` names
+    stages. Cheap and read-only: made before models are built."""
+    state = read_state(run_dir)
+    if state is not None and state["config_hash"] != cfg.config_hash() and not redo:
+        remedy = ("use another --run-dir" if cfg.mode == "online" else
+                  f"run `rayalign launch RECIPE --redo STAGE[,STAGE...]` ({', '.join(STAGES)}) to recompute those "
+                  "stages and every later one with this recipe (earlier ones are kept), use another --run-dir")
+        raise ConfigError(f"{run_dir}: holds a run with another config (hash {state['config_hash']}, this recipe "
+                          f"{cfg.config_hash()}); {remedy}, or delete the directory to start over")
+    return state
+
+
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = ()) -> dict:
     """Create the run directory or reopen it for resume.
 
@@ -32,16 +45,9 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = ()) -
     config is kept as config.<old hash>.yaml and the state takes the new hash.
     """
 
-    state = read_state(run_dir)
+    state = check_run_dir_config(cfg, run_dir, redo)
     if state is not None:
         old_hash, new_hash = state["config_hash"], cfg.config_hash()
-        if old_hash != new_hash and not redo:
-            raise ConfigError(
-                f"{run_dir}: holds a run with another config (hash {old_hash}, this recipe {new_hash}); run "
-                f"`rayalign launch RECIPE --redo STAGE[,STAGE...]` ({', '.join(STAGES)}) to recompute those stages "
-                "and every later one with this recipe (earlier ones are kept), use another --run-dir, or delete "
-                "the directory to start over"
-            )
         if redo:
             redo_stages(cfg, run_dir, state, redo, config_changed=old_hash != new_hash)
         if old_hash != new_hash:
