@@ -269,27 +269,24 @@ def e2e_study(tmp_path: Path, tiny_model: str, grid: dict, **fields) -> Path:
 
 
 def test_a_tiny_study_runs_collects_and_skips_on_a_second_call(tmp_path, tiny_model, ray_session):
-    path = e2e_study(tmp_path, tiny_model, {"method": METHODS, "prompts.limit": [4, 8]},
+    path = e2e_study(tmp_path, tiny_model, {"method": METHODS, "prompts.limit": [4]},  # 2 runs: a short test
                      eval={"prompts_limit": 2, "samples": 2})
     started = time.perf_counter()
     study_dir = run_study(path, progress=print)
     print(f"tiny study: {time.perf_counter() - started:.1f} s")
     assert study_dir == tmp_path / "runs" / "tiny"
-    slugs = ["method-lacomsa_prompts.limit-4", "method-lacomsa_prompts.limit-8", "method-msa_prompts.limit-4",
-             "method-msa_prompts.limit-8"]
+    slugs = ["method-lacomsa_prompts.limit-4", "method-msa_prompts.limit-4"]
     for slug in slugs:
         state = json.loads((study_dir / slug / "state.json").read_text())
         assert state["finished"][-1] == "iter-1/summary" and "iter-1/train" in state["finished"]
     record = json.loads((study_dir / "study.json").read_text())
     assert [(e["run"], e["status"]) for e in record["runs"]] == [(s, "finished") for s in slugs]
     rows = pq.read_table(study_dir / "results.parquet").to_pylist()
-    assert [(r["method"], r["prompts.limit"]) for r in rows] == [("lacomsa", 4), ("lacomsa", 8), ("msa", 4),
-                                                                  ("msa", 8)]
+    assert [(r["method"], r["prompts.limit"]) for r in rows] == [("lacomsa", 4), ("msa", 4)]
     for row in rows:
         assert all(0.0 <= row[f"fidelity_{lang}"] <= 1.0 for lang in ("en", "es", "de"))
         assert row["fidelity_mean"] == pytest.approx(sum(row[f"fidelity_{x}"] for x in ("en", "es", "de")) / 3)
         assert row["pairs_rows"] > 0 and row["loss_first"] == pytest.approx(0.693147, abs=1e-3)
-    assert rows[1]["pairs_rows"] > rows[0]["pairs_rows"] and rows[3]["pairs_rows"] > rows[2]["pairs_rows"]
     for row, slug in zip(rows, slugs):  # each final policy evaluated: the eval columns are its results
         results = read_dataset(study_dir / slug / "eval" / "final" / "results", "eval").to_pylist()
         fidelity = {r["lang"]: r["value"] for r in results if r["metric"] == "fidelity"}
@@ -303,8 +300,8 @@ def test_a_tiny_study_runs_collects_and_skips_on_a_second_call(tmp_path, tiny_mo
     lines = []
     run_study(path, progress=lines.append)
     assert {f: f.read_bytes() for f in before} == before
-    assert "4 run(s), 4 finished earlier, 0 to run" in lines[0]
-    assert pq.read_table(study_dir / "results.parquet").num_rows == 4
+    assert "2 run(s), 2 finished earlier, 0 to run" in lines[0]
+    assert pq.read_table(study_dir / "results.parquet").num_rows == 2
 
     data = yaml.safe_load(path.read_text())
     path.write_text(yaml.safe_dump({**data, "eval": {**data["eval"], "silhouette_prompts": 0}}))  # only evals rerun
