@@ -115,7 +115,6 @@ def test_a_prompt_whose_anchor_rows_failed_is_dropped_before_translation(tiny_mo
                                                                          tmp_path):
     """p1's English rows failed in generation: R_t has no x^en to score its German translations under, so p1 is
     dropped whole (named and counted) and the stage scores the other prompts."""
-    from rayalign.anchor_groups import anchor_rows_before_scoring, anchor_rows_needed
     from rayalign.data.store import read_dataset
     from rayalign.engines import ScoreRequest
     from rayalign.engines.hf import HFEngine
@@ -123,7 +122,6 @@ def test_a_prompt_whose_anchor_rows_failed_is_dropped_before_translation(tiny_mo
 
     torch.set_num_threads(2)
     cfg = translation_recipe(tiny_model, reference_model)
-    assert anchor_rows_before_scoring(cfg) == anchor_rows_needed(cfg) == 1
     rows = SAMPLES + [("p2", "de", 0, "Nenne eine Farbe.", "Rot."), ("p2", "de", 1, "Nenne eine Farbe.", "Blau.")]
     it_dir = tmp_path / "iter-1"
     write_samples(it_dir / "samples", rows)
@@ -140,6 +138,9 @@ def test_a_prompt_whose_anchor_rows_failed_is_dropped_before_translation(tiny_mo
                          for path in (tiny_model, reference_model))
     np.testing.assert_allclose(scores.column("r_icr").to_numpy()[:2],
                                [p - r - 0.01 * len(y) for p, r, y in zip(policy, reference, english)], atol=1e-4)
+    from rayalign.anchor_groups import anchor_rows_before_scoring, anchor_rows_needed
+
+    assert anchor_rows_before_scoring(cfg) == anchor_rows_needed(cfg) == 1  # as the cross-lingual prompt
 
 
 def test_failed_translations_count_against_max_failed_share_under_the_samples_names(tiny_model, reference_model,
