@@ -31,7 +31,8 @@ from rayalign.progress import console, deepspeed_op_notice, model_build_progress
 from rayalign.tracking import Trackers, check_trackers
 from rayalign.actors.weight_sync import WeightSync, uses_nccl
 from rayalign.pipelines.online_rollouts import Rollouts
-from rayalign.run_dir import log_metrics, prepare_run_dir, set_aside_untrusted_checkpoint, write_state
+from rayalign.run_dir import (check_run_dir_config, log_metrics, prepare_run_dir, set_aside_untrusted_checkpoint,
+                              write_state)
 from rayalign.scoring.finish import stage_centroids
 from rayalign.scoring.setup import forward_rewards, scoring_setup, with_scoring_prompts
 
@@ -80,8 +81,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     rollout_size = min(o.prompts_per_step, prompts.num_rows // len(cfg.languages)) * len(cfg.languages) * cfg.sampling.n
     tcfg = trainer_config(cfg, rollout_size)
     updates_per_step = o.ppo_epochs * rollout_size // (o.mini_batch_size or rollout_size)
-    state = prepare_run_dir(cfg, run_dir)
-    resume_step = resumable_step(run_dir, state, o.checkpoint_every, ppo=o.algorithm == "ppo")
+    check_run_dir_config(cfg, run_dir)  # a refusal should not wait for a model build
     policy_path = resolve_model_path(cfg.policy.path, model_build_progress(cfg.policy.path))
     resources = connect(spec, address)
     check_run_dir_visible(run_dir)
@@ -93,6 +93,8 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
                           f"({tcfg.world_size} x {tcfg.num_cpus} CPUs{', and as much for the critic' if ppo else ''}"
                           f"{', plus the scoring actors' if o.score_weight else ''}) run side by side and need {need:g} CPUs; the "
                           f"cluster has {resources.get('CPU', 0):g}: lower engines.count or the CPUs per actor")
+    state = prepare_run_dir(cfg, run_dir)  # after every check: a refused recipe leaves no run directory behind
+    resume_step = resumable_step(run_dir, state, o.checkpoint_every, ppo=ppo)
     console.print(f"online {o.algorithm} {cfg.name}: {o.steps} steps of {rollout_size} rollouts "
                   f"({o.prompts_per_step} prompts x {len(cfg.languages)} languages x n={cfg.sampling.n}) -> {run_dir}")
     # every group shuts down (its actors killed, its placement group removed) however the run ends, also when a

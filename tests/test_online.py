@@ -269,6 +269,23 @@ def test_launch_runs_an_online_recipe_online(ray_session, tiny_model, tmp_path):
         assert {f"reward_{lang}" for lang in ("en", "es", "de", "fr", "ru")} <= set(s)
 
 
+def test_an_online_recipe_refused_for_its_cpus_leaves_no_run_behind(ray_session, tiny_model, tmp_path):
+    """The CPU check needs the cluster; the run directory is written only after it, so the same command with
+    fewer CPUs per actor then runs (it was refused as 'holds a run with another config')."""
+    from click.testing import CliRunner
+
+    from rayalign.cli import main
+
+    run_dir = tmp_path / "online"
+    args = ["launch", str(REPO / "examples" / "online-grpo-quickstart.yaml"), "--run-dir", str(run_dir),
+            "-o", f"policy.path={tiny_model}", "-o", "online.steps=1", "-o", "online.algorithm=ppo"]
+    refused = CliRunner().invoke(main, args + ["-o", "engines.num_cpus=2", "-o", "training.num_cpus=2"])
+    assert refused.exit_code == 2 and "need 6 CPUs; the cluster has 4" in " ".join(refused.output.split())
+    assert not (run_dir / "state.json").exists() and not (run_dir / "config.yaml").exists()
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
 def test_online_run_resumes_from_its_last_checkpoint(ray_session, tiny_model, tmp_path):
     """A run interrupted after step 2's checkpoint (step 3 not recorded) continues from it: step 3's rollouts equal
     the uninterrupted run's exactly, the final policy within 1e-6."""
