@@ -34,7 +34,8 @@ from rayalign.pipelines.online_rollouts import Rollouts
 from rayalign.run_dir import (check_run_dir_config, log_metrics, prepare_run_dir, set_aside_untrusted_checkpoint,
                               write_state)
 from rayalign.scoring.finish import stage_centroids
-from rayalign.scoring.setup import forward_rewards, scoring_setup, with_scoring_prompts
+from rayalign.scoring.rewards import load_user_reward
+from rayalign.scoring.setup import forward_rewards, latent_layers, scoring_setup, with_scoring_prompts
 
 
 def trainer_config(cfg: RunConfig, rollout_size: int):
@@ -83,6 +84,10 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     updates_per_step = o.ppo_epochs * rollout_size // (o.mini_batch_size or rollout_size)
     check_run_dir_config(cfg, run_dir)  # a refusal should not wait for a model build
     policy_path = resolve_model_path(cfg.policy.path, model_build_progress(cfg.policy.path))
+    if o.score_weight and cfg.rewards.latent.enabled:
+        latent_layers(cfg, policy_path)  # layers beyond the model's are refused before any actor starts
+    if o.user_weight and cfg.rewards.user.path:
+        load_user_reward(cfg.rewards.user.path, cfg.rewards.user.function)
     resources = connect(spec, address)
     check_run_dir_visible(run_dir)
     ppo = o.algorithm == "ppo"

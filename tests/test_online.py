@@ -410,9 +410,9 @@ def test_online_scored_lacomsa_takes_its_centroids_from_the_text_files(ray_sessi
 
 
 def test_online_groups_started_before_a_failing_one_are_shut_down(ray_session, tiny_model, tmp_path):
-    """The scored reward's layers are checked when its scorers start, after the engines and the trainer did: a hub
-    layer beyond the model's stops the run, and the engines' CPUs and the trainer's placement group are given
-    back (while the error, and so the groups' handles, are still held)."""
+    """W&B starts after the engines and the trainer did: when it cannot start (a project name it refuses), the run
+    stops, and the engines' CPUs and the trainer's placement group are given back (while the error, and so the
+    groups' handles, are still held)."""
     import time
 
     import ray
@@ -422,11 +422,11 @@ def test_online_groups_started_before_a_failing_one_are_shut_down(ray_session, t
     from rayalign.pipelines import online
 
     cfg = load_config(REPO / "examples" / "online-grpo-quickstart.yaml", [
-        f"policy.path={tiny_model}", "online.steps=1", "online.score_weight=1.0", "rewards.latent.enabled=true",
-        "rewards.latent.hub_layer=99", "rewards.actors=1", "training.micro_batch_size=8"])
+        f"policy.path={tiny_model}", "online.steps=1", "logging.wandb.project=team/project",
+        "logging.wandb.mode=offline", "training.micro_batch_size=8"])
     before = set(placement_group_table())
     cpus = ray.available_resources().get("CPU", 0)
-    with pytest.raises(ConfigError, match="rewards.latent.hub_layer: 99 is beyond the model's") as stopped:
+    with pytest.raises(ConfigError, match="logging.wandb: W&B could not start the run") as stopped:
         online.run(cfg, tmp_path / "online")
     started = {k: v for k, v in placement_group_table().items() if k not in before}
     assert started and all(v["state"] == "REMOVED" for v in started.values()), started  # the trainer's
@@ -435,3 +435,18 @@ def test_online_groups_started_before_a_failing_one_are_shut_down(ray_session, t
         time.sleep(0.5)
     assert ray.available_resources().get("CPU", 0) >= cpus, (ray.available_resources(), cpus)
     assert stopped.value.__traceback__ is not None  # the frames holding the groups were alive throughout
+
+
+def test_online_scored_reward_layers_are_checked_before_any_actor_starts(ray_session, tiny_model, tmp_path):
+    from ray.util import placement_group_table
+
+    from rayalign.config import ConfigError
+    from rayalign.pipelines import online
+
+    cfg = load_config(REPO / "examples" / "online-grpo-quickstart.yaml", [
+        f"policy.path={tiny_model}", "online.steps=1", "online.score_weight=1.0", "rewards.latent.enabled=true",
+        "rewards.latent.hub_layer=99", "rewards.actors=1"])
+    before = set(placement_group_table())
+    with pytest.raises(ConfigError, match="rewards.latent.hub_layer: 99 is beyond the model's"):
+        online.run(cfg, tmp_path / "online")
+    assert set(placement_group_table()) == before and not (tmp_path / "online" / "state.json").exists()
