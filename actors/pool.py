@@ -69,8 +69,9 @@ def run_shards(actors: list, alive: list[int], call: Callable[[object, pa.Table]
                shards: list[pa.Table] | ShardFeed, on_shard: Callable[[int, pa.Table], None], *, skip=frozenset(),
                progress: Callable[[ShardStats], None] | None = None, max_retries: int = 3,
                token_column: str | None = None, on_errors: Callable[[int, pa.Table], None] | None = None,
-               max_failed_rows: int = 0) -> ShardStats:
-    """Run `call(actor, shard) -> (table, errors)` for every shard not in `skip`, two in flight per actor.
+               max_failed_rows: int = 0, per_actor: int = 2) -> ShardStats:
+    """Run `call(actor, shard) -> (table, errors)` for every shard not in `skip`, `per_actor` in flight per actor
+    (one running and one queued behind it, or more for actors that run several at once).
 
     A shard's failed rows go to `on_errors(index, errors)`, then its table to `on_shard(index, table)`, at once
     (in completion order). A shard whose actor died goes back to the queue for another actor; `alive` is
@@ -96,12 +97,12 @@ def run_shards(actors: list, alive: list[int], call: Callable[[object, pa.Table]
                 todo.append(index)
                 attempts[index] = 0
         for actor in alive:
-            while todo and sum(1 for _, a in in_flight.values() if a == actor) < 2:
+            while todo and sum(1 for _, a in in_flight.values() if a == actor) < per_actor:
                 submit(actor)
 
-    for actor in list(alive):  # two shards per actor: one running, one queued behind it
-        submit(actor)
-        submit(actor)
+    for actor in list(alive):
+        for _ in range(per_actor):
+            submit(actor)
     while in_flight or (feed and not feed.closed):
         if feed and not feed.closed:
             take_arrived()
@@ -123,7 +124,7 @@ def run_shards(actors: list, alive: list[int], call: Callable[[object, pa.Table]
             stats.retries += 1
             todo.insert(0, index)
             for other in alive:  # the dead actor's queued shard comes back here too
-                if sum(1 for _, a in in_flight.values() if a == other) < 2:
+                if sum(1 for _, a in in_flight.values() if a == other) < per_actor:
                     submit(other)
             continue
         if errors.num_rows:
