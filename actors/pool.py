@@ -100,8 +100,8 @@ def run_shards(actors: list, alive: list[int], call: Callable[[object, pa.Table]
             while todo and sum(1 for _, a in in_flight.values() if a == actor) < per_actor:
                 submit(actor)
 
-    for actor in list(alive):
-        for _ in range(per_actor):
+    for _ in range(per_actor):  # round-robin: every actor gets a shard before any gets a second
+        for actor in list(alive):
             submit(actor)
     while in_flight or (feed and not feed.closed):
         if feed and not feed.closed:
