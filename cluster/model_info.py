@@ -61,7 +61,6 @@ class ModelInfo:
         return 2 * self.num_layers * heads_per_gpu * self.head_dim * dtype_bytes
 
 
-
 def count_parameters(config: dict) -> int:
     """Parameters of a Llama-style decoder (Llama, Mistral, Qwen2) from its config.json."""
     hidden, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
@@ -76,7 +75,6 @@ def count_parameters(config: dict) -> int:
     return layers * per_layer + embeddings + hidden  # + the final norm
 
 
-
 def _safetensors_parameters(model_dir: Path) -> int | None:
     """The exact parameter count from the safetensors headers (a few KB read per file, no weights)."""
     files = sorted(model_dir.glob("*.safetensors"))
@@ -88,13 +86,11 @@ def _safetensors_parameters(model_dir: Path) -> int | None:
     return total or None
 
 
-
 def _directory_model_info(name: str, model_dir: Path) -> ModelInfo:
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise PlanError(f"{model_dir}: not a model directory (no config.json)", "point the recipe at a model directory")
     return ModelInfo.from_hf_config(name, json.loads(config_file.read_text()), _safetensors_parameters(model_dir))
-
 
 
 def _tiny_model_info(path: str) -> ModelInfo:
@@ -111,7 +107,6 @@ def _tiny_model_info(path: str) -> ModelInfo:
     return ModelInfo.from_hf_config(path, {**config, "tie_word_embeddings": True, "torch_dtype": "float32"})
 
 
-
 def _hub_cache_config(name: str) -> dict | None:
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -120,7 +115,6 @@ def _hub_cache_config(name: str) -> dict | None:
     except Exception:  # not a valid repo id, no huggingface_hub: not in the cache
         return None
     return json.loads(Path(found).read_text()) if isinstance(found, str) else None
-
 
 
 def model_info(path: str) -> ModelInfo:

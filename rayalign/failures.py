@@ -38,12 +38,10 @@ def errors_checkpoint(cfg: RunConfig, it_dir: Path, stage: str, done: set[int], 
     return on_errors, max(0, allowed - count_failed(it_dir, stage))
 
 
-
 def count_failed(it_dir: Path, stage: str) -> int:
     import pyarrow.parquet as pq
 
     return sum(pq.ParquetFile(p).metadata.num_rows for p in (it_dir / ERRORS_BY_SHARD).glob(f"{stage}-*.parquet"))
-
 
 
 def record_failures(cfg: RunConfig, it_dir: Path, iteration: int, stage: str, total_rows: int) -> int:

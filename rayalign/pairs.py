@@ -17,7 +17,6 @@ from rayalign.methods import REWARD_COLUMN
 from rayalign.rewards.implicit import best_worst
 
 
-
 def _assistant(text_col: str) -> pl.Expr:
     return pl.concat_list(pl.struct(pl.lit("assistant").alias("role"), pl.col(text_col).alias("content")))
 

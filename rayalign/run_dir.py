@@ -62,14 +62,12 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = ()) -
     return state
 
 
-
 STAGE_OUTPUTS = {  # what a stage leaves in iter-<t>/ (globs); "errors" is rebuilt by the next generate/score
     "generate": ("samples", "errors", f"{ERRORS_BY_SHARD}/generate-*"),
     "score": ("scores", "scores.forward", "errors", f"{ERRORS_BY_SHARD}/score-*", f"{ERRORS_BY_SHARD}/translate-*"),
     "pairs": ("pairs", "candidate_scores"),
     "train": ("policy", "train.ckpt", "train_log.jsonl"),
 }
-
 
 
 def redo_stages(cfg: RunConfig, run_dir: Path, state: dict, redo: tuple[str, ...], config_changed: bool) -> None:
@@ -106,16 +104,13 @@ def redo_stages(cfg: RunConfig, run_dir: Path, state: dict, redo: tuple[str, ...
     console.print(f"redo {', '.join(redo)}: moved {len(moved)} output(s) to {trash}")
 
 
-
 def write_state(run_dir: Path, state: dict) -> None:
     atomic_write_text(run_dir / "state.json", json.dumps(state, indent=2))
-
 
 
 def log_metrics(run_dir: Path, record: dict) -> None:
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
-
 
 
 def read_checkpoints(directory: Path, count: int) -> dict:
@@ -141,12 +136,10 @@ def read_checkpoints(directory: Path, count: int) -> dict:
     return results
 
 
-
 def report_untrusted(problems: list[str]) -> None:
     """Say which kept files failed their check and are computed again."""
     for problem in problems:
         console.print(f"[yellow]not kept[/]: {problem}; computing it again")
-
 
 
 def checkpoint(directory: Path, results: dict):
@@ -159,7 +152,6 @@ def checkpoint(directory: Path, results: dict):
         results[index] = table
 
     return on_shard
-
 
 
 def samples_writer(cfg: RunConfig, out_dir: Path, policy_name: str, iteration: int) -> DatasetWriter:
@@ -183,7 +175,6 @@ def write_table(table, out_dir: Path, schema: str, cfg: RunConfig, iteration: in
     for i, shard in enumerate(shards):
         writer.write_shard(i, shard)
     return writer.finalize(expected_shards=len(shards))
-
 
 
 def set_aside_untrusted_checkpoint(ckpt_dir: Path, record: dict | None, checkpoint_every: int, run_dir: Path) -> None:
@@ -213,7 +204,6 @@ def set_aside_untrusted_checkpoint(ckpt_dir: Path, record: dict | None, checkpoi
                   "step 0")
 
 
-
 def dataset_complete(dataset_dir: Path) -> bool:
     """A dataset with a readable manifest, or a saved policy checkpoint."""
     if (dataset_dir / "config.json").is_file():  # a policy checkpoint, renamed into place when complete
@@ -223,7 +213,6 @@ def dataset_complete(dataset_dir: Path) -> bool:
         return True
     except DatasetError:
         return False
-
 
 
 def kept_output_problems(run_dir: Path, state: dict, out_dir: Path) -> list[str]:
@@ -239,10 +228,8 @@ def kept_output_problems(run_dir: Path, state: dict, out_dir: Path) -> list[str]
     return [] if recorded is None else directory_problems(out_dir, recorded)
 
 
-
 SUMMARY_KEYS = {"generate": ("fidelity_",), "pairs": ("rows",), "train": (
     "loss_first", "loss_mean", "reward_margin_mean", "accuracy_mean", "dropped_too_long", "steps")}
-
 
 
 def iteration_summary(run_dir: Path, iteration: int) -> dict:

@@ -40,6 +40,22 @@ def ray_session():
     ray.shutdown()
 
 
+def write_one_sample_run(run_dir: Path) -> Path:
+    """A run directory holding iter-1/samples with one row: enough for `rayalign inspect` to read the run."""
+    import pyarrow as pa
+
+    from rayalign.data.schemas import schema_for
+    from rayalign.data.store import DatasetWriter
+
+    writer = DatasetWriter(run_dir / "iter-1" / "samples", "samples", languages=["en"])
+    writer.write_shard(0, pa.Table.from_pylist([{
+        "prompt_id": "p0", "lang": "en", "messages": [{"role": "user", "content": "hi"}], "reference": None,
+        "source": "test", "sample_idx": 0, "response": "hello", "num_tokens": 2, "finish_reason": "stop", "seed": 0,
+        "policy": "tiny", "lang_detected": "en"}], schema=schema_for("samples")[1]))
+    writer.finalize()
+    return run_dir
+
+
 def write_pairs_dataset(model_path: str, out_dir, languages=("en", "es", "de", "fr", "ru"), prompts: int = 8) -> str:
     """A pairs dataset made the way the pipeline makes one: chosen = the corpus answer in the prompt's language,
     rejected = its first three words; reference log-probs and token counts scored by the HF engine."""

@@ -144,18 +144,9 @@ def test_inspect_shows_every_recorded_iteration_metric(tmp_path, monkeypatch):
     import rayalign.cli
     from rayalign.data.inspect import iteration_table
 
-    import pyarrow as pa
+    from conftest import write_one_sample_run
 
-    from rayalign.data.schemas import schema_for
-    from rayalign.data.store import DatasetWriter
-
-    run_dir = tmp_path / "run"
-    writer = DatasetWriter(run_dir / "iter-1" / "samples", "samples", languages=["en"])
-    writer.write_shard(0, pa.Table.from_pylist([{
-        "prompt_id": "p0", "lang": "en", "messages": [{"role": "user", "content": "hi"}], "reference": None,
-        "source": "test", "sample_idx": 0, "response": "hello", "num_tokens": 2, "finish_reason": "stop", "seed": 0,
-        "policy": "tiny", "lang_detected": "en"}], schema=schema_for("samples")[1]))
-    writer.finalize()
+    run_dir = write_one_sample_run(tmp_path / "run")
     record = {"iteration": 1, "stage": "iteration", "policy": "tiny", "pairs_rows": 24, "loss_first": 0.6931,
               "loss_mean": 0.5, "steps": 6, "dropped_too_long": 2}
     (run_dir / "metrics.jsonl").write_text(json.dumps(record) + "\n")

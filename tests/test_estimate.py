@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
@@ -111,16 +110,9 @@ def test_plan_prints_the_estimate_and_json_holds_it(prompts):
 
 def test_inspect_shows_the_estimate_beside_the_measured_time(tmp_path, monkeypatch):
     import rayalign.cli
-    from rayalign.data.schemas import schema_for
-    from rayalign.data.store import DatasetWriter
+    from conftest import write_one_sample_run
 
-    run_dir = tmp_path / "run"
-    writer = DatasetWriter(run_dir / "iter-1" / "samples", "samples", languages=["en"])
-    writer.write_shard(0, pa.Table.from_pylist([{
-        "prompt_id": "p0", "lang": "en", "messages": [{"role": "user", "content": "hi"}], "reference": None,
-        "source": "test", "sample_idx": 0, "response": "hello", "num_tokens": 2, "finish_reason": "stop", "seed": 0,
-        "policy": "tiny", "lang_detected": "en"}], schema=schema_for("samples")[1]))
-    writer.finalize()
+    run_dir = write_one_sample_run(tmp_path / "run")
     (run_dir / "plan.json").write_text(json.dumps({"estimate": {"phases": {
         "generate": {"seconds": 12.5, "work": ""}, "score": {"seconds": 30.25, "work": ""}}}}))
     (run_dir / "metrics.jsonl").write_text(

@@ -1,7 +1,6 @@
 """rayalign export: Hub layout read back with the real `datasets`, and verl's RL Parquet columns."""
 
 import pyarrow.parquet as pq
-import pytest
 import yaml
 from click.testing import CliRunner
 

@@ -38,7 +38,6 @@ def test_rollouts_train_on_the_generated_tokens(tiny_model):
     assert any(a != b[:len(a)] for a, b in zip(reencoded, ids))  # the case the generated tokens are kept for
 
 
-
 def test_rollout_stats_cover_the_whole_step_when_mini_batches_are_smaller(ray_session, tiny_model):
     """A trainer set up for mini-batches of 2 (one micro-batch of 2 per update) records the behaviour and reference
     log-probs of all 4 rollouts of the step, not of the first mini-batch only."""

@@ -256,7 +256,6 @@ def test_plan_table_and_saved_json(tmp_path):
     assert save_plan(result, other) is None and not (other / "plan.json").exists()
 
 
-
 def test_every_run_of_the_gpu_scaling_study_plans_on_one_a100_node():
     from rayalign.pipelines.study import expand, load_study
 

@@ -46,8 +46,6 @@ def test_quickstart_through_the_console_script(quickstart_run):
     assert pairs[0]["chosen"][0]["role"] == "assistant" and pairs[0]["prompt"][0]["role"] == "user"
 
 
-
-
 def test_iteration_two_starts_from_iteration_one(quickstart_run):
     """Iteration 2 generates with iter-1/policy (a Hugging Face checkpoint), and its pairs carry iter-1/policy's
     log-probs as the training reference."""

@@ -42,13 +42,11 @@ def rescore(scores, output, recipe, overrides, replace):
     console.print(f"done: {output} ({manifest['rows']} rows)")
 
 
-
 ITERATION_HEADERS = {"policy": "generating policy", "pairs_rows": "pairs", "loss_first": "loss, first step",
                      "loss_mean": "loss, mean", "reward_margin_mean": "reward margin, mean",
                      "accuracy_mean": "pair accuracy, mean", "steps": "training steps",
                      "dropped_too_long": "pairs dropped, too long", "seconds_generate": "generate s",
                      "seconds_score": "score s", "seconds_pairs": "pairs s", "seconds_train": "train s"}
-
 
 
 def planned_seconds(run_dir: Path) -> dict[str, float]:
@@ -60,7 +58,6 @@ def planned_seconds(run_dir: Path) -> dict[str, float]:
     except (OSError, ValueError):
         return {}
     return {phase: value["seconds"] for phase, value in phases.items() if value.get("seconds") is not None}
-
 
 
 @main.command()
@@ -113,7 +110,6 @@ def inspect(path):
             console.print(table)
 
 
-
 @main.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @user_errors
@@ -155,7 +151,6 @@ def validate(path):
         raise UserError(f"{len(failed)} of {len(datasets)} dataset(s) failed: {', '.join(map(str, failed))}")
 
 
-
 @main.command("build-tiny-model")
 @click.argument("out_dir", required=False, type=click.Path(file_okay=False))
 @click.option("--steps", type=int, help="training steps (default: the cached model's)")
@@ -176,7 +171,6 @@ def build_tiny_model_cmd(out_dir, steps):
     path = build_tiny_model(out_dir, progress=progress, **overrides) if out_dir else ensure_tiny_model(
         progress=progress, **overrides)
     console.print(str(path))
-
 
 
 @main.command("export")
@@ -215,7 +209,6 @@ def export_cmd(source, out, fmt, stage, license_id, repo, private, overrides):
             console.print(f"pushed: {push_to_hub(out, repo, private=private)}")
     except ExportError as e:
         raise UserError(str(e)) from None
-
 
 
 @main.command("config")

@@ -25,7 +25,6 @@ def _eval_option(name: str, flag: str, **kwargs):
     return click.option(flag, name, help=meta["help"], **kwargs)
 
 
-
 @main.command("eval")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--policy", help=POLICY_HELP)
@@ -85,7 +84,6 @@ def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates_pa
     console.print(f"results: {out / 'results'}")
 
 
-
 @main.command("hub-scan")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--policy", help=POLICY_HELP.replace("default: the run's latest trained policy, else initial",
@@ -133,7 +131,6 @@ def hub_scan_cmd(recipe, policy, run_dir, prompts_limit, samples, cluster, addre
     print_hub_scan(result)
     console.print(f"hub layer {result['hub_layer']} (set rewards.latent.hub_layer: {result['hub_layer']}); "
                   f"saved {out / 'hub-scan.json'}")
-
 
 
 @main.command("report")

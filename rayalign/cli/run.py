@@ -69,7 +69,6 @@ def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch
     console.print(f"done: {out}  (see `rayalign inspect {out}`)")
 
 
-
 @main.command("plan")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--cluster", default="local", show_default=True, help=CLUSTER_HELP)
@@ -99,7 +98,6 @@ def plan_cmd(recipe, cluster, overrides, as_json):
     else:
         console.print(result.table())
         console.print(estimate_table(result.estimate, result.config.iterations))
-
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -137,7 +135,6 @@ def submit(command, address, working_dir, pip, env_vars, wait):
         sys.exit(1)
 
 
-
 def _stage_command(stage: str, summary: str, example: str):
     """`rayalign generate|score|pairs`: one stage of a recipe's iteration 1 into its run directory."""
 
@@ -164,7 +161,6 @@ _stage_command("score", "Run only the scoring stage on the run's samples: <run-d
                "rayalign score examples/quickstart.yaml")
 _stage_command("pairs", "Run only the pairs stage: <run-dir>/iter-1/pairs (from scores, or candidates for DCO).",
                "rayalign pairs examples/quickstart.yaml -o pairs.method=msa --run-dir runs/quickstart")
-
 
 
 @main.command("online")
@@ -198,13 +194,11 @@ def online_cmd(recipe, cluster, overrides, run_dir, address, openrlhf_reward_fil
     _run_online(load_recipe(recipe, overrides + ("mode=online",)), run_dir, cluster, address)
 
 
-
 def _run_online(cfg, run_dir, cluster, address):
     from rayalign.pipelines import online
 
     out = online.run(cfg, Path(run_dir) if run_dir else None, cluster=cluster, address=address)
     console.print(f"done: {out}  (see {out / 'metrics.jsonl'})")
-
 
 
 @main.command("study")

@@ -30,14 +30,12 @@ def read_yaml_file(path: Path, what: str, error: type[Exception] = ConfigError):
         raise error(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-
 def config_field(default=dataclasses.MISSING, *, help: str, factory=None, **checks):
     """A dataclass field with a help string and optional checks (ge, gt, le, choices)."""
     meta = {"help": help, **checks}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
-
 
 
 def _type_name(tp) -> str:
@@ -53,9 +51,7 @@ def _type_name(tp) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}[tp]
 
 
-
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
 
 
 def _convert(value, tp, key: str):
@@ -102,7 +98,6 @@ def _convert(value, tp, key: str):
     return float(value) if tp is float else value
 
 
-
 def _check(value, meta: dict, key: str) -> None:
     if value is None:
         return
@@ -120,7 +115,6 @@ def _check(value, meta: dict, key: str) -> None:
         raise ConfigError(f"{key}: expected a value <= {meta['le']}, got {value!r}")
 
 
-
 def build_dataclass(cls, data: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -135,7 +129,6 @@ def build_dataclass(cls, data: dict, prefix: str = ""):
         kwargs[name] = _convert(value, hints[name], key)
         _check(kwargs[name], fields[name].metadata, key)
     return cls(**kwargs)
-
 
 
 def set_override(data: dict, override: str, root) -> None:
@@ -172,7 +165,6 @@ def set_override(data: dict, override: str, root) -> None:
         if not isinstance(node.get(part), dict):
             node[part] = {}
         node = node[part]
-
 
 
 def describe_fields(cls, prefix: str = "") -> list[tuple[str, str, str]]:

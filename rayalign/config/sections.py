@@ -32,7 +32,6 @@ class ModelConfig:
     )
 
 
-
 @dataclass
 class PromptColumnsConfig:
     prompt_id: str | None = _field(None, help="column holding the prompt id, the same in every language; null = "
@@ -40,7 +39,6 @@ class PromptColumnsConfig:
     instruction: str | None = _field(None, help="column holding the prompt text; null = instruction (or prompt, "
                                      "or messages)")
     lang: str | None = _field(None, help="column holding the ISO 639-1 language code; null = lang")
-
 
 
 @dataclass
@@ -69,7 +67,6 @@ class PromptsConfig:
                     revision=self.revision, config=self.config, columns=dataclasses.asdict(self.columns))
 
 
-
 @dataclass
 class SamplingConfig:
     n: int = _field(4, help="samples per (prompt_id, language)", ge=1)
@@ -79,7 +76,6 @@ class SamplingConfig:
     seed: int = _field(
         0, help="run seed; each sample's seed derives from (seed, iteration, prompt_id, lang, sample_idx)", ge=0
     )
-
 
 
 @dataclass
@@ -117,7 +113,6 @@ class EnginesConfig:
     )
 
 
-
 @dataclass
 class LatentRewardConfig:
     enabled: bool = _field(False, help="compute MSA and LaCoMSA latent rewards (docs/methods.md)")
@@ -144,7 +139,6 @@ class LatentRewardConfig:
                                  "recompute latent rewards without a forward pass")
 
 
-
 @dataclass
 class ImplicitRewardConfig:
     enabled: bool = _field(False, help="compute the implicit cross-lingual reward ICR (docs/methods.md)")
@@ -160,7 +154,6 @@ class ImplicitRewardConfig:
     alpha: float | None = _field(None, help="fixed length penalty for every language; null = per-language search "
                                  "(paper A.3)", ge=0.0)
     alpha_grid: int = _field(1000, help="grid size for the alpha search: 0, 1/G, ..., (G-1)/G", ge=1)
-
 
 
 @dataclass
@@ -186,13 +179,11 @@ class ConsistencyRewardConfig:
     force: bool = _field(False, help="accept gammas that break the consistency guarantee (Lemma 1 / Lemma 3)")
 
 
-
 @dataclass
 class RewardModelConfig:
     enabled: bool = _field(False, help="score every language with an English sequence-classification reward model "
                            "(reward-model transfer)")
     model: ModelConfig | None = _field(None, help="the reward model; required when enabled")
-
 
 
 @dataclass
@@ -201,7 +192,6 @@ class UserRewardConfig:
                               "files you trust. Relative paths are taken from the recipe's directory first")
     function: str = _field("reward", help="the function's name: f(group) -> list of floats, one per sample, where "
                            "group is a list of dicts, the samples of one prompt_id in every language")
-
 
 
 @dataclass
@@ -217,9 +207,7 @@ class RewardsConfig:
     num_gpus: float = _field(0.0, help="GPUs per scoring actor", ge=0.0)
 
 
-
 PAIR_METHODS = ("lacomsa", "msa", "icr", "kto", "dco", "lidr", "reward_model", "user")
-
 
 
 @dataclass
@@ -233,9 +221,7 @@ class PairsConfig:
     include_anchor: bool = _field(True, help="keep pairs in the anchor language")
 
 
-
 TRAINING_LOSSES = ("dpo", "ipo", "cdpo", "simpo", "kto", "orpo", "dco")
-
 
 
 @dataclass
@@ -283,9 +269,7 @@ class TrainingConfig:
     seed: int = _field(0, help="data order seed (the same on every rank)", ge=0)
 
 
-
 ONLINE_ALGORITHMS = ("grpo", "rloo", "ppo")
-
 
 
 @dataclass
@@ -328,9 +312,7 @@ class OnlineConfig:
                                choices=("lacomsa", "msa", "icr", "reward_model"))
 
 
-
 WANDB_MODES = ("online", "offline", "disabled")
-
 
 
 @dataclass
@@ -342,7 +324,6 @@ class WandbConfig:
                               "else online", choices=WANDB_MODES)
 
 
-
 @dataclass
 class LoggingConfig:
     """Experiment trackers (rayalign/tracking.py): the metrics.jsonl and train_log.jsonl records, as they are written."""
@@ -350,7 +331,6 @@ class LoggingConfig:
                                       "tensorboard extra), false, or null = when tensorboard is installed")
     wandb: WandbConfig | None = _field(None, help="Weights & Biases run {project, entity, mode} with the same "
                                        "metrics, the config and the report's plots (the wandb extra); null = off")
-
 
 
 @dataclass

@@ -21,27 +21,21 @@ from rayalign.config.sections import EvalConfig
 STUDY_KEYS = ("name", "recipe", "runs_dir", "parallel", "overrides", "grid", "eval")
 
 
-
 SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # names that go into file names
-
 
 
 RESERVED_COLUMNS = {"run", "run_dir", "status", "stage", "iteration", "policy", "pairs_rows", "loss_first",
                     "loss_mean", "reward_margin_mean", "accuracy_mean", "fidelity_mean", "steps", "dropped_too_long"}
 
 
-
 RESERVED_PREFIXES = ("fidelity_", "seconds_", "eval_")
-
 
 
 MAX_SLUG = 120
 
 
-
 class StudyError(ValueError):
     """A study file that cannot be used, or a study with failed runs; the message names the file and the runs."""
-
 
 
 @dataclass
@@ -50,7 +44,6 @@ class Axis:
     values: list  # plain axis: the config values; named axis: the names of its override sets
     overrides: list[list[str]]  # per value, the `key=value` overrides it applies
     named: bool
-
 
 
 @dataclass
@@ -69,7 +62,6 @@ class Study:
         return self.runs_dir / self.name
 
 
-
 @dataclass
 class StudyRun:
     slug: str
@@ -77,7 +69,6 @@ class StudyRun:
     overrides: list[str]
     run_dir: Path
     cfg: RunConfig
-
 
 
 def load_study(path: str | Path, *, runs_dir: str | Path | None = None) -> Study:
@@ -125,7 +116,6 @@ def load_study(path: str | Path, *, runs_dir: str | Path | None = None) -> Study
     return study
 
 
-
 def _axis(path: Path, name, values) -> Axis:
     where = f"{path}: grid.{name}"
     if not isinstance(name, str) or not SAFE.fullmatch(name):
@@ -153,7 +143,6 @@ def _axis(path: Path, name, values) -> Axis:
     return Axis(name, list(values), [[f"{name}={_yaml(v)}"] for v in values], named=False)
 
 
-
 def _eval_section(path: Path, data: dict) -> dict:
     """The eval section, checked as EvalConfig (as `rayalign eval` checks its options): the keys it sets."""
     section = data["eval"] or {}
@@ -168,12 +157,10 @@ def _eval_section(path: Path, data: dict) -> dict:
     return dict(section)
 
 
-
 def _yaml(value) -> str:
     """A value as one line of YAML that reads back as the same value (as `-o key=VALUE` parses it)."""
     text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, allow_unicode=True).strip()
     return text.removesuffix("...").strip()
-
 
 
 def _flatten(mapping: dict, path: Path, where: str, prefix: str = "") -> list[str]:
@@ -189,7 +176,6 @@ def _flatten(mapping: dict, path: Path, where: str, prefix: str = "") -> list[st
     return out
 
 
-
 def run_slug(params: dict[str, Any]) -> str:
     """A readable, file-name-safe directory name for one point of the grid: method-lacomsa_prompts.limit-8."""
     def text(value) -> str:
@@ -202,7 +188,6 @@ def run_slug(params: dict[str, Any]) -> str:
     if len(slug) > MAX_SLUG:  # keep it a valid file name; the hash keeps it unique and stable
         slug = slug[:MAX_SLUG - 9].rstrip("-_.+") + "-" + hashlib.sha1(slug.encode()).hexdigest()[:8]
     return slug
-
 
 
 def expand(study: Study) -> list[StudyRun]:

@@ -83,8 +83,6 @@ def choose_hub_layer(silhouette: dict[int, float], num_layers: int) -> int:
     return max(candidates, key=lambda layer: (silhouette[layer], -layer))
 
 
-
-
 def candidate_likelihood(df: pl.DataFrame, mode: str) -> pl.Expr:
     """A candidate's likelihood under its question (docs/methods.md 3, RankC), from `logp` and `num_tokens` (the
     candidate's tokens and the end-of-turn tokens after it) and, for sequence_mean, `logp_prompt` and

@@ -29,7 +29,6 @@ def run_hub_layer(cfg: RunConfig, run_dir: Path) -> int | None:
             from None
 
 
-
 def scan_subset(samples: pa.Table, languages: list[str], max_prompts: int | None) -> pa.Table:
     """The samples of the first `max_prompts` prompt ids (sorted) that have responses in every language."""
     import polars as pl
@@ -42,7 +41,6 @@ def scan_subset(samples: pa.Table, languages: list[str], max_prompts: int | None
         raise ConfigError(f"hub scan: needs at least 2 prompts with responses in every language {languages}; "
                           f"found {len(keep)}")
     return samples.filter(pa.array([p in keep for p in samples.column("prompt_id").to_pylist()]))
-
 
 
 def hub_scan(cfg: RunConfig, policy_path: str, policy_name: str, samples: pa.Table, max_prompts: int | None) -> dict:
@@ -73,7 +71,6 @@ def hub_scan(cfg: RunConfig, policy_path: str, policy_name: str, samples: pa.Tab
             "candidates": list(range(1, num_layers)), "prompts": rows[0]["count"], "samples": table.num_rows}
 
 
-
 def print_hub_scan(result: dict) -> None:
     best = result["hub_layer"]
     console.print(f"hub scan of {result['policy']} ({result['prompts']} prompts, {result['samples']} samples): "
@@ -81,7 +78,6 @@ def print_hub_scan(result: dict) -> None:
     for layer, value in result["silhouette"].items():
         bar = "#" * max(0, int(round(max(value, 0.0) * 40)))
         console.print(f"  layer {int(layer):>3}  {value:+.4f}  {bar}{'  <- hub' if int(layer) == best else ''}")
-
 
 
 def save_hub_scan(result: dict, path: Path) -> None:

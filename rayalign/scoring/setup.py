@@ -15,7 +15,6 @@ def num_hidden_layers(cfg: RunConfig, policy_path: str) -> int:
     return (config.get_text_config() if hasattr(config, "get_text_config") else config).num_hidden_layers
 
 
-
 def latent_layers(cfg: RunConfig, policy_path: str, hub_layer: int | None = None) -> dict[str, int]:
     """Pooled layers of the latent rewards; `hub_layer` is the hub scan's choice when the recipe says auto."""
     from rayalign.rewards.latent import default_hub_layer
@@ -33,7 +32,6 @@ def latent_layers(cfg: RunConfig, policy_path: str, hub_layer: int | None = None
             key = "hub_layer" if column == "h_hub" else "language_layer"
             raise ConfigError(f"rewards.latent.{key}: {layer} is beyond the model's {num_layers} layers")
     return layers
-
 
 
 def scoring_setup(cfg: RunConfig, policy_path: str, hub_layer: int | None = None):
@@ -66,7 +64,6 @@ def scoring_setup(cfg: RunConfig, policy_path: str, hub_layer: int | None = None
     return roles, specs, reward_model, layers
 
 
-
 def forward_rewards(cfg: RunConfig, table, centroids: dict | None = None):
     """Rewards from the scoring pass's forward results: (scores table, reward parameters). R_m scores under the
     native prompt, whose log-probs are the policy's own. `centroids`: phi's language centroids from
@@ -76,7 +73,6 @@ def forward_rewards(cfg: RunConfig, table, centroids: dict | None = None):
     if cfg.rewards.implicit.enabled and cfg.rewards.implicit.prompt == "native":
         table = table.append_column("logp_policy_icr", table.column("logp_policy"))
     return compute_rewards(table, cfg, centroids)
-
 
 
 def with_scoring_prompts(cfg: RunConfig, samples):
