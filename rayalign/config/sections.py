@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from rayalign.config.fields import config_field as _field
+from rayalign.methods import REWARD_COLUMN
 
 
 TINY_MODEL = "builtin:tiny-multilingual"
@@ -215,7 +216,7 @@ class PairsConfig:
     method: str | None = _field(None, help=f"how pairs are made: {', '.join(PAIR_METHODS)}; null = no pairs stage",
                                 choices=PAIR_METHODS)
     kto_reward: str = _field("icr", help="which reward ranks KTO rows (desirable = best, undesirable = worst)",
-                             choices=("icr", "lacomsa", "msa", "reward_model", "user"))
+                             choices=tuple(REWARD_COLUMN))
     min_margin: float = _field(0.0, help="skip a (prompt, language) whose best and worst reward differ by no more "
                                "than this", ge=0.0)
     include_anchor: bool = _field(True, help="keep pairs in the anchor language")

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import polars as pl
 
+from rayalign.methods import REWARD_COLUMN
 
-REWARD_COLUMNS = ("r_lacomsa", "r_msa", "r_icr", "r_rm", "r_user")
+
+REWARD_COLUMNS = tuple(REWARD_COLUMN.values())
 TRAINING_METRICS = ("loss_mean", "accuracy_mean", "reward_margin_mean")
 STUDY_METRICS = ("fidelity_mean", "accuracy_mean", "reward_margin_mean", "loss_mean")
 TITLES = {"loss_mean": "training loss, mean", "accuracy_mean": "pair accuracy, mean",
