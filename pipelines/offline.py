@@ -438,8 +438,6 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
                 log_metrics(run_dir, {"iteration": iteration, "stage": stage, **result})
                 tracker.update()
                 if stage == "train" and (out_dir / "config.json").is_file():
-                    from rayalign.data.store import directory_checksums
-
                     state.setdefault("checksums", {})[f"{it_dir.name}/policy"] = directory_checksums(out_dir)
                 state["finished"].append(name)
                 write_state(run_dir, state)

@@ -218,14 +218,15 @@ def dataset_complete(dataset_dir: Path) -> bool:
 def kept_output_problems(run_dir: Path, state: dict, out_dir: Path) -> list[str]:
     """Why a finished stage's output cannot be kept: a dataset whose manifest or shards fail their recorded
     checksums (untrusted shards are removed, so the stage recomputes only those when it can), or a policy whose
-    files differ from the checksums recorded when it was saved. Empty when intact."""
-
+    files differ from the checksums recorded when it was saved, or that has none recorded. Empty when intact."""
     if out_dir.name != "policy":
         return remove_untrusted_shards(out_dir)
     recorded = state.get("checksums", {}).get(str(out_dir.relative_to(run_dir)))
     if not (out_dir / "config.json").is_file():
         return [f"{out_dir}: missing"]
-    return [] if recorded is None else directory_problems(out_dir, recorded)
+    if recorded is None:
+        return [f"{out_dir}: no checksums recorded for it in {run_dir / 'state.json'}, so it cannot be verified"]
+    return directory_problems(out_dir, recorded)
 
 
 SUMMARY_KEYS = {"generate": ("fidelity_",), "pairs": ("rows",), "train": (

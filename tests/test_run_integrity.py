@@ -196,3 +196,19 @@ def test_rescore_names_the_user_reward_file_it_runs_before_running_it(finished_r
     output = one_line(result.output)
     notice = f"runs the user reward file {reward} as code, named by {config} (the scored run's config)"
     assert notice in output
+
+
+def test_a_kept_policy_needs_the_checksums_recorded_when_it_was_saved(tmp_path):
+    from rayalign.data.store import directory_checksums
+    from rayalign.run_dir import kept_output_problems
+
+    policy = tmp_path / "iter-1" / "policy"
+    policy.mkdir(parents=True)
+    (policy / "config.json").write_text("{}")
+    (policy / "model.safetensors").write_bytes(b"weights")
+    state = {"finished": ["iter-1/train"]}
+    assert "no checksums recorded for it" in kept_output_problems(tmp_path, state, policy)[0]
+    state["checksums"] = {"iter-1/policy": directory_checksums(policy)}
+    assert kept_output_problems(tmp_path, state, policy) == []
+    (policy / "model.safetensors").write_bytes(b"weightz")
+    assert kept_output_problems(tmp_path, state, policy)
