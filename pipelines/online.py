@@ -73,9 +73,6 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
 
     o = cfg.online
     check_trackers(cfg)
-    if o.score_weight and cfg.rewards.latent.enabled and cfg.rewards.latent.hub_layer == "auto":
-        raise ConfigError("rewards.latent.hub_layer: auto is not resolved by online runs; run `rayalign hub-scan "
-                          "RECIPE` and set the layer it prints")
     spec = load_cluster_spec(cluster)
     cfg = with_counts(cfg, spec, address)
     prompts = load_prompts(cfg.prompts.path, cfg.languages, **cfg.prompts.load_kwargs())

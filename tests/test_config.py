@@ -223,3 +223,11 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     with pytest.raises(ConfigError, match="training.lr: expected a number, got str '3e-x'"):
         load_config(recipe, ["training.lr=3e-x"])
     assert load_config(recipe, ["name=3e-4"]).name == "3e-4"  # a string field keeps the text
+
+
+def test_an_online_scored_reward_at_hub_layer_auto_is_refused_when_the_recipe_is_read():
+    with pytest.raises(ConfigError, match=r"rewards.latent.hub_layer: auto is not resolved by online runs"):
+        load_config(None, ["mode=online", "online.score_weight=1.0", "rewards.latent.enabled=true",
+                           "rewards.latent.hub_layer=auto"])
+    load_config(None, ["mode=online", "online.score_weight=1.0", "rewards.latent.enabled=true",
+                       "rewards.latent.hub_layer=2"])

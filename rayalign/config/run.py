@@ -149,6 +149,9 @@ class RunConfig:
         if o.score_weight:
             if not reward_enabled(self, o.score_reward):
                 raise ConfigError(f"online.score_reward: {o.score_reward} needs {REWARD_KEY[o.score_reward]}")
+            if self.mode == "online" and r.latent.enabled and r.latent.hub_layer == "auto":
+                raise ConfigError("rewards.latent.hub_layer: auto is not resolved by online runs; run `rayalign "
+                                  "hub-scan RECIPE` and set the layer it prints")
         if o.user_weight and not r.user.path:
             raise ConfigError("online.user_weight: needs rewards.user.path (the reward file)")
         if o.target_language is not None and o.target_language not in self.languages:
