@@ -115,3 +115,16 @@ def test_a_trainer_rank_killed_mid_training_is_a_message_and_the_relaunch_resume
     train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if json.loads(line).get("stage") == "train"]
     assert len(train) == 1 and train[0]["resumed_from_step"] >= 1
+
+
+def test_launch_into_a_run_of_another_config_is_refused_before_its_plan_is_replaced(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "state.json").write_text(json.dumps({"config_hash": "0" * 16, "finished": ["iter-1/generate"]}))
+    (run_dir / "config.yaml").write_text("name: old\n")
+    (run_dir / "plan.json").write_text('{"the": "old run\'s plan"}')
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: new\n")
+    result = CliRunner().invoke(main, ["launch", str(recipe), "--run-dir", str(run_dir)])
+    assert result.exit_code == 2 and "holds a run with another config" in result.output
+    assert (run_dir / "plan.json").read_text() == '{"the": "old run\'s plan"}'

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from rayalign.cli.common import CLUSTER_HELP, OVERRIDE_HELP, UserError, console, err, load_recipe, main, user_errors
+from rayalign.cli.common import (CLUSTER_HELP, OVERRIDE_HELP, UserError, console, err, load_recipe, main, run_dir_of,
+                                 user_errors)
 
 
 @main.command()
@@ -41,6 +42,7 @@ def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch
     from rayalign.cluster.planner import plan, save_plan
     from rayalign.cluster.spec import running_cluster_spec
     from rayalign.pipelines import offline
+    from rayalign.run_dir import check_run_dir_config
 
     redo_stages = tuple(s.strip() for s in redo.split(",") if s.strip()) if redo else ()
     unknown = [s for s in redo_stages if s not in offline.STAGES]
@@ -53,6 +55,8 @@ def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch
             raise UserError("--redo: an online recipe (mode: online) has no stages to redo")
         if not dry_run:
             return _run_online(cfg, run_dir, cluster, address)
+    if not dry_run:  # before Ray starts and plan.json is written: a run of another config is refused as it is
+        check_run_dir_config(cfg, run_dir_of(cfg, run_dir), redo_stages)
     spec = load_cluster_spec(cluster)
     if dry_run:
         dry_plan = plan(cfg, spec, strict=True)
@@ -63,7 +67,7 @@ def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch
     run_plan = plan(cfg, running_cluster_spec(spec), strict=True)
     err.print(run_plan.table())
     err.print(estimate_table(run_plan.estimate, run_plan.config.iterations))
-    save_plan(run_plan, Path(run_dir) if run_dir else cfg.resolved_run_dir())
+    save_plan(run_plan, run_dir_of(cfg, run_dir))
     out = offline.run(cfg, Path(run_dir) if run_dir else None, cluster=cluster, address=address,
                       **({"redo": redo_stages} if redo_stages else {}))
     console.print(f"done: {out}  (see `rayalign inspect {out}`)")
