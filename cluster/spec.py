@@ -231,14 +231,23 @@ def connect(spec: ClusterSpec, address: str | None = None, allow_mismatch: bool 
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return ray.cluster_resources()
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    elif spec.name == "local":
-        ray.init(address="local", num_cpus=spec.cpus_per_node, num_gpus=spec.gpus_per_node,
-                 include_dashboard=False, log_to_driver=False)  # a new instance even if another runs here
-    else:
+    if not address and spec.name != "local":
         raise ClusterError(f"cluster {spec.name!r} runs on an existing Ray cluster: pass --address or set "
                            "RAY_ADDRESS (use --cluster local on one machine)")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:  # a new instance even if another runs here
+            ray.init(address="local", num_cpus=spec.cpus_per_node, num_gpus=spec.gpus_per_node,
+                     include_dashboard=False, log_to_driver=False)
+    except Exception as e:  # noqa: BLE001 - Ray's start-up and connection errors, said without its traceback
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:500]
+        if address:
+            raise ClusterError(f"could not join the Ray cluster at {address} ({reason}); check the address with "
+                               "`ray status --address ADDRESS` on a node of that cluster") from None
+        raise ClusterError(f"could not start a local Ray instance ({reason}); Ray gives its processes a fixed "
+                           "time to start, which a busy machine can miss: run the same command again, or start Ray "
+                           "once with `ray start --head` and pass --address auto") from None
     check_cluster(spec, alive_node_resources(), allow_mismatch)
     return ray.cluster_resources()
 

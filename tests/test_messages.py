@@ -128,3 +128,14 @@ def test_launch_into_a_run_of_another_config_is_refused_before_its_plan_is_repla
     result = CliRunner().invoke(main, ["launch", str(recipe), "--run-dir", str(run_dir)])
     assert result.exit_code == 2 and "holds a run with another config" in result.output
     assert (run_dir / "plan.json").read_text() == '{"the": "old run\'s plan"}'
+
+
+def test_a_ray_cluster_that_cannot_be_joined_is_named_without_a_traceback(tmp_path):
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, "-m", "rayalign.cli", "launch", str(REPO / "examples" / "quickstart.yaml"),
+                           "--address", "256.1.1.1:x", "--run-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr
+    assert "could not join the Ray cluster at 256.1.1.1:x (ValueError: Unable to parse port number" in \
+        " ".join(done.stderr.split())
