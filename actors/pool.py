@@ -86,6 +86,9 @@ def run_shards(actors: list, alive: list[int], call: Callable[[object, pa.Table]
     in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}
     started = time.perf_counter()
 
+    def has_room(actor: int) -> bool:
+        return sum(1 for _, a in in_flight.values() if a == actor) < per_actor
+
     def submit(actor: int) -> None:
         if todo:
             index = todo.pop(0)
@@ -97,7 +100,7 @@ def run_shards(actors: list, alive: list[int], call: Callable[[object, pa.Table]
                 todo.append(index)
                 attempts[index] = 0
         for actor in alive:
-            while todo and sum(1 for _, a in in_flight.values() if a == actor) < per_actor:
+            while todo and has_room(actor):
                 submit(actor)
 
     for _ in range(per_actor):  # round-robin: every actor gets a shard before any gets a second
@@ -124,7 +127,7 @@ def run_shards(actors: list, alive: list[int], call: Callable[[object, pa.Table]
             stats.retries += 1
             todo.insert(0, index)
             for other in alive:  # the dead actor's queued shard comes back here too
-                if sum(1 for _, a in in_flight.values() if a == other) < per_actor:
+                if has_room(other):
                     submit(other)
             continue
         if errors.num_rows:
