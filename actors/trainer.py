@@ -256,20 +256,25 @@ class TrainerGroup:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from rayalign.actors.pool import wait_started
+        from rayalign.actors.pool import abandon, bundle_pinning, start_actors, wait_started
 
         t = training
         bundle = {"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})}
-        self.placement = placement_group([bundle] * t.world_size, strategy="PACK")
-        wait_started([self.placement.ready()], f"placement groups of {t.world_size} trainer rank(s)", bundle)
-        remote = ray.remote(self.actor_class)
-        env = {"env_vars": {"DS_ACCELERATOR": "cpu"}} if not t.num_gpus else {}
-        self.actors = [remote.options(
-            num_cpus=t.num_cpus, num_gpus=t.num_gpus, runtime_env=env,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
-        ).remote(rank, model_path, model, training, dco_beta) for rank in range(t.world_size)]
-        addr, port = ray.get(self.actors[0].master.remote())
-        self._nodes = ray.get([a.setup.remote(addr, port) for a in self.actors])
+        self.actors = []
+        self.placement = placement_group([bundle] * t.world_size, strategy="PACK", **bundle_pinning(t.world_size))
+        try:  # a rank that cannot start or load (or Ctrl-C) takes the ranks started and the placement group with it
+            wait_started([self.placement.ready()], f"placement groups of {t.world_size} trainer rank(s)", bundle)
+            remote = ray.remote(self.actor_class)
+            env = {"env_vars": {"DS_ACCELERATOR": "cpu"}} if not t.num_gpus else {}
+            self.actors = start_actors(lambda rank: remote.options(
+                num_cpus=t.num_cpus, num_gpus=t.num_gpus, runtime_env=env,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
+            ).remote(rank, model_path, model, training, dco_beta), list(range(t.world_size)), [])
+            addr, port = ray.get(self.actors[0].master.remote())
+            self._nodes = ray.get([a.setup.remote(addr, port) for a in self.actors])
+        except BaseException:
+            abandon(self.actors, [self.placement])
+            raise
 
     def __enter__(self):
         return self
