@@ -1,11 +1,12 @@
 """The cpu entries of cluster/throughput.yaml, from the tiny model's measured figures on this machine.
 
 1. Peak FLOP/s of one CPU core: a float32 matmul on one thread.
-2. One offline iteration of the tiny model (generate -> score -> pairs -> train; or the run directory given),
-   whose phase times (busy seconds, start-up excluded) calibrate: generated tokens/s per CPU thread, and the
-   scoring and training efficiencies, each counted the way the estimate counts work (cluster/estimate.py), so
-   that the estimate of this run equals its measured phase times. Prints the entries and the estimate against
-   the measurement.
+2. A finished offline run of the tiny model (the run directory given; else two iterations run here). Its last
+   iteration (warm caches: no first-run DeepSpeed compile) calibrates: generated tokens/s per CPU thread and the
+   scoring and training efficiencies from each stage's busy seconds, each counted the way the estimate counts work
+   (cluster/estimate.py); each phase's fixed start-up from wall minus busy seconds; the driver's pairs rate from
+   the pairs stage's wall time. The estimate of that run then equals its measured stage times. Prints the entries
+   and the estimate against the measurement.
 
     python benchmarks/estimate_calibration.py [--run-dir RUN] [--prompts 16]
 """
@@ -54,41 +55,48 @@ def main() -> None:
 
         from rayalign.pipelines import offline
 
-        cfg = load_config(args.recipe, [f"prompts.limit={args.prompts}", "iterations=1", "engines.count=1",
+        cfg = load_config(args.recipe, [f"prompts.limit={args.prompts}", "iterations=2", "engines.count=1",
                                         "rewards.actors=1", "cluster.schedule=barrier"])
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         run_dir = Path(tempfile.mkdtemp(prefix="rayalign-calibration-")) / "run"
         offline.run(cfg, run_dir, cluster="local")
         ray.shutdown()
-    measured = {m["stage"]: m for m in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text()
-                                        .splitlines()) if m.get("iteration") == 1 and "seconds" in m}
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = max(m["iteration"] for m in records if "wall_seconds" in m)
+    measured = {m["stage"]: m for m in records if m.get("iteration") == last and "wall_seconds" in m}
     spec = load_cluster_spec("local")
-    # the estimate with unit figures: its seconds are then the work counted in tokens / FLOPs per unit rate
+    # the estimate with unit rates and no start-up: its busy seconds are then the work counted in tokens / FLOPs
     unit = load_config(run_dir / "config.yaml", ["cluster.generation_tokens_per_s=1", "cluster.device_tflops=1e-12",
-                                                 "cluster.efficiency=1"])
+                                                 "cluster.efficiency=1", "cluster.startup_seconds=0"])
     unit_plan = plan(unit, spec)
-    work = {phase: v["seconds"] for phase, v in unit_plan.estimate["phases"].items()}  # tokens or FLOPs per actor
+    work = {phase: v["busy"] for phase, v in unit_plan.estimate["phases"].items()}
     phases = {p.phase: p for p in unit_plan.phases}
     g = phases["generate"]
     tokens_per_thread = work["generate"] / measured["generate"]["seconds"] / g.cpus_per_actor
     efficiency = {phase: work[phase] / measured[phase]["seconds"] / peak for phase in ("score", "train")
                   if phase in work and phase in measured}
+    startup = {phase: measured[phase]["wall_seconds"] - measured[phase]["seconds"]
+               for phase in ("generate", "score", "train") if phase in measured}
+    samples = measured["generate"]["samples"]
+    pairs_rate = samples / measured["pairs"]["wall_seconds"]
     size = unit_plan.models["policy"].parameters / 1e9
-    print(f"\nrun {run_dir}: {cfg.prompts.limit} prompt ids x {len(cfg.languages)} languages, n={cfg.sampling.n}, "
-          f"max_new_tokens {cfg.sampling.max_new_tokens}; {os.cpu_count()} CPU cores")
+    print(f"\nrun {run_dir}, iteration {last}: {cfg.prompts.limit} prompt ids x {len(cfg.languages)} languages, "
+          f"n={cfg.sampling.n}, max_new_tokens {cfg.sampling.max_new_tokens}; {os.cpu_count()} CPU cores")
     print(f"one core, float32 matmul: {peak / 1e12:.4f} TFLOP/s")
     print("cluster/throughput.yaml cpu entries:")
     print(f"  generation_tokens_per_s: cpu: {{{size:.3g}: {tokens_per_thread:.0f}}}")
     print(f"  device_tflops: cpu: {peak / 1e12:.3g}")
     print(f"  efficiency: cpu: {{score: {efficiency.get('score', 0):.3g}, train: {efficiency.get('train', 0):.3g}}}")
+    print("  startup_s: cpu: {" + ", ".join(f"{k}: {v:.2g}" for k, v in startup.items()) + "}")
+    print(f"  pairs_samples_per_s: {pairs_rate:.0f}")
     table = load_table()
     print(f"in the table now: {table['generation_tokens_per_s']['cpu']}, {table['device_tflops']['cpu']}, "
-          f"{table['efficiency']['cpu']}")
+          f"{table['efficiency']['cpu']}, {table['startup_s']['cpu']}, {table['pairs_samples_per_s']}")
     current = plan(load_config(run_dir / "config.yaml"), spec).estimate
-    print(f"{'phase':<10}{'measured s':>12}{'estimate s':>12}")
+    print(f"{'stage':<10}{'measured s':>12}{'estimate s':>12}")
     for phase, value in current["phases"].items():
-        print(f"{phase:<10}{measured.get(phase, {}).get('seconds', float('nan')):>12.1f}{value['seconds']:>12.1f}")
+        print(f"{phase:<10}{measured.get(phase, {}).get('wall_seconds', float('nan')):>12.1f}{value['seconds']:>12.1f}")
 
 
 if __name__ == "__main__":

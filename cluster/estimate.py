@@ -1,12 +1,18 @@
-"""Time estimates of a plan's phases, per iteration, before anything runs.
+"""Time estimates of a plan's phases, per iteration, before anything runs. Each phase is its start-up plus its
+busy time, and is named as the run's stages are (generate, score, pairs, train), so `rayalign inspect` can set each
+beside the stage's measured wall time.
 
+start-up: a fixed figure per device kind and phase (Ray actor start, engine or DeepSpeed set-up) plus the checkpoint
+    bytes each actor reads at load_gb_per_s (actors start in parallel).
 generate: prompt rows x n x max_new_tokens tokens (every response assumed to run to max_new_tokens: an upper
     bound) over engines x tokens/s per engine (cluster/throughput.yaml by GPU family and model size).
 score: 2 x parameters x tokens FLOPs per model forward (prompt + response tokens of every sample) over
     scorers x FLOP/s per scorer x efficiency.
+pairs: samples over the driver's pairs_samples_per_s; DCO: its reference's forward over every candidate (as score)
+    and then the tuples; LIDR's self-translation is not estimated.
 train: 6 x parameters x tokens FLOPs (forward and backward of every sequence of every example, epochs times)
     over ranks x FLOP/s per rank x efficiency.
-Start-up (model loading, actor start) and the pairs phase (polars on the driver) are not estimated.
+DeepSpeed's one-time op compile on a machine's first run is not counted.
 """
 
 from __future__ import annotations
@@ -30,7 +36,12 @@ class Figures:
     tokens_per_s_per_engine: float
     device_flops: float  # one GPU, or one CPU core
     efficiency: dict[str, float]  # score, train
+    startup_s: dict[str, float]  # fixed start-up by phase: generate, score, train
+    load_gb_per_s: float  # checkpoint bytes one actor reads per second
     sources: list[str] = field(default_factory=list)
+
+    def startup(self, phase: str, load_gb: float) -> float:
+        return self.startup_s[phase] + load_gb / self.load_gb_per_s
 
 
 def load_table(path: Path = THROUGHPUT_FILE) -> dict:
@@ -86,7 +97,13 @@ def figures(cfg, device: str, gpu_type: str, parameters: int, table: dict | None
     sources.append(f"score, train: {flops / 1e12:g} TFLOP/s per {'GPU' if device == 'gpu' else 'CPU core'} "
                    f"({source}) x efficiency {efficiency['score']:g} / {efficiency['train']:g} "
                    f"({'cluster.efficiency' if c.efficiency else f'throughput.yaml {kind}'})")
-    return Figures(tokens_per_s, flops, efficiency, sources)
+    startup_s = ({phase: c.startup_seconds for phase in ("generate", "score", "train")} if c.startup_seconds is not None
+                 else dict(table["startup_s"][kind]))
+    load = table["load_gb_per_s"][kind]
+    sources.append(f"start-up: {', '.join(f'{k} {v:g} s' for k, v in startup_s.items())} "
+                   f"({'cluster.startup_seconds' if c.startup_seconds is not None else f'throughput.yaml {kind}'}) "
+                   f"+ checkpoint GB / {load:g} GB/s")
+    return Figures(tokens_per_s, flops, efficiency, startup_s, load, sources)
 
 
 def prompt_stats(cfg) -> tuple[int | None, float]:
@@ -106,41 +123,90 @@ def prompt_stats(cfg) -> tuple[int | None, float]:
     return rows, PROMPT_TOKENS
 
 
+def candidate_stats(cfg) -> tuple[int, int, float] | None:
+    """DCO's candidate sets: (questions, candidate rows over every language, mean prompt + candidate tokens);
+    None when they cannot be read here."""
+    from rayalign.data.prompts import load_candidate_sets
+
+    try:
+        cands = load_candidate_sets(cfg.rewards.consistency.candidates_path, cfg.languages)
+    except Exception:  # noqa: BLE001 - the plan goes on without this estimate
+        return None
+    if not cands.num_rows:
+        return None
+    chars = sum(len(m["content"]) for row in cands.column("messages").to_pylist() for m in row) + \
+        sum(len(text) for text in cands.column("candidate").to_pylist())
+    return len(set(cands.column("prompt_id").to_pylist())), cands.num_rows, chars / cands.num_rows / CHARS_PER_TOKEN
+
+
+def _timed(busy: float | None, startup: float, work: str) -> dict:
+    return {"seconds": None if busy is None else startup + busy, "busy": busy, "startup": startup,
+            "work": work}
+
+
+def _forward(flops: float, actors: int, units: float, f: Figures, kind: str) -> tuple[float | None, str]:
+    rate = actors * units * f.device_flops * f.efficiency[kind]
+    return (flops / rate if rate else None,
+            f"/ ({actors} x {units:g} x {f.device_flops:.3g} FLOP/s x {f.efficiency[kind]:g})")
+
+
 def phase_seconds(cfg, phases: dict, models: dict, prompt_rows: int, prompt_tokens: float,
-                  figures_by_phase: dict[str, Figures]) -> dict[str, dict]:
-    """{phase: {"seconds", "work"}} for one iteration. `phases`: phase name -> (actors, units per actor), units
-    being GPUs of a GPU actor or CPUs of a CPU actor; `models`: role -> parameters."""
+                  figures_by_phase: dict[str, Figures], load_gb: dict[str, float], pairs_rate: float,
+                  candidates: tuple[int, int, float] | None = None) -> dict[str, dict]:
+    """{stage: {"seconds", "busy", "startup", "work"}} for one iteration. `phases`: plan phase -> (actors, units
+    per actor), units being GPUs of a GPU actor or CPUs of a CPU actor; `models`: role -> parameters; `load_gb`:
+    plan phase -> checkpoint GB one actor reads; `candidates`: DCO's candidate_stats."""
+    from rayalign.pairs import dco_language_pairs
+
     out = {}
-    s, n = cfg.sampling, cfg.sampling.n
+    s, n, t = cfg.sampling, cfg.sampling.n, cfg.training
     sequence = prompt_tokens + s.max_new_tokens
+    samples = prompt_rows * n
+    dco = cfg.pairs.method == "dco"
     if "generate" in phases:
         engines, _ = phases["generate"]
-        tokens = prompt_rows * n * s.max_new_tokens
-        rate = engines * figures_by_phase["generate"].tokens_per_s_per_engine
-        out["generate"] = {"seconds": tokens / rate if rate else None,
-                           "work": f"{tokens:,.0f} tokens / ({engines} x "
-                                   f"{figures_by_phase['generate'].tokens_per_s_per_engine:,.0f} tokens/s)"}
-    if "score" in phases and "generate" in phases:
-        actors, units = phases["score"]
+        f = figures_by_phase["generate"]
+        tokens = samples * s.max_new_tokens
+        rate = engines * f.tokens_per_s_per_engine
+        out["generate"] = _timed(tokens / rate if rate else None, f.startup("generate", load_gb["generate"]),
+                                 f"{tokens:,.0f} tokens / ({engines} x {f.tokens_per_s_per_engine:,.0f} tokens/s)")
+    if "score" in phases and not dco:
         f = figures_by_phase["score"]
-        tokens = prompt_rows * n * sequence
+        tokens = samples * sequence
         flops = 2 * sum(models[role] for role in forward_roles(cfg)) * tokens
-        rate = actors * units * f.device_flops * f.efficiency["score"]
-        out["score"] = {"seconds": flops / rate if rate else None,
-                        "work": f"{flops:.3g} FLOPs (2 x parameters x {tokens:,.0f} tokens per forward) / ({actors} x "
-                                f"{units:g} x {f.device_flops:.3g} FLOP/s x {f.efficiency['score']:g})"}
-    if "train" in phases and cfg.pairs.method not in ("dco",):
+        busy, over = _forward(flops, *phases["score"], f, "score")
+        out["score"] = _timed(busy, f.startup("score", load_gb["score"]),
+                              f"{flops:.3g} FLOPs (2 x parameters x {tokens:,.0f} tokens per forward) {over}")
+    if dco and "score" in phases and candidates:
+        questions, rows, cand_tokens = candidates
+        f = figures_by_phase["score"]
+        flops = 2 * models["dco_reference"] * rows * cand_tokens
+        busy, over = _forward(flops, *phases["score"], f, "score")
+        tuples = questions * len(dco_language_pairs(cfg.languages, cfg.anchor_language,
+                                                    cfg.rewards.consistency.language_pairs)) \
+            * cfg.rewards.consistency.pairs_per_question
+        out["pairs"] = _timed(None if busy is None else busy + rows / pairs_rate, f.startup("score", load_gb["score"]),
+                              f"reference forward: {flops:.3g} FLOPs (2 x parameters x {rows:,} candidates x "
+                              f"{cand_tokens:.0f} tokens) {over}; {tuples:,} tuples")
+    elif cfg.pairs.method == "lidr":
+        out["pairs"] = _timed(None, 0.0, "LIDR self-translation: not estimated")
+    elif not dco and "generate" in phases:
+        out["pairs"] = _timed(samples / pairs_rate, 0.0, f"{samples:,.0f} samples / {pairs_rate:,.0f} samples/s "
+                                                         "(polars on the driver)")
+    if "train" in phases and (not dco or candidates):
         ranks, units = phases["train"]
-        f, t = figures_by_phase["train"], cfg.training
-        examples = prompt_rows * (2 if t.loss == "kto" else 1)  # one pair (best vs worst) per prompt row
-        if not cfg.pairs.include_anchor:
-            examples = examples * (len(cfg.languages) - 1) / len(cfg.languages)
-        tokens = examples * SEQUENCES_PER_EXAMPLE.get(t.loss, 2) * min(sequence, t.max_length) * t.epochs
+        f = figures_by_phase["train"]
+        if dco:  # one tuple per question, language pair and draw: chosen and rejected in both languages
+            examples, length = tuples, candidates[2]
+        else:  # one pair (best vs worst) per prompt row
+            examples, length = prompt_rows * (2 if t.loss == "kto" else 1), sequence
+            if not cfg.pairs.include_anchor:
+                examples = examples * (len(cfg.languages) - 1) / len(cfg.languages)
+        tokens = examples * SEQUENCES_PER_EXAMPLE.get(t.loss, 2) * min(length, t.max_length) * t.epochs
         flops = 6 * models["policy"] * tokens
-        rate = ranks * units * f.device_flops * f.efficiency["train"]
-        out["train"] = {"seconds": flops / rate if rate else None,
-                        "work": f"{flops:.3g} FLOPs (6 x parameters x {tokens:,.0f} tokens) / ({ranks} x {units:g} x "
-                                f"{f.device_flops:.3g} FLOP/s x {f.efficiency['train']:g})"}
+        busy, over = _forward(flops, ranks, units, f, "train")
+        out["train"] = _timed(busy, f.startup("train", load_gb["train"]),
+                              f"{flops:.3g} FLOPs (6 x parameters x {tokens:,.0f} tokens) {over}")
     return out
 
 
@@ -156,26 +222,43 @@ def forward_roles(cfg) -> list[str]:
 
 
 def estimate(run_plan) -> dict:
-    """The plan's estimate, per iteration and in all: {"phases": {phase: {seconds, work}}, "iteration_seconds",
-    "total_seconds", "prompt_rows", "prompt_tokens", "figures": [...]}; phases without a figure have seconds None."""
+    """The plan's estimate, per iteration and in all: {"phases": {stage: {seconds, busy, startup, work}},
+    "iteration_seconds", "total_seconds", "prompt_rows", "prompt_tokens", "figures": [...]}; a stage without a
+    figure has seconds None."""
     cfg, spec = run_plan.config, run_plan.cluster
+    table = load_table()
     prompt_rows, prompt_tokens = prompt_stats(cfg)
     models = {role: m.parameters for role, m in run_plan.models.items()}
-    phases, figures_by_phase, sources = {}, {}, []
+    phases, figures_by_phase, load_gb, sources = {}, {}, {}, []
     for p in run_plan.phases:
         units = p.gpus_per_actor if p.device == "gpu" else p.cpus_per_actor
         phases[p.phase] = (p.actors, units)
-        figures_by_phase[p.phase] = f = figures(cfg, p.device, spec.gpu_type, run_plan.models["policy"].parameters)
-        sources += [s for s in f.sources if s.split(":")[0] in (p.phase, "score, train") and s not in sources]
-    if prompt_rows is None:
+        # every checkpoint the phase's actors hold, read in its published dtype
+        load_gb[p.phase] = sum(m.parameters * m.dtype_bytes for m in run_plan.models.values()
+                               if m.name in p.models) / 1e9
+        figures_by_phase[p.phase] = f = figures(cfg, p.device, spec.gpu_type, run_plan.models["policy"].parameters,
+                                                table)
+        sources += [s for s in f.sources if s.split(":")[0] in (p.phase, "score, train", "start-up")
+                    and s not in sources]
+    pairs_rate = table["pairs_samples_per_s"]
+    sources.append(f"pairs: {pairs_rate:,} samples/s (throughput.yaml)")
+    candidates = candidate_stats(cfg) if cfg.pairs.method == "dco" else None
+    if prompt_rows is None and cfg.pairs.method != "dco":
         return {"phases": {}, "figures": sources, "note": "prompt rows unknown (an hf: source without "
                 "prompts.limit): no estimate"}
-    result = phase_seconds(cfg, phases, models, prompt_rows, prompt_tokens, figures_by_phase)
+    result = phase_seconds(cfg, phases, models, prompt_rows or 0, prompt_tokens, figures_by_phase, load_gb,
+                           pairs_rate, candidates)
     known = [v["seconds"] for v in result.values() if v["seconds"] is not None]
     per_iteration = sum(known) if known else None
-    return {"phases": result, "iteration_seconds": per_iteration,
-            "total_seconds": per_iteration * cfg.iterations if per_iteration is not None else None,
-            "prompt_rows": prompt_rows, "prompt_tokens": round(prompt_tokens, 1), "figures": sources}
+    out = {"phases": result, "iteration_seconds": per_iteration,
+           "total_seconds": per_iteration * cfg.iterations if per_iteration is not None else None,
+           "prompt_rows": prompt_rows, "prompt_tokens": round(prompt_tokens, 1), "figures": sources}
+    if cfg.pairs.method == "dco":  # no prompts: the candidate sets are the work
+        out["prompt_rows"] = None
+        out["note"] = (f"{candidates[1]:,} candidate rows of about {candidates[2]:.3g} tokens; DeepSpeed's first-run "
+                       "op compile not counted" if candidates else f"DCO candidates not readable here "
+                       f"({cfg.rewards.consistency.candidates_path}): pairs and train not estimated")
+    return out
 
 
 def duration(seconds: float | None) -> str:
@@ -189,7 +272,8 @@ def duration(seconds: float | None) -> str:
 
 
 def estimate_table(result: dict, iterations: int, title: str = "estimated time per iteration"):
-    """A rich table of an estimate: phase, time, how it was counted; the figures' sources as its caption."""
+    """A rich table of an estimate: stage, time, start-up within it, how the rest was counted; the figures'
+    sources as its caption."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -198,11 +282,13 @@ def estimate_table(result: dict, iterations: int, title: str = "estimated time p
         caption.insert(0, escape(result["note"]))
     if result.get("prompt_rows") is not None:
         caption.insert(0, f"{result['prompt_rows']} prompt rows of about {result['prompt_tokens']:g} tokens; "
-                          "start-up and the pairs phase not counted")
-    table = Table("phase", "time", "counted as", title=title, caption="\n".join(caption), caption_justify="left")
+                          "streamed generate and score overlap, the sum is an upper bound; DeepSpeed's first-run op "
+                          "compile not counted")
+    table = Table("stage", "time", "start-up", "counted as", title=title, caption="\n".join(caption),
+                  caption_justify="left")
     for phase, value in result.get("phases", {}).items():
-        table.add_row(phase, duration(value["seconds"]), escape(value["work"]))
+        table.add_row(phase, duration(value["seconds"]), duration(value.get("startup")), escape(value["work"]))
     if result.get("iteration_seconds") is not None:
-        table.add_row("iteration", duration(result["iteration_seconds"]),
+        table.add_row("iteration", duration(result["iteration_seconds"]), "",
                       f"x {iterations} iteration(s) = {duration(result['total_seconds'])}")
     return table

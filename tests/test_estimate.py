@@ -57,22 +57,60 @@ def eight_gpu_recipe(prompts, *more):
 
 def test_estimate_per_phase_against_hand_worked_numbers(prompts):
     cfg = eight_gpu_recipe(prompts, "cluster.generation_tokens_per_s=1000", "cluster.device_tflops=100",
-                           "cluster.efficiency=0.5")
+                           "cluster.efficiency=0.5", "cluster.startup_seconds=10")
     result = plan(cfg, load_cluster_spec("a100x8"))
     assert result.models["policy"].parameters == LLAMA3_8B
     est = result.estimate
     assert est["prompt_rows"] == 20 and est["prompt_tokens"] == 100
-    seconds = {phase: v["seconds"] for phase, v in est["phases"].items()}
+    busy = {phase: v["busy"] for phase, v in est["phases"].items()}
     # generate: 20 rows x 4 samples x 100 tokens = 8000 tokens over 8 engines x 1000 tokens/s
-    assert seconds["generate"] == pytest.approx(1.0)
+    assert busy["generate"] == pytest.approx(1.0)
     # score: 2 x 8,030,261,248 x (80 samples x (100 + 100) tokens) = 2.56968359936e14 FLOPs
     #        over 8 scorers x 1 GPU x 100e12 FLOP/s x 0.5 = 4e14 FLOP/s
-    assert seconds["score"] == pytest.approx(0.64242089984)
+    assert busy["score"] == pytest.approx(0.64242089984)
+    # pairs: 80 samples at the table's driver rate
+    assert busy["pairs"] == pytest.approx(80 / load_table()["pairs_samples_per_s"])
     # train: one pair per prompt row, 2 sequences of 200 tokens: 8000 tokens; 6 x 8,030,261,248 x 8000
     #        = 3.85452539904e14 FLOPs over 8 ranks x 100e12 x 0.5
-    assert seconds["train"] == pytest.approx(0.96363134976)
-    assert est["iteration_seconds"] == pytest.approx(1.0 + 0.64242089984 + 0.96363134976)
-    assert est["total_seconds"] == pytest.approx(3 * (1.0 + 0.64242089984 + 0.96363134976))
+    assert busy["train"] == pytest.approx(0.96363134976)
+    # start-up: 10 s fixed + the bf16 checkpoint, 8,030,261,248 x 2 bytes = 16.060522496 GB at the table's GPU rate
+    load = 16.060522496 / load_table()["load_gb_per_s"]["gpu"]
+    startup = {phase: v["startup"] for phase, v in est["phases"].items()}
+    assert startup == pytest.approx({"generate": 10 + load, "score": 10 + load, "pairs": 0, "train": 10 + load})
+    iteration = 1.0 + 0.64242089984 + 80 / load_table()["pairs_samples_per_s"] + 0.96363134976 + 3 * (10 + load)
+    assert est["iteration_seconds"] == pytest.approx(iteration)
+    assert est["total_seconds"] == pytest.approx(3 * iteration)
+
+
+def test_dco_estimate_counts_its_candidates_and_tuples(tmp_path):
+    """DCO: no generation; the pairs stage scores every candidate with the reference, then training sees one
+    tuple of 4 sequences per question, language pair and draw."""
+    cands = tmp_path / "mc"
+    cands.mkdir()
+    for lang in ("en", "de", "fr"):  # 3 questions of 40 characters, 4 candidates of 8 characters: 12 tokens a row
+        (cands / f"{lang}.jsonl").write_text("".join(json.dumps(
+            {"question_id": f"q{i}", "question": "q" * 40, "candidates": ["c" * 8] * 4, "gold": 0}) + "\n"
+            for i in range(3)))
+    cfg = load_config(REPO / "examples" / "dco-llama3-8b.yaml", [
+        f"rewards.consistency.candidates_path={cands}", "languages=[en,de,fr]", "rewards.actors=2",
+        "training.world_size=4", "rewards.consistency.pairs_per_question=5", "rewards.consistency.language_pairs=all",
+        "cluster.device_tflops=100", "cluster.efficiency=0.5", "cluster.startup_seconds=0"])
+    est = plan(cfg, load_cluster_spec("a100x8")).estimate
+    assert set(est["phases"]) == {"pairs", "train"}
+    # 3 questions x 3 languages x 4 candidates = 36 rows of 12 tokens: 2 x 8,030,261,248 x 432 = 6.93814571827e12
+    # FLOPs over 2 scorers x 100e12 x 0.5 = 0.0693814571827 s, then 36 rows at the driver's rate
+    pairs = est["phases"]["pairs"]
+    assert pairs["busy"] == pytest.approx(0.0693814571827 + 36 / load_table()["pairs_samples_per_s"])
+    assert "45 tuples" in pairs["work"]  # 3 questions x 3 language pairs (en-de, en-fr, de-fr) x 5 draws
+    # train: 45 tuples x 4 sequences x 12 tokens = 2160 tokens; 6 x 8,030,261,248 x 2160 = 1.04072185774e14 FLOPs
+    # over 4 ranks x 100e12 x 0.5
+    assert est["phases"]["train"]["busy"] == pytest.approx(0.520360928870)
+
+
+def test_dco_without_readable_candidates_says_so(tmp_path):
+    cfg = load_config(REPO / "examples" / "dco-llama3-8b.yaml", [f"rewards.consistency.candidates_path={tmp_path}/no"])
+    est = plan(cfg, load_cluster_spec("a100x8")).estimate
+    assert "not estimated" in est["note"] and est["phases"] == {}
 
 
 def test_estimate_from_the_table_for_the_spec_gpu(prompts):
@@ -82,11 +120,16 @@ def test_estimate_from_the_table_for_the_spec_gpu(prompts):
     # t = ln(8.030261248 / 8) / ln(70 / 8) = 0.0037755 / 2.1690537; 2500 x (300 / 2500)^t = 2490.8 tokens/s
     per_engine = 2500 * (300 / 2500) ** (0.0037755 / 2.1690537)
     assert per_engine == pytest.approx(2490.8, abs=0.1)
-    assert est["phases"]["generate"]["seconds"] == pytest.approx(8000 / (8 * 2490.8), rel=1e-4)
+    assert est["phases"]["generate"]["busy"] == pytest.approx(8000 / (8 * 2490.8), rel=1e-4)
     # score at 312 TFLOP/s x 0.3 per GPU: 2.56968359936e14 / (8 x 93.6e12)
-    assert est["phases"]["score"]["seconds"] == pytest.approx(2.56968359936e14 / 7.488e14)
+    assert est["phases"]["score"]["busy"] == pytest.approx(2.56968359936e14 / 7.488e14)
     # train with 4 sequences of a KTO-free pair loss, ZeRO settings do not enter: 3.85452539904e14 / 7.488e14
-    assert est["phases"]["train"]["seconds"] == pytest.approx(3.85452539904e14 / 7.488e14)
+    assert est["phases"]["train"]["busy"] == pytest.approx(3.85452539904e14 / 7.488e14)
+    # start-up from the table's GPU row: fixed seconds by phase + 16.060522496 GB of bf16 weights at its GB/s
+    table = load_table()
+    for phase in ("generate", "score", "train"):
+        expected = table["startup_s"]["gpu"][phase] + 16.060522496 / table["load_gb_per_s"]["gpu"]
+        assert est["phases"][phase]["seconds"] == pytest.approx(est["phases"][phase]["busy"] + expected)
     assert any("throughput.yaml A100" in line for line in est["figures"])
 
 
@@ -96,7 +139,7 @@ def test_scoring_counts_every_forward_of_the_recipe(prompts, tmp_path):
                            "rewards.implicit.reward_reference.path=princeton-nlp/Llama-3-Base-8B-SFT-DPO",
                            "cluster.device_tflops=100", "cluster.efficiency=0.5")
     est = plan(cfg, load_cluster_spec("a100x8")).estimate
-    assert est["phases"]["score"]["seconds"] == pytest.approx(3 * 0.64242089984)
+    assert est["phases"]["score"]["busy"] == pytest.approx(3 * 0.64242089984)
 
 
 def test_plan_prints_the_estimate_and_json_holds_it(prompts):
@@ -105,7 +148,7 @@ def test_plan_prints_the_estimate_and_json_holds_it(prompts):
     assert result.exit_code == 0, result.output
     assert "estimated time per iteration" in result.output and "tokens/s" in result.output
     data = json.loads(invoke(*args, "--json").output)
-    assert set(data["estimate"]["phases"]) == {"generate", "score", "train"}
+    assert set(data["estimate"]["phases"]) == {"generate", "score", "pairs", "train"}
 
 
 def test_inspect_shows_the_estimate_beside_the_measured_time(tmp_path, monkeypatch):

@@ -90,7 +90,7 @@ def inspect(path):
     if metrics:
         estimated = planned_seconds(path)
         table = Table("iteration", "stage", "seconds", "estimate s", "samples/s", "tokens/s", "retries", "failed rows",
-                      caption="estimate: the plan's, saved at launch (plan.json); start-up not counted"
+                      caption="estimate: the plan's, saved at launch (plan.json), start-up included; a streamed score stage's seconds are its wait after generation"
                       if estimated else None, caption_justify="left")
         for m in (m for m in metrics if m.get("stage") != "iteration"):
             seconds = m.get("wall_seconds", m.get("seconds", ""))  # a "redo" record has neither, nor an iteration

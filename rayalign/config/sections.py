@@ -350,6 +350,9 @@ class ClusterConfig:
     efficiency: float | None = _field(
         None, help="time estimate: share of device_tflops that scoring and training reach; null = the table's",
         gt=0.0, le=1.0)
+    startup_seconds: float | None = _field(
+        None, help="time estimate: fixed start-up of each phase's actors (actor start, engine or DeepSpeed set-up), "
+        "before the checkpoint read; null = the table's figure by phase", ge=0.0)
 
 
 LIKELIHOODS = ("sum", "mean", "sequence_mean")
