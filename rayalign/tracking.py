@@ -37,10 +37,41 @@ def check_trackers(cfg: RunConfig) -> None:
         except ImportError:
             raise ConfigError(f"{key}: the {package} package is not installed; install the extra with "
                               f"`pip install 'rayalign[{package}]'`, or remove the setting") from None
+    if log.wandb is not None and _wandb_mode(log.wandb.mode) == "online":
+        _check_wandb_credentials(log.wandb.mode)
 
 
 def _wandb_mode(mode: str | None) -> str:
     return mode or os.environ.get("WANDB_MODE") or "online"
+
+
+def _check_wandb_credentials(mode: str | None) -> None:
+    """Mode online needs W&B credentials in this process (the driver's, where wandb.init runs): refused here, before
+    Ray starts, rather than by wandb.init once the run has begun. The credentials are looked up as wandb.init does
+    (WANDB_API_KEY or WANDB_IDENTITY_TOKEN_FILE, the netrc entry of `wandb login`, wandb's settings), without
+    prompting, without checking the key with the server and without touching the network."""
+    try:
+        from wandb.errors import AuthenticationError
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib import wbauth
+
+        settings = wandb_setup.singleton().settings
+        host = wbauth.HostUrl(settings.base_url, app_url=settings.app_url)
+    except Exception:  # noqa: BLE001 (another wandb's internals, unreadable settings): wandb.init will say
+        return
+    try:
+        if wbauth.authenticate_session(host=host, source="rayalign", prompt=False, update_session=False):
+            return
+        problem = f"no W&B API key is configured for {host.url} (none in WANDB_API_KEY, the netrc file or wandb's settings)"
+    except AuthenticationError as e:
+        problem = f"the W&B credentials found are not usable ({str(e).rstrip('.')})"
+    except Exception:  # noqa: BLE001
+        return
+    why = "online" if mode else ("unset and WANDB_MODE=online" if os.environ.get("WANDB_MODE") else
+                                 "unset, which W&B takes as online")
+    raise ConfigError(f"logging.wandb.mode is {why}, but {problem}. Run `wandb login` (it stores the key for this "
+                      "user), set WANDB_API_KEY, or set logging.wandb.mode=offline (files under the run directory, "
+                      "upload later with `wandb sync`)")
 
 
 def _scalars(record: dict, skip: tuple[str, ...] = ()) -> dict[str, float]:

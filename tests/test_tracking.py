@@ -206,3 +206,81 @@ def test_an_online_run_logs_every_step(ray_session, tiny_model, tmp_path):
     logged = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows if "report/" not in str(row)]
     assert logged == [{f"online/{k}": v for k, v in numbers(r).items()} for r in metrics]
     assert [r["online/step"] for r in logged] == [1, 2] and not (run_dir / "tensorboard").exists()
+
+
+FAKE_KEY = "local-" + "0123456789abcdef" * 3  # the format of a W&B key (40+ characters after the prefix), never sent
+
+
+@pytest.fixture
+def no_wandb_credentials(monkeypatch, tmp_path):
+    """A user with no W&B credentials anywhere wandb looks (a fresh home, netrc and settings directory, no key in the
+    environment), mode unset, and no network: a connection attempt fails the test."""
+    import socket
+
+    from wandb.sdk import wandb_setup
+
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setattr(wandb_setup, "_singleton", None)  # settings read afresh from this environment
+
+    attempts = []
+
+    def no_network(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    yield tmp_path
+    assert not attempts, f"connections were attempted: {attempts}"
+
+
+@pytest.mark.parametrize("mode", ["online", None])
+def test_online_mode_without_a_wandb_key_is_refused_at_config_check(no_wandb_credentials, monkeypatch, mode):
+    """logging.wandb with mode online (or unset: W&B's default is online) and no API key is refused by the config
+    check, before Ray starts, naming logging.wandb.mode and the three ways out, rather than by wandb.init later."""
+    from click.testing import CliRunner
+
+    from rayalign.cli import main
+    from rayalign.config import ConfigError
+    from rayalign.tracking import check_trackers
+
+    overrides = ["logging.wandb.project=p"] + ([f"logging.wandb.mode={mode}"] if mode else [])
+    with pytest.raises(ConfigError, match=r"logging\.wandb\.mode is (online|unset, which W&B takes as online), but no "
+                       r"W&B API key is configured.*`wandb login`.*WANDB_API_KEY.*logging\.wandb\.mode=offline"):
+        check_trackers(load_config(None, overrides))
+    result = CliRunner().invoke(main, ["config", str(REPO / "examples" / "quickstart.yaml")]
+                                + [a for o in overrides for a in ("-o", o)])
+    assert result.exit_code == 2 and "logging.wandb.mode" in result.output and "wandb login" in result.output, \
+        result.output
+    assert "Traceback" not in result.output
+
+    # a key badly copied into WANDB_API_KEY is named
+    monkeypatch.setenv("WANDB_API_KEY", "abc")
+    with pytest.raises(ConfigError, match=r"credentials found are not usable \(WANDB_API_KEY invalid"):
+        check_trackers(load_config(None, overrides))
+
+
+def test_online_mode_with_a_wandb_key_or_offline_mode_passes_the_check(no_wandb_credentials, monkeypatch):
+    from wandb.sdk import wandb_setup
+
+    from rayalign.tracking import check_trackers
+
+    online = load_config(None, ["logging.wandb.project=p", "logging.wandb.mode=online"])
+    for mode in ("offline", "disabled"):  # no key needed
+        check_trackers(load_config(None, ["logging.wandb.project=p", f"logging.wandb.mode={mode}"]))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    check_trackers(load_config(None, ["logging.wandb.project=p"]))  # unset: WANDB_MODE decides
+    monkeypatch.delenv("WANDB_MODE")
+
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)  # in the environment
+    check_trackers(online)
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setattr(wandb_setup, "_singleton", None)
+    # in the netrc file `wandb login` writes (W&B's cloud, under its older host name too)
+    (no_wandb_credentials / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {FAKE_KEY}\n")
+    (no_wandb_credentials / ".netrc").chmod(0o600)
+    check_trackers(online)
