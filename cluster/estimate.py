@@ -261,6 +261,30 @@ def estimate(run_plan) -> dict:
     return out
 
 
+def one_actor_busy(cfg, spec) -> tuple[float, float] | None:
+    """Busy seconds of one iteration's generation on one engine and its scoring on one scorer, with the counts'
+    figures on `spec` (what a streamed split balances); None without a figure for either. Both scale with the
+    prompt rows, so an unknown count (an hf: source) counts one row."""
+    from rayalign.cluster.model_info import model_info
+
+    r, e = cfg.rewards, cfg.engines
+    prompt_rows, prompt_tokens = prompt_stats(cfg)
+    paths = {"policy": cfg.policy.path, "reward_reference": r.implicit.reward_reference and
+             r.implicit.reward_reference.path, "reward_model": r.reward_model.model and r.reward_model.model.path}
+    models = {role: model_info(path).parameters for role, path in paths.items() if path}
+    on_gpu = bool(spec.gpus_per_node)
+    tp = e.tensor_parallel_size if e.backend == "vllm" else 1
+    units = {"generate": ((tp if tp > 1 else e.num_gpus) if on_gpu and e.num_gpus else e.num_cpus, on_gpu and e.num_gpus),
+             "score": (r.num_gpus if on_gpu and r.num_gpus else r.num_cpus, on_gpu and r.num_gpus)}
+    figs = {phase: figures(cfg, "gpu" if gpu else "cpu", spec.gpu_type, models["policy"])
+            for phase, (_, gpu) in units.items()}
+    phases = {phase: (1, unit) for phase, (unit, _) in units.items()}
+    busy = phase_seconds(cfg, phases, models, prompt_rows or 1, prompt_tokens, figs, {"generate": 0, "score": 0},
+                         1.0)
+    gen, score = busy["generate"]["busy"], busy.get("score", {}).get("busy")
+    return (gen, score) if gen and score else None
+
+
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "?"

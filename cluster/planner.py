@@ -341,7 +341,8 @@ def _per_node(cpus: float, gpus: float, spec: ClusterSpec) -> int:
 
 def resolve_counts(cfg, spec: ClusterSpec):
     """The recipe with every `auto` count filled for the cluster: engines.count and rewards.actors as many as fit
-    (offline phases run one after another, so each may take the whole cluster), training.world_size as many ranks
+    (offline phases run one after another, so each may take the whole cluster; under cluster.schedule stream, with
+    both auto, the cluster is split between them so that they finish together), training.world_size as many ranks
     as fit, at most training.global_batch_size / micro_batch_size (a divisor of it, the accumulation derived)."""
     e, r, t = cfg.engines, cfg.rewards, cfg.training
     auto = [k for k, v in (("engines.count", e.count), ("rewards.actors", r.actors), ("training.world_size",
@@ -357,6 +358,12 @@ def resolve_counts(cfg, spec: ClusterSpec):
         engines = dataclasses.replace(e, count=_per_node(e.num_cpus, gpus, spec) * spec.nodes)
     if r.actors == "auto":
         rewards = dataclasses.replace(r, actors=_per_node(r.num_cpus, r.num_gpus if on_gpu else 0, spec) * spec.nodes)
+    from rayalign.cluster.schedule import balanced_counts, streams
+
+    if cfg.cluster.schedule == "stream" and e.count == r.actors == "auto" and streams(cfg):
+        split = balanced_counts(cfg, spec, engines.count, rewards.actors)
+        if split:  # both roles at once: the cluster split so that they finish together
+            engines, rewards = dataclasses.replace(e, count=split[0]), dataclasses.replace(r, actors=split[1])
     if t.world_size == "auto":
         most = _per_node(t.num_cpus, t.num_gpus if on_gpu else 0, spec) * spec.nodes
         if t.global_batch_size:

@@ -49,17 +49,48 @@ def side_by_side(cfg, spec: ClusterSpec) -> str | None:
     return None
 
 
+def streams(cfg) -> bool:
+    """Whether an offline recipe has generation feeding a scoring phase, the two roles streaming can overlap."""
+    r = cfg.rewards
+    scored = r.latent.enabled or r.implicit.enabled or r.reward_model.enabled or bool(r.user.path)
+    return cfg.mode != "online" and cfg.pairs.method != "dco" and bool(scored)
+
+
+def balanced_counts(cfg, spec: ClusterSpec, most_engines: int, most_scorers: int) -> tuple[int, int] | None:
+    """(engines, scorers) for a streamed iteration on `spec`: the pair that fits side by side and whose slower role
+    finishes first, by the estimate's busy seconds of one engine and one scorer (both roles run at once, so the
+    iteration lasts as long as the slower one); None without the figures or when no pair fits."""
+    import dataclasses
+
+    from rayalign.cluster.estimate import one_actor_busy
+
+    busy = one_actor_busy(cfg, spec)
+    if busy is None:
+        return None
+    generate, score = busy
+    best = None
+    for engines in range(1, most_engines + 1):
+        fits = [s for s in range(1, most_scorers + 1) if side_by_side(dataclasses.replace(
+            cfg, engines=dataclasses.replace(cfg.engines, count=engines),
+            rewards=dataclasses.replace(cfg.rewards, actors=s)), spec) is None]
+        if not fits:
+            break
+        scorers = max(fits)
+        seconds = max(generate / engines, score / scorers)
+        if best is None or seconds < best[0] - 1e-12:
+            best = (seconds, engines, scorers)
+    return best and best[1:]
+
+
 def choose_schedule(cfg, spec: ClusterSpec) -> Schedule:
     """The recipe's schedule on `spec` (its counts resolved): cluster.schedule, where auto streams when both roles
     fit side by side. Raises PlanError for `stream` on a cluster that cannot hold both."""
     from rayalign.cluster.planner import PlanError
 
     asked = cfg.cluster.schedule
-    r = cfg.rewards
-    scored = r.latent.enabled or r.implicit.enabled or r.reward_model.enabled or bool(r.user.path)
     if cfg.mode == "online":
         return Schedule(False, "online runs hold every role at once anyway")
-    if cfg.pairs.method == "dco" or not scored:
+    if not streams(cfg):
         return Schedule(False, "no generation feeding a scoring phase")
     if asked == "barrier":
         return Schedule(False, "cluster.schedule: barrier")

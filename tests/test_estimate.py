@@ -168,3 +168,27 @@ def test_inspect_shows_the_estimate_beside_the_measured_time(tmp_path, monkeypat
     lines = {line.split("│")[2].strip(): line for line in result.output.splitlines() if line.count("│") > 4}
     assert "14.0" in lines["generate"] and "12.5" in lines["generate"]
     assert "28.5" in lines["score"] and "30.2" in lines["score"]
+
+
+def test_streamed_auto_counts_split_the_cluster_so_both_roles_finish_together(prompts):
+    """cluster.schedule stream with engines.count and rewards.actors auto: all 64 GPUs of a100x64, split so that
+    the slower role finishes first. One engine's and one scorer's busy seconds, from the table's A100 row:
+    generate 20 rows x 4 x 100 tokens = 8000 tokens at 2490.8 tokens/s; score 2 x 8,030,261,248 x 80 x 200 FLOPs
+    = 2.56968359936e14 at 312e12 x 0.3 FLOP/s."""
+    cfg = load_config(LACOMSA, [f"prompts.path={prompts}", "languages=[en,de]", "sampling.n=4",
+                                "sampling.max_new_tokens=100", "cluster.schedule=stream"])
+    result = plan(cfg, load_cluster_spec("a100x64"))
+    counts = {p.phase: p.actors for p in result.phases}
+    engines, scorers = counts["generate"], counts["score"]
+    assert engines + scorers == 64
+    generate, score = 8000 / 2490.8, 2.56968359936e14 / (312e12 * 0.3)
+
+    def seconds(e, s):
+        return max(generate / e, score / s)
+
+    assert all(seconds(engines, scorers) <= seconds(e, 64 - e) + 1e-9 for e in range(1, 64))
+    assert "schedule: stream" in "\n".join(result.notes)
+    # the barrier schedule keeps giving each phase the whole cluster
+    barrier = plan(load_config(LACOMSA, [f"prompts.path={prompts}", "cluster.schedule=barrier"]),
+                   load_cluster_spec("a100x64"))
+    assert {p.phase: p.actors for p in barrier.phases}["generate"] == 64

@@ -340,7 +340,8 @@ class ClusterConfig:
     schedule: str = _field(
         "auto", help="stream: scoring actors start on finished sample shards while generation goes on (both roles "
         "held at once); barrier: scoring waits for the last sample shard; auto = stream when the cluster holds both "
-        "roles side by side, else barrier. The datasets are the same either way", choices=("auto", "stream", "barrier"))
+        "roles side by side, else barrier. With engines.count and rewards.actors auto, stream splits the cluster between them "
+        "so that both finish together. The datasets are the same either way", choices=("auto", "stream", "barrier"))
     generation_tokens_per_s: float | None = _field(
         None, help="time estimate: generated tokens per second of one engine; null = cluster/throughput.yaml's table "
         "by GPU type and model size", gt=0.0)
