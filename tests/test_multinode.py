@@ -1,4 +1,5 @@
-"""The quickstart on a simulated 4-node Ray cluster with logical GPUs: actors spread over the nodes.
+"""The quickstart on a simulated 4-node Ray cluster with logical GPUs: actors spread over the nodes, scoring
+streaming behind generation.
 
 Runs in a subprocess, because the test session already holds its own Ray instance.
 """
@@ -45,6 +46,8 @@ def test_quickstart_on_four_simulated_nodes(tmp_path, tiny_model):
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["exit"] == 0, report["output"]
     metrics = {m["stage"]: m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    # 4 engines + 4 scorers of one GPU each fit the 8 GPUs at once: scoring streams behind generation across nodes
+    assert metrics["generate"]["schedule"] == "stream" and metrics["score"]["schedule"] == "stream"
     for stage in ("generate", "score"):
         # one actor per GPU node, as planned: SPREAD over the four nodes that hold GPUs
         assert sorted(metrics[stage]["actor_nodes"]) == report["gpu_nodes"], stage
