@@ -52,8 +52,10 @@ def dataset_summary(path: Path) -> tuple[dict, pl.DataFrame | None]:
         return manifest, scores_summary(df)
     if schema == "pairs":
         return manifest, pairs_summary(df)
-    lang = "lang_2" if schema == "dco" else "lang"
-    return manifest, df.group_by(lang, maintain_order=True).agg(pl.len().alias("rows"))
+    # DCO tuples: per language pair (with rewards.consistency.language_pairs: all, side 2 alone would merge en-ru
+    # with de-ru)
+    langs = ("lang_1", "lang_2") if schema == "dco" else ("lang",)
+    return manifest, df.group_by(*langs, maintain_order=True).agg(pl.len().alias("rows"))
 
 
 def find_datasets(path: Path) -> list[Path]:
