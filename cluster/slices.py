@@ -1,6 +1,8 @@
 """Slices of a cluster for runs side by side (`rayalign study` with parallel: N): N equal parts that fit at once,
 whole nodes when the cluster has at least N nodes, else equal shares of every node. Each run is planned on its
-slice (its auto counts fill the slice, not the cluster), so the N runs' actors fit the cluster together."""
+slice (its auto counts fill the slice, not the cluster), so the N runs' actors fit the cluster together. Slices of
+whole nodes are pinned to concrete Ray nodes (`pin_slices`: their node_ids, which keep every actor of the run on
+them); shares of every node are budgets, and Ray places their actors wherever the resources are free."""
 
 from __future__ import annotations
 
@@ -41,10 +43,43 @@ def slice_cluster(spec: ClusterSpec, parallel: int) -> list[ClusterSpec]:
             for i in range(parallel)]
 
 
+def _node_order(node: dict) -> tuple:
+    """Nodes by address (numerically for IPs), then id: the same nodes go to the same slices on every call."""
+    import ipaddress
+
+    address = node.get("NodeManagerAddress", "")
+    try:
+        key = (0, int(ipaddress.ip_address(address)), "")
+    except ValueError:
+        key = (1, 0, address)
+    return (*key, node["NodeID"])
+
+
+def pin_slices(spec: ClusterSpec, slices: list[ClusterSpec], nodes: list[dict]) -> list[ClusterSpec]:
+    """The slices with the Ray node ids each gets (node_ids), when they are slices of whole nodes: the alive nodes of
+    `nodes` (`ray.nodes()`) that hold a slice's GPUs and CPUs per node, in a fixed order (address, then id), taken
+    in turn. Shares of every node (more runs than nodes) come back unpinned. ClusterError when fewer such nodes are
+    alive than the slices need."""
+    if len(slices) <= 1 or spec.nodes < len(slices):
+        return slices
+    first = slices[0]
+    fit = sorted((n for n in nodes if n["Alive"] and n["Resources"].get("GPU", 0) >= first.gpus_per_node
+                  and n["Resources"].get("CPU", 0) >= first.cpus_per_node), key=_node_order)
+    need = first.nodes * len(slices)
+    if len(fit) < need:
+        raise ClusterError(f"{len(slices)} slices of {first.nodes} whole node(s) need {need} alive node(s) with at "
+                           f"least {first.gpus_per_node} GPU(s) and {first.cpus_per_node} CPU(s) each; the Ray cluster "
+                           f"has {len(fit)} (lower parallel, or use the spec of this cluster)")
+    return [dataclasses.replace(s, node_ids=tuple(n["NodeID"] for n in fit[i * s.nodes:(i + 1) * s.nodes]))
+            for i, s in enumerate(slices)]
+
+
 def slices_text(spec: ClusterSpec, slices: list[ClusterSpec]) -> str:
-    """One line per slice, and what the cluster leaves unused."""
+    """One line per slice (with the nodes it is pinned to), and what the cluster leaves unused."""
     lines = [f"{len(slices)} run(s) side by side on {spec.summary()}, each on its own slice:"]
-    lines += [f"  {s.description}: {s.summary().split(': ', 1)[1]}" for s in slices]
+    lines += [f"  {s.description}: {s.summary().split(': ', 1)[1]}"
+              + (f", pinned to node(s) {', '.join(n[:12] for n in s.node_ids)}" if s.node_ids else "")
+              for s in slices]
     idle_nodes = spec.nodes - slices[0].nodes * len(slices) if spec.nodes >= len(slices) else 0
     if idle_nodes > 0:
         lines.append(f"  {idle_nodes} node(s) unused (nodes do not divide into {len(slices)} equal slices)")
@@ -56,7 +91,8 @@ def write_slice_spec(slice_spec: ClusterSpec, path: Path) -> Path:
     data = {"name": slice_spec.name, "description": slice_spec.description, "slice_of": slice_spec.slice_of,
             "nodes": slice_spec.nodes, "cpus_per_node": slice_spec.cpus_per_node,
             "gpus_per_node": slice_spec.gpus_per_node, "gpu_type": slice_spec.gpu_type,
-            "gpu_memory_gb": slice_spec.gpu_memory_gb, "memory_gb_per_node": slice_spec.memory_gb_per_node}
+            "gpu_memory_gb": slice_spec.gpu_memory_gb, "memory_gb_per_node": slice_spec.memory_gb_per_node,
+            **({"node_ids": list(slice_spec.node_ids)} if slice_spec.node_ids else {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path

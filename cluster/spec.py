@@ -33,6 +33,7 @@ class ClusterSpec:
     source: str = ""
     auto_fields: tuple[str, ...] = ()  # fields given as 'auto': measured where the spec runs, never checked
     slice_of: str = ""  # a study's slice of this cluster (rayalign.cluster.slices): the cluster holds at least it
+    node_ids: tuple[str, ...] = ()  # a slice of whole nodes: the Ray node ids its actors are pinned to
 
     @property
     def total_gpus(self) -> int:
@@ -107,7 +108,7 @@ def load_cluster_spec(name_or_path: str) -> ClusterSpec:
     if not isinstance(data, dict):
         raise ClusterError(f"{path}: expected a mapping of spec fields, got {type(data).__name__}")
     known = {"name", "description", "gpu_type", *FIELDS}
-    unknown = sorted(set(data) - known - {"slice_of"})
+    unknown = sorted(set(data) - known - {"slice_of", "node_ids"})
     if unknown:
         raise ClusterError(f"{path}: {unknown[0]}: unknown key (expected one of: {', '.join(sorted(known))})")
     missing = sorted(known - {"description"} - set(data))
@@ -140,11 +141,18 @@ def load_cluster_spec(name_or_path: str) -> ClusterSpec:
     if not gpus and "gpus_per_node" not in auto and (gpu_memory or gpu_type.lower() != "none"):
         raise ClusterError(f"{path}: gpus_per_node: 0, but gpu_type {gpu_type!r} / gpu_memory_gb {gpu_memory!r} "
                            "describe GPUs (set gpu_type: none and gpu_memory_gb: 0, or give gpus_per_node)")
+    node_ids = data.get("node_ids", [])
+    if not (isinstance(node_ids, list) and all(isinstance(n, str) and n.strip() for n in node_ids)) or \
+            len(set(node_ids)) != len(node_ids):
+        raise ClusterError(f"{path}: node_ids: expected a list of distinct Ray node ids, got {node_ids!r}")
+    if node_ids and len(node_ids) != values["nodes"]:
+        raise ClusterError(f"{path}: node_ids: {len(node_ids)} node id(s) for nodes: {values['nodes']}; give one id "
+                           "per node")
     return ClusterSpec(name=data["name"], gpu_type=gpu_type, gpu_memory_gb=float(gpu_memory),
                        nodes=values["nodes"], cpus_per_node=values["cpus_per_node"], gpus_per_node=gpus,
                        memory_gb_per_node=float(values["memory_gb_per_node"]),
                        description=data.get("description", ""), source=str(path), auto_fields=tuple(auto),
-                       slice_of=str(data.get("slice_of", "")))
+                       slice_of=str(data.get("slice_of", "")), node_ids=tuple(node_ids))
 
 
 # ---- the running Ray cluster ----
@@ -181,9 +189,10 @@ def check_cluster(spec: ClusterSpec, node_resources: list[dict], allow_mismatch:
     found = {"nodes": len(nodes), "gpus_per_node": sorted({int(n.get("GPU", 0)) for n in nodes}),
              "cpus_per_node": min((int(n.get("CPU", 0)) for n in nodes), default=0)}
     mismatches = []
-    if spec.slice_of:  # a slice: the cluster holds at least its nodes, each at least its GPUs and CPUs
-        if found["nodes"] < spec.nodes or min(found["gpus_per_node"], default=0) < spec.gpus_per_node or \
-                found["cpus_per_node"] < spec.cpus_per_node:
+    if spec.slice_of:  # a slice: the cluster holds at least its nodes, each at least its GPUs and CPUs (pinned
+        # to nodes: those are checked by id in pin_nodes, whatever the other nodes hold)
+        if not spec.node_ids and (found["nodes"] < spec.nodes or min(found["gpus_per_node"], default=0) <
+                                  spec.gpus_per_node or found["cpus_per_node"] < spec.cpus_per_node):
             mismatches.append(f"slice {spec.name} ({spec.summary()}) is larger than the cluster")
     elif "nodes" not in spec.auto_fields and found["nodes"] != spec.nodes:
         mismatches.append(f"{spec.nodes} {kind} in the spec, {found['nodes']} in the cluster")
@@ -230,6 +239,7 @@ def connect(spec: ClusterSpec, address: str | None = None, allow_mismatch: bool 
 
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
+        pin_nodes(spec)
         return ray.cluster_resources()
     if not address and spec.name != "local":
         raise ClusterError(f"cluster {spec.name!r} runs on an existing Ray cluster: pass --address or set "
@@ -249,7 +259,45 @@ def connect(spec: ClusterSpec, address: str | None = None, allow_mismatch: bool 
                            "time to start, which a busy machine can miss: run the same command again, or start Ray "
                            "once with `ray start --head` and pass --address auto") from None
     check_cluster(spec, alive_node_resources(), allow_mismatch)
+    pin_nodes(spec)
     return ray.cluster_resources()
+
+
+# ---- a slice's nodes: where this process's actors go ----
+
+_PINNED = {"name": "", "node_ids": ()}
+
+
+def pinned_nodes() -> tuple[str, tuple[str, ...]]:
+    """(slice name, Ray node ids) that every actor and placement group of this process's run is kept on (set by
+    `connect` from a slice spec's node_ids); ("", ()) when Ray places them anywhere."""
+    return _PINNED["name"], _PINNED["node_ids"]
+
+
+def check_node_ids(spec: ClusterSpec, nodes: list[dict]) -> None:
+    """Every node of the spec's node_ids is alive in `nodes` (`ray.nodes()`) with the spec's GPUs and CPUs per node;
+    else ClusterError naming the slice and the node (actors pinned to a node that is gone would wait forever)."""
+    alive = {n["NodeID"]: n for n in nodes if n["Alive"]}
+    for node_id in spec.node_ids:
+        node = alive.get(node_id)
+        if node is None:
+            raise ClusterError(f"slice {spec.name}: node {node_id} is not alive in the Ray cluster (it left, or Ray "
+                               "restarted, since the study picked the slice's nodes); run the study again to pick "
+                               "its nodes anew")
+        gpus, cpus = node["Resources"].get("GPU", 0), node["Resources"].get("CPU", 0)
+        if gpus < spec.gpus_per_node or cpus < spec.cpus_per_node:
+            raise ClusterError(f"slice {spec.name}: node {node_id} has {gpus:g} GPU(s) and {cpus:g} CPU(s), fewer "
+                               f"than the slice's {spec.gpus_per_node} and {spec.cpus_per_node} per node")
+
+
+def pin_nodes(spec: ClusterSpec, nodes: list[dict] | None = None) -> None:
+    """Keep this process's actors on the spec's node_ids (checked alive first, `check_node_ids`); a spec without
+    node_ids lets Ray place them anywhere."""
+    if spec.node_ids:
+        import ray
+
+        check_node_ids(spec, ray.nodes() if nodes is None else nodes)
+    _PINNED.update(name=spec.name if spec.node_ids else "", node_ids=tuple(spec.node_ids))
 
 
 def check_run_dir_visible(run_dir: Path) -> None:

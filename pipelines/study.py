@@ -67,7 +67,7 @@ def run_study(path: str | Path, *, cluster: str = "local", address: str | None =
     """
     from rayalign.cluster import ClusterError, connect, load_cluster_spec
     from rayalign.cluster.planner import PlanError
-    from rayalign.cluster.slices import plan_side_by_side, slices_text
+    from rayalign.cluster.slices import pin_slices, plan_side_by_side, slices_text
     from rayalign.cluster.spec import running_cluster_spec
 
     say = progress or (lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True))
@@ -81,8 +81,12 @@ def run_study(path: str | Path, *, cluster: str = "local", address: str | None =
     connect(spec, address)
     running = running_cluster_spec(spec)
     side_by_side = min(parallel, len(runs))
-    try:  # every run fits the cluster (side by side: its slice), before any starts
+    try:  # every run fits the cluster (side by side: its slice; whole nodes pinned to alive ones) before any starts
         slices, plans = plan_side_by_side({run.slug: run.cfg for run in runs}, running, side_by_side)
+        if side_by_side > 1:
+            import ray
+
+            slices = pin_slices(running, slices, ray.nodes())
     except (PlanError, ClusterError) as e:
         raise StudyError(f"{study.path}: {e}") from None
     if side_by_side > 1:
@@ -181,7 +185,8 @@ def _run_in_process(study, todo, plans, cluster, address, say, finish, total):
 
 def _run_side_by_side(study, todo, slices, address, parallel, say, finish, total):
     """Up to `parallel` `rayalign launch` subprocesses on this driver's Ray cluster, each on a free slice of it
-    (its spec written to <study dir>/slices/); evaluation here, in turn."""
+    (its spec written to <study dir>/slices/, with the node ids a slice of whole nodes is pinned to); evaluation
+    here, in turn."""
     import queue
 
     import ray

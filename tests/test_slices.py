@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -9,7 +11,8 @@ from click.testing import CliRunner
 from conftest import REPO
 from rayalign.cli import main
 from rayalign.cluster import ClusterError, PlanError, check_cluster, load_cluster_spec
-from rayalign.cluster.slices import plan_side_by_side, slice_cluster, write_slice_spec
+from rayalign.cluster.slices import pin_slices, plan_side_by_side, slice_cluster, slices_text, write_slice_spec
+from rayalign.cluster.spec import check_node_ids
 from rayalign.config import load_config
 
 LACOMSA = REPO / "examples" / "lacomsa-llama3-8b.yaml"
@@ -79,3 +82,55 @@ def test_study_dry_run_shows_the_slices_and_refuses_when_they_do_not_fit(monkeyp
     refused = invoke("study", "--dry-run", "--cluster", "a100x8", "--parallel", "4", SCALING)
     assert refused.exit_code != 0 and "does not fit its slice" in refused.output
     assert yaml.safe_load(SCALING.read_text())["parallel"] == 2
+
+
+def ray_node(node_id: str, address: str, cpus: float, gpus: float = 0, alive: bool = True) -> dict:
+    """A node as ray.nodes() describes it (the fields the slices read)."""
+    return {"NodeID": node_id, "NodeManagerAddress": address, "Alive": alive,
+            "Resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}}
+
+
+def test_node_ids_of_a_slice_round_trip_through_its_spec_file(tmp_path):
+    spec = load_cluster_spec("h100x16")  # 2 nodes x 8 GPUs
+    pinned = [dataclasses.replace(s, node_ids=(f"{'ab' * 27}0{i}",)) for i, s in enumerate(slice_cluster(spec, 2))]
+    loaded = load_cluster_spec(str(write_slice_spec(pinned[1], tmp_path / "slice-2.yaml")))
+    assert loaded.node_ids == pinned[1].node_ids and loaded.nodes == 1 and loaded.slice_of == "h100x16"
+    # its own nodes are checked by id (check_node_ids), not the smallest node of the cluster
+    assert check_cluster(loaded, [{"CPU": 192.0, "GPU": 8.0}, {"CPU": 192.0, "GPU": 2.0}]) == []
+    unpinned = load_cluster_spec(str(write_slice_spec(slice_cluster(spec, 4)[0], tmp_path / "share.yaml")))
+    assert unpinned.node_ids == () and "node_ids" not in yaml.safe_load((tmp_path / "share.yaml").read_text())
+    data = yaml.safe_load((tmp_path / "slice-2.yaml").read_text())
+    for bad, expected in (([], None), (["a", "b"], "2 node id.s. for nodes: 1"), ("a", "expected a list"),
+                          ([""], "expected a list"), ([3], "expected a list")):
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**data, "node_ids": bad}))
+        if expected is None:
+            assert load_cluster_spec(str(tmp_path / "bad.yaml")).node_ids == ()
+        else:
+            with pytest.raises(ClusterError, match=f"bad.yaml: node_ids: {expected}"):
+                load_cluster_spec(str(tmp_path / "bad.yaml"))
+
+
+def test_slices_of_whole_nodes_get_alive_nodes_with_the_resources_in_a_fixed_order():
+    spec = load_cluster_spec("h100x16")  # 2 nodes x [8 GPUs, 192 CPUs]; 1 node a slice with parallel 2
+    nodes = [ray_node("c" * 56, "10.0.0.10", 192, 8), ray_node("h" * 56, "10.0.0.1", 8),  # a CPU-only head
+             ray_node("d" * 56, "10.0.0.2", 192, 8, alive=False), ray_node("b" * 56, "10.0.0.9", 192, 8),
+             ray_node("s" * 56, "10.0.0.3", 192, 4)]  # too few GPUs
+    slices = pin_slices(spec, slice_cluster(spec, 2), nodes)
+    assert [s.node_ids for s in slices] == [("b" * 56,), ("c" * 56,)]  # 10.0.0.9 before 10.0.0.10
+    assert pin_slices(spec, slice_cluster(spec, 2), list(reversed(nodes))) == slices
+    text = slices_text(spec, slices)
+    assert "slice 2 of 2 of h100x16: 1 of 2 node(s): 1 x [8 x H100" in text and f"pinned to node(s) {'c' * 12}" in text
+    shares = slice_cluster(spec, 4)  # half a node each: budgets, not pinned
+    assert pin_slices(spec, shares, nodes) == shares and "pinned" not in slices_text(spec, shares)
+    with pytest.raises(ClusterError, match="2 slices of 1 whole node.s. need 2 alive node.s. with at least 8 GPU.s. "
+                                           "and 192 CPU.s. each; the Ray cluster has 1"):
+        pin_slices(spec, slice_cluster(spec, 2), nodes[:3])
+
+
+def test_a_slice_node_that_is_gone_or_too_small_is_named():
+    spec = dataclasses.replace(slice_cluster(load_cluster_spec("h100x16"), 2)[1], node_ids=("n" * 56,))
+    check_node_ids(spec, [ray_node("n" * 56, "10.0.0.2", 192, 8)])
+    with pytest.raises(ClusterError, match=f"slice h100x16-slice-2: node {'n' * 56} is not alive in the Ray cluster"):
+        check_node_ids(spec, [ray_node("n" * 56, "10.0.0.2", 192, 8, alive=False), ray_node("m" * 56, "x", 192, 8)])
+    with pytest.raises(ClusterError, match="has 4 GPU.s. and 192 CPU.s., fewer than the slice's 8 and 192 per node"):
+        check_node_ids(spec, [ray_node("n" * 56, "10.0.0.2", 192, 4)])
