@@ -4,8 +4,8 @@ the last online checkpoint to the undisturbed run's rollouts and policy."""
 
 from __future__ import annotations
 
+import inspect
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -47,32 +47,49 @@ def undisturbed(tmp_path_factory, tiny_model, ray_session):
     return rollouts(run_dir), policy(run_dir)
 
 
-def kill_in_step(monkeypatch, group_class, step: int, delay: float) -> list:
-    """Kill actor 0 of `group_class` `delay` seconds after the group's `step`-th `run` call starts."""
+def kill_in_step(monkeypatch, group_class, step: int, after: int) -> list:
+    """Kill actor 0 of `group_class` in the group's `step`-th `run` call, once `after` of that call's shards have
+    been handed over (0: as the call starts, before any is done; 1: with the step's other shards still in flight).
+    Counted in shards, not seconds: a step of the tiny model takes a fraction of a second (generation 0.2 s,
+    scoring 0.1 s), so a timer set to fire 1 s into a step fires after the run has ended, or not at all."""
     original, calls, killed = group_class.run, [], []
+    at = list(inspect.signature(original).parameters).index("on_shard") - 1  # its place in `args` (after self)
 
     def run(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == step:
-            victim = self.actors[0]
-            threading.Timer(delay, lambda: (ray.kill(victim, no_restart=True), killed.append(1))).start()
-        return original(self, *args, **kwargs)
+        if len(calls) != step:
+            return original(self, *args, **kwargs)
+        victim, deliver, delivered = self.actors[0], args[at], []
+
+        def kill():
+            ray.kill(victim, no_restart=True)
+            killed.append(len(delivered))
+
+        def on_shard(index, table):
+            deliver(index, table)
+            delivered.append(index)
+            if len(delivered) == after:
+                kill()
+
+        if after == 0:
+            kill()
+        return original(self, *args[:at], on_shard, *args[at + 1:], **kwargs)
 
     monkeypatch.setattr(group_class, "run", run)
     return killed
 
 
-@pytest.mark.parametrize("kind, delay", [("generation", 0.0), ("generation", 1.0), ("scoring", 0.5)])
+@pytest.mark.parametrize("kind, after", [("generation", 0), ("generation", 1), ("scoring", 1)])
 def test_an_actor_killed_mid_step_leaves_the_online_run_equal_to_an_undisturbed_one(tmp_path, tiny_model,
                                                                                  undisturbed, monkeypatch, kind,
-                                                                                 delay):
+                                                                                 after):
     from rayalign.actors.generator import GenerationGroup
     from rayalign.actors.scorer import ScoringGroup
     from rayalign.pipelines import online
 
-    killed = kill_in_step(monkeypatch, GenerationGroup if kind == "generation" else ScoringGroup, 2, delay)
+    killed = kill_in_step(monkeypatch, GenerationGroup if kind == "generation" else ScoringGroup, 2, after)
     run_dir = online.run(config(tiny_model), tmp_path / "run")
-    assert killed, "the actor was not killed"
+    assert killed == [after], "the actor was not killed in step 2"
     expected_rollouts, expected_policy = undisturbed
     for step, (got, want) in enumerate(zip(rollouts(run_dir), expected_rollouts), 1):
         assert got.equals(want), step
