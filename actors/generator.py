@@ -75,10 +75,9 @@ class GenerationGroup(ActorGroup):
     def __init__(self, model_path: str, model: ModelConfig, engines: EnginesConfig, concurrency: int | None = None):
         tp = engines.tensor_parallel_size if engines.backend == "vllm" else 1
         options, placement = placement_options(engines.count, engines.num_cpus, engines.num_gpus, tp)
-        # concurrency 2 lets a vLLM actor batch the requests of both shards in flight in one engine (no idle tail
-        # while a shard's last sequences finish); on vLLM-CPU that measured slower (benchmarks/generation.py), so
-        # each actor takes one shard at a time unless asked
-        self.concurrency = concurrency = concurrency or 1
+        # more than one shard in flight lets a vLLM actor batch their requests in one engine (no idle tail while
+        # a shard's last sequences finish); the HF engine takes one batch at a time
+        self.concurrency = concurrency = concurrency or (engines.shards_in_flight if engines.backend == "vllm" else 1)
         actors = start_actors(lambda o: GenerationActor.options(**o, max_concurrency=concurrency).remote(
             model_path, model, engines), options, placement)
         super().__init__(actors, placement, {"CPU": engines.num_cpus, "GPU": engines.num_gpus})

@@ -171,8 +171,9 @@ def test_generation_actors_give_the_rows_of_one_engine(vllm_engine, tiny_model, 
     bare = pa.concat_tables([generate_samples(vllm_engine, s, sampling, 1, "p") for s in shards])
     for k, in_flight in ((1, 1), (2, 1), (2, 2)):
         engines = EnginesConfig(backend="vllm", count=k, num_cpus=1, kv_cache_gib=0.125, max_model_len=256,
-                                max_batch_tokens=2048)
-        group = GenerationGroup(tiny_model, ModelConfig(dtype="float32"), engines, concurrency=in_flight)
+                                max_batch_tokens=2048, shards_in_flight=in_flight)
+        group = GenerationGroup(tiny_model, ModelConfig(dtype="float32"), engines)
+        assert group.concurrency == in_flight
         out = {}
         try:
             stats = group.run(shards, sampling, 1, "p", lambda i, t: out.__setitem__(i, t))

@@ -58,8 +58,8 @@ class RunConfig:
         """Hash of every setting that changes results, which a run directory's results are checked against.
 
         Left out: name, run_dir and logging (where results are recorded, not what they are), cluster (the schedule
-        and the time estimate's figures), and engines.count, max_failed_share, kv_cache_gib and max_batch_tokens
-        (they do not change rows). Keys added after runs were first recorded are left out while they hold their
+        and the time estimate's figures), and engines.count, max_failed_share, kv_cache_gib, max_batch_tokens and
+        shards_in_flight (they do not change rows). Keys added after runs were first recorded are left out while they hold their
         defaults (mode: offline, online.async_train: false, the prompts' hf: source keys, engines.max_model_len: null,
         rewards.latent.centroid_texts: null, rewards.consistency.language_pairs: anchor), and the removed top-level
         reference hashes as the null it was, so those runs still resume."""
@@ -74,7 +74,7 @@ class RunConfig:
             if key not in ("path", "limit", "system_prompt") and d["prompts"][key] == default:
                 d["prompts"].pop(key)
         d["cluster"] = {}  # the schedule and the estimate's figures do not change rows
-        for key in ("count", "max_failed_share", "kv_cache_gib", "max_batch_tokens"):  # they do not change rows
+        for key in ("count", "max_failed_share", "kv_cache_gib", "max_batch_tokens", "shards_in_flight"):  # no row changes
             d["engines"].pop(key)  # (raising max_failed_share lets a stopped run resume)
         if d["engines"]["max_model_len"] is None:  # hashes predate the key
             d["engines"].pop("max_model_len")
