@@ -8,7 +8,7 @@ import pyarrow as pa
 import ray
 
 from rayalign.actors.groups import ActorGroup
-from rayalign.actors.pool import ShardStats, placement_options, split_shards, start_actors  # noqa: F401  (re-exported)
+from rayalign.actors.pool import ShardStats, placement_options, start_actors
 from rayalign.config import EnginesConfig, ModelConfig, SamplingConfig
 from rayalign.engines import GenerationRequest, SamplingParams
 

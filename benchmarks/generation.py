@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    from rayalign.actors.generator import split_shards
+    from rayalign.actors.pool import split_shards
     from rayalign.config import load_config
     from rayalign.data.prompts import load_prompts
     from rayalign.models import ensure_tiny_model

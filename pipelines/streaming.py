@@ -112,7 +112,8 @@ def generate_score_stage(cfg: RunConfig, prompts, policy_path: str, policy_name:
     result), each with its wall_seconds (score: the time the iteration waited for scoring after generation)."""
     import pyarrow.parquet as pq
 
-    from rayalign.actors.generator import GenerationGroup, split_shards
+    from rayalign.actors.generator import GenerationGroup
+    from rayalign.actors.pool import split_shards
     from rayalign.actors.pool import ShardFeed
     from rayalign.actors.scorer import ScoringGroup
     from rayalign.anchor_groups import anchor_rows_before_scoring, drop_prompts_without_anchor

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rayalign.config import ConfigError
-from rayalign.config.study import Study, StudyError, StudyRun, expand, load_study, run_slug  # noqa: F401
+from rayalign.config.study import Study, StudyError, StudyRun, expand, load_study  # noqa: F401
 from rayalign.data.store import atomic_write_text, write_parquet_atomic
 
 console = Console(stderr=True)

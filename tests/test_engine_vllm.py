@@ -161,7 +161,8 @@ def test_generation_actors_give_the_rows_of_one_engine(vllm_engine, tiny_model, 
     """K = 1 and K = 2 vLLM GenerationActors (K = 2 also with two shards in flight) write the bare engine's rows."""
     import pyarrow as pa
 
-    from rayalign.actors.generator import GenerationGroup, split_shards
+    from rayalign.actors.generator import GenerationGroup
+    from rayalign.actors.pool import split_shards
     from rayalign.config import EnginesConfig, ModelConfig, SamplingConfig
     from rayalign.generation import generate_samples
 

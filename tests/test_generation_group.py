@@ -5,7 +5,8 @@ import pytest
 import ray
 
 from conftest import PROMPTS_DIR
-from rayalign.actors.generator import GenerationGroup, split_shards
+from rayalign.actors.generator import GenerationGroup
+from rayalign.actors.pool import split_shards
 from rayalign.config import load_config
 from rayalign.data.prompts import load_prompts
 

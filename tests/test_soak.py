@@ -13,7 +13,8 @@ import ray
 from click.testing import CliRunner
 
 from conftest import PROMPTS_DIR
-from rayalign.actors.generator import GenerationGroup, split_shards
+from rayalign.actors.generator import GenerationGroup
+from rayalign.actors.pool import split_shards
 from rayalign.cli import main
 from rayalign.config import load_config
 from rayalign.data.prompts import load_prompts

@@ -15,8 +15,8 @@ import yaml
 from conftest import REPO
 from rayalign.data.schemas import schema_for
 from rayalign.data.store import DatasetWriter, read_dataset
-from rayalign.pipelines.study import (StudyError, collect_results, expand, load_study, run_slug, run_study,
-                                      write_study_json)
+from rayalign.config.study import run_slug
+from rayalign.pipelines.study import StudyError, collect_results, expand, load_study, run_study, write_study_json
 
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 
