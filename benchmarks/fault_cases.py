@@ -22,9 +22,9 @@ from pathlib import Path
 LONG_PROMPT = "word " * 5000
 
 
-def rayalign(*args, cwd: Path, prefix: tuple = ()) -> subprocess.CompletedProcess:
+def rayalign(*args, cwd: Path, prefix: tuple = (), env: dict | None = None) -> subprocess.CompletedProcess:
     command = [*prefix, sys.executable, "-m", "rayalign.cli", *map(str, args)]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=3000)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=3000, env=env)
 
 
 def prompts(path: Path, ids: int = 4, long: dict = {}, drop: set = frozenset()) -> Path:  # noqa: B006
@@ -153,9 +153,28 @@ def full_disk_saving_policy(tmp: Path, model: Path):
     return outcome(proc, 2, "the trained policy could not be saved"), lost or again.returncode != 0
 
 
+def wandb_online_without_key(tmp: Path, model: Path):
+    import os
+
+    home = tmp / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env |= {"HOME": str(home), "NETRC": str(home / ".netrc"), "WANDB_CONFIG_DIR": str(home / ".config" / "wandb")}
+    r = recipe(tmp / "r.yaml", model, prompts(tmp / "p.jsonl"), "logging: {wandb: {project: faults, mode: online}}\n")
+    proc = rayalign("launch", r, "--run-dir", tmp / "run", cwd=tmp, env=env)
+    return outcome(proc, 2, "logging.wandb.mode"), (tmp / "run" / "state.json").exists()
+
+
+def unreachable_ray_address(tmp: Path, model: Path):
+    proc = rayalign("launch", recipe(tmp / "r.yaml", model, prompts(tmp / "p.jsonl")), "--run-dir", tmp / "run",
+                    "--address", "127.0.0.1:1", cwd=tmp)
+    return outcome(proc, 2, "could not join the Ray cluster"), False
+
+
 CASES = {f.__name__: f for f in (remote_code_model, truncated_weights, garbled_config, prompt_without_anchor,
                                  empty_recipe, nan_temperature, run_name_outside_runs, truncated_state,
-                                 failed_anchor_row, full_disk_saving_policy)}
+                                 failed_anchor_row, full_disk_saving_policy, wandb_online_without_key,
+                                 unreachable_ray_address)}
 
 
 def main() -> None:

@@ -228,6 +228,22 @@ def running_cluster_spec(spec: ClusterSpec, node_resources: list[dict] | None = 
     return dataclasses.replace(spec, **{key: measured[key] for key in spec.auto_fields})
 
 
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """ClusterError when nothing answers at a host:port address: Ray itself retries such an address for ever,
+    printing warnings. Other forms (auto, ray://..., an unparsable port) are left to Ray."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ClusterError(f"could not join the Ray cluster at {address}: nothing answers there ({e.strerror or e}); "
+                           "check the address with `ray status` on the cluster's head node (its GCS address, "
+                           "host:6379 by default)") from None
+
+
 def connect(spec: ClusterSpec, address: str | None = None, allow_mismatch: bool = False) -> dict:
     """Join the Ray cluster at `address` (or RAY_ADDRESS), or start a local one for the local spec, and check
     the cluster against the spec (`check_cluster`).
@@ -244,6 +260,8 @@ def connect(spec: ClusterSpec, address: str | None = None, allow_mismatch: bool 
     if not address and spec.name != "local":
         raise ClusterError(f"cluster {spec.name!r} runs on an existing Ray cluster: pass --address or set "
                            "RAY_ADDRESS (use --cluster local on one machine)")
+    if address:
+        check_reachable(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=False)

@@ -139,3 +139,19 @@ def test_a_ray_cluster_that_cannot_be_joined_is_named_without_a_traceback(tmp_pa
     assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr
     assert "could not join the Ray cluster at 256.1.1.1:x (ValueError: Unable to parse port number" in \
         " ".join(done.stderr.split())
+
+
+def test_an_address_where_nothing_answers_is_refused_at_once(tmp_path):
+    """Ray retries an address that refuses connections for ever, printing warnings; the launch names it instead."""
+    import socket
+
+    from conftest import REPO
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "rayalign.cli", "launch", str(REPO / "examples" / "quickstart.yaml"),
+                           "--address", f"127.0.0.1:{port}", "--run-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr
+    assert f"could not join the Ray cluster at 127.0.0.1:{port}: nothing answers there" in " ".join(done.stderr.split())
