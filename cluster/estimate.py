@@ -79,8 +79,7 @@ def figures(cfg, device: str, gpu_type: str, parameters: int, table: dict | None
         tokens_per_s, source = c.generation_tokens_per_s, "cluster.generation_tokens_per_s"
     elif family in table["generation_tokens_per_s"]:
         per_unit = interpolate(table["generation_tokens_per_s"][family], parameters / 1e9)
-        tp = e.tensor_parallel_size if e.backend == "vllm" else 1
-        units = (tp if tp > 1 else max(e.num_gpus, 1)) if device == "gpu" else e.num_cpus
+        units = max(e.gpus_per_engine, 1) if device == "gpu" else e.num_cpus
         tokens_per_s = per_unit * units
         source = f"throughput.yaml {family} ({per_unit:,.0f} tokens/s per {'GPU' if device == 'gpu' else 'CPU'})"
     else:
@@ -273,8 +272,7 @@ def one_actor_busy(cfg, spec) -> tuple[float, float] | None:
              r.implicit.reward_reference.path, "reward_model": r.reward_model.model and r.reward_model.model.path}
     models = {role: model_info(path).parameters for role, path in paths.items() if path}
     on_gpu = bool(spec.gpus_per_node)
-    tp = e.tensor_parallel_size if e.backend == "vllm" else 1
-    units = {"generate": ((tp if tp > 1 else e.num_gpus) if on_gpu and e.num_gpus else e.num_cpus, on_gpu and e.num_gpus),
+    units = {"generate": (e.gpus_per_engine if on_gpu and e.num_gpus else e.num_cpus, on_gpu and e.num_gpus),
              "score": (r.num_gpus if on_gpu and r.num_gpus else r.num_cpus, on_gpu and r.num_gpus)}
     figs = {phase: figures(cfg, "gpu" if gpu else "cpu", spec.gpu_type, models["policy"])
             for phase, (_, gpu) in units.items()}

@@ -353,8 +353,7 @@ def resolve_counts(cfg, spec: ClusterSpec):
     engines, rewards, training = e, r, t
     on_gpu = bool(spec.gpus_per_node)
     if e.count == "auto":
-        tp = e.tensor_parallel_size if e.backend == "vllm" else 1
-        gpus = (tp if tp > 1 else e.num_gpus) if on_gpu else 0
+        gpus = e.gpus_per_engine if on_gpu else 0
         engines = dataclasses.replace(e, count=_per_node(e.num_cpus, gpus, spec) * spec.nodes)
     if r.actors == "auto":
         rewards = dataclasses.replace(r, actors=_per_node(r.num_cpus, r.num_gpus if on_gpu else 0, spec) * spec.nodes)

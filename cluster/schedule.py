@@ -24,8 +24,7 @@ def _actors(cfg, spec: ClusterSpec) -> list[tuple[str, float, float]]:
     """(role, CPUs, GPUs) of every engine and scorer, as the pools reserve them (GPUs only on a GPU spec)."""
     e, r = cfg.engines, cfg.rewards
     on_gpu = bool(spec.gpus_per_node)
-    tp = e.tensor_parallel_size if e.backend == "vllm" else 1
-    engine_gpus = (tp if tp > 1 else e.num_gpus) if on_gpu else 0.0
+    engine_gpus = e.gpus_per_engine if on_gpu else 0.0
     return ([("engine", e.num_cpus, engine_gpus)] * e.count
             + [("scorer", r.num_cpus, r.num_gpus if on_gpu else 0.0)] * r.actors)
 

@@ -117,6 +117,16 @@ class EnginesConfig:
         le=1.0,
     )
 
+    @property
+    def tensor_parallel(self) -> int:
+        """GPUs one engine's tensor-parallel ranks span: tensor_parallel_size for vllm, 1 for hf."""
+        return self.tensor_parallel_size if self.backend == "vllm" else 1
+
+    @property
+    def gpus_per_engine(self) -> float:
+        """GPUs one engine reserves on a GPU cluster: one per tensor-parallel rank above 1, else num_gpus."""
+        return self.tensor_parallel if self.tensor_parallel > 1 else self.num_gpus
+
 
 @dataclass
 class LatentRewardConfig:
