@@ -54,18 +54,29 @@ def test_concurrent_first_uses_build_the_tiny_model_once(tmp_path):
     import subprocess
     import sys
 
-    def start(pause: float):  # the first builder pauses inside its build, so the second surely overlaps it
-        code = ("import sys, time; from rayalign.models import ensure_tiny_model\n"
-                f"def progress(*a):\n    print('built-step', file=sys.stderr, flush=True); time.sleep({pause})\n"
+    go = tmp_path / "go"
+
+    def start(hold: bool):  # the first builder holds inside its build until the second says it waits for it
+        code = ("import sys, time; from pathlib import Path; from rayalign.models import ensure_tiny_model\n"
+                "def progress(*a):\n    print('built-step', file=sys.stderr, flush=True)\n"
+                f"    deadline = time.time() + 600\n    while {hold} and not Path({str(go)!r}).exists() "
+                "and time.time() < deadline:\n        time.sleep(0.1)\n"
                 "print(ensure_tiny_model(progress=progress, train_steps=2, hidden_size=32, intermediate_size=64, "
                 "num_hidden_layers=1, vocab_size=512))\n")
         return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "RAYALIGN_CACHE": str(tmp_path)},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    first = start(pause=15.0)
+    first = start(hold=True)
     assert "built-step" in first.stderr.readline()  # the first process is inside its build now
-    second = start(pause=0.0)
-    out2, err2 = second.communicate(timeout=600)
+    second = start(hold=False)
+    err2 = ""
+    while line := second.stderr.readline():  # up to the line that says it found the build under way
+        err2 += line
+        if "waiting for another process" in line:
+            break
+    go.touch()  # now the first may finish its build
+    out2, rest2 = second.communicate(timeout=600)
+    err2 += rest2
     out1, err1 = first.communicate(timeout=600)
     assert (first.returncode, second.returncode) == (0, 0), (err1, err2)
     path1, path2 = out1.strip().splitlines()[-1], out2.strip().splitlines()[-1]
