@@ -1,6 +1,7 @@
 """DeepSpeed trainer actors on CPU (gloo): rank/accumulation equivalence, ZeRO-3, checkpoints, resume."""
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -27,6 +28,22 @@ def fit(model: str, data: str, **changes):
         raise
 
 
+def fit_side_by_side(model: str, data: str, *variants: dict) -> list:
+    """fit() of each variant at once, each its own group (threads here, so Ray starts and runs their actors side by
+    side: the actors' start-up dominates these tests). Each group trains alone in its own processes, so the results
+    are those of fits one after another. Returns fit()'s triples in the variants' order; the caller shuts the groups
+    down."""
+    with ThreadPoolExecutor(len(variants)) as pool:
+        futures = [pool.submit(fit, model, data, **v) for v in variants]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        for f in futures:
+            if f.exception() is None:
+                f.result()[2].shutdown()
+        raise errors[0]
+    return [f.result() for f in futures]
+
+
 def initial_parameters(model: str) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -41,9 +58,10 @@ def max_diff(a: dict, b: dict) -> float:
 def test_two_ranks_equal_one_rank_with_double_accumulation(ray_session, tiny_model, pairs_dataset, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    one, params_one, group = fit(tiny_model, pairs_dataset, world_size=1, gradient_accumulation=2)
-    group.shutdown()
-    two, params_two, group = fit(tiny_model, pairs_dataset, world_size=2, gradient_accumulation=1)
+    (one, params_one, group_one), (two, params_two, group) = fit_side_by_side(  # 1 + 2 of the session's 4 CPUs
+        tiny_model, pairs_dataset, dict(world_size=1, gradient_accumulation=2),
+        dict(world_size=2, gradient_accumulation=1))
+    group_one.shutdown()
     try:
         group.save(str(tmp_path / "policy"))
     finally:
@@ -66,9 +84,10 @@ def test_two_ranks_equal_one_rank_with_double_accumulation(ray_session, tiny_mod
 def test_zero3_two_ranks_match_zero2(ray_session, tiny_model, pairs_dataset, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    _, zero2, group = fit(tiny_model, pairs_dataset, world_size=2, zero_stage=2, epochs=1)
-    group.shutdown()
-    _, zero3, group = fit(tiny_model, pairs_dataset, world_size=2, zero_stage=3, epochs=1)
+    (_, zero2, group2), (_, zero3, group) = fit_side_by_side(  # 2 + 2 ranks: the session's 4 CPUs
+        tiny_model, pairs_dataset, dict(world_size=2, zero_stage=2, epochs=1),
+        dict(world_size=2, zero_stage=3, epochs=1))
+    group2.shutdown()
     try:
         group.save(str(tmp_path / "policy"))  # gathers every partitioned parameter
     finally:
@@ -84,17 +103,22 @@ def test_resume_equals_an_uninterrupted_run(ray_session, tiny_model, pairs_datas
     from rayalign.actors.preference_trainer import PreferenceTrainerGroup as TrainerGroup
 
     t = dataclasses.replace(BASE, micro_batch_size=4, warmup_ratio=0.2)
-    straight, params_straight, group = fit(tiny_model, pairs_dataset, micro_batch_size=4, warmup_ratio=0.2)
-    group.shutdown()
-
     ckpt = str(tmp_path / "train.ckpt")
-    group = TrainerGroup(tiny_model, ModelConfig(path=tiny_model), t)
-    try:  # train 4 of 10 steps, checkpoint, then lose the actors
-        group.prepare(pairs_dataset, "pairs", "dpo", None)
-        ray.get(group.actors[0].train_steps.remote(4))
-        group.checkpoint(ckpt)
-    finally:
+
+    def interrupted():
+        group = TrainerGroup(tiny_model, ModelConfig(path=tiny_model), t)
+        try:  # train 4 of 10 steps, checkpoint, then lose the actors
+            group.prepare(pairs_dataset, "pairs", "dpo", None)
+            ray.get(group.actors[0].train_steps.remote(4))
+            group.checkpoint(ckpt)
+        finally:
+            group.shutdown()
+
+    with ThreadPoolExecutor(1) as pool:  # the uninterrupted run beside it, in its own group
+        first_part = pool.submit(interrupted)
+        straight, params_straight, group = fit(tiny_model, pairs_dataset, micro_batch_size=4, warmup_ratio=0.2)
         group.shutdown()
+    first_part.result()
     group = TrainerGroup(tiny_model, ModelConfig(path=tiny_model), t)
     try:
         resumed = group.fit(pairs_dataset, "pairs", "dpo", checkpoint_dir=ckpt)
@@ -110,9 +134,12 @@ def test_resume_equals_an_uninterrupted_run(ray_session, tiny_model, pairs_datas
 def test_every_loss_trains_a_step(ray_session, tiny_model, pairs_dataset):
     """The pair losses run end to end on the trainer (KTO and DCO need their own datasets; see test_training)."""
     start = initial_parameters(tiny_model)
-    for loss in ("ipo", "cdpo", "simpo", "orpo"):
-        result, params, group = fit(tiny_model, pairs_dataset, loss=loss, micro_batch_size=20, gradient_accumulation=1)
+    losses = ("ipo", "cdpo", "simpo", "orpo")  # one group each, side by side on the session's 4 CPUs
+    fits = fit_side_by_side(tiny_model, pairs_dataset,
+                            *(dict(loss=loss, micro_batch_size=20, gradient_accumulation=1) for loss in losses))
+    for _, _, group in fits:
         group.shutdown()
+    for loss, (result, params, _) in zip(losses, fits):
         assert result["prepare"]["steps"] == 2 and all(np.isfinite(r["loss"]) for r in result["steps"]), loss
         unchanged = [k for k in start if np.abs(params[k] - start[k]).max() == 0]
         assert not unchanged, f"{loss}: parameters never updated: {unchanged}"
