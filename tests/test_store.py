@@ -140,6 +140,31 @@ def test_corrupt_manifest(tmp_path):
         read_manifest(tmp_path / "ds")
 
 
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda m: [m], "manifest.json: expected a JSON object, got list"),
+    (lambda m: {**m, "shards": None}, "shards: expected a list of {file, rows, sha256} objects, got NoneType"),
+    (lambda m: {**m, "shards": [s["file"] for s in m["shards"]]}, "shards[0]: expected {file: part-NNNNN.parquet"),
+    (lambda m: {**m, "shards": [{k: v for k, v in s.items() if k != "file"} for s in m["shards"]]}, "shards[0]: "),
+    (lambda m: {**m, "shards": [{**m["shards"][0], "file": "../other/part-00000.parquet"}, m["shards"][1]]},
+     "shards[0]: expected {file: part-NNNNN.parquet (a name in this directory)"),
+    (lambda m: {**m, "shards": m["shards"] + m["shards"][:1], "rows": 9}, "shards[2]: part-00000.parquet is listed twice"),
+    (lambda m: {**m, "schema_version": "1"}, "schema_version: expected an integer, got '1'"),
+    (lambda m: {**m, "shards": [{**m["shards"][0], "rows": "x"}, m["shards"][1]]}, "rows: expected an integer, got 'x'"),
+])
+def test_hand_edited_manifest_is_refused_naming_the_field(tmp_path, edit, expected):
+    """A manifest edited into another shape: a DatasetError naming the field (was a TypeError/KeyError, or a shard
+    outside the directory or listed twice read as if intact)."""
+    from rayalign.data.store import dataset_problems
+
+    write_dataset(tmp_path / "ds")
+    path = tmp_path / "ds" / "manifest.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(DatasetError) as e:
+        read_dataset(tmp_path / "ds")
+    assert expected in str(e.value)
+    assert [message for _, message in dataset_problems(tmp_path / "ds")][0].startswith(f"{path}: ")
+
 def test_finalize_counts_shards(tmp_path):
     w = DatasetWriter(tmp_path / "ds", "prompts")
     w.write_shard(0, prompts_table(["a"]))

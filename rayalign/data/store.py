@@ -339,9 +339,33 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{mpath}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise DatasetError(f"{mpath}: expected a JSON object, got {type(manifest).__name__}")
     for key in ("schema", "schema_version", "rows", "shards"):
         if key not in manifest:
             raise DatasetError(f"{mpath}: missing field {key!r}")
+    for key in ("schema_version", "rows"):
+        if not isinstance(manifest[key], int) or isinstance(manifest[key], bool):
+            raise DatasetError(f"{mpath}: {key}: expected an integer, got {manifest[key]!r}")
+    if not isinstance(manifest["shards"], list):
+        raise DatasetError(f"{mpath}: shards: expected a list of {{file, rows, sha256}} objects, got "
+                           f"{type(manifest['shards']).__name__}")
+    seen = set()
+    for i, entry in enumerate(manifest["shards"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) \
+                or not re.fullmatch(r"part-\d+\.parquet", entry["file"]):
+            raise DatasetError(f"{mpath}: shards[{i}]: expected {{file: part-NNNNN.parquet (a name in this directory), "
+                               f"rows, sha256}}, got {entry!r}")
+        if not isinstance(entry.get("rows"), int) or isinstance(entry["rows"], bool):
+            raise DatasetError(f"{mpath}: shards[{i}] ({entry['file']}): rows: expected an integer, got "
+                               f"{entry.get('rows')!r}")
+        if entry.get("sha256") is not None and not (isinstance(entry["sha256"], str)
+                                                    and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
+            raise DatasetError(f"{mpath}: shards[{i}] ({entry['file']}): sha256: expected 64 hex digits, got "
+                               f"{entry['sha256']!r}")
+        if entry["file"] in seen:
+            raise DatasetError(f"{mpath}: shards[{i}]: {entry['file']} is listed twice")
+        seen.add(entry["file"])
     return manifest
 
 
@@ -371,7 +395,7 @@ def read_dataset(path: str | Path, schema_name: str | None = None, *, verify: bo
         shard = path / entry["file"]
         if not shard.is_file():
             raise DatasetError(f"{shard}: listed in the manifest but missing")
-        problem = shard_problem(shard, entry["sha256"]) if verify else None
+        problem = shard_problem(shard, entry.get("sha256")) if verify else None
         if problem:
             raise DatasetError(f"{shard}: {problem}")
         try:
