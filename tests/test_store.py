@@ -165,6 +165,27 @@ def test_hand_edited_manifest_is_refused_naming_the_field(tmp_path, edit, expect
     assert expected in str(e.value)
     assert [message for _, message in dataset_problems(tmp_path / "ds")][0].startswith(f"{path}: ")
 
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda t: t.append_column("extra", pa.array([1] * t.num_rows)), "part-00001.parquet: extra column(s) extra"),
+    (lambda t: t.drop_columns(["source"]), "part-00001.parquet: missing column(s) source"),
+    (lambda t: t.set_column(0, "prompt_id", pa.array([1] * t.num_rows)),
+     "part-00001.parquet: column prompt_id has type int64, expected string"),
+])
+def test_a_shard_with_other_columns_names_the_column(tmp_path, change, expected):
+    """A shard rewritten with a column added, dropped or of another type (its checksums updated to match): the
+    message names that column (it listed both column lists, identical when only a type differed)."""
+    write_dataset(tmp_path / "ds")
+    shard = tmp_path / "ds" / "part-00001.parquet"
+    pq.write_table(change(pq.read_table(shard)), shard)
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    manifest["shards"][1]["sha256"] = sha256_file(shard)
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "ds" / "part-00001.sha256").write_text(f"{sha256_file(shard)}  part-00001.parquet\n")
+    with pytest.raises(DatasetError) as e:
+        read_dataset(tmp_path / "ds")
+    assert expected in str(e.value)
+
 def test_finalize_counts_shards(tmp_path):
     w = DatasetWriter(tmp_path / "ds", "prompts")
     w.write_shard(0, prompts_table(["a"]))

@@ -369,6 +369,22 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def schema_difference(actual: pa.Schema, expected: pa.Schema) -> str:
+    """What differs between a shard's columns and the schema's: missing or extra columns, a type, or the order."""
+    missing = [n for n in expected.names if n not in actual.names]
+    extra = [n for n in actual.names if n not in expected.names]
+    if missing or extra:
+        return "; ".join(([f"missing column(s) {', '.join(missing)}"] if missing else [])
+                         + ([f"extra column(s) {', '.join(extra)}"] if extra else []))
+    for f in expected:
+        other = actual.field(f.name)
+        if not other.type.equals(f.type):
+            return f"column {f.name} has type {other.type}, expected {f.type}"
+        if other.nullable != f.nullable:
+            return f"column {f.name} is {'' if other.nullable else 'not '}nullable, expected the opposite"
+    return f"columns {actual.names} are not in the schema's order {expected.names}"
+
+
 def read_dataset(path: str | Path, schema_name: str | None = None, *, verify: bool = True) -> pa.Table:
     """Read a dataset after checking manifest, schema version, shard checksums, row counts and columns."""
     path = Path(path)
@@ -405,8 +421,7 @@ def read_dataset(path: str | Path, schema_name: str | None = None, *, verify: bo
         if table.num_rows != entry["rows"]:
             raise DatasetError(f"{shard}: {table.num_rows} rows, the manifest says {entry['rows']}")
         if not table.schema.equals(schema):
-            raise DatasetError(f"{shard}: columns {table.schema.names} do not match schema {name} v{version} "
-                               f"({schema.names})")
+            raise DatasetError(f"{shard}: {schema_difference(table.schema, schema)} (schema {name} v{version})")
         tables.append(table)
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     if table.num_rows != manifest["rows"]:
