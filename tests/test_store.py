@@ -151,6 +151,8 @@ def test_corrupt_manifest(tmp_path):
     (lambda m: {**m, "shards": m["shards"] + m["shards"][:1], "rows": 9}, "shards[2]: part-00000.parquet is listed twice"),
     (lambda m: {**m, "schema_version": "1"}, "schema_version: expected an integer, got '1'"),
     (lambda m: {**m, "shards": [{**m["shards"][0], "rows": "x"}, m["shards"][1]]}, "rows: expected an integer, got 'x'"),
+    (lambda m: {**m, "shards": [{k: v for k, v in s.items() if k != "sha256"} for s in m["shards"]]},
+     "shards[0] (part-00000.parquet): sha256: expected 64 hex digits, got None"),
 ])
 def test_hand_edited_manifest_is_refused_naming_the_field(tmp_path, edit, expected):
     """A manifest edited into another shape: a DatasetError naming the field (was a TypeError/KeyError, or a shard

@@ -359,10 +359,9 @@ def read_manifest(path: str | Path) -> dict:
         if not isinstance(entry.get("rows"), int) or isinstance(entry["rows"], bool):
             raise DatasetError(f"{mpath}: shards[{i}] ({entry['file']}): rows: expected an integer, got "
                                f"{entry.get('rows')!r}")
-        if entry.get("sha256") is not None and not (isinstance(entry["sha256"], str)
-                                                    and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
+        if not (isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
             raise DatasetError(f"{mpath}: shards[{i}] ({entry['file']}): sha256: expected 64 hex digits, got "
-                               f"{entry['sha256']!r}")
+                               f"{entry.get('sha256')!r}")
         if entry["file"] in seen:
             raise DatasetError(f"{mpath}: shards[{i}]: {entry['file']} is listed twice")
         seen.add(entry["file"])
@@ -411,7 +410,7 @@ def read_dataset(path: str | Path, schema_name: str | None = None, *, verify: bo
         shard = path / entry["file"]
         if not shard.is_file():
             raise DatasetError(f"{shard}: listed in the manifest but missing")
-        problem = shard_problem(shard, entry.get("sha256")) if verify else None
+        problem = shard_problem(shard, entry["sha256"]) if verify else None
         if problem:
             raise DatasetError(f"{shard}: {problem}")
         try:
