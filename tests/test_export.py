@@ -92,6 +92,22 @@ def test_export_refuses_bad_sources_and_outputs(tmp_path):
         assert "no Hugging Face token configured" in push.output or "upload failed" in push.output
 
 
+
+def test_a_damaged_run_config_is_named_and_nothing_is_written(tmp_path):
+    """The run's config.yaml edited into bad YAML, a list or other bytes: refused naming it before OUT is made (it
+    was a traceback after the per-language files were written); a section of another type is left out of the card."""
+    run = pairs_run(tmp_path / "run", "A")
+    for i, (text, expected) in enumerate([(b"name: [\n", "config.yaml: malformed YAML"),
+                                          (b"- a\n", "config.yaml: expected a mapping of settings"),
+                                          (b"\xff\xfe", "config.yaml: not valid UTF-8")]):
+        (run / "config.yaml").write_bytes(text)
+        result = invoke("export", run, tmp_path / f"out{i}")
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert expected in result.output and str(run / "config.yaml") in result.output
+        assert not (tmp_path / f"out{i}").exists()
+    (run / "config.yaml").write_text("name: r\nrewards: 5\nsampling: fast\nprompts: 3\n")
+    assert invoke("export", run, tmp_path / "out").exit_code == 0
+
 def test_export_verl_prompt_set(tmp_path):
     out = tmp_path / "verl"
     result = invoke("export", "--format", "verl", REPO / "examples" / "quickstart.yaml", out, "-o", "prompts.limit=2",

@@ -41,10 +41,22 @@ def find_dataset(path: Path, stage: str) -> Path:
 
 
 def _run_config(dataset: Path) -> dict:
+    """The config.yaml of the run that holds `dataset` ({} when there is none); refused naming the file when it is
+    not UTF-8, not YAML or not a mapping."""
+    from rayalign.config.fields import read_yaml_file
+
     for parent in (dataset.parent.parent, dataset.parent):
         if (parent / "config.yaml").is_file():
-            return yaml.safe_load((parent / "config.yaml").read_text(encoding="utf-8")) or {}
+            cfg = read_yaml_file(parent / "config.yaml", "run config", ExportError) or {}
+            if not isinstance(cfg, dict):
+                raise ExportError(f"{parent / 'config.yaml'}: expected a mapping of settings (the run's recipe), got "
+                                  f"{type(cfg).__name__}")
+            return cfg
     return {}
+
+
+def _section(cfg: dict, key: str) -> dict:
+    return cfg[key] if isinstance(cfg.get(key), dict) else {}
 
 
 def _claim(out: Path) -> None:
@@ -56,7 +68,7 @@ def _claim(out: Path) -> None:
 def _body(manifest: dict, cfg: dict, source: Path, by_lang: dict[str, int]) -> str:
     models = "\n".join(f"- {role}: `{name}`" for role, name in manifest.get("models", {}).items()) or "- (none)"
     params = json.dumps(manifest.get("params", {}), indent=2, ensure_ascii=False, sort_keys=True)
-    rewards = cfg.get("rewards", {})
+    rewards = _section(cfg, "rewards")
     used = [name for name, section in rewards.items() if isinstance(section, dict)
             and (section.get("enabled") or (name == "user" and section.get("path")))]
     lines = [
@@ -70,10 +82,10 @@ def _body(manifest: dict, cfg: dict, source: Path, by_lang: dict[str, int]) -> s
         f"- rewards: {', '.join(used) or '(none recorded)'}",
     ]
     if cfg:
-        pairs, training = cfg.get("pairs", {}), cfg.get("training", {})
+        pairs, training = _section(cfg, "pairs"), _section(cfg, "training")
         lines += [f"- pairs method: {pairs.get('method')}; training loss: {training.get('loss')}",
-                  f"- sampling: {json.dumps(cfg.get('sampling', {}), sort_keys=True)}",
-                  f"- prompts: `{cfg.get('prompts', {}).get('path')}`"]
+                  f"- sampling: {json.dumps(_section(cfg, 'sampling'), sort_keys=True)}",
+                  f"- prompts: `{_section(cfg, 'prompts').get('path')}`"]
     lines += ["", "Models:", models, "", "Parameters:", "```json", params, "```", "",
               "## Loading", "", "```python", "import datasets",
               "datasets.load_dataset(REPO_OR_DIR, split=\"train\")        # every language",
@@ -103,6 +115,7 @@ def export_hub(source: Path, out: Path, *, stage: str = "pairs", license: str = 
     for shard in manifest["shards"]:
         digest.update(shard["sha256"].encode())
     tag = digest.hexdigest()[:12]
+    cfg = _run_config(dataset)  # read before anything is written: a damaged config.yaml leaves no partial export
     _claim(out)
     by_lang, configs = {}, [{"config_name": "default", "data_files": [
         {"split": "train", "path": f"data/*/train-{tag}-*.parquet"}], "default": True}]
@@ -122,7 +135,6 @@ def export_hub(source: Path, out: Path, *, stage: str = "pairs", license: str = 
         "pretty_name": pretty_name or f"rayalign {manifest['schema']} ({', '.join(languages)})",
         "tags": ["rayalign", manifest["schema"], "multilingual", "synthetic"],
     }
-    cfg = _run_config(dataset)
     card = f"---\n{yaml.safe_dump(header, sort_keys=False, allow_unicode=True)}---\n\n" + \
         _body(manifest, cfg, dataset, by_lang)
     (out / "README.md").write_text(card, encoding="utf-8")
