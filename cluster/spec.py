@@ -102,7 +102,9 @@ def load_cluster_spec(name_or_path: str) -> ClusterSpec:
     if not path.is_file():
         raise ClusterError(f"{path}: cluster spec not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        from rayalign.config.fields import safe_load
+
+        data = safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ClusterError(f"{path}: malformed YAML: {e}") from None
     if not isinstance(data, dict):

@@ -144,6 +144,20 @@ def test_malformed_yaml_and_missing_file(tmp_path):
         load_config(write(tmp_path, "- a\n- b\n"))
 
 
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys silently: a second `sampling:` section replaced the first whole."""
+    path = write(tmp_path, "name: a\nsampling: {n: 2, temperature: 0.3}\nsampling: {n: 3}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert f"{path}: malformed YAML: duplicate key 'sampling' (first on line 2, again on line 3" in str(e.value)
+    with pytest.raises(ConfigError, match="override sampling: .*duplicate key 'n'"):
+        load_config(None, ["sampling={n: 1, n: 2}"])
+    from rayalign.config.fields import safe_load
+
+    merged = safe_load("x: &d {n: 1, temperature: 0.5}\nsampling:\n  <<: *d\n  n: 3\n")
+    assert merged["sampling"] == {"n": 3, "temperature": 0.5}  # merge keys load; explicit keys override them
+
 def test_yaml_is_loaded_safely(tmp_path):
     path = write(tmp_path, "name: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError, match="malformed YAML"):

@@ -18,12 +18,37 @@ class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message names the key."""
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: explicit keys may override those
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # refused by the safe loader itself
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key].line + 1}, again on line "
+                    f"{key_node.start_mark.line + 1}; only one would be used)", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
+def safe_load(text: str):
+    """yaml.safe_load, refusing duplicate keys."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+
+
 def read_yaml_file(path: Path, what: str, error: type[Exception] = ConfigError):
-    """`path` parsed with the safe loader; `error` naming the file when it is missing, not UTF-8 or not YAML."""
+    """`path` parsed with the safe loader; `error` naming the file when it is missing, not UTF-8, not YAML or has a
+    key twice in one mapping."""
     if not path.is_file():
         raise error(f"{path}: {what} file not found")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise error(f"{path}: malformed YAML: {e}") from None
     except UnicodeDecodeError as e:
@@ -138,7 +163,7 @@ def set_override(data: dict, override: str, root) -> None:
     key, raw = override.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e})") from None
     parts = key.split(".")
