@@ -251,15 +251,22 @@ def test_recipes_mixing_offline_and_online_settings_are_refused_with_the_keys():
     assert offline.mode == "offline" and "mode" not in offline.to_dict()["online"]
 
 
-def test_launch_runs_an_online_recipe_online(ray_session, tiny_model, tmp_path):
+def test_launch_runs_an_online_recipe_online_after_a_refusal_for_its_cpus(ray_session, tiny_model, tmp_path):
+    """First a launch refused for its CPUs: the CPU check needs the cluster, and the run directory is written only
+    after it, so it leaves no run behind and the next launch into the same directory, with another config, runs
+    (it was refused as 'holds a run with another config')."""
     from click.testing import CliRunner
 
     from rayalign.cli import main
 
     run_dir = tmp_path / "online"
-    result = CliRunner().invoke(main, ["launch", str(REPO / "examples" / "online-grpo-quickstart.yaml"),
-                                       "--run-dir", str(run_dir), "-o", f"policy.path={tiny_model}",
-                                       "-o", "online.steps=2"], catch_exceptions=False)
+    args = ["launch", str(REPO / "examples" / "online-grpo-quickstart.yaml"), "--run-dir", str(run_dir),
+            "-o", f"policy.path={tiny_model}"]
+    refused = CliRunner().invoke(main, args + ["-o", "online.steps=1", "-o", "online.algorithm=ppo",
+                                               "-o", "engines.num_cpus=2", "-o", "training.num_cpus=2"])
+    assert refused.exit_code == 2 and "need 6 CPUs; the cluster has 4" in " ".join(refused.output.split())
+    assert not (run_dir / "state.json").exists() and not (run_dir / "config.yaml").exists()
+    result = CliRunner().invoke(main, args + ["-o", "online.steps=2"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2]
@@ -267,23 +274,6 @@ def test_launch_runs_an_online_recipe_online(ray_session, tiny_model, tmp_path):
         assert {"reward_mean", "kl", "clip_fraction", "seconds_generate", "seconds_reward", "seconds_train",
                 "seconds_sync"} <= set(s)
         assert {f"reward_{lang}" for lang in ("en", "es", "de", "fr", "ru")} <= set(s)
-
-
-def test_an_online_recipe_refused_for_its_cpus_leaves_no_run_behind(ray_session, tiny_model, tmp_path):
-    """The CPU check needs the cluster; the run directory is written only after it, so the same command with
-    fewer CPUs per actor then runs (it was refused as 'holds a run with another config')."""
-    from click.testing import CliRunner
-
-    from rayalign.cli import main
-
-    run_dir = tmp_path / "online"
-    args = ["launch", str(REPO / "examples" / "online-grpo-quickstart.yaml"), "--run-dir", str(run_dir),
-            "-o", f"policy.path={tiny_model}", "-o", "online.steps=1", "-o", "online.algorithm=ppo"]
-    refused = CliRunner().invoke(main, args + ["-o", "engines.num_cpus=2", "-o", "training.num_cpus=2"])
-    assert refused.exit_code == 2 and "need 6 CPUs; the cluster has 4" in " ".join(refused.output.split())
-    assert not (run_dir / "state.json").exists() and not (run_dir / "config.yaml").exists()
-    result = CliRunner().invoke(main, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
 
 
 def test_online_run_resumes_from_its_last_checkpoint(ray_session, tiny_model, tmp_path):
