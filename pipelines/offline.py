@@ -327,7 +327,13 @@ def rescore(cfg: RunConfig, scores_dir: Path, out_dir: Path, replace: bool = Fal
         raise ConfigError("rescore: rewards.latent.centroid_texts are pooled by the policy, which rescore does not "
                           "load; score again (rayalign launch --redo score) or leave centroid_texts out")
     manifest = read_manifest(scores_dir)
-    table, params = compute_rewards(read_dataset(scores_dir, "scores"), cfg)
+    scores = read_dataset(scores_dir, "scores")
+    scored = sorted(set(scores.column("lang").to_pylist()))
+    if set(cfg.languages) != set(scored):  # the anchor absent was a ValueError; others, a manifest naming the wrong ones
+        raise ConfigError(f"languages: {cfg.languages} (anchor {cfg.anchor_language}) differ from the languages of "
+                          f"{scores_dir}, {scored}; rescore recomputes the rewards of the scored rows: give a recipe with "
+                          f"those languages (-o languages=[{','.join(scored)}])")
+    table, params = compute_rewards(scores, cfg)
     run_root = next((d for d in out.parents if (d / "state.json").is_file()), None)
     trash = (run_root / f"trash-{time.strftime('%Y%m%d-%H%M%S')}" / out.parent.relative_to(run_root)
              if run_root else None)

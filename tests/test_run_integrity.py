@@ -94,6 +94,19 @@ def test_rescore_replace_moves_the_old_output_to_the_runs_trash(finished_run, tm
     assert read_dataset(samples, "scores").num_rows == 16
 
 
+
+def test_rescore_refuses_a_recipe_of_other_languages_before_writing(finished_run, tmp_path):
+    """--recipe of another run: its anchor absent from the scores was a ValueError traceback; a subset of the
+    languages wrote a dataset whose manifest named the wrong ones."""
+    run_dir = copy_run(finished_run, tmp_path)
+    for i, languages in enumerate(("[zh,ja]", "[en]", "[en,de,fr]")):
+        out = tmp_path / f"out{i}"
+        result = invoke("rescore", run_dir / "iter-1" / "scores", "--output", out, "-o", f"languages={languages}",
+                        "-o", f"anchor_language={languages[1:3]}")
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert "differ from the languages of" in one_line(result.output) and "-o languages=[de,en]" in result.output
+        assert not out.exists()
+
 def test_writer_refuses_a_directory_of_other_files_or_another_schema(tmp_path):
     from rayalign.data.store import DatasetError, DatasetWriter
 
