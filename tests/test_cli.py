@@ -159,3 +159,23 @@ def test_inspect_shows_every_recorded_iteration_metric(tmp_path, monkeypatch):
     lines = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.output.splitlines()
              if line.count("│") >= 3}
     assert lines["training steps"] == "6" and lines["pairs dropped, too long"] == "2"
+
+
+def test_inspect_skips_a_damaged_metrics_line_and_plan(tmp_path, monkeypatch):
+    """metrics.jsonl with bytes that are not UTF-8 or a stage that is not a string, a plan.json of another shape:
+    inspect shows the rest (each was a traceback)."""
+    import rayalign.cli
+
+    from conftest import write_one_sample_run
+
+    monkeypatch.setattr(rayalign.cli.console, "width", 160)
+    run_dir = write_one_sample_run(tmp_path / "run")
+    record = {"iteration": 1, "stage": "generate", "wall_seconds": 1.5}
+    (run_dir / "metrics.jsonl").write_bytes(json.dumps(record).encode() + b"\n\xff\xfe cut\n"
+                                            + json.dumps({**record, "stage": 5}).encode() + b"\n")
+    for plan in ("[1, 2]", '{"estimate": {"phases": {"generate": 5}}}',
+                 '{"estimate": {"phases": {"generate": {"seconds": "x"}}}}'):
+        (run_dir / "plan.json").write_text(plan)
+        result = invoke("inspect", run_dir)
+        assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+        assert "generate" in result.output

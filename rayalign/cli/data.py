@@ -55,9 +55,9 @@ def planned_seconds(run_dir: Path) -> dict[str, float]:
 
     try:
         phases = json.loads((run_dir / "plan.json").read_text()).get("estimate", {}).get("phases", {})
-    except (OSError, ValueError):
+        return {phase: float(value["seconds"]) for phase, value in phases.items() if value.get("seconds") is not None}
+    except (OSError, ValueError, AttributeError, TypeError):  # none, or not the shape launch writes: no estimates
         return {}
-    return {phase: value["seconds"] for phase, value in phases.items() if value.get("seconds") is not None}
 
 
 @main.command()
@@ -95,7 +95,7 @@ def inspect(path):
         for m in (m for m in metrics if m.get("stage") != "iteration"):
             seconds = m.get("wall_seconds", m.get("seconds", ""))  # a "redo" record has neither, nor an iteration
             estimate = estimated.get(m.get("stage")) if "iteration" in m else None
-            table.add_row(str(m.get("iteration", "")), m.get("stage", ""), str(seconds),
+            table.add_row(str(m.get("iteration", "")), str(m.get("stage", "")), str(seconds),
                           "" if estimate is None else f"{estimate:.3g}",
                           str(m.get("samples_per_s", "")), str(m.get("tokens_per_s", "")), str(m.get("retries", "")),
                           str(m.get("failed_rows", "")))

@@ -72,10 +72,10 @@ def read_metrics(run_dir: Path, on_bad_line=None) -> list[dict]:
     passed to `on_bad_line(path, line_number)`."""
     path = run_dir / "metrics.jsonl"
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines() if path.is_file() else [], 1):
+    for number, line in enumerate(path.read_bytes().splitlines() if path.is_file() else [], 1):
         try:
             record = json.loads(line) if line.strip() else {}
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):  # a cut write, or bytes that are not UTF-8
             record = None
         if isinstance(record, dict):
             if record:
