@@ -4,7 +4,7 @@ GenerationActors on Ray, on the same shards of the bundled prompt set with the s
 For each engine: samples/s and tokens/s; the actor-layer cost (K = 1 against the bare engine called shard by shard,
 as an actor calls it); the share of rows identical to the bare engine's. For vLLM also the tail effect of one
 synchronous generate per shard (shard by shard against every request in one call) and what keeping shards in
-flight per actor gains (K = 1 with one shard at a time against 2 and 4).
+flight per actor gains (K = 1 with one shard at a time against 2, 4 and all of them).
 
 The bare modes of an engine share one process and the Ray modes another; their passes are interleaved (A B C A B C
 ...) so that drift on a shared machine falls on every mode alike, and each mode reports the median of its `--repeat`
@@ -44,7 +44,7 @@ def bare_modes(engine: str) -> list[str]:
 
 
 def ray_modes(engine: str) -> list[str]:
-    return ([f"Ray K=1, {c} in flight" for c in (1, 2, 4)] + ["Ray K=2, 4 in flight"] if engine == "vllm"
+    return ([f"Ray K=1, {c} in flight" for c in (1, 2, 4, "all")] + ["Ray K=2, 4 in flight"] if engine == "vllm"
             else ["Ray K=1", "Ray K=2"])
 
 
@@ -105,7 +105,7 @@ def run_ray(args, cfg, model, prompts, shards) -> dict[str, tuple[pa.Table, list
     groups = {}
     for mode in modes:
         k, _, rest = mode.removeprefix("Ray K=").partition(",")
-        in_flight = int(rest.split()[0]) if rest else 1
+        in_flight = (len(shards) if rest.split()[0] == "all" else int(rest.split()[0])) if rest else 1
         engines = dataclasses.replace(cfg.engines, backend=args.engine, count=int(k), shards_in_flight=in_flight)
         groups[mode] = GenerationGroup(model, cfg.policy, engines)
 
@@ -193,6 +193,8 @@ def main() -> None:
         for c in (2, 4):
             print(f"vllm: K=1 with {c} shards in flight against 1 (time saved): "
                   f"{1 - seconds['vllm', f'Ray K=1, {c} in flight'] / serial:+.1%}")
+        print(f"vllm: tail left at K=1 with 4 in flight (time / every shard in flight at once - 1): "
+              f"{seconds['vllm', 'Ray K=1, 4 in flight'] / seconds['vllm', 'Ray K=1, all in flight'] - 1:+.1%}")
     if {"hf", "vllm"} <= set(args.engines.split(",")):
         for mode_hf, mode_vllm in (("bare, shard by shard", "bare, shard by shard"),
                                    ("Ray K=2", "Ray K=2, 4 in flight")):
