@@ -40,6 +40,29 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def small_tracked_run(ray_session, tiny_model, tmp_path_factory) -> Path:
+    """Two small iterations of the quickstart through offline.run, with W&B (offline: no network) and TensorBoard
+    on. Shared and only read: test_tracking checks what the trackers hold, test_datasets_cache loads its datasets
+    as one of its two runs (one run fewer for the session)."""
+    import importlib.util
+
+    from rayalign.config import load_config
+    from rayalign.pipelines import offline
+
+    trackers = all(importlib.util.find_spec(m) for m in ("wandb", "tensorboard"))  # else test_tracking skips
+    cfg = load_config(REPO / "examples" / "quickstart.yaml", [
+        f"policy.path={tiny_model}", "languages=[en,de]", "prompts.limit=4", "sampling.n=2", "sampling.max_new_tokens=8",
+        "engines.count=1", "rewards.actors=1", "training.micro_batch_size=2", "training.gradient_accumulation=1",
+        *(["logging.tensorboard=true", "logging.wandb.project=tests", "logging.wandb.mode=offline"] if trackers
+          else ["logging.tensorboard=false"])])
+    with pytest.MonkeyPatch.context() as env:  # as test_tracking's wandb_offline, whichever test asks first
+        env.setenv("WANDB_MODE", "offline")
+        env.delenv("WANDB_DIR", raising=False)
+        env.setenv("WANDB_SILENT", "true")
+        return offline.run(cfg, tmp_path_factory.mktemp("tracked") / "run")
+
+
 def write_one_sample_run(run_dir: Path) -> Path:
     """A run directory holding iter-1/samples with one row: enough for `rayalign inspect` to read the run."""
     import pyarrow as pa

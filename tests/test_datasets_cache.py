@@ -27,8 +27,11 @@ def launch(tmp, name, seed, tiny_model):
     return run_dir
 
 
-def test_same_named_dataset_dirs_under_one_cache_load_as_themselves(tmp_path, tiny_model, ray_session):
-    runs = [launch(tmp_path, "first", 1, tiny_model), launch(tmp_path, "second", 2, tiny_model)]
+def test_same_named_dataset_dirs_under_one_cache_load_as_themselves(tmp_path, tiny_model, ray_session,
+                                                                    small_tracked_run):
+    # two runs of two iterations: conftest's small_tracked_run (4 prompts, seed 0; shared with test_tracking) and
+    # one launched here (6 prompts, seed 2)
+    runs = [small_tracked_run, launch(tmp_path, "second", 2, tiny_model)]
     cache = tmp_path / "hf-datasets-cache"
     dirs = [run / f"iter-{t}" / kind for run in runs for t in (1, 2) for kind in ("samples", "scores", "pairs")]
     for path in dirs:

@@ -152,18 +152,11 @@ def test_logging_settings_leave_the_config_hash_unchanged():
     assert tracked.logging.wandb.project == "p" and tracked.config_hash() == plain.config_hash()
 
 
-def test_an_offline_run_logs_every_stage_iteration_and_step_as_written_to_its_files(ray_session, tiny_model, tmp_path):
-    """Two iterations through offline.run with both trackers on: W&B and TensorBoard hold each stage's and
-    iteration's numbers at its iteration, and each optimizer step's at its global step, as in metrics.jsonl and
-    train_log.jsonl; W&B also holds the resolved config and the report's plots."""
-    from rayalign.pipelines import offline
-
-    cfg = load_config(REPO / "examples" / "quickstart.yaml", [
-        f"policy.path={tiny_model}", "languages=[en,de]", "prompts.limit=4", "sampling.n=2", "sampling.max_new_tokens=8",
-        "engines.count=1", "rewards.actors=1", "training.micro_batch_size=2", "training.gradient_accumulation=1",
-        "logging.tensorboard=true", "logging.wandb.project=tests", "logging.wandb.mode=offline"])
-    run_dir = offline.run(cfg, tmp_path / "run")
-
+def test_an_offline_run_logs_every_stage_iteration_and_step_as_written_to_its_files(small_tracked_run):
+    """Two iterations through offline.run with both trackers on (conftest's small_tracked_run): W&B and TensorBoard
+    hold each stage's and iteration's numbers at its iteration, and each optimizer step's at its global step, as in
+    metrics.jsonl and train_log.jsonl; W&B also holds the resolved config and the report's plots."""
+    run_dir = small_tracked_run
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [[json.loads(line) for line in (run_dir / f"iter-{t}" / "train_log.jsonl").read_text().splitlines()]
              for t in (1, 2)]
