@@ -1,5 +1,8 @@
 """GenerationActors on a real local Ray instance and the tiny model."""
 
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+
 import pyarrow as pa
 import pytest
 import ray
@@ -25,11 +28,11 @@ def baseline(setup):
 
 
 def run_group(cfg, prompts, model, count, seed=None, on_shard_hook=None):
-    cfg.engines.count = count
+    engines = dataclasses.replace(cfg.engines, count=count)  # cfg itself unchanged: groups may run side by side
     sampling = cfg.sampling if seed is None else type(cfg.sampling)(**{**cfg.sampling.__dict__, "seed": seed})
-    shards = split_shards(prompts, cfg.engines.shard_rows)
+    shards = split_shards(prompts, engines.shard_rows)
     out = {}
-    group = GenerationGroup(model, cfg.policy, cfg.engines)
+    group = GenerationGroup(model, cfg.policy, engines)
 
     def on_shard(index, table):
         out[index] = table
@@ -55,10 +58,12 @@ def test_every_prompt_row_gets_n_samples(setup, baseline):
 def test_k2_equals_k1_and_seed_decides(setup, baseline):
     cfg, prompts, model = setup
     k1, _ = baseline
-    k2, stats = run_group(cfg, prompts, model, 2)
+    with ThreadPoolExecutor(2) as pool:  # two groups side by side (3 of the session's 4 CPUs), each on its own
+        k2_run = pool.submit(run_group, cfg, prompts, model, 2)
+        other_run = pool.submit(run_group, cfg, prompts, model, 1, seed=cfg.sampling.seed + 1)
+    (k2, stats), (other, _) = k2_run.result(), other_run.result()
     assert len(stats.shards_by_actor) == 2  # both actors did work
     assert k2.equals(k1)
-    other, _ = run_group(cfg, prompts, model, 1, seed=cfg.sampling.seed + 1)
     assert other.column("seed").to_pylist() != k1.column("seed").to_pylist()
     changed = sum(a != b for a, b in zip(other.column("response").to_pylist(), k1.column("response").to_pylist()))
     assert changed >= k1.num_rows // 2
@@ -104,8 +109,9 @@ def test_dead_scoring_actor_shard_is_retried_elsewhere(setup, baseline):
             group.shutdown()
         return pa.concat_tables([out[i] for i in sorted(out)]), stats
 
-    undisturbed, _ = score(1, kill=False)
-    table, stats = score(2, kill=True)
+    with ThreadPoolExecutor(2) as pool:  # two groups side by side (3 of the session's 4 CPUs), each on its own
+        undisturbed_run, killed_run = pool.submit(score, 1, kill=False), pool.submit(score, 2, kill=True)
+    (undisturbed, _), (table, stats) = undisturbed_run.result(), killed_run.result()
     assert stats.retries >= 1 and table.num_rows == samples.num_rows
     assert table.column("logp_policy").to_pylist() == pytest.approx(undisturbed.column("logp_policy").to_pylist(),
                                                                     abs=1e-6)
