@@ -114,6 +114,26 @@ def test_missing_source_and_id(tmp_path):
         load_prompts(d, ["en"])
 
 
+@pytest.mark.parametrize("row, expected", [
+    ({"instruction_id": ["a"], "instruction": "q"}, r"en.jsonl:2: instruction_id must be a string or an integer, got list \['a'\]"),
+    ({"instruction_id": 1.5, "instruction": "q"}, r"en.jsonl:2: instruction_id must be a string or an integer, got float 1.5"),
+    ({"instruction_id": True, "instruction": "q"}, r"en.jsonl:2: instruction_id must be a string or an integer, got bool"),
+    ({"prompt_id": {"x": 1}, "instruction": "q"}, r"en.jsonl:2: prompt_id must be a string or an integer, got dict"),
+    ({"prompt_id": "", "instruction": "q"}, r"en.jsonl:2: prompt_id is empty"),
+    ({"instruction_id": "  ", "instruction": "q"}, r"en.jsonl:2: instruction_id is empty"),
+])
+def test_prompt_id_of_another_type_or_empty_names_file_line_and_field(tmp_path, row, expected):
+    d = write_dir(tmp_path, {"en": [{"instruction_id": "ok", "instruction": "q"}, row]})
+    with pytest.raises(PromptError, match=expected):
+        load_prompts(d, ["en"])
+
+
+def test_parquet_prompt_id_of_another_type_names_the_row(tmp_path):
+    pq.write_table(pa.Table.from_pylist([{"prompt_id": [1], "lang": "en", "instruction": "x"}]), tmp_path / "p.parquet")
+    with pytest.raises(PromptError, match=r"p.parquet row 0: prompt_id must be a string or an integer, got list"):
+        load_prompts(tmp_path / "p.parquet", ["en"])
+
+
 def test_skip_holds_out_the_first_ids_and_limit_counts_after_it():
     langs = ["en", "de"]
     held_out = load_prompts(PROMPTS_DIR, langs, skip=60)

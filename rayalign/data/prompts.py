@@ -82,6 +82,12 @@ def _to_row(where: str, obj: dict, lang: str | None, system_prompt: str | None, 
     prompt_id = obj.get("prompt_id", obj.get("instruction_id"))
     if prompt_id is None:
         raise PromptError(f"{where}: missing prompt_id (or instruction_id)")
+    id_field = "prompt_id" if obj.get("prompt_id") is not None else "instruction_id"
+    if isinstance(prompt_id, bool) or not isinstance(prompt_id, (str, int)):
+        raise PromptError(f"{where}: {id_field} must be a string or an integer, got {type(prompt_id).__name__} "
+                          f"{prompt_id!r}")
+    if not str(prompt_id).strip():
+        raise PromptError(f"{where}: {id_field} is empty; every prompt needs an id, the same in every language")
     lang = obj.get("lang", lang)
     if lang is None:
         raise PromptError(f"{where}: missing lang")
