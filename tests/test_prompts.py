@@ -106,6 +106,19 @@ def test_invalid_utf8_names_line(tmp_path):
         load_prompts(d, ["en"])
 
 
+def test_byte_order_mark_at_the_start_of_a_file_is_accepted_and_one_mid_file_named(tmp_path):
+    d = tmp_path / "p"
+    d.mkdir()
+    bom = b"\xef\xbb\xbf"  # as Windows tools save UTF-8
+    (d / "en.jsonl").write_bytes(bom + b'{"instruction_id": 0, "instruction": "q"}\n')
+    (d / "de.json").write_bytes(bom + b'[{"instruction_id": 0, "instruction": "f"}]')
+    assert load_prompts(d, ["en", "de"]).column("prompt_id").to_pylist() == ["0", "0"]
+    (d / "en.jsonl").write_bytes(b'{"instruction_id": 0, "instruction": "q"}\n' + bom + b'{"instruction_id": 1, "instruction": "r"}\n')
+    with pytest.raises(PromptError, match=r"en.jsonl:2: a UTF-8 byte order mark \(BOM\) starts this line; only the "
+                                          r"start of the file may hold one"):
+        load_prompts(d, ["en"])
+
+
 def test_missing_source_and_id(tmp_path):
     with pytest.raises(PromptError, match="prompt source not found"):
         load_prompts(tmp_path / "nowhere", ["en"])

@@ -26,8 +26,9 @@ class PromptError(ValueError):
 
 
 def _decode(path: Path, data: bytes) -> str:
+    """The file's text; a byte order mark at its start (as Windows tools save UTF-8) is dropped."""
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise PromptError(f"{path}:{line}: invalid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
@@ -39,6 +40,9 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        if line.startswith("\ufeff"):
+            raise PromptError(f"{path}:{lineno}: a UTF-8 byte order mark (BOM) starts this line; only the start of "
+                              "the file may hold one (were files joined?): remove it")
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
