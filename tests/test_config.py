@@ -133,6 +133,17 @@ def test_wrong_type_in_file(tmp_path):
         load_config(write(tmp_path, "sampling: {max_new_tokens: long}\n"))
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("name: a\nsampling:\n  # n: 2\n", "sampling: expected a mapping, got null (an empty section?)"),
+    ("name: a\nsampling:\n  n:\n", "sampling.n: expected an integer, got null (an empty value?)"),
+    ("name: a\nengines:\n  count:\n", "engines.count: expected an integer or a string, got null (an empty value?)"),
+])
+def test_an_empty_section_or_value_is_named_null(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert expected in str(e.value) and "NoneType" not in str(e.value)
+
+
 def test_malformed_yaml_and_missing_file(tmp_path):
     path = write(tmp_path, "sampling: {n: 2\nname: [\n")
     with pytest.raises(ConfigError, match="malformed YAML") as e:

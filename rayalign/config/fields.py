@@ -76,13 +76,21 @@ def _type_name(tp) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}[tp]
 
 
+def _got(value, section: bool = False) -> str:
+    """A refused value as the errors show it: its type and value, and YAML's null (a key with nothing after its
+    colon, or whose children are all commented out) by that name."""
+    if value is None:
+        return "null (an empty section?)" if section else "null (an empty value?)"
+    return f"{type(value).__name__} {value!r}"
+
+
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _convert(value, tp, key: str):
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {_got(value, section=True)}")
         return build_dataclass(tp, value, key + ".")
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -97,15 +105,15 @@ def _convert(value, tp, key: str):
             except ConfigError:
                 if len(args) == 2 and type(None) in args:
                     raise
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_got(value) if value is None else repr(value)}")
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_got(value)}")
         (item_tp,) = typing.get_args(tp)
         return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_got(value)}")
         key_tp, item_tp = typing.get_args(tp)
         return {_convert(k, key_tp, f"{key}"): _convert(v, item_tp, f"{key}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
@@ -117,7 +125,7 @@ def _convert(value, tp, key: str):
         else isinstance(value, tp)
     )
     if not ok:
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_got(value)}")
     if tp is float and not math.isfinite(value):
         raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     return float(value) if tp is float else value
