@@ -104,10 +104,11 @@ def run_study(path: str | Path, *, cluster: str = "local", address: str | None =
     say(f"study {study.name}: {len(runs)} run(s), {len(runs) - len(todo)} finished earlier, {len(todo)} to run"
         + (f", {parallel} side by side" if parallel > 1 and len(todo) > 1 else "") + f" -> {study.dir}")
 
-    def finish(index: int, run: StudyRun, error: BaseException | str | None, log: Path | None, seconds: float):
+    def finish(index: int, run: StudyRun, error: BaseException | str | None, log: Path | None, seconds: float,
+               evaluate: bool = True):
         if error is None and not run_finished(run):
             error = f"{run.run_dir / 'state.json'}: the run ended without iter-{run.cfg.iterations}/summary"
-        if error is None:
+        if error is None and evaluate:
             try:
                 evaluate_run(study, run)
             except Exception as e:  # noqa: BLE001 - recorded, the other runs go on
@@ -185,8 +186,8 @@ def _run_in_process(study, todo, plans, cluster, address, say, finish, total):
 
 def _run_side_by_side(study, todo, slices, address, parallel, say, finish, total):
     """Up to `parallel` `rayalign launch` subprocesses on this driver's Ray cluster, each on a free slice of it
-    (its spec written to <study dir>/slices/, with the node ids a slice of whole nodes is pinned to); evaluation
-    here, in turn."""
+    (its spec written to <study dir>/slices/, with the node ids a slice of whole nodes is pinned to), the run's
+    evaluation after it on the same slice."""
     import queue
 
     import ray
@@ -201,21 +202,30 @@ def _run_side_by_side(study, todo, slices, address, parallel, say, finish, total
         free_slices.put(write_slice_spec(slice_spec, study.dir / "slices" / f"slice-{i + 1}.yaml"))
 
     def launch(index: int, run: StudyRun) -> tuple[int, float]:
-        if run_finished(run):
-            return 0, 0.0
+        """The run, then its evaluation, on one slice, which no other run takes until both are done."""
         cluster = free_slices.get()
         try:
-            return launch_on(index, run, str(cluster))
+            code, seconds = (0, 0.0) if run_finished(run) else launch_on(index, run, str(cluster), [
+                "-c", "from rayalign.cli import main; main(prog_name='rayalign')", "launch", str(study.recipe),
+                "--cluster", str(cluster), "--run-dir", str(run.run_dir.absolute()), "--address", address,
+                *(arg for o in run.overrides for arg in ("-o", o))])
+            if code == 0 and run_finished(run) and study.eval is not None and not eval_finished(study, run):
+                code, more = launch_on(index, run, str(cluster), [
+                    "-c", "import sys; from rayalign.pipelines.study import evaluate_on_slice; "
+                    "evaluate_on_slice(*sys.argv[1:])", str(study.path), str(study.runs_dir.absolute()), run.slug,
+                    str(cluster), address])
+                seconds += more
+            return code, seconds
         finally:
             free_slices.put(cluster)
 
-    def launch_on(index: int, run: StudyRun, cluster: str) -> tuple[int, float]:
+    def launch_on(index: int, run: StudyRun, cluster: str, args: list[str]) -> tuple[int, float]:
         started = time.perf_counter()
-        say(f"study {study.name}: run {index}/{total} {run.slug} ... (log: {run.run_dir / 'launch.log'})")
+        what = "evaluation" if "evaluate_on_slice" in args[1] else "run"
+        say(f"study {study.name}: {what} {index}/{total} {run.slug} on {Path(cluster).stem} ... "
+            f"(log: {run.run_dir / 'launch.log'})")
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-c", "from rayalign.cli import main; main(prog_name='rayalign')", "launch",
-               str(study.recipe), "--cluster", cluster, "--run-dir", str(run.run_dir.absolute()), "--address",
-               address, *(arg for o in run.overrides for arg in ("-o", o))]
+        cmd = [sys.executable, *args]
         with open(run.run_dir / "launch.log", "a", encoding="utf-8") as log:
             log.write(f"==> {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
             log.flush()
@@ -242,13 +252,37 @@ def _run_side_by_side(study, todo, slices, address, parallel, say, finish, total
                 continue
             log = run.run_dir / "launch.log"
             finish(index, run, None if code == 0 else f"exit code {code}: {_log_error(log)}",
-                   log if code else None, seconds)
+                   log if code else None, seconds, evaluate=False)  # evaluated on the run's slice
     finally:  # on an interrupt, stop the runs this study started (they resume next time)
         with lock:
             stopping.set()
             for child in children:
                 child.terminate()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def evaluate_on_slice(study_path: str, runs_dir: str, slug: str, slice_spec: str, address: str) -> None:
+    """A study run's evaluation in a subprocess of its own, its actors kept on the run's slice (what
+    `_run_side_by_side` starts after the run's launch, on the same slice); a failure exits 2 with its message."""
+    from rayalign.cli.common import UserError, user_errors
+    from rayalign.cluster import connect, load_cluster_spec
+    from rayalign.cluster.spec import pinned_nodes
+
+    @user_errors
+    def evaluate():
+        study = load_study(study_path, runs_dir=runs_dir)
+        run = next(r for r in expand(study) if r.slug == slug)
+        connect(load_cluster_spec(slice_spec), address)
+        name, nodes = pinned_nodes()
+        console.print(f"eval {slug}: on slice {Path(slice_spec).stem}"
+                      + (f", pinned to node(s) {', '.join(nodes)} ({name})" if nodes else ""), soft_wrap=True)
+        evaluate_run(study, run)
+
+    try:
+        evaluate()
+    except UserError as e:
+        console.print(f"Error: {e.format_message()}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
 
 
 def final_policy(run: StudyRun) -> tuple[str, str]:

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import yaml
@@ -138,7 +139,11 @@ STUDY_SCRIPT = textwrap.dedent("""
         run_dir = Path(entry["run_dir"])
         slice_file = re.search(r"--cluster (\\S+)", (run_dir / "launch.log").read_text()).group(1)
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        log = (run_dir / "launch.log").read_text()
         runs[entry["run"]] = {"status": entry["status"], "error": entry["error"],
+                              "eval_line": next((l for l in log.splitlines() if l.startswith("eval ")), None),
+                              "evaluated": (run_dir / "eval" / "final" / "results").is_dir(),
+                              "slice_file": slice_file,
                               "slice_nodes": yaml.safe_load(Path(slice_file).read_text())["node_ids"],
                               "actor_nodes": {m["stage"]: m["actor_nodes"] for m in metrics if "actor_nodes" in m}}
     print(json.dumps(runs))
@@ -158,7 +163,9 @@ def test_a_study_side_by_side_on_two_nodes_runs_each_run_on_its_own_node(tmp_pat
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump({"name": "pinned", "recipe": str(REPO / "examples" / "quickstart.yaml"),
                                      "runs_dir": str(tmp_path / "runs"), "parallel": 2, "overrides": overrides,
-                                     "grid": {"prompts.limit": [2, 3]}}, sort_keys=False))
+                                     "grid": {"prompts.limit": [2, 3]},
+                                     "eval": {"prompts_limit": 2, "samples": 2, "silhouette_prompts": 0}},
+                                    sort_keys=False))
     done = subprocess.run([sys.executable, "-c", STUDY_SCRIPT, str(study), str(spec)], cwd=REPO, capture_output=True,
                           text=True, timeout=1200, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -170,3 +177,7 @@ def test_a_study_side_by_side_on_two_nodes_runs_each_run_on_its_own_node(tmp_pat
         assert {"generate", "score", "train"} <= set(run["actor_nodes"]), name
         for stage in ("generate", "score"):  # node ids (train records its ranks' addresses: one here)
             assert set(run["actor_nodes"][stage]) == set(run["slice_nodes"]), (name, stage)
+        # evaluated after the run, in a subprocess of its own pinned to the run's slice
+        assert run["evaluated"], name
+        assert run["eval_line"].startswith(f"eval {name}: on slice {Path(run['slice_file']).stem}, pinned to "
+                                           f"node(s) {', '.join(run['slice_nodes'])} ("), run["eval_line"]
