@@ -263,3 +263,28 @@ def test_vllm_quickstart_runs_two_iterations(tmp_path):
             assert check.returncode == 0, check.stdout + check.stderr
     samples = read_dataset(run_dir / "iter-2" / "samples", "samples")
     assert samples.num_rows == 8 * 5 * 2 and set(samples.column("policy").to_pylist()) == {"iter-1/policy"}
+
+
+@pytest.mark.slow
+def test_online_grpo_on_vllm_engines_one_step_off(tmp_path):
+    """Online GRPO with vLLM generation actors and online.async_train: the engines record the behaviour log-probs of
+    the tokens they generated, and take the trainer's weights after every step. At step 1 the engines and the trainer
+    hold the same starting weights, so the trainer's importance ratios against vLLM's log-probs are 1 up to float
+    noise (the tokens and their positions line up); later steps are one update behind and stay close."""
+    import json
+    import subprocess
+
+    from conftest import REPO
+
+    run_dir = tmp_path / "online-vllm"
+    cmd = ["rayalign", "launch", "--cluster", "local", "examples/online-grpo-quickstart.yaml", "--run-dir",
+           str(run_dir), "-o", "engines.backend=vllm", "-o", "engines.kv_cache_gib=0.25", "-o",
+           "engines.max_model_len=256", "-o", "engines.max_batch_tokens=4096", "-o", "online.steps=3", "-o",
+           "online.async_train=true"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if s.get("stage") == "online"]
+    assert [s["step"] for s in steps] == [1, 2, 3] and all(s["rollouts"] == 40 for s in steps)
+    assert abs(steps[0]["approx_kl"]) < 1e-3 and steps[0]["clip_fraction"] == 0.0, steps[0]
+    assert all(abs(s["approx_kl"]) < 0.05 and s["clip_fraction"] < 0.2 for s in steps[1:]), steps
