@@ -106,6 +106,22 @@ def test_bad_overrides_name_the_key(override, expected):
     assert expected in str(e.value)
 
 
+def test_a_bad_override_value_names_the_override_not_the_recipe(tmp_path):
+    path = write(tmp_path, "name: a\nsampling: {n: 2}\nlanguages: [en, de]\n")
+    for overrides, expected in [
+        (["sampling.n="], "-o 'sampling.n=': sampling.n: expected an integer, got str ''"),
+        (["sampling.n=2", "sampling={n: x}"], "-o 'sampling={n: x}': sampling.n: expected an integer, got str 'x'"),
+        (["languages=[en, xx]"], "-o 'languages=[en, xx]': languages[1]: unknown ISO 639-1 code 'xx'"),
+        (["anchor_language=it"], "-o 'anchor_language=it': anchor_language: 'it' is not one of languages"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            load_config(path, overrides)
+        assert str(e.value).startswith(expected) and str(path) not in str(e.value)
+    with pytest.raises(ConfigError) as e:  # a bad value in the file still names the file
+        load_config(write(tmp_path, "name: a\nsampling: {n: many}\n"), ["sampling.temperature=0.5"])
+    assert str(e.value).startswith(f"{tmp_path / 'r.yaml'}: sampling.n: expected an integer")
+
+
 @pytest.mark.parametrize("overrides, expected", [
     (["engines.num_gpus=1", "engines.tensor_parallel_size=2"],
      "engines.num_gpus: the vllm backend needs at least tensor_parallel_size (2)"),

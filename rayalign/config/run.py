@@ -236,6 +236,17 @@ class RunConfig:
 # ---- reading and writing recipes (the dataclass builder and the override parser are in config/fields.py) ----
 
 
+def _source(error: ConfigError, path: Path | None, overrides: typing.Sequence[str]) -> str:
+    """The prefix naming where the setting an error names came from: the last `-o` override that set its key (or a
+    section holding it), else the recipe file."""
+    keys = str(error).split(": ", 1)[0].split(", ")
+    for override in reversed(overrides):
+        key = override.split("=", 1)[0].strip()
+        if any(k == key or k.startswith((f"{key}.", f"{key}[")) for k in keys):
+            return f"-o {override!r}: "
+    return f"{path}: " if path is not None else ""
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
     """Read a YAML recipe (safe loader), apply `key.sub=value` overrides, validate, and return it.
 
@@ -258,12 +269,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             del data["reference"]
     for override in overrides:
         set_override(data, override, RunConfig)
-    where = f"{path}: " if path is not None else ""
     try:
         cfg = build_dataclass(RunConfig, data)
         cfg.validate()
     except ConfigError as e:
-        raise ConfigError(f"{where}{e}") from None
+        raise ConfigError(f"{_source(e, path, overrides)}{e}") from None
     if path is not None:
         for section, key in ((cfg.prompts, "path"), (cfg.rewards.consistency, "candidates_path"),
                              (cfg.rewards.user, "path")):
