@@ -197,6 +197,22 @@ def test_fault_injection_fifty_random_bit_flips_are_all_detected_and_recomputed(
     assert len(done) == 50 and damaged >= 15
 
 
+def test_rescore_outside_a_run_names_the_dataset_and_asks_for_a_recipe(tmp_path, monkeypatch):
+    scores = tmp_path / "loose" / "scores"
+    scores.mkdir(parents=True)
+    result = invoke("rescore", scores, "--output", tmp_path / "out")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (f"{scores}: no config.yaml of a run found for it (looked for {tmp_path / 'config.yaml'}, as in "
+            "RUN/iter-N/scores), so no recipe to start from; pass --recipe RECIPE") in one_line(result.output)
+    run_dir = tmp_path / "run"  # SCORES given relative to iter-N: the run's config.yaml is found, not ./config.yaml
+    (run_dir / "iter-1" / "scores").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("name: run\nlanguages: [en, de]\n")
+    monkeypatch.chdir(run_dir / "iter-1")
+    result = invoke("rescore", "scores", "--output", tmp_path / "out")
+    assert result.exit_code == 2 and "recipe file not found" not in result.output
+    assert "scores" in result.output and "manifest" in result.output
+
+
 def test_rescore_names_the_user_reward_file_it_runs_before_running_it(finished_run, tmp_path):
     run_dir = copy_run(finished_run, tmp_path)
     reward = tmp_path / "reward.py"

@@ -33,9 +33,14 @@ def rescore(scores, output, recipe, overrides, replace):
     from rayalign.pipelines import offline
 
     scores = Path(scores)
-    cfg = load_recipe(recipe or scores.parent.parent / "config.yaml", overrides, sources=False)
+    run_config = scores.absolute().parent.parent / "config.yaml"  # RUN/iter-N/scores (absolute: SCORES may be `.`)
+    if not recipe and not run_config.is_file():
+        raise UserError(f"{scores.absolute()}: no config.yaml of a run found for it (looked for {run_config}, as in "
+                        "RUN/iter-N/scores), so no recipe to start from; pass --recipe RECIPE, the recipe it was "
+                        "scored with")
+    cfg = load_recipe(recipe or run_config, overrides, sources=False)
     if cfg.rewards.user.path:  # user code: say which file runs, and from where its path came
-        source = f"--recipe {recipe}" if recipe else f"{scores.parent.parent / 'config.yaml'} (the scored run's config)"
+        source = f"--recipe {recipe}" if recipe else f"{run_config} (the scored run's config)"
         err.print(f"rescore: runs the user reward file {cfg.rewards.user.path} as code, named by {source}; pass "
                   "--recipe or -o rewards.user.path=... to choose another", soft_wrap=True)
     manifest = offline.rescore(cfg, scores, Path(output), replace=replace)
