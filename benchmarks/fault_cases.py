@@ -109,6 +109,46 @@ def run_name_outside_runs(tmp: Path, model: Path):
     return outcome(proc, 2, "name"), (tmp.parent.parent / "x").exists()
 
 
+def prompt_id_a_list(tmp: Path, model: Path):
+    file = prompts(tmp / "p.jsonl")
+    file.write_text(file.read_text().replace('"p2"', '["p2"]', 1), encoding="utf-8")
+    proc = rayalign("launch", recipe(tmp / "r.yaml", model, file), "--run-dir", tmp / "run", cwd=tmp)
+    return outcome(proc, 2, "prompt_id must be a string or an integer, got list"), False
+
+
+def prompt_file_with_byte_order_marks(tmp: Path, model: Path):
+    """One at the start (accepted: Windows tools write it) and one starting line 3 (files joined): line 3 named."""
+    lines = prompts(tmp / "p.jsonl").read_bytes().splitlines(keepends=True)
+    bom = b"\xef\xbb\xbf"
+    (tmp / "p.jsonl").write_bytes(bom + b"".join(lines[:2]) + bom + b"".join(lines[2:]))
+    proc = rayalign("launch", recipe(tmp / "r.yaml", model, tmp / "p.jsonl"), "--run-dir", tmp / "run", cwd=tmp)
+    return outcome(proc, 2, "p.jsonl:3: a UTF-8 byte order mark (BOM) starts this line"), False
+
+
+def empty_section(tmp: Path, model: Path):
+    r = recipe(tmp / "r.yaml", model, prompts(tmp / "p.jsonl"), "training:\n  # loss: dpo\n")
+    proc = rayalign("launch", r, "--run-dir", tmp / "run", cwd=tmp)
+    return outcome(proc, 2, "training: expected a mapping, got null (an empty section?)"), False
+
+
+def key_given_twice(tmp: Path, model: Path):
+    r = recipe(tmp / "r.yaml", model, prompts(tmp / "p.jsonl"), "sampling: {n: 4}\n")
+    proc = rayalign("launch", r, "--run-dir", tmp / "run", cwd=tmp)
+    return outcome(proc, 2, "duplicate key 'sampling'"), False
+
+
+def empty_override_value(tmp: Path, model: Path):
+    proc = rayalign("launch", recipe(tmp / "r.yaml", model, prompts(tmp / "p.jsonl")), "--run-dir", tmp / "run",
+                    "-o", "sampling.n=", cwd=tmp)
+    return outcome(proc, 2, "-o 'sampling.n=': sampling.n: expected an integer"), False
+
+
+def rescore_outside_a_run(tmp: Path, model: Path):
+    (tmp / "scores").mkdir()
+    proc = rayalign("rescore", tmp / "scores", "--output", tmp / "out", cwd=tmp)
+    return outcome(proc, 2, "pass --recipe"), (tmp / "out").exists()
+
+
 def finished_run(tmp: Path, model: Path, extra: str = "") -> tuple[Path, Path]:
     r = recipe(tmp / "r.yaml", model, prompts(tmp / "p.jsonl"), extra)
     proc = rayalign("launch", r, "--run-dir", tmp / "run", cwd=tmp)
@@ -174,7 +214,8 @@ def unreachable_ray_address(tmp: Path, model: Path):
 CASES = {f.__name__: f for f in (remote_code_model, truncated_weights, garbled_config, prompt_without_anchor,
                                  empty_recipe, nan_temperature, run_name_outside_runs, truncated_state,
                                  failed_anchor_row, full_disk_saving_policy, wandb_online_without_key,
-                                 unreachable_ray_address)}
+                                 unreachable_ray_address, prompt_id_a_list, prompt_file_with_byte_order_marks,
+                                 empty_section, key_given_twice, empty_override_value, rescore_outside_a_run)}
 
 
 def main() -> None:
