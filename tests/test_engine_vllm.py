@@ -9,6 +9,7 @@ over a Ray placement group.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -129,6 +130,44 @@ def test_a_failing_caller_leaves_the_others_and_the_engine_serving(vllm_engine):
     assert got["good"] == want
     assert vllm_engine._waiting == {}  # the bad batch's accepted requests were withdrawn
     assert vllm_engine.generate(requests[:4]) == want[:4]
+
+
+def test_a_failing_step_fails_every_waiting_caller_and_the_engine_serves_on(vllm_engine, monkeypatch):
+    """An engine step that raises (a fault injected into the real engine's step) reaches every caller waiting on it,
+    none hangs, their requests are withdrawn, and the next call gets the rows it would have got."""
+    requests = requests_for(range(8))
+    want = vllm_engine.generate(requests)
+    from concurrent.futures import Future
+
+    engine, real_step = vllm_engine.llm.llm_engine, vllm_engine.llm.llm_engine.step
+
+    def step():
+        raise RuntimeError("injected step failure")
+
+    monkeypatch.setattr(engine, "step", step)
+    gate = threading.Event()  # holds the engine's thread until both callers' requests wait in its queue
+    vllm_engine._jobs.put((gate.wait, Future()))
+    errors = []
+
+    def run(batch):
+        try:
+            vllm_engine.generate(batch)
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=run, args=(requests[k::2],)) for k in range(2)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 60
+    while vllm_engine._jobs.qsize() < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    gate.set()  # both batches are added before the first step, which fails
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == ["injected step failure"] * 2 and vllm_engine._waiting == {}
+    monkeypatch.setattr(engine, "step", real_step)
+    assert vllm_engine.generate(requests) == want
 
 
 def test_score_matches_hf(vllm_engine, hf_engine):

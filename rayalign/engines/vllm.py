@@ -91,8 +91,10 @@ class Batch:
         self.error = exc
         self.done.set()
 
-    def result(self) -> list:
-        self.done.wait()
+    def result(self, owner: threading.Thread) -> list:
+        while not self.done.wait(1.0):
+            if not owner.is_alive():
+                raise RuntimeError("the vLLM engine's thread has stopped")
         if self.error is not None:
             raise self.error
         return [self.outputs[i] for i in self.ids]
@@ -192,12 +194,14 @@ class VLLMEngine:
             return None
 
     def _fail_waiting(self, exc: BaseException) -> None:
-        batches = {id(b): b for b in self._waiting.values()}.values()
-        if self._waiting:
-            self.llm.llm_engine.abort_request(list(self._waiting), internal=True)
-        self._waiting.clear()
-        for batch in batches:
+        waiting, self._waiting = self._waiting, {}
+        for batch in {id(b): b for b in waiting.values()}.values():
             batch.fail(exc)
+        if waiting:
+            try:
+                self.llm.llm_engine.abort_request(list(waiting), internal=True)
+            except Exception:  # noqa: BLE001  the engine is failing already; its callers have the first error
+                pass
 
     def _on_engine(self, fn):
         """Run `fn` on the engine's thread between two steps and return its result (or raise its exception)."""
@@ -205,7 +209,12 @@ class VLLMEngine:
             raise RuntimeError("the vLLM engine was shut down")
         future: Future = Future()
         self._jobs.put((fn, future))
-        return future.result()
+        while True:
+            try:
+                return future.result(timeout=1.0)
+            except TimeoutError:
+                if not self._owner.is_alive():
+                    raise RuntimeError("the vLLM engine's thread has stopped") from None
 
     def _run(self, prompts: list[dict], params) -> list:
         """Finished RequestOutputs for `prompts`, in order, stepped by the engine's thread with every other caller's."""
@@ -224,7 +233,7 @@ class VLLMEngine:
         if not batch.ids:
             return []
         self._on_engine(add)
-        return batch.result()
+        return batch.result(self._owner)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         if not requests:
