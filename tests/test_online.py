@@ -241,10 +241,11 @@ def test_online_lacomsa_reward_equals_the_offline_scoring_of_the_same_rollouts(r
 def test_recipes_mixing_offline_and_online_settings_are_refused_with_the_keys():
     from rayalign.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"^online.steps, online.kl_coef: online settings in an offline recipe; "
-                                          r"set mode: online"):
+    with pytest.raises(ConfigError, match=r"^-o 'online.kl_coef=0.1': online.steps, online.kl_coef: online settings "
+                                          r"in an offline recipe; set mode: online"):
         load_config(None, ["online.steps=3", "online.kl_coef=0.1"])
-    with pytest.raises(ConfigError, match=r"^iterations, pairs.method, training.loss: offline settings in an online recipe"):
+    with pytest.raises(ConfigError, match=r"^-o 'training.loss=dpo': iterations, pairs.method, training.loss: offline "
+                                          r"settings in an online recipe"):
         load_config(None, ["mode=online", "iterations=2", "pairs.method=msa", "training.loss=dpo"])
     assert load_config(REPO / "examples" / "online-grpo-quickstart.yaml").mode == "online"
     offline = load_config(REPO / "examples" / "quickstart.yaml")
