@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def test_there_are_float_fields_to_check():
 @pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
 @pytest.mark.parametrize("key", float_keys())
 def test_every_float_field_refuses_non_finite_values(key, value):
-    with pytest.raises(ConfigError, match=rf"^{key}: expected .*finite number, got -?(nan|inf)"):
+    with pytest.raises(ConfigError, match=rf"^-o '{re.escape(key)}={re.escape(value)}': {re.escape(key)}: expected .*"
+                                          r"finite number, got -?(nan|inf)"):
         load_config(None, [f"{key}={value}"])
 
 

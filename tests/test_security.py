@@ -52,11 +52,21 @@ def test_python_tags_in_a_cluster_spec_are_refused(tmp_path):
 
 
 def test_no_unsafe_yaml_or_pickle_in_the_package():
+    """yaml.load only with the package's UniqueKeyLoader, which is the safe loader refusing duplicate keys."""
+    import yaml
+
+    from rayalign.config.fields import UniqueKeyLoader
+
+    assert issubclass(UniqueKeyLoader, yaml.SafeLoader) and UniqueKeyLoader.yaml_constructors is not \
+        yaml.UnsafeLoader.yaml_constructors
     pattern = re.compile(r"yaml\.(load|unsafe_load|full_load)\(|\bpickle\.loads?\(|yaml\.(Unsafe|Full)?Loader\b")
     found = [f"{p.relative_to(REPO)}:{n}" for d in ("rayalign", "actors", "pipelines", "cluster")
              for p in sorted((REPO / d).rglob("*.py"))
-             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+             if pattern.search(line) and "yaml.load(text, Loader=UniqueKeyLoader)" not in line]
     assert found == []
+    with pytest.raises(yaml.constructor.ConstructorError):  # the tags only unsafe loaders construct are refused
+        yaml.load("!!python/object/apply:os.system ['true']", Loader=UniqueKeyLoader)
 
 
 # ---- trust_remote_code ----
