@@ -24,6 +24,7 @@ class GenerationActor:
 
         threads = max(1, int(engines.num_cpus))
         torch.set_num_threads(threads)
+        self.on_gpu = engines.num_gpus > 0
         self.engine = create_engine(engines.backend, model_path, dtype=model.dtype, batch_size=engines.batch_size,
                                     trust_remote_code=model.trust_remote_code,
                                     tensor_parallel_size=engines.tensor_parallel_size,
@@ -54,6 +55,15 @@ class GenerationActor:
 
     def receive_weights(self, meta: list) -> None:
         self.engine.receive_weights(meta)
+
+    def receive_shared(self, shared: list) -> None:
+        self.engine.receive_shared(shared)
+
+    def gpu(self) -> tuple:
+        """(node id, GPU UUID or None) of this actor's engine."""
+        from rayalign.training.weight_sync import device_uuid
+
+        return ray.get_runtime_context().get_node_id(), device_uuid() if self.on_gpu else None
 
     def token_logps(self, sequences: list) -> list[list[float]]:
         """Per-token log-probs of (prompt ids, response ids) under the engine's current weights: the behaviour policy

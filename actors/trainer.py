@@ -218,6 +218,18 @@ class TrainerActor:
             self.weight_group = join_group(host, port, 0, world_size)
         return parameter_meta(self.engine.module, self.t.zero_stage)
 
+    def gpu(self) -> tuple:
+        """(node id, GPU UUID or None): where this rank's parameters live, for the choice of weight-sync path."""
+        from rayalign.training.weight_sync import device_uuid
+
+        return ray.get_runtime_context().get_node_id(), device_uuid() if self.on_gpu else None
+
+    def share_weights(self) -> list:
+        """CUDA IPC handles of rank 0's parameters, for engines on its GPU (ZeRO 0-2: the parameters are whole)."""
+        from rayalign.training.weight_sync import share_parameters
+
+        return share_parameters(self.engine.module) if self.rank == 0 else []
+
     def broadcast_weights(self) -> None:
         """Send every parameter to the engines over the NCCL group (every rank joins the ZeRO-3 gathers)."""
         from rayalign.training.weight_sync import send_parameters
@@ -258,7 +270,7 @@ class TrainerGroup:
 
         from rayalign.actors.pool import abandon, bundle_pinning, start_actors, wait_started
 
-        t = training
+        t = self.training = training
         bundle = {"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})}
         self.actors = []
         self.placement = placement_group([bundle] * t.world_size, strategy="PACK", **bundle_pinning(t.world_size))

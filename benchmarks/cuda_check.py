@@ -6,6 +6,12 @@
 2. One DeepSpeed ZeRO-2 trainer rank on CUDA in bfloat16: the TrainerActor's own setup, prepare, train_steps
    and save, called directly (no Ray: a stand-in supplies only ray.util.get_node_ip_address). Pass: the
    steps run, the loss is finite, every parameter's fp32 master copy changes, and the saved checkpoint loads.
+3. Online weight sync by CUDA IPC: that trainer rank shares its parameters' handles (share_parameters) with an HF
+   engine in another process on the same GPU, whose weights were zeroed (HFEngine.receive_shared). Pass: every
+   parameter equals the trainer's bit for bit, and the engine scores like an engine loaded from the saved
+   checkpoint (1e-5 nats per token). Seconds per GB for the tiny model and a ~100M-parameter Llama.
+4. The NCCL weight-sync group (join_group, broadcast) between two processes on the one GPU: NCCL refuses two
+   ranks on one device, and this records what it said (the NCCL path needs two GPUs: tests/test_weight_sync_gpu.py).
 
     python benchmarks/cuda_check.py --model MODEL_DIR --pairs PAIRS_DIR [--out DIR]
 """
@@ -13,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import socket
@@ -28,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def ray_stand_in() -> None:
     try:
-        import ray  # noqa: F401
+        import ray  # noqa: F401  (only whether it imports)
     except ImportError:
         print("Ray is not installed here: a stand-in supplies ray.util.get_node_ip_address only")
         sys.modules["ray"] = types.SimpleNamespace(util=types.SimpleNamespace(get_node_ip_address=lambda: "127.0.0.1"))
@@ -124,7 +131,138 @@ def check_zero2(model: str, pairs: str, out_dir: Path, steps: int) -> dict:
            "saved_reload_max_abs_gap": reload_gap}
     # bf16 weights near 1.0 (the norms) move only once the fp32 master has moved by half a bf16 step (2^-8)
     out["pass"] = all(math.isfinite(x) for x in losses) and master_changed == len(before) and reload_gap < 1e-2
+    check_zero2.rank = rank  # the trained rank: check 3 syncs its weights
     return out
+
+
+def param_hashes(module) -> dict:
+    return {name: hashlib.sha256(p.detach().float().cpu().numpy().tobytes()).hexdigest()
+            for name, p in module.named_parameters()}
+
+
+def engine_process(model: str, conn) -> None:
+    """An HF engine on the GPU, weights zeroed, that takes shared parameters until told to stop."""
+    from rayalign.engines.hf import HFEngine
+
+    engine = HFEngine(model, dtype="float32", device="cuda", batch_size=32)
+    with torch.no_grad():
+        for p in engine.model.parameters():
+            p.zero_()
+    conn.send("ready")
+    while (message := conn.recv()) is not None:
+        shared, rows = message
+        started = time.perf_counter()
+        engine.receive_shared(shared)
+        seconds = time.perf_counter() - started
+        scores = engine.score(rows, layers=[1]) if rows else []
+        conn.send({"seconds": seconds, "hashes": param_hashes(engine.model), "logp": [r.logp for r in scores],
+                   "tokens": [r.num_tokens for r in scores]})
+
+
+def sync_by_ipc(module, model: str, rows: list, repeats: int) -> dict:
+    """Push `module`'s parameters to an engine process on this GPU `repeats` times; the first reply's hashes and
+    scores, and the seconds of each push (handles made, sent, opened and copied, acknowledged)."""
+    from rayalign.training.weight_sync import share_parameters
+
+    context = torch.multiprocessing.get_context("spawn")
+    here, there = context.Pipe()
+    process = context.Process(target=engine_process, args=(model, there))
+    process.start()
+    try:
+        assert here.recv() == "ready"
+        replies, seconds = [], []
+        for i in range(repeats):
+            started = time.perf_counter()
+            here.send((share_parameters(module), rows if i == 0 else []))
+            replies.append(here.recv())
+            seconds.append(time.perf_counter() - started)
+        here.send(None)
+    finally:
+        process.join(120)
+        if process.is_alive():
+            process.kill()
+    gb = sum(p.numel() * p.element_size() for p in module.parameters()) / 1e9
+    return {"reply": replies[0], "seconds": seconds, "gb": gb,
+            "seconds_per_gb": min(seconds) / gb, "engine_copy_seconds_per_gb": min(r["seconds"] for r in replies) / gb}
+
+
+def check_ipc_sync(rank, model: str, saved: Path, rows_per_language: int, out_dir: Path) -> dict:
+    from rayalign.actors.rl_trainer import PolicyTrainer
+    from rayalign.config import ModelConfig, TrainingConfig
+    from rayalign.engines.hf import HFEngine
+
+    rows = score_rows(rows_per_language)
+    tiny = sync_by_ipc(rank.engine.module, model, rows, 3)
+    expected = param_hashes(rank.engine.module)
+    equal = sum(tiny["reply"]["hashes"].get(k) == v for k, v in expected.items())
+    reference = [r.logp for r in HFEngine(str(saved), dtype="float32", device="cuda", batch_size=32).score(rows, layers=[1])]
+    reply = tiny["reply"]
+    gap = max(abs(a - b) / n for a, b, n in zip(reply["logp"], reference, reply["tokens"]))
+    # a ~100M-parameter Llama (random weights) through the same trainer setup, for seconds per GB
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from weight_sync import build_100m
+
+    big = build_100m(out_dir / "llama-100m", model)
+    t = TrainingConfig(lr=1e-4, micro_batch_size=1, world_size=1, zero_stage=2, num_gpus=1, warmup_ratio=0.0)
+    policy = PolicyTrainer(0, big, ModelConfig(path=big), t)
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    policy.setup("127.0.0.1", port)
+    policy.prepare(1, big)
+    large = sync_by_ipc(policy.engine.module, big, [], 3)
+    big_expected = param_hashes(policy.engine.module)
+    big_equal = sum(large["reply"]["hashes"].get(k) == v for k, v in big_expected.items())
+    out = {"tiny_params_equal": f"{equal}/{len(expected)}", "tiny_score_gap_vs_saved_per_token_max": gap,
+           "tiny_gb": tiny["gb"], "tiny_push_seconds": tiny["seconds"], "tiny_seconds_per_gb": tiny["seconds_per_gb"],
+           "llama100m_params": sum(p.numel() for p in policy.engine.module.parameters()),
+           "llama100m_params_equal": f"{big_equal}/{len(big_expected)}", "llama100m_gb": large["gb"],
+           "llama100m_push_seconds": large["seconds"], "llama100m_seconds_per_gb": large["seconds_per_gb"],
+           "llama100m_engine_copy_seconds_per_gb": large["engine_copy_seconds_per_gb"]}
+    out["pass"] = equal == len(expected) and big_equal == len(big_expected) and gap < 1e-5
+    return out
+
+
+def nccl_member(rank: int, port: int, conn) -> None:
+    from rayalign.training.weight_sync import broadcast, join_group
+
+    try:
+        group = join_group("127.0.0.1", port, rank, 2, timeout_s=60)
+        tensor = torch.full((1 << 18,), 1.0 if rank == 0 else 0.0, device="cuda")
+        broadcast(group, tensor)
+        torch.cuda.synchronize()
+        conn.send(("received", float(tensor.sum())))
+    except Exception as error:  # what NCCL says is the finding
+        conn.send(("refused", f"{type(error).__name__}: {' '.join(str(error).split())[:500]}"))
+
+
+def check_nccl_one_gpu(timeout_s: float = 90.0) -> dict:
+    context = torch.multiprocessing.get_context("spawn")
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    pipes = [context.Pipe() for _ in range(2)]
+    members = [context.Process(target=nccl_member, args=(r, port, pipes[r][1])) for r in range(2)]
+    for m in members:
+        m.start()
+    results, deadline = [], time.monotonic() + timeout_s
+    for here, _ in pipes:
+        results.append(here.recv() if here.poll(max(0.0, deadline - time.monotonic())) else ("no answer", f"{timeout_s} s"))
+    for m in members:
+        m.join(5)
+        if m.is_alive():
+            m.kill()
+    return {"nccl_version": ".".join(map(str, torch.cuda.nccl.version())), "rank0": results[0], "rank1": results[1]}
+
+
+def guarded(check, *args) -> dict:
+    """A check's report, or its error as the report (so that the checks after it still run)."""
+    import traceback
+
+    try:
+        return check(*args)
+    except Exception:
+        return {"pass": False, "error": traceback.format_exc()[-3000:]}
 
 
 def main() -> int:
@@ -143,13 +281,20 @@ def main() -> int:
 
     report["transformers"] = transformers.__version__
     print("scoring: HF engine, bf16 vs fp32")
-    report["scoring"] = check_scoring(args.model, args.rows_per_language)
+    report["scoring"] = guarded(check_scoring, args.model, args.rows_per_language)
     print(json.dumps(report["scoring"], indent=1))
     print("DeepSpeed ZeRO-2 trainer rank on CUDA")
-    report["zero2"] = check_zero2(args.model, args.pairs, out_dir, args.steps)
+    report["zero2"] = guarded(check_zero2, args.model, args.pairs, out_dir, args.steps)
     print(json.dumps(report["zero2"], indent=1))
+    print("online weight sync by CUDA IPC, trainer rank -> HF engine process on the same GPU")
+    report["ipc_sync"] = guarded(check_ipc_sync, check_zero2.rank, args.model, out_dir / "zero2-policy",
+                                 args.rows_per_language, out_dir)
+    print(json.dumps(report["ipc_sync"], indent=1))
+    print("NCCL weight-sync group, two processes on one GPU")
+    report["nccl_one_gpu"] = guarded(check_nccl_one_gpu)
+    print(json.dumps(report["nccl_one_gpu"], indent=1))
     (out_dir / "cuda_check.json").write_text(json.dumps(report, indent=1))
-    ok = report["scoring"]["pass"] and report["zero2"]["pass"]
+    ok = report["scoring"]["pass"] and report["zero2"]["pass"] and report["ipc_sync"]["pass"]
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

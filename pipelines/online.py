@@ -29,7 +29,7 @@ from rayalign.data.store import DatasetWriter, atomic_write_text
 from rayalign.models import resolve_model_path
 from rayalign.progress import console, deepspeed_op_notice, model_build_progress
 from rayalign.tracking import Trackers, check_trackers
-from rayalign.actors.weight_sync import WeightSync, uses_nccl
+from rayalign.actors.weight_sync import WeightSync
 from rayalign.pipelines.online_rollouts import Rollouts
 from rayalign.run_dir import (check_run_dir_config, log_metrics, prepare_run_dir, set_aside_untrusted_checkpoint,
                               write_state)
@@ -112,8 +112,8 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
             stack.enter_context(scorers.group)
         source = Rollouts(cfg, generators, prompts, policy_path)
         stack.callback(source.close)
-        sync = WeightSync(trainer, generators, uses_nccl(cfg),
-                          cfg.engines.tensor_parallel_size if cfg.engines.backend == "vllm" else 1)
+        sync = WeightSync(trainer, generators, cfg.engines.tensor_parallel_size if cfg.engines.backend == "vllm" else 1)
+        console.print(f"weight sync from the trainer to the engines: {sync.mode}")
         tracker = Trackers(cfg, run_dir)
         stack.callback(tracker.close, ok=False)  # after an error (closed already otherwise)
         try:

@@ -57,6 +57,7 @@ def test_generation_engines_take_the_trainers_weights(ray_session, tiny_model):
     from rayalign.actors.generator import GenerationGroup
     from rayalign.actors.scorer import ModelRole, ScoringGroup
     from rayalign.actors.rl_trainer import PolicyGroup
+    from rayalign.actors.weight_sync import WeightSync
 
     cfg = load_config(None, [f"policy.path={tiny_model}", "training.micro_batch_size=4", "training.lr=1.0e-3",
                              "training.warmup_ratio=0.0"])
@@ -70,9 +71,10 @@ def test_generation_engines_take_the_trainers_weights(ray_session, tiny_model):
         old, ref = [s["logp"] for s in stats], [s["ref_logp"] for s in stats]
         update = trainer.update(sequences, [1.0, -1.0, 0.5, -0.5], old, ref, 0.1, "k3", 0.2)
         assert update["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step starts at the reference
-        published = trainer.publish_weights()  # put by the trainer actor; the driver holds only the reference
+        sync = WeightSync(trainer, generators)
+        assert sync.mode == "object store"  # CPU actors
+        published = sync.push()  # put by the trainer actor; the driver holds only the reference
         assert isinstance(published, ray_session.ObjectRef)
-        generators.update_weights(published)
         after = generators.weights()[0]
         scorers = ScoringGroup({"policy": ModelRole(tiny_model, ModelConfig(path=tiny_model))}, 1, 8, 1, 0)
         scorers.update_weights("policy", published)

@@ -122,6 +122,16 @@ class HFEngine:
         for name, tensor in receive_parameters(self.weight_group, meta, self.device):
             params[name].copy_(tensor)
 
+    @torch.no_grad()
+    def receive_shared(self, shared: list) -> None:
+        """Copy the trainer's parameters from its CUDA IPC handles (an engine on trainer rank 0's GPU), in place."""
+        from rayalign.training.weight_sync import open_shared
+
+        params = dict(self.model.named_parameters())
+        for name, tensor in open_shared(shared):
+            params[name].copy_(tensor)
+        torch.cuda.synchronize()  # copied before the trainer's next step writes the shared memory
+
     @torch.inference_mode()
     def token_logps(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         """Teacher-forced log-prob of every response token of (prompt ids, response ids) pairs, in order (right

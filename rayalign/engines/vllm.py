@@ -63,6 +63,17 @@ def receive_weights(worker, meta: list) -> None:
     retie_output_head(worker)
 
 
+def receive_shared(worker, shared: list) -> None:
+    """Run on a vLLM worker on trainer rank 0's GPU: load the trainer's parameters from their CUDA IPC handles."""
+    import torch
+
+    from rayalign.training.weight_sync import open_shared
+
+    worker.model_runner.model.load_weights(open_shared(shared))
+    torch.cuda.synchronize()
+    retie_output_head(worker)
+
+
 def generation_eos(model_path: str, trust_remote_code: bool = False):
     """The generation config's eos ids (what HFEngine passes to stop_token_ids), None without a generation config."""
     from transformers import GenerationConfig
@@ -326,6 +337,14 @@ class VLLMEngine:
         def receive():
             self.llm.collective_rpc(receive_weights, args=(meta,))
             self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+        self._on_engine(receive)
+
+    def receive_shared(self, shared: list) -> None:
+        """Load the trainer's parameters from CUDA IPC handles (a one-worker engine on trainer rank 0's GPU)."""
+        def receive():
+            self.llm.collective_rpc(receive_shared, args=(shared,))
+            self.llm.reset_prefix_cache()
 
         self._on_engine(receive)
 
