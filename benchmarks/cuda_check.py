@@ -287,7 +287,7 @@ def main() -> int:
     report["zero2"] = guarded(check_zero2, args.model, args.pairs, out_dir, args.steps)
     print(json.dumps(report["zero2"], indent=1))
     print("online weight sync by CUDA IPC, trainer rank -> HF engine process on the same GPU")
-    report["ipc_sync"] = guarded(check_ipc_sync, check_zero2.rank, args.model, out_dir / "zero2-policy",
+    report["ipc_sync"] = guarded(lambda *a: check_ipc_sync(check_zero2.rank, *a), args.model, out_dir / "zero2-policy",
                                  args.rows_per_language, out_dir)
     print(json.dumps(report["ipc_sync"], indent=1))
     print("NCCL weight-sync group, two processes on one GPU")

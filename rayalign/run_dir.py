@@ -14,7 +14,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from rayalign.config import ConfigError, RunConfig, save_config
-from rayalign.data.inspect import read_metrics
 from rayalign.data.store import (DatasetError, DatasetWriter, atomic_write_text, checksum_path, directory_problems,
                                   read_manifest, remove_untrusted_shards, shard_name, shard_problem,
                                   write_parquet_atomic)
@@ -237,6 +236,8 @@ def iteration_summary(run_dir: Path, iteration: int) -> dict:
     """One iteration's headline metrics and phase timings, from its stage records in metrics.jsonl."""
 
     out = {}
+    from rayalign.data.inspect import read_metrics  # polars: not needed by the actors that import this module
+
     for record in read_metrics(run_dir):
         stage = record.get("stage")
         if record.get("iteration") != iteration or stage == "iteration":
