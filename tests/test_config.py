@@ -89,7 +89,7 @@ def test_an_old_runs_config_yaml_with_reference_null_loads(tmp_path):
     ("sampling.n=many", "sampling.n: expected an integer, got str 'many'"),
     ("sampling.n=2.5", "sampling.n: expected an integer, got float 2.5"),
     ("languages=[en, xx]", "languages[1]: unknown ISO 639-1 code 'xx'"),
-    ("languages=en", "languages: expected a list of a string"),
+    ("languages=en", "languages: expected a list of strings"),
     ("languages=[en, en]", "languages: duplicate codes"),
     ("anchor_language=it", "anchor_language: 'it' is not one of languages"),
     ("policy.dtype=int4", "policy.dtype: expected one of auto, float32, bfloat16, float16"),

@@ -142,8 +142,8 @@ def test_corrupt_manifest(tmp_path):
 
 
 @pytest.mark.parametrize("edit, expected", [
-    (lambda m: [m], "manifest.json: expected a JSON object, got list"),
-    (lambda m: {**m, "shards": None}, "shards: expected a list of {file, rows, sha256} objects, got NoneType"),
+    (lambda m: [m], "manifest.json: expected a JSON object, got a list"),
+    (lambda m: {**m, "shards": None}, "shards: expected a list of {file, rows, sha256} objects, got null"),
     (lambda m: {**m, "shards": [s["file"] for s in m["shards"]]}, "shards[0]: expected {file: part-NNNNN.parquet"),
     (lambda m: {**m, "shards": [{k: v for k, v in s.items() if k != "file"} for s in m["shards"]]}, "shards[0]: "),
     (lambda m: {**m, "shards": [{**m["shards"][0], "file": "../other/part-00000.parquet"}, m["shards"][1]]},

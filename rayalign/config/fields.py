@@ -70,7 +70,9 @@ def _type_name(tp) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        inner = typing.get_args(tp)[0]
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
+        return f"a list of {plural[inner] if inner in plural else _type_name(inner)}"
     if origin is dict:
         return f"a mapping of language code to {_type_name(typing.get_args(tp)[1])}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}[tp]

@@ -328,6 +328,14 @@ def dataset_card(manifest: dict) -> str:
     )
 
 
+def json_kind(value) -> str:
+    """What a parsed JSON value is, in JSON's words."""
+    if isinstance(value, bool):
+        return "true/false"
+    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
 def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     mpath = path / MANIFEST
@@ -340,7 +348,7 @@ def read_manifest(path: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{mpath}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict):
-        raise DatasetError(f"{mpath}: expected a JSON object, got {type(manifest).__name__}")
+        raise DatasetError(f"{mpath}: expected a JSON object, got {json_kind(manifest)}")
     for key in ("schema", "schema_version", "rows", "shards"):
         if key not in manifest:
             raise DatasetError(f"{mpath}: missing field {key!r}")
@@ -349,7 +357,7 @@ def read_manifest(path: str | Path) -> dict:
             raise DatasetError(f"{mpath}: {key}: expected an integer, got {manifest[key]!r}")
     if not isinstance(manifest["shards"], list):
         raise DatasetError(f"{mpath}: shards: expected a list of {{file, rows, sha256}} objects, got "
-                           f"{type(manifest['shards']).__name__}")
+                           f"{json_kind(manifest['shards'])}")
     seen = set()
     for i, entry in enumerate(manifest["shards"]):
         if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) \
