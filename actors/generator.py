@@ -24,7 +24,7 @@ class GenerationActor:
 
         threads = max(1, int(engines.num_cpus))
         torch.set_num_threads(threads)
-        self.on_gpu = engines.num_gpus > 0
+        self.on_gpu, self.tensor_parallel = engines.num_gpus > 0, engines.tensor_parallel
         self.engine = create_engine(engines.backend, model_path, dtype=model.dtype, batch_size=engines.batch_size,
                                     trust_remote_code=model.trust_remote_code,
                                     tensor_parallel_size=engines.tensor_parallel_size,
@@ -60,10 +60,14 @@ class GenerationActor:
         self.engine.receive_shared(shared)
 
     def gpu(self) -> tuple:
-        """(node id, GPU UUID or None) of this actor's engine."""
+        """(node id, GPU UUID or None) of this actor's engine; a tensor-parallel engine's workers hold GPUs of their
+        own (its placement group), named by the actor."""
         from rayalign.training.weight_sync import device_uuid
 
-        return ray.get_runtime_context().get_node_id(), device_uuid() if self.on_gpu else None
+        context = ray.get_runtime_context()
+        if self.tensor_parallel > 1:
+            return context.get_node_id(), f"tensor-parallel workers of {context.get_actor_id()}"
+        return context.get_node_id(), device_uuid() if self.on_gpu else None
 
     def token_logps(self, sequences: list) -> list[list[float]]:
         """Per-token log-probs of (prompt ids, response ids) under the engine's current weights: the behaviour policy
