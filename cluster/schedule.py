@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rayalign.cluster.model_info import PlanError
 from rayalign.cluster.spec import ClusterSpec
 
 
@@ -84,8 +85,6 @@ def balanced_counts(cfg, spec: ClusterSpec, most_engines: int, most_scorers: int
 def choose_schedule(cfg, spec: ClusterSpec) -> Schedule:
     """The recipe's schedule on `spec` (its counts resolved): cluster.schedule, where auto streams when both roles
     fit side by side. Raises PlanError for `stream` on a cluster that cannot hold both."""
-    from rayalign.cluster.planner import PlanError
-
     asked = cfg.cluster.schedule
     if cfg.mode == "online":
         return Schedule(False, "online runs hold every role at once anyway")

@@ -211,9 +211,8 @@ def _run_side_by_side(study, todo, slices, address, parallel, say, finish, total
                 *(arg for o in run.overrides for arg in ("-o", o))])
             if code == 0 and run_finished(run) and study.eval is not None and not eval_finished(study, run):
                 code, more = launch_on(index, run, str(cluster), [
-                    "-c", "import sys; from rayalign.pipelines.study import evaluate_on_slice; "
-                    "evaluate_on_slice(*sys.argv[1:])", str(study.path), str(study.runs_dir.absolute()), run.slug,
-                    str(cluster), address])
+                    "-c", "from rayalign.cli import main; main(prog_name='rayalign')", "study-eval", str(study.path),
+                    str(study.runs_dir.absolute()), run.slug, str(cluster), address])
                 seconds += more
             return code, seconds
         finally:
@@ -221,7 +220,7 @@ def _run_side_by_side(study, todo, slices, address, parallel, say, finish, total
 
     def launch_on(index: int, run: StudyRun, cluster: str, args: list[str]) -> tuple[int, float]:
         started = time.perf_counter()
-        what = "evaluation" if "evaluate_on_slice" in args[1] else "run"
+        what = "evaluation" if args[2] == "study-eval" else "run"
         say(f"study {study.name}: {what} {index}/{total} {run.slug} on {Path(cluster).stem} ... "
             f"(log: {run.run_dir / 'launch.log'})")
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -262,27 +261,18 @@ def _run_side_by_side(study, todo, slices, address, parallel, say, finish, total
 
 
 def evaluate_on_slice(study_path: str, runs_dir: str, slug: str, slice_spec: str, address: str) -> None:
-    """A study run's evaluation in a subprocess of its own, its actors kept on the run's slice (what
-    `_run_side_by_side` starts after the run's launch, on the same slice); a failure exits 2 with its message."""
-    from rayalign.cli.common import UserError, user_errors
+    """A study run's evaluation in a process of its own (`rayalign study-eval`), its actors kept on the run's slice
+    (what `_run_side_by_side` starts after the run's launch, on the same slice)."""
     from rayalign.cluster import connect, load_cluster_spec
     from rayalign.cluster.spec import pinned_nodes
 
-    @user_errors
-    def evaluate():
-        study = load_study(study_path, runs_dir=runs_dir)
-        run = next(r for r in expand(study) if r.slug == slug)
-        connect(load_cluster_spec(slice_spec), address)
-        name, nodes = pinned_nodes()
-        console.print(f"eval {slug}: on slice {Path(slice_spec).stem}"
-                      + (f", pinned to node(s) {', '.join(nodes)} ({name})" if nodes else ""), soft_wrap=True)
-        evaluate_run(study, run)
-
-    try:
-        evaluate()
-    except UserError as e:
-        console.print(f"Error: {e.format_message()}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
+    study = load_study(study_path, runs_dir=runs_dir)
+    run = next(r for r in expand(study) if r.slug == slug)
+    connect(load_cluster_spec(slice_spec), address)
+    name, nodes = pinned_nodes()
+    console.print(f"eval {slug}: on slice {Path(slice_spec).stem}"
+                  + (f", pinned to node(s) {', '.join(nodes)} ({name})" if nodes else ""), soft_wrap=True)
+    evaluate_run(study, run)
 
 
 def final_policy(run: StudyRun) -> tuple[str, str]:

@@ -13,7 +13,8 @@ PROMPTS_DIR = REPO / "examples" / "data" / "prompts"
 # Pure modules (no Ray, no model, no subprocess): `pytest -m unit` runs them in seconds.
 UNIT_MODULES = {"test_config", "test_estimate", "test_judge", "test_losses", "test_pairs", "test_planner",
                 "test_progress", "test_prompts", "test_slices", "test_report", "test_rewards_consistency",
-                "test_rewards_implicit", "test_rewards_latent", "test_rl_losses", "test_store", "test_weight_sync"}
+                "test_rewards_implicit", "test_rewards_latent", "test_rl_losses", "test_store", "test_weight_sync",
+                "test_layout", "test_paper_recipes"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -86,10 +86,29 @@ def test_export_refuses_bad_sources_and_outputs(tmp_path):
     assert refused.exit_code == 2 and "exists and is not an empty directory" in refused.output
     none = invoke("export", run, tmp_path / "o", "--stage", "samples")
     assert none.exit_code == 2 and "nor a run with a finished samples dataset" in none.output
+
+
+def test_push_to_hub_needs_a_token_and_names_a_failed_upload(tmp_path, monkeypatch):
+    """The real huggingface_hub client, never the real Hub: no token at all, then a token and a Hub endpoint
+    where nothing listens."""
+    import socket
+
+    from huggingface_hub import constants
+
+    run = pairs_run(tmp_path / "run", "A")
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     push = invoke("export", run, tmp_path / "p", "--push-to-hub", "me/pairs")
-    assert push.exit_code == 2 or "pushed" in push.output  # no token here: refused with the reason
-    if push.exit_code == 2:
-        assert "no Hugging Face token configured" in push.output or "upload failed" in push.output
+    assert push.exit_code == 2 and "no Hugging Face token configured" in push.output
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_real")
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    push = invoke("export", run, tmp_path / "q", "--push-to-hub", "me/pairs")
+    assert push.exit_code == 2 and "--push-to-hub me/pairs: upload failed" in push.output
+    assert (tmp_path / "q" / "README.md").is_file()  # the export itself is kept
 
 
 

@@ -63,7 +63,7 @@ def remote_code_model(tiny_model: str, tmp_path: Path) -> tuple[Path, Path]:
 
 def test_a_model_that_needs_its_own_code_is_refused_before_ray_starts_naming_the_key(tmp_path, tiny_model):
     from rayalign.config import load_config
-    from rayalign.data.hub import check_sources
+    from rayalign.preflight import check_sources
 
     model, marker = remote_code_model(tiny_model, tmp_path)
     prompts = prompt_file(tmp_path / "prompts.jsonl", 2)

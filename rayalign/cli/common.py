@@ -58,7 +58,8 @@ def load_recipe(recipe, overrides, *, sources: bool = True, models: bool = True)
     """The recipe, validated, its trackers' packages installed; with `sources`, its prompt set (and with `models`, its models) checked readable from
     here before Ray starts: a Hub name neither cached nor reachable is refused at once."""
     from rayalign.config import load_config
-    from rayalign.data.hub import HubError, check_sources
+    from rayalign.data.hub import HubError
+    from rayalign.preflight import check_sources
     from rayalign.tracking import check_trackers
 
     cfg = load_config(recipe, overrides)

@@ -245,3 +245,17 @@ def study_cmd(study_file, cluster, address, parallel, runs_dir, dry_run):
         return
     out = run_study(study_file, cluster=cluster, address=address, parallel=parallel, runs_dir=runs_dir)
     console.print(f"done: {out}/results.parquet  (see `rayalign report {out}`)")
+
+
+@main.command("study-eval", hidden=True)
+@click.argument("study_file", type=click.Path(dir_okay=False))
+@click.argument("runs_dir", type=click.Path(file_okay=False))
+@click.argument("slug")
+@click.argument("slice_spec")
+@click.argument("address")
+@user_errors
+def study_eval_cmd(study_file, runs_dir, slug, slice_spec, address):
+    """One study run's evaluation on its slice (started by `rayalign study` beside the run's launch)."""
+    from rayalign.pipelines.study import evaluate_on_slice
+
+    evaluate_on_slice(study_file, runs_dir, slug, slice_spec, address)

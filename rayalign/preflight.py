@@ -1,0 +1,66 @@
+"""Checks a recipe's inputs before Ray starts: its prompt set (local or on the Hub), DCO candidate sets, centroid
+text files and every model it loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rayalign.data.hub import (HF_PREFIX, HubError, check_hub_dataset, check_model_source, go_offline_if_unreachable,
+                               hub_reachable, split_hf_path)
+from rayalign.data.prompts import PromptError, load_candidate_sets, load_prompts
+
+
+def model_sections(cfg) -> list[tuple[str, object]]:
+    """(recipe key, ModelConfig) of every model a recipe loads."""
+    r = cfg.rewards
+    models = [("policy", cfg.policy),
+              ("rewards.implicit.reward_reference", r.implicit.enabled and r.implicit.reward_reference),
+              ("rewards.reward_model.model", r.reward_model.enabled and r.reward_model.model),
+              ("rewards.consistency.reference", r.consistency.enabled and r.consistency.reference)]
+    return [(key, m) for key, m in models if m]
+
+
+def check_sources(cfg, *, models: bool = True) -> None:
+    """Refuse, before Ray starts, a prompt set or (with `models`) a model that cannot be read from here, or whose
+    code the recipe does not trust.
+
+    hf: prompt sets are loaded when the Hub cannot be reached (from the cache, or a clear error), and looked
+    up on the Hub otherwise; local prompt sets and DCO candidate sets are read whole (ids missing a language,
+    the anchor included, are refused), and so are the text files of rewards.latent.centroid_texts. Goes
+    offline (HF_HUB_OFFLINE=1) when the Hub cannot be reached, so the clients never retry with backoff."""
+    go_offline_if_unreachable()
+    path = cfg.prompts.path
+    if cfg.pairs.method != "dco" and path:
+        if path.startswith(HF_PREFIX):
+            try:
+                _, local = split_hf_path(path)
+                if local or not hub_reachable():
+                    load_prompts(path, cfg.languages, **{**cfg.prompts.load_kwargs(), "limit": 1})
+                else:
+                    check_hub_dataset(path, revision=cfg.prompts.revision)
+            except HubError as e:
+                raise PromptError(str(e)) from None
+        elif not Path(path).exists():
+            raise PromptError(f"prompts.path: {path}: prompt source not found (a file, a directory of <lang> files, "
+                              "or hf:<dataset name or directory>)")
+        else:  # read whole: every prompt id in every language, the anchor included, before anything starts
+            load_prompts(path, cfg.languages, **cfg.prompts.load_kwargs())
+    elif cfg.pairs.method == "dco":
+        candidates = cfg.rewards.consistency.candidates_path
+        if not candidates or not Path(candidates).is_dir():
+            raise PromptError(f"rewards.consistency.candidates_path: {candidates}: candidate set directory not found "
+                              "(a directory with one <lang>.jsonl per language; a relative path is taken from the "
+                              "recipe's directory, else from the current one)")
+        load_candidate_sets(candidates, cfg.languages)
+    if cfg.rewards.latent.enabled and cfg.rewards.latent.centroid_texts:
+        from rayalign.scoring.centroid_texts import centroid_text_rows
+
+        centroid_text_rows(cfg.rewards.latent.centroid_texts)  # each file found, UTF-8 and not empty
+    if models:  # torch and transformers are imported only here
+        from rayalign.models import check_model_code, resolve_model_path
+
+        for section, model in model_sections(cfg):
+            check_model_source(f"{section}.path", model.path)
+            if Path(model.path).expanduser().exists():
+                resolve_model_path(model.path)  # config, tokenizer and whole weights files
+            check_model_code(section, model)  # needs trust_remote_code: refused here, not in every actor
