@@ -1,6 +1,7 @@
-"""A multi-process Ray cluster on this machine (a head and a worker, each its own `ray start`), where the worker
-runs in its own mount namespace with a private file system over the run directory's parent: the launch-time
-probe must name that node. Only the processes this test starts are stopped, by their process groups."""
+"""Multi-process Ray clusters on this machine (a head and workers, each its own `ray start`): a worker with a
+private file system over the run directory's parent is named by the launch-time probe; worker nodes lost
+mid-generation, mid-scoring and mid-training. Only the processes a test starts are stopped, by their process
+groups."""
 
 import os
 import signal
@@ -161,3 +162,49 @@ def test_losing_a_worker_node_mid_generation_and_mid_scoring_keeps_the_datasets(
     for name in ("samples", "scores"):
         a, b = (read_dataset(run_dir / "iter-1" / name, name).sort_by(key) for run_dir in (killed_dir, tmp_path / "straight"))
         assert a.equals(b), name
+
+
+@pytest.mark.slow
+def test_losing_the_trainers_node_mid_training_is_a_message_and_the_relaunch_resumes(tmp_path, tiny_model):
+    """A head with one CPU and a worker with two, each its own `ray start`: the trainer rank (two CPUs) can only
+    run on the worker. The worker's whole process group is killed once training has written a checkpoint: the
+    launch ends with a message (no traceback), and a relaunch on a new worker resumes from that checkpoint."""
+    import json
+
+    from conftest import PROMPTS_DIR
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: lost-node\nlanguages: [en, de]\npolicy: {{path: {tiny_model}}}\n"
+                      f"prompts: {{path: {PROMPTS_DIR}, limit: 8}}\nsampling: {{n: 2, max_new_tokens: 8}}\n"
+                      "engines: {count: 1, num_cpus: 1}\nrewards: {latent: {enabled: true}, actors: 1, num_cpus: 1}\n"
+                      "pairs: {method: lacomsa}\n"
+                      "training: {loss: dpo, micro_batch_size: 1, checkpoint_every: 1, world_size: 1, num_cpus: 2}\n")
+    run_dir = tmp_path / "run"
+    port, env, head = start_head()
+    worker_node = f"exec ray start --address=127.0.0.1:{port} --num-cpus=2 --disable-usage-stats --block"
+    command = [sys.executable, "-m", "rayalign.cli", "launch", "--cluster", "local", str(recipe), "--address",
+               f"127.0.0.1:{port}", "--run-dir", str(run_dir)]
+    workers = []
+    try:
+        time.sleep(5)
+        workers.append(start(worker_node, env))
+        wait_for_nodes(port, env, 2)
+        run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 600
+        while not (run_dir / "iter-1" / "train.ckpt" / "latest").exists():
+            assert run.poll() is None and time.monotonic() < deadline, run.stdout.read()[-3000:]
+            time.sleep(0.05)
+        stop(workers[0])
+        out, _ = run.communicate(timeout=300)
+        assert run.returncode == 2 and "train iter-1: a trainer rank died" in out, out[-3000:]
+        assert "resumes from the last checkpoint" in out and "Traceback" not in out, out[-3000:]
+        workers.append(start(worker_node, env))
+        wait_for_nodes(port, env, 2)
+        again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    finally:
+        for proc in [*workers, head]:
+            stop(proc)
+    train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("stage") == "train"]
+    assert len(train) == 1 and train[0]["resumed_from_step"] >= 1 and train[0]["actor_nodes"] == 1
