@@ -254,6 +254,12 @@ def test_dco_quickstart_recipe(tmp_path, tiny_model, ray_session):
     assert (t["lang_1"], t["gamma_12"], t["gamma_21"]) == ("en", 0.1, 10.0)
     assert not (run_dir / "iter-1" / "samples").exists()  # DCO learns from candidate sets
     assert (run_dir / "iter-1" / "policy" / "config.json").is_file()
+    # a DCO batch's loss scales with gamma x its reference margins, so compare each step's loss with the same
+    # batch's loss at pi_ref: one epoch, each batch unseen before its step, the policy ends below the reference
+    log = [json.loads(line) for line in (run_dir / "iter-1" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["loss"] == pytest.approx(log[0]["loss_at_reference"], rel=1e-5)  # step 1 is pi_ref itself
+    gaps = [r["loss"] - r["loss_at_reference"] for r in log[1:]]
+    assert sum(gaps) / len(gaps) < 0, gaps
 
 
 def test_shipped_user_reward_file():
