@@ -167,8 +167,9 @@ def alive_node_resources() -> list[dict]:
 
 
 def _worker_nodes(nodes: list[dict]) -> list[dict]:
-    """The nodes a spec describes: those with GPUs when any has one (a CPU-only head is left out), else all."""
-    return [n for n in nodes if n.get("GPU", 0) > 0] or nodes
+    """The nodes a spec describes: those with GPUs when any has one (a CPU-only head is left out), else those with
+    CPUs (a head started with --num-cpus=0 holds no actors)."""
+    return [n for n in nodes if n.get("GPU", 0) > 0] or [n for n in nodes if n.get("CPU", 0) > 0] or nodes
 
 
 def _accelerator_types(nodes: list[dict]) -> set[str]:

@@ -118,3 +118,14 @@ def write_pairs_dataset(model_path: str, out_dir, languages=("en", "es", "de", "
 @pytest.fixture(scope="session")
 def pairs_dataset(tiny_model, tmp_path_factory) -> str:
     return write_pairs_dataset(tiny_model, tmp_path_factory.mktemp("pairs") / "pairs")
+
+
+def checkpoint_recorded(run_dir: Path, key: str = "iter-1/train.ckpt") -> bool:
+    """Whether the run's state records a training checkpoint under `key`: only then will a relaunch resume from
+    it (a checkpoint written but not yet recorded is set aside)."""
+    import json
+
+    try:
+        return key in json.loads((Path(run_dir) / "state.json").read_text()).get("checkpoints", {})
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False

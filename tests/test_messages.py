@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def test_inputs_that_need_the_model_or_user_code_are_refused_before_work(tmp_pat
 
 @pytest.mark.slow
 def test_a_trainer_rank_killed_mid_training_is_a_message_and_the_relaunch_resumes(tmp_path, tiny_model):
-    from conftest import PROMPTS_DIR
+    from conftest import PROMPTS_DIR, checkpoint_recorded
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"name: lost\nlanguages: [en, de]\npolicy: {{path: {tiny_model}}}\n"
@@ -92,13 +93,13 @@ def test_a_trainer_rank_killed_mid_training_is_a_message_and_the_relaunch_resume
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 600
-        while not (run_dir / "iter-1" / "train.ckpt" / "latest").exists():
+        while not checkpoint_recorded(run_dir):  # a checkpoint written but not yet recorded is set aside
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
             time.sleep(0.05)
         ranks = []  # the run's trainer rank: a Ray worker in the launch's session
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:
-                if b"ray::TrainerActor" in cmdline.read_bytes() and os.getsid(int(cmdline.parent.name)) == proc.pid:
+                if re.match(rb"ray::\w*Trainer", cmdline.read_bytes()) and os.getsid(int(cmdline.parent.name)) == proc.pid:
                     ranks.append(int(cmdline.parent.name))
             except (OSError, ProcessLookupError):
                 continue

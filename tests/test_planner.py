@@ -113,6 +113,10 @@ def test_local_spec_takes_the_shape_of_the_joined_cluster():
     assert (measured.nodes, measured.gpus_per_node, measured.cpus_per_node, measured.gpu_type) == (4, 2, 2, "H100")
     a100x8 = load_cluster_spec("a100x8")
     assert running_cluster_spec(a100x8, ray_nodes(1, 4)) is a100x8  # a fixed spec is kept as written
+    # a CPU cluster whose head was started with --num-cpus=0: the head holds no actors and is not a node
+    cpu_only = [{"CPU": 0, "memory": 30e9}] + ray_nodes(2, 0, cpus=2, head=False)
+    measured = running_cluster_spec(load_cluster_spec("local"), cpu_only)
+    assert (measured.nodes, measured.cpus_per_node, measured.gpus_per_node) == (2, 2, 0)
 
 
 # ---- model sizes ----

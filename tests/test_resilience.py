@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from conftest import PROMPTS_DIR
+from conftest import PROMPTS_DIR, checkpoint_recorded
 from rayalign.cli import main
 from rayalign.config import load_config
 from rayalign.data.store import DatasetError, DatasetWriter, read_dataset
@@ -202,14 +202,14 @@ def process_group(pgid: int) -> list[int]:
     return members
 
 
-def launch_and_kill(command: list[str], log: Path, wait_for: Path, timeout: float = 240) -> None:
+def launch_and_kill(command: list[str], log: Path, wait_for, timeout: float = 240) -> None:
     """Start `command` in a new process group, SIGKILL the whole group (driver, local Ray, actors) once
-    `wait_for` exists, and wait until none of its processes is left."""
+    `wait_for` (a path, or a condition) exists or holds, and wait until none of its processes is left."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with open(log, "ab") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + timeout
-    while not wait_for.exists():
+    while not (wait_for() if callable(wait_for) else wait_for.exists()):
         assert proc.poll() is None, f"the run ended before {wait_for} appeared: {log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, f"{wait_for} did not appear in {timeout} s"
         time.sleep(0.02)
@@ -376,7 +376,8 @@ def test_sigkill_during_training_resumes_from_the_latest_checkpoint(tmp_path, ti
                str(run_dir)]
     ckpt = run_dir / "iter-1" / "train.ckpt"
 
-    launch_and_kill(command, log, ckpt / "latest", timeout=480)
+    # once the checkpoint is recorded in the run state (a checkpoint written but not recorded is set aside)
+    launch_and_kill(command, log, lambda: checkpoint_recorded(run_dir), timeout=480)
     assert not (run_dir / "iter-1" / "policy").exists()  # killed during training
     assert "iter-1/pairs" in json.loads((run_dir / "state.json").read_text())["finished"]
     launch_subprocess(command, log)

@@ -44,12 +44,22 @@ def start(command: str, env) -> subprocess.Popen:
 NODE = "--num-cpus=1 --disable-usage-stats --block"
 
 
-def start_head():
-    """(port, env, process) of a Ray head with one CPU, in its own process group."""
+def start_head(cpus: int = 1):
+    """(port, env, process) of a Ray head with `cpus` CPUs, in its own process group."""
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    return port, env, start(f"exec ray start --head --port={port} --include-dashboard=false {NODE}", env)
+    return port, env, start(f"exec ray start --head --port={port} --include-dashboard=false --num-cpus={cpus} "
+                            "--disable-usage-stats --block", env)
+
+
+def start_workers(port: int, env, count: int, options: str = NODE) -> list[subprocess.Popen]:
+    """`count` worker nodes, one after another (two `ray start`s at once on one machine can time out)."""
+    workers = []
+    for _ in range(count):
+        workers.append(start(f"exec ray start --address=127.0.0.1:{port} {options}", env))
+        wait_for_nodes(port, env, len(workers) + 1)
+    return workers
 
 
 def wait_for_nodes(port: int, env, count: int) -> None:
@@ -136,8 +146,7 @@ def test_losing_a_worker_node_mid_generation_and_mid_scoring_keeps_the_datasets(
 
     try:
         time.sleep(5)
-        workers = [start(f"exec ray start --address=127.0.0.1:{port} {NODE}", env) for _ in range(2)]
-        wait_for_nodes(port, env, 3)
+        workers = start_workers(port, env, 2)
         straight = launch(tmp_path / "straight")
         out, _ = straight.communicate(timeout=900)
         assert straight.returncode == 0, out[-3000:]
@@ -153,6 +162,9 @@ def test_losing_a_worker_node_mid_generation_and_mid_scoring_keeps_the_datasets(
     finally:
         for proc in [*workers, head]:
             stop(proc)
+    straight = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    spread = {m["stage"]: len(m["actor_nodes"]) for m in straight if m.get("stage") in ("generate", "score")}
+    assert spread == {"generate": 3, "score": 2}, spread  # one engine per one-CPU node, as planned
     metrics = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
     retries = {m["stage"]: m.get("retries", 0) for m in metrics if m.get("stage") in ("generate", "score")}
     assert retries["generate"] >= 1 and retries["score"] >= 1, retries
@@ -166,12 +178,12 @@ def test_losing_a_worker_node_mid_generation_and_mid_scoring_keeps_the_datasets(
 
 @pytest.mark.slow
 def test_losing_the_trainers_node_mid_training_is_a_message_and_the_relaunch_resumes(tmp_path, tiny_model):
-    """A head with one CPU and a worker with two, each its own `ray start`: the trainer rank (two CPUs) can only
-    run on the worker. The worker's whole process group is killed once training has written a checkpoint: the
+    """A head without CPUs and a worker with two, each its own `ray start`: every actor, the trainer rank
+    included, runs on the worker. The worker's whole process group is killed once training has recorded a checkpoint: the
     launch ends with a message (no traceback), and a relaunch on a new worker resumes from that checkpoint."""
     import json
 
-    from conftest import PROMPTS_DIR
+    from conftest import PROMPTS_DIR, checkpoint_recorded
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"name: lost-node\nlanguages: [en, de]\npolicy: {{path: {tiny_model}}}\n"
@@ -180,26 +192,24 @@ def test_losing_the_trainers_node_mid_training_is_a_message_and_the_relaunch_res
                       "pairs: {method: lacomsa}\n"
                       "training: {loss: dpo, micro_batch_size: 1, checkpoint_every: 1, world_size: 1, num_cpus: 2}\n")
     run_dir = tmp_path / "run"
-    port, env, head = start_head()
-    worker_node = f"exec ray start --address=127.0.0.1:{port} --num-cpus=2 --disable-usage-stats --block"
+    port, env, head = start_head(cpus=0)
+    worker_node = "--num-cpus=2 --disable-usage-stats --block"
     command = [sys.executable, "-m", "rayalign.cli", "launch", "--cluster", "local", str(recipe), "--address",
                f"127.0.0.1:{port}", "--run-dir", str(run_dir)]
     workers = []
     try:
         time.sleep(5)
-        workers.append(start(worker_node, env))
-        wait_for_nodes(port, env, 2)
+        workers += start_workers(port, env, 1, worker_node)
         run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 600
-        while not (run_dir / "iter-1" / "train.ckpt" / "latest").exists():
+        while not checkpoint_recorded(run_dir):  # a checkpoint written but not yet recorded is set aside
             assert run.poll() is None and time.monotonic() < deadline, run.stdout.read()[-3000:]
             time.sleep(0.05)
         stop(workers[0])
         out, _ = run.communicate(timeout=300)
         assert run.returncode == 2 and "train iter-1: a trainer rank died" in out, out[-3000:]
         assert "resumes from the last checkpoint" in out and "Traceback" not in out, out[-3000:]
-        workers.append(start(worker_node, env))
-        wait_for_nodes(port, env, 2)
+        workers += start_workers(port, env, 1, worker_node)
         again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     finally:
@@ -207,4 +217,4 @@ def test_losing_the_trainers_node_mid_training_is_a_message_and_the_relaunch_res
             stop(proc)
     train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if json.loads(line).get("stage") == "train"]
-    assert len(train) == 1 and train[0]["resumed_from_step"] >= 1 and train[0]["actor_nodes"] == 1
+    assert len(train) == 1 and train[0]["resumed_from_step"] >= 1, train

@@ -29,7 +29,9 @@ def test_submit_runs_a_job_on_a_running_cluster(tmp_path):
                              "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        (tmp_path / "r.yaml").write_text("name: job\nsampling: {n: 3}\n")
+        from conftest import PROMPTS_DIR  # the job checks the prompt set; the working directory holds only the recipe
+
+        (tmp_path / "r.yaml").write_text(f"name: job\nprompts: {{path: {PROMPTS_DIR}}}\nsampling: {{n: 3}}\n")
         deadline = time.time() + 60
         while True:
             result = CliRunner().invoke(main, ["submit", "--address", "http://127.0.0.1:8397", "--working-dir",
