@@ -10,7 +10,7 @@ model=$1 pairs=$2 py=${PYTHON_VERSION:-3.12}
 rm -rf .whl device-inputs && mkdir -p .whl device-inputs
 cp -r "$model" device-inputs/model && cp -r "$pairs" device-inputs/pairs
 pip download -q --no-deps -d .whl --python-version "$py" --only-binary=:all: hjson py-cpuinfo einops msgpack ninja \
-  nvidia-ml-py pydantic pydantic-core annotated-types typing-inspection rich markdown-it-py mdurl pygments numpy
+  nvidia-ml-py psutil pydantic pydantic-core annotated-types typing-inspection rich markdown-it-py mdurl pygments numpy
 pip download -q --no-deps -d .whl --no-binary=:all: deepspeed==0.19.8
 DS_BUILD_OPS=0 pip wheel -q --no-deps --no-build-isolation .whl/deepspeed-*.tar.gz -w .whl && rm .whl/deepspeed-*.tar.gz
 tmp=$(mktemp -d) && pip download -q --no-deps -d "$tmp" --python-version "$py" --only-binary=:all: pyarrow==26.0.1
