@@ -141,3 +141,35 @@ def test_export_verl_prompt_set(tmp_path):
     assert rows[0]["extra_info"]["prompt_id"] == rows[1]["extra_info"]["prompt_id"]
     assert [r["extra_info"]["index"] for r in rows] == [0, 1, 2, 3] and rows[0]["data_source"] == "rayalign"
     assert isinstance(rows[0]["ability"], str)
+
+
+def test_verls_own_loader_reads_the_exported_prompt_set(tmp_path, tiny_model):
+    """verl 0.9.1's RLHFDataset (installed with --no-deps) over `export --format verl`: every row, its chat as the
+    prompt files hold it, its index and language; none dropped by verl's prompt-length filter."""
+    import json
+
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    out = tmp_path / "verl"
+    result = invoke("export", "--format", "verl", REPO / "examples" / "quickstart.yaml", out, "-o", "prompts.limit=3",
+                    "-o", "languages=[en,de,ru]")
+    assert result.exit_code == 0, result.output
+    instruction = {}
+    for lang in ("en", "de", "ru"):
+        for line in (REPO / "examples/data/prompts" / f"{lang}.jsonl").read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            instruction[row["instruction_id"], lang] = row["instruction"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    config = OmegaConf.create({"cache_dir": str(tmp_path / "verl-cache"), "max_prompt_length": 256})
+    dataset = RLHFDataset(str(out / "train.parquet"), tokenizer, config)
+    assert len(dataset) == 9
+    seen = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        key = (item["extra_info"]["prompt_id"], item["extra_info"]["lang"])
+        assert item["raw_prompt"] == [{"role": "user", "content": instruction[key]}]
+        assert item["index"] == i and item["reward_model"]["ground_truth"] == key[1]
+        seen.append(key)
+    assert seen == [(pid, lang) for pid in ("p000", "p001", "p002") for lang in ("en", "de", "ru")]
