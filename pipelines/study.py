@@ -205,26 +205,25 @@ def _run_side_by_side(study, todo, slices, address, parallel, say, finish, total
         """The run, then its evaluation, on one slice, which no other run takes until both are done."""
         cluster = free_slices.get()
         try:
-            code, seconds = (0, 0.0) if run_finished(run) else launch_on(index, run, str(cluster), [
-                "-c", "from rayalign.cli import main; main(prog_name='rayalign')", "launch", str(study.recipe),
-                "--cluster", str(cluster), "--run-dir", str(run.run_dir.absolute()), "--address", address,
-                *(arg for o in run.overrides for arg in ("-o", o))])
+            code, seconds = (0, 0.0) if run_finished(run) else launch_on(index, run, str(cluster), "launch", [
+                str(study.recipe), "--cluster", str(cluster), "--run-dir", str(run.run_dir.absolute()),
+                "--address", address, *(arg for o in run.overrides for arg in ("-o", o))])
             if code == 0 and run_finished(run) and study.eval is not None and not eval_finished(study, run):
-                code, more = launch_on(index, run, str(cluster), [
-                    "-c", "from rayalign.cli import main; main(prog_name='rayalign')", "study-eval", str(study.path),
-                    str(study.runs_dir.absolute()), run.slug, str(cluster), address])
+                code, more = launch_on(index, run, str(cluster), "study-eval", [
+                    str(study.path), str(study.runs_dir.absolute()), run.slug, str(cluster), address])
                 seconds += more
             return code, seconds
         finally:
             free_slices.put(cluster)
 
-    def launch_on(index: int, run: StudyRun, cluster: str, args: list[str]) -> tuple[int, float]:
+    def launch_on(index: int, run: StudyRun, cluster: str, command: str, args: list[str]) -> tuple[int, float]:
+        """`rayalign COMMAND ARGS` in a subprocess of this Python, its output appended to the run's launch.log."""
         started = time.perf_counter()
-        what = "evaluation" if args[2] == "study-eval" else "run"
+        what = "evaluation" if command == "study-eval" else "run"
         say(f"study {study.name}: {what} {index}/{total} {run.slug} on {Path(cluster).stem} ... "
             f"(log: {run.run_dir / 'launch.log'})")
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, *args]
+        cmd = [sys.executable, "-c", "from rayalign.cli import main; main(prog_name='rayalign')", command, *args]
         with open(run.run_dir / "launch.log", "a", encoding="utf-8") as log:
             log.write(f"==> {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
             log.flush()
