@@ -123,9 +123,6 @@ def pairs_dataset(tiny_model, tmp_path_factory) -> str:
 def checkpoint_recorded(run_dir: Path, key: str = "iter-1/train.ckpt") -> bool:
     """Whether the run's state records a training checkpoint under `key`: only then will a relaunch resume from
     it (a checkpoint written but not yet recorded is set aside)."""
-    import json
+    from rayalign.run_dir import read_state
 
-    try:
-        return key in json.loads((Path(run_dir) / "state.json").read_text()).get("checkpoints", {})
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
+    return key in (read_state(run_dir) or {}).get("checkpoints", {})

@@ -41,7 +41,9 @@ def start(command: str, env) -> subprocess.Popen:
                             start_new_session=True)
 
 
-NODE = "--num-cpus=1 --disable-usage-stats --block"
+def node(cpus: int = 1) -> str:
+    """`ray start` options of a node with `cpus` CPUs that stays in the foreground."""
+    return f"--num-cpus={cpus} --disable-usage-stats --block"
 
 
 def start_head(cpus: int = 1):
@@ -49,15 +51,14 @@ def start_head(cpus: int = 1):
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    return port, env, start(f"exec ray start --head --port={port} --include-dashboard=false --num-cpus={cpus} "
-                            "--disable-usage-stats --block", env)
+    return port, env, start(f"exec ray start --head --port={port} --include-dashboard=false {node(cpus)}", env)
 
 
-def start_workers(port: int, env, count: int, options: str = NODE) -> list[subprocess.Popen]:
+def start_workers(port: int, env, count: int, cpus: int = 1) -> list[subprocess.Popen]:
     """`count` worker nodes, one after another (two `ray start`s at once on one machine can time out)."""
     workers = []
     for _ in range(count):
-        workers.append(start(f"exec ray start --address=127.0.0.1:{port} {options}", env))
+        workers.append(start(f"exec ray start --address=127.0.0.1:{port} {node(cpus)}", env))
         wait_for_nodes(port, env, len(workers) + 1)
     return workers
 
@@ -100,11 +101,11 @@ def test_a_node_that_cannot_see_the_run_directory_is_named(tmp_path):
 
         time.sleep(5)
         # a worker that sees the same files: the probe passes
-        workers.append(start(f"exec ray start --address=127.0.0.1:{port} {NODE}", env))
+        workers.append(start(f"exec ray start --address=127.0.0.1:{port} {node()}", env))
         assert "VISIBLE" in check(2)
         # a worker with a private (node-local) file system where the run directory's parent is
         workers.append(start(f"exec unshare -m sh -c 'mount -t tmpfs tmpfs {shared} && mkdir -p {run_dir} && "
-                             f"exec ray start --address=127.0.0.1:{port} {NODE}'", env))
+                             f"exec ray start --address=127.0.0.1:{port} {node()}'", env))
         result = check(3)
         assert "REFUSED" in result and f"{run_dir}: every node must see the run directory" in result, result
         named = result.split("(a shared file system); ")[1].split(". Put --run-dir")[0]
@@ -193,13 +194,12 @@ def test_losing_the_trainers_node_mid_training_is_a_message_and_the_relaunch_res
                       "training: {loss: dpo, micro_batch_size: 1, checkpoint_every: 1, world_size: 1, num_cpus: 2}\n")
     run_dir = tmp_path / "run"
     port, env, head = start_head(cpus=0)
-    worker_node = "--num-cpus=2 --disable-usage-stats --block"
     command = [sys.executable, "-m", "rayalign.cli", "launch", "--cluster", "local", str(recipe), "--address",
                f"127.0.0.1:{port}", "--run-dir", str(run_dir)]
     workers = []
     try:
         time.sleep(5)
-        workers += start_workers(port, env, 1, worker_node)
+        workers += start_workers(port, env, 1, cpus=2)
         run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 600
         while not checkpoint_recorded(run_dir):  # a checkpoint written but not yet recorded is set aside
@@ -209,12 +209,12 @@ def test_losing_the_trainers_node_mid_training_is_a_message_and_the_relaunch_res
         out, _ = run.communicate(timeout=300)
         assert run.returncode == 2 and "train iter-1: a trainer rank died" in out, out[-3000:]
         assert "resumes from the last checkpoint" in out and "Traceback" not in out, out[-3000:]
-        workers += start_workers(port, env, 1, worker_node)
+        workers += start_workers(port, env, 1, cpus=2)
         again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     finally:
         for proc in [*workers, head]:
             stop(proc)
-    train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line).get("stage") == "train"]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in metrics if m.get("stage") == "train"]
     assert len(train) == 1 and train[0]["resumed_from_step"] >= 1, train
