@@ -293,9 +293,9 @@ def duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.3g} h"
 
 
-def estimate_table(result: dict, iterations: int, title: str = "estimated time per iteration"):
+def estimate_table(result: dict, iterations: int, title: str | None = None):
     """A rich table of an estimate: stage, time, start-up within it, how the rest was counted; the figures'
-    sources as its caption."""
+    sources as its caption. An online estimate (unit "step") counts `iterations` steps and its start-up once."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -306,11 +306,14 @@ def estimate_table(result: dict, iterations: int, title: str = "estimated time p
         caption.insert(0, f"{result['prompt_rows']} prompt rows of about {result['prompt_tokens']:g} tokens; "
                           "streamed generate and score overlap, the sum is an upper bound; DeepSpeed's first-run op "
                           "compile not counted")
-    table = Table("stage", "time", "start-up", "counted as", title=title, caption="\n".join(caption),
-                  caption_justify="left")
+    unit = result.get("unit", "iteration")
+    table = Table("stage", "time", "start-up", "counted as", title=title or f"estimated time per {unit}",
+                  caption="\n".join(caption), caption_justify="left")
     for phase, value in result.get("phases", {}).items():
-        table.add_row(phase, duration(value["seconds"]), duration(value.get("startup")), escape(value["work"]))
+        startup = "" if unit == "step" else duration(value.get("startup"))  # a step's start-up is counted once
+        table.add_row(phase, duration(value["seconds"]), startup, escape(value["work"]))
     if result.get("iteration_seconds") is not None:
-        table.add_row("iteration", duration(result["iteration_seconds"]), "",
-                      f"x {iterations} iteration(s) = {duration(result['total_seconds'])}")
+        once = f" + start-up {duration(result['startup_seconds'])}" if "startup_seconds" in result else ""
+        table.add_row(unit, duration(result["iteration_seconds"]), "",
+                      f"x {iterations} {unit}(s){once} = {duration(result['total_seconds'])}")
     return table

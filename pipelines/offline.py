@@ -258,7 +258,6 @@ def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int
     set_aside_untrusted_checkpoint(ckpt_dir, records.get(key), t.checkpoint_every, run_dir)
 
     def on_checkpoint(tag_dir: Path) -> None:  # recorded in the run state: only these files are ever loaded
-
         records[key] = {"tag": tag_dir.name, "files": directory_checksums(tag_dir)}
         write_state(run_dir, state)
 

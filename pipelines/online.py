@@ -67,8 +67,8 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     from rayalign.actors.generator import GenerationGroup
     from rayalign.actors.rl_trainer import CriticGroup, PolicyGroup
     from rayalign.cluster import connect, load_cluster_spec
-    from rayalign.cluster.planner import with_counts
-    from rayalign.cluster.spec import check_run_dir_visible
+    from rayalign.cluster.planner import plan, save_plan, with_counts
+    from rayalign.cluster.spec import check_run_dir_visible, running_cluster_spec
     from rayalign.training.rollouts import group_advantages, minibatch_order, ppo_advantages, rollout_rewards
 
     o = cfg.online
@@ -76,7 +76,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     spec = load_cluster_spec(cluster)
     cfg = with_counts(cfg, spec, address)
     prompts = load_prompts(cfg.prompts.path, cfg.languages, **cfg.prompts.load_kwargs())
-    rollout_size = min(o.prompts_per_step, prompts.num_rows // len(cfg.languages)) * len(cfg.languages) * cfg.sampling.n
+    rollout_size = cfg.rollouts_per_step(prompts.num_rows)
     tcfg = trainer_config(cfg, rollout_size)
     updates_per_step = o.ppo_epochs * rollout_size // (o.mini_batch_size or rollout_size)
     check_run_dir_config(cfg, run_dir)  # a refusal should not wait for a model build
@@ -85,17 +85,14 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
         latent_layers(cfg, policy_path)  # layers beyond the model's are refused before any actor starts
     if o.user_weight and cfg.rewards.user.path:
         load_user_reward(cfg.rewards.user.path, cfg.rewards.user.function)
-    resources = connect(spec, address)
+    connect(spec, address)
     check_run_dir_visible(run_dir)
+    run_plan = plan(cfg, running_cluster_spec(spec), strict=True)  # the roles must fit side by side
+    console.print(run_plan.table())
+    console.print(run_plan.estimate_table())
     ppo = o.algorithm == "ppo"
-    need = (cfg.engines.count * cfg.engines.num_cpus + tcfg.world_size * tcfg.num_cpus * (2 if ppo else 1)
-            + (cfg.rewards.actors * cfg.rewards.num_cpus if o.score_weight else 0))
-    if need > resources.get("CPU", 0):
-        raise ConfigError(f"online: generation ({cfg.engines.count} x {cfg.engines.num_cpus} CPUs) and training "
-                          f"({tcfg.world_size} x {tcfg.num_cpus} CPUs{', and as much for the critic' if ppo else ''}"
-                          f"{', plus the scoring actors' if o.score_weight else ''}) run side by side and need {need:g} CPUs; the "
-                          f"cluster has {resources.get('CPU', 0):g}: lower engines.count or the CPUs per actor")
     state = prepare_run_dir(cfg, run_dir)  # after every check: a refused recipe leaves no run directory behind
+    save_plan(run_plan, run_dir)
     resume_step = resumable_step(run_dir, state, o.checkpoint_every, ppo=ppo)
     console.print(f"online {o.algorithm} {cfg.name}: {o.steps} steps of {rollout_size} rollouts "
                   f"({o.prompts_per_step} prompts x {len(cfg.languages)} languages x n={cfg.sampling.n}) -> {run_dir}")

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from conftest import REPO
 from rayalign.cli import main
 from rayalign.cluster import load_cluster_spec, plan
+from rayalign.cluster.planner import PlanError
 from rayalign.cluster.estimate import gpu_family, interpolate, load_table
 from rayalign.config import load_config
 
@@ -192,3 +193,63 @@ def test_streamed_auto_counts_split_the_cluster_so_both_roles_finish_together(pr
     barrier = plan(load_config(LACOMSA, [f"prompts.path={prompts}", "cluster.schedule=barrier"]),
                    load_cluster_spec("a100x64"))
     assert {p.phase: p.actors for p in barrier.phases}["generate"] == 64
+
+
+ONLINE_GRPO = REPO / "examples" / "online-grpo-llama3-8b.yaml"
+
+
+def test_online_estimate_per_step_against_hand_worked_numbers(prompts):
+    """GRPO on a100x8: 4 engines (auto: the GPUs the ranks leave), 4 policy ranks; 2 prompt ids x 2 languages x n 4 = 16 rollouts per step."""
+    cfg = load_config(ONLINE_GRPO, [f"prompts.path={prompts}", "languages=[en,de]", "sampling.n=4",
+                                    "sampling.max_new_tokens=100", "training.world_size=4",
+                                    "training.micro_batch_size=1", "online.prompts_per_step=2", "online.ppo_epochs=3",
+                                    "online.steps=10", "cluster.generation_tokens_per_s=1000",
+                                    "cluster.device_tflops=100", "cluster.efficiency=0.5", "cluster.startup_seconds=10"])
+    est = plan(cfg, load_cluster_spec("a100x8")).estimate
+    assert est["unit"] == "step"
+    busy = {phase: v["busy"] for phase, v in est["phases"].items()}
+    # generate: 16 rollouts x 100 tokens = 1600 tokens over 4 engines x 1000 tokens/s
+    assert busy["generate"] == pytest.approx(0.4)
+    # reward: policy and reference forwards, 2 x 2 x 8,030,261,248 x (16 x (100 + 100) tokens) = 1.0278734397e14
+    #         FLOPs over 4 ranks x 100e12 x 0.5 = 2e14 FLOP/s
+    assert busy["reward"] == pytest.approx(0.51393671987)
+    # train: 6 x 8,030,261,248 x 3200 tokens x 3 epochs = 4.6254304788e14 FLOPs over 2e14 FLOP/s
+    assert busy["train"] == pytest.approx(2.31271523942)
+    step = 0.4 + 0.51393671987 + 2.31271523942
+    assert est["iteration_seconds"] == pytest.approx(step)
+    # start-up once: 10 s + the bf16 checkpoint (16.060522496 GB) at the table's GPU rate; the roles start together
+    startup = 10 + 16.060522496 / load_table()["load_gb_per_s"]["gpu"]
+    assert est["total_seconds"] == pytest.approx(startup + 10 * step)
+
+
+def test_online_plan_fills_a100x64_with_engines_and_refuses_roles_that_do_not_fit_together():
+    with pytest.raises(PlanError, match=r"train: 81 GB per GPU \(ZeRO-3 states 64 GB over 2 rank\(s\) \+ 16 GB frozen "
+                                        r"reference \+ 1 GB activations\) > 80 GB"):  # 8.03B x 16 bytes / 2 ranks
+        plan(load_config(ONLINE_GRPO, ["training.world_size=2", "training.micro_batch_size=1"]),
+             load_cluster_spec("a100x8"))
+
+    def online(*more):
+        return plan(load_config(ONLINE_GRPO, list(more)), load_cluster_spec("a100x64"))
+
+    fixed = online("engines.count=4")  # 4 engines + 4 policy ranks: most of the cluster idles, and the plan says so
+    assert [(p.phase, p.actors) for p in fixed.phases] == [("generate", 4), ("train", 4)]
+    assert any(n.startswith("all roles: 8 of 64 GPUs (12%); most of the cluster idles") for n in fixed.notes)
+    filled = online()  # as shipped, engines.count auto: 64 GPUs - 4 policy ranks = 60 engines of 1 GPU
+    assert [(p.phase, p.actors) for p in filled.phases] == [("generate", 60), ("train", 4)]
+    assert "all roles: 64 of 64 GPUs (100%)" in filled.notes
+    ppo = online("online.algorithm=ppo")  # and 4 critic ranks
+    assert [(p.phase, p.actors) for p in ppo.phases] == [("generate", 56), ("train", 4), ("critic", 4)]
+    # each policy rank holds a frozen reference for the KL: 8,030,261,248 x 2 bytes
+    assert ppo.phase("train").memory_gb["reference"] == pytest.approx(16.060522496)
+    assert "reference" not in ppo.phase("critic").memory_gb
+    with pytest.raises(PlanError, match=r"online: the roles \(generate 6 \+ train 4 \+ critic 4 actors\) run side by "
+                                        r"side and need 14 GPUs; the cluster has 8 \(a100x8\)"):
+        plan(load_config(ONLINE_GRPO, ["engines.count=6", "online.algorithm=ppo"]), load_cluster_spec("a100x8"))
+
+
+def test_launch_dry_run_of_an_online_recipe_shows_the_online_plan():
+    result = invoke("launch", "--dry-run", "--cluster", "a100x64", ONLINE_GRPO)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "60 x vllm engine" in text and "4 x policy rank" in text and "estimated time per step" in text
+    assert "x 200 step(s) + start-up" in text and "pairs" not in text

@@ -277,6 +277,19 @@ def test_launch_runs_an_online_recipe_online_after_a_refusal_for_its_cpus(ray_se
         assert {"reward_mean", "kl", "clip_fraction", "seconds_generate", "seconds_reward", "seconds_train",
                 "seconds_sync"} <= set(s)
         assert {f"reward_{lang}" for lang in ("en", "es", "de", "fr", "ru")} <= set(s)
+    # the plan it ran on, per step; inspect sets the measured steps beside it, validate checks every step's rollouts
+    estimate = json.loads((run_dir / "plan.json").read_text())["estimate"]
+    assert estimate["unit"] == "step" and set(estimate["phases"]) == {"generate", "reward", "train"}
+    shown = CliRunner().invoke(main, ["inspect", str(run_dir)], catch_exceptions=False)
+    assert shown.exit_code == 0, shown.output
+    table = shown.output.split("online steps")[1]
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines() if line.strip()}
+    assert float(rows["1"][0]) == pytest.approx(steps[0]["reward_mean"], rel=1e-3)
+    mean_generate = sum(s["seconds_generate"] for s in steps) / 2
+    assert float(rows["mean"][4]) == pytest.approx(mean_generate, rel=1e-2)
+    assert rows["estimate"] == [f"{estimate['phases'][p]['seconds']:.3g}" for p in ("generate", "reward", "train")]
+    checked = CliRunner().invoke(main, ["validate", str(run_dir)], catch_exceptions=False)
+    assert checked.exit_code == 0 and checked.output.count("rollouts v1") == 2, checked.output
 
 
 def test_online_run_resumes_from_its_last_checkpoint(ray_session, tiny_model, tmp_path):

@@ -7,7 +7,8 @@ import yaml
 
 from conftest import REPO
 from rayalign.cluster.model_info import MODELS_FILE, PlanError, count_parameters, model_info
-from rayalign.cluster.planner import plan, save_plan, zero_memory_gb
+from rayalign.cluster.phases import zero_memory_gb
+from rayalign.cluster.planner import plan, save_plan
 from rayalign.cluster.spec import (
     ClusterError, check_cluster, load_cluster_spec, running_cluster_spec, shipped_specs,
 )
@@ -295,7 +296,7 @@ def test_fixed_counts_that_leave_the_cluster_idle_are_named():
     assert any(n.startswith("score: 8 of 64 GPUs (12%); most of the cluster idles") for n in result.notes)
 
 
-def test_auto_counts_on_cpus_and_refused_online():
+def test_auto_counts_on_cpus_and_online_engines_fill_what_training_leaves():
     from rayalign.cluster.planner import resolve_counts
     from rayalign.cluster.spec import ClusterSpec
 
@@ -304,8 +305,21 @@ def test_auto_counts_on_cpus_and_refused_online():
     cfg = resolve_counts(load_config(None, ["engines.count=auto", "engines.num_cpus=2", "rewards.actors=auto",
                                             "rewards.num_cpus=3", "training.world_size=auto"]), spec)
     assert (cfg.engines.count, cfg.rewards.actors, cfg.training.world_size) == (8, 4, 16)
-    with pytest.raises(PlanError, match="engines.count: auto is for offline runs"):
-        resolve_counts(load_config(None, ["mode=online", "engines.count=auto"]), spec)
+    # online: every role at once; 16 CPUs - 2 policy ranks x 2 - 2 critic ranks x 2 - 1 scorer x 3 = 5: 2 engines of 2
+    online = ["mode=online", "online.algorithm=ppo", "online.score_weight=1", "rewards.latent.enabled=true",
+              "training.world_size=2", "training.num_cpus=2", "rewards.actors=1", "rewards.num_cpus=3",
+              "engines.num_cpus=2"]
+    assert resolve_counts(load_config(None, online + ["engines.count=auto"]), spec).engines.count == 2
+    with pytest.raises(PlanError, match="rewards.actors: auto is not planned for online runs"):
+        resolve_counts(load_config(None, online + ["rewards.actors=auto"]), spec)
+    # no room left: on GPUs refused; on CPUs one engine, and the plan names what does not fit side by side
+    with pytest.raises(PlanError, match="leaves no room for an engine: the other online roles use 8 of 8 GPUs"):
+        resolve_counts(load_config(None, ["mode=online", "engines.count=auto", "engines.num_gpus=1",
+                                          "training.world_size=8", "training.num_gpus=1"]), load_cluster_spec("a100x8"))
+    crowded = load_config(None, online + ["engines.count=auto", "training.world_size=3"])
+    assert resolve_counts(crowded, spec).engines.count == 1
+    with pytest.raises(PlanError, match=r"need 17 CPUs; the cluster has 16 \(cpu\)"):
+        plan(crowded, spec, strict=True)
 
 
 def test_host_memory_advice_names_real_keys(tmp_path):

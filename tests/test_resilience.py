@@ -202,16 +202,18 @@ def process_group(pgid: int) -> list[int]:
     return members
 
 
-def launch_and_kill(command: list[str], log: Path, wait_for, timeout: float = 240) -> None:
+def launch_and_kill(command: list[str], log: Path, wait_for, timeout: float = 240, what: str | None = None) -> None:
     """Start `command` in a new process group, SIGKILL the whole group (driver, local Ray, actors) once
-    `wait_for` (a path, or a condition) exists or holds, and wait until none of its processes is left."""
+    `wait_for` (a path, or a condition described by `what`) exists or holds, and wait until none of its processes
+    is left."""
+    what = what or str(wait_for)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with open(log, "ab") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + timeout
     while not (wait_for() if callable(wait_for) else wait_for.exists()):
-        assert proc.poll() is None, f"the run ended before {wait_for} appeared: {log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"{wait_for} did not appear in {timeout} s"
+        assert proc.poll() is None, f"the run ended before {what}: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} in {timeout} s"
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -377,7 +379,8 @@ def test_sigkill_during_training_resumes_from_the_latest_checkpoint(tmp_path, ti
     ckpt = run_dir / "iter-1" / "train.ckpt"
 
     # once the checkpoint is recorded in the run state (a checkpoint written but not recorded is set aside)
-    launch_and_kill(command, log, lambda: checkpoint_recorded(run_dir), timeout=480)
+    launch_and_kill(command, log, lambda: checkpoint_recorded(run_dir), timeout=480,
+                    what="checkpoint recorded in the run state")
     assert not (run_dir / "iter-1" / "policy").exists()  # killed during training
     assert "iter-1/pairs" in json.loads((run_dir / "state.json").read_text())["finished"]
     launch_subprocess(command, log)

@@ -51,7 +51,7 @@ ITERATION_HEADERS = {"policy": "generating policy", "pairs_rows": "pairs", "loss
                      "loss_mean": "loss, mean", "reward_margin_mean": "reward margin, mean",
                      "accuracy_mean": "pair accuracy, mean", "steps": "training steps",
                      "dropped_too_long": "pairs dropped, too long", "seconds_generate": "generate s",
-                     "seconds_score": "score s", "seconds_pairs": "pairs s", "seconds_train": "train s"}
+                     "seconds_score": "score s", "seconds_pairs": "pairs s", "seconds_train": "trn s"}
 
 
 def planned_seconds(run_dir: Path) -> dict[str, float]:
@@ -65,24 +65,53 @@ def planned_seconds(run_dir: Path) -> dict[str, float]:
         return {}
 
 
+STEP_HEADERS = {"reward_mean": "reward", "clip_fraction": "clip", "value_loss": "value", "seconds_generate": "gen s", "seconds_reward": "rew s", "seconds_train": "trn s",
+                "seconds_sync": "sync s"}
+
+
+def online_steps_table(steps, estimated: dict[str, float], most: int = 20) -> Table:
+    """An online run's steps (at most `most`, evenly spaced, first and last kept), their mean over every step,
+    and the plan's estimate of each phase's seconds per step."""
+    from rich import box
+
+    n = steps.height
+    shown = sorted({round(i * (n - 1) / (most - 1)) for i in range(most)}) if n > most else range(n)
+    table = Table(*(STEP_HEADERS.get(c, c) for c in steps.columns),
+                  title=f"online steps ({len(shown)} of {n} shown)" if n > most else "online steps",
+                  caption="estimate: the plan's, saved at launch (plan.json), per step without start-up"
+                  if estimated else None, caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    number = lambda v: "" if v is None else f"{v:.3g}"  # noqa: E731
+    for i in shown:
+        table.add_row(*(str(v) if c == "step" else number(v) for c, v in zip(steps.columns, steps.row(i))))
+    means = steps.mean().row(0)
+    table.add_row("mean", *(number(v) for v in means[1:]), end_section=not estimated)
+    if estimated:
+        table.add_row("estimate", *(number(estimated.get(c.removeprefix("seconds_"))) if c.startswith("seconds_")
+                                    else "" for c in steps.columns[1:]))
+    return table
+
+
 @main.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @user_errors
 def inspect(path):
-    """Summarise a dataset or a run directory: per-language rows, lengths, detected-language share.
+    """Summarise a dataset or a run directory: per-language rows, lengths, detected-language share; a run's
+    stage times (and an online run's steps) beside the plan's estimates.
 
     \b
     Example:
       rayalign inspect runs/quickstart
       rayalign inspect runs/quickstart/iter-1/samples
     """
-    from rayalign.data.inspect import dataset_summary, find_datasets, iteration_table, read_metrics
+    from rayalign.data.inspect import dataset_summary, find_datasets, iteration_table, read_metrics, step_table
 
     path = Path(path)
-    datasets = find_datasets(path)
-    if not datasets:
-        raise UserError(f"{path}: no datasets (no manifest.json here or under iter-*/)")
-    for ds in datasets:
+    datasets, metrics = find_datasets(path), read_metrics(path)
+    if not datasets and not metrics:
+        raise UserError(f"{path}: no datasets (no manifest.json here, under iter-*/ or under online/step-*/) and no "
+                        "metrics.jsonl")
+    rollouts = [ds for ds in datasets if ds.parent.name == "online"]
+    for ds in [ds for ds in datasets if ds not in rollouts] + rollouts[-1:]:  # of an online run's steps, the last
         manifest, summary = dataset_summary(ds)
         console.print(f"[bold]{ds}[/]  {manifest['schema']} v{manifest['schema_version']}, {manifest['rows']} rows, "
                       f"{len(manifest['shards'])} shard(s), config {manifest.get('config_hash', '')}")
@@ -91,13 +120,19 @@ def inspect(path):
             for row in summary.iter_rows():
                 table.add_row(*(str(v) for v in row))
             console.print(table)
-    metrics = read_metrics(path)
-    if metrics:
-        estimated = planned_seconds(path)
+    if len(rollouts) > 1:
+        console.print(f"{path / 'online'}: {len(rollouts)} rollout datasets, {rollouts[0].name} to "
+                      f"{rollouts[-1].name} (the last summarised above)")
+    estimated = planned_seconds(path)
+    steps = step_table(metrics)
+    if steps is not None:
+        console.print(online_steps_table(steps, estimated))
+    stages = [m for m in metrics if m.get("stage") not in ("iteration", "online")]
+    if stages:
         table = Table("iteration", "stage", "seconds", "estimate s", "samples/s", "tokens/s", "retries", "failed rows",
                       caption="estimate: the plan's, saved at launch (plan.json), start-up included; a streamed score stage's seconds are its wait after generation"
                       if estimated else None, caption_justify="left")
-        for m in (m for m in metrics if m.get("stage") != "iteration"):
+        for m in stages:
             seconds = m.get("wall_seconds", m.get("seconds", ""))  # a "redo" record has neither, nor an iteration
             estimate = estimated.get(m.get("stage")) if "iteration" in m else None
             table.add_row(str(m.get("iteration", "")), str(m.get("stage", "")), str(seconds),
@@ -133,10 +168,11 @@ def validate(path):
     path = Path(path)
     datasets = find_datasets(path)
     # shards without a manifest: an unfinished dataset (reported, never skipped); scores.forward/ holds checkpoints
-    datasets += sorted({p.parent for p in [*path.glob("part-*.parquet"), *path.glob("iter-*/*/part-*.parquet")]
-                        if not p.parent.name.endswith(".forward")} - set(datasets))
+    shards = [*path.glob("part-*.parquet"), *path.glob("iter-*/*/part-*.parquet"), *path.glob("online/step-*/part-*.parquet")]
+    datasets += sorted({p.parent for p in shards if not p.parent.name.endswith(".forward")} - set(datasets))
     if not datasets:
-        raise UserError(f"{path}: no manifest.json here or under iter-*/ (incomplete or not a rayalign dataset)")
+        raise UserError(f"{path}: no manifest.json here, under iter-*/ or under online/step-*/ (incomplete or not a "
+                        "rayalign dataset)")
     failed = []
     for ds in datasets:
         problems = [message for _, message in dataset_problems(ds)]

@@ -38,7 +38,6 @@ def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch
       rayalign launch examples/quickstart.yaml -o rewards.latent.alpha=1.0 --redo score
     """
     from rayalign.cluster import connect, load_cluster_spec
-    from rayalign.cluster.estimate import estimate_table
     from rayalign.cluster.planner import plan, save_plan
     from rayalign.cluster.spec import running_cluster_spec
     from rayalign.pipelines import offline
@@ -61,12 +60,12 @@ def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch
     if dry_run:
         dry_plan = plan(cfg, spec, strict=True)
         console.print(dry_plan.table())
-        console.print(estimate_table(dry_plan.estimate, dry_plan.config.iterations))
+        console.print(dry_plan.estimate_table())
         return
     connect(spec, address, allow_mismatch=allow_mismatch)
     run_plan = plan(cfg, running_cluster_spec(spec), strict=True)
     err.print(run_plan.table())
-    err.print(estimate_table(run_plan.estimate, run_plan.config.iterations))
+    err.print(run_plan.estimate_table())
     save_plan(run_plan, run_dir_of(cfg, run_dir))
     out = offline.run(cfg, Path(run_dir) if run_dir else None, cluster=cluster, address=address,
                       **({"redo": redo_stages} if redo_stages else {}))
@@ -93,7 +92,6 @@ def plan_cmd(recipe, cluster, overrides, as_json):
     import json
 
     from rayalign.cluster import load_cluster_spec
-    from rayalign.cluster.estimate import estimate_table
     from rayalign.cluster.planner import plan
 
     result = plan(load_recipe(recipe, overrides, models=False), load_cluster_spec(cluster))
@@ -101,7 +99,7 @@ def plan_cmd(recipe, cluster, overrides, as_json):
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
         console.print(result.table())
-        console.print(estimate_table(result.estimate, result.config.iterations))
+        console.print(result.estimate_table())
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

@@ -48,6 +48,14 @@ class RunConfig:
     def language_names(self) -> dict[str, str]:
         return {code: language_name(code) for code in self.languages}
 
+    def rollouts_per_step(self, prompt_rows: int | None = None) -> int:
+        """An online step's rollouts: online.prompts_per_step prompt ids (at most those the prompt set's
+        `prompt_rows` hold; all asked for when unknown) x languages x sampling.n."""
+        ids = self.online.prompts_per_step
+        if prompt_rows is not None:
+            ids = min(ids, prompt_rows // len(self.languages))
+        return ids * len(self.languages) * self.sampling.n
+
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
 

@@ -47,6 +47,10 @@ def dataset_summary(path: Path) -> tuple[dict, pl.DataFrame | None]:
     schema = manifest["schema"]
     if schema == "samples":
         return manifest, samples_summary(table)
+    if schema == "rollouts":  # samples with the step's reward and advantage
+        rewards = pl.from_arrow(table.select(["lang", "reward"])).group_by("lang", maintain_order=True).agg(
+            pl.col("reward").mean().round(4).alias("reward"))
+        return manifest, samples_summary(table).join(rewards, on="lang", how="left", maintain_order="left")
     df = pl.from_arrow(table.drop_columns([c for c in ("h_hub", "h_last") if c in table.column_names]))
     if schema == "scores":
         return manifest, scores_summary(df)
@@ -59,12 +63,26 @@ def dataset_summary(path: Path) -> tuple[dict, pl.DataFrame | None]:
 
 
 def find_datasets(path: Path) -> list[Path]:
-    """Dataset directories under `path` (itself, or a run directory's iter-*/<dataset>)."""
+    """Dataset directories under `path` (itself, or a run directory's iter-*/<dataset> and online/step-*)."""
     if (path / "manifest.json").is_file():
         return [path]
     order = {"samples": 0, "scores": 1, "candidate_scores": 2, "pairs": 3}
-    found = [p.parent for p in path.glob("iter-*/*/manifest.json")]
+    found = [p.parent for p in [*path.glob("iter-*/*/manifest.json"), *path.glob("online/step-*/manifest.json")]]
     return sorted(found, key=lambda d: (d.parent.name, order.get(d.name, 9), d.name))
+
+
+STEP_COLUMNS = ("reward_mean", "kl", "clip_fraction", "entropy", "value_loss", "seconds_generate", "seconds_reward",
+                "seconds_train", "seconds_sync")  # the rest of a step's record is in metrics.jsonl
+
+
+def step_table(metrics: list[dict]) -> pl.DataFrame | None:
+    """An online run's step records: reward, KL, clip fraction, entropy, PPO's value loss and seconds per phase."""
+    rows = [m for m in metrics if m.get("stage") == "online"]
+    if not rows:
+        return None
+    columns = ["step", *(c for c in STEP_COLUMNS if any(c in r for r in rows))]
+    return pl.DataFrame([{c: r.get(c) for c in columns} for r in rows],
+                        schema={c: pl.Int64 if c == "step" else pl.Float64 for c in columns})
 
 
 def read_metrics(run_dir: Path, on_bad_line=None) -> list[dict]:

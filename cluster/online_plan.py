@@ -1,0 +1,182 @@
+"""Online recipes on a cluster. The online loop holds every role at once: the generation engines, the policy's
+trainer ranks (each with a frozen reference for the KL), PPO's critic ranks and, with online.score_weight, the
+scorers. Each role is planned as its offline phase is (placement, memory per GPU or per CPU actor); together they
+must fit the cluster, so their GPUs, CPUs and host memory are summed against the cluster's totals (Ray does the
+node-by-node placement). engines.count: auto gives generation what the other roles leave.
+
+The estimate is per step: generate (rollouts x max_new_tokens over the engines), reward (the trainer's forward of
+policy, reference and critic over every rollout, and the scorers'), train (6 x parameters x tokens per update
+epoch, the critic's after the policy's); the weight sync is not estimated. Start-up is counted once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from rayalign.cluster.estimate import PROMPT_TOKENS as UNREAD_PROMPT_TOKENS, _forward, _timed, figures, \
+    forward_roles, load_table, prompt_stats
+from rayalign.cluster.model_info import PlanError, model_info
+from rayalign.cluster.phases import (PROMPT_TOKENS, Plan, Shortfalls, plan_generation, plan_scoring, plan_training,
+                                     scored_models)
+from rayalign.cluster.spec import ClusterSpec
+
+SECTIONS = {"generate": "engines.count", "score": "rewards.actors", "train": "training.world_size",
+            "critic": "training.world_size"}
+
+
+def _roles(cfg) -> list[str]:
+    o = cfg.online
+    return ["generate"] + ["score"] * bool(o.score_weight) + ["train"] + ["critic"] * (o.algorithm == "ppo")
+
+
+def _demand(cfg, role: str, on_gpu: bool) -> tuple[float, float]:
+    """(GPUs, CPUs) one actor of the role reserves; GPUs only on a GPU cluster."""
+    e, r, t = cfg.engines, cfg.rewards, cfg.training
+    gpus, cpus = {"generate": (e.gpus_per_engine if e.num_gpus else 0, e.num_cpus),
+                  "score": (r.num_gpus, r.num_cpus)}.get(role, (t.num_gpus, t.num_cpus))
+    return (gpus if on_gpu else 0), cpus
+
+
+def _count(cfg, role: str) -> int:
+    e, r, t = cfg.engines, cfg.rewards, cfg.training
+    return {"generate": e.count, "score": r.actors}.get(role, t.world_size)
+
+
+def resolve_online_counts(cfg, spec: ClusterSpec):
+    """The online recipe with engines.count: auto filled with the engines that the other roles leave room for."""
+    e, r, t = cfg.engines, cfg.rewards, cfg.training
+    others = [k for k, v in (("rewards.actors", r.actors), ("training.world_size", t.world_size)) if v == "auto"]
+    if others:
+        raise PlanError(f"{', '.join(others)}: auto is not planned for online runs, whose roles share the cluster",
+                        "give them as numbers; engines.count: auto fills what they leave")
+    if e.count != "auto":
+        return cfg
+    on_gpu = bool(spec.gpus_per_node)
+    gpus_used = cpus_used = 0.0
+    for role in _roles(cfg)[1:]:
+        gpus, cpus = _demand(cfg, role, on_gpu)
+        gpus_used, cpus_used = gpus_used + gpus * _count(cfg, role), cpus_used + cpus * _count(cfg, role)
+    gpus, cpus = _demand(cfg, "generate", on_gpu)
+    free_cpus = spec.cpus_per_node * spec.nodes - cpus_used
+    count = int(free_cpus // cpus)
+    if gpus:
+        count = min(count, int(round((spec.total_gpus - gpus_used) / gpus, 6)))
+    if count < 1 and not on_gpu:  # a CPU preview of a GPU recipe: one engine, and the plan lists what does not fit
+        count = 1
+    if count < 1:
+        used = f"{gpus_used:g} of {spec.total_gpus} GPUs" if gpus else f"{cpus_used:g} of {free_cpus + cpus_used:g} CPUs"
+        raise PlanError(f"engines.count: auto leaves no room for an engine: the other online roles use {used}",
+                        "lower training.world_size or rewards.actors, or use a larger cluster")
+    resolved = dataclasses.replace(cfg, engines=dataclasses.replace(e, count=count))
+    resolved.validate()
+    return resolved
+
+
+def plan_online(cfg, spec: ClusterSpec, strict: bool = False) -> Plan:
+    """Plan an online recipe's roles side by side; raises PlanError when they do not fit together (`strict`, or
+    on a GPU cluster), else lists the problems of a CPU-only preview."""
+    refuse = Shortfalls(spec)
+    asked, cfg = cfg, resolve_online_counts(cfg, spec)
+    policy = model_info(cfg.policy.path)
+    models = {"policy": policy}
+    sequence = PROMPT_TOKENS + cfg.sampling.max_new_tokens
+    phases = [plan_generation(cfg, spec, policy, refuse)]
+    if cfg.online.score_weight:
+        held = scored_models(cfg, policy)
+        models.update(held)
+        phases.append(plan_scoring(cfg, spec, held, refuse))
+    phases.append(plan_training(cfg, spec, policy, refuse, role="policy rank", reference=True, sequence_tokens=sequence))
+    if cfg.online.algorithm == "ppo":
+        phases.append(plan_training(cfg, spec, policy, refuse, phase="critic", role="critic rank",
+                                sequence_tokens=sequence))
+    together = " + ".join(f"{p.phase} {p.actors}" for p in phases)
+    gpus = sum(p.actors * p.gpus_per_actor for p in phases)
+    cpus = sum(p.actors * p.cpus_per_actor for p in phases)
+    all_cpus = spec.cpus_per_node * spec.nodes
+    if gpus > spec.total_gpus:
+        refuse(f"online: the roles ({together} actors) run side by side and need {gpus:g} GPUs; the cluster has "
+               f"{spec.total_gpus} ({spec.name})", "lower engines.count (or set it to auto), training.world_size or rewards.actors")
+    if cpus > all_cpus:
+        refuse(f"online: the roles ({together} actors) run side by side and need {cpus:g} CPUs; the cluster has "
+               f"{all_cpus:g} ({spec.name})", "lower engines.count (or set it to auto), training.world_size, rewards.actors or "
+               "the num_cpus of engines, rewards or training")
+    host = sum(p.actors * p.memory_gb["total"] for p in phases if p.device == "cpu")
+    if host > spec.memory_gb_per_node * spec.nodes:
+        refuse(f"online: the CPU actors side by side need about {host:.1f} GB of host memory; {spec.name} has "
+               f"{spec.memory_gb_per_node * spec.nodes:g} GB", "lower engines.count, training.world_size, "
+               "training.micro_batch_size or engines.batch_size")
+    if refuse.found and strict:
+        raise PlanError(*refuse.found[0])
+    notes = [f"online: {', '.join(p.phase for p in phases)} run side by side for every step"]
+    if spec.total_gpus:
+        line = f"all roles: {gpus:g} of {spec.total_gpus} GPUs ({gpus / spec.total_gpus:.0%})"
+        if gpus < spec.total_gpus / 2 and asked.engines.count != "auto":
+            line += "; most of the cluster idles: set engines.count: auto to give the rest to generation"
+        notes.append(line)
+    else:
+        notes.append(f"all roles: {cpus:g} of {all_cpus:g} CPUs ({cpus / all_cpus:.0%})")
+    result = Plan(cfg.name, cfg.config_hash(), spec, models, phases, notes,
+                  [f"{reason}; {suggestion}" for reason, suggestion in refuse.found], config=cfg)
+    result.estimate = online_estimate(result)
+    return result
+
+
+def online_estimate(run_plan: Plan) -> dict:
+    """Seconds per online step by phase (generate, reward, train) and for the whole run, start-up once; the
+    shape of rayalign.cluster.estimate.estimate, with `unit` "step"."""
+    cfg, spec = run_plan.config, run_plan.cluster
+    o, s = cfg.online, cfg.sampling
+    table = load_table()
+    prompt_rows, prompt_tokens = prompt_stats(cfg)
+    rollouts = cfg.rollouts_per_step(prompt_rows)
+    tokens = rollouts * (prompt_tokens + s.max_new_tokens)
+    params = {role: m.parameters for role, m in run_plan.models.items()}
+    by_phase = {p.phase: p for p in run_plan.phases}
+    figs = {name: figures(cfg, p.device, spec.gpu_type, params["policy"], table) for name, p in by_phase.items()}
+
+    def units(name: str) -> tuple[int, float]:
+        p = by_phase[name]
+        return p.actors, p.gpus_per_actor if p.device == "gpu" else p.cpus_per_actor
+
+    phases = {}
+    engines, f = by_phase["generate"].actors, figs["generate"]
+    rate = engines * f.tokens_per_s_per_engine
+    generated = rollouts * s.max_new_tokens
+    phases["generate"] = _timed(generated / rate if rate else None, 0.0,
+                                f"{generated:,.0f} tokens / ({engines} x {f.tokens_per_s_per_engine:,.0f} tokens/s)")
+    ppo = "critic" in by_phase
+    forwards = 2 + ppo  # policy and reference on the trainer ranks, the critic's values
+    flops = 2 * params["policy"] * tokens * forwards
+    busy, over = _forward(flops, *units("train"), figs["train"], "score")
+    work = f"{flops:.3g} FLOPs ({forwards} forwards x 2 x parameters x {tokens:,.0f} tokens) {over}"
+    if "score" in by_phase:
+        scored = 2 * sum(params[role] for role in forward_roles(cfg)) * tokens
+        more, over = _forward(scored, *units("score"), figs["score"], "score")
+        busy = None if busy is None or more is None else busy + more
+        work += f"; scorers {scored:.3g} FLOPs {over}"
+    phases["reward"] = _timed(busy, 0.0, work)
+    flops = 6 * params["policy"] * tokens * o.ppo_epochs
+    busy, over = _forward(flops, *units("train"), figs["train"], "train")
+    work = f"{flops:.3g} FLOPs (6 x parameters x {tokens:,.0f} tokens x {o.ppo_epochs} epoch(s)) {over}"
+    if ppo:
+        more, _ = _forward(flops, *units("critic"), figs["critic"], "train")
+        busy = None if busy is None or more is None else busy + more
+        work += ", then as much for the critic"
+    phases["train"] = _timed(busy, 0.0, work)
+    known = [v["seconds"] for v in phases.values() if v["seconds"] is not None]
+    per_step = sum(known) if known else None
+    load = {name: sum(m.parameters * m.dtype_bytes for m in run_plan.models.values() if m.name in p.models) / 1e9
+            for name, p in by_phase.items()}
+    startup = max(figs[name].startup("generate" if name == "generate" else "score" if name == "score" else "train",
+                                     load[name]) for name in by_phase)
+    sources = []
+    for f in figs.values():
+        sources += [line for line in f.sources if line not in sources]
+    if prompt_rows is None:
+        sources.insert(0, f"prompt tokens unknown (an hf: source): {UNREAD_PROMPT_TOKENS} assumed")
+    return {"unit": "step", "phases": phases, "iteration_seconds": per_step, "startup_seconds": startup,
+            "total_seconds": None if per_step is None else startup + per_step * o.steps, "prompt_rows": None,
+            "prompt_tokens": round(prompt_tokens, 1), "figures": sources,
+            "note": f"{rollouts:,} rollouts per step of about {prompt_tokens:.3g} prompt + {s.max_new_tokens} new "
+                    f"tokens (every response assumed to run to max_new_tokens); weight sync not estimated; "
+                    f"start-up {startup:.3g} s once (the roles start side by side)"}
