@@ -31,7 +31,11 @@ def test_lpr_wpr_lcpr_by_hand():
     # LCPR = 2 * 3/4 * 2/3 / (3/4 + 2/3) = 1 / (17/12) = 12/17
     assert ru["lpr"] == 0.75 and ru["wpr"] == pytest.approx(2 / 3) and ru["lcpr"] == pytest.approx(12 / 17)
     assert (ru["kept"], ru["clean"]) == (4, 3)
-    assert confusion_metrics(["ok"], "ru") == {"lpr": 1.0, "wpr": None, "lcpr": 1.0, "kept": 0, "clean": 0}
+    # the released code's denominators are max(1, n): no kept response gives LPR 1, and none free of line errors
+    # gives WPR 1 (so LCPR = 2 LPR / (LPR + 1))
+    assert confusion_metrics(["ok"], "ru") == {"lpr": 1.0, "wpr": 1.0, "lcpr": 1.0, "kept": 0, "clean": 0}
+    assert confusion_metrics([EN, EN, RU_WORD + "\n" + EN], "ru") == {"lpr": 0.0, "wpr": 1.0, "lcpr": 0.0, "kept": 3,
+                                                                     "clean": 0}
 
 
 def test_rows_per_language_and_mean_over_languages():

@@ -19,9 +19,12 @@ PAPERS = {
     "dco-llama3-8b": {  # DCO: beta 1, EN stable (gamma_{x,en} 10, gamma_{en,x} 0.1), lr 1e-5, batch 4, 1 epoch
         "rewards.consistency.beta": 1.0, "rewards.consistency.gamma_from_anchor": 10.0,
         "rewards.consistency.gamma_to_anchor": 0.1, "training.loss": "dco", "training.lr": 1e-5,
-        "training.global_batch_size": 4, "training.epochs": 1},
-    "batch-alignment-llama3-8b": {  # batch alignment: a sampler over DPO, lr 5e-6, 3 epochs
-        "training.batch_alignment": True, "training.loss": "dpo", "training.lr": 5e-6, "training.epochs": 3},
+        "training.global_batch_size": 4, "training.epochs": 1,
+        "rewards.consistency.pairs_per_question": 2},  # two candidate pairs per query (MMMLU, BMLAMA)
+    "batch-alignment-llama3-8b": {  # batch alignment: a sampler over DPO, lr 5e-6, 3 epochs, max length 4096,
+        # a batch of one topic in every language (batch size 7 for its 7 languages; 5 here)
+        "training.batch_alignment": True, "training.loss": "dpo", "training.lr": 5e-6, "training.epochs": 3,
+        "training.max_length": 4096, "training.global_batch_size": 5},
 }
 
 

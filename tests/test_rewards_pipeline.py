@@ -81,6 +81,16 @@ def test_reward_dependencies_and_gamma_checks_in_config():
                        "rewards.consistency.force=true"])
     load_config(None, ["rewards.consistency.enabled=true", "rewards.consistency.gamma_from_anchor=10",
                        "rewards.consistency.gamma_to_anchor=0.1"])
+    # gamma_between is trained only with language_pairs: all (10 x 0.1 = beta^2 = 1 per anchor pair; between two
+    # other languages Lemma 3 asks gamma_xy = gamma_{x,en} gamma_{en,y} / beta = 1)
+    anchor_stable = ["rewards.consistency.enabled=true", "rewards.consistency.gamma_from_anchor=10",
+                     "rewards.consistency.gamma_to_anchor=0.1", "rewards.consistency.gamma_between=2"]
+    load_config(None, anchor_stable)
+    with pytest.raises(ConfigError, match="rewards.consistency: gammas break the consistency guarantee"):
+        load_config(None, anchor_stable + ["rewards.consistency.language_pairs=all"])
+    with pytest.raises(ConfigError, match="rewards.consistency: gammas break the consistency guarantee"):
+        load_config(None, ["rewards.consistency.enabled=true", "rewards.consistency.gamma_from_anchor=10",
+                           "rewards.consistency.gamma_to_anchor=0.2"])
 
 
 @pytest.fixture(scope="module")

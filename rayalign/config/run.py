@@ -232,13 +232,18 @@ class RunConfig:
         if c.enabled and not c.force:
             from rayalign.rewards.consistency import check_gamma_rank_one, dco_gamma_table, gamma_matrix
 
-            gammas = dco_gamma_table(self.languages, self.anchor_language, c.gamma_from_anchor, c.gamma_to_anchor,
+            # the guarantee covers the pairs trained: all of them (DCO Lemma 3, a rank-1 Gamma), or the anchor with
+            # each other language (Lemma 1 per pair; gamma_between is then unused)
+            trained = self.languages if c.language_pairs == "all" else \
+                [self.anchor_language, next(lang for lang in self.languages if lang != self.anchor_language)]
+            gammas = dco_gamma_table(trained, self.anchor_language, c.gamma_from_anchor, c.gamma_to_anchor,
                                      c.gamma_between)
             try:
-                check_gamma_rank_one(gamma_matrix(self.languages, gammas, c.beta))
+                check_gamma_rank_one(gamma_matrix(trained, gammas, c.beta))
             except ValueError as e:
                 raise ConfigError(f"rewards.consistency: gammas break the consistency guarantee (need "
-                                  f"gamma_ij * gamma_ji = beta^2 and a rank-1 Gamma; set force: true to accept): {e}")
+                                  f"gamma_ij * gamma_ji = beta^2 for every trained pair, and a rank-1 Gamma with "
+                                  f"language_pairs: all; set force: true to accept): {e}")
 
 
 # ---- reading and writing recipes (the dataclass builder and the override parser are in config/fields.py) ----

@@ -6,9 +6,10 @@ left with no line is skipped. A response has a line-level error when some line's
 expected one (detection probability <= 0.3 counts as unknown, an error); a word-level error when it has no
 line-level error but holds a lowercase Latin-script word of more than 3 letters, checked only for the
 non-Latin-script languages ar, hi, ja, ko, ru, zh.
-  LPR  = 1 - |line errors| / |kept responses|
-  WPR  = 1 - |word errors| / (|kept responses| - |line errors|)       (ar, hi, ja, ko, ru, zh only)
+  LPR  = 1 - |line errors| / max(1, |kept responses|)
+  WPR  = 1 - |word errors| / max(1, |kept responses| - |line errors|)       (ar, hi, ja, ko, ru, zh only)
   LCPR = 2 LPR WPR / (LPR + WPR), the harmonic mean; LPR where WPR is not defined.
+The max(1, .) is the released code's: an empty count reads as a perfect rate.
 Differences from the released code: py3langid detects lines (not fastText lid.176); a word-level error is any
 lowercase Latin-script word of more than 3 letters (not only those in an English word list); zh and ja lines
 count characters as tokens (not jieba / MeCab words).
@@ -60,12 +61,13 @@ def response_errors(response: str, lang: str) -> str | None:
 
 
 def confusion_metrics(responses, lang: str) -> dict:
-    """{lpr, wpr (None outside WORD_LEVEL_LANGS or with no response free of line errors), lcpr, kept, clean}."""
+    """{lpr, wpr (None outside WORD_LEVEL_LANGS), lcpr, kept, clean}; as in the released code, an empty denominator
+    counts as 1 (no kept response: LPR 1; none free of line errors: WPR 1)."""
     outcomes = [response_errors(r, lang) for r in responses]
     kept = sum(o != "skipped" for o in outcomes)
     clean = kept - outcomes.count("line")  # responses without line-level errors
     lpr = 1 - outcomes.count("line") / max(1, kept)
-    wpr = 1 - outcomes.count("word") / clean if lang in WORD_LEVEL_LANGS and clean else None
+    wpr = 1 - outcomes.count("word") / max(1, clean) if lang in WORD_LEVEL_LANGS else None
     lcpr = lpr if wpr is None else (2 * lpr * wpr / (lpr + wpr) if lpr + wpr else 0.0)
     return {"lpr": lpr, "wpr": wpr, "lcpr": lcpr, "kept": kept, "clean": clean}
 
