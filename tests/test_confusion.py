@@ -20,6 +20,7 @@ def test_each_response_is_classified_as_the_paper_does():
     assert [response_errors(r, "ru") for r in RUSSIAN] == [None, "word", "line", None]
     assert response_errors(f"{DE}!!!\n\n--- ok", "de") is None  # punctuation removed, short lines dropped
     assert response_errors(RU_WORD, "de") == "line"
+    assert response_errors(f"{DE}\nQ: {EN}", "de") is None  # a base model's next few-shot question is cut
 
 
 def test_lpr_wpr_lcpr_by_hand():

@@ -1,7 +1,7 @@
 """Language Confusion Benchmark metrics (Marchisio et al., 2024, "Understanding and Mitigating Language
 Confusion in LLMs", section 3 and its released compute_metrics.py), as rows of the `eval` schema.
 
-Per response: punctuation removed, split into lines; lines of fewer than 5 tokens are dropped and a response
+Per response: cut at a next few-shot question ("\nQ:"), punctuation removed, split into lines; lines of fewer than 5 tokens are dropped and a response
 left with no line is skipped. A response has a line-level error when some line's detected language is not the
 expected one (detection probability <= 0.3 counts as unknown, an error); a word-level error when it has no
 line-level error but holds a lowercase Latin-script word of more than 3 letters, checked only for the
@@ -49,7 +49,9 @@ def _latin_word(token: str) -> bool:
 
 
 def response_errors(response: str, lang: str) -> str | None:
-    """'skipped', 'line', 'word' or None (passes) for one response expected in `lang`."""
+    """'skipped', 'line', 'word' or None (passes) for one response expected in `lang`. As the released code does,
+    the response ends where a base model starts the next few-shot question ("\nQ:")."""
+    response = response.split("\nQ:")[0].strip()
     lines = [line for line in response.translate(_STRIP).split("\n") if len(_tokens(line, lang)) >= MIN_TOKENS]
     if not lines:
         return "skipped"
