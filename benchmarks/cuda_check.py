@@ -12,6 +12,11 @@
    checkpoint (1e-5 nats per token). Seconds per GB for the tiny model and a ~100M-parameter Llama.
 4. The NCCL weight-sync group (join_group, broadcast) between two processes on the one GPU: NCCL refuses two
    ranks on one device, and this records what it said (the NCCL path needs two GPUs: tests/test_weight_sync_gpu.py).
+5. One online policy rank (PolicyTrainer, ZeRO-2, bfloat16 on CUDA): rollout_stats, then two PPO updates on the
+   same rollouts against the log-probs recorded before the first. Pass: the rank's bf16 log-probs of the rollouts
+   are within 0.05 nats per token of the HF engine's float32 scoring on CPU (mean), the first update sees ratio 1
+   (approx KL below 1e-3, nothing clipped: bf16 forwards of one model may differ slightly between batchings), and
+   the second sees the ratio move (approx KL above 1e-4) with the tight clip acting on some tokens.
 
     python benchmarks/cuda_check.py --model MODEL_DIR --pairs PAIRS_DIR [--out DIR]
 """
@@ -267,6 +272,39 @@ def guarded(check, *args) -> dict:
         return {"pass": False, "error": traceback.format_exc()[-3000:]}
 
 
+def check_rl_policy(model: str, rows: int, num_gpus: int = 1) -> dict:
+    ray_stand_in()
+    from rayalign.actors.rl_trainer import PolicyTrainer
+    from rayalign.config import ModelConfig, TrainingConfig
+    from rayalign.engines.hf import HFEngine
+    from rayalign.models import encode_response
+
+    requests = score_rows(rows)[:8]
+    t = TrainingConfig(loss=None, lr=1e-2, micro_batch_size=4, gradient_accumulation=2, world_size=1, zero_stage=2,
+                       num_gpus=num_gpus, warmup_ratio=0.0)
+    rank = PolicyTrainer(0, model, ModelConfig(path=model), t)
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    rank.setup("127.0.0.1", port)
+    rank.prepare(2, model)
+    sequences = [encode_response(rank.tokenizer, r.messages, r.response) for r in requests]
+    stats = sorted(rank.rollout_stats(sequences), key=lambda s: s["row"])
+    scored = HFEngine(model, dtype="float32", device="cpu", batch_size=8).score(requests)
+    assert [len(s["logp"]) for s in stats] == [r.num_tokens for r in scored], "token counts differ"
+    gaps = [abs(sum(s["logp"]) - r.logp) / r.num_tokens for s, r in zip(stats, scored)]
+    old, ref = [s["logp"] for s in stats], [s["ref_logp"] for s in stats]
+    advantages = [1.0, -1.0] * 4
+    first = rank.update(sequences, advantages, old, ref, 0.0, "k3", 1e-3)
+    second = rank.update(sequences, advantages, old, ref, 0.0, "k3", 1e-3)
+    out = {"rollouts": len(sequences), "bf16_cuda_vs_fp32_cpu_logp_per_token_mean": sum(gaps) / len(gaps),
+           "bf16_cuda_vs_fp32_cpu_logp_per_token_max": max(gaps), "first_update": first, "second_update": second}
+    out["pass"] = (out["bf16_cuda_vs_fp32_cpu_logp_per_token_mean"] < 0.05 and first["approx_kl"] < 1e-3
+                   and first["clip_fraction"] == 0.0 and second["approx_kl"] > 1e-4 and second["clip_fraction"] > 0
+                   and all(math.isfinite(v) for v in (first["policy_loss"], second["policy_loss"])))
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
@@ -295,8 +333,11 @@ def main() -> int:
     print("NCCL weight-sync group, two processes on one GPU")
     report["nccl_one_gpu"] = guarded(check_nccl_one_gpu)
     print(json.dumps(report["nccl_one_gpu"], indent=1))
+    print("online policy rank on CUDA: two PPO updates on one rollout batch")
+    report["rl_policy"] = guarded(check_rl_policy, args.model, args.rows_per_language)
+    print(json.dumps(report["rl_policy"], indent=1))
     (out_dir / "cuda_check.json").write_text(json.dumps(report, indent=1))
-    ok = report["scoring"]["pass"] and report["zero2"]["pass"] and report["ipc_sync"]["pass"]
+    ok = all(report[k]["pass"] for k in ("scoring", "zero2", "ipc_sync", "rl_policy"))
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 
