@@ -92,20 +92,28 @@ def check_scoring(model: str, limit: int) -> dict:
     return out
 
 
+def ready_rank(cls, model: str, t, **options):
+    """A trainer rank of `cls` (the actor classes, called directly) set up as a one-rank group on a free port."""
+    from rayalign.config import ModelConfig
+
+    rank = cls(0, model, ModelConfig(path=model), t, **options)
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    rank.setup("127.0.0.1", port)
+    return rank
+
+
 def check_zero2(model: str, pairs: str, out_dir: Path, steps: int) -> dict:
     ray_stand_in()
     from rayalign.actors.preference_trainer import PreferenceTrainer
-    from rayalign.config import ModelConfig, TrainingConfig
+    from rayalign.config import TrainingConfig
     from rayalign.models import load_causal_lm
 
     t = TrainingConfig(loss="dpo", lr=1e-4, micro_batch_size=4, gradient_accumulation=2, world_size=1,
                        zero_stage=2, num_gpus=1, warmup_ratio=0.0)
-    rank = PreferenceTrainer(0, model, ModelConfig(path=model), t, dco_beta=1.0)
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
     started = time.perf_counter()
-    rank.setup("127.0.0.1", port)
+    rank = ready_rank(PreferenceTrainer, model, t, dco_beta=1.0)
     info = rank.prepare(pairs, "pairs", "dpo", None)
     setup_s = time.perf_counter() - started
     from deepspeed.utils import safe_get_full_fp32_param
@@ -195,7 +203,7 @@ def sync_by_ipc(module, model: str, rows: list, repeats: int) -> dict:
 
 def check_ipc_sync(rank, model: str, saved: Path, rows_per_language: int, out_dir: Path) -> dict:
     from rayalign.actors.rl_trainer import PolicyTrainer
-    from rayalign.config import ModelConfig, TrainingConfig
+    from rayalign.config import TrainingConfig
     from rayalign.engines.hf import HFEngine
 
     rows = score_rows(rows_per_language)
@@ -211,11 +219,7 @@ def check_ipc_sync(rank, model: str, saved: Path, rows_per_language: int, out_di
 
     big = build_100m(out_dir / "llama-100m", model)
     t = TrainingConfig(lr=1e-4, micro_batch_size=1, world_size=1, zero_stage=2, num_gpus=1, warmup_ratio=0.0)
-    policy = PolicyTrainer(0, big, ModelConfig(path=big), t)
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    policy.setup("127.0.0.1", port)
+    policy = ready_rank(PolicyTrainer, big, t)
     policy.prepare(1, big)
     large = sync_by_ipc(policy.engine.module, big, [], 3)
     big_expected = param_hashes(policy.engine.module)
@@ -275,18 +279,14 @@ def guarded(check, *args) -> dict:
 def check_rl_policy(model: str, rows: int, num_gpus: int = 1) -> dict:
     ray_stand_in()
     from rayalign.actors.rl_trainer import PolicyTrainer
-    from rayalign.config import ModelConfig, TrainingConfig
+    from rayalign.config import TrainingConfig
     from rayalign.engines.hf import HFEngine
     from rayalign.models import encode_response
 
     requests = score_rows(rows)[:8]
     t = TrainingConfig(loss=None, lr=1e-2, micro_batch_size=4, gradient_accumulation=2, world_size=1, zero_stage=2,
                        num_gpus=num_gpus, warmup_ratio=0.0)
-    rank = PolicyTrainer(0, model, ModelConfig(path=model), t)
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    rank.setup("127.0.0.1", port)
+    rank = ready_rank(PolicyTrainer, model, t)
     rank.prepare(2, model)
     sequences = [encode_response(rank.tokenizer, r.messages, r.response) for r in requests]
     stats = sorted(rank.rollout_stats(sequences), key=lambda s: s["row"])
