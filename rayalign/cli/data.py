@@ -140,14 +140,14 @@ def inspect(path):
                           str(m.get("samples_per_s", "")), str(m.get("tokens_per_s", "")), str(m.get("retries", "")),
                           str(m.get("failed_rows", "")))
         console.print(table)
-        iterations = iteration_table(metrics)
-        if iterations is not None:
-            table = Table("metric", *(f"iter {i}" for i in iterations["iteration"]), title="iterations")
-            for column in iterations.columns[1:]:
-                label = ITERATION_HEADERS.get(column) or f"fidelity {column.removeprefix('fidelity_')}"
-                table.add_row(label, *("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-                                       for v in iterations[column]))
-            console.print(table)
+    iterations = iteration_table(metrics)
+    if iterations is not None:
+        table = Table("metric", *(f"iter {i}" for i in iterations["iteration"]), title="iterations")
+        for column in iterations.columns[1:]:
+            label = ITERATION_HEADERS.get(column) or f"fidelity {column.removeprefix('fidelity_')}"
+            table.add_row(label, *("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+                                   for v in iterations[column]))
+        console.print(table)
 
 
 @main.command()
