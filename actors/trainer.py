@@ -18,6 +18,7 @@ from typing import Callable
 import ray
 
 from rayalign import failures
+from rayalign.failures import CheckpointError
 from rayalign.config import ModelConfig, TrainingConfig
 
 TrainerLostError = failures.TrainerLostError  # kept importable here; defined there so the CLI catches it without Ray
@@ -50,10 +51,6 @@ def warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], floa
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-class CheckpointError(RuntimeError):
-    """A training checkpoint that cannot be loaded; the message names the file."""
 
 
 def deepspeed_checkpoint_globals() -> list:

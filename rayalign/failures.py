@@ -1,6 +1,6 @@
 """Rows that fail by themselves: written per shard as they happen, gathered into iter-<t>/errors/, and counted
-against engines.max_failed_share. Also TrainerLostError, a trainer rank lost mid-stage (no Ray import here, so the
-CLI can catch it cheaply)."""
+against engines.max_failed_share. Also TrainerLostError, a trainer rank lost mid-stage, and CheckpointError (no Ray
+import here, so the CLI can catch them cheaply)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ from rayalign.config import RunConfig
 from rayalign.data.store import write_parquet_atomic
 from rayalign.generation import FailedRowsError
 from rayalign.run_dir import ERRORS_BY_SHARD, write_table
+
+
+class CheckpointError(RuntimeError):
+    """A training checkpoint that cannot be loaded; the message names the file."""
 
 
 class TrainerLostError(RuntimeError):

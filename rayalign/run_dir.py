@@ -27,13 +27,18 @@ def check_run_dir_config(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = 
     """The run state in `run_dir` (None for a new run); a run of another config is refused unless `redo` names
     stages. Cheap and read-only: made before models are built."""
     state = read_state(run_dir)
-    if state is not None and state["config_hash"] != cfg.config_hash() and not redo:
+    if state is not None and state["config_hash"] != cfg.config_hash() and not redo and holds_results(state):
         remedy = ("use another --run-dir" if cfg.mode == "online" else
                   f"run `rayalign launch RECIPE --redo STAGE[,STAGE...]` ({', '.join(STAGES)}) to recompute those "
                   "stages and every later one with this recipe (earlier ones are kept), use another --run-dir")
         raise ConfigError(f"{run_dir}: holds a run with another config (hash {state['config_hash']}, this recipe "
                           f"{cfg.config_hash()}); {remedy}, or delete the directory to start over")
     return state
+
+
+def holds_results(state: dict) -> bool:
+    """Whether a run state records a finished stage or step (a launch refused or failed before any holds none)."""
+    return bool(state["finished"] or state.get("online_checkpoint"))
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = ()) -> dict:
@@ -47,6 +52,12 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = ()) -
     state = check_run_dir_config(cfg, run_dir, redo)
     if state is not None:
         old_hash, new_hash = state["config_hash"], cfg.config_hash()
+        if old_hash != new_hash and not redo:  # nothing finished under the other config: its partial outputs go
+            redo = ("generate",) if cfg.mode == "offline" else ()
+            if (run_dir / "online").exists():
+                trash = run_dir / f"trash-{time.strftime('%Y%m%d-%H%M%S')}"
+                trash.mkdir(parents=True, exist_ok=True)
+                shutil.move(run_dir / "online", trash / "online")
         if redo:
             redo_stages(cfg, run_dir, state, redo, config_changed=old_hash != new_hash)
         if old_hash != new_hash:

@@ -12,8 +12,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from conftest import REPO
 from rayalign.cli import main
+from rayalign.config import ConfigError
 from rayalign.data.prompts import PromptError, load_prompts
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def test_an_integer_lang_is_named_as_such_not_as_missing(tmp_path):
@@ -156,3 +162,59 @@ def test_an_address_where_nothing_answers_is_refused_at_once(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr
     assert f"could not join the Ray cluster at 127.0.0.1:{port}: nothing answers there" in " ".join(done.stderr.split())
+
+
+def test_a_launch_that_finished_nothing_does_not_block_the_corrected_recipe(tmp_path):
+    """A run directory whose state records no finished stage (a launch that failed at its first model load) takes
+    the corrected recipe; its partial outputs, made with the other config, go to trash rather than being resumed."""
+    from rayalign.config import load_config
+    from rayalign.run_dir import check_run_dir_config, prepare_run_dir
+
+    run_dir = tmp_path / "run"
+    shard = run_dir / "iter-1" / "samples" / "part-00000.parquet"
+    shard.parent.mkdir(parents=True)
+    shard.write_bytes(b"made with the other config")
+    (run_dir / "state.json").write_text(json.dumps({"config_hash": "0" * 16, "finished": []}))
+    (run_dir / "config.yaml").write_text("name: old\n")
+    cfg = load_config(None, ["name=new"])
+    assert check_run_dir_config(cfg, run_dir) is not None  # not refused
+    state = prepare_run_dir(cfg, run_dir)
+    assert state == {"config_hash": cfg.config_hash(), "finished": []}
+    assert not shard.exists()
+    assert [p.read_bytes() for p in run_dir.glob("trash-*/iter-1/samples/part-00000.parquet")] == \
+        [b"made with the other config"]
+    # one finished stage, and the other config is refused as before
+    (run_dir / "state.json").write_text(json.dumps({"config_hash": "0" * 16, "finished": ["iter-1/generate"]}))
+    with pytest.raises(ConfigError, match="holds a run with another config"):
+        check_run_dir_config(cfg, run_dir)
+
+
+def test_errors_raised_inside_actors_and_os_errors_reach_the_user_as_messages(ray_session, tmp_path):
+    """rayalign's own error raised in a Ray task (as a trainer raises TrainingDataError), a path that cannot be
+    written, and input nested too deeply: each a message with exit code 2, no traceback."""
+    import click
+    import ray
+
+    from rayalign.cli.common import user_errors
+    from rayalign.training.data import TrainingDataError
+
+    @ray.remote
+    def train():
+        raise TrainingDataError("runs/x/iter-1/pairs: no rows")
+
+    @click.command()
+    @user_errors
+    def in_actor():
+        ray.get(train.remote())
+
+    result = CliRunner().invoke(in_actor, [])
+    assert result.exit_code == 2 and result.output == "Error: runs/x/iter-1/pairs: no rows\n"
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "sub"
+    result = invoke("export", "--format", "verl", REPO / "examples" / "quickstart.yaml", out)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"{out}" in result.output and "Not a directory" in result.output
+    nested = tmp_path / "prompts.json"
+    nested.write_text("[" * 100000 + "]" * 100000)
+    result = invoke("config", REPO / "examples" / "quickstart.yaml", "-o", f"prompts.path={nested}")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output

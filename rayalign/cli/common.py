@@ -34,18 +34,26 @@ def user_errors(fn):
         from rayalign.data.prompts import PromptError
         from rayalign.data.store import DatasetError
         from rayalign.eval.judge import JudgeError
-        from rayalign.failures import TrainerLostError
+        from rayalign.failures import CheckpointError, TrainerLostError
         from rayalign.generation import FailedRowsError
         from rayalign.models import ModelLoadError
         from rayalign.pipelines.study import StudyError
         from rayalign.report import ReportError
         from rayalign.scoring.rewards import RewardError
+        from rayalign.training.data import TrainingDataError
 
+        known = (ConfigError, PromptError, DatasetError, ModelLoadError, ClusterError, PlanError, FailedRowsError,
+                 RewardError, JudgeError, StudyError, ReportError, TrainerLostError, TrainingDataError, CheckpointError)
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, PromptError, DatasetError, ModelLoadError, ClusterError, PlanError, FailedRowsError,
-                RewardError, JudgeError, StudyError, ReportError, TrainerLostError) as e:
-            raise UserError(str(e)) from None
+        except known as e:  # also as raised inside an actor: Ray's RayTaskError(cause) is an instance of the cause
+            raise UserError(str(getattr(e, "cause", None) or e)) from None
+        except OSError as e:  # a path that cannot be written or read: the path and the reason
+            where = f"{e.filename}: " if e.filename else ""
+            raise UserError(f"{where}{e.strerror or e}") from None
+        except RecursionError:
+            raise UserError("an input file is nested too deeply to read (a JSON or YAML value inside thousands of "
+                            "brackets)") from None
         except KeyboardInterrupt:
             click.echo("\ninterrupted: run the same command again to resume (finished stages, shards and "
                        "checkpoints are kept)", err=True)
