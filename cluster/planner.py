@@ -18,13 +18,13 @@ from rayalign.cluster.spec import ClusterSpec
 
 
 def save_plan(plan: Plan, run_dir: str | Path) -> Path | None:
-    """Write plan.json into the run directory; not into one that holds a run with another config (the pipeline
+    """Write plan.json into the run directory; not into one that holds results of another config (the pipeline
     refuses that directory)."""
     run_dir = Path(run_dir)
-    from rayalign.run_dir import read_state
+    from rayalign.run_dir import holds_results, read_state
 
     state = read_state(run_dir)  # a damaged one is refused here, before the run starts
-    if state is not None and state["config_hash"] != plan.config_hash:
+    if state is not None and state["config_hash"] != plan.config_hash and holds_results(state):
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "plan.json"

@@ -40,9 +40,9 @@ from rayalign.models import resolve_model_path
 from rayalign.pairs import dco_tuples, lidr_pairs, lidr_requests
 from rayalign.progress import console, deepspeed_op_notice, model_build_progress, progress_bar
 from rayalign.rewards.consistency import dco_gamma_table
-from rayalign.run_dir import (samples_writer, STAGES, check_run_dir_config, checkpoint, iteration_summary,
-                              kept_output_problems, log_metrics, prepare_run_dir, read_checkpoints, report_untrusted,
-                              set_aside_untrusted_checkpoint, write_state, write_table)
+from rayalign.run_dir import (samples_writer, STAGES, check_prompts_unchanged, check_run_dir_config, checkpoint,
+                              iteration_summary, kept_output_problems, log_metrics, prepare_run_dir, read_checkpoints,
+                              report_untrusted, set_aside_untrusted_checkpoint, write_state, write_table)
 from rayalign.run_lock import run_dir_lock
 from rayalign.scoring.finish import finish_scores, stage_centroids
 from rayalign.scoring.forward import ForwardSpec
@@ -386,10 +386,14 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     prompts = None
     if "generate" in stages:
         prompts = load_prompts(cfg.prompts.path, cfg.languages, **cfg.prompts.load_kwargs())
-    check_run_dir_config(cfg, run_dir, redo)  # a refusal should not wait for a model build
+    prior = check_run_dir_config(cfg, run_dir, redo)  # a refusal should not wait for a model build
+    digest = check_prompts_unchanged(cfg, prior, prompts, redo) if prompts is not None else None
     initial_path = resolve_model_path(cfg.policy.path, progress=model_build_progress(cfg.policy.path))
     preflight(cfg, initial_path)  # before the run directory is touched: a refused recipe leaves nothing behind
     state = prepare_run_dir(cfg, run_dir, redo)
+    if digest:
+        state["prompts_digest"] = digest
+        write_state(run_dir, state)
     source = (f"{prompts.num_rows} prompt rows ({prompts.num_rows // len(cfg.languages)} ids x {len(cfg.languages)} "
               f"languages), n={cfg.sampling.n}, {cfg.engines.count} {cfg.engines.backend} engine(s)"
               if prompts is not None else f"{len(cfg.languages)} languages")

@@ -31,8 +31,8 @@ from rayalign.progress import console, deepspeed_op_notice, model_build_progress
 from rayalign.tracking import Trackers, check_trackers
 from rayalign.actors.weight_sync import WeightSync
 from rayalign.pipelines.online_rollouts import Rollouts
-from rayalign.run_dir import (check_run_dir_config, log_metrics, prepare_run_dir, set_aside_untrusted_checkpoint,
-                              write_state)
+from rayalign.run_dir import (check_prompts_unchanged, check_run_dir_config, log_metrics, prepare_run_dir,
+                              set_aside_untrusted_checkpoint, write_state)
 from rayalign.scoring.finish import stage_centroids
 from rayalign.scoring.rewards import load_user_reward
 from rayalign.scoring.setup import forward_rewards, latent_layers, scoring_setup, with_scoring_prompts
@@ -79,7 +79,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     rollout_size = cfg.rollouts_per_step(prompts.num_rows)
     tcfg = trainer_config(cfg, rollout_size)
     updates_per_step = o.ppo_epochs * rollout_size // (o.mini_batch_size or rollout_size)
-    check_run_dir_config(cfg, run_dir)  # a refusal should not wait for a model build
+    digest = check_prompts_unchanged(cfg, check_run_dir_config(cfg, run_dir), prompts)  # before models
     policy_path = resolve_model_path(cfg.policy.path, model_build_progress(cfg.policy.path))
     if o.score_weight and cfg.rewards.latent.enabled:
         latent_layers(cfg, policy_path)  # layers beyond the model's are refused before any actor starts
@@ -92,6 +92,8 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     console.print(run_plan.estimate_table())
     ppo = o.algorithm == "ppo"
     state = prepare_run_dir(cfg, run_dir)  # after every check: a refused recipe leaves no run directory behind
+    state["prompts_digest"] = digest
+    write_state(run_dir, state)
     save_plan(run_plan, run_dir)
     resume_step = resumable_step(run_dir, state, o.checkpoint_every, ppo=ppo)
     console.print(f"online {o.algorithm} {cfg.name}: {o.steps} steps of {rollout_size} rollouts "

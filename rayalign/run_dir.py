@@ -6,6 +6,7 @@ resume unless it matches them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -34,6 +35,29 @@ def check_run_dir_config(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = 
         raise ConfigError(f"{run_dir}: holds a run with another config (hash {state['config_hash']}, this recipe "
                           f"{cfg.config_hash()}); {remedy}, or delete the directory to start over")
     return state
+
+
+def prompt_digest(prompts) -> str:
+    """A digest of the prompt rows a run generates from (ids, languages and chat messages, in order)."""
+    sha = hashlib.sha256()
+    for column in ("prompt_id", "lang", "messages"):
+        sha.update(json.dumps(prompts.column(column).to_pylist(), ensure_ascii=False, sort_keys=True).encode())
+    return sha.hexdigest()[:16]
+
+
+def check_prompts_unchanged(cfg: RunConfig, state: dict | None, prompts, redo: tuple[str, ...] = ()) -> str:
+    """The digest of `prompts`; refuses a resume whose kept samples, finished or partial, came from other prompt
+    rows (the files edited since the run started), unless generate is redone or nothing is kept (another config
+    that finished nothing: prepare_run_dir sets its partial outputs aside). Read-only: the caller records it."""
+    digest = prompt_digest(prompts)
+    recorded = (state or {}).get("prompts_digest")
+    kept = state is not None and (state["config_hash"] == cfg.config_hash() or holds_results(state))
+    if recorded not in (None, digest) and kept and "generate" not in redo:
+        raise ConfigError(f"prompts.path: {cfg.prompts.path}: the prompt rows differ from those this run started with (digest "
+                          f"{recorded}, now {digest}), and its kept samples came from those; restore the prompt "
+                          "files, or relaunch with --redo generate to generate again from these (use another "
+                          "--run-dir for an online run)")
+    return digest
 
 
 def holds_results(state: dict) -> bool:

@@ -257,7 +257,7 @@ def test_plan_table_and_saved_json(tmp_path):
     assert saved["models"]["policy"]["parameters"] == LLAMA3_8B
     other = tmp_path / "other"
     other.mkdir()
-    (other / "state.json").write_text(json.dumps({"config_hash": "another", "finished": []}))
+    (other / "state.json").write_text(json.dumps({"config_hash": "another", "finished": ["iter-1/generate"]}))
     assert save_plan(result, other) is None and not (other / "plan.json").exists()
 
 

@@ -241,3 +241,41 @@ def test_a_kept_policy_needs_the_checksums_recorded_when_it_was_saved(tmp_path):
     assert kept_output_problems(tmp_path, state, policy) == []
     (policy / "model.safetensors").write_bytes(b"weightz")
     assert kept_output_problems(tmp_path, state, policy)
+
+
+def test_a_resume_from_edited_prompt_files_is_refused_before_any_work(tmp_path, tiny_model):
+    """Samples kept by a run (finished or partial) came from its prompt rows: relaunching after the prompt files
+    were edited is refused with both digests, unless generate is redone or nothing is kept."""
+    from rayalign.config import ConfigError, load_config
+    from rayalign.data.prompts import load_prompts
+    from rayalign.run_dir import check_prompts_unchanged, prompt_digest
+
+    prompts = tmp_path / "prompts"
+    shutil.copytree(PROMPTS_DIR, prompts)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: edited\npolicy: {{path: {tiny_model}}}\nprompts: {{path: {prompts}, limit: 2}}\n")
+    cfg = load_config(recipe)
+    before = prompt_digest(load_prompts(prompts, cfg.languages, limit=2))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    state = {"config_hash": cfg.config_hash(), "finished": [], "prompts_digest": before}  # mid-generation
+    (run_dir / "state.json").write_text(json.dumps(state))
+    (run_dir / "config.yaml").write_text(recipe.read_text())
+    first = (prompts / "de.jsonl").read_text(encoding="utf-8").splitlines()
+    row = json.loads(first[0])
+    row["instruction"] = "EDITED " + row["instruction"]
+    (prompts / "de.jsonl").write_text("\n".join([json.dumps(row, ensure_ascii=False), *first[1:]]) + "\n",
+                                      encoding="utf-8")
+    edited = load_prompts(prompts, cfg.languages, limit=2)
+    after = prompt_digest(edited)
+    assert after != before
+    result = CliRunner().invoke(main, ["launch", str(recipe), "--run-dir", str(run_dir)])
+    assert result.exit_code == 2, result.output
+    assert f"the prompt rows differ from those this run started with (digest {before}, now {after})" in \
+        one_line(result.output)
+    assert json.loads((run_dir / "state.json").read_text()) == state  # nothing touched
+    assert check_prompts_unchanged(cfg, state, edited, redo=("generate",)) == after
+    assert check_prompts_unchanged(cfg, {**state, "config_hash": "0" * 16}, edited) == after  # nothing kept
+    with pytest.raises(ConfigError, match="prompt rows differ"):
+        check_prompts_unchanged(cfg, {**state, "config_hash": "0" * 16, "finished": ["iter-1/generate"]}, edited)
+    assert check_prompts_unchanged(cfg, {k: v for k, v in state.items() if k != "prompts_digest"}, edited) == after

@@ -54,8 +54,14 @@ def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch
             raise UserError("--redo: an online recipe (mode: online) has no stages to redo")
         if not dry_run:
             return _run_online(cfg, run_dir, cluster, address)
-    if not dry_run:  # before Ray starts and plan.json is written: a run of another config is refused as it is
-        check_run_dir_config(cfg, run_dir_of(cfg, run_dir), redo_stages)
+    if not dry_run:  # before Ray starts and plan.json is written: a run of another config is refused as it is,
+        state = check_run_dir_config(cfg, run_dir_of(cfg, run_dir), redo_stages)  # and one of other prompt rows
+        if state and state.get("prompts_digest") and cfg.pairs.method != "dco":
+            from rayalign.data.prompts import load_prompts
+            from rayalign.run_dir import check_prompts_unchanged
+
+            prompts = load_prompts(cfg.prompts.path, cfg.languages, **cfg.prompts.load_kwargs())
+            check_prompts_unchanged(cfg, state, prompts, redo_stages)
     spec = load_cluster_spec(cluster)
     if dry_run:
         dry_plan = plan(cfg, spec, strict=True)
