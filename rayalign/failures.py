@@ -67,5 +67,7 @@ def record_failures(cfg: RunConfig, it_dir: Path, iteration: int, stage: str, to
         raise FailedRowsError(
             f"{stage} iter-{iteration}: {failed} of {total_rows} rows ({failed / max(total_rows, 1):.2%}) failed by "
             f"themselves, more than engines.max_failed_share={share} allows; their reasons are in {out} "
-            f"(`rayalign inspect {out}`). Fix the input, or raise the share and launch again to resume")
+            f"(`rayalign inspect {out}`). Raise the share (-o engines.max_failed_share=..., not part of the config "
+            f"hash) and launch again to resume without them, or fix the input (prompt files, model or engine "
+            f"settings) and launch with --redo {stage} to run the stage again")
     return failed

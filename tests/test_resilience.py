@@ -129,6 +129,7 @@ def test_too_many_failed_rows_stop_the_run_with_the_count_and_the_errors(long_pr
     assert "generate iter-1: 1 of 8 rows (12.50%) failed by themselves" in message
     assert "engines.max_failed_share=0.01" in message and str(run_dir / "iter-1" / "errors") in message.replace(
         "\n", "")
+    assert "launch with --redo generate to run the stage again" in message  # a plain relaunch keeps the shard
 
 
 def test_failed_rows_go_to_the_errors_dataset_and_the_run_finishes(long_prompt_run):
