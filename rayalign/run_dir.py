@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from rayalign.config import ConfigError, RunConfig, save_config
 from rayalign.data.store import (DatasetError, DatasetWriter, atomic_write_text, checksum_path, directory_problems,
-                                  read_manifest, remove_untrusted_shards, shard_name, shard_problem,
+                                  enclosing_dataset, is_dataset_dir, read_manifest, remove_untrusted_shards, shard_name, shard_problem,
                                   write_parquet_atomic)
 from rayalign.progress import console
 
@@ -27,6 +27,10 @@ ERRORS_BY_SHARD = "errors.by-shard"  # iter-<t>/errors.by-shard/<stage>-<shard>.
 def check_run_dir_config(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = ()) -> dict | None:
     """The run state in `run_dir` (None for a new run); a run of another config is refused unless `redo` names
     stages. Cheap and read-only: made before models are built."""
+    dataset = enclosing_dataset(run_dir) or (run_dir if is_dataset_dir(run_dir) else None)
+    if dataset is not None:
+        raise ConfigError(f"{run_dir}: the run directory would lie in the dataset {dataset}; datasets.load_dataset "
+                          "would read the run as part of it: choose a run name or --run-dir outside datasets")
     state = read_state(run_dir)
     if state is not None and state["config_hash"] != cfg.config_hash() and not redo and holds_results(state):
         remedy = ("use another --run-dir" if cfg.mode == "online" else

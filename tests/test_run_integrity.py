@@ -279,3 +279,43 @@ def test_a_resume_from_edited_prompt_files_is_refused_before_any_work(tmp_path, 
     with pytest.raises(ConfigError, match="prompt rows differ"):
         check_prompts_unchanged(cfg, {**state, "config_hash": "0" * 16, "finished": ["iter-1/generate"]}, edited)
     assert check_prompts_unchanged(cfg, {k: v for k, v in state.items() if k != "prompts_digest"}, edited) == after
+
+
+def test_nothing_is_written_into_another_datasets_directory_or_over_a_users_files(tmp_path, tiny_model):
+    """A run directory, an export, a rescore output or a model inside a dataset's directory is refused (it would
+    load as part of that dataset), and so is replacing a model directory or a file rayalign did not write."""
+    from rayalign.data.store import DatasetError, claim_output_dir
+
+    (tmp_path / "manifest.json").write_text('{"name": "a web app", "start_url": "/"}')  # not a dataset's: ignored
+    dataset = tmp_path / "pairs"
+    dataset.mkdir()
+    (dataset / "manifest.json").write_text('{"schema": "pairs", "schema_version": 1, "shards": []}')
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: nest\npolicy: {{path: {tiny_model}}}\n")
+    refused = CliRunner().invoke(main, ["launch", str(recipe), "--run-dir", str(dataset / "run")])
+    assert refused.exit_code == 2 and f"the run directory would lie in the dataset {dataset}" in one_line(refused.output)
+    assert not (dataset / "run").exists()
+    refused = CliRunner().invoke(main, ["export", "--format", "verl", str(recipe), str(dataset / "sub")])
+    assert refused.exit_code == 2 and f"inside the dataset {dataset}" in one_line(refused.output)
+    with pytest.raises(DatasetError, match=f"inside the dataset {dataset}"):
+        claim_output_dir(dataset / "scores2")
+    assert claim_output_dir(tmp_path / "scores2") is None  # beside it, under the web app's manifest: fine
+    refused = CliRunner().invoke(main, ["build-tiny-model", str(dataset / "model"), "--steps", "1"])
+    assert refused.exit_code == 2 and f"inside the dataset {dataset}" in one_line(refused.output)
+    model = tmp_path / "policy"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"trained weights")
+    refused = CliRunner().invoke(main, ["build-tiny-model", str(model), "--steps", "1"])
+    assert refused.exit_code == 2 and "exists and is not empty" in refused.output
+    assert (model / "model.safetensors").read_bytes() == b"trained weights"
+    assert CliRunner().invoke(main, ["build-tiny-model", str(tmp_path / "m"), "--steps", "-5"]).exit_code == 2
+    precious = tmp_path / "precious.py"
+    precious.write_text("print('mine')\n")
+    online = Path(__file__).parents[1] / "examples" / "online-grpo-quickstart.yaml"
+    args = ["online", str(online), "-o", f"policy.path={tiny_model}", "--openrlhf-reward-file"]
+    refused = CliRunner().invoke(main, args + [str(precious)])
+    assert refused.exit_code == 2 and "exists and was not written by rayalign" in one_line(refused.output)
+    assert precious.read_text() == "print('mine')\n"
+    ours = tmp_path / "reward.py"
+    assert CliRunner().invoke(main, args + [str(ours)]).exit_code == 0
+    assert CliRunner().invoke(main, args + [str(ours)]).exit_code == 0  # its own file is written again

@@ -194,7 +194,8 @@ def validate(path):
 
 @main.command("build-tiny-model")
 @click.argument("out_dir", required=False, type=click.Path(file_okay=False))
-@click.option("--steps", type=int, help="training steps (default: the cached model's)")
+@click.option("--steps", type=click.IntRange(min=1), help="training steps (default: the cached model's)")
+@user_errors
 def build_tiny_model_cmd(out_dir, steps):
     """Build the tiny offline chat model (Llama architecture, local tokenizer).
 
@@ -206,6 +207,12 @@ def build_tiny_model_cmd(out_dir, steps):
     """
     from rayalign.models import build_tiny_model, ensure_tiny_model
 
+    from rayalign.data.store import refuse_inside_dataset
+
+    if out_dir and Path(out_dir).exists() and any(Path(out_dir).iterdir()):
+        raise UserError(f"{out_dir}: exists and is not empty; the model is built only into a new or empty directory")
+    if out_dir:
+        refuse_inside_dataset(Path(out_dir), "a model")
     overrides = {"train_steps": steps} if steps else {}
     progress = lambda step, total, loss: step % max(1, total // 10) == 0 and err.print(  # noqa: E731
         f"step {step}/{total} loss {loss:.3f}")

@@ -230,9 +230,31 @@ class DatasetWriter:
         return old if same and (self.path / CARD).is_file() else None
 
 
+def is_dataset_dir(path: Path) -> bool:
+    """Whether `path` holds a rayalign dataset's manifest (not any manifest.json: a web project has those too)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"schema", "shards"} <= set(manifest)
+
+
+def enclosing_dataset(path: Path) -> Path | None:
+    """The dataset directory that `path` lies inside, if any."""
+    return next((d for d in Path(path).absolute().parents if is_dataset_dir(d)), None)
+
+
+def refuse_inside_dataset(path: Path, what: str) -> None:
+    dataset = enclosing_dataset(path)
+    if dataset is not None:
+        raise DatasetError(f"{path}: inside the dataset {dataset}; {what} is not written into another dataset's "
+                           "directory (datasets.load_dataset would read it as part of that dataset)")
+
+
 def check_dataset_dir(path: Path, schema_name: str) -> None:
     """Refuse to write a `schema_name` dataset into a directory that holds anything else: files that are not a
-    dataset's, or a dataset of another schema."""
+    dataset's, or a dataset of another schema, or that lies inside another dataset."""
+    refuse_inside_dataset(path, f"a {schema_name} dataset")
     if not path.exists():
         return
     if not path.is_dir():
@@ -251,7 +273,9 @@ def check_dataset_dir(path: Path, schema_name: str) -> None:
 
 def claim_output_dir(path: Path, *, replace: bool = False, trash: Path | None = None) -> Path | None:
     """Make `path` ready for a new dataset that a command was told to write there: absent or empty is fine; a
-    non-empty directory is refused unless `replace`, in which case it is moved into `trash` (returned)."""
+    non-empty directory is refused unless `replace`, in which case it is moved into `trash` (returned); so is a
+    directory inside another dataset."""
+    refuse_inside_dataset(path, "a new dataset")
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return None
     if not replace:
