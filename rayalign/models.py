@@ -271,6 +271,9 @@ def _require_whole_weights(p: Path) -> None:
     run's own policies are checked against the checksums recorded in state.json.)"""
     from safetensors import safe_open
 
+    if not any(p.glob("*.safetensors")) and not any(p.glob("pytorch_model*.bin")):
+        raise ModelLoadError(f"{p}: no weights (expected model.safetensors, model-*.safetensors or pytorch_model.bin "
+                             "next to config.json; save the model with save_pretrained)")
     for file in sorted(p.glob("*.safetensors")):
         try:
             with safe_open(str(file), "np"):

@@ -57,10 +57,27 @@ def check_sources(cfg, *, models: bool = True) -> None:
 
         centroid_text_rows(cfg.rewards.latent.centroid_texts)  # each file found, UTF-8 and not empty
     if models:  # torch and transformers are imported only here
-        from rayalign.models import check_model_code, resolve_model_path
-
         for section, model in model_sections(cfg):
-            check_model_source(f"{section}.path", model.path)
-            if Path(model.path).expanduser().exists():
-                resolve_model_path(model.path)  # config, tokenizer and whole weights files
-            check_model_code(section, model)  # needs trust_remote_code: refused here, not in every actor
+            check_local_model(section, model)
+
+
+def check_local_model(section: str, model) -> None:
+    """A model as every actor will load it: a builtin name, or a local directory with its config, whole weights and
+    a tokenizer that loads with a chat template; Hub ids only by their presence (cache or Hub)."""
+    from rayalign.config import TINY_MODEL
+    from rayalign.models import ModelLoadError, check_model_code, is_tiny_model, load_tokenizer, resolve_model_path
+
+    path = model.path
+    check_model_source(f"{section}.path", path)
+    if path.startswith("builtin:") and not is_tiny_model(path):
+        raise ModelLoadError(f"{section}.path: {path}: no such builtin model (there is {TINY_MODEL})")
+    check_model_code(section, model)  # needs trust_remote_code: refused here, not in every actor
+    if is_tiny_model(path) or not (Path(path).expanduser().exists() or path.startswith((".", "/", "~"))):
+        return
+    try:
+        load_tokenizer(resolve_model_path(path), model.trust_remote_code)  # config, whole weights, tokenizer
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{section}.path: {e}") from None
+    except Exception as e:  # a tokenizer file transformers cannot parse
+        raise ModelLoadError(f"{section}.path: {path}: the tokenizer cannot be loaded ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]})") from None

@@ -69,3 +69,29 @@ def test_an_empty_recipe_is_refused(tmp_path, text):
     result = invoke("config", recipe)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"{recipe}: the recipe is empty" in "".join(result.output.split("\n"))
+
+
+def test_model_directories_every_actor_would_fail_on_are_refused_at_config_time(tmp_path, tiny_model):
+    """No weights, a tokenizer that does not parse, no chat template, a missing directory, an unknown builtin: each
+    refused by `rayalign config` (and so before a launch starts Ray), naming the key and the path."""
+    import shutil
+
+    def broken(name, change):
+        path = tmp_path / name
+        shutil.copytree(tiny_model, path)
+        change(path)
+        return path
+
+    cases = {
+        broken("noweights", lambda p: (p / "model.safetensors").unlink()): "no weights (expected model.safetensors",
+        broken("badtok", lambda p: (p / "tokenizer.json").write_text("{\n oops")): "the tokenizer cannot be loaded",
+        broken("nochat", lambda p: (p / "chat_template.jinja").unlink()): "the tokenizer has no chat template",
+        "/nonexistent/model": "model directory not found",
+        "builtin:nope": "no such builtin model (there is builtin:tiny-multilingual)",
+    }
+    recipe = Path(__file__).parents[1] / "examples" / "quickstart.yaml"
+    for path, message in cases.items():
+        result = CliRunner().invoke(main, ["config", str(recipe), "-o", f"policy.path={path}"])
+        assert result.exit_code == 2, (path, result.output)
+        assert f"policy.path: {path}" in " ".join(result.output.split()) and message in result.output, result.output
+    assert CliRunner().invoke(main, ["config", str(recipe), "-o", f"policy.path={tiny_model}"]).exit_code == 0
