@@ -4,6 +4,7 @@ Ray cluster matches the spec. Memory is in GB (1e9 bytes) throughout, as the pla
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -75,8 +76,9 @@ def _memory_gb() -> float:
 
 
 # field: (type check, expected, minimum, measure for 'auto'); gpu_type and gpu_memory_gb are measured after gpus
+MAX_NODES = 100_000
 FIELDS = {
-    "nodes": (int, "an integer >= 1", 1, lambda: 1),
+    "nodes": (int, f"an integer from 1 to {MAX_NODES:,}", 1, lambda: 1),
     "cpus_per_node": (int, "an integer >= 1", 1, os.cpu_count),
     "gpus_per_node": (int, "an integer >= 0", 0, _gpu_count),
     "gpu_memory_gb": ((int, float), "a number >= 0", 0, None),
@@ -86,7 +88,8 @@ FIELDS = {
 
 def _number(path: Path, key: str, value):
     kind, expected, minimum, _ = FIELDS[key]
-    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value < minimum or \
+            (key == "nodes" and value > MAX_NODES):
         raise ClusterError(f"{path}: {key}: expected {expected} or 'auto', got {value!r}")
     return value
 
@@ -107,6 +110,8 @@ def load_cluster_spec(name_or_path: str) -> ClusterSpec:
         data = safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ClusterError(f"{path}: malformed YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ClusterError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     if not isinstance(data, dict):
         raise ClusterError(f"{path}: expected a mapping of spec fields, got {type(data).__name__}")
     known = {"name", "description", "gpu_type", *FIELDS}

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from rayalign.config import ConfigError, EvalConfig, RunConfig, build_dataclass
+from rayalign.config.sections import ConsistencyRewardConfig
 from rayalign.data.store import DatasetWriter, read_dataset, read_manifest
 from rayalign.eval import metrics
 from rayalign.models import resolve_model_path
@@ -109,9 +110,9 @@ def score_rows(cfg: RunConfig, roles: dict, specs: list, reward_model: str | Non
 def eval_setup(cfg: RunConfig, policy_path: str, policy_name: str, *, prompts_limit: int | None = None,
                samples: int | None = None, candidates_path: str | None = None, silhouette_prompts: int | None = None,
                likelihood: str = "sum", accuracy: str = "likelihood", judge=None,
-               hub_layer: int | None = None) -> tuple[RunConfig, dict, str]:
+               hub_layer: int | None = None, say=console.print) -> tuple[RunConfig, dict, str]:
     """Check an evaluation's inputs (before anything is generated); returns the evaluation's config, its settings
-    and the key its outputs are kept under."""
+    and the key its outputs are kept under. `say` prints its notes."""
     from rayalign.data.prompts import load_candidate_sets, load_prompts
 
     cfg = dataclasses.replace(
@@ -119,7 +120,13 @@ def eval_setup(cfg: RunConfig, policy_path: str, policy_name: str, *, prompts_li
         sampling=dataclasses.replace(cfg.sampling, n=samples or cfg.sampling.n))
     lat = cfg.rewards.latent
     silhouette_prompts = lat.hub_scan_prompts if silhouette_prompts is None else silhouette_prompts
-    candidates_path = candidates_path or cfg.rewards.consistency.candidates_path
+    shipped = ConsistencyRewardConfig().candidates_path  # the repository's example set, relative to its root
+    c = cfg.rewards.consistency
+    if not candidates_path and not c.enabled and c.candidates_path == shipped and not Path(shipped).is_dir():
+        say(f"eval: no candidate set at {shipped} (the default, relative to the current directory): "
+                      "RankC and accuracy skipped; pass --candidates DIR to compute them")
+    else:
+        candidates_path = candidates_path or cfg.rewards.consistency.candidates_path
     build_dataclass(EvalConfig, {"likelihood": likelihood, "accuracy": accuracy}, "eval.")  # the choices' one home
     if lat.enabled and cfg.sampling.n < 2:
         raise ConfigError(f"eval: latent rewards need at least 2 samples per prompt, got {cfg.sampling.n}")

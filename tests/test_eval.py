@@ -394,3 +394,28 @@ def test_judge_win_rate_of_eval_samples_against_references(evaluated, serve):  #
         wins = [np.sign(len(r["response"]) - len(r["reference"])) / 2 + 0.5 for r in first if r["lang"] == lang]
         assert rows[lang]["value"] == pytest.approx(np.mean(wins)) and rows[lang]["count"] == len(wins)
     assert rows["all"]["metric"] == "judge_win_rate" and rows["all"]["count"] == len(first)
+
+
+def test_eval_outside_the_repository_skips_the_default_candidates_and_refuses_bad_options_before_ray(
+        tiny_model, tmp_path, monkeypatch):
+    """From another directory the default candidate set (examples/data/mc, relative to the repository root) is not
+    there: eval says so and skips RankC instead of failing; a bad option is refused before Ray starts."""
+    import ray
+
+    from rayalign.cli import main
+    from rayalign.config import load_config
+    from rayalign.pipelines.evaluate import eval_setup
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: away\npolicy: {{path: {tiny_model}}}\nprompts: {{path: {REPO / 'examples/data/prompts'}, "
+                      "limit: 2}\nrewards: {latent: {enabled: true}}\n")
+    monkeypatch.chdir(tmp_path)
+    notes = []
+    _, settings, _ = eval_setup(load_config(recipe), tiny_model, "initial", say=notes.append)
+    assert settings["candidates_path"] is None
+    assert notes == ["eval: no candidate set at examples/data/mc (the default, relative to the current directory): "
+                     "RankC and accuracy skipped; pass --candidates DIR to compute them"]
+    was_running = ray.is_initialized()
+    result = CliRunner().invoke(main, ["eval", str(recipe), "--policy", "initial", "--samples", "1"])
+    assert result.exit_code == 2 and "latent rewards need at least 2 samples per prompt, got 1" in result.output
+    assert ray.is_initialized() == was_running  # refused before connecting

@@ -51,8 +51,12 @@ def test_spec_by_path(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"nodes": 0}, "nodes: expected an integer >= 1"),
-    ({"nodes": "two"}, "nodes: expected an integer >= 1"),
+    ({"nodes": 0}, "nodes: expected an integer from 1 to 100,000"),
+    ({"nodes": "two"}, "nodes: expected an integer from 1 to 100,000"),
+    ({"nodes": 10**9}, "nodes: expected an integer from 1 to 100,000"),
+    ({"gpu_memory_gb": float("nan")}, "gpu_memory_gb: expected a number >= 0"),
+    ({"gpu_memory_gb": float("inf")}, "gpu_memory_gb: expected a number >= 0"),
+    ({"memory_gb_per_node": float("nan")}, "memory_gb_per_node: expected a number > 0"),
     ({"cpus_per_node": 2.5}, "cpus_per_node: expected an integer >= 1"),
     ({"gpus_per_node": -1}, "gpus_per_node: expected an integer >= 0"),
     ({"gpus_per_node": True}, "gpus_per_node: expected an integer >= 0"),
@@ -72,6 +76,13 @@ def test_bad_spec_is_refused_naming_file_and_field(tmp_path, change, message):
     with pytest.raises(ClusterError) as e:
         load_cluster_spec(str(path))
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+
+
+def test_a_spec_that_is_not_utf8_is_refused(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(yaml.safe_dump(GOOD_SPEC).replace("name:", "# caf\xe9\nname:").encode("latin-1"))
+    with pytest.raises(ClusterError, match=f"{path}: not valid UTF-8"):
+        load_cluster_spec(str(path))
 
 
 def test_spec_file_problems(tmp_path):

@@ -60,7 +60,7 @@ def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates_pa
     """
     from rayalign.cluster import connect, load_cluster_spec
     from rayalign.cluster.planner import with_counts
-    from rayalign.pipelines.evaluate import evaluate_policy, print_summary, run_policy
+    from rayalign.pipelines.evaluate import eval_setup, evaluate_policy, print_summary, run_policy
     from rayalign.scoring.hub_scan import run_hub_layer
 
     cfg = load_recipe(recipe, overrides)
@@ -74,12 +74,14 @@ def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates_pa
         judge = JudgeSettings(url=judge_url, model=judge_model, api_key=judge_api_key)
     path, name, label = run_policy(cfg, run_dir, policy)
     out = Path(out) if out else run_dir / "eval" / label
+    options = dict(prompts_limit=prompts_limit, samples=samples, candidates_path=candidates_path,
+                   silhouette_prompts=silhouette_prompts, likelihood=likelihood, accuracy=accuracy, judge=judge,
+                   hub_layer=run_hub_layer(cfg, run_dir))
+    eval_setup(cfg, path, name, **options, say=lambda note: None)  # its inputs refused before Ray starts
     spec = load_cluster_spec(cluster)
     connect(spec, address)
     cfg = with_counts(cfg, spec, address)
-    result = evaluate_policy(cfg, path, out, policy_name=name, prompts_limit=prompts_limit, samples=samples,
-                             candidates_path=candidates_path, silhouette_prompts=silhouette_prompts,
-                             likelihood=likelihood, accuracy=accuracy, judge=judge, hub_layer=run_hub_layer(cfg, run_dir))
+    result = evaluate_policy(cfg, path, out, policy_name=name, **options)
     print_summary(result, cfg.languages, cfg.anchor_language)
     console.print(f"results: {out / 'results'}")
 
