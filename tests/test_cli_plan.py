@@ -98,3 +98,12 @@ def test_submit_builds_the_job(monkeypatch, tmp_path):
     assert submitted["spec"]["runtime_env"]["env_vars"] == {"HF_HOME": "/data/hf"} and submitted["wait"]
     bad = invoke("submit", "--env", "NOVALUE", "--", "config")
     assert bad.exit_code == 2 and "--env 'NOVALUE': expected KEY=VALUE" in bad.output
+
+
+def test_a_cpu_recipe_that_does_not_fit_exits_2_while_a_gpu_preview_exits_0():
+    quickstart = REPO / "examples" / "quickstart.yaml"
+    result = invoke("plan", "--cluster", "local", quickstart, "-o", "engines.count=100000")
+    assert result.exit_code == 2 and "does not fit: generate: 100000 actors x 1 CPUs do not fit" in " ".join(
+        result.output.split())
+    preview = invoke("plan", "--cluster", "local", LACOMSA)
+    assert preview.exit_code == 0 and "problem:" in preview.output

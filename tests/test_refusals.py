@@ -95,3 +95,9 @@ def test_model_directories_every_actor_would_fail_on_are_refused_at_config_time(
         assert result.exit_code == 2, (path, result.output)
         assert f"policy.path: {path}" in " ".join(result.output.split()) and message in result.output, result.output
     assert CliRunner().invoke(main, ["config", str(recipe), "-o", f"policy.path={tiny_model}"]).exit_code == 0
+
+
+def test_sampling_n_beyond_the_int32_sample_index_is_refused():
+    with pytest.raises(ConfigError, match=r"sampling.n: expected a value <= 2147483647, got 2147483648"):
+        load_config(None, ["sampling.n=2147483648"])
+    assert load_config(None, ["sampling.n=64"]).sampling.n == 64

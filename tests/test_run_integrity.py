@@ -146,6 +146,12 @@ def test_validate_reports_a_dataset_without_a_manifest_and_a_damaged_shard(finis
     assert f"{run_dir / 'iter-1' / 'samples' / 'manifest.json'}: missing" in output
     assert f"{run_dir / 'iter-1' / 'pairs' / 'part-00000.parquet'}: sha256 does not match" in output
     assert f"ok  {run_dir / 'iter-1' / 'scores'}" in output
+    # a scores dataset where the run keeps its samples (as `rescore --output .../samples --replace` would leave it)
+    shutil.rmtree(run_dir / "iter-1" / "samples")
+    shutil.copytree(run_dir / "iter-1" / "scores", run_dir / "iter-1" / "samples")
+    output = one_line(invoke("validate", run_dir).output)
+    assert f"{run_dir / 'iter-1' / 'samples'}: holds a scores dataset where a run keeps its samples" in output
+    assert invoke("validate", run_dir / "iter-1" / "samples").exit_code == 0  # the dataset alone is intact
 
 
 def damage_and_relaunch(run_dir: Path, recipe: Path, rng: random.Random, flips: int, done: set,

@@ -150,6 +150,10 @@ def inspect(path):
         console.print(table)
 
 
+RUN_DATASETS = {"samples": ("samples",), "scores": ("scores",), "pairs": ("pairs", "kto", "dco"),
+                "errors": ("errors",), "candidate_scores": ("candidate_scores",)}  # by a run's directory names
+
+
 @main.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @user_errors
@@ -181,6 +185,11 @@ def validate(path):
                 table, manifest = read_dataset(ds), read_manifest(ds)
             except DatasetError as e:
                 problems = [str(e)]
+            else:
+                expected = RUN_DATASETS.get(ds.name) if ds != path and ds.parent.name.startswith("iter-") else None
+                if expected and manifest["schema"] not in expected:
+                    problems = [f"{ds}: holds a {manifest['schema']} dataset where a run keeps its "
+                                f"{' or '.join(expected)} (written over by another command?)"]
         if problems:
             failed.append(ds)
             for problem in problems:

@@ -88,7 +88,8 @@ def plan_cmd(recipe, cluster, overrides, as_json):
     """Show how a recipe's phases map onto a cluster: actors, placement, memory per GPU.
 
     Exits with code 2 and the reason when the recipe does not fit (say, a 70B model at tensor parallel
-    size 1 on 80 GB GPUs). On a CPU-only spec a GPU recipe is previewed as CPU actors, with its problems.
+    size 1 on 80 GB GPUs, or more CPU actors than the CPUs there are). On a CPU-only spec a GPU recipe is
+    previewed as CPU actors, with its problems (exit code 0).
 
     \b
     Example:
@@ -100,12 +101,15 @@ def plan_cmd(recipe, cluster, overrides, as_json):
     from rayalign.cluster import load_cluster_spec
     from rayalign.cluster.planner import plan
 
-    result = plan(load_recipe(recipe, overrides, models=False), load_cluster_spec(cluster))
+    cfg = load_recipe(recipe, overrides, models=False)
+    result = plan(cfg, load_cluster_spec(cluster))
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
         console.print(result.table())
         console.print(result.estimate_table())
+    if result.problems and not any((cfg.engines.num_gpus, cfg.rewards.num_gpus, cfg.training.num_gpus)):
+        raise UserError(f"does not fit: {result.problems[0]}")  # a CPU recipe: not a preview of a GPU one
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

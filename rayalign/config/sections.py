@@ -70,7 +70,7 @@ class PromptsConfig:
 
 @dataclass
 class SamplingConfig:
-    n: int = _field(4, help="samples per (prompt_id, language)", ge=1)
+    n: int = _field(4, help="samples per (prompt_id, language)", ge=1, le=2**31 - 1)  # sample_idx is int32
     temperature: float = _field(0.9, help="sampling temperature; 0 = greedy", ge=0.0)
     top_p: float = _field(1.0, help="nucleus sampling mass in (0, 1]", gt=0.0, le=1.0)
     max_new_tokens: int = _field(64, help="maximum generated tokens per sample", ge=1)
