@@ -52,6 +52,10 @@ def check_sources(cfg, *, models: bool = True) -> None:
                               "(a directory with one <lang>.jsonl per language; a relative path is taken from the "
                               "recipe's directory, else from the current one)")
         load_candidate_sets(candidates, cfg.languages)
+    if cfg.rewards.user.path:  # read, not run: the file's code runs where the rewards are computed
+        from rayalign.scoring.rewards import check_user_reward
+
+        check_user_reward(cfg.rewards.user.path, cfg.rewards.user.function)
     if cfg.rewards.latent.enabled and cfg.rewards.latent.centroid_texts:
         from rayalign.scoring.centroid_texts import centroid_text_rows
 

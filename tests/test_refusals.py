@@ -101,3 +101,25 @@ def test_sampling_n_beyond_the_int32_sample_index_is_refused():
     with pytest.raises(ConfigError, match=r"sampling.n: expected a value <= 2147483647, got 2147483648"):
         load_config(None, ["sampling.n=2147483648"])
     assert load_config(None, ["sampling.n=64"]).sampling.n == 64
+
+
+def test_a_user_reward_file_is_checked_at_config_time_without_running_it(tmp_path):
+    """Missing, not Python, or without the function: refused by `rayalign config` (before any launch starts Ray);
+    the file's code is not run there (it would print)."""
+    recipe = Path(__file__).parents[1] / "examples" / "quickstart.yaml"
+    reward = tmp_path / "reward.py"
+
+    def config(text: str | None, function: str = "reward"):
+        if text is not None:
+            reward.write_text(text)
+        return CliRunner().invoke(main, ["config", str(recipe), "-o", f"rewards.user.path={reward}",
+                                         "-o", f"rewards.user.function={function}"])
+
+    missing = config(None)
+    assert missing.exit_code == 2 and f"rewards.user.path: {reward} not found" in " ".join(missing.output.split())
+    broken = config("def reward(rows):\n    return [0.0 for r in rows\n")
+    assert broken.exit_code == 2 and f"{reward}:2: not valid Python" in " ".join(broken.output.split())
+    other = config("print('ran')\ndef score(rows):\n    return [0.0] * len(rows)\n")
+    assert other.exit_code == 2 and "defines no function 'reward'" in other.output and "ran" not in other.output
+    ok = config("print('ran')\nif True:\n    def reward(rows):\n        return [0.0] * len(rows)\n")
+    assert ok.exit_code == 0 and "ran" not in ok.output

@@ -46,14 +46,38 @@ def _user_text(messages: list[dict]) -> str:
     return "\n\n".join(m["content"] for m in messages if m["role"] == "user")
 
 
-def load_user_reward(path: str, function: str):
-    """Import `function` from the Python file at `path` (this runs the file's code)."""
+def check_user_reward(path: str, function: str) -> None:
+    """The user's reward file read without running it: found, valid Python, and binding the name `function`
+    (a def, an assignment or an import)."""
+    import ast
+
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"rewards.user.path: {file} not found")
+    try:
+        tree = ast.parse(file.read_bytes(), filename=str(file))
+    except (SyntaxError, ValueError) as e:
+        line = f":{e.lineno}" if getattr(e, "lineno", None) else ""
+        raise ConfigError(f"rewards.user.path: {file}{line}: not valid Python ({getattr(e, 'msg', e)})") from None
+    nodes = list(ast.walk(tree))  # definitions anywhere (also under an `if`): only a name never bound is refused
+    names = {n.name for n in nodes if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    names |= {n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    names |= {(a.asname or a.name).split(".")[0] for n in nodes if isinstance(n, (ast.Import, ast.ImportFrom))
+              for a in n.names}
+    if function not in names:
+        raise ConfigError(f"rewards.user.function: {file} defines no function {function!r}")
+
+
+def load_user_reward(path: str, function: str):
+    """Import `function` from the Python file at `path` (this runs the file's code)."""
+    check_user_reward(path, function)
+    file = Path(path)
     spec = importlib.util.spec_from_file_location(f"rayalign_user_reward_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise RewardError(f"rewards.user.path: {file}: importing it raised {type(e).__name__}: {e}") from None
     fn = getattr(module, function, None)
     if not callable(fn):
         raise ConfigError(f"rewards.user.function: {file} defines no function {function!r}")
