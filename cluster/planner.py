@@ -24,7 +24,7 @@ def save_plan(plan: Plan, run_dir: str | Path) -> Path | None:
     from rayalign.run_dir import holds_results, read_state
 
     state = read_state(run_dir)  # a damaged one is refused here, before the run starts
-    if state is not None and state["config_hash"] != plan.config_hash and holds_results(state):
+    if state is not None and not plan.config.matches(state["config_hash"]) and holds_results(state):
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "plan.json"

@@ -42,7 +42,7 @@ def run_finished(run: StudyRun) -> bool:
         state = json.loads((run.run_dir / "state.json").read_text())
     except (OSError, ValueError):
         return False
-    return (state.get("config_hash") == run.cfg.config_hash()
+    return (run.cfg.matches(state.get("config_hash"))
             and f"iter-{run.cfg.iterations}/summary" in state.get("finished", []))
 
 

@@ -32,7 +32,7 @@ def check_run_dir_config(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = 
         raise ConfigError(f"{run_dir}: the run directory would lie in the dataset {dataset}; datasets.load_dataset "
                           "would read the run as part of it: choose a run name or --run-dir outside datasets")
     state = read_state(run_dir)
-    if state is not None and state["config_hash"] != cfg.config_hash() and not redo and holds_results(state):
+    if state is not None and not cfg.matches(state["config_hash"]) and not redo and holds_results(state):
         remedy = ("use another --run-dir" if cfg.mode == "online" else
                   f"run `rayalign launch RECIPE --redo STAGE[,STAGE...]` ({', '.join(STAGES)}) to recompute those "
                   "stages and every later one with this recipe (earlier ones are kept), use another --run-dir")
@@ -55,7 +55,7 @@ def check_prompts_unchanged(cfg: RunConfig, state: dict | None, prompts, redo: t
     that finished nothing: prepare_run_dir sets its partial outputs aside). Read-only: the caller records it."""
     digest = prompt_digest(prompts)
     recorded = (state or {}).get("prompts_digest")
-    kept = state is not None and (state["config_hash"] == cfg.config_hash() or holds_results(state))
+    kept = state is not None and (cfg.matches(state["config_hash"]) or holds_results(state))
     if recorded not in (None, digest) and kept and "generate" not in redo:
         raise ConfigError(f"prompts.path: {cfg.prompts.path}: the prompt rows differ from those this run started with (digest "
                           f"{recorded}, now {digest}), and its kept samples came from those; restore the prompt "
@@ -80,6 +80,8 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = ()) -
     state = check_run_dir_config(cfg, run_dir, redo)
     if state is not None:
         old_hash, new_hash = state["config_hash"], cfg.config_hash()
+        if old_hash != new_hash and cfg.matches(old_hash):  # recorded with the paths as spelled: the same config
+            old_hash = state["config_hash"] = new_hash
         if old_hash != new_hash and not redo:  # nothing finished under the other config: its partial outputs go
             redo = ("generate",) if cfg.mode == "offline" else ()
             if (run_dir / "online").exists():

@@ -3,6 +3,7 @@ import dataclasses
 import pytest
 import yaml
 
+from conftest import REPO
 from rayalign.config import ConfigError, RunConfig, describe_fields, load_config, save_config
 
 
@@ -50,8 +51,10 @@ def test_hashes_of_runs_made_before_the_redesign_still_match(monkeypatch):
     from pathlib import Path
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # as `rayalign launch examples/quickstart.yaml` is run
-    assert RunConfig().config_hash() == DEFAULT_HASH_AT_E5CC184
-    assert load_config("examples/quickstart.yaml").config_hash() == QUICKSTART_HASH_AT_E5CC184
+    assert RunConfig().config_hash(as_spelled=True) == DEFAULT_HASH_AT_E5CC184  # paths as spelled, as then
+    assert load_config("examples/quickstart.yaml").config_hash(as_spelled=True) == QUICKSTART_HASH_AT_E5CC184
+    assert RunConfig().matches(DEFAULT_HASH_AT_E5CC184)  # what a resume checks
+    assert load_config("examples/quickstart.yaml").matches(QUICKSTART_HASH_AT_E5CC184)
     # the new keys still change the hash when they are set
     assert load_config(None, ["rewards.consistency.language_pairs=all"]).config_hash() != DEFAULT_HASH_AT_E5CC184
     assert load_config(None, ["rewards.latent.enabled=true", "sampling.n=2",
@@ -75,7 +78,7 @@ def test_an_old_runs_config_yaml_with_reference_null_loads(tmp_path):
     path.write_text(yaml.safe_dump(old, sort_keys=False))
     assert "reference: null" in path.read_text()
     cfg = load_config(path)
-    assert cfg == RunConfig() and cfg.config_hash() == DEFAULT_HASH_AT_E5CC184
+    assert cfg == RunConfig() and cfg.matches(DEFAULT_HASH_AT_E5CC184)
     old["reference"] = {"path": "/models/ref"}
     path.write_text(yaml.safe_dump(old, sort_keys=False))
     with pytest.raises(ConfigError, match="reference: .*was removed.*rewards.implicit.reward_reference"):
@@ -273,3 +276,35 @@ def test_an_online_scored_reward_at_hub_layer_auto_is_refused_when_the_recipe_is
                            "rewards.latent.hub_layer=auto"])
     load_config(None, ["mode=online", "online.score_weight=1.0", "rewards.latent.enabled=true",
                        "rewards.latent.hub_layer=2"])
+
+
+def test_the_config_hash_does_not_depend_on_how_the_recipe_path_is_spelled(tmp_path, monkeypatch):
+    """The same recipe named from the repository root, by its absolute path and from its own directory hashes the
+    same; a run recorded with its paths as spelled (as before) is still recognised, and migrated without losing
+    anything it finished."""
+    import json
+
+    from rayalign.run_dir import check_run_dir_config, prepare_run_dir
+
+    hashes, spelled = [], []
+    for cwd, recipe in ((REPO, "examples/quickstart.yaml"), (tmp_path, REPO / "examples" / "quickstart.yaml"),
+                        (REPO / "examples", "quickstart.yaml")):  # a config's relative paths are its cwd's
+        monkeypatch.chdir(cwd)
+        cfg = load_config(recipe)
+        hashes.append(cfg.config_hash())
+        spelled.append(cfg.prompts.path)
+    assert len(set(spelled)) == 3 and len(set(hashes)) == 1
+    monkeypatch.chdir(REPO)
+    relative = load_config("examples/quickstart.yaml")
+    old = relative.config_hash(as_spelled=True)
+    assert old != relative.config_hash() and relative.matches(old) and not relative.matches("0" * 16)
+    run_dir = tmp_path / "run"
+    (run_dir / "iter-1" / "samples").mkdir(parents=True)
+    (run_dir / "iter-1" / "samples" / "part-00000.parquet").write_bytes(b"kept")
+    (run_dir / "config.yaml").write_text("name: quickstart\n")
+    (run_dir / "state.json").write_text(json.dumps({"config_hash": old, "finished": ["iter-1/generate"]}))
+    assert check_run_dir_config(relative, run_dir) is not None
+    state = prepare_run_dir(relative, run_dir)
+    assert state == {"config_hash": relative.config_hash(), "finished": ["iter-1/generate"]}
+    assert (run_dir / "iter-1" / "samples" / "part-00000.parquet").read_bytes() == b"kept"
+    assert not list(run_dir.glob("trash-*"))

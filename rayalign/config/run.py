@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +63,12 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def config_hash(self) -> str:
+    def config_hash(self, *, as_spelled: bool = False) -> str:
         """Hash of every setting that changes results, which a run directory's results are checked against.
+
+        Local paths (prompts, candidates, the user reward file, centroid texts, models) hash as absolute paths, so
+        a recipe named from another directory or spelled otherwise hashes the same; `as_spelled` hashes them as
+        written, as runs were recorded before (`matches` accepts both).
 
         Left out: name, run_dir and logging (where results are recorded, not what they are), cluster (the schedule
         and the time estimate's figures), and engines.count, max_failed_share, kv_cache_gib, max_batch_tokens and
@@ -91,7 +96,16 @@ class RunConfig:
         if d["rewards"]["consistency"]["language_pairs"] == "anchor":  # hashes predate the key
             d["rewards"]["consistency"].pop("language_pairs")
         d["reference"] = None  # hashes predate the top-level key's removal (it was null unless set by hand)
+        if not as_spelled:
+            spelled = d["prompts"]["path"]
+            _absolute_paths(d)
+            if self.pairs.method == "dco":  # DCO reads candidate sets, not the prompts
+                d["prompts"]["path"] = spelled
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def matches(self, recorded_hash: str) -> bool:
+        """Whether a run recorded under `recorded_hash` holds this config (its paths spelled either way)."""
+        return recorded_hash in (self.config_hash(), self.config_hash(as_spelled=True))
 
     def validate(self) -> None:
         if any(part in ("", ".", "..") for part in self.name.split("/")) or any(c in self.name for c in "\\\0"):
@@ -300,6 +314,30 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             if not Path(value).is_absolute() and (path.parent / value).exists():
                 texts[lang] = str(path.parent / value)
     return cfg
+
+
+def _local_path(value):
+    """A path that exists here as the absolute path it names (an hf: prefix kept); anything else as it is."""
+    if not isinstance(value, str) or not value:
+        return value
+    prefix = "hf:" if value.startswith("hf:") else ""
+    local = Path(value[len(prefix):]).expanduser()
+    return prefix + os.path.abspath(local) if local.exists() else value
+
+
+def _absolute_paths(d: dict) -> None:
+    """Every local path of a config's dict (keys path and candidates_path, centroid_texts' files), made absolute;
+    sections that are off (enabled: false) keep theirs as written, since they are not read."""
+    for key, value in d.items():
+        if isinstance(value, dict) and value.get("enabled") is False:
+            continue
+        if isinstance(value, dict):
+            if key == "centroid_texts":
+                d[key] = {lang: _local_path(v) for lang, v in value.items()}
+            else:
+                _absolute_paths(value)
+        elif key in ("path", "candidates_path"):
+            d[key] = _local_path(value)
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
