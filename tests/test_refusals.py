@@ -123,3 +123,11 @@ def test_a_user_reward_file_is_checked_at_config_time_without_running_it(tmp_pat
     assert other.exit_code == 2 and "defines no function 'reward'" in other.output and "ran" not in other.output
     ok = config("print('ran')\nif True:\n    def reward(rows):\n        return [0.0] * len(rows)\n")
     assert ok.exit_code == 0 and "ran" not in ok.output
+
+
+def test_hf_prompt_paths_that_are_empty_or_missing_local_directories_are_named_as_such():
+    recipe = Path(__file__).parents[1] / "examples" / "quickstart.yaml"
+    empty = CliRunner().invoke(main, ["config", str(recipe), "-o", "prompts.path=hf:"])  # YAML would read a mapping
+    assert empty.exit_code == 2 and "expected hf:<dataset name or local dataset directory>" in empty.output
+    local = CliRunner().invoke(main, ["config", str(recipe), "-o", "prompts.path=hf:./nope"])
+    assert local.exit_code == 2 and "local dataset directory ./nope not found" in " ".join(local.output.split())

@@ -185,6 +185,9 @@ def set_override(data: dict, override: str, root) -> None:
             raise ConfigError(f"override {key}: unknown key {part!r} in {where} (expected one of: "
                               f"{', '.join(sorted(names)) or 'none'})")
         if i == len(parts) - 1:
+            hint = typing.get_type_hints(cls)[part] if cls else None
+            if isinstance(value, dict) and hint in (str, str | None):  # `hf:name` reads as a mapping in YAML
+                value = raw.strip()
             node[part] = value
             return
         hint = typing.get_type_hints(cls)[part]

@@ -82,7 +82,10 @@ def split_hf_path(path: str) -> tuple[str, bool]:
     target = path[len(HF_PREFIX):].strip()
     if not target:
         raise HubError(f"prompts.path: {path!r}: expected hf:<dataset name or local dataset directory>")
-    return target, Path(target).expanduser().is_dir()
+    local = Path(target).expanduser().is_dir()
+    if not local and target.startswith((".", "/", "~")):  # a path, not a Hub name
+        raise HubError(f"prompts.path: {path}: local dataset directory {target} not found")
+    return target, local
 
 
 def _load_one(target: str, local: bool, config: str | None, split: str, revision: str | None):
