@@ -131,3 +131,14 @@ def test_hf_prompt_paths_that_are_empty_or_missing_local_directories_are_named_a
     assert empty.exit_code == 2 and "expected hf:<dataset name or local dataset directory>" in empty.output
     local = CliRunner().invoke(main, ["config", str(recipe), "-o", "prompts.path=hf:./nope"])
     assert local.exit_code == 2 and "local dataset directory ./nope not found" in " ".join(local.output.split())
+
+
+def test_a_check_across_keys_names_the_override_that_broke_it(tmp_path):
+    recipe = Path(__file__).parents[1] / "examples" / "quickstart.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_config(recipe, ["languages=[de,fr]"])
+    assert str(e.value).startswith(f"-o 'languages=[de,fr]' (with {recipe}): anchor_language: 'en' is not one of")
+    broken = tmp_path / "recipe.yaml"
+    broken.write_text("anchor_language: de\nlanguages: [en, fr]\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(broken))}: anchor_language"):
+        load_config(broken, ["sampling.n=2"])  # the recipe's own mistake

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,12 +266,18 @@ class RunConfig:
 
 def _source(error: ConfigError, path: Path | None, overrides: typing.Sequence[str]) -> str:
     """The prefix naming where the setting an error names came from: the last `-o` override that set its key (or a
-    section holding it), else the recipe file."""
-    keys = str(error).split(": ", 1)[0].split(", ")
+    section holding it), else one that set a key the message names further on (a check across keys, such as the
+    anchor against languages), else the recipe file."""
+    head, _, rest = str(error).partition(": ")
+    keys = head.split(", ")
     for override in reversed(overrides):
         key = override.split("=", 1)[0].strip()
         if any(k == key or k.startswith((f"{key}.", f"{key}[")) for k in keys):
             return f"-o {override!r}: "
+    for override in reversed(overrides):
+        key = override.split("=", 1)[0].strip()
+        if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", rest):
+            return f"-o {override!r} (with {path or 'the defaults'}): "
     return f"{path}: " if path is not None else ""
 
 
