@@ -113,7 +113,9 @@ def load_cluster_spec(name_or_path: str) -> ClusterSpec:
     except UnicodeDecodeError as e:
         raise ClusterError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     if not isinstance(data, dict):
-        raise ClusterError(f"{path}: expected a mapping of spec fields, got {type(data).__name__}")
+        got = "an empty file" if data is None else type(data).__name__
+        raise ClusterError(f"{path}: expected a mapping of spec fields ({', '.join(['name', 'description', 'gpu_type', *FIELDS])}), "
+                           f"got {got}")
     known = {"name", "description", "gpu_type", *FIELDS}
     unknown = sorted(set(data) - known - {"slice_of", "node_ids"})
     if unknown:

@@ -142,3 +142,39 @@ def test_a_check_across_keys_names_the_override_that_broke_it(tmp_path):
     broken.write_text("anchor_language: de\nlanguages: [en, fr]\n")
     with pytest.raises(ConfigError, match=f"^{re.escape(str(broken))}: anchor_language"):
         load_config(broken, ["sampling.n=2"])  # the recipe's own mistake
+
+
+def test_small_input_mistakes_are_named(tmp_path):
+    """A study name taken from a file name with a space, an empty cluster spec, --stage on a dataset, upper-case
+    language codes, `gold: true`: each named for what it is."""
+    import json
+
+    from rayalign.cluster.spec import ClusterError, load_cluster_spec
+    from rayalign.config.study import StudyError, load_study
+    from rayalign.data.prompts import PromptError, load_candidate_sets, load_prompts
+
+    study = tmp_path / "my study.yaml"
+    study.write_text(f"recipe: {Path(__file__).parents[1] / 'examples' / 'quickstart.yaml'}\ngrid: {{sampling.n: [2]}}\n")
+    with pytest.raises(StudyError, match="got 'my study', taken from the file name: set name: in the file"):
+        load_study(study)
+    spec = tmp_path / "empty.yaml"
+    spec.write_text("# nothing yet\n")
+    with pytest.raises(ClusterError, match="expected a mapping of spec fields .* got an empty file"):
+        load_cluster_spec(str(spec))
+    dataset = tmp_path / "pairs"
+    dataset.mkdir()
+    (dataset / "manifest.json").write_text('{"schema": "pairs", "shards": []}')
+    result = CliRunner().invoke(main, ["export", str(dataset), str(tmp_path / "out"), "--stage", "scores"])
+    assert result.exit_code == 2 and "is a dataset itself" in " ".join(result.output.split())
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_id": "p1", "lang": lang, "instruction": "hi"}) + "\n"
+                               for lang in ("EN", "DE")))
+    with pytest.raises(PromptError, match=r"no prompts for languages \['en', 'de'\]; the file has DE, EN"):
+        load_prompts(prompts, ["en", "de"])
+    mc = tmp_path / "mc"
+    mc.mkdir()
+    for lang in ("en", "de"):
+        (mc / f"{lang}.jsonl").write_text(json.dumps({"question_id": "q1", "question": "?", "candidates": ["a", "b"],
+                                                      "gold": True}) + "\n")
+    with pytest.raises(PromptError, match="gold must be an index into candidates"):
+        load_candidate_sets(mc, ["en", "de"])

@@ -255,6 +255,10 @@ def export_cmd(source, out, fmt, stage, license_id, repo, private, overrides):
     from rayalign.data.export import ExportError, export_hub, export_verl, push_to_hub
 
     source, out = Path(source), Path(out)
+    given = click.get_current_context().get_parameter_source("stage") == click.core.ParameterSource.COMMANDLINE
+    if given and fmt == "hub" and (source / "manifest.json").is_file():
+        raise UserError(f"--stage {stage}: chooses a dataset of a run directory; {source} is a dataset itself (export "
+                        f"it without --stage, or give the run directory)")
     try:
         if fmt == "verl":
             recipe = source / "config.yaml" if source.is_dir() else source

@@ -90,7 +90,9 @@ def load_study(path: str | Path, *, runs_dir: str | Path | None = None) -> Study
 
     name = data.get("name", path.stem)
     if not isinstance(name, str) or not SAFE.fullmatch(name):
-        raise expected("name", "a name made of letters, digits and . _ + - (it names the study directory)")
+        given = "" if "name" in data else ", taken from the file name: set name: in the file"
+        raise StudyError(f"{path}: name: expected a name made of letters, digits and . _ + - (it names the study "
+                         f"directory), got {name!r}{given}")
     if not isinstance(data.get("recipe"), str):
         raise expected("recipe", "the base recipe's path, relative to the study file")
     recipe = path.parent / data["recipe"]

@@ -167,7 +167,10 @@ def load_prompts(path: str | Path, languages: list[str], *, limit: int | None = 
                 rows.append(row)
     elif path.is_file():
         rows = [_to_row(where, _mapped(obj, columns), None, system_prompt, path.name) for where, obj in _read(path)]
+        found = sorted({r["lang"] for r in rows})
         rows = [r for r in rows if r["lang"] in languages]
+        if not rows and found:
+            raise PromptError(f"{path}: no prompts for languages {languages}; the file has {', '.join(found)}")
     else:
         raise PromptError(f"{path}: prompt source not found")
     return _parallel(path, rows, languages, limit, skip)
@@ -225,7 +228,7 @@ def load_candidate_sets(path: str | Path, languages: list[str]) -> pa.Table:
                 raise PromptError(f"{where}: expected question_id and a non-empty question")
             if not isinstance(cands, list) or len(cands) < 2 or not all(isinstance(c, str) and c.strip() for c in cands):
                 raise PromptError(f"{where}: candidates must be a list of at least 2 non-empty strings")
-            if not isinstance(gold, int) or not 0 <= gold < len(cands):
+            if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(cands):
                 raise PromptError(f"{where}: gold must be an index into candidates (0..{len(cands) - 1}), got {gold!r}")
             first = seen.setdefault(qid, {"n": len(cands), "gold": gold, "where": where, "langs": set()})
             if lang in first["langs"]:
