@@ -332,6 +332,14 @@ def rescore(cfg: RunConfig, scores_dir: Path, out_dir: Path, replace: bool = Fal
         raise ConfigError(f"languages: {cfg.languages} (anchor {cfg.anchor_language}) differ from the languages of "
                           f"{scores_dir}, {scored}; rescore recomputes the rewards of the scored rows: give a recipe with "
                           f"those languages (-o languages=[{','.join(scored)}])")
+    pooled = manifest.get("params", {}).get("layers", {})
+    lat = cfg.rewards.latent
+    for key, column in (("hub_layer", "h_hub"), ("language_layer", "h_last")):
+        asked = getattr(lat, key)
+        if lat.enabled and isinstance(asked, int) and column in pooled and asked != pooled[column]:
+            raise ConfigError(f"rewards.latent.{key}: {asked}, but {scores_dir} holds states pooled at layer "
+                              f"{pooled[column]}; rescore recomputes rewards from the stored states: score again "
+                              "(rayalign launch --redo score) to pool another layer")
     table, params = compute_rewards(scores, cfg)
     run_root = next((d for d in out.parents if (d / "state.json").is_file()), None)
     trash = (run_root / f"trash-{time.strftime('%Y%m%d-%H%M%S')}" / out.parent.relative_to(run_root)

@@ -210,6 +210,12 @@ def test_rescore_reproduces_and_changes_latent_rewards(rewards_run, tmp_path):
     np.testing.assert_allclose(b.column("r_icr").to_pylist(), icr0, atol=1e-12)
     result = runner.invoke(main, ["rescore", str(scores), "--output", str(scores)])
     assert result.exit_code == 2 and "choose a new directory" in result.output
+    # another layer needs another forward pass: refused, not silently ignored
+    pooled = json.loads((scores / "manifest.json").read_text())["params"]["layers"]["h_hub"]
+    result = runner.invoke(main, ["rescore", str(scores), "--output", str(tmp_path / "layer"),
+                                  "-o", f"rewards.latent.hub_layer={pooled + 1}"])
+    assert result.exit_code == 2 and f"holds states pooled at layer {pooled}" in " ".join(result.output.split())
+    assert not (tmp_path / "layer").exists()
 
 
 def test_other_pair_methods_from_the_same_scores(rewards_run):
