@@ -218,26 +218,33 @@ def write_table(table, out_dir: Path, schema: str, cfg: RunConfig, iteration: in
 
 
 def set_aside_untrusted_checkpoint(ckpt_dir: Path, record: dict | None, checkpoint_every: int, run_dir: Path) -> None:
-    """Leave in `ckpt_dir` only a checkpoint that this run wrote and recorded, unchanged; anything else (checkpointing
-    off, no record, other or changed files) is moved to the run's trash, and training starts over."""
+    """Leave in `ckpt_dir` only a checkpoint that this run wrote and recorded, unchanged, named by `latest`; anything
+    else (checkpointing off, no record, changed files) is moved to the run's trash, and training starts over. A later
+    save that was not recorded (the run stopped between DeepSpeed's save and the record) goes to the trash, and
+    training resumes from the recorded one."""
 
     if not ckpt_dir.exists():
         return
+    trash = run_dir / f"trash-{time.strftime('%Y%m%d-%H%M%S')}" / ckpt_dir.relative_to(run_dir)
     if not checkpoint_every:
         why = ["training.checkpoint_every is 0 (checkpointing is off)"]
     elif record is None:
         why = ["no checkpoint was recorded in state.json by this run"]
     else:
-        tag = ckpt_dir / record["tag"]
-        latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
-        why = [] if latest == record["tag"] else [f"{ckpt_dir / 'latest'}: names {latest!r}, not {record['tag']!r}"]
-        why += directory_problems(tag, record["files"])
-        others = [p.name for p in ckpt_dir.iterdir() if p.name not in ("latest", record["tag"])]
+        why = directory_problems(ckpt_dir / record["tag"], record["files"])
         if not why:
-            for name in others:  # older tags: never loaded, no longer needed
-                shutil.rmtree(ckpt_dir / name) if (ckpt_dir / name).is_dir() else (ckpt_dir / name).unlink()
+            latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
+            for name in (p.name for p in ckpt_dir.iterdir() if p.name not in ("latest", record["tag"])):
+                if name == latest:  # saved after the recorded one, never recorded: not loaded, kept aside
+                    trash.mkdir(parents=True, exist_ok=True)
+                    shutil.move(ckpt_dir / name, trash / name)
+                    console.print(f"[yellow]{ckpt_dir / name}: saved but not recorded[/] (the run stopped between "
+                                  f"the two); moved to {trash}; resuming from the recorded {record['tag']}")
+                else:  # older tags: never loaded, no longer needed
+                    shutil.rmtree(ckpt_dir / name) if (ckpt_dir / name).is_dir() else (ckpt_dir / name).unlink()
+            if latest != record["tag"]:
+                atomic_write_text(ckpt_dir / "latest", record["tag"])
             return
-    trash = run_dir / f"trash-{time.strftime('%Y%m%d-%H%M%S')}" / ckpt_dir.relative_to(run_dir)
     trash.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(ckpt_dir, trash)
     console.print(f"[yellow]{ckpt_dir}: not loaded[/] ({'; '.join(why)}); moved to {trash}; training starts from "

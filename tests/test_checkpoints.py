@@ -154,3 +154,26 @@ def test_checkpoints_load_as_weights_only_and_a_failed_save_names_the_path(tmp_p
     assert not marker.exists()
     assert str(failure.value).startswith(f"{tmp_path / 'full' / 'policy'}: the trained policy could not be saved")
     assert "Traceback" not in str(failure.value)
+
+
+def test_a_save_cut_between_deepspeed_and_the_record_resumes_from_the_recorded_checkpoint(tmp_path):
+    """DeepSpeed wrote global_step3 and pointed `latest` at it, then the run stopped before recording it: the
+    recorded global_step2 is kept and `latest` points back at it; global_step3 goes to the trash. A changed file in
+    the recorded one still sets the whole directory aside."""
+    from rayalign.data.store import directory_checksums
+    from rayalign.run_dir import set_aside_untrusted_checkpoint
+
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "iter-1" / "train.ckpt"
+    for step in (1, 2, 3):
+        (ckpt / f"global_step{step}").mkdir(parents=True)
+        (ckpt / f"global_step{step}" / "model.pt").write_bytes(b"weights %d" % step)
+    record = {"tag": "global_step2", "files": directory_checksums(ckpt / "global_step2")}
+    (ckpt / "latest").write_text("global_step3")
+    set_aside_untrusted_checkpoint(ckpt, record, 1, run_dir)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["global_step2", "latest"]
+    assert (ckpt / "latest").read_text() == "global_step2"
+    assert [p.read_bytes() for p in run_dir.glob("trash-*/iter-1/train.ckpt/global_step3/model.pt")] == [b"weights 3"]
+    (ckpt / "global_step2" / "model.pt").write_bytes(b"changed")
+    set_aside_untrusted_checkpoint(ckpt, record, 1, run_dir)
+    assert not ckpt.exists()

@@ -121,7 +121,7 @@ def test_a_trainer_rank_killed_mid_training_is_a_message_and_the_relaunch_resume
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if json.loads(line).get("stage") == "train"]
-    assert len(train) == 1 and train[0]["resumed_from_step"] >= 1
+    assert len(train) == 1 and train[0]["resumed_from_step"] >= 1, again.stdout[-3000:]
 
 
 def test_launch_into_a_run_of_another_config_is_refused_before_its_plan_is_replaced(tmp_path):
