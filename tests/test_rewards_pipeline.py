@@ -91,6 +91,8 @@ def test_reward_dependencies_and_gamma_checks_in_config():
     with pytest.raises(ConfigError, match="rewards.consistency: gammas break the consistency guarantee"):
         load_config(None, ["rewards.consistency.enabled=true", "rewards.consistency.gamma_from_anchor=10",
                            "rewards.consistency.gamma_to_anchor=0.2"])
+    # one language: no pair to check (the anchor alone was a StopIteration)
+    assert load_config(None, ["rewards.consistency.enabled=true", "languages=[en]"]).languages == ["en"]
 
 
 @pytest.fixture(scope="module")

@@ -249,8 +249,8 @@ class RunConfig:
 
             # the guarantee covers the pairs trained: all of them (DCO Lemma 3, a rank-1 Gamma), or the anchor with
             # each other language (Lemma 1 per pair; gamma_between is then unused)
-            trained = self.languages if c.language_pairs == "all" else \
-                [self.anchor_language, next(lang for lang in self.languages if lang != self.anchor_language)]
+            others = [lang for lang in self.languages if lang != self.anchor_language]
+            trained = self.languages if c.language_pairs == "all" else [self.anchor_language, *others[:1]]
             gammas = dco_gamma_table(trained, self.anchor_language, c.gamma_from_anchor, c.gamma_to_anchor,
                                      c.gamma_between)
             try:
