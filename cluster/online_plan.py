@@ -20,10 +20,6 @@ from rayalign.cluster.phases import (PROMPT_TOKENS, Plan, Shortfalls, plan_gener
                                      scored_models)
 from rayalign.cluster.spec import ClusterSpec
 
-SECTIONS = {"generate": "engines.count", "score": "rewards.actors", "train": "training.world_size",
-            "critic": "training.world_size"}
-
-
 def _roles(cfg) -> list[str]:
     o = cfg.online
     return ["generate"] + ["score"] * bool(o.score_weight) + ["train"] + ["critic"] * (o.algorithm == "ppo")

@@ -10,7 +10,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 SPEC_DIR = Path(__file__).parent
 GB = 1e9
@@ -104,18 +103,13 @@ def load_cluster_spec(name_or_path: str) -> ClusterSpec:
                                "or give the path of a YAML spec)")
     if not path.is_file():
         raise ClusterError(f"{path}: cluster spec not found")
-    try:
-        from rayalign.config.fields import safe_load
+    from rayalign.config.fields import read_yaml_file
 
-        data = safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ClusterError(f"{path}: malformed YAML: {e}") from None
-    except UnicodeDecodeError as e:
-        raise ClusterError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    data = read_yaml_file(path, "cluster spec", ClusterError)
     if not isinstance(data, dict):
         got = "an empty file" if data is None else type(data).__name__
-        raise ClusterError(f"{path}: expected a mapping of spec fields ({', '.join(['name', 'description', 'gpu_type', *FIELDS])}), "
-                           f"got {got}")
+        fields = ", ".join(["name", "description", "gpu_type", *FIELDS])
+        raise ClusterError(f"{path}: expected a mapping of spec fields ({fields}), got {got}")
     known = {"name", "description", "gpu_type", *FIELDS}
     unknown = sorted(set(data) - known - {"slice_of", "node_ids"})
     if unknown:

@@ -124,9 +124,9 @@ def eval_setup(cfg: RunConfig, policy_path: str, policy_name: str, *, prompts_li
     c = cfg.rewards.consistency
     if not candidates_path and not c.enabled and c.candidates_path == shipped and not Path(shipped).is_dir():
         say(f"eval: no candidate set at {shipped} (the default, relative to the current directory): "
-                      "RankC and accuracy skipped; pass --candidates DIR to compute them")
+            "RankC and accuracy skipped; pass --candidates DIR to compute them")
     else:
-        candidates_path = candidates_path or cfg.rewards.consistency.candidates_path
+        candidates_path = candidates_path or c.candidates_path
     build_dataclass(EvalConfig, {"likelihood": likelihood, "accuracy": accuracy}, "eval.")  # the choices' one home
     if lat.enabled and cfg.sampling.n < 2:
         raise ConfigError(f"eval: latent rewards need at least 2 samples per prompt, got {cfg.sampling.n}")

@@ -398,10 +398,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     digest = check_prompts_unchanged(cfg, prior, prompts, redo) if prompts is not None else None
     initial_path = resolve_model_path(cfg.policy.path, progress=model_build_progress(cfg.policy.path))
     preflight(cfg, initial_path)  # before the run directory is touched: a refused recipe leaves nothing behind
-    state = prepare_run_dir(cfg, run_dir, redo)
-    if digest:
-        state["prompts_digest"] = digest
-        write_state(run_dir, state)
+    state = prepare_run_dir(cfg, run_dir, redo, prompts_digest=digest)
     source = (f"{prompts.num_rows} prompt rows ({prompts.num_rows // len(cfg.languages)} ids x {len(cfg.languages)} "
               f"languages), n={cfg.sampling.n}, {cfg.engines.count} {cfg.engines.backend} engine(s)"
               if prompts is not None else f"{len(cfg.languages)} languages")

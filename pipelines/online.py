@@ -91,9 +91,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     console.print(run_plan.table())
     console.print(run_plan.estimate_table())
     ppo = o.algorithm == "ppo"
-    state = prepare_run_dir(cfg, run_dir)  # after every check: a refused recipe leaves no run directory behind
-    state["prompts_digest"] = digest
-    write_state(run_dir, state)
+    state = prepare_run_dir(cfg, run_dir, prompts_digest=digest)  # after every check: a refused recipe leaves none
     save_plan(run_plan, run_dir)
     resume_step = resumable_step(run_dir, state, o.checkpoint_every, ppo=ppo)
     console.print(f"online {o.algorithm} {cfg.name}: {o.steps} steps of {rollout_size} rollouts "

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 
 from rayalign.config import ConfigError, RunConfig, save_config
 from rayalign.data.store import (DatasetError, DatasetWriter, atomic_write_text, checksum_path, directory_problems,
-                                  enclosing_dataset, is_dataset_dir, read_manifest, remove_untrusted_shards, shard_name, shard_problem,
-                                  write_parquet_atomic)
+                                  enclosing_dataset, is_dataset_dir, read_manifest, remove_untrusted_shards,
+                                  shard_name, shard_problem, write_parquet_atomic)
 from rayalign.progress import console
 
 STAGES = ("generate", "score", "pairs", "train")
@@ -57,8 +57,8 @@ def check_prompts_unchanged(cfg: RunConfig, state: dict | None, prompts, redo: t
     recorded = (state or {}).get("prompts_digest")
     kept = state is not None and (cfg.matches(state["config_hash"]) or holds_results(state))
     if recorded not in (None, digest) and kept and "generate" not in redo:
-        raise ConfigError(f"prompts.path: {cfg.prompts.path}: the prompt rows differ from those this run started with (digest "
-                          f"{recorded}, now {digest}), and its kept samples came from those; restore the prompt "
+        raise ConfigError(f"prompts.path: {cfg.prompts.path}: the prompt rows differ from those this run started "
+                          f"with (digest {recorded}, now {digest}), and its kept samples came from those; restore the prompt "
                           "files, or relaunch with --redo generate to generate again from these (use another "
                           "--run-dir for an online run)")
     return digest
@@ -69,7 +69,7 @@ def holds_results(state: dict) -> bool:
     return bool(state["finished"] or state.get("online_checkpoint"))
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = ()) -> dict:
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = (), prompts_digest: str | None = None) -> dict:
     """Create the run directory or reopen it for resume.
 
     A directory that holds another config is refused unless `redo` names stages to recompute: those
@@ -97,6 +97,8 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = ()) -
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         state = {"config_hash": cfg.config_hash(), "finished": []}
+    if prompts_digest:  # check_prompts_unchanged's, for the next resume
+        state["prompts_digest"] = prompts_digest
     save_config(cfg, run_dir / "config.yaml")
     write_state(run_dir, state)
     return state

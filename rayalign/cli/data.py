@@ -51,7 +51,7 @@ ITERATION_HEADERS = {"policy": "generating policy", "pairs_rows": "pairs", "loss
                      "loss_mean": "loss, mean", "reward_margin_mean": "reward margin, mean",
                      "accuracy_mean": "pair accuracy, mean", "steps": "training steps",
                      "dropped_too_long": "pairs dropped, too long", "seconds_generate": "generate s",
-                     "seconds_score": "score s", "seconds_pairs": "pairs s", "seconds_train": "trn s"}
+                     "seconds_score": "score s", "seconds_pairs": "pairs s", "seconds_train": "train s"}
 
 
 def planned_seconds(run_dir: Path) -> dict[str, float]:
@@ -65,8 +65,8 @@ def planned_seconds(run_dir: Path) -> dict[str, float]:
         return {}
 
 
-STEP_HEADERS = {"reward_mean": "reward", "clip_fraction": "clip", "value_loss": "value", "seconds_generate": "gen s", "seconds_reward": "rew s", "seconds_train": "trn s",
-                "seconds_sync": "sync s"}
+STEP_HEADERS = {"reward_mean": "reward", "clip_fraction": "clip", "value_loss": "value", "seconds_generate": "gen s",
+                "seconds_reward": "rew s", "seconds_train": "trn s", "seconds_sync": "sync s"}
 
 
 def online_steps_table(steps, estimated: dict[str, float], most: int = 20) -> Table:
@@ -214,9 +214,8 @@ def build_tiny_model_cmd(out_dir, steps):
     Example:
       rayalign build-tiny-model /tmp/tiny --steps 100
     """
-    from rayalign.models import build_tiny_model, ensure_tiny_model
-
     from rayalign.data.store import refuse_inside_dataset
+    from rayalign.models import build_tiny_model, ensure_tiny_model
 
     if out_dir and Path(out_dir).exists() and any(Path(out_dir).iterdir()):
         raise UserError(f"{out_dir}: exists and is not empty; the model is built only into a new or empty directory")

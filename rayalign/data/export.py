@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from rayalign.data.store import DatasetError, _size_category, enclosing_dataset, read_dataset, read_manifest
+from rayalign.data.store import DatasetError, _size_category, read_dataset, read_manifest, refuse_inside_dataset
 
 STAGES = ("pairs", "scores", "samples")
 TASKS = {"pairs": ["text-generation", "reinforcement-learning"], "kto": ["text-generation"],
@@ -62,10 +62,7 @@ def _section(cfg: dict, key: str) -> dict:
 def _claim(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out}: exists and is not an empty directory; choose a new OUT")
-    inside = enclosing_dataset(out)
-    if inside is not None:
-        raise ExportError(f"{out}: inside the dataset {inside}; an export is not written into a dataset's directory "
-                          "(choose an OUT outside it)")
+    refuse_inside_dataset(out, "an export")
     out.mkdir(parents=True, exist_ok=True)
 
 

@@ -70,8 +70,9 @@ def check_user_reward(path: str, function: str) -> None:
 
 def load_user_reward(path: str, function: str):
     """Import `function` from the Python file at `path` (this runs the file's code)."""
-    check_user_reward(path, function)
     file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"rewards.user.path: {file} not found")
     spec = importlib.util.spec_from_file_location(f"rayalign_user_reward_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
     try:
