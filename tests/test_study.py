@@ -96,6 +96,11 @@ def test_slugs_are_safe_and_stable(tmp_path):
     ({"grid": {"prompts.limit": [4]}, "eval": {"judge": 1}}, "eval.judge: unknown key"),
     ({"grid": {"prompts.limit": [4]}, "eval": {"likelihood": "max"}},
      "eval.likelihood: expected one of sum, mean, sequence_mean"),
+    ({"grid": {1: [4]}}, "grid: key 1: expected a string, got int"),
+    ({"grid": {"prompts.limit": [4]}, "recipe": 5}, "recipe: expected a string, got int 5"),
+    ({"grid": {"prompts.limit": [4]}, "parallel": True}, "parallel: expected an integer, got bool True"),
+    ({"grid": {"prompts.limit": [4]}, "eval": 3}, "eval: expected a mapping, got int 3"),
+    ({"grid": {"prompts.limit": [4]}, "runs_dir": ["a"]}, "runs_dir: expected a string, got list ['a']"),
 ])
 def test_bad_study_files_are_refused_with_the_key(tmp_path, fields, expected):
     with pytest.raises(StudyError, match=re.escape(expected)) as info:
@@ -114,6 +119,25 @@ def test_unreadable_study_files_are_named(tmp_path, content, expected):
         load_study(path)
     with pytest.raises(StudyError, match=re.escape(f"{tmp_path / 'none.yaml'}: study file not found")):
         load_study(tmp_path / "none.yaml")
+
+
+def test_an_empty_eval_section_evaluates_with_the_defaults_and_no_section_does_not_evaluate(tmp_path):
+    assert load_study(study_file(tmp_path, grid={"prompts.limit": [4]}, eval=None)).eval == {}
+    assert load_study(study_file(tmp_path, grid={"prompts.limit": [4]})).eval is None
+
+
+def test_config_lists_the_study_file_keys_from_the_loader(tmp_path):
+    from click.testing import CliRunner
+
+    from rayalign.cli import main
+
+    listed = CliRunner().invoke(main, ["config", "--study"], terminal_width=200)
+    assert listed.exit_code == 0, listed.output
+    for key in ("name", "recipe", "runs_dir", "parallel", "overrides", "grid", "eval.likelihood", "eval.samples"):
+        assert re.search(rf"^. {re.escape(key)} ", listed.output, re.M), key
+    assert "sampling.temperature" not in listed.output
+    refused = CliRunner().invoke(main, ["config", "--study", str(REPO / "examples" / "quickstart.yaml")])
+    assert refused.exit_code == 2 and "give it alone" in refused.output
 
 
 def test_study_eval_takes_every_setting_rayalign_eval_takes(tmp_path):

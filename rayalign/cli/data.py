@@ -274,21 +274,26 @@ def export_cmd(source, out, fmt, stage, license_id, repo, private, overrides):
 @main.command("config")
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @click.option("-o", "--override", "overrides", multiple=True, help=OVERRIDE_HELP)
+@click.option("--study", "study_keys", is_flag=True, help="list the keys of a study file (rayalign study) instead")
 @user_errors
-def config_cmd(recipe, overrides):
+def config_cmd(recipe, overrides, study_keys):
     """Print the resolved config of a recipe, or every setting with its help when no recipe is given.
 
     \b
     Example:
       rayalign config examples/quickstart.yaml -o sampling.temperature=0.7
+      rayalign config --study
     """
     import yaml
 
     from rayalign.config import describe_fields
+    from rayalign.config.study import StudyConfig
 
+    if study_keys and (recipe or overrides):
+        raise UserError("--study lists a study file's keys; give it alone (no recipe, no -o)")
     if recipe is None and not overrides:
         table = Table("key", "default", "help")
-        for key, default, help_text in describe_fields():
+        for key, default, help_text in describe_fields(StudyConfig if study_keys else None):
             table.add_row(key, default, help_text)
         console.print(table)
         return

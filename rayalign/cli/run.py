@@ -230,6 +230,7 @@ def study_cmd(study_file, cluster, address, parallel, runs_dir, dry_run):
     resume. Every run's per-iteration metrics (and its evaluation, when the study has an `eval:` section)
     are collected into <study dir>/results.parquet. With parallel N, each run gets its own slice of the cluster
     (whole nodes, or equal shares of every node), planned so the N runs fit side by side; --dry-run shows them.
+    `rayalign config --study` lists a study file's keys.
 
     \b
     Example:

@@ -23,6 +23,6 @@ __all__ = ['ConfigError', 'build_dataclass', 'config_field', 'set_override', 'de
            'ClusterConfig', 'LIKELIHOODS', 'ACCURACY_SCORINGS', 'EvalConfig']
 
 
-def describe_fields(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+def describe_fields(cls=None, prefix: str = "") -> list[tuple[str, str, str]]:
     """(key, default, help) for every field of a recipe (or of `cls`), for `rayalign config`-style listings."""
-    return _describe(cls, prefix)
+    return _describe(cls or RunConfig, prefix)

@@ -74,7 +74,8 @@ def _type_name(tp) -> str:
         plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
         return f"a list of {plural[inner] if inner in plural else _type_name(inner)}"
     if origin is dict:
-        return f"a mapping of language code to {_type_name(typing.get_args(tp)[1])}"
+        item = typing.get_args(tp)[1]
+        return "a mapping" if item is typing.Any else f"a mapping of language code to {_type_name(item)}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}[tp]
 
 
@@ -90,6 +91,8 @@ _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _convert(value, tp, key: str):
+    if tp is typing.Any:  # free-form (a study's grid and overrides): checked by their own reader
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {_got(value, section=True)}")
@@ -117,7 +120,10 @@ def _convert(value, tp, key: str):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_got(value)}")
         key_tp, item_tp = typing.get_args(tp)
-        return {_convert(k, key_tp, f"{key}"): _convert(v, item_tp, f"{key}.{k}") for k, v in value.items()}
+        for k in value:
+            if not isinstance(k, key_tp):
+                raise ConfigError(f"{key}: key {k!r}: expected {_type_name(key_tp)}, got {type(k).__name__}")
+        return {k: _convert(v, item_tp, f"{key}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
         value = float(value)  # PyYAML reads 3e-4 (no dot) as a string
     ok = (
@@ -150,14 +156,16 @@ def _check(value, meta: dict, key: str) -> None:
         raise ConfigError(f"{key}: expected a value <= {meta['le']}, got {value!r}")
 
 
-def build_dataclass(cls, data: dict, prefix: str = ""):
+def build_dataclass(cls, data: dict, prefix: str = "", within: str = "the recipe"):
+    """`cls` from plain data; ConfigError names the key. `within` names the top level in unknown-key errors."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        where = prefix.rstrip(".") or "the recipe"
+        where = prefix.rstrip(".") or within
         expected = ", ".join(fields) if fields else "no keys yet (this section is filled by a later release)"
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key in {where} (expected one of: {expected})")
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key{' in ' + where if where else ''} (expected one of: "
+                          f"{expected})")
     kwargs = {}
     for name, value in data.items():
         key = prefix + name

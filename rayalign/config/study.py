@@ -7,18 +7,15 @@ import hashlib
 import itertools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from rayalign.config.fields import ConfigError, build_dataclass, read_yaml_file
+from rayalign.config.fields import ConfigError, build_dataclass, config_field, read_yaml_file
 from rayalign.config.run import RunConfig, load_config
 from rayalign.config.sections import EvalConfig
-
-
-STUDY_KEYS = ("name", "recipe", "runs_dir", "parallel", "overrides", "grid", "eval")
 
 
 SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # names that go into file names
@@ -36,6 +33,23 @@ MAX_SLUG = 120
 
 class StudyError(ValueError):
     """A study file that cannot be used, or a study with failed runs; the message names the file and the runs."""
+
+
+@dataclass
+class StudyConfig:
+    """The keys of a study file, read by the same typed loader as a recipe's sections."""
+    name: str | None = config_field(None, help="the study's name: its directory under runs_dir (letters, digits and "
+                                    ". _ + -); null = the study file's name")
+    recipe: str | None = config_field(None, help="the base recipe's path, relative to the study file (required)")
+    runs_dir: str = config_field("runs", help="parent of the study directory, relative to the working directory")
+    parallel: int = config_field(1, help="runs side by side, each on its own slice of the cluster (>= 1)")
+    overrides: dict[str, Any] = config_field(factory=dict, help="settings for every run: config keys (dotted, as in "
+                                             "-o key=value, or nested) and their values")
+    grid: dict[str, Any] = config_field(factory=dict, help="the axes, crossed into runs: a config key and a list of "
+                                        "values (a plain axis), or an axis name and a mapping of value names to "
+                                        "overrides (a named axis)")
+    eval: EvalConfig | None = config_field(None, help="evaluate each run's final policy (the options of rayalign "
+                                           "eval); absent = no evaluation")
 
 
 @dataclass
@@ -79,41 +93,42 @@ def load_study(path: str | Path, *, runs_dir: str | Path | None = None) -> Study
     """
     path = Path(path).absolute()
     data = read_yaml_file(path, "study", StudyError)
+    keys = ", ".join(f.name for f in fields(StudyConfig))
     if not isinstance(data, dict):
-        raise StudyError(f"{path}: expected a mapping with keys {', '.join(STUDY_KEYS)}, got {type(data).__name__}")
-    unknown = [k for k in data if k not in STUDY_KEYS]
-    if unknown:
-        raise StudyError(f"{path}: {unknown[0]}: unknown key (expected one of: {', '.join(STUDY_KEYS)})")
-
-    def expected(key: str, what: str) -> StudyError:
-        return StudyError(f"{path}: {key}: expected {what}, got {data.get(key)!r}")
-
-    name = data.get("name", path.stem)
-    if not isinstance(name, str) or not SAFE.fullmatch(name):
+        raise StudyError(f"{path}: expected a mapping with keys {keys}, got {type(data).__name__}")
+    if "eval" in data and data["eval"] is None:
+        data["eval"] = {}  # `eval:` with nothing under it: evaluate with the defaults
+    try:
+        config = build_dataclass(StudyConfig, data, within="")
+    except ConfigError as e:
+        raise StudyError(f"{path}: {e}") from None
+    name = config.name if config.name is not None else path.stem
+    if not SAFE.fullmatch(name):
         given = "" if "name" in data else ", taken from the file name: set name: in the file"
         raise StudyError(f"{path}: name: expected a name made of letters, digits and . _ + - (it names the study "
                          f"directory), got {name!r}{given}")
-    if not isinstance(data.get("recipe"), str):
-        raise expected("recipe", "the base recipe's path, relative to the study file")
-    recipe = path.parent / data["recipe"]
+    if not config.recipe:
+        raise StudyError(f"{path}: recipe: expected the base recipe's path, relative to the study file, got "
+                         f"{config.recipe!r}")
+    recipe = path.parent / config.recipe
     if not recipe.is_file():
         raise StudyError(f"{path}: recipe: {recipe} not found (the path is taken relative to the study file)")
-    runs = runs_dir if runs_dir is not None else data.get("runs_dir", "runs")
-    if not isinstance(runs, (str, Path)) or not str(runs):
-        raise expected("runs_dir", "a directory path")
-    parallel = data.get("parallel", 1)
-    if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
-        raise expected("parallel", "an integer >= 1 (runs side by side)")
-    if not isinstance(data.get("overrides") or {}, dict):
-        raise expected("overrides", "a mapping of config keys (dotted, as in -o key=value) to values")
-    grid = data.get("grid")
-    if not isinstance(grid, dict) or not grid:
-        raise expected("grid", "a mapping of at least one axis (a config key: [values], or a name: {value name: "
-                               "{key: value, ...}})")
-    study = Study(name=name, path=path, recipe=recipe, runs_dir=Path(runs), parallel=parallel,
-                  overrides=_flatten(data.get("overrides") or {}, path, "overrides"),
-                  axes=[_axis(path, axis, values) for axis, values in grid.items()],
-                  eval=_eval_section(path, data) if "eval" in data else None)
+    runs = runs_dir if runs_dir is not None else config.runs_dir
+    if not str(runs):
+        raise StudyError(f"{path}: runs_dir: expected a directory path, got {runs!r}")
+    if config.parallel < 1:
+        raise StudyError(f"{path}: parallel: expected an integer >= 1 (runs side by side), got {config.parallel}")
+    if not config.grid:
+        raise StudyError(f"{path}: grid: expected a mapping of at least one axis (a config key: [values], or a name: "
+                         f"{{value name: {{key: value, ...}}}}), got {data.get('grid')!r}")
+    eval_settings = None
+    if config.eval is not None:  # the keys the file sets, as evaluate_policy's keyword arguments
+        eval_settings = {key: getattr(config.eval, key) for key in data["eval"]}
+        if eval_settings.get("candidates_path"):
+            eval_settings["candidates_path"] = str(path.parent / eval_settings["candidates_path"])
+    study = Study(name=name, path=path, recipe=recipe, runs_dir=Path(runs), parallel=config.parallel,
+                  overrides=_flatten(config.overrides, path, "overrides"),
+                  axes=[_axis(path, axis, values) for axis, values in config.grid.items()], eval=eval_settings)
     expand(study)
     return study
 
@@ -143,20 +158,6 @@ def _axis(path: Path, name, values) -> Axis:
     if len({json.dumps(v) for v in values}) != len(values):
         raise StudyError(f"{where}: duplicate values in {values!r}")
     return Axis(name, list(values), [[f"{name}={_yaml(v)}"] for v in values], named=False)
-
-
-def _eval_section(path: Path, data: dict) -> dict:
-    """The eval section, checked as EvalConfig (as `rayalign eval` checks its options): the keys it sets."""
-    section = data["eval"] or {}
-    if not isinstance(section, dict):
-        raise StudyError(f"{path}: eval: expected a mapping of EvalConfig keys, got {section!r}")
-    try:
-        build_dataclass(EvalConfig, section, "eval.")
-    except ConfigError as e:
-        raise StudyError(f"{path}: {e}") from None
-    if section.get("candidates_path"):
-        section["candidates_path"] = str(path.parent / section["candidates_path"])
-    return dict(section)
 
 
 def _yaml(value) -> str:
