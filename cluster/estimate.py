@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from rayalign.cluster.model_info import read_table
 
 THROUGHPUT_FILE = Path(__file__).parent / "throughput.yaml"
 CHARS_PER_TOKEN = 4  # prompt tokens are estimated from the prompts' characters
@@ -45,7 +45,7 @@ class Figures:
 
 
 def load_table(path: Path = THROUGHPUT_FILE) -> dict:
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    return read_table(path)
 
 
 def gpu_family(name: str) -> str:

@@ -3,6 +3,8 @@ cache, or the shipped table (cluster/models.yaml); nothing is downloaded."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -14,6 +16,16 @@ from rayalign.cluster.spec import GB
 
 MODELS_FILE = Path(__file__).parent / "models.yaml"
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def read_table(path: Path) -> dict:
+    """A shipped YAML table (models, throughput), parsed once per version of the file; the caller's copy."""
+    return copy.deepcopy(_parsed(path, path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(path: Path, _version: int) -> dict:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 class PlanError(ValueError):
@@ -127,7 +139,7 @@ def model_info(path: str) -> ModelInfo:
     local = Path(path).expanduser()
     if local.is_dir():
         return _directory_model_info(path, local)
-    known = yaml.safe_load(MODELS_FILE.read_text(encoding="utf-8"))
+    known = read_table(MODELS_FILE)
     if path in known:
         return ModelInfo.from_hf_config(path, known[path], known[path].get("parameters"))
     cached = _hub_cache_config(path)

@@ -2,7 +2,8 @@
 trainer ranks (each with a frozen reference for the KL), PPO's critic ranks and, with online.score_weight, the
 scorers. Each role is planned as its offline phase is (placement, memory per GPU or per CPU actor); together they
 must fit the cluster, so their GPUs, CPUs and host memory are summed against the cluster's totals (Ray does the
-node-by-node placement). engines.count: auto gives generation what the other roles leave.
+node-by-node placement). engines.count: auto gives generation what the other roles leave;
+training.world_size and rewards.actors auto take the counts whose estimated step is fastest.
 
 The estimate is per step: generate (rollouts x max_new_tokens over the engines), reward (the trainer's forward of
 policy, reference and critic over every rollout, and the scorers'), train (6 x parameters x tokens per update
@@ -12,6 +13,7 @@ epoch, the critic's after the policy's); the weight sync is not estimated. Start
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from rayalign.cluster.estimate import PROMPT_TOKENS as UNREAD_PROMPT_TOKENS, _forward, _timed, figures, \
     forward_roles, load_table, prompt_stats
@@ -39,12 +41,11 @@ def _count(cfg, role: str) -> int:
 
 
 def resolve_online_counts(cfg, spec: ClusterSpec):
-    """The online recipe with engines.count: auto filled with the engines that the other roles leave room for."""
+    """The online recipe with its auto counts filled: training.world_size and rewards.actors as the pair whose
+    estimated step is fastest (ties to fewer actors), engines.count: auto with what the other roles leave."""
     e, r, t = cfg.engines, cfg.rewards, cfg.training
-    others = [k for k, v in (("rewards.actors", r.actors), ("training.world_size", t.world_size)) if v == "auto"]
-    if others:
-        raise PlanError(f"{', '.join(others)}: auto is not planned for online runs, whose roles share the cluster",
-                        "give them as numbers; engines.count: auto fills what they leave")
+    if "auto" in (r.actors, t.world_size):
+        return _fastest_split(cfg, spec)
     if e.count != "auto":
         return cfg
     on_gpu = bool(spec.gpus_per_node)
@@ -66,6 +67,57 @@ def resolve_online_counts(cfg, spec: ClusterSpec):
     resolved = dataclasses.replace(cfg, engines=dataclasses.replace(e, count=count))
     resolved.validate()
     return resolved
+
+
+def _fastest_split(cfg, spec: ClusterSpec):
+    """Try every trainer rank count that divides a mini-batch into micro-batches, and scorer counts on a rough
+    geometric ladder (one scorer when no scored reward is used); plan each with engines.count as given (auto:
+    the rest) and keep the fastest estimated step among those that fit. Without throughput figures: the fewest
+    actors that fit."""
+    r, t, o = cfg.rewards, cfg.training, cfg.online
+    on_gpu = bool(spec.gpus_per_node)
+    room = spec.total_gpus if on_gpu else spec.cpus_per_node * spec.nodes
+
+    def most(role: str) -> int:
+        gpus, cpus = _demand(cfg, role, on_gpu)
+        return max(1, int(room // (gpus or cpus)))
+
+    if t.world_size == "auto":
+        mini = o.mini_batch_size or cfg.rollouts_per_step(prompt_stats(cfg)[0])
+        ranks = [w for w in range(1, most("train") + 1) if mini % (t.micro_batch_size * w) == 0]
+    else:
+        ranks = [t.world_size]
+    if r.actors != "auto":
+        scorers = [r.actors]
+    elif o.score_weight:
+        ladder = sorted({round(1.5 ** k) for k in range(40)})
+        scorers = [n for n in ladder if n <= most("score")]
+    else:
+        scorers = [1]  # no scored reward: no scorer runs
+    best, fallback = None, None
+    for w in ranks:
+        for n in scorers:
+            candidate = dataclasses.replace(cfg, training=dataclasses.replace(t, world_size=w),
+                                            rewards=dataclasses.replace(r, actors=n))
+            try:
+                trial = plan_online(candidate, spec)
+            except PlanError:
+                continue
+            fallback = fallback or trial.config
+            if trial.problems:
+                continue
+            seconds = trial.estimate["iteration_seconds"]
+            key = (math.inf if seconds is None else seconds, w + n)
+            if best is None or key < best[0]:
+                best = (key, trial.config)
+    if best is not None:
+        return best[1]
+    if fallback is not None and not on_gpu:  # a CPU preview of a GPU recipe: the plan lists what does not fit
+        return fallback
+    auto = [k for k, v in (("training.world_size", t.world_size), ("rewards.actors", r.actors)) if v == "auto"]
+    raise PlanError(f"{', '.join(auto)}: auto: no count fits {spec.name} beside the other online roles (trainer "
+                    f"ranks must divide a mini-batch of {t.micro_batch_size}-rollout micro-batches)",
+                    "give the counts as numbers to see what does not fit, or use a larger cluster")
 
 
 def plan_online(cfg, spec: ClusterSpec, strict: bool = False) -> Plan:

@@ -321,8 +321,14 @@ def test_auto_counts_on_cpus_and_online_engines_fill_what_training_leaves():
               "training.world_size=2", "training.num_cpus=2", "rewards.actors=1", "rewards.num_cpus=3",
               "engines.num_cpus=2"]
     assert resolve_counts(load_config(None, online + ["engines.count=auto"]), spec).engines.count == 2
-    with pytest.raises(PlanError, match="rewards.actors: auto is not planned for online runs"):
-        resolve_counts(load_config(None, online + ["rewards.actors=auto"]), spec)
+    # scorers auto: the count whose estimated step is fastest among those that fit beside the other roles
+    chosen = resolve_counts(load_config(None, online + ["rewards.actors=auto", "engines.count=auto"]), spec)
+    fitting = {}
+    for scorers in range(1, 6):
+        trial = plan(load_config(None, online + [f"rewards.actors={scorers}", "engines.count=auto"]), spec)
+        if not trial.problems:
+            fitting[scorers] = trial.estimate["iteration_seconds"]
+    assert set(fitting) == {1, 2} and chosen.rewards.actors == min(fitting, key=fitting.get)
     # no room left: on GPUs refused; on CPUs one engine, and the plan names what does not fit side by side
     with pytest.raises(PlanError, match="leaves no room for an engine: the other online roles use 8 of 8 GPUs"):
         resolve_counts(load_config(None, ["mode=online", "engines.count=auto", "engines.num_gpus=1",
@@ -346,3 +352,21 @@ def test_host_memory_advice_names_real_keys(tmp_path):
     assert "training.micro_batch_size" in advised and "rewards.batch_size" in advised
     keys = {key for key, _, _ in describe_fields()}
     assert set(advised) <= keys, set(advised) - keys
+
+
+def test_online_auto_trainer_ranks_take_the_fastest_estimated_step_that_fits():
+    """a100x8, online GRPO on the 8B policy, 320 rollouts per step in micro-batches of 4: ranks must divide 80.
+    Worked by hand from the estimate's figures (A100: 2,491 generated tokens/s per engine, 312 TFLOP/s x 0.3):
+    generation 163,840 tokens = 65.8 engine-seconds; reward forwards (policy and reference, 2 x 2 x N x 168,096
+    tokens) and training (6 x N x 168,096) = 10 x 8.03e9 x 168,096 / 9.36e13 = 144 rank-seconds. One rank cannot
+    hold ZeRO-3 states and a reference; 8 ranks leave no engine. Per step: 2 ranks 65.8 / 6 + 144 / 2 = 83 s,
+    4 ranks 16.4 + 36.1 = 52.5 s, 5 ranks 21.9 + 28.8 = 50.8 s: 5 ranks and 3 engines."""
+    result = plan(recipe("online-grpo-llama3-8b.yaml", "training.world_size=auto"), load_cluster_spec("a100x8"))
+    assert result.phase("train").actors == 5 and result.phase("generate").actors == 3
+    assert result.estimate["iteration_seconds"] == pytest.approx(50.8, abs=0.3)
+    explicit = plan(recipe("online-grpo-llama3-8b.yaml", "training.world_size=4"), load_cluster_spec("a100x8"))
+    assert result.estimate["iteration_seconds"] < explicit.estimate["iteration_seconds"]
+    # no rank count divides the mini-batch's micro-batches: refused with the keys
+    with pytest.raises(PlanError, match=r"training.world_size: auto: no count fits a100x8"):
+        plan(recipe("online-grpo-llama3-8b.yaml", "training.world_size=auto", "training.micro_batch_size=7"),
+             load_cluster_spec("a100x8"))
