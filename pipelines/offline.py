@@ -378,7 +378,8 @@ def preflight(cfg: RunConfig, policy_path: str) -> None:
 
 
 def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str | None = None,
-         stages: tuple[str, ...] = STAGES, redo: tuple[str, ...] = ()) -> Path:
+         stages: tuple[str, ...] = STAGES, redo: tuple[str, ...] = (), prompts=None) -> Path:
+    """`prompts`: the prompt table when the caller has read it already (launch checks it before Ray starts)."""
 
     r = cfg.rewards
     if not (r.latent.enabled or r.implicit.enabled or r.reward_model.enabled or r.user.path):
@@ -391,8 +392,9 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
         stages = tuple(st for st in stages if st in ("pairs", "train"))
     spec = load_cluster_spec(cluster)
     cfg = with_counts(cfg, spec, address)
-    prompts = None
-    if "generate" in stages:
+    if "generate" not in stages:
+        prompts = None
+    elif prompts is None:
         prompts = load_prompts(cfg.prompts.path, cfg.languages, **cfg.prompts.load_kwargs())
     prior = check_run_dir_config(cfg, run_dir, redo)  # a refusal should not wait for a model build
     digest = check_prompts_unchanged(cfg, prior, prompts, redo) if prompts is not None else None

@@ -69,12 +69,24 @@ def test_validate_and_inspect(launched):
     assert "generate" in result.output  # metrics table
 
 
-def test_relaunch_resumes_and_keeps_finished_stage(launched):
+def test_relaunch_resumes_and_keeps_finished_stage(launched, monkeypatch):
+    import rayalign.data.prompts
+
     recipe, run_dir, _ = launched
     before = (run_dir / "iter-1" / "samples" / "manifest.json").read_text()
+    parsed, real = [], rayalign.data.prompts._read
+
+    def counted(path):
+        parsed.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(rayalign.data.prompts, "_read", counted)
+    monkeypatch.setattr(rayalign.data.prompts, "_LOADED", {})  # as a new process starts
     result = invoke("launch", recipe, "--run-dir", run_dir)
     assert result.exit_code == 0 and "finished earlier, kept" in result.output
     assert (run_dir / "iter-1" / "samples" / "manifest.json").read_text() == before
+    # the recipe check, the digest check before Ray, the plan's estimate and the run share one parse of each file
+    assert parsed and len(parsed) == len(set(parsed)), parsed
 
 
 def test_interrupted_generation_redoes_only_missing_shards(launched, tmp_path):

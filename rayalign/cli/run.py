@@ -54,6 +54,7 @@ def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch
             raise UserError("--redo: an online recipe (mode: online) has no stages to redo")
         if not dry_run:
             return _run_online(cfg, run_dir, cluster, address)
+    prompts = None
     if not dry_run:  # before Ray starts and plan.json is written: a run of another config is refused as it is,
         state = check_run_dir_config(cfg, run_dir_of(cfg, run_dir), redo_stages)  # and one of other prompt rows
         if state and state.get("prompts_digest") and cfg.pairs.method != "dco":
@@ -73,7 +74,7 @@ def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch
     err.print(run_plan.table())
     err.print(run_plan.estimate_table())
     save_plan(run_plan, run_dir_of(cfg, run_dir))
-    out = offline.run(cfg, Path(run_dir) if run_dir else None, cluster=cluster, address=address,
+    out = offline.run(cfg, Path(run_dir) if run_dir else None, cluster=cluster, address=address, prompts=prompts,
                       **({"redo": redo_stages} if redo_stages else {}))
     console.print(f"done: {out}  (see `rayalign inspect {out}`)")
 

@@ -150,7 +150,31 @@ def load_prompts(path: str | Path, languages: list[str], *, limit: int | None = 
             row["lang"] = lang
             rows.append(row)
         return _parallel(str(path), rows, languages, limit, skip)
-    path = Path(path)
+    key = _version(Path(path), languages, limit, skip, system_prompt, columns)
+    if key is not None and key in _LOADED:
+        return _LOADED[key]
+    table = _load_local(Path(path), languages, limit, skip, system_prompt, columns)
+    if key is not None:
+        _LOADED.clear()  # one prompt set per process in practice; keep the latest
+        _LOADED[key] = table
+    return table
+
+
+_LOADED: dict[tuple, pa.Table] = {}  # a launch reads its prompts in the CLI, the plan and the run: parsed once
+
+
+def _version(path: Path, *settings) -> tuple | None:
+    """The cache key of a local prompt source: the settings and every file's size and modification time."""
+    try:
+        files = sorted(path.iterdir()) if path.is_dir() else [path]
+        stats = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
+    except OSError:
+        return None
+    return (str(path.resolve()), json.dumps(settings, sort_keys=True, default=str), stats)
+
+
+def _load_local(path: Path, languages: list[str], limit: int | None, skip: int, system_prompt: str | None,
+                columns: dict[str, str]) -> pa.Table:
     rows: list[dict] = []
     if path.is_dir():
         for lang in languages:
