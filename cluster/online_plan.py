@@ -70,21 +70,23 @@ def resolve_online_counts(cfg, spec: ClusterSpec):
 
 
 def _fastest_split(cfg, spec: ClusterSpec):
-    """Try every trainer rank count that divides a mini-batch into micro-batches, and scorer counts on a rough
-    geometric ladder (one scorer when no scored reward is used); plan each with engines.count as given (auto:
-    the rest) and keep the fastest estimated step among those that fit. Without throughput figures: the fewest
-    actors that fit."""
-    r, t, o = cfg.rewards, cfg.training, cfg.online
+    """Try every trainer rank count that divides a mini-batch into micro-batches (and, with
+    training.global_batch_size, that batch into whole accumulation steps), and scorer counts on a rough geometric
+    ladder (one scorer when no scored reward is used); plan each with engines.count as given (auto: the rest) and
+    keep the fastest estimated step among those that fit. Without throughput figures: the fewest actors that fit."""
+    from rayalign.config import ConfigError
+
+    e, r, t, o = cfg.engines, cfg.rewards, cfg.training, cfg.online
     on_gpu = bool(spec.gpus_per_node)
-    room = spec.total_gpus if on_gpu else spec.cpus_per_node * spec.nodes
 
     def most(role: str) -> int:
         gpus, cpus = _demand(cfg, role, on_gpu)
-        return max(1, int(room // (gpus or cpus)))
+        return max(1, int(round(spec.total_gpus / gpus, 6)) if gpus else int(spec.cpus_per_node * spec.nodes // cpus))
 
     if t.world_size == "auto":
         mini = o.mini_batch_size or cfg.rollouts_per_step(prompt_stats(cfg)[0])
-        ranks = [w for w in range(1, most("train") + 1) if mini % (t.micro_batch_size * w) == 0]
+        ranks = [w for w in range(1, most("train") + 1) if mini % (t.micro_batch_size * w) == 0
+                 and (not t.global_batch_size or t.global_batch_size % (t.micro_batch_size * w) == 0)]
     else:
         ranks = [t.world_size]
     if r.actors != "auto":
@@ -94,30 +96,48 @@ def _fastest_split(cfg, spec: ClusterSpec):
         scorers = [n for n in ladder if n <= most("score")]
     else:
         scorers = [1]  # no scored reward: no scorer runs
-    best, fallback = None, None
-    for w in ranks:
-        for n in scorers:
-            candidate = dataclasses.replace(cfg, training=dataclasses.replace(t, world_size=w),
-                                            rewards=dataclasses.replace(r, actors=n))
-            try:
-                trial = plan_online(candidate, spec)
-            except PlanError:
-                continue
-            fallback = fallback or trial.config
-            if trial.problems:
-                continue
-            seconds = trial.estimate["iteration_seconds"]
-            key = (math.inf if seconds is None else seconds, w + n)
-            if best is None or key < best[0]:
-                best = (key, trial.config)
+    fallback = []
+
+    def trial(w: int, n: int):
+        """(estimated step seconds, actors) and the resolved config of w ranks and n scorers; None when it does not
+        fit (the first resolved config is kept for a CPU preview)."""
+        accumulation = t.global_batch_size // (t.micro_batch_size * w) if t.global_batch_size else \
+            t.gradient_accumulation
+        candidate = dataclasses.replace(
+            cfg, training=dataclasses.replace(t, world_size=w, gradient_accumulation=accumulation),
+            rewards=dataclasses.replace(r, actors=n))
+        try:
+            candidate.validate()
+            planned = plan_online(candidate, spec)
+        except (PlanError, ConfigError):
+            return None
+        fallback.append(planned.config)
+        if planned.problems:
+            return None
+        seconds = planned.estimate["iteration_seconds"]
+        return (math.inf if seconds is None else seconds, w + n), planned.config
+
+    tried = [found for w in ranks for n in scorers if (found := trial(w, n))]
+    best = min(tried, key=lambda found: found[0], default=None)
+    if best is not None and len(scorers) > 1:  # between the best scorer count's neighbours on the ladder
+        w, n = best[1].training.world_size, best[1].rewards.actors
+        i = scorers.index(n)
+        low, high = scorers[max(i - 1, 0)], scorers[min(i + 1, len(scorers) - 1)]
+        nearby = [found for m in range(low + 1, high) if m != n and (found := trial(w, m))]
+        best = min([best, *nearby], key=lambda found: found[0])
     if best is not None:
         return best[1]
-    if fallback is not None and not on_gpu:  # a CPU preview of a GPU recipe: the plan lists what does not fit
-        return fallback
+    if fallback and not on_gpu:  # a CPU preview of a GPU recipe: the plan lists what does not fit
+        return fallback[0]
     auto = [k for k, v in (("training.world_size", t.world_size), ("rewards.actors", r.actors)) if v == "auto"]
-    raise PlanError(f"{', '.join(auto)}: auto: no count fits {spec.name} beside the other online roles (trainer "
-                    f"ranks must divide a mini-batch of {t.micro_batch_size}-rollout micro-batches)",
-                    "give the counts as numbers to see what does not fit, or use a larger cluster")
+    fixed = [f"{k} {v}" for k, v in (("engines.count", e.count), ("training.world_size", t.world_size),
+                                     ("rewards.actors", r.actors)) if v != "auto"]
+    rule = (f"; trainer ranks must divide a mini-batch into micro-batches of {t.micro_batch_size}"
+            if t.world_size == "auto" else "")
+    raise PlanError(f"{', '.join(auto)}: auto: no count fits {spec.name} beside the other online roles"
+                    f"{' (' + ', '.join(fixed) + ')' if fixed else ''}{rule}",
+                    "give every count as a number to see what does not fit, lower the fixed ones, or use a larger "
+                    "cluster")
 
 
 def plan_online(cfg, spec: ClusterSpec, strict: bool = False) -> Plan:

@@ -370,3 +370,29 @@ def test_online_auto_trainer_ranks_take_the_fastest_estimated_step_that_fits():
     with pytest.raises(PlanError, match=r"training.world_size: auto: no count fits a100x8"):
         plan(recipe("online-grpo-llama3-8b.yaml", "training.world_size=auto", "training.micro_batch_size=7"),
              load_cluster_spec("a100x8"))
+
+
+def test_online_auto_scorers_on_a_gpu_cluster_take_the_fastest_count_of_cpu_scorers():
+    """CPU scorers on a100x8 (96 CPUs) beside GPU engines and ranks: the count is bounded by CPUs, not GPUs, and
+    the choice is the fastest of an exhaustive scan of explicit counts."""
+    scored = ["online.score_weight=0.5", "rewards.latent.enabled=true", "rewards.latent.hub_layer=16"]
+    spec = load_cluster_spec("a100x8")
+    chosen = plan(recipe("online-grpo-llama3-8b.yaml", *scored, "rewards.actors=auto"), spec)
+    seconds = {}
+    for scorers in range(1, 97):
+        try:
+            trial = plan(recipe("online-grpo-llama3-8b.yaml", *scored, f"rewards.actors={scorers}"), spec)
+        except PlanError:  # host memory
+            continue
+        if not trial.problems:
+            seconds[scorers] = trial.estimate["iteration_seconds"]
+    assert chosen.phase("score").actors == min(seconds, key=seconds.get) > 8
+    assert chosen.estimate["iteration_seconds"] == pytest.approx(min(seconds.values()))
+
+
+def test_online_auto_ranks_keep_a_global_batch_in_whole_accumulation_steps():
+    result = plan(recipe("online-grpo-llama3-8b.yaml", "training.world_size=auto", "training.global_batch_size=16"),
+                  load_cluster_spec("a100x8"))
+    t = result.config.training
+    assert t.world_size == 4 and t.micro_batch_size * t.gradient_accumulation * t.world_size == 16
+    assert result.phase("generate").actors == 4

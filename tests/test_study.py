@@ -121,9 +121,14 @@ def test_unreadable_study_files_are_named(tmp_path, content, expected):
         load_study(tmp_path / "none.yaml")
 
 
-def test_an_empty_eval_section_evaluates_with_the_defaults_and_no_section_does_not_evaluate(tmp_path):
+def test_empty_sections_mean_the_defaults(tmp_path):
     assert load_study(study_file(tmp_path, grid={"prompts.limit": [4]}, eval=None)).eval == {}
     assert load_study(study_file(tmp_path, grid={"prompts.limit": [4]})).eval is None
+    for empty in (None, [], {}):  # `overrides:` with every line commented out
+        assert load_study(study_file(tmp_path, grid={"prompts.limit": [4]}, overrides=empty)).overrides == []
+    # the caller's runs directory replaces the file's, which is then not read
+    study = load_study(study_file(tmp_path, grid={"prompts.limit": [4]}, runs_dir=""), runs_dir=tmp_path / "other")
+    assert study.dir == tmp_path / "other" / "s"
 
 
 def test_config_lists_the_study_file_keys_from_the_loader(tmp_path):

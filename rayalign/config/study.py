@@ -98,13 +98,21 @@ def load_study(path: str | Path, *, runs_dir: str | Path | None = None) -> Study
         raise StudyError(f"{path}: expected a mapping with keys {keys}, got {type(data).__name__}")
     if "eval" in data and data["eval"] is None:
         data["eval"] = {}  # `eval:` with nothing under it: evaluate with the defaults
+    if "overrides" in data and not data["overrides"]:
+        del data["overrides"]  # `overrides:` with every line commented out, or []
+    if runs_dir is not None:
+        data.pop("runs_dir", None)  # replaced by the caller's
+    grid = data.get("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise StudyError(f"{path}: grid: expected a mapping of at least one axis (a config key: [values], or a name: "
+                         f"{{value name: {{key: value, ...}}}}), got {grid!r}")
     try:
         config = build_dataclass(StudyConfig, data, within="")
     except ConfigError as e:
         raise StudyError(f"{path}: {e}") from None
     name = config.name if config.name is not None else path.stem
     if not SAFE.fullmatch(name):
-        given = "" if "name" in data else ", taken from the file name: set name: in the file"
+        given = "" if config.name is not None else ", taken from the file name: set name: in the file"
         raise StudyError(f"{path}: name: expected a name made of letters, digits and . _ + - (it names the study "
                          f"directory), got {name!r}{given}")
     if not config.recipe:
@@ -118,9 +126,6 @@ def load_study(path: str | Path, *, runs_dir: str | Path | None = None) -> Study
         raise StudyError(f"{path}: runs_dir: expected a directory path, got {runs!r}")
     if config.parallel < 1:
         raise StudyError(f"{path}: parallel: expected an integer >= 1 (runs side by side), got {config.parallel}")
-    if not config.grid:
-        raise StudyError(f"{path}: grid: expected a mapping of at least one axis (a config key: [values], or a name: "
-                         f"{{value name: {{key: value, ...}}}}), got {data.get('grid')!r}")
     eval_settings = None
     if config.eval is not None:  # the keys the file sets, as evaluate_policy's keyword arguments
         eval_settings = {key: getattr(config.eval, key) for key in data["eval"]}
