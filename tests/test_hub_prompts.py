@@ -91,6 +91,21 @@ def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+def test_hub_only_settings_on_sources_without_revisions_are_refused_at_config_check(tmp_path):
+    """datasets ignores a revision for a local directory (it loads the directory as it is): refused, as are
+    revision and config on a plain local prompt file, before anything runs."""
+    per_language(tmp_path, langs=("en", "es", "de", "fr", "ru"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "hub", "prompts": {"path": "hf:ds", "config": "{lang}",
+                                                                  "columns": {"prompt_id": "question_id"}}}))
+    pinned = invoke("config", recipe, "-o", "prompts.revision=v2")
+    assert pinned.exit_code == 2 and "prompts.revision: 'v2': hf:" in pinned.output and "no revisions" in pinned.output
+    local = invoke("config", REPO / "examples" / "quickstart.yaml", "-o", "prompts.revision=v2")
+    assert local.exit_code == 2 and "prompts.revision: applies to hf: sources" in local.output
+    local = invoke("config", REPO / "examples" / "quickstart.yaml", "-o", "prompts.config={lang}")
+    assert local.exit_code == 2 and "prompts.config: applies to hf: sources" in local.output
+
+
 def test_recipe_reads_a_local_hub_layout_relative_to_the_recipe(tmp_path):
     per_language(tmp_path, langs=("en", "es", "de", "fr", "ru"))
     recipe = tmp_path / "r.yaml"

@@ -126,6 +126,11 @@ class RunConfig:
             raise ConfigError(
                 f"anchor_language: {self.anchor_language!r} is not one of languages {self.languages}"
             )
+        p = self.prompts
+        hub_only = [key for key, value in (("revision", p.revision), ("config", p.config)) if value is not None]
+        if hub_only and not p.path.startswith("hf:"):
+            raise ConfigError(f"prompts.{hub_only[0]}: applies to hf: sources; prompts.path {p.path!r} is a local "
+                              f"file or directory (remove prompts.{hub_only[0]}, or use hf:<dataset>)")
         self._validate_mode()
         self._validate_rewards()
         self._validate_training()

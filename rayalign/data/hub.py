@@ -124,6 +124,9 @@ def read_hub_rows(path: str, languages: list[str], *, split: str, revision: str 
     """(where, row, language or None) for `languages` from an hf: source, one config per language when
     config contains "{lang}", otherwise one table whose `lang_column` holds the language codes."""
     target, local = split_hf_path(path)
+    if local and revision:
+        raise HubError(f"prompts.revision: {revision!r}: hf:{target} is a local directory, which has no revisions "
+                       "(datasets would ignore it); remove prompts.revision, or name the Hub dataset")
     rows: list[tuple[str, dict, str | None]] = []
     if config and "{lang}" in config:
         names = _config_names(target, local, revision)
