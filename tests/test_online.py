@@ -269,8 +269,12 @@ def test_launch_runs_an_online_recipe_online_after_a_refusal_for_its_cpus(ray_se
                                                "-o", "engines.num_cpus=2", "-o", "training.num_cpus=2"])
     assert refused.exit_code == 2 and "need 6 CPUs; the cluster has 4" in " ".join(refused.output.split())
     assert not (run_dir / "state.json").exists() and not (run_dir / "config.yaml").exists()
-    result = CliRunner().invoke(main, args + ["-o", "online.steps=2"], catch_exceptions=False)
+    # trainer ranks auto: 40 rollouts in micro-batches of 4 allow 1, 2, 5 or 10 ranks; beside the engine, 2 fit
+    result = CliRunner().invoke(main, args + ["-o", "online.steps=2", "-o", "training.world_size=auto",
+                                              "-o", "training.micro_batch_size=4"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    phases = {p["phase"]: p["actors"] for p in json.loads((run_dir / "plan.json").read_text())["phases"]}
+    assert phases == {"generate": 1, "train": 2}
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2]
     for s in steps:
