@@ -84,7 +84,12 @@ def _fastest_split(cfg, spec: ClusterSpec):
         return max(1, int(round(spec.total_gpus / gpus, 6)) if gpus else int(spec.cpus_per_node * spec.nodes // cpus))
 
     if t.world_size == "auto":
-        mini = o.mini_batch_size or cfg.rollouts_per_step(prompt_stats(cfg)[0])
+        rollouts = cfg.rollouts_per_step(prompt_stats(cfg)[0])
+        try:  # what no rank count can mend: a mini-batch that does not divide the step, or splits a micro-batch
+            dataclasses.replace(cfg, training=dataclasses.replace(t, world_size=1)).online_training(rollouts)
+        except ConfigError as e:
+            raise PlanError(str(e), "change online.mini_batch_size or training.micro_batch_size") from None
+        mini = o.mini_batch_size or rollouts
         ranks = [w for w in range(1, most("train") + 1) if mini % (t.micro_batch_size * w) == 0
                  and (not t.global_batch_size or t.global_batch_size % (t.micro_batch_size * w) == 0)]
     else:
@@ -143,8 +148,15 @@ def _fastest_split(cfg, spec: ClusterSpec):
 def plan_online(cfg, spec: ClusterSpec, strict: bool = False) -> Plan:
     """Plan an online recipe's roles side by side; raises PlanError when they do not fit together (`strict`, or
     on a GPU cluster), else lists the problems of a CPU-only preview."""
+    from rayalign.config import ConfigError
+
     refuse = Shortfalls(spec)
     asked, cfg = cfg, resolve_online_counts(cfg, spec)
+    try:  # the step's rollouts split into mini-batches of whole micro-batches on every rank
+        cfg.online_training(cfg.rollouts_per_step(prompt_stats(cfg)[0]))
+    except ConfigError as e:
+        raise PlanError(str(e), "change online.mini_batch_size, training.micro_batch_size or training.world_size") \
+            from None
     policy = model_info(cfg.policy.path)
     models = {"policy": policy}
     sequence = PROMPT_TOKENS + cfg.sampling.max_new_tokens

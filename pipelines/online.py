@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from rayalign.config import ConfigError, RunConfig
+from rayalign.config import RunConfig
 from rayalign.data.prompts import load_prompts
 from rayalign.data.store import DatasetWriter, atomic_write_text
 from rayalign.models import resolve_model_path
@@ -36,22 +36,6 @@ from rayalign.run_dir import (check_prompts_unchanged, check_run_dir_config, log
 from rayalign.scoring.finish import stage_centroids
 from rayalign.scoring.rewards import load_user_reward
 from rayalign.scoring.setup import forward_rewards, latent_layers, scoring_setup, with_scoring_prompts
-
-
-def trainer_config(cfg: RunConfig, rollout_size: int):
-    """The training section with gradient accumulation set so that one optimizer update takes one mini-batch
-    (online.mini_batch_size, by default the whole rollout batch)."""
-    t, o = cfg.training, cfg.online
-    mini = o.mini_batch_size or rollout_size
-    per_pass = t.micro_batch_size * t.world_size
-    step = (f"a step's rollout ({o.prompts_per_step} prompts x {len(cfg.languages)} languages x n={cfg.sampling.n} = "
-            f"{rollout_size} samples)")
-    if rollout_size % mini:
-        raise ConfigError(f"online.mini_batch_size: {mini} does not divide {step}")
-    if mini % per_pass:
-        raise ConfigError(f"online: a mini-batch ({mini} rollouts: online.mini_batch_size, or {step}) must be a "
-                          f"multiple of training.micro_batch_size x training.world_size = {per_pass}")
-    return dataclasses.replace(t, loss=None, gradient_accumulation=mini // per_pass)
 
 
 def run(cfg: RunConfig, run_dir: Path | None = None, **options) -> Path:
@@ -77,7 +61,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     cfg = with_counts(cfg, spec, address)
     prompts = load_prompts(cfg.prompts.path, cfg.languages, **cfg.prompts.load_kwargs())
     rollout_size = cfg.rollouts_per_step(prompts.num_rows)
-    tcfg = trainer_config(cfg, rollout_size)
+    tcfg = cfg.online_training(rollout_size)
     updates_per_step = o.ppo_epochs * rollout_size // (o.mini_batch_size or rollout_size)
     digest = check_prompts_unchanged(cfg, check_run_dir_config(cfg, run_dir), prompts)  # before models
     policy_path = resolve_model_path(cfg.policy.path, model_build_progress(cfg.policy.path))

@@ -1,5 +1,6 @@
 """Cluster specs, the Ray-cluster check and the placement planner: pure, no Ray, no model built."""
 
+import re
 import json
 
 import pytest
@@ -333,7 +334,7 @@ def test_auto_counts_on_cpus_and_online_engines_fill_what_training_leaves():
     with pytest.raises(PlanError, match="leaves no room for an engine: the other online roles use 8 of 8 GPUs"):
         resolve_counts(load_config(None, ["mode=online", "engines.count=auto", "engines.num_gpus=1",
                                           "training.world_size=8", "training.num_gpus=1"]), load_cluster_spec("a100x8"))
-    crowded = load_config(None, online + ["engines.count=auto", "training.world_size=3"])
+    crowded = load_config(None, online + ["engines.count=auto", "training.world_size=3", "online.prompts_per_step=3"])
     assert resolve_counts(crowded, spec).engines.count == 1
     with pytest.raises(PlanError, match=r"need 17 CPUs; the cluster has 16 \(cpu\)"):
         plan(crowded, spec, strict=True)
@@ -366,9 +367,14 @@ def test_online_auto_trainer_ranks_take_the_fastest_estimated_step_that_fits():
     assert result.estimate["iteration_seconds"] == pytest.approx(50.8, abs=0.3)
     explicit = plan(recipe("online-grpo-llama3-8b.yaml", "training.world_size=4"), load_cluster_spec("a100x8"))
     assert result.estimate["iteration_seconds"] < explicit.estimate["iteration_seconds"]
-    # no rank count divides the mini-batch's micro-batches: refused with the keys
-    with pytest.raises(PlanError, match=r"training.world_size: auto: no count fits a100x8"):
+    # micro-batches of 7 cannot split 320 rollouts whatever the ranks: that is the refusal
+    with pytest.raises(PlanError, match=r"must be a multiple of training.micro_batch_size x training.world_size = 7"):
         plan(recipe("online-grpo-llama3-8b.yaml", "training.world_size=auto", "training.micro_batch_size=7"),
+             load_cluster_spec("a100x8"))
+    # every rank count that divides 320 / 4 = 80 leaves no room beside 8 fixed engines: refused with the counts
+    with pytest.raises(PlanError, match=r"training.world_size: auto: no count fits a100x8 beside the other online "
+                                        r"roles \(engines.count 8, rewards.actors 1\)"):
+        plan(recipe("online-grpo-llama3-8b.yaml", "training.world_size=auto", "engines.count=8"),
              load_cluster_spec("a100x8"))
 
 
@@ -396,3 +402,22 @@ def test_online_auto_ranks_keep_a_global_batch_in_whole_accumulation_steps():
     t = result.config.training
     assert t.world_size == 4 and t.micro_batch_size * t.gradient_accumulation * t.world_size == 16
     assert result.phase("generate").actors == 4
+
+
+def test_online_mini_batches_are_checked_by_plan_and_set_the_accumulation():
+    """40 rollouts (2 prompts x 5 languages x n=4): a mini-batch of 20 on 1 rank of micro-batches of 4 is 5
+    accumulation steps, on 5 ranks 1; 7 does not divide 40, and 20 does not hold whole micro-batches of 8 on 1 rank.
+    `rayalign plan` refuses both (before, only the launch did, after printing a plan)."""
+    cfg = recipe("online-grpo-quickstart.yaml", "online.mini_batch_size=20", "training.micro_batch_size=4")
+    assert cfg.online_training(40).gradient_accumulation == 5 and cfg.online_training(40).loss is None
+    five = recipe("online-grpo-quickstart.yaml", "online.mini_batch_size=20", "training.micro_batch_size=4",
+                  "training.world_size=5")
+    assert five.online_training(40).gradient_accumulation == 1
+    assert recipe("online-grpo-quickstart.yaml").online_training(40).gradient_accumulation == 5  # 40 / 8
+    for overrides, expected in ((["online.mini_batch_size=7"], "online.mini_batch_size: 7 does not divide a step's "
+                                 "rollout (2 prompts x 5 languages x n=4 = 40 samples)"),
+                                (["online.mini_batch_size=20"], "must be a multiple of training.micro_batch_size x "
+                                 "training.world_size = 8")):
+        for counts in ([], ["training.world_size=auto"]):
+            with pytest.raises(PlanError, match=re.escape(expected)):
+                plan(recipe("online-grpo-quickstart.yaml", *overrides, *counts), load_cluster_spec("local"))

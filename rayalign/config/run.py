@@ -58,6 +58,22 @@ class RunConfig:
             ids = min(ids, prompt_rows // len(self.languages))
         return ids * len(self.languages) * self.sampling.n
 
+    def online_training(self, rollout_size: int):
+        """The training section of an online run of `rollout_size` rollouts per step: gradient accumulation set so
+        that one optimizer update takes one mini-batch (online.mini_batch_size, by default the whole rollout)."""
+        t, o = self.training, self.online
+        mini = o.mini_batch_size or rollout_size
+        per_pass = t.micro_batch_size * t.world_size
+        group = len(self.languages) * self.sampling.n
+        step = (f"a step's rollout ({rollout_size // group} prompts x {len(self.languages)} languages x "
+                f"n={self.sampling.n} = {rollout_size} samples)")
+        if rollout_size % mini:
+            raise ConfigError(f"online.mini_batch_size: {mini} does not divide {step}")
+        if mini % per_pass:
+            raise ConfigError(f"online: a mini-batch ({mini} rollouts: online.mini_batch_size, or {step}) must be a "
+                              f"multiple of training.micro_batch_size x training.world_size = {per_pass}")
+        return dataclasses.replace(t, loss=None, gradient_accumulation=mini // per_pass)
+
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
 
