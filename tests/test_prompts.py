@@ -155,3 +155,22 @@ def test_skip_holds_out_the_first_ids_and_limit_counts_after_it():
     assert train.column("prompt_id").to_pylist() == ["p001", "p001", "p002", "p002"]
     with pytest.raises(PromptError, match="prompts.skip 64 leaves none of its 64 prompt ids"):
         load_prompts(PROMPTS_DIR, langs, skip=64)
+
+
+def test_a_prompt_file_edited_in_place_is_read_again(tmp_path):
+    """Prompt sources are parsed once per content: an edit of the same size with the old modification time (as a
+    coarse file-system clock would leave it) still gives the new rows."""
+    import os
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt_id": str(i), "lang": lang, "instruction": f"q{i}"})
+                              for i in range(2) for lang in ("en", "de")))
+    first = load_prompts(path, ["en", "de"])
+    assert load_prompts(path, ["en", "de"]) is first  # parsed once
+    stamp = path.stat()
+    path.write_text(path.read_text().replace("q1", "z1"))
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert path.stat().st_size == stamp.st_size and path.stat().st_mtime_ns == stamp.st_mtime_ns
+    edited = load_prompts(path, ["en", "de"])
+    assert [m[0]["content"] for m in edited.column("messages").to_pylist()] == ["q0", "q0", "z1", "z1"]
+    assert load_prompts(path, ["en", "de"], limit=1).num_rows == 2  # other settings, another entry

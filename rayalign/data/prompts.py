@@ -12,6 +12,7 @@ Accepted sources:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -164,13 +165,15 @@ _LOADED: dict[tuple, pa.Table] = {}  # a launch reads its prompts in the CLI, th
 
 
 def _version(path: Path, *settings) -> tuple | None:
-    """The cache key of a local prompt source: the settings and every file's size and modification time."""
+    """The cache key of a local prompt source: the settings and every file's content digest (hashing is cheap
+    beside parsing, and no file-system timestamp granularity can hide an edit)."""
     try:
         files = sorted(path.iterdir()) if path.is_dir() else [path]
-        stats = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
+        digests = tuple((f.name, hashlib.blake2b(f.read_bytes(), digest_size=16).hexdigest()) for f in files
+                        if f.is_file())
     except OSError:
         return None
-    return (str(path.resolve()), json.dumps(settings, sort_keys=True, default=str), stats)
+    return (str(path.resolve()), json.dumps(settings, sort_keys=True, default=str), digests)
 
 
 def _load_local(path: Path, languages: list[str], limit: int | None, skip: int, system_prompt: str | None,
