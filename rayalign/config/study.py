@@ -102,14 +102,14 @@ def load_study(path: str | Path, *, runs_dir: str | Path | None = None) -> Study
         del data["overrides"]  # `overrides:` with every line commented out, or []
     if runs_dir is not None:
         data.pop("runs_dir", None)  # replaced by the caller's
-    grid = data.get("grid")
-    if not isinstance(grid, dict) or not grid:
-        raise StudyError(f"{path}: grid: expected a mapping of at least one axis (a config key: [values], or a name: "
-                         f"{{value name: {{key: value, ...}}}}), got {grid!r}")
+    no_grid = StudyError(f"{path}: grid: expected a mapping of at least one axis (a config key: [values], or a "
+                         f"name: {{value name: {{key: value, ...}}}}), got {data.get('grid')!r}")
     try:
         config = build_dataclass(StudyConfig, data, within="")
     except ConfigError as e:
-        raise StudyError(f"{path}: {e}") from None
+        raise (no_grid if str(e).startswith("grid: expected a mapping,") else StudyError(f"{path}: {e}")) from None
+    if not config.grid:
+        raise no_grid
     name = config.name if config.name is not None else path.stem
     if not SAFE.fullmatch(name):
         given = "" if config.name is not None else ", taken from the file name: set name: in the file"
