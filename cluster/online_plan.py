@@ -18,8 +18,8 @@ import math
 from rayalign.cluster.estimate import PROMPT_TOKENS as UNREAD_PROMPT_TOKENS, _forward, _timed, figures, \
     forward_roles, load_table, prompt_stats
 from rayalign.cluster.model_info import PlanError, model_info
-from rayalign.cluster.phases import (PROMPT_TOKENS, Plan, Shortfalls, plan_generation, plan_scoring, plan_training,
-                                     scored_models)
+from rayalign.cluster.phases import (PROMPT_TOKENS, Plan, Shortfalls, most_actors, plan_generation, plan_scoring,
+                                     plan_training, scored_models)
 from rayalign.cluster.spec import ClusterSpec
 
 def _roles(cfg) -> list[str]:
@@ -81,7 +81,7 @@ def _fastest_split(cfg, spec: ClusterSpec):
 
     def most(role: str) -> int:
         gpus, cpus = _demand(cfg, role, on_gpu)
-        return max(1, int(round(spec.total_gpus / gpus, 6)) if gpus else int(spec.cpus_per_node * spec.nodes // cpus))
+        return most_actors(cpus, gpus, spec)
 
     if t.world_size == "auto":
         rollouts = cfg.rollouts_per_step(prompt_stats(cfg)[0])

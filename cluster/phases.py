@@ -142,6 +142,15 @@ def place(phase: str, section: str, count_key: str, count: int, cpus: float, gpu
     return nodes, f"SPREAD, {nodes} of {spec.nodes} nodes" if count > 1 else f"1 of {spec.nodes} nodes"
 
 
+def most_actors(cpus: float, gpus: float, spec: ClusterSpec) -> int:
+    """Actors of `cpus` CPUs and `gpus` GPUs that the cluster holds, node by node (GPUs bound GPU actors, CPUs the
+    rest); at least one per node."""
+    fits = [int(spec.cpus_per_node // cpus)]
+    if gpus and spec.gpus_per_node:
+        fits.append(int(round(spec.gpus_per_node / gpus, 6)))
+    return max(1, min(fits)) * spec.nodes
+
+
 def gpu_usage(count: int, gpus: float, spec: ClusterSpec) -> str:
     return f"\n{count * gpus:g} of {spec.total_gpus} GPUs" if gpus else ""
 

@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 from rayalign.cluster.model_info import ModelInfo, PlanError, model_info  # noqa: F401  (re-exported)
-from rayalign.cluster.phases import (PhasePlan, Plan, Shortfalls, plan_generation, plan_scoring, plan_training,
-                                     scored_models)
+from rayalign.cluster.phases import (PhasePlan, Plan, Shortfalls, most_actors, plan_generation, plan_scoring,
+                                     plan_training, scored_models)
 from rayalign.cluster.spec import ClusterSpec
 
 
@@ -32,14 +32,6 @@ def save_plan(plan: Plan, run_dir: str | Path) -> Path | None:
     return path
 
 
-def _per_node(cpus: float, gpus: float, spec: ClusterSpec) -> int:
-    """Actors of `cpus` CPUs and `gpus` GPUs that one node holds (GPUs bound GPU actors, CPUs the rest)."""
-    fits = [int(spec.cpus_per_node // cpus)]
-    if gpus and spec.gpus_per_node:
-        fits.append(int(round(spec.gpus_per_node / gpus, 6)))
-    return max(1, min(fits))
-
-
 def resolve_counts(cfg, spec: ClusterSpec):
     """The recipe with every `auto` count filled for the cluster: engines.count and rewards.actors as many as fit
     (offline phases run one after another, so each may take the whole cluster; under cluster.schedule stream, with
@@ -56,9 +48,9 @@ def resolve_counts(cfg, spec: ClusterSpec):
     on_gpu = bool(spec.gpus_per_node)
     if e.count == "auto":
         gpus = e.gpus_per_engine if on_gpu else 0
-        engines = dataclasses.replace(e, count=_per_node(e.num_cpus, gpus, spec) * spec.nodes)
+        engines = dataclasses.replace(e, count=most_actors(e.num_cpus, gpus, spec))
     if r.actors == "auto":
-        rewards = dataclasses.replace(r, actors=_per_node(r.num_cpus, r.num_gpus if on_gpu else 0, spec) * spec.nodes)
+        rewards = dataclasses.replace(r, actors=most_actors(r.num_cpus, r.num_gpus if on_gpu else 0, spec))
     from rayalign.cluster.schedule import balanced_counts, streams
 
     if cfg.cluster.schedule == "stream" and e.count == r.actors == "auto" and streams(cfg):
@@ -66,7 +58,7 @@ def resolve_counts(cfg, spec: ClusterSpec):
         if split:  # both roles at once: the cluster split so that they finish together
             engines, rewards = dataclasses.replace(e, count=split[0]), dataclasses.replace(r, actors=split[1])
     if t.world_size == "auto":
-        most = _per_node(t.num_cpus, t.num_gpus if on_gpu else 0, spec) * spec.nodes
+        most = most_actors(t.num_cpus, t.num_gpus if on_gpu else 0, spec)
         if t.global_batch_size:
             per_rank = t.global_batch_size // t.micro_batch_size
             world = max(w for w in range(1, min(most, per_rank) + 1) if per_rank % w == 0)
