@@ -32,7 +32,7 @@ from rayalign.config import ConfigError, RunConfig
 from rayalign.data.prompts import load_candidate_sets, load_prompts
 from rayalign.data.schemas import schema_for
 from rayalign.data.store import (atomic_write_text, claim_output_dir, directory_checksums,
-                                 read_dataset, read_manifest)
+                                 read_dataset, read_manifest, trash_dir)
 from rayalign.failures import errors_checkpoint, record_failures
 from rayalign.generation import FailedRowsError
 from rayalign.methods import schema_of
@@ -342,7 +342,7 @@ def rescore(cfg: RunConfig, scores_dir: Path, out_dir: Path, replace: bool = Fal
                               "(rayalign launch --redo score) to pool another layer")
     table, params = compute_rewards(scores, cfg)
     run_root = next((d for d in out.parents if (d / "state.json").is_file()), None)
-    trash = (run_root / f"trash-{time.strftime('%Y%m%d-%H%M%S')}" / out.parent.relative_to(run_root)
+    trash = (trash_dir(run_root) / out.parent.relative_to(run_root)
              if run_root else None)
     moved = claim_output_dir(out_dir, replace=replace, trash=trash)
     if moved:

@@ -25,7 +25,7 @@ import ray
 
 from rayalign.config import RunConfig
 from rayalign.data.prompts import load_prompts
-from rayalign.data.store import DatasetWriter, atomic_write_text
+from rayalign.data.store import DatasetWriter, atomic_write_text, trash_dir
 from rayalign.models import resolve_model_path
 from rayalign.progress import console, deepspeed_op_notice, model_build_progress
 from rayalign.tracking import Trackers, check_trackers
@@ -232,7 +232,7 @@ def resumable_step(run_dir: Path, state: dict, checkpoint_every: int, ppo: bool)
                                        checkpoint_every, run_dir)
     intact = all((run_dir / "online" / CHECKPOINT_DIRS[role]).is_dir() for role in roles)
     step = record.get("step", 0) if intact and record else 0
-    trash = run_dir / f"trash-{time.strftime('%Y%m%d-%H%M%S')}" / "online"
+    trash = trash_dir(run_dir) / "online"
     later = [p for p in sorted((run_dir / "online").glob("step-*")) if int(p.name[5:]) > step]
     for path in later + [p for p in [run_dir / "online" / "policy"] if p.exists()]:
         trash.mkdir(parents=True, exist_ok=True)

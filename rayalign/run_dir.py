@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,7 +16,7 @@ import pyarrow.parquet as pq
 from rayalign.config import ConfigError, RunConfig, save_config
 from rayalign.data.store import (DatasetError, DatasetWriter, atomic_write_text, checksum_path, directory_problems,
                                   enclosing_dataset, is_dataset_dir, read_manifest, remove_untrusted_shards,
-                                  shard_name, shard_problem, write_parquet_atomic)
+                                  shard_name, shard_problem, trash_dir, write_parquet_atomic)
 from rayalign.progress import console
 
 STAGES = ("generate", "score", "pairs", "train")
@@ -85,7 +84,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = (), p
         if old_hash != new_hash and not redo:  # nothing finished under the other config: its partial outputs go
             redo = ("generate",) if cfg.mode == "offline" else ()
             if (run_dir / "online").exists():
-                trash = run_dir / f"trash-{time.strftime('%Y%m%d-%H%M%S')}"
+                trash = trash_dir(run_dir)
                 trash.mkdir(parents=True, exist_ok=True)
                 shutil.move(run_dir / "online", trash / "online")
         if redo:
@@ -119,7 +118,7 @@ def redo_stages(cfg: RunConfig, run_dir: Path, state: dict, redo: tuple[str, ...
     the config changed, unfinished stages' partial outputs (made with the old config) go as well.
     """
     first = min(STAGES.index(stage) for stage in redo)
-    trash = run_dir / f"trash-{time.strftime('%Y%m%d-%H%M%S')}"
+    trash = trash_dir(run_dir)
     moved, forgotten = [], set()
     for it_dir in sorted(run_dir.glob("iter-*"), key=lambda d: int(d.name.split("-")[1])):
         iteration = int(it_dir.name.split("-")[1])
@@ -227,7 +226,7 @@ def set_aside_untrusted_checkpoint(ckpt_dir: Path, record: dict | None, checkpoi
 
     if not ckpt_dir.exists():
         return
-    trash = run_dir / f"trash-{time.strftime('%Y%m%d-%H%M%S')}" / ckpt_dir.relative_to(run_dir)
+    trash = trash_dir(run_dir) / ckpt_dir.relative_to(run_dir)
     if not checkpoint_every:
         why = ["training.checkpoint_every is 0 (checkpointing is off)"]
     elif record is None:

@@ -271,6 +271,11 @@ def check_dataset_dir(path: Path, schema_name: str) -> None:
         raise DatasetError(f"{path}: holds a {held} dataset; a {schema_name} dataset is not written over it")
 
 
+def trash_dir(parent: Path) -> Path:
+    """Where a command moves what it replaces or does not trust: <parent>/trash-<date>-<time>."""
+    return parent / f"trash-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def claim_output_dir(path: Path, *, replace: bool = False, trash: Path | None = None) -> Path | None:
     """Make `path` ready for a new dataset that a command was told to write there: absent or empty is fine; a
     non-empty directory is refused unless `replace`, in which case it is moved into `trash` (returned); so is a
@@ -281,7 +286,7 @@ def claim_output_dir(path: Path, *, replace: bool = False, trash: Path | None = 
     if not replace:
         raise DatasetError(f"{path}: exists and is not empty; choose a new directory, or pass --replace to move the "
                            "old one to the trash and write there")
-    target = (trash or path.parent / f"trash-{time.strftime('%Y%m%d-%H%M%S')}") / path.name
+    target = (trash or trash_dir(path.parent)) / path.name
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(path, target)
     return target
