@@ -70,8 +70,8 @@ def resolve_online_counts(cfg, spec: ClusterSpec):
 
 
 def _fastest_split(cfg, spec: ClusterSpec):
-    """Try every trainer rank count that divides a mini-batch into micro-batches (and, with
-    training.global_batch_size, that batch into whole accumulation steps), and scorer counts on a rough geometric
+    """Try every trainer rank count that splits a step's mini-batches (and training.global_batch_size, when set)
+    into whole micro-batches, and scorer counts on a rough geometric
     ladder (one scorer when no scored reward is used); plan each with engines.count as given (auto: the rest) and
     keep the fastest estimated step among those that fit. Without throughput figures: the fewest actors that fit."""
     from rayalign.config import ConfigError
@@ -83,17 +83,28 @@ def _fastest_split(cfg, spec: ClusterSpec):
         gpus, cpus = _demand(cfg, role, on_gpu)
         return most_actors(cpus, gpus, spec)
 
+    def with_ranks(w: int):
+        """The training section on w ranks, the accumulation derived from a global batch; None when w ranks cannot
+        split the global batch, or a step's mini-batches (RunConfig.online_training), into whole micro-batches."""
+        if t.global_batch_size and t.global_batch_size % (t.micro_batch_size * w):
+            return None
+        training = dataclasses.replace(t, world_size=w, gradient_accumulation=t.global_batch_size // (
+            t.micro_batch_size * w) if t.global_batch_size else t.gradient_accumulation)
+        try:
+            dataclasses.replace(cfg, training=training).online_training(rollouts)
+        except ConfigError:
+            return None
+        return training
+
+    rollouts = cfg.rollouts_per_step(prompt_stats(cfg)[0])
     if t.world_size == "auto":
-        rollouts = cfg.rollouts_per_step(prompt_stats(cfg)[0])
         try:  # what no rank count can mend: a mini-batch that does not divide the step, or splits a micro-batch
             dataclasses.replace(cfg, training=dataclasses.replace(t, world_size=1)).online_training(rollouts)
         except ConfigError as e:
             raise PlanError(str(e), "change online.mini_batch_size or training.micro_batch_size") from None
-        mini = o.mini_batch_size or rollouts
-        ranks = [w for w in range(1, most("train") + 1) if mini % (t.micro_batch_size * w) == 0
-                 and (not t.global_batch_size or t.global_batch_size % (t.micro_batch_size * w) == 0)]
+        trainings = [training for w in range(1, most("train") + 1) if (training := with_ranks(w))]
     else:
-        ranks = [t.world_size]
+        trainings = [t]
     if r.actors != "auto":
         scorers = [r.actors]
     elif o.score_weight:
@@ -103,14 +114,10 @@ def _fastest_split(cfg, spec: ClusterSpec):
         scorers = [1]  # no scored reward: no scorer runs
     fallback = []
 
-    def trial(w: int, n: int):
-        """(estimated step seconds, actors) and the resolved config of w ranks and n scorers; None when it does not
-        fit (the first resolved config is kept for a CPU preview)."""
-        accumulation = t.global_batch_size // (t.micro_batch_size * w) if t.global_batch_size else \
-            t.gradient_accumulation
-        candidate = dataclasses.replace(
-            cfg, training=dataclasses.replace(t, world_size=w, gradient_accumulation=accumulation),
-            rewards=dataclasses.replace(r, actors=n))
+    def trial(training, n: int):
+        """(estimated step seconds, actors) and the resolved config of `training`'s ranks and n scorers; None when
+        it does not fit (the first resolved config is kept for a CPU preview)."""
+        candidate = dataclasses.replace(cfg, training=training, rewards=dataclasses.replace(r, actors=n))
         try:
             candidate.validate()
             planned = plan_online(candidate, spec)
@@ -120,15 +127,15 @@ def _fastest_split(cfg, spec: ClusterSpec):
         if planned.problems:
             return None
         seconds = planned.estimate["iteration_seconds"]
-        return (math.inf if seconds is None else seconds, w + n), planned.config
+        return (math.inf if seconds is None else seconds, training.world_size + n), planned.config
 
-    tried = [found for w in ranks for n in scorers if (found := trial(w, n))]
+    tried = [found for training in trainings for n in scorers if (found := trial(training, n))]
     best = min(tried, key=lambda found: found[0], default=None)
     if best is not None and len(scorers) > 1:  # between the best scorer count's neighbours on the ladder
-        w, n = best[1].training.world_size, best[1].rewards.actors
+        training, n = best[1].training, best[1].rewards.actors
         i = scorers.index(n)
         low, high = scorers[max(i - 1, 0)], scorers[min(i + 1, len(scorers) - 1)]
-        nearby = [found for m in range(low + 1, high) if m != n and (found := trial(w, m))]
+        nearby = [found for m in range(low + 1, high) if m != n and (found := trial(training, m))]
         best = min([best, *nearby], key=lambda found: found[0])
     if best is not None:
         return best[1]
