@@ -57,8 +57,8 @@ def check_prompts_unchanged(cfg: RunConfig, state: dict | None, prompts, redo: t
     kept = state is not None and (cfg.matches(state["config_hash"]) or holds_results(state))
     if recorded not in (None, digest) and kept and "generate" not in redo:
         raise ConfigError(f"prompts.path: {cfg.prompts.path}: the prompt rows differ from those this run started "
-                          f"with (digest {recorded}, now {digest}), and its kept samples came from those; restore the prompt "
-                          "files, or relaunch with --redo generate to generate again from these (use another "
+                          f"with (digest {recorded}, now {digest}), and its kept samples came from those; restore the "
+                          "prompt files, or relaunch with --redo generate to generate again from these (use another "
                           "--run-dir for an online run)")
     return digest
 
@@ -68,7 +68,8 @@ def holds_results(state: dict) -> bool:
     return bool(state["finished"] or state.get("online_checkpoint"))
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = (), prompts_digest: str | None = None) -> dict:
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = (),
+                    prompts_digest: str | None = None) -> dict:
     """Create the run directory or reopen it for resume.
 
     A directory that holds another config is refused unless `redo` names stages to recompute: those
