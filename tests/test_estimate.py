@@ -83,6 +83,17 @@ def test_estimate_per_phase_against_hand_worked_numbers(prompts):
     assert est["total_seconds"] == pytest.approx(3 * iteration)
 
 
+@pytest.mark.parametrize("override, tokens", [
+    ("pairs.include_anchor=false", 10 * 2 * 200),  # the de pairs only: 10 pairs of 2 sequences of 200 tokens
+    ("training.epochs=2", 2 * 20 * 2 * 200),  # every pair twice
+    ("training.max_length=150", 20 * 2 * 150),  # prompt + response (200 tokens) truncated to 150
+])
+def test_training_estimate_follows_the_pairs_it_will_see(prompts, override, tokens):
+    cfg = eight_gpu_recipe(prompts, "cluster.device_tflops=100", "cluster.efficiency=0.5", override)
+    train = plan(cfg, load_cluster_spec("a100x8")).estimate["phases"]["train"]["busy"]
+    assert train == pytest.approx(6 * LLAMA3_8B * tokens / (8 * 100e12 * 0.5))  # 6 N FLOPs a token over 8 ranks
+
+
 def test_dco_estimate_counts_its_candidates_and_tuples(tmp_path):
     """DCO: no generation; the pairs stage scores every candidate with the reference, then training sees one
     tuple of 4 sequences per question, language pair and draw."""

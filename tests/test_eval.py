@@ -236,7 +236,7 @@ def test_eval_writes_results_that_match_its_own_datasets(evaluated):
         assert value("r_lacomsa", "p75", lang) == pytest.approx(np.percentile(rewards, 75))
     layers = results.filter((pl.col("metric") == "silhouette") & (pl.col("lang") == "all")).sort("layer")
     assert layers["layer"].to_list() == [0, 1, 2, 3, 4]  # every hidden_states index of the 4-layer model
-    assert all(-1.0 <= v <= 1.0 for v in layers["value"]) and set(layers["count"]) == {4}
+    assert set(layers["count"]) == {4}  # values: test_eval_silhouette_matches_pooled_states_computed_directly
     per_pair = results.filter((pl.col("metric") == "silhouette") & (pl.col("lang") == "en"))
     assert sorted(set(per_pair["other_lang"])) == ["de", "es"] and per_pair.height == 10  # en + x, every layer
     pairs = results.filter(pl.col("metric") == "rankc")
@@ -316,7 +316,6 @@ def test_eval_silhouette_matches_pooled_states_computed_directly(evaluated, tiny
     from rayalign.engines import ScoreRequest
     from rayalign.engines.hf import HFEngine
     from rayalign.scoring.hub_scan import hub_scan
-    from rayalign.rewards.latent import silhouette_by_prompt
 
     out, _ = evaluated
     samples = read_dataset(out / "samples", "samples").to_pylist()
@@ -327,8 +326,8 @@ def test_eval_silhouette_matches_pooled_states_computed_directly(evaluated, tiny
     langs = np.array([r["lang"] for r in samples])
     for layer, value, other in zip(rows["layer"], rows["value"], rows["other_lang"]):
         keep = np.ones(len(samples), bool) if other is None else np.isin(langs, ["en", other])
-        expected = silhouette_by_prompt(np.stack([d.pooled[layer] for d in direct])[keep],
-                                        np.asarray(prompt_ids)[keep])
+        expected = silhouette_by_hand(np.stack([d.pooled[layer] for d in direct])[keep].astype(np.float64),
+                                      np.asarray(prompt_ids)[keep])
         assert value == pytest.approx(expected, abs=2e-3)  # the scan keeps float16 states
 
     cfg = load_config(REPO / "examples" / "quickstart.yaml", [f"policy.path={tiny_model}", f"languages={LANGS}",

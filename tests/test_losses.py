@@ -360,3 +360,30 @@ def test_orpo_odds_ratio_matches_trl():
     ours = orpo_loss(pc, pr, nw, nl, lam=0.1)
     assert ours.loss.item() == pytest.approx(((-pc / nw) - losses).mean().item(), rel=1e-6)
     assert ours.metrics["log_odds_ratio"] == pytest.approx(log_odds_mean.item(), rel=1e-6)
+
+
+# --- the training step's dispatch: each loss gets the recipe's settings -----------------------------------------------
+@pytest.mark.parametrize("loss", ["dpo", "cdpo", "ipo", "simpo", "orpo"])
+def test_training_step_hands_each_loss_the_recipes_settings(loss):
+    from rayalign.config import TrainingConfig
+    from rayalign.training.data import compute_loss
+
+    t = TrainingConfig(loss=loss, beta=0.5, label_smoothing=0.2, nll_weight=0.5, simpo_margin=0.5, orpo_lambda=0.3)
+    pc, pr = DPO_ROWS["policy_chosen"], DPO_ROWS["policy_rejected"]
+    nc, nr = [5, 10, 4], [6, 9, 8]
+    logps = vec(*pc, *pr, dtype=torch.float32)
+    counts = torch.tensor(nc + nr)
+    batch = {"ref_logp_chosen": vec(*DPO_ROWS["ref_chosen"]), "ref_logp_rejected": vec(*DPO_ROWS["ref_rejected"])}
+    nll = mean([2.0, 2.0, 1.25])  # -pc / nc
+    h = [1.0, -1.0, 1.5]  # beta * [2, -2, 3]
+    log_odds = [m - math.log(1 - math.exp(m)) for m in (-2.0, -2.0, -1.25, -2.0, -2.0, -1.125)]  # pc/nc, pr/nr
+    expected = {
+        "dpo": mean([-logsigmoid(x) for x in h]) + 0.5 * nll,
+        "cdpo": mean([-0.8 * logsigmoid(x) - 0.2 * logsigmoid(-x) for x in h]) + 0.5 * nll,
+        "ipo": mean([1.0, 9.0, 4.0]) + 0.5 * nll,  # ([2, -2, 3] - 1 / (2 beta))^2
+        "simpo": mean([-logsigmoid(x) for x in (-0.5, -0.5, -0.5625)]) + 0.5 * nll,  # 0.5 * (pc/nc - pr/nr) - 0.5
+        "orpo": mean([-m - 0.3 * logsigmoid(log_odds[i] - log_odds[i + 3]) for i, m in enumerate([-2.0, -2.0, -1.25])]),
+    }[loss]
+    value, metrics = compute_loss(loss, logps, counts, batch, t)
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+    assert metrics["loss"] == (pytest.approx(expected, rel=1e-6), 1)

@@ -31,6 +31,19 @@ def test_rewards_and_group_advantages_by_hand():
     assert rollout_rewards(table, cfg).tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
+def test_rewards_weigh_fidelity_and_the_users_file_and_cap_the_length_term():
+    from rayalign.training.rollouts import rollout_rewards
+
+    table = samples_table([("a", "de", "de", 16), ("a", "de", "en", 4)]).append_column(
+        "response", pa.array(["Hallo", "Hello there"]))
+    cfg = load_config(None, ["mode=online", "online.fidelity_weight=2", "online.user_weight=0.5",
+                             "online.length_weight=0.5", "sampling.max_new_tokens=8",
+                             f"rewards.user.path={REPO / 'examples/rewards/language_fidelity.py'}"])
+    # 2 x fidelity + 0.5 x (fidelity - 0.001 x characters) - 0.5 x min(tokens, 8) / 8
+    assert rollout_rewards(table, cfg).tolist() == pytest.approx([2 + 0.5 * (1 - 0.005) - 0.5,
+                                                                  0 + 0.5 * (0 - 0.011) - 0.25])
+
+
 def test_rollout_sequences_keep_the_end_of_turn_only_when_generated(tiny_model):
     from rayalign.models import encode_response, load_tokenizer
     from rayalign.training.rollouts import rollout_sequences

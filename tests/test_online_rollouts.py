@@ -52,9 +52,25 @@ def test_rollout_stats_cover_the_whole_step_when_mini_batches_are_smaller(ray_se
     try:
         trainer.prepare(2, tiny_model)
         stats = trainer.rollout_stats(sequences)
+        # the first update starts at the behaviour and reference policy: ratio 1, so the clipped surrogate is
+        # -mean over sequences of A = -(1 + 0) / 2, no clipping, and no KL
+        first = trainer.update(sequences[:2], [1.0, 0.0], [s["logp"] for s in stats[:2]],
+                               [s["ref_logp"] for s in stats[:2]], 0.1, "k3", 0.2)
     finally:
         trainer.shutdown()
     assert [len(s["logp"]) for s in stats] == [len(r) for _, r in sequences]
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():  # before any update the policy is the reference: both equal a plain forward
+        for (prompt, response), row in zip(sequences, stats):
+            logits = model(torch.tensor([prompt + response])).logits[0].double()
+            expected = [float(torch.log_softmax(logits[len(prompt) - 1 + i], -1)[t]) for i, t in enumerate(response)]
+            assert list(row["logp"]) == pytest.approx(expected, abs=1e-4)
+            assert list(row["ref_logp"]) == pytest.approx(expected, abs=1e-4)
+    assert first["policy_loss"] == pytest.approx(-0.5, abs=1e-5)
+    assert first["clip_fraction"] == 0 and first["kl"] == pytest.approx(0, abs=1e-6)
 
 
 FIDELITY_RECIPE = str(REPO / "examples" / "online-grpo-fidelity.yaml")

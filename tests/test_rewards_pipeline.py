@@ -224,6 +224,7 @@ def test_other_pair_methods_from_the_same_scores(rewards_run):
     from rayalign.pipelines.offline import pairs_stage
 
     recipe, run_dir = rewards_run
+    scores = pl.from_arrow(read_dataset(run_dir / "iter-1" / "scores").drop_columns(["h_hub", "h_last"]))
     for method, schema, extra in (("icr", "pairs", []), ("kto", "kto", ["pairs.kto_reward=icr"]),
                                   ("reward_model", "pairs", []), ("user", "pairs", []), ("lidr", "pairs", [])):
         cfg = load_config(recipe, [f"pairs.method={method}", *extra])
@@ -237,6 +238,16 @@ def test_other_pair_methods_from_the_same_scores(rewards_run):
             assert table.column("ref_logp_chosen").null_count == 0 and table.column("rejected_num_tokens").null_count == 0
         else:
             assert set(table.column("method").to_pylist()) == {method}
+        column = {"icr": "r_icr", "kto": "r_icr", "reward_model": "r_rm", "user": "r_user"}.get(method)
+        for row in table.to_pylist() if column else []:  # the best and the worst of the group, by the method's column
+            group = scores.filter((pl.col("prompt_id") == row["prompt_id"]) & (pl.col("lang") == row["lang"]))
+            best, worst = group[column].max(), group[column].min()
+            if schema == "kto":
+                assert row["score"] == (best if row["label"] else worst), (method, row["prompt_id"])
+                continue
+            assert (row["score_chosen"], row["score_rejected"]) == (best, worst), (method, row["prompt_id"])
+            chosen = group.filter(pl.col("response") == row["chosen"][0]["content"])
+            assert chosen[column].max() == best, (method, row["prompt_id"])
 
 
 def test_icr_quickstart_recipe(tmp_path, tiny_model, weak_model, ray_session):

@@ -298,3 +298,14 @@ def test_minibatch_order_covers_every_row_once_per_epoch():
     assert updates == minibatch_order(6, 2, 3, seed=[1, 2]) and updates != minibatch_order(6, 2, 3, seed=[1, 3])
     with pytest.raises(ValueError, match="does not divide"):
         minibatch_order(6, 4, 1, seed=0)
+
+
+def test_value_loss_aggregates_per_sequence_or_per_token():
+    # two sequences, no clipping (V = V_old): row 1 has one token with 0.5 (1)^2, row 2 three tokens with 0.5 (2)^2
+    values = ten([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    returns = ten([[2.0, 0.0, 0.0], [3.0, 3.0, 3.0]])
+    mask = torch.tensor([[1, 0, 0], [1, 1, 1]])
+    by_sequence, _ = value_loss(values, values, returns, mask)
+    by_token, _ = value_loss(values, values, returns, mask, aggregation="token")
+    close(by_sequence, (0.5 + 2.0) / 2)  # the mean of each row's token mean
+    close(by_token, (0.5 + 3 * 2.0) / 4)  # every token counts once
