@@ -208,6 +208,27 @@ def test_rescore_reproduces_and_changes_latent_rewards(rewards_run, tmp_path):
         assert a.column(col).to_pylist() == base.column(col).to_pylist(), col
     assert b.column("r_msa").to_pylist() == base.column("r_msa").to_pylist()
     assert b.column("w").to_pylist() != base.column("w").to_pylist()
+    # LaCoMSA eq. 2-4 by hand from the stored final-layer states, centroids per prompt: phi = cos(h, c_lang) -
+    # cos(h, c_en), w = sigma(3 (phi - r_msa)) outside English, r_lacomsa = w r_msa
+    states = pl.from_arrow(read_dataset(scores).select(["prompt_id", "lang", "h_last"]))
+    h = np.asarray(states["h_last"].to_list(), dtype=np.float64)
+    keys = list(zip(states["prompt_id"], states["lang"]))
+    centroid = {k: h[[i for i, key in enumerate(keys) if key == k]].mean(axis=0) for k in set(keys)}
+
+    def cos(u, v):
+        return float(u @ v / np.linalg.norm(u) / np.linalg.norm(v))
+
+    r_msa = np.asarray(b.column("r_msa").to_pylist())
+    phi = np.array([cos(h[i], centroid[p, lang]) - cos(h[i], centroid[p, "en"]) for i, (p, lang) in enumerate(keys)])
+    english = np.array([lang == "en" for _, lang in keys])
+    w = np.where(english, 1.0, 1 / (1 + np.exp(-3.0 * (phi - r_msa))))
+    np.testing.assert_allclose(np.asarray(b.column("w").to_pylist())[~english], w[~english], atol=1e-5)
+    np.testing.assert_allclose(b.column("r_lacomsa").to_pylist(), w * r_msa, atol=1e-5)
+    # MSA eq. 1 from the hub states: mean cosine to the prompt's English responses (the others, for English)
+    hub = np.asarray(read_dataset(scores).column("h_hub").to_pylist(), dtype=np.float64)
+    msa = [np.mean([cos(hub[i], hub[j]) for j, (q, other) in enumerate(keys) if q == p and other == "en" and j != i])
+           for i, (p, _) in enumerate(keys)]
+    np.testing.assert_allclose(r_msa, msa, atol=1e-5)
     icr0 = (pl.from_arrow(b)["logp_policy_icr"] - pl.from_arrow(b)["logp_reward_ref"]).to_list()
     np.testing.assert_allclose(b.column("r_icr").to_pylist(), icr0, atol=1e-12)
     result = runner.invoke(main, ["rescore", str(scores), "--output", str(scores)])
