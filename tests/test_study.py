@@ -315,15 +315,21 @@ def test_a_tiny_study_runs_collects_and_skips_on_a_second_call(tmp_path, tiny_mo
     assert [(e["run"], e["status"]) for e in record["runs"]] == [(s, "finished") for s in slugs]
     rows = pq.read_table(study_dir / "results.parquet").to_pylist()
     assert [(r["method"], r["prompts.limit"]) for r in rows] == [("lacomsa", 4), ("msa", 4)]
-    for row in rows:
-        assert all(0.0 <= row[f"fidelity_{lang}"] <= 1.0 for lang in ("en", "es", "de"))
+    for row, slug in zip(rows, slugs):  # fidelity: the share of the iteration's samples detected in their language
+        samples = read_dataset(study_dir / slug / "iter-1" / "samples", "samples").to_pylist()
+        for lang in ("en", "es", "de"):
+            mine = [r["lang_detected"] == lang for r in samples if r["lang"] == lang]
+            assert row[f"fidelity_{lang}"] == pytest.approx(sum(mine) / len(mine))
         assert row["fidelity_mean"] == pytest.approx(sum(row[f"fidelity_{x}"] for x in ("en", "es", "de")) / 3)
         assert row["pairs_rows"] > 0 and row["loss_first"] == pytest.approx(0.693147, abs=1e-3)
     for row, slug in zip(rows, slugs):  # each final policy evaluated: the eval columns are its results
         results = read_dataset(study_dir / slug / "eval" / "final" / "results", "eval").to_pylist()
         fidelity = {r["lang"]: r["value"] for r in results if r["metric"] == "fidelity"}
         assert row["eval_fidelity_mean"] == fidelity["all"] and row["eval_fidelity_es"] == fidelity["es"]
-        assert -1.0 <= row["eval_silhouette_max"] <= 1.0 and row["eval_r_lacomsa_mean"] is not None
+        assert row["eval_silhouette_max"] == max(r["value"] for r in results
+                                                 if r["metric"] == "silhouette" and r["lang"] == "all")
+        assert row["eval_r_lacomsa_mean"] == next(r["value"] for r in results if r["metric"] == "r_lacomsa"
+                                                  and r["stat"] == "mean" and r["lang"] == "all")
         assert {r["policy"] for r in results} == {"iter-1/policy"}
 
     watched = [study_dir / s / f for s in slugs for f in ("state.json", "metrics.jsonl",
