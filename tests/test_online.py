@@ -229,13 +229,13 @@ def test_online_ppo_runs_with_a_critic(ray_session, tiny_model, tmp_path):
 
 
 def test_online_lacomsa_reward_equals_the_offline_scoring_of_the_same_rollouts(ray_session, tiny_model, tmp_path):
-    """Step 1 (still the starting policy): each rollout's reward = fidelity + r_lacomsa, where r_lacomsa comes from
-    scoring the step's rollouts with the offline score stage (English anchors of the same prompt in the step)."""
+    """Step 1 (still the starting policy): each rollout's reward = fidelity + 0.5 r_lacomsa, where r_lacomsa comes
+    from scoring the step's rollouts with the offline score stage (English anchors of the same prompt in the step)."""
     from rayalign.data.store import DatasetWriter, read_dataset
     from rayalign.pipelines import offline, online
 
     cfg = load_config(REPO / "examples" / "online-grpo-quickstart.yaml", [
-        f"policy.path={tiny_model}", "online.steps=1", "online.score_weight=1.0", "rewards.latent.enabled=true",
+        f"policy.path={tiny_model}", "online.steps=1", "online.score_weight=0.5", "rewards.latent.enabled=true",
         "rewards.actors=1", "training.micro_batch_size=8"])
     run_dir = online.run(cfg, tmp_path / "online")
     rollouts = read_dataset(run_dir / "online" / "step-0001", "rollouts")
@@ -248,7 +248,7 @@ def test_online_lacomsa_reward_equals_the_offline_scoring_of_the_same_rollouts(r
     r_lacomsa = dict(zip(key(scores), scores.column("r_lacomsa").to_pylist()))
     fidelity = [float(a == b) for a, b in zip(rollouts.column("lang").to_pylist(),
                                                rollouts.column("lang_detected").to_pylist())]
-    expected = [f + r_lacomsa[k] for f, k in zip(fidelity, key(rollouts))]
+    expected = [f + 0.5 * r_lacomsa[k] for f, k in zip(fidelity, key(rollouts))]
     assert rollouts.column("reward").to_pylist() == pytest.approx(expected, abs=1e-4)
     assert max(abs(e - f) for e, f in zip(expected, fidelity)) > 1e-3
 
