@@ -104,6 +104,13 @@ def test_slugs_are_safe_and_stable(tmp_path):
     ({"grid": {"prompts.limit": [4]}, "parallel": True}, "parallel: expected an integer, got bool True"),
     ({"grid": {"prompts.limit": [4]}, "eval": 3}, "eval: expected a mapping, got int 3"),
     ({"grid": {"prompts.limit": [4]}, "runs_dir": ["a"]}, "runs_dir: expected a string, got list ['a']"),
+    ({"grid": {"sampling.n": [2, 3], "m": {"x": {"sampling": {"n": 4}}}}},
+     "grid.m and grid.sampling.n both set sampling.n; runs would differ only in their labels"),
+    ({"grid": {"sampling.n": [2, 3], "m": {"x": {"sampling.n": 4, "sampling.top_p": 0.9}}}},
+     "grid.m and grid.sampling.n both set sampling.n"),
+    ({"grid": {"name": ["a", "b"]}}, "grid.name: name is set by the study"),
+    ({"grid": {"prompts.limit": [4]}, "overrides": {"run_dir": "x"}}, "overrides: run_dir is set by the study"),
+    ({"grid": {"sampling.n": [1]}}, "run sampling.n-1: setting sampling.n=1: sampling.n: latent rewards"),
 ])
 def test_bad_study_files_are_refused_with_the_key(tmp_path, fields, expected):
     with pytest.raises(StudyError, match=re.escape(expected)) as info:

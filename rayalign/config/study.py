@@ -134,8 +134,31 @@ def load_study(path: str | Path, *, runs_dir: str | Path | None = None) -> Study
     study = Study(name=name, path=path, recipe=recipe, runs_dir=Path(runs), parallel=config.parallel,
                   overrides=_flatten(config.overrides, path, "overrides"),
                   axes=[_axis(path, axis, values) for axis, values in config.grid.items()], eval=eval_settings)
+    _check_keys(study)
     expand(study)
     return study
+
+
+def _check_keys(study: Study) -> None:
+    """A key set by two axes would make runs that differ only in their labels; name and run_dir are the study's."""
+    def keys(overrides: list[str]) -> set[str]:
+        return {o.partition("=")[0] for o in overrides}
+
+    owner: dict[str, str] = {}
+    for where, found in [("overrides", keys(study.overrides))] + [
+            (f"grid.{axis.name}", set().union(*map(keys, axis.overrides))) for axis in study.axes]:
+        for key in sorted(found):
+            if key in ("name", "run_dir") or key.startswith(("name.", "run_dir.")):
+                raise StudyError(f"{study.path}: {where}: {key} is set by the study (each run's directory is "
+                                 f"runs_dir/name/<run>); use the study's name and runs_dir keys")
+            if where == "overrides":
+                continue
+            clash = next((other for other in owner if key == other or key.startswith(other + ".")
+                          or other.startswith(key + ".")), None)
+            if clash is not None and owner[clash] != where:
+                raise StudyError(f"{study.path}: {where} and {owner[clash]} both set {key}; runs would differ only "
+                                 "in their labels. Set each key in one axis")
+            owner[key] = where
 
 
 def _axis(path: Path, name, values) -> Axis:
@@ -212,7 +235,8 @@ def expand(study: Study) -> list[StudyRun]:
                      f"name={study.name}/{slug}"]
         try:
             cfg = load_config(study.recipe, overrides)
-        except ConfigError as e:
-            raise StudyError(f"{study.path}: run {slug}: {e}") from None
+        except ConfigError as e:  # "-o 'key=value': ..." speaks of the command line; here the study file set it
+            message = re.sub(r"^-o '([^']*)':", r"setting \1:", str(e))
+            raise StudyError(f"{study.path}: run {slug}: {message}") from None
         runs.append(StudyRun(slug, params, overrides, study.dir / slug, cfg))
     return runs
