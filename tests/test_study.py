@@ -354,6 +354,16 @@ def test_a_tiny_study_runs_collects_and_skips_on_a_second_call(tmp_path, tiny_mo
     assert {f: f.read_bytes() for f in watched[:2]} == {f: before[f] for f in watched[:2]}
     assert all(len(list((study_dir / s / "eval" / "final").glob("results.stale-*"))) == 1 for s in slugs)
 
+    # the study file's runs changed under the same name: refused before anything starts, the records untouched
+    records = {f: f.read_bytes() for f in (study_dir / "study.json", study_dir / "results.parquet", *watched[:2])}
+    data = yaml.safe_load(path.read_text())
+    data["overrides"]["sampling"]["max_new_tokens"] = 12
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(StudyError, match=re.escape(f"run {slugs[0]}: {study_dir / slugs[0]} holds a run of another "
+                                                   "config") + ".*give the study another name: .*Nothing was changed"):
+        run_study(path, progress=lines.append)
+    assert {f: f.read_bytes() for f in records} == records
+
 
 @pytest.mark.slow
 def test_runs_side_by_side_as_launch_subprocesses(tmp_path, tiny_model, ray_session):
