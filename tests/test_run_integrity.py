@@ -93,6 +93,12 @@ def test_rescore_replace_moves_the_old_output_to_the_runs_trash(finished_run, tm
     assert snapshot(trashed) == before  # nothing lost
     assert read_dataset(samples, "scores").num_rows == 16
 
+    other = copy_run(finished_run, tmp_path / "other")  # another run's iteration is not a dataset: never moved
+    iteration, before = other / "iter-1", snapshot(other)
+    result = invoke("rescore", run_dir / "iter-1" / "scores", "--output", iteration, "--replace")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{iteration}: --replace replaces only a dataset" in one_line(result.output)
+    assert snapshot(other) == before
 
 
 def test_rescore_refuses_a_recipe_of_other_languages_before_writing(finished_run, tmp_path):

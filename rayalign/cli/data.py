@@ -15,8 +15,9 @@ from rayalign.cli.common import OVERRIDE_HELP, UserError, console, err, load_rec
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="directory of the new scores dataset")
 @click.option("--recipe", type=click.Path(dir_okay=False),
               help="recipe to start from (default: the config.yaml of the run that holds SCORES)")
-@click.option("--replace", is_flag=True, help="when OUTPUT exists and is not empty, move it to the trash (the run's "
-              "trash-<time>/ when OUTPUT is in a run directory) and write there; without it, such an OUTPUT is refused")
+@click.option("--replace", is_flag=True, help="when OUTPUT holds a dataset, move it to the trash (the run's "
+              "trash-<time>/ when OUTPUT is in a run directory) and write there; without it, a non-empty OUTPUT is "
+              "refused, and so, always, is a directory of other things (a run, an iteration)")
 @click.option("-o", "--override", "overrides", multiple=True, help=OVERRIDE_HELP)
 @user_errors
 def rescore(scores, output, recipe, overrides, replace):

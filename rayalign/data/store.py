@@ -278,14 +278,17 @@ def trash_dir(parent: Path) -> Path:
 
 def claim_output_dir(path: Path, *, replace: bool = False, trash: Path | None = None) -> Path | None:
     """Make `path` ready for a new dataset that a command was told to write there: absent or empty is fine; a
-    non-empty directory is refused unless `replace`, in which case it is moved into `trash` (returned); so is a
-    directory inside another dataset."""
+    non-empty directory is refused unless `replace` and it holds a dataset, which is then moved into `trash`
+    (returned); so is a directory inside another dataset. A run, an iteration or a user's files are never moved."""
     refuse_inside_dataset(path, "a new dataset")
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return None
     if not replace:
         raise DatasetError(f"{path}: exists and is not empty; choose a new directory, or pass --replace to move the "
                            "old one to the trash and write there")
+    if not is_dataset_dir(path) or any(p.is_dir() for p in path.iterdir()):
+        raise DatasetError(f"{path}: --replace replaces only a dataset, and this is a directory of other things (a "
+                           "run, an iteration or your files); choose a new directory")
     target = (trash or trash_dir(path.parent)) / path.name
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(path, target)
