@@ -158,6 +158,11 @@ def test_validate_reports_a_dataset_without_a_manifest_and_a_damaged_shard(finis
     output = one_line(invoke("validate", run_dir).output)
     assert f"{run_dir / 'iter-1' / 'samples'}: holds a scores dataset where a run keeps its samples" in output
     assert invoke("validate", run_dir / "iter-1" / "samples").exit_code == 0  # the dataset alone is intact
+    shutil.rmtree(run_dir / "iter-1" / "pairs")  # a finished stage's dataset deleted
+    result = invoke("validate", run_dir)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (f"{run_dir / 'iter-1' / 'pairs'}: missing, though state.json records iter-1/pairs as finished"
+            in one_line(result.output)) and "2 of 3 dataset(s) failed" in one_line(result.output)
 
 
 def damage_and_relaunch(run_dir: Path, recipe: Path, rng: random.Random, flips: int, done: set,

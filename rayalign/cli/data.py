@@ -175,11 +175,24 @@ def validate(path):
     # shards without a manifest: an unfinished dataset (reported, never skipped); scores.forward/ holds checkpoints
     shards = [*path.glob("part-*.parquet"), *path.glob("iter-*/*/part-*.parquet"), *path.glob("online/step-*/part-*.parquet")]
     datasets += sorted({p.parent for p in shards if not p.parent.name.endswith(".forward")} - set(datasets))
-    if not datasets:
+    failed = []
+    if (path / "state.json").is_file():  # a run: every stage it records as finished has its dataset
+        from rayalign.run_dir import read_state
+
+        for entry in (read_state(path) or {}).get("finished", []):
+            iteration, _, stage = entry.partition("/")
+            name = {"generate": "samples", "score": "scores", "pairs": "pairs"}.get(stage)
+            if name and path / iteration / name not in datasets:
+                failed.append(path / iteration / name)
+                err.print(f"FAILED  {path / iteration / name}: missing, though state.json records {entry} as "
+                          "finished; relaunching the run recomputes it", soft_wrap=True)
+    if not datasets and not failed:
         raise UserError(f"{path}: no manifest.json here, under iter-*/ or under online/step-*/ (incomplete or not a "
                         "rayalign dataset)")
-    failed = []
+    datasets += failed
     for ds in datasets:
+        if ds in failed:
+            continue
         problems = [message for _, message in dataset_problems(ds)]
         if not problems:
             try:
