@@ -31,7 +31,7 @@ from rayalign.cluster.spec import check_run_dir_visible, running_cluster_spec
 from rayalign.config import ConfigError, RunConfig
 from rayalign.data.prompts import load_candidate_sets, load_prompts
 from rayalign.data.schemas import schema_for
-from rayalign.data.store import (atomic_write_text, claim_output_dir, directory_checksums,
+from rayalign.data.store import (atomic_write_text, claim_output_dir, directory_checksums, is_dataset_dir,
                                  read_dataset, read_manifest, trash_dir)
 from rayalign.failures import errors_checkpoint, record_failures
 from rayalign.generation import FailedRowsError
@@ -377,11 +377,9 @@ def preflight(cfg: RunConfig, policy_path: str) -> None:
         load_user_reward(r.user.path, r.user.function)
 
 
-def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str | None = None,
-         stages: tuple[str, ...] = STAGES, redo: tuple[str, ...] = (), prompts=None) -> Path:
-    """`prompts`: the prompt table when the caller has read it already (launch checks it before Ray starts)."""
-
-    r = cfg.rewards
+def recipe_stages(cfg: RunConfig) -> tuple[str, ...]:
+    """The stages an iteration of this recipe runs, in order."""
+    r, stages = cfg.rewards, STAGES
     if not (r.latent.enabled or r.implicit.enabled or r.reward_model.enabled or r.user.path):
         stages = tuple(st for st in stages if st != "score")  # LIDR needs no scores; DCO scores its candidates
     if cfg.pairs.method is None:
@@ -390,6 +388,17 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
         stages = tuple(st for st in stages if st != "train")
     if cfg.pairs.method == "dco":  # DCO learns from parallel candidate sets, not from samples
         stages = tuple(st for st in stages if st in ("pairs", "train"))
+    return stages
+
+
+def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str | None = None,
+         stages: tuple[str, ...] = STAGES, redo: tuple[str, ...] = (), prompts=None) -> Path:
+    """`prompts`: the prompt table when the caller has read it already (launch checks it before Ray starts).
+    `stages`: a subset runs those stages only (rayalign generate|score|pairs), in the iterations whose inputs exist:
+    iteration t > 1 generates with policy t - 1, so without training only the first."""
+
+    every = recipe_stages(cfg)
+    stages = tuple(st for st in every if st in stages)
     spec = load_cluster_spec(cluster)
     cfg = with_counts(cfg, spec, address)
     if "generate" not in stages:
@@ -397,6 +406,13 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     elif prompts is None:
         prompts = load_prompts(cfg.prompts.path, cfg.languages, **cfg.prompts.load_kwargs())
     prior = check_run_dir_config(cfg, run_dir, redo)  # a refusal should not wait for a model build
+    needed = every[every.index(stages[0]) - 1] if stages and every.index(stages[0]) else None
+    output = {"generate": "samples", "score": "scores"}.get(needed, needed)
+    if needed and needed not in stages and f"iter-1/{needed}" not in (prior or {}).get("finished", ()) \
+            and not is_dataset_dir(run_dir / "iter-1" / output):
+        raise ConfigError(f"{run_dir}: the {stages[0]} stage needs iter-1/{needed}'s output, which this run has not "
+                          f"finished: run `rayalign {needed} RECIPE` (same --run-dir) first, or `rayalign launch "
+                          "RECIPE` for every stage")
     digest = check_prompts_unchanged(cfg, prior, prompts, redo) if prompts is not None else None
     initial_path = resolve_model_path(cfg.policy.path, progress=model_build_progress(cfg.policy.path))
     preflight(cfg, initial_path)  # before the run directory is touched: a refused recipe leaves nothing behind
@@ -416,6 +432,10 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     with Trackers(cfg, run_dir) as tracker:
         for iteration in range(1, cfg.iterations + 1):
             it_dir = run_dir / f"iter-{iteration}"
+            if iteration > 1 and "train" in every and f"iter-{iteration - 1}/train" not in state["finished"]:
+                console.print(f"iter-{iteration}: not run; it starts from iter-{iteration - 1}'s trained policy "
+                              "(rayalign launch runs every stage)")
+                break
             streamed = {}  # the score stage's result when it ran streaming behind generation
             for stage in stages:
                 name = f"iter-{iteration}/{stage}"
@@ -459,14 +479,15 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
                 write_state(run_dir, state)
                 shown = {k: (len(set(v)) if k == "actor_nodes" else v) for k, v in result.items()}
                 console.print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in shown.items()) + f" -> {out_dir}")
-            if f"iter-{iteration}/summary" not in state["finished"]:
+            done = all(f"iter-{iteration}/{stage}" in state["finished"] for stage in every)
+            if done and f"iter-{iteration}/summary" not in state["finished"]:
                 summary = {"iteration": iteration, "stage": "iteration", "policy": policy_name,
                            **iteration_summary(run_dir, iteration)}
                 log_metrics(run_dir, summary)
                 tracker.update()
                 state["finished"].append(f"iter-{iteration}/summary")
                 write_state(run_dir, state)
-            if "train" in stages:
+            if "train" in every:
                 policy_path, policy_name = str(it_dir / "policy"), f"iter-{iteration}/policy"
     return run_dir
 

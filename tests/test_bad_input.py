@@ -210,6 +210,27 @@ def test_damaged_samples_stop_the_next_stage_and_keep_the_run(tmp_path, tiny_mod
     assert snapshot(run_dir / "iter-1") == before and not (run_dir / "iter-1" / "scores").exists()
 
 
+def test_single_stage_commands_run_only_the_iterations_whose_inputs_exist(tmp_path, tiny_model, ray_session):
+    """`rayalign generate` on a two-iteration training recipe generated iteration 2 with the starting policy and
+    marked both iterations summarised, so a later launch kept those samples; `rayalign pairs` in a new directory
+    failed on a missing scores directory."""
+    from conftest import PROMPTS_DIR
+
+    run_dir = tmp_path / "run"
+    path = recipe(tmp_path, tiny_model, PROMPTS_DIR, "iterations: 2\nrewards: {latent: {enabled: true}, actors: 1}\n"
+                  "pairs: {method: lacomsa}\ntraining: {loss: dpo, micro_batch_size: 2, num_cpus: 1}\n")
+    result = invoke("pairs", path, "--run-dir", run_dir)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (f"{run_dir}: the pairs stage needs iter-1/score's output, which this run has not finished: run "
+            "`rayalign score RECIPE` (same --run-dir) first") in one_line(result.output)
+    assert not (run_dir / "state.json").exists()
+    result = invoke("generate", path, "--run-dir", run_dir)
+    assert result.exit_code == 0, result.output
+    assert "iter-2: not run; it starts from iter-1's trained policy" in one_line(result.output)
+    assert json.loads((run_dir / "state.json").read_text())["finished"] == ["iter-1/generate"]
+    assert not (run_dir / "iter-2").exists()
+
+
 # ---- NaN or infinite rewards from a user reward file ----
 
 def test_nan_user_reward_names_the_reward_file_and_the_prompt_and_keeps_the_samples(tmp_path, tiny_model,

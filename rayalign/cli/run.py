@@ -168,12 +168,15 @@ def _stage_command(stage: str, summary: str, example: str):
     return command
 
 
-_stage_command("generate", "Run only the generation stage: <run-dir>/iter-1/samples.",
+LATER = (" Later iterations start from a trained policy, so they run only once `rayalign launch` has trained the one "
+         "before; the same recipe and --run-dir resume with launch.")
+_stage_command("generate", "Run only the generation stage: <run-dir>/iter-1/samples." + LATER,
                "rayalign generate examples/quickstart.yaml -o engines.count=2 --run-dir runs/gen-k2")
-_stage_command("score", "Run only the scoring stage on the run's samples: <run-dir>/iter-1/scores.",
-               "rayalign score examples/quickstart.yaml")
-_stage_command("pairs", "Run only the pairs stage: <run-dir>/iter-1/pairs (from scores, or candidates for DCO).",
-               "rayalign pairs examples/quickstart.yaml -o pairs.method=msa --run-dir runs/quickstart")
+_stage_command("score", "Run only the scoring stage on the run's samples (after `rayalign generate`): "
+               "<run-dir>/iter-1/scores." + LATER, "rayalign score examples/quickstart.yaml --run-dir runs/gen-k2")
+_stage_command("pairs", "Run only the pairs stage (after `rayalign score`; DCO: from its candidates): "
+               "<run-dir>/iter-1/pairs. Other pairs from a finished run's scores: `rayalign launch RECIPE --redo "
+               "pairs -o pairs.method=...`." + LATER, "rayalign pairs examples/quickstart.yaml --run-dir runs/gen-k2")
 
 
 @main.command("online")
