@@ -112,7 +112,7 @@ def _fastest_split(cfg, spec: ClusterSpec):
         scorers = [n for n in ladder if n <= most("score")]
     else:
         scorers = [1]  # no scored reward: no scorer runs
-    fallback = []
+    fallback, reasons = [], {}
 
     def trial(training, n: int):
         """(estimated step seconds, actors) and the resolved config of `training`'s ranks and n scorers; None when
@@ -121,7 +121,8 @@ def _fastest_split(cfg, spec: ClusterSpec):
         try:
             candidate.validate()
             planned = plan_online(candidate, spec)
-        except (PlanError, ConfigError):
+        except (PlanError, ConfigError) as e:
+            reasons[(training.world_size, n)] = getattr(e, "reason", str(e))
             return None
         fallback.append(planned.config)
         if planned.problems:
@@ -144,12 +145,28 @@ def _fastest_split(cfg, spec: ClusterSpec):
     auto = [k for k, v in (("training.world_size", t.world_size), ("rewards.actors", r.actors)) if v == "auto"]
     fixed = [f"{k} {v}" for k, v in (("engines.count", e.count), ("training.world_size", t.world_size),
                                      ("rewards.actors", r.actors)) if v != "auto"]
-    rule = (f"; trainer ranks must divide a mini-batch into micro-batches of {t.micro_batch_size}"
-            if t.world_size == "auto" else "")
+    ranks = [training.world_size for training in trainings]
+    rule = (f"; trainer ranks must divide a mini-batch into micro-batches of {t.micro_batch_size}: "
+            f"{', '.join(map(str, ranks)) or 'none'} of 1-{most('train')} do" if t.world_size == "auto" else "")
+    # why the ends failed (the fewest and the most ranks that split the batch, with the fewest scorers): at one
+    # end memory usually, at the other the room left for the other roles
+    ends = sorted({min(ranks, default=0), max(ranks, default=0)})
+    why = "".join(f"; with {w} rank(s): {reasons[w, scorers[0]]}" for w in ends if (w, scorers[0]) in reasons)
     raise PlanError(f"{', '.join(auto)}: auto: no count fits {spec.name} beside the other online roles"
-                    f"{' (' + ', '.join(fixed) + ')' if fixed else ''}{rule}",
+                    f"{' (' + ', '.join(fixed) + ')' if fixed else ''}{rule}{why}",
                     "give every count as a number to see what does not fit, lower the fixed ones, or use a larger "
                     "cluster")
+
+
+def _fewer_actors(asked, resolved, last: str) -> str:
+    """Lower the counts the recipe fixed above 1 (an engine count also by setting it to auto); then `last`."""
+    counts = [("engines.count", asked.engines.count, resolved.engines.count),
+              ("training.world_size", asked.training.world_size, resolved.training.world_size)]
+    if resolved.online.score_weight:
+        counts.append(("rewards.actors", asked.rewards.actors, resolved.rewards.actors))
+    steps = [f"lower {key} (now {now}{', or set it to auto' if key == 'engines.count' else ''})"
+             for key, given, now in counts if given != "auto" and now > 1]
+    return "; ".join(steps) + f"; or {last}" if steps else last
 
 
 def plan_online(cfg, spec: ClusterSpec, strict: bool = False) -> Plan:
@@ -182,11 +199,11 @@ def plan_online(cfg, spec: ClusterSpec, strict: bool = False) -> Plan:
     all_cpus = spec.cpus_per_node * spec.nodes
     if gpus > spec.total_gpus:
         refuse(f"online: the roles ({together} actors) run side by side and need {gpus:g} GPUs; the cluster has "
-               f"{spec.total_gpus} ({spec.name})", "lower engines.count (or set it to auto), training.world_size or rewards.actors")
+               f"{spec.total_gpus} ({spec.name})", _fewer_actors(asked, cfg, "use a larger cluster"))
     if cpus > all_cpus:
         refuse(f"online: the roles ({together} actors) run side by side and need {cpus:g} CPUs; the cluster has "
-               f"{all_cpus:g} ({spec.name})", "lower engines.count (or set it to auto), training.world_size, rewards.actors or "
-               "the num_cpus of engines, rewards or training")
+               f"{all_cpus:g} ({spec.name})", _fewer_actors(asked, cfg, "lower the num_cpus of engines, rewards "
+                                                           "or training"))
     host = sum(p.actors * p.memory_gb["total"] for p in phases if p.device == "cpu")
     if host > spec.memory_gb_per_node * spec.nodes:
         refuse(f"online: the CPU actors side by side need about {host:.1f} GB of host memory; {spec.name} has "

@@ -328,10 +328,21 @@ def plan_training(cfg, spec: ClusterSpec, policy: ModelInfo, refuse: Shortfalls,
             refuse(f"{phase}: {memory['total']:.0f} GB per GPU (ZeRO-{t.zero_stage} states {states:.0f} GB over "
                    f"{t.world_size} rank(s){f' + {frozen:.0f} GB frozen reference' if frozen else ''} + "
                    f"{memory['activations']:.0f} GB activations) > {share:g} GB",
-                   "raise training.zero_stage or training.world_size, set training.gradient_checkpointing=true, or "
-                   "lower training.micro_batch_size")
+                   training_memory_remedy(t))
     return PhasePlan(phase, role, t.world_size, device, t.num_cpus, gpus, placement, nodes, [policy.name], memory,
                      share, details)
+
+
+def training_memory_remedy(t) -> str:
+    """What can still lower a trainer rank's memory, given the recipe's settings (never what is already set)."""
+    steps = [f"raise training.world_size (now {t.world_size})"]
+    if t.zero_stage < 3:
+        steps.insert(0, f"raise training.zero_stage (now {t.zero_stage})")
+    if not t.gradient_checkpointing:
+        steps.append("set training.gradient_checkpointing=true")
+    if t.micro_batch_size > 1:
+        steps.append(f"lower training.micro_batch_size (now {t.micro_batch_size})")
+    return ", ".join(steps[:-1]) + f" or {steps[-1]}" if len(steps) > 1 else steps[0] + ", or use GPUs with more memory"
 
 
 def scored_models(cfg, policy: ModelInfo) -> dict[str, ModelInfo]:

@@ -42,7 +42,7 @@ from rayalign.progress import console, deepspeed_op_notice, model_build_progress
 from rayalign.rewards.consistency import dco_gamma_table
 from rayalign.run_dir import (samples_writer, STAGES, check_prompts_unchanged, check_run_dir_config, checkpoint,
                               iteration_summary, kept_output_problems, log_metrics, prepare_run_dir, read_checkpoints,
-                              report_untrusted, set_aside_untrusted_checkpoint, write_state, write_table)
+                              recipe_stages, report_untrusted, set_aside_untrusted_checkpoint, write_state, write_table)
 from rayalign.run_lock import run_dir_lock
 from rayalign.scoring.finish import finish_scores, stage_centroids
 from rayalign.scoring.forward import ForwardSpec
@@ -375,20 +375,6 @@ def preflight(cfg: RunConfig, policy_path: str) -> None:
         latent_layers(cfg, policy_path)
     if r.user.path:
         load_user_reward(r.user.path, r.user.function)
-
-
-def recipe_stages(cfg: RunConfig) -> tuple[str, ...]:
-    """The stages an iteration of this recipe runs, in order."""
-    r, stages = cfg.rewards, STAGES
-    if not (r.latent.enabled or r.implicit.enabled or r.reward_model.enabled or r.user.path):
-        stages = tuple(st for st in stages if st != "score")  # LIDR needs no scores; DCO scores its candidates
-    if cfg.pairs.method is None:
-        stages = tuple(st for st in stages if st != "pairs")
-    if cfg.training.loss is None:
-        stages = tuple(st for st in stages if st != "train")
-    if cfg.pairs.method == "dco":  # DCO learns from parallel candidate sets, not from samples
-        stages = tuple(st for st in stages if st in ("pairs", "train"))
-    return stages
 
 
 def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str | None = None,

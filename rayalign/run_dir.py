@@ -104,6 +104,20 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = (),
     return state
 
 
+def recipe_stages(cfg: RunConfig) -> tuple[str, ...]:
+    """The stages an iteration of this recipe runs, in order."""
+    r, stages = cfg.rewards, STAGES
+    if not (r.latent.enabled or r.implicit.enabled or r.reward_model.enabled or r.user.path):
+        stages = tuple(st for st in stages if st != "score")  # LIDR needs no scores; DCO scores its candidates
+    if cfg.pairs.method is None:
+        stages = tuple(st for st in stages if st != "pairs")
+    if cfg.training.loss is None:
+        stages = tuple(st for st in stages if st != "train")
+    if cfg.pairs.method == "dco":  # DCO learns from parallel candidate sets, not from samples
+        stages = tuple(st for st in stages if st in ("pairs", "train"))
+    return stages
+
+
 STAGE_OUTPUTS = {  # what a stage leaves in iter-<t>/ (globs); "errors" is rebuilt by the next generate/score
     "generate": ("samples", "errors", f"{ERRORS_BY_SHARD}/generate-*"),
     "score": ("scores", "scores.forward", "errors", f"{ERRORS_BY_SHARD}/score-*", f"{ERRORS_BY_SHARD}/translate-*"),

@@ -247,6 +247,28 @@ def test_what_does_not_fit_is_refused(overrides, spec, message):
         plan(recipe("lacomsa-llama3-8b.yaml", *overrides), load_cluster_spec(spec))
 
 
+def test_memory_and_room_advice_names_only_what_is_left_to_change():
+    """The 8B online recipe already has ZeRO-3 and gradient checkpointing: the advice names neither."""
+    a100x8 = load_cluster_spec("a100x8")
+    with pytest.raises(PlanError) as e:
+        plan(recipe("online-grpo-llama3-8b.yaml", "training.world_size=1"), a100x8)
+    assert e.value.suggestion == "raise training.world_size (now 1) or lower training.micro_batch_size (now 4)"
+    with pytest.raises(PlanError) as e:
+        plan(recipe("lacomsa-llama3-8b.yaml", "training.world_size=1", "training.zero_stage=2",
+                    "training.micro_batch_size=1", "training.gradient_checkpointing=false",
+                    "training.global_batch_size=null"), a100x8)
+    assert e.value.suggestion == ("raise training.zero_stage (now 2), raise training.world_size (now 1) or set "
+                                  "training.gradient_checkpointing=true")
+    with pytest.raises(PlanError) as e:
+        plan(recipe("online-grpo-llama3-8b.yaml", "engines.count=6"), a100x8)
+    assert e.value.suggestion == ("lower engines.count (now 6, or set it to auto); lower training.world_size (now 4); "
+                                  "or use a larger cluster")
+    with pytest.raises(PlanError) as e:  # PPO: a critic per policy rank; 1 rank runs out of memory, 8 out of room
+        plan(recipe("online-grpo-llama3-8b.yaml", "online.algorithm=ppo", "training.world_size=auto"), a100x8)
+    assert "micro-batches of 4: 1, 2, 4, 5, 8 of 1-8 do; with 1 rank(s): train: 148 GB per GPU" in str(e.value)
+    assert "with 8 rank(s): engines.count: auto leaves no room for an engine" in str(e.value)
+
+
 def test_cpu_only_spec_previews_gpu_recipes_and_strict_refuses():
     local = load_cluster_spec("local")
     preview = plan(recipe("lacomsa-llama3-8b.yaml"), local)
