@@ -104,6 +104,8 @@ def test_hub_only_settings_on_sources_without_revisions_are_refused_at_config_ch
     assert local.exit_code == 2 and "prompts.revision: applies to hf: sources" in local.output
     local = invoke("config", REPO / "examples" / "quickstart.yaml", "-o", "prompts.config={lang}")
     assert local.exit_code == 2 and "prompts.config: applies to hf: sources" in local.output
+    local = invoke("config", REPO / "examples" / "quickstart.yaml", "-o", "prompts.split=test")  # was ignored
+    assert local.exit_code == 2 and "prompts.split: applies to hf: sources" in local.output
 
 
 def test_recipe_reads_a_local_hub_layout_relative_to_the_recipe(tmp_path):

@@ -174,3 +174,20 @@ def test_a_prompt_file_edited_in_place_is_read_again(tmp_path):
     edited = load_prompts(path, ["en", "de"])
     assert [m[0]["content"] for m in edited.column("messages").to_pylist()] == ["q0", "q0", "z1", "z1"]
     assert load_prompts(path, ["en", "de"], limit=1).num_rows == 2  # other settings, another entry
+
+
+def test_columns_map_local_files_and_a_mapped_column_must_exist(tmp_path):
+    rows = {lang: [{"qid": "q1", "text": f"question in {lang}"}, {"qid": "q2", "text": "another"}]
+            for lang in ("en", "de")}
+    d = write_dir(tmp_path, rows)
+    table = load_prompts(d, ["en", "de"], columns={"prompt_id": "qid", "instruction": "text"})
+    assert table.column("prompt_id").to_pylist() == ["q1", "q1", "q2", "q2"]
+    assert table.column("messages").to_pylist()[1] == [{"role": "user", "content": "question in de"}]
+    with pytest.raises(PromptError, match=r"en.jsonl:1: no column 'body' \(prompts.columns.instruction\); the row "
+                                          r"has 'qid', 'text'"):
+        load_prompts(d, ["en", "de"], columns={"prompt_id": "qid", "instruction": "body"})
+    single = tmp_path / "all.jsonl"
+    single.write_text(json.dumps({"prompt_id": "a", "language": "en", "instruction": "hi"}) + "\n")
+    with pytest.raises(PromptError, match=r"all.jsonl:1: no column 'lng' \(prompts.columns.lang\)"):
+        load_prompts(single, ["en"], columns={"lang": "lng"})
+    assert load_prompts(single, ["en"], columns={"lang": "language"}).column("lang").to_pylist() == ["en"]

@@ -144,6 +144,7 @@ class RunConfig:
             )
         p = self.prompts
         hub_only = [key for key, value in (("revision", p.revision), ("config", p.config)) if value is not None]
+        hub_only += ["split"] if p.split != "train" else []  # a local source has no splits
         if hub_only and not p.path.startswith("hf:"):
             raise ConfigError(f"prompts.{hub_only[0]}: applies to hf: sources; prompts.path {p.path!r} is a local "
                               f"file or directory (remove prompts.{hub_only[0]}, or use hf:<dataset>)")

@@ -125,8 +125,12 @@ def _to_row(where: str, obj: dict, lang: str | None, system_prompt: str | None, 
             "reference": reference if isinstance(reference, str) else None, "source": source, "_where": where}
 
 
-def _mapped(obj: dict, columns: dict[str, str]) -> dict:
-    return {**obj, **{field: obj[col] for field, col in columns.items() if col in obj}} if columns else obj
+def _mapped(where: str, obj: dict, columns: dict[str, str]) -> dict:
+    """The row with prompts.columns' source columns read as rayalign's fields; a mapped column must exist."""
+    missing = [f"{col!r} (prompts.columns.{field})" for field, col in columns.items() if col not in obj]
+    if missing:
+        raise PromptError(f"{where}: no column {', '.join(missing)}; the row has {', '.join(map(repr, obj)) or 'none'}")
+    return {**obj, **{field: obj[col] for field, col in columns.items()}} if columns else obj
 
 
 def load_prompts(path: str | Path, languages: list[str], *, limit: int | None = None, skip: int = 0,
@@ -147,7 +151,8 @@ def load_prompts(path: str | Path, languages: list[str], *, limit: int | None = 
             raise PromptError(str(e)) from None
         rows = []
         for where, obj, lang in hub_rows:
-            row = _to_row(where, _mapped(obj, columns), lang, system_prompt, str(path))
+            row = _to_row(where, _mapped(where, obj, {k: v for k, v in columns.items() if k != "lang"}), lang,
+                          system_prompt, str(path))  # the language column is read_hub_rows'
             row["lang"] = lang
             rows.append(row)
         return _parallel(str(path), rows, languages, limit, skip)
@@ -188,12 +193,13 @@ def _load_local(path: Path, languages: list[str], limit: int | None, skip: int, 
             if len(files) > 1:
                 raise PromptError(f"{path}: several files for language {lang!r}: {', '.join(f.name for f in files)}")
             for where, obj in _read(files[0]):
-                row = _to_row(where, _mapped(obj, columns), lang, system_prompt, files[0].name)
+                row = _to_row(where, _mapped(where, obj, columns), lang, system_prompt, files[0].name)
                 if row["lang"] != lang:
                     raise PromptError(f"{where}: lang {row['lang']!r} in the file for {lang!r}")
                 rows.append(row)
     elif path.is_file():
-        rows = [_to_row(where, _mapped(obj, columns), None, system_prompt, path.name) for where, obj in _read(path)]
+        rows = [_to_row(where, _mapped(where, obj, columns), None, system_prompt, path.name)
+                for where, obj in _read(path)]
         found = sorted({r["lang"] for r in rows})
         rows = [r for r in rows if r["lang"] in languages]
         if not rows and found:
