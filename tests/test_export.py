@@ -86,6 +86,23 @@ def test_export_refuses_bad_sources_and_outputs(tmp_path):
     assert refused.exit_code == 2 and "exists and is not an empty directory" in refused.output
     none = invoke("export", run, tmp_path / "o", "--stage", "samples")
     assert none.exit_code == 2 and "nor a run with a finished samples dataset" in none.output
+    # options the format does not use, and license ids the Hub would reject, are refused before anything is written
+    verl = ["--format", "verl"]
+    for source, options, expected in [
+            (run / "iter-1" / "pairs", verl, "neither a recipe file nor a run directory (no config.yaml)"),
+            (run, verl + ["--stage", "scores"], "--stage: not used by --format verl"),
+            (run, verl + ["--license", "mit"], "--license: not used by --format verl"),
+            (run, ["-o", "prompts.limit=2"], "-o: not used by --format hub"),
+            (run, ["--license", "MIT"], "--license 'MIT': not a Hub license id (close: mit)"),
+            (run, ["--license", ""], "--license '': not a Hub license id")]:
+        result = invoke("export", source, tmp_path / "x", *options)
+        assert result.exit_code == 2 and expected in " ".join(result.output.split()), (options, result.output)
+        assert not (tmp_path / "x").exists()
+    # a run whose last iteration has no pairs: the earlier iteration's, said so
+    pairs_run(tmp_path / "two", "B")
+    (tmp_path / "two" / "iter-2").mkdir()
+    result = invoke("export", tmp_path / "two", tmp_path / "y")
+    assert result.exit_code == 0 and "iter-2 has no finished pairs dataset; exporting" in result.output
 
 
 def test_push_to_hub_needs_a_token_and_names_a_failed_upload(tmp_path, monkeypatch):

@@ -267,18 +267,36 @@ def export_cmd(source, out, fmt, stage, license_id, repo, private, overrides):
     """
     from rayalign.data.export import ExportError, export_hub, export_verl, push_to_hub
 
+    from rayalign.data.export import check_license, find_dataset
+
     source, out = Path(source), Path(out)
-    given = click.get_current_context().get_parameter_source("stage") == click.core.ParameterSource.COMMANDLINE
-    if given and fmt == "hub" and (source / "manifest.json").is_file():
+    ctx = click.get_current_context()
+    given = {name for name in ("stage", "license_id", "repo", "private", "overrides")
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    flag = {"stage": "--stage", "license_id": "--license", "repo": "--push-to-hub", "private": "--private",
+            "overrides": "-o"}
+    ignored = given & ({"stage", "license_id"} if fmt == "verl" else {"overrides"})
+    if ignored:
+        raise UserError(f"{', '.join(sorted(flag[n] for n in ignored))}: not used by --format {fmt} (see --help)")
+    if "stage" in given and (source / "manifest.json").is_file():
         raise UserError(f"--stage {stage}: chooses a dataset of a run directory; {source} is a dataset itself (export "
                         f"it without --stage, or give the run directory)")
     try:
         if fmt == "verl":
+            if source.is_dir() and not (source / "config.yaml").is_file():
+                raise UserError(f"{source}: neither a recipe file nor a run directory (no config.yaml); --format verl "
+                                "exports a recipe's prompt set")
             recipe = source / "config.yaml" if source.is_dir() else source
             console.print(f"wrote {export_verl(load_recipe(recipe, overrides, models=False), out)}")
         else:
-            header = export_hub(source, out, stage=stage, license=license_id)
-            console.print(f"wrote {out}: configs {', '.join(c['config_name'] for c in header['configs'])}")
+            check_license(license_id)
+            dataset = find_dataset(source, stage)
+            last = max((int(p.name[5:]) for p in source.glob("iter-*") if p.name[5:].isdigit()), default=None)
+            if dataset != source and last is not None and dataset.parent.name != f"iter-{last}":
+                err.print(f"export: iter-{last} has no finished {stage} dataset; exporting {dataset}", soft_wrap=True)
+            header = export_hub(dataset, out, stage=stage, license=license_id)
+            console.print(f"wrote {out} from {dataset}: configs "
+                          f"{', '.join(c['config_name'] for c in header['configs'])}", soft_wrap=True)
         if repo:
             console.print(f"pushed: {push_to_hub(out, repo, private=private)}")
     except ExportError as e:

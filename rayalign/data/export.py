@@ -28,6 +28,25 @@ class ExportError(ValueError):
     """An export that cannot be made; the message names the path and what was expected."""
 
 
+HUB_LICENSES = frozenset((  # the Hub's license identifiers (huggingface.co/docs/hub/repositories-licenses)
+    "apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0 bigcode-openrail-m "
+    "afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc cc0-1.0 cc-by-2.0 "
+    "cc-by-2.5 cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0 "
+    "cc-by-nc-nd-3.0 cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0 "
+    "cdla-permissive-1.0 cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 eupl-1.2 agpl-3.0 gfdl "
+    "gpl gpl-2.0 gpl-3.0 lgpl lgpl-2.1 lgpl-3.0 isc lppl-1.3c ms-pl mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql "
+    "ofl-1.1 ncsa unlicense zlib pddl lgpl-lr llama2 llama3 llama3.1 llama3.2 llama3.3 gemma unknown other").split())
+
+
+def check_license(license_id: str) -> None:
+    """A license id the Hub accepts in a card (`other` for anything else, described in the card's text)."""
+    if license_id not in HUB_LICENSES:
+        close = sorted(x for x in HUB_LICENSES if license_id and license_id.lower().replace(" ", "-") in x)[:5]
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise ExportError(f"--license {license_id!r}: not a Hub license id{hint}; use one such as apache-2.0, mit, "
+                          "cc-by-4.0, or other (and name the license in the card)")
+
+
 def find_dataset(path: Path, stage: str) -> Path:
     """A dataset directory itself, or in a run directory the last iteration's `stage` dataset."""
     if (path / "manifest.json").is_file():
