@@ -19,7 +19,7 @@ from rayalign.config import ConfigError, EvalConfig, RunConfig, build_dataclass
 from rayalign.config.sections import ConsistencyRewardConfig
 from rayalign.data.store import DatasetWriter, read_dataset, read_manifest
 from rayalign.eval import metrics
-from rayalign.models import resolve_model_path
+from rayalign.models import ModelLoadError, resolve_model_path
 from rayalign.progress import console, model_build_progress, progress_bar
 from rayalign.run_dir import dataset_complete, write_table
 from rayalign.scoring.hub_scan import hub_scan
@@ -45,7 +45,10 @@ def run_policy(cfg: RunConfig, run_dir: Path, policy: str | None = None) -> tupl
             raise ConfigError(f"policy {policy}: {path} holds no checkpoint (has the run trained iteration "
                               f"{policy[5:]}?)")
         return str(path), f"{policy}/policy", policy
-    return resolve_model_path(policy), policy, Path(policy).name or "policy"
+    try:
+        return resolve_model_path(policy), policy, Path(policy).name or "policy"
+    except ModelLoadError as e:
+        raise ModelLoadError(f"--policy {policy!r}: not initial, iter-N or a checkpoint found; {e}") from None
 
 
 def eval_key(cfg: RunConfig, policy_path: str, policy_name: str, settings: dict | None = None) -> str:

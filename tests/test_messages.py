@@ -44,6 +44,31 @@ def test_stage_commands_advise_a_command_that_takes_redo(tmp_path):
     assert "`rayalign launch RECIPE --redo STAGE[,STAGE...]`" in result.output
 
 
+def test_misplaced_inputs_get_a_pointer_to_the_right_command(tmp_path, tiny_model):
+    """A study file given as a recipe, a study directory to inspect, an eval --policy that is nothing, an eval --out
+    that is a dataset: each refused with what to do instead, before Ray starts."""
+    study = REPO / "examples" / "study-quickstart.yaml"
+    for command in ("config", "plan", "launch"):
+        result = invoke(command, study)
+        assert result.exit_code == 2 and f"{study}: a study file (recipe and grid), not a recipe: run it with " \
+            f"`rayalign study {study}`" in " ".join(result.output.split()), result.output
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "study.json").write_text("{}")
+    result = invoke("inspect", tmp_path / "study")
+    assert result.exit_code == 2 and "`rayalign report` summarises a study" in " ".join(result.output.split())
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\npolicy: {{path: {tiny_model}}}\nlanguages: [en, de]\nprompts: {{limit: 2}}\n")
+    result = invoke("eval", recipe, "--policy", tmp_path / "nothing", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 2 and f"--policy '{tmp_path / 'nothing'}': not initial, iter-N or a checkpoint" in \
+        " ".join(result.output.split())
+    dataset = tmp_path / "pairs"
+    dataset.mkdir()
+    (dataset / "manifest.json").write_text('{"schema": "pairs", "schema_version": 1, "shards": []}')
+    result = invoke("eval", recipe, "--policy", "initial", "--run-dir", tmp_path / "run", "--out", dataset)
+    assert result.exit_code == 2 and "holds a dataset; an evaluation writes" in " ".join(result.output.split())
+    assert "Ray" not in result.output and not (tmp_path / "run").exists()
+
+
 def test_ctrl_c_says_that_relaunching_resumes(tmp_path):
     recipe = tmp_path / "recipe.yaml"  # the tiny model is built first: a long wait to interrupt
     recipe.write_text("name: ctrlc\npolicy: {path: 'builtin:tiny-multilingual?train_steps=100000'}\n")

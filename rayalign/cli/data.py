@@ -109,8 +109,10 @@ def inspect(path):
     path = Path(path)
     datasets, metrics = find_datasets(path), read_metrics(path)
     if not datasets and not metrics:
+        study = " It is a study's directory: `rayalign report` summarises a study" if (path / "study.json").is_file() \
+            else ""
         raise UserError(f"{path}: no datasets (no manifest.json here, under iter-*/ or under online/step-*/) and no "
-                        "metrics.jsonl")
+                        f"metrics.jsonl.{study}")
     rollouts = [ds for ds in datasets if ds.parent.name == "online"]
     for ds in [ds for ds in datasets if ds not in rollouts] + rollouts[-1:]:  # of an online run's steps, the last
         manifest, summary = dataset_summary(ds)
@@ -146,8 +148,8 @@ def inspect(path):
         table = Table("metric", *(f"iter {i}" for i in iterations["iteration"]), title="iterations")
         for column in iterations.columns[1:]:
             label = ITERATION_HEADERS.get(column) or f"fidelity {column.removeprefix('fidelity_')}"
-            table.add_row(label, *("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-                                   for v in iterations[column]))
+            table.add_row(label, *("" if v is None else f"{v + 0.0:.4g}" if isinstance(v, float) else str(v)
+                                   for v in iterations[column]))  # + 0.0: -0.0 prints as 0
         console.print(table)
 
 

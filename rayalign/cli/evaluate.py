@@ -60,6 +60,7 @@ def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates_pa
     """
     from rayalign.cluster import connect, load_cluster_spec
     from rayalign.cluster.planner import with_counts
+    from rayalign.data.store import is_dataset_dir, refuse_inside_dataset
     from rayalign.pipelines.evaluate import eval_setup, evaluate_policy, print_summary, run_policy
     from rayalign.scoring.hub_scan import run_hub_layer
 
@@ -78,6 +79,10 @@ def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates_pa
                    silhouette_prompts=silhouette_prompts, likelihood=likelihood, accuracy=accuracy, judge=judge,
                    hub_layer=run_hub_layer(cfg, run_dir))
     eval_setup(cfg, path, name, **options, say=lambda note: None)  # its inputs refused before Ray starts
+    refuse_inside_dataset(out, "an evaluation")
+    if is_dataset_dir(out):
+        raise UserError(f"--out {out}: holds a dataset; an evaluation writes samples/, scores/ and results/ into a "
+                        "directory of its own")
     spec = load_cluster_spec(cluster)
     connect(spec, address)
     cfg = with_counts(cfg, spec, address)

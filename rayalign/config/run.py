@@ -317,6 +317,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not data:
             raise ConfigError(f"{path}: the recipe is empty; write at least the settings that differ from the "
                               "defaults (see `rayalign config`), for example `name: my-run`")
+        if {"recipe", "grid"} <= set(data):
+            raise ConfigError(f"{path}: a study file (recipe and grid), not a recipe: run it with `rayalign study "
+                              f"{path}` (add --dry-run --cluster NAME to see its runs and their plans)")
         if "reference" in data:  # the config.yaml of a run made before the key's removal holds `reference: null`
             if data["reference"] is not None:
                 raise ConfigError(f"{path}: reference: unknown key in the recipe: the top-level reference model was "
