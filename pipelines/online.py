@@ -25,14 +25,14 @@ import ray
 
 from rayalign.config import RunConfig
 from rayalign.data.prompts import load_prompts
-from rayalign.data.store import DatasetWriter, atomic_write_text, trash_dir
+from rayalign.data.store import DatasetWriter, atomic_write_text, directory_checksums, trash_dir
 from rayalign.models import resolve_model_path
 from rayalign.progress import console, deepspeed_op_notice, model_build_progress
 from rayalign.tracking import Trackers, check_trackers
 from rayalign.actors.weight_sync import WeightSync
 from rayalign.pipelines.online_rollouts import Rollouts
-from rayalign.run_dir import (check_prompts_unchanged, check_run_dir_config, log_metrics, prepare_run_dir,
-                              set_aside_untrusted_checkpoint, write_state)
+from rayalign.run_dir import (check_prompts_unchanged, check_run_dir_config, kept_output_problems, log_metrics,
+                              prepare_run_dir, set_aside_untrusted_checkpoint, write_state)
 from rayalign.scoring.finish import stage_centroids
 from rayalign.scoring.rewards import load_user_reward
 from rayalign.scoring.setup import forward_rewards, latent_layers, scoring_setup, with_scoring_prompts
@@ -63,7 +63,14 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     rollout_size = cfg.rollouts_per_step(prompts.num_rows)
     tcfg = cfg.online_training(rollout_size)
     updates_per_step = o.ppo_epochs * rollout_size // (o.mini_batch_size or rollout_size)
-    digest = check_prompts_unchanged(cfg, check_run_dir_config(cfg, run_dir), prompts)  # before models
+    prior = check_run_dir_config(cfg, run_dir)
+    digest = check_prompts_unchanged(cfg, prior, prompts)  # before models
+    if prior and "online/policy" in prior["finished"]:  # a finished run: kept when its saved policy verifies
+        problems = kept_output_problems(run_dir, prior, run_dir / "online" / "policy")
+        if not problems:
+            console.print(f"online/policy: finished earlier ({o.steps} steps), kept -> {run_dir / 'online' / 'policy'}")
+            return run_dir
+        console.print(f"online/policy: not kept ({'; '.join(problems)}); the run resumes from its last checkpoint")
     policy_path = resolve_model_path(cfg.policy.path, model_build_progress(cfg.policy.path))
     if o.score_weight and cfg.rewards.latent.enabled:
         latent_layers(cfg, policy_path)  # layers beyond the model's are refused before any actor starts
@@ -179,6 +186,9 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
                               f"clip {record['clip_fraction']:.3f}  entropy {record['entropy']:.3f}  "
                               + "  ".join(f"{k.removeprefix('seconds_')} {v:.1f}s" for k, v in timings.items()))
             trainer.save(str(run_dir / "online" / "policy"))
+            state.setdefault("checksums", {})["online/policy"] = directory_checksums(run_dir / "online" / "policy")
+            state["finished"].append("online/policy")
+            write_state(run_dir, state)
             tracker.close()
         except ray.exceptions.RayActorError as e:  # generation and scoring actors are retried; a trainer rank is not
             raise trainer_lost(e, state, o.checkpoint_every) from None
@@ -203,7 +213,6 @@ def save_checkpoints(run_dir: Path, groups: dict, step: int, add_to_policy=None)
     """Every trainer group's DeepSpeed checkpoint of this step (`add_to_policy(tag_dir)` writes more files into the
     policy's); returns the record (tags and file checksums) that the run state keeps: a relaunch loads only
     checkpoints that match it."""
-    from rayalign.data.store import directory_checksums
 
     record = {"step": step}
     for role, group in groups.items():

@@ -309,7 +309,7 @@ def test_launch_runs_an_online_recipe_online_after_a_refusal_for_its_cpus(ray_se
     assert checked.exit_code == 0 and checked.output.count("rollouts v1") == 2, checked.output
 
 
-def test_online_run_resumes_from_its_last_checkpoint(ray_session, tiny_model, tmp_path):
+def test_online_run_resumes_from_its_last_checkpoint(ray_session, tiny_model, tmp_path, capsys):
     """A run interrupted after step 2's checkpoint (step 3 not recorded) continues from it: step 3's rollouts equal
     the uninterrupted run's exactly, the final policy within 1e-6."""
     import shutil
@@ -324,11 +324,19 @@ def test_online_run_resumes_from_its_last_checkpoint(ray_session, tiny_model, tm
         "online.prompts_per_step=1"])
     run_dir = online.run(cfg, tmp_path / "run")
     state = json.loads((run_dir / "state.json").read_text())
-    assert state["online_checkpoint"]["step"] == 2 and state["finished"][-1] == "online/step-3"
+    assert state["online_checkpoint"]["step"] == 2 and state["finished"][-2:] == ["online/step-3", "online/policy"]
     expected_rollouts = read_dataset(run_dir / "online" / "step-0003", "rollouts")
     expected_policy = load_file(run_dir / "online" / "policy" / "model.safetensors")
 
+    finished = run_dir / "state.json", run_dir / "metrics.jsonl", run_dir / "online" / "policy" / "model.safetensors"
+    before = {f: f.read_bytes() for f in finished}
+    capsys.readouterr()
+    online.run(cfg, run_dir)  # a finished run is kept: nothing runs again, nothing moves
+    assert "online/policy: finished earlier (3 steps), kept" in capsys.readouterr().err
+    assert {f: f.read_bytes() for f in finished} == before and not list(run_dir.glob("trash-*"))
+
     state["finished"].remove("online/step-3")  # as if killed during step 3, after step 2's checkpoint
+    state["finished"].remove("online/policy")
     (run_dir / "state.json").write_text(json.dumps(state))
     shutil.rmtree(run_dir / "online" / "policy")
     online.run(cfg, run_dir)
@@ -352,9 +360,12 @@ def test_an_online_checkpoint_that_was_changed_is_not_loaded(ray_session, tiny_m
     tag = json.loads((run_dir / "state.json").read_text())["online_checkpoint"]["policy"]["tag"]
     planted = next((run_dir / "online" / "train.ckpt" / tag).glob("*model_states.pt"))
     planted.write_bytes(planted.read_bytes() + b"tampered")
+    state = json.loads((run_dir / "state.json").read_text())
+    state["finished"].remove("online/policy")  # as if killed before the final policy was saved
+    (run_dir / "state.json").write_text(json.dumps(state))
     online.run(cfg, run_dir)
     state = json.loads((run_dir / "state.json").read_text())
-    assert state["finished"] == ["online/step-1"] and state["online_checkpoint"]["step"] == 1
+    assert state["finished"] == ["online/step-1", "online/policy"] and state["online_checkpoint"]["step"] == 1
     assert list(run_dir.glob("trash-*/online/train.ckpt"))  # the changed checkpoint was set aside, not loaded
 
 
