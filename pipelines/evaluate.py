@@ -36,7 +36,13 @@ def run_policy(cfg: RunConfig, run_dir: Path, policy: str | None = None) -> tupl
     iteration N), or None: the run's latest trained policy, else initial."""
     if policy is None:
         trained = sorted(run_dir.glob("iter-*/policy/config.json"), key=lambda p: int(p.parent.parent.name[5:]))
-        policy = trained[-1].parent.parent.name if trained else "initial"
+        policy = trained[-1].parent.parent.name if trained else "online" if cfg.mode == "online" and (
+            run_dir / "online" / "policy" / "config.json").is_file() else "initial"
+    if policy == "online":  # an online run's final policy
+        path = run_dir / "online" / "policy"
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"policy online: {path} holds no checkpoint (has the online run finished?)")
+        return str(path), "online/policy", "online"
     if policy == "initial":
         return resolve_model_path(cfg.policy.path, model_build_progress(cfg.policy.path)), cfg.policy.path, "initial"
     if policy.startswith("iter-") and policy[5:].isdigit():

@@ -334,6 +334,9 @@ def test_online_run_resumes_from_its_last_checkpoint(ray_session, tiny_model, tm
     online.run(cfg, run_dir)  # a finished run is kept: nothing runs again, nothing moves
     assert "online/policy: finished earlier (3 steps), kept" in capsys.readouterr().err
     assert {f: f.read_bytes() for f in finished} == before and not list(run_dir.glob("trash-*"))
+    from rayalign.pipelines.evaluate import run_policy
+
+    assert run_policy(cfg, run_dir) == (str(run_dir / "online" / "policy"), "online/policy", "online")  # eval's default
 
     state["finished"].remove("online/step-3")  # as if killed during step 3, after step 2's checkpoint
     state["finished"].remove("online/policy")

@@ -99,5 +99,5 @@ def run_dir_of(cfg, run_dir) -> Path:
     return Path(run_dir) if run_dir else cfg.resolved_run_dir()
 
 
-POLICY_HELP = "checkpoint to evaluate: initial (the recipe's policy), iter-N (the run's iteration N), or a path; " \
-              "default: the run's latest trained policy, else initial"
+POLICY_HELP = "checkpoint to evaluate: initial (the recipe's policy), iter-N (the run's iteration N), online (an " \
+              "online run's final policy), or a path; default: the run's latest trained policy, else initial"
