@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import yaml
 
 from rayalign.config import ConfigError, RunConfig, save_config
 from rayalign.data.store import (DatasetError, DatasetWriter, atomic_write_text, checksum_path, directory_problems,
@@ -32,12 +33,31 @@ def check_run_dir_config(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = 
                           "would read the run as part of it: choose a run name or --run-dir outside datasets")
     state = read_state(run_dir)
     if state is not None and not cfg.matches(state["config_hash"]) and not redo and holds_results(state):
-        remedy = ("use another --run-dir" if cfg.mode == "online" else
+        online_run = any(str(s).startswith("online/") for s in state["finished"])
+        remedy = ("use another --run-dir" if cfg.mode == "online" or online_run else
                   f"run `rayalign launch RECIPE --redo STAGE[,STAGE...]` ({', '.join(STAGES)}) to recompute those "
                   "stages and every later one with this recipe (earlier ones are kept), use another --run-dir")
-        raise ConfigError(f"{run_dir}: holds a run with another config (hash {state['config_hash']}, this recipe "
-                          f"{cfg.config_hash()}); {remedy}, or delete the directory to start over")
+        raise ConfigError(f"{run_dir}: holds {'an online' if online_run else 'a'} run with another config (hash "
+                          f"{state['config_hash']}, this recipe {cfg.config_hash()}{changed_keys(run_dir, cfg)}); "
+                          f"{remedy}, or delete the directory to start over")
     return state
+
+
+def changed_keys(run_dir: Path, cfg: RunConfig, most: int = 6) -> str:
+    """", changed: key (was -> now), ..." between the run's config.yaml and `cfg`; empty when unreadable."""
+    def flat(data, prefix=""):
+        if isinstance(data, dict):
+            return {k: v for key, value in data.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: data}
+
+    try:
+        old = flat(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {})
+    except (OSError, ValueError, yaml.YAMLError):
+        return ""
+    new = flat(cfg.to_dict())
+    keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in keys[:most])
+    return f"; changed: {shown}{', ...' if len(keys) > most else ''}" if keys else ""
 
 
 def prompt_digest(prompts) -> str:

@@ -160,6 +160,16 @@ def test_launch_into_a_run_of_another_config_is_refused_before_its_plan_is_repla
     result = CliRunner().invoke(main, ["launch", str(recipe), "--run-dir", str(run_dir)])
     assert result.exit_code == 2 and "holds a run with another config" in result.output
     assert (run_dir / "plan.json").read_text() == '{"the": "old run\'s plan"}'
+    from rayalign.config import load_config, save_config
+
+    save_config(load_config(recipe, ["sampling.n=3"]), run_dir / "config.yaml")  # the keys that changed are named
+    result = CliRunner().invoke(main, ["launch", str(recipe), "--run-dir", str(run_dir), "-o", "sampling.top_p=0.5"])
+    assert "changed: sampling.n (3 -> 4), sampling.top_p (1.0 -> 0.5));" in " ".join(result.output.split())
+    # an online run's directory: never advice to redo offline stages in it
+    (run_dir / "state.json").write_text(json.dumps({"config_hash": "0" * 16, "finished": ["online/step-1"]}))
+    result = " ".join(CliRunner().invoke(main, ["launch", str(recipe), "--run-dir", str(run_dir)]).output.split())
+    assert "holds an online run with another config" in result and "use another --run-dir" in result
+    assert "--redo" not in result
 
 
 def test_a_ray_cluster_that_cannot_be_joined_is_named_without_a_traceback(tmp_path):
