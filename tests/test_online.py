@@ -1,6 +1,7 @@
 """Online RL: rewards and advantages by hand, weight sync to the engines, and a reward that rises."""
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -251,6 +252,23 @@ def test_online_lacomsa_reward_equals_the_offline_scoring_of_the_same_rollouts(r
     expected = [f + 0.5 * r_lacomsa[k] for f, k in zip(fidelity, key(rollouts))]
     assert rollouts.column("reward").to_pylist() == pytest.approx(expected, abs=1e-4)
     assert max(abs(e - f) for e, f in zip(expected, fidelity)) > 1e-3
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["online.algorithm=rloo", "sampling.n=1"], "sampling.n: online.algorithm rloo compares the samples of a prompt"),
+    (["sampling.n=1"], "sampling.n: online.algorithm grpo compares the samples of a prompt (group advantages), so n "
+                       "must be >= 2, got 1"),
+    (["online.fidelity_weight=0"], "online.fidelity_weight: 0, and so are online.user_weight, score_weight and "
+                                   "length_weight: every rollout gets the same reward"),
+])
+def test_online_recipes_that_cannot_learn_are_refused(overrides, expected):
+    """RLOO with one sample per prompt failed after Ray started ("group 0 has 1"); GRPO with one, or no reward,
+    trained on zero advantages."""
+    from rayalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(REPO / "examples" / "online-grpo-quickstart.yaml", overrides)
+    load_config(REPO / "examples" / "online-grpo-quickstart.yaml", ["online.algorithm=ppo", "sampling.n=1"])
 
 
 def test_recipes_mixing_offline_and_online_settings_are_refused_with_the_keys():

@@ -199,6 +199,14 @@ class RunConfig:
                                   "hub-scan RECIPE` and set the layer it prints")
         if o.user_weight and not r.user.path:
             raise ConfigError("online.user_weight: needs rewards.user.path (the reward file)")
+        if self.mode != "online":
+            return
+        if o.algorithm in ("grpo", "rloo") and self.sampling.n < 2:
+            raise ConfigError(f"sampling.n: online.algorithm {o.algorithm} compares the samples of a prompt (group "
+                              f"advantages), so n must be >= 2, got {self.sampling.n}; or use online.algorithm: ppo")
+        if not (o.fidelity_weight or o.user_weight or o.score_weight or o.length_weight):
+            raise ConfigError("online.fidelity_weight: 0, and so are online.user_weight, score_weight and "
+                              "length_weight: every rollout gets the same reward and nothing is learned; set one")
         if o.target_language is not None and o.target_language not in self.languages:
             raise ConfigError(f"online.target_language: {o.target_language!r} is not one of languages {self.languages}")
 
