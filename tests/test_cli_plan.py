@@ -98,6 +98,13 @@ def test_submit_builds_the_job(monkeypatch, tmp_path):
     assert submitted["spec"]["runtime_env"]["env_vars"] == {"HF_HOME": "/data/hf"} and submitted["wait"]
     bad = invoke("submit", "--env", "NOVALUE", "--", "config")
     assert bad.exit_code == 2 and "--env 'NOVALUE': expected KEY=VALUE" in bad.output
+    for args, expected in [(["--address", "notaurl", "--", "config"], "the Ray dashboard's HTTP address"),
+                           (["--address", "head:6379", "--", "config"], "not the host:6379 address"),
+                           (["--", "rayalign", "plan", "x.yaml"], "'rayalign': not a rayalign command (drop the "
+                                                                  "leading 'rayalign')"),
+                           (["--", "nosuch"], "'nosuch': not a rayalign command")]:
+        bad = invoke("submit", *args)
+        assert bad.exit_code == 2 and expected in " ".join(bad.output.split()) and "Traceback" not in bad.output, args
 
 
 def test_a_cpu_recipe_that_does_not_fit_exits_2_while_a_gpu_preview_exits_0():

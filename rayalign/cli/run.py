@@ -135,6 +135,13 @@ def submit(command, address, working_dir, pip, env_vars, wait):
     """
     from rayalign.cluster.submit import job_spec, submit as submit_job
 
+    if not address.startswith(("http://", "https://")):
+        raise UserError(f"--address {address!r}: the Ray dashboard's HTTP address, such as http://head:8265 (not "
+                        "the host:6379 address that `ray start --address` takes)")
+    if command[0] not in main.commands:
+        drop = " (drop the leading 'rayalign')" if command[0] == "rayalign" else ""
+        raise UserError(f"{command[0]!r}: not a rayalign command{drop}; after -- comes what follows `rayalign`, "
+                        f"one of: {', '.join(sorted(main.commands))}")
     env = {}
     for item in env_vars:
         key, sep, value = item.partition("=")
@@ -142,7 +149,11 @@ def submit(command, address, working_dir, pip, env_vars, wait):
             raise UserError(f"--env {item!r}: expected KEY=VALUE")
         env[key] = value
     spec = job_spec(list(command), working_dir, pip=list(pip), env=env)
-    job_id, status = submit_job(address, spec, wait=wait, echo=lambda text, end="": click.echo(text, nl=False))
+    try:
+        job_id, status = submit_job(address, spec, wait=wait, echo=lambda text, end="": click.echo(text, nl=False))
+    except (ConnectionError, RuntimeError, ValueError) as e:  # what the Jobs client raises for an unreachable dashboard
+        raise UserError(f"--address {address}: the Ray Jobs API did not answer ({str(e).splitlines()[0][:300]}); "
+                        "is the cluster up, and is this its dashboard (port 8265 by default)?") from None
     console.print(f"job {job_id}: {status}")
     if wait and status != "SUCCEEDED":
         sys.exit(1)
