@@ -181,9 +181,18 @@ def test_partial_run_reports_with_notes(tmp_path):
     write_jsonl(tmp_path / "metrics.jsonl", [{"iteration": 1, "stage": "generate", "rows": 8},
                                              {"iteration": 1, "stage": "iteration", "loss_mean": 0.6}])
     with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": "two", "stage": "iteration", "loss_mean": 0.5}\n')  # edited: text for numbers
+        f.write('{"iteration": 2, "stage": "iteration", "fidelity_de": "high"}\n')
         f.write('{"iteration": 2, "stage": "gen')  # the run was killed while writing
     md = report(tmp_path).read_text()
-    assert "metrics.jsonl` line 3 skipped" in md and "| 1 | 0.6 | 0.6 |" not in md
+    assert all(f"metrics.jsonl` line {n} skipped" in md for n in (3, 4, 5)) and "| 1 | 0.6 | 0.6 |" not in md
+    from click.testing import CliRunner
+
+    from rayalign.cli import main
+
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert shown.exit_code == 0 and "Traceback" not in shown.output, shown.output
+    assert all(f"metrics.jsonl:{n}: skipped, not a metrics record" in shown.output for n in (3, 4, 5))
     assert "| iteration | loss_mean |" in md and "| 1 | 0.6 |" in md
     assert_png(tmp_path / "report" / "training_by_iteration.png")
     for name in ("rewards_by_language.png", "fidelity_by_iteration.png", "silhouette_by_layer.png"):

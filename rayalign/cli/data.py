@@ -107,7 +107,9 @@ def inspect(path):
     from rayalign.data.inspect import dataset_summary, find_datasets, iteration_table, read_metrics, step_table
 
     path = Path(path)
-    datasets, metrics = find_datasets(path), read_metrics(path)
+    datasets = find_datasets(path)
+    metrics = read_metrics(path, lambda file, number: err.print(
+        f"{file}:{number}: skipped, not a metrics record (a write cut short, or edited)", soft_wrap=True))
     if not datasets and not metrics:
         study = " It is a study's directory: `rayalign report` summarises a study" if (path / "study.json").is_file() \
             else ""

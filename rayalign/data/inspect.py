@@ -85,9 +85,24 @@ def step_table(metrics: list[dict]) -> pl.DataFrame | None:
                         schema={c: pl.Int64 if c == "step" else pl.Float64 for c in columns})
 
 
+NUMERIC = ("iteration", "step", "loss", "reward", "accuracy", "fidelity_", "seconds", "kl", "clip", "entropy",
+           "value_loss", "grad_norm", "lr", "approx_kl", "pairs_rows", "steps", "dropped", "retries", "failed_rows",
+           "rows", "samples", "tokens")  # prefixes of the fields that tables and plots read as numbers
+
+
+def _numbers_where_expected(record: dict) -> bool:
+    for key, value in record.items():
+        if key.startswith(NUMERIC) and value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return False
+            if key in ("iteration", "step") and not isinstance(value, int):
+                return False
+    return True
+
+
 def read_metrics(run_dir: Path, on_bad_line=None) -> list[dict]:
-    """metrics.jsonl's records. A line that is not a JSON object (a write cut short by a killed run) is skipped and
-    passed to `on_bad_line(path, line_number)`."""
+    """metrics.jsonl's records. A line that is not a JSON object (a write cut short by a killed run), or that holds
+    text where a number belongs (an edit), is skipped and passed to `on_bad_line(path, line_number)`."""
     path = run_dir / "metrics.jsonl"
     records = []
     for number, line in enumerate(path.read_bytes().splitlines() if path.is_file() else [], 1):
@@ -95,7 +110,7 @@ def read_metrics(run_dir: Path, on_bad_line=None) -> list[dict]:
             record = json.loads(line) if line.strip() else {}
         except (json.JSONDecodeError, UnicodeDecodeError):  # a cut write, or bytes that are not UTF-8
             record = None
-        if isinstance(record, dict):
+        if isinstance(record, dict) and _numbers_where_expected(record):
             if record:
                 records.append(record)
         elif on_bad_line is not None:

@@ -55,6 +55,7 @@ def format_value(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if isinstance(value, float):
+        value += 0.0  # -0.0 prints as 0
         return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     if isinstance(value, (list, tuple)):
         return "+".join(str(v) for v in value)

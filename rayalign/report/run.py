@@ -145,7 +145,7 @@ def _last_scores(run_dir: Path) -> Path | None:
 
 def run_report(run_dir: Path, doc: Document) -> None:
     metrics = read_metrics(run_dir, lambda path, number: doc.notes.append(
-        f"`{path}` line {number} skipped: expected a JSON object"))
+        f"`{path}` line {number} skipped: expected a JSON object of metrics (numbers where numbers belong)"))
     iterations = iteration_frame(metrics)
     scores_dir = _last_scores(run_dir)
     scores = _read_scores(scores_dir, doc) if scores_dir else None
