@@ -144,6 +144,8 @@ def flip_bit(path: Path, rng: random.Random, done: set) -> None:
 def test_validate_reports_a_dataset_without_a_manifest_and_a_damaged_shard(finished_run, tmp_path):
     run_dir = copy_run(finished_run, tmp_path)
     assert invoke("validate", run_dir).exit_code == 0
+    iteration = invoke("inspect", run_dir / "iter-1")  # the datasets directly inside a directory are found too
+    assert iteration.exit_code == 0 and all(f"iter-1/{name}" in iteration.output for name in ("samples", "pairs"))
     (run_dir / "iter-1" / "samples" / "manifest.json").unlink()
     flip_bit(run_dir / "iter-1" / "pairs" / "part-00000.parquet", random.Random(0), set())
     result = invoke("validate", run_dir)
