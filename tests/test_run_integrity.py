@@ -145,7 +145,8 @@ def test_validate_reports_a_dataset_without_a_manifest_and_a_damaged_shard(finis
     run_dir = copy_run(finished_run, tmp_path)
     assert invoke("validate", run_dir).exit_code == 0
     iteration = invoke("inspect", run_dir / "iter-1")  # the datasets directly inside a directory are found too
-    assert iteration.exit_code == 0 and all(f"iter-1/{name}" in iteration.output for name in ("samples", "pairs"))
+    assert iteration.exit_code == 0 and all(f"iter-1/{name}{name}v1" in "".join(iteration.output.split())
+                                            for name in ("samples", "scores"))  # "<dir>  <schema> v1"
     (run_dir / "iter-1" / "samples" / "manifest.json").unlink()
     flip_bit(run_dir / "iter-1" / "pairs" / "part-00000.parquet", random.Random(0), set())
     result = invoke("validate", run_dir)
