@@ -101,7 +101,7 @@ def _fastest_split(cfg, spec: ClusterSpec):
         try:  # what no rank count can mend: a mini-batch that does not divide the step, or splits a micro-batch
             dataclasses.replace(cfg, training=dataclasses.replace(t, world_size=1)).online_training(rollouts)
         except ConfigError as e:
-            raise PlanError(str(e), "change online.mini_batch_size or training.micro_batch_size") from None
+            raise PlanError(str(e)) from None
         trainings = [training for w in range(1, most("train") + 1) if (training := with_ranks(w))]
     else:
         trainings = [t]
@@ -179,8 +179,7 @@ def plan_online(cfg, spec: ClusterSpec, strict: bool = False) -> Plan:
     try:  # the step's rollouts split into mini-batches of whole micro-batches on every rank
         cfg.online_training(cfg.rollouts_per_step(prompt_stats(cfg)[0]))
     except ConfigError as e:
-        raise PlanError(str(e), "change online.mini_batch_size, training.micro_batch_size or training.world_size") \
-            from None
+        raise PlanError(str(e)) from None
     policy = model_info(cfg.policy.path)
     models = {"policy": policy}
     sequence = PROMPT_TOKENS + cfg.sampling.max_new_tokens

@@ -439,9 +439,13 @@ def test_online_mini_batches_are_checked_by_plan_and_set_the_accumulation():
     assert five.online_training(40).gradient_accumulation == 1
     assert recipe("online-grpo-quickstart.yaml").online_training(40).gradient_accumulation == 5  # 40 / 8
     for overrides, expected in ((["online.mini_batch_size=7"], "online.mini_batch_size: 7 does not divide a step's "
-                                 "rollout (2 prompts x 5 languages x n=4 = 40 samples)"),
+                                 "rollout (2 prompts x 5 languages x n=4 = 40 samples); choose a divisor, or change "
+                                 "online.prompts_per_step or sampling.n"),
                                 (["online.mini_batch_size=20"], "must be a multiple of training.micro_batch_size x "
-                                 "training.world_size = 8")):
+                                 "training.world_size = 8; change online.mini_batch_size, training.micro_batch_size"),
+                                (["sampling.n=3"], "x n=3 = 30 samples)) must be a multiple of training.micro_batch_size"
+                                 " x training.world_size = 8; change online.mini_batch_size (unset: the whole step, so "
+                                 "online.prompts_per_step or sampling.n)")):
         for counts in ([], ["training.world_size=auto"]):
             with pytest.raises(PlanError, match=re.escape(expected)):
                 plan(recipe("online-grpo-quickstart.yaml", *overrides, *counts), load_cluster_spec("local"))

@@ -68,10 +68,14 @@ class RunConfig:
         step = (f"a step's rollout ({rollout_size // group} prompts x {len(self.languages)} languages x "
                 f"n={self.sampling.n} = {rollout_size} samples)")
         if rollout_size % mini:
-            raise ConfigError(f"online.mini_batch_size: {mini} does not divide {step}")
+            raise ConfigError(f"online.mini_batch_size: {mini} does not divide {step}; choose a divisor, or change "
+                              "online.prompts_per_step or sampling.n")
         if mini % per_pass:
+            size = "online.mini_batch_size" if o.mini_batch_size else \
+                "online.mini_batch_size (unset: the whole step, so online.prompts_per_step or sampling.n)"
             raise ConfigError(f"online: a mini-batch ({mini} rollouts: online.mini_batch_size, or {step}) must be a "
-                              f"multiple of training.micro_batch_size x training.world_size = {per_pass}")
+                              f"multiple of training.micro_batch_size x training.world_size = {per_pass}; change "
+                              f"{size}, training.micro_batch_size or training.world_size")
         return dataclasses.replace(t, loss=None, gradient_accumulation=mini // per_pass)
 
     def resolved_run_dir(self) -> Path:
