@@ -280,9 +280,23 @@ def connect(spec: ClusterSpec, address: str | None = None, allow_mismatch: bool 
         raise ClusterError(f"could not start a local Ray instance ({reason}); Ray gives its processes a fixed "
                            "time to start, which a busy machine can miss: run the same command again, or start Ray "
                            "once with `ray start --head` and pass --address auto") from None
+    stop_on_sigterm()
     check_cluster(spec, alive_node_resources(), allow_mismatch)
     pin_nodes(spec)
     return ray.cluster_resources()
+
+
+def stop_on_sigterm() -> None:
+    """After ray.init, whose handler aborts the driver with a stack dump: SIGTERM (kill, a job scheduler, Ray Jobs'
+    stop) stops a run as Ctrl-C does, so its actor groups shut down and the message says that relaunching resumes."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
 
 
 # ---- a slice's nodes: where this process's actors go ----

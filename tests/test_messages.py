@@ -87,6 +87,26 @@ def test_ctrl_c_says_that_relaunching_resumes(tmp_path):
     assert not (tmp_path / "run" / "run.lock").exists()
 
 
+def test_sigterm_once_ray_runs_stops_like_ctrl_c(tmp_path, tiny_model):
+    """SIGTERM (kill, a scheduler, Ray Jobs' stop) after Ray started aborted the driver with Ray's stack dump."""
+    from conftest import PROMPTS_DIR
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: term\npolicy: {{path: {tiny_model}}}\nprompts: {{path: {PROMPTS_DIR}, limit: 64}}\n"
+                      "engines: {count: 1, shard_rows: 5}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "rayalign.cli", "launch", str(recipe), "--run-dir",
+                             str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "run" / "iter-1" / "samples").glob("part-*.parquet")):  # generating on Ray
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: run the same command again to resume" in err and "SIGTERM received" not in err
+    assert "Traceback" not in out + err and not (tmp_path / "run" / "run.lock").exists()
+
+
 @pytest.mark.parametrize("setting, file, expected", [
     ("rewards: {latent: {enabled: true, hub_layer: 9}}\n", None, "rewards.latent.hub_layer: 9 is beyond the model's 4"),
     ("rewards: {user: {path: reward.py}}\npairs: {method: user}\n", "def not_reward(group):\n    return []\n",
