@@ -230,3 +230,14 @@ def test_fidelity_by_run_reads_sample_or_eval_columns():
                           "eval_fidelity_de": [0.25], "eval_fidelity_mean": [0.375]})
     assert fidelity_by_run(final) == {"a": {"en": 0.9}}
     assert fidelity_by_run(final, "eval_fidelity_") == {"a": {"en": 0.5, "de": 0.25}}
+
+
+def test_online_run_report_tables_and_plots_its_steps(tmp_path):
+    steps = [{"step": s, "stage": "online", "reward_mean": r, "kl": k, "clip_fraction": 0.0, "entropy": 4.5,
+              "reward_de": r + 0.1, "reward_en": r - 0.1} for s, r, k in ((1, 0.5, 0.0), (2, 0.6, 0.01), (3, 0.7, 0.02))]
+    write_jsonl(tmp_path / "metrics.jsonl", [*steps, dict(steps[1], reward_mean=0.65)])  # step 2 again: the last wins
+    md = report(tmp_path).read_text()
+    assert "3 online step(s) in metrics.jsonl" in md
+    assert "| step | reward_mean | kl | clip_fraction | entropy | reward_de | reward_en |" in md
+    assert "| 2 | 0.65 | 0.01 | 0 | 4.5 | 0.7 | 0.5 |" in md and "| 2 | 0.6 |" not in md
+    assert_png(tmp_path / "report" / "online_by_step.png")

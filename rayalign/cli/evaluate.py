@@ -148,8 +148,8 @@ def report_cmd(path, out):
     """Plots (PNG) and a Markdown summary of a run or a study directory.
 
     A run: reward distributions per language, language fidelity per iteration, silhouette by layer (from
-    `rayalign eval` results), training curves. A study: scaling curves (each metric against each numeric
-    axis) and fidelity per language by run.
+    `rayalign eval` results), training curves; an online run: its steps (reward, KL, clipping, entropy). A
+    study: scaling curves (each metric against each numeric axis) and fidelity per language by run.
 
     \b
     Example:

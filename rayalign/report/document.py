@@ -15,7 +15,9 @@ REWARD_COLUMNS = tuple(REWARD_COLUMN.values())
 TRAINING_METRICS = ("loss_mean", "accuracy_mean", "reward_margin_mean")
 STUDY_METRICS = ("fidelity_mean", "accuracy_mean", "reward_margin_mean", "loss_mean")
 TITLES = {"loss_mean": "training loss, mean", "accuracy_mean": "pair accuracy, mean",
-          "reward_margin_mean": "reward margin, mean", "fidelity_mean": "language fidelity, mean"}
+          "reward_margin_mean": "reward margin, mean", "fidelity_mean": "language fidelity, mean",
+          "reward_mean": "reward, mean", "kl": "KL to the reference", "clip_fraction": "clipped share",
+          "entropy": "entropy", "value_loss": "value loss"}
 DPI = 120
 MAX_BAR_RUNS = 12  # fidelity_by_run.png: more runs are drawn as a heatmap
 

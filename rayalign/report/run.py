@@ -143,6 +143,22 @@ def _last_scores(run_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.parent.name[5:]), default=None)
 
 
+ONLINE_METRICS = ("reward_mean", "kl", "clip_fraction", "entropy", "value_loss")
+
+
+def online_steps(steps: dict[int, dict], doc: Document) -> None:
+    """An online run's steps: a table (the step metrics and the mean reward per language) and their curves."""
+    order = sorted(steps)
+    columns = [c for c in ONLINE_METRICS if any(steps[s].get(c) is not None for s in order)]
+    langs = sorted({k for s in order for k in steps[s] if k.startswith("reward_") and k != "reward_mean"})
+    doc.lines += ["## Online steps", ""] + markdown_table(
+        ["step", *columns, *langs], [[s, *(steps[s].get(c) for c in columns + langs)] for s in order])
+    points = {c: [(s, steps[s][c]) for s in order if steps[s].get(c) is not None] for c in columns}
+    doc.figure(plot_small_multiples(points, "step"), "online_by_step.png", "Online RL by step",
+               "Per step: the rollouts' mean reward, the KL to the reference, the share of clipped ratios, the "
+               "policy's entropy" + (" and the critic's value loss." if "value_loss" in columns else "."))
+
+
 def run_report(run_dir: Path, doc: Document) -> None:
     metrics = read_metrics(run_dir, lambda path, number: doc.notes.append(
         f"`{path}` line {number} skipped: expected a JSON object of metrics (numbers where numbers belong)"))
@@ -152,8 +168,9 @@ def run_report(run_dir: Path, doc: Document) -> None:
     eval_results, eval_scores = _read_evals(run_dir, doc)
     hub_scan = _read_hub_scan(run_dir, doc)
 
+    steps = {m["step"]: m for m in metrics if m.get("stage") == "online" and "step" in m}  # a relaunch's last wins
     read = [f"{iterations.height} iteration(s) in metrics.jsonl" if iterations is not None
-            else "no iteration records in metrics.jsonl"]
+            else f"{len(steps)} online step(s) in metrics.jsonl" if steps else "no iteration records in metrics.jsonl"]
     if scores is not None:
         read.append(f"the scores of {scores_dir.parent.name} ({scores.height} samples)")
     if eval_results or eval_scores:
@@ -175,6 +192,8 @@ def run_report(run_dir: Path, doc: Document) -> None:
                     for r in iterations.iter_rows(named=True)]
             doc.lines += ["Share of generated samples in the prompt's language:", ""]
             doc.lines += markdown_table(["iteration", *langs, "mean"], rows)
+    if steps:
+        online_steps(steps, doc)
     if eval_results:
         header, rows = eval_summary(eval_results)
         doc.lines += ["## Evaluation", "", "Whole-prompt-set numbers per evaluated policy:", ""]
