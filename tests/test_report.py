@@ -223,6 +223,15 @@ def test_bad_paths_raise_report_error_naming_the_path(tmp_path):
     (tmp_path / "study.json").write_text('{"name": "x"}')
     with pytest.raises(ReportError, match=r"study.json: expected an object with a 'runs' list"):
         report(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_jsonl(run / "metrics.jsonl", [{"step": 1, "stage": "online", "reward_mean": 0.5}])
+    (run / "pairs").mkdir()
+    (run / "pairs" / "manifest.json").write_text('{"schema": "pairs", "schema_version": 1, "shards": []}')
+    for out in (run / "pairs", run / "pairs" / "report"):
+        with pytest.raises(ReportError, match=f"{out}: inside the dataset {run / 'pairs'}"):
+            report(run, out)
+    assert sorted(p.name for p in (run / "pairs").iterdir()) == ["manifest.json"]
 
 
 def test_fidelity_by_run_reads_sample_or_eval_columns():

@@ -25,6 +25,12 @@ def report(path: str | Path, out_dir: str | Path | None = None) -> Path:
     else:
         raise ReportError(f"{path}: not a run directory (no metrics.jsonl or state.json) nor a study directory "
                           "(no study.json)")
+    from rayalign.data.store import enclosing_dataset, is_dataset_dir
+
+    dataset = out if is_dataset_dir(out) else enclosing_dataset(out)
+    if dataset is not None:
+        raise ReportError(f"{out}: inside the dataset {dataset}; the report's files would load as part of it: choose "
+                          "another --out")
     out.mkdir(parents=True, exist_ok=True)
     doc = Document(out)
     build(path, doc)
