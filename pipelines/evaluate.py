@@ -46,6 +46,9 @@ def run_policy(cfg: RunConfig, run_dir: Path, policy: str | None = None) -> tupl
     if policy == "initial":
         return resolve_model_path(cfg.policy.path, model_build_progress(cfg.policy.path)), cfg.policy.path, "initial"
     if policy.startswith("iter-") and policy[5:].isdigit():
+        if int(policy[5:]) < 1:
+            raise ConfigError(f"policy {policy}: iterations count from 1 (iter-1's policy is the first trained one; "
+                              "initial is the recipe's)")
         path = run_dir / policy / "policy"
         if not (path / "config.json").is_file():
             raise ConfigError(f"policy {policy}: {path} holds no checkpoint (has the run trained iteration "

@@ -61,6 +61,8 @@ def test_misplaced_inputs_get_a_pointer_to_the_right_command(tmp_path, tiny_mode
     result = invoke("eval", recipe, "--policy", tmp_path / "nothing", "--run-dir", tmp_path / "run")
     assert result.exit_code == 2 and f"--policy '{tmp_path / 'nothing'}': not initial, iter-N or a checkpoint" in \
         " ".join(result.output.split())
+    result = invoke("eval", recipe, "--policy", "iter-0", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 2 and "policy iter-0: iterations count from 1" in " ".join(result.output.split())
     dataset = tmp_path / "pairs"
     dataset.mkdir()
     (dataset / "manifest.json").write_text('{"schema": "pairs", "schema_version": 1, "shards": []}')
