@@ -463,7 +463,8 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
                     state.setdefault("checksums", {})[f"{it_dir.name}/policy"] = directory_checksums(out_dir)
                 state["finished"].append(name)
                 write_state(run_dir, state)
-                shown = {k: (len(set(v)) if k == "actor_nodes" else v) for k, v in result.items()}
+                shown = {k: len(set(v)) if k == "actor_nodes" else v + 0.0 if isinstance(v, float) else v
+                         for k, v in result.items()}  # + 0.0: -0.0 prints as 0.0
                 console.print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in shown.items()) + f" -> {out_dir}")
             done = all(f"iter-{iteration}/{stage}" in state["finished"] for stage in every)
             if done and f"iter-{iteration}/summary" not in state["finished"]:
