@@ -42,7 +42,8 @@ from rayalign.progress import console, deepspeed_op_notice, model_build_progress
 from rayalign.rewards.consistency import dco_gamma_table
 from rayalign.run_dir import (samples_writer, STAGES, check_prompts_unchanged, check_run_dir_config, checkpoint,
                               iteration_summary, kept_output_problems, log_metrics, prepare_run_dir, read_checkpoints,
-                              recipe_stages, report_untrusted, set_aside_untrusted_checkpoint, write_state, write_table)
+                              recipe_stages, record_checksums, report_untrusted, set_aside_untrusted_checkpoint,
+                              stage_output, write_state, write_table)
 from rayalign.run_lock import run_dir_lock
 from rayalign.scoring.finish import finish_scores, stage_centroids
 from rayalign.scoring.forward import ForwardSpec
@@ -393,9 +394,8 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
         prompts = load_prompts(cfg.prompts.path, cfg.languages, **cfg.prompts.load_kwargs())
     prior = check_run_dir_config(cfg, run_dir, redo)  # a refusal should not wait for a model build
     needed = every[every.index(stages[0]) - 1] if stages and every.index(stages[0]) else None
-    output = {"generate": "samples", "score": "scores"}.get(needed, needed)
     if needed and needed not in stages and f"iter-1/{needed}" not in (prior or {}).get("finished", ()) \
-            and not is_dataset_dir(run_dir / "iter-1" / output):
+            and not is_dataset_dir(run_dir / "iter-1" / stage_output(needed)):
         raise ConfigError(f"{run_dir}: the {stages[0]} stage needs iter-1/{needed}'s output, which this run has not "
                           f"finished: run `rayalign {needed} RECIPE` (same --run-dir) first, or `rayalign launch "
                           "RECIPE` for every stage")
@@ -425,7 +425,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
             streamed = {}  # the score stage's result when it ran streaming behind generation
             for stage in stages:
                 name = f"iter-{iteration}/{stage}"
-                out_dir = it_dir / {"generate": "samples", "score": "scores", "train": "policy"}.get(stage, stage)
+                out_dir = it_dir / stage_output(stage)
                 if name in state["finished"]:
                     problems = kept_output_problems(run_dir, state, out_dir)
                     if not problems:
@@ -460,7 +460,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
                 log_metrics(run_dir, {"iteration": iteration, "stage": stage, **result})
                 tracker.update()
                 if stage == "train" and (out_dir / "config.json").is_file():
-                    state.setdefault("checksums", {})[f"{it_dir.name}/policy"] = directory_checksums(out_dir)
+                    record_checksums(run_dir, state, out_dir)
                 state["finished"].append(name)
                 write_state(run_dir, state)
                 shown = {k: len(set(v)) if k == "actor_nodes" else v + 0.0 if isinstance(v, float) else v

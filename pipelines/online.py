@@ -32,7 +32,7 @@ from rayalign.tracking import Trackers, check_trackers
 from rayalign.actors.weight_sync import WeightSync
 from rayalign.pipelines.online_rollouts import Rollouts
 from rayalign.run_dir import (check_prompts_unchanged, check_run_dir_config, kept_output_problems, log_metrics,
-                              prepare_run_dir, set_aside_untrusted_checkpoint, write_state)
+                              prepare_run_dir, record_checksums, set_aside_untrusted_checkpoint, write_state)
 from rayalign.scoring.finish import stage_centroids
 from rayalign.scoring.rewards import load_user_reward
 from rayalign.scoring.setup import forward_rewards, latent_layers, scoring_setup, with_scoring_prompts
@@ -186,7 +186,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
                               f"clip {record['clip_fraction']:.3f}  entropy {record['entropy']:.3f}  "
                               + "  ".join(f"{k.removeprefix('seconds_')} {v:.1f}s" for k, v in timings.items()))
             trainer.save(str(run_dir / "online" / "policy"))
-            state.setdefault("checksums", {})["online/policy"] = directory_checksums(run_dir / "online" / "policy")
+            record_checksums(run_dir, state, run_dir / "online" / "policy")
             state["finished"].append("online/policy")
             write_state(run_dir, state)
             tracker.close()

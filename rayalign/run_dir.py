@@ -15,13 +15,18 @@ import pyarrow.parquet as pq
 import yaml
 
 from rayalign.config import ConfigError, RunConfig, save_config
-from rayalign.data.store import (DatasetError, DatasetWriter, atomic_write_text, checksum_path, directory_problems,
+from rayalign.data.store import (DatasetError, DatasetWriter, atomic_write_text, checksum_path, directory_checksums,
+                                  directory_problems,
                                   enclosing_dataset, is_dataset_dir, read_manifest, remove_untrusted_shards,
                                   shard_name, shard_problem, trash_dir, write_parquet_atomic)
 from rayalign.progress import console
 
 STAGES = ("generate", "score", "pairs", "train")
 ERRORS_BY_SHARD = "errors.by-shard"  # iter-<t>/errors.by-shard/<stage>-<shard>.parquet, gathered into iter-<t>/errors/
+
+
+class RunConfigChanged(ConfigError):
+    """The run directory holds results of another config."""
 
 
 def check_run_dir_config(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = ()) -> dict | None:
@@ -37,7 +42,7 @@ def check_run_dir_config(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = 
         remedy = ("use another --run-dir" if cfg.mode == "online" or online_run else
                   f"run `rayalign launch RECIPE --redo STAGE[,STAGE...]` ({', '.join(STAGES)}) to recompute those "
                   "stages and every later one with this recipe (earlier ones are kept), use another --run-dir")
-        raise ConfigError(f"{run_dir}: holds {'an online' if online_run else 'a'} run with another config (hash "
+        raise RunConfigChanged(f"{run_dir}: holds {'an online' if online_run else 'a'} run with another config (hash "
                           f"{state['config_hash']}, this recipe {cfg.config_hash()}{changed_keys(run_dir, cfg)}); "
                           f"{remedy}, or delete the directory to start over")
     return state
@@ -144,6 +149,16 @@ STAGE_OUTPUTS = {  # what a stage leaves in iter-<t>/ (globs); "errors" is rebui
     "pairs": ("pairs", "candidate_scores"),
     "train": ("policy", "train.ckpt", "train_log.jsonl"),
 }
+
+
+def stage_output(stage: str) -> str:
+    """The directory in iter-<t>/ that holds a stage's result: samples, scores, pairs or policy."""
+    return STAGE_OUTPUTS[stage][0]
+
+
+def record_checksums(run_dir: Path, state: dict, out_dir: Path) -> None:
+    """The checksums of a saved policy's files, kept in the run state for `kept_output_problems`."""
+    state.setdefault("checksums", {})[str(out_dir.relative_to(run_dir))] = directory_checksums(out_dir)
 
 
 def redo_stages(cfg: RunConfig, run_dir: Path, state: dict, redo: tuple[str, ...], config_changed: bool) -> None:

@@ -179,24 +179,21 @@ def validate(path):
     # shards without a manifest: an unfinished dataset (reported, never skipped); scores.forward/ holds checkpoints
     shards = [*path.glob("part-*.parquet"), *path.glob("iter-*/*/part-*.parquet"), *path.glob("online/step-*/part-*.parquet")]
     datasets += sorted({p.parent for p in shards if not p.parent.name.endswith(".forward")} - set(datasets))
-    failed = []
+    missing = []
     if (path / "state.json").is_file():  # a run: every stage it records as finished has its dataset
-        from rayalign.run_dir import read_state
+        from rayalign.run_dir import read_state, stage_output
 
         for entry in (read_state(path) or {}).get("finished", []):
             iteration, _, stage = entry.partition("/")
-            name = {"generate": "samples", "score": "scores", "pairs": "pairs"}.get(stage)
-            if name and path / iteration / name not in datasets:
-                failed.append(path / iteration / name)
-                err.print(f"FAILED  {path / iteration / name}: missing, though state.json records {entry} as "
-                          "finished; relaunching the run recomputes it", soft_wrap=True)
-    if not datasets and not failed:
+            if stage in ("generate", "score", "pairs") and path / iteration / stage_output(stage) not in datasets:
+                missing.append(path / iteration / stage_output(stage))
+                err.print(f"FAILED  {missing[-1]}: missing, though state.json records {entry} as finished; "
+                          "relaunching the run recomputes it", soft_wrap=True)
+    if not datasets and not missing:
         raise UserError(f"{path}: no manifest.json here, under iter-*/ or under online/step-*/ (incomplete or not a "
                         "rayalign dataset)")
-    datasets += failed
+    failed = list(missing)
     for ds in datasets:
-        if ds in failed:
-            continue
         problems = [message for _, message in dataset_problems(ds)]
         if not problems:
             try:
@@ -216,7 +213,8 @@ def validate(path):
         console.print(f"ok  {ds}: {manifest['schema']} v{manifest['schema_version']}, {table.num_rows} rows, "
                       f"{len(manifest['shards'])} shard(s), checksums match")
     if failed:
-        raise UserError(f"{len(failed)} of {len(datasets)} dataset(s) failed: {', '.join(map(str, failed))}")
+        raise UserError(f"{len(failed)} of {len(datasets) + len(missing)} dataset(s) failed: "
+                        f"{', '.join(map(str, failed))}")
 
 
 @main.command("build-tiny-model")
@@ -269,9 +267,7 @@ def export_cmd(source, out, fmt, stage, license_id, repo, private, overrides):
       python -c "import datasets; print(datasets.load_dataset('hub/quickstart-pairs', 'de'))"
       rayalign export --format verl examples/quickstart.yaml verl/prompts
     """
-    from rayalign.data.export import ExportError, export_hub, export_verl, push_to_hub
-
-    from rayalign.data.export import check_license, find_dataset
+    from rayalign.data.export import ExportError, check_license, export_hub, export_verl, find_dataset, push_to_hub
 
     source, out = Path(source), Path(out)
     ctx = click.get_current_context()
