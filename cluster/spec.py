@@ -75,12 +75,12 @@ def _memory_gb() -> float:
 
 
 # field: (type check, expected, minimum, measure for 'auto'); gpu_type and gpu_memory_gb are measured after gpus
-MAX_NODES = 100_000
+MAX_NODES, MAX_GPU_MEMORY_GB = 100_000, 1024
 FIELDS = {
     "nodes": (int, f"an integer from 1 to {MAX_NODES:,}", 1, lambda: 1),
     "cpus_per_node": (int, "an integer >= 1", 1, os.cpu_count),
     "gpus_per_node": (int, "an integer >= 0", 0, _gpu_count),
-    "gpu_memory_gb": ((int, float), "a number >= 0", 0, None),
+    "gpu_memory_gb": ((int, float), f"a number of GB from 0 to {MAX_GPU_MEMORY_GB:,} (one GPU's memory)", 0, None),
     "memory_gb_per_node": ((int, float), "a number > 0", 1e-9, _memory_gb),
 }
 
@@ -88,7 +88,7 @@ FIELDS = {
 def _number(path: Path, key: str, value):
     kind, expected, minimum, _ = FIELDS[key]
     if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value < minimum or \
-            (key == "nodes" and value > MAX_NODES):
+            value > {"nodes": MAX_NODES, "gpu_memory_gb": MAX_GPU_MEMORY_GB}.get(key, math.inf):
         raise ClusterError(f"{path}: {key}: expected {expected} or 'auto', got {value!r}")
     return value
 

@@ -260,15 +260,20 @@ def test_online_lacomsa_reward_equals_the_offline_scoring_of_the_same_rollouts(r
                        "must be >= 2, got 1"),
     (["online.fidelity_weight=0"], "online.fidelity_weight: 0, and so are online.user_weight, score_weight and "
                                    "length_weight: every rollout gets the same reward"),
+    (["online.lam=0.9", "online.critic_lr=0.001"], "online.lam, online.critic_lr: PPO settings (the critic and GAE), "
+                                                   "unused by online.algorithm grpo"),
+    (["online.steps=3", "online.checkpoint_every=4"], "online.checkpoint_every: 4 is more than online.steps 3, so no "
+                                                      "checkpoint would be saved"),
 ])
 def test_online_recipes_that_cannot_learn_are_refused(overrides, expected):
     """RLOO with one sample per prompt failed after Ray started ("group 0 has 1"); GRPO with one, or no reward,
-    trained on zero advantages."""
+    trained on zero advantages; GAE settings with GRPO, and checkpoints past the last step, were silently unused."""
     from rayalign.config import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(expected)):
         load_config(REPO / "examples" / "online-grpo-quickstart.yaml", overrides)
-    load_config(REPO / "examples" / "online-grpo-quickstart.yaml", ["online.algorithm=ppo", "sampling.n=1"])
+    load_config(REPO / "examples" / "online-grpo-quickstart.yaml", ["online.algorithm=ppo", "sampling.n=1",
+                                                                     "online.lam=0.9", "online.checkpoint_every=0"])
 
 
 def test_recipes_mixing_offline_and_online_settings_are_refused_with_the_keys():

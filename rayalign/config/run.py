@@ -22,6 +22,7 @@ from rayalign.methods import REWARD_KEY, SCHEMA, reward_enabled, schema_of
 
 RUN_MODES = ("offline", "online")
 OFFLINE_ONLY = ("iterations", "pairs", "training.loss", "training.batch_alignment", "training.backend")
+PPO_ONLY = ("online.gamma", "online.lam", "online.critic_lr")
 
 
 @dataclass
@@ -168,21 +169,23 @@ class RunConfig:
                               f"{e.max_model_len}; a prompt must fit in one engine step")
 
 
+    def _changed(self, keys: tuple[str, ...]) -> list[str]:
+        """The keys (or the fields of sections) among `keys` set away from their defaults."""
+        default, ours = dataclasses.asdict(RunConfig()), self.to_dict()
+        out = []
+        for key in keys:
+            a, b = default, ours
+            for part in key.split("."):
+                a, b = a[part], b[part]
+            if isinstance(a, dict):
+                out += [f"{key}.{k}" for k in a if a[k] != b[k]]
+            elif a != b:
+                out.append(key)
+        return out
+
     def _validate_mode(self) -> None:
         """Refuse a recipe whose settings belong to the other mode: they would be silently ignored."""
-        def changed(keys: tuple[str, ...]) -> list[str]:
-            default, ours = dataclasses.asdict(RunConfig()), self.to_dict()
-            out = []
-            for key in keys:
-                a, b = default, ours
-                for part in key.split("."):
-                    a, b = a[part], b[part]
-                if isinstance(a, dict):
-                    out += [f"{key}.{k}" for k in a if a[k] != b[k]]
-                elif a != b:
-                    out.append(key)
-            return out
-
+        changed = self._changed
         if self.mode == "offline" and (keys := changed(("online",))):
             raise ConfigError(f"{', '.join(keys)}: online settings in an offline recipe; set mode: online to run the "
                               "online loop, or remove them")
@@ -208,6 +211,12 @@ class RunConfig:
         if o.algorithm in ("grpo", "rloo") and self.sampling.n < 2:
             raise ConfigError(f"sampling.n: online.algorithm {o.algorithm} compares the samples of a prompt (group "
                               f"advantages), so n must be >= 2, got {self.sampling.n}; or use online.algorithm: ppo")
+        if o.algorithm != "ppo" and (keys := self._changed(PPO_ONLY)):
+            raise ConfigError(f"{', '.join(keys)}: PPO settings (the critic and GAE), unused by online.algorithm "
+                              f"{o.algorithm}; remove them, or use online.algorithm: ppo")
+        if o.checkpoint_every > o.steps:
+            raise ConfigError(f"online.checkpoint_every: {o.checkpoint_every} is more than online.steps {o.steps}, so "
+                              f"no checkpoint would be saved; use at most {o.steps}, or 0 for none")
         if not (o.fidelity_weight or o.user_weight or o.score_weight or o.length_weight):
             raise ConfigError("online.fidelity_weight: 0, and so are online.user_weight, score_weight and "
                               "length_weight: every rollout gets the same reward and nothing is learned; set one")
