@@ -105,6 +105,58 @@ def test_export_refuses_bad_sources_and_outputs(tmp_path):
     assert result.exit_code == 0 and "iter-2 has no finished pairs dataset; exporting" in result.output
 
 
+def test_exporting_again_keeps_the_same_export_and_refuses_a_different_one(tmp_path):
+    """README's export, then the same export with --push-to-hub: the second export was refused ("exists and is not
+    an empty directory"), so the documented push never ran."""
+    run = pairs_run(tmp_path / "run", "A")
+    out = tmp_path / "export"
+    assert invoke("export", run, out, "--license", "apache-2.0").exit_code == 0
+    card, stamp = (out / "README.md").read_text(), {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    again = invoke("export", run, out, "--license", "apache-2.0")
+    assert again.exit_code == 0 and f"kept (it already holds this export) {out}" in " ".join(again.output.split())
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamp
+    other_card = invoke("export", run, out, "--license", "mit")  # another card: not this export
+    assert other_card.exit_code == 2 and "exists and is not an empty directory" in other_card.output
+    other_rows = invoke("export", pairs_run(tmp_path / "run2", "B"), out)
+    assert other_rows.exit_code == 2 and "exists and is not an empty directory" in other_rows.output
+    (de,) = out.glob("data/de/*.parquet")
+    table = pq.read_table(de)
+    pq.write_table(table.slice(0, 1), de)  # an export damaged after it was written is not kept as this one
+    damaged = invoke("export", run, out, "--license", "apache-2.0")
+    assert damaged.exit_code == 2 and "exists and is not an empty directory" in damaged.output
+    assert (out / "README.md").read_text() == card
+
+
+def test_dco_tuples_export_one_config_per_language_pair(tmp_path):
+    """DCO's dataset has lang_1 and lang_2 and no lang: it was refused ("rows have no lang column")."""
+    import datasets
+    import pyarrow as pa
+
+    def chat(role, text):
+        return [{"role": role, "content": text}]
+
+    rows = [{"prompt_id": pid, **{f"{k}_{side}": chat("user" if k == "prompt" else "assistant", f"{k} {lang} {pid}")
+                                  for side, lang in ((1, l1), (2, l2)) for k in ("prompt", "chosen", "rejected")},
+             "lang_1": l1, "lang_2": l2, "ref_logp_chosen_1": -1.0, "ref_logp_rejected_1": -2.0,
+             "ref_logp_chosen_2": -1.5, "ref_logp_rejected_2": -2.5, "gamma_12": 0.1, "gamma_21": 10.0,
+             "method": "dco", "iteration": 1}
+            for pid in ("p0", "p1", "p2") for l1, l2 in (("en", "fr"), ("en", "de"), ("de", "fr"))]
+    writer = DatasetWriter(tmp_path / "run" / "iter-1" / "pairs", "dco", config_hash="d", languages=LANGS)
+    writer.write_shard(0, pa.Table.from_pylist(rows))
+    writer.finalize()
+    out = tmp_path / "export"
+    result = invoke("export", tmp_path / "run", out)
+    assert result.exit_code == 0, result.output
+    header = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert [c["config_name"] for c in header["configs"]] == ["default", "en-de", "en-fr", "de-fr"]
+    assert header["language"] == LANGS and header["tags"][1] == "dco"
+    cache = str(tmp_path / "cache")
+    en_de = datasets.load_dataset(str(out), "en-de", split="train", cache_dir=cache)
+    assert en_de.num_rows == 3 and set(en_de["lang_1"]) == {"en"} and set(en_de["lang_2"]) == {"de"}
+    assert en_de[0]["chosen_2"] == [{"role": "assistant", "content": "chosen de p0"}]
+    assert datasets.load_dataset(str(out), split="train", cache_dir=cache).num_rows == 9
+
+
 def test_push_to_hub_needs_a_token_and_names_a_failed_upload(tmp_path, monkeypatch):
     """The real huggingface_hub client, never the real Hub: no token at all, then a token and a Hub endpoint
     where nothing listens."""
@@ -126,6 +178,9 @@ def test_push_to_hub_needs_a_token_and_names_a_failed_upload(tmp_path, monkeypat
     push = invoke("export", run, tmp_path / "q", "--push-to-hub", "me/pairs")
     assert push.exit_code == 2 and "--push-to-hub me/pairs: upload failed" in push.output
     assert (tmp_path / "q" / "README.md").is_file()  # the export itself is kept
+    push = invoke("export", run, tmp_path / "q", "--push-to-hub", "me/pairs")  # the push retried on the same OUT
+    assert push.exit_code == 2 and "kept (it already holds this export)" in push.output
+    assert "--push-to-hub me/pairs: upload failed" in push.output
 
 
 

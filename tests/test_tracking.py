@@ -94,12 +94,12 @@ def test_a_missing_tracker_package_is_refused_at_config_check_naming_the_extra(m
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: `import wandb` raises ImportError
     result = CliRunner().invoke(main, ["config", str(REPO / "examples" / "quickstart.yaml"),
                                        "-o", "logging.wandb.project=p"])
-    assert result.exit_code == 2 and "pip install 'rayalign[wandb]'" in result.output, result.output
+    assert result.exit_code == 2 and "pip install -e '.[wandb]'" in result.output, result.output
     assert "Traceback" not in result.output
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     result = CliRunner().invoke(main, ["config", str(REPO / "examples" / "quickstart.yaml"),
                                        "-o", "logging.tensorboard=true"])
-    assert result.exit_code == 2 and "pip install 'rayalign[tensorboard]'" in result.output, result.output
+    assert result.exit_code == 2 and "pip install -e '.[tensorboard]'" in result.output, result.output
     ok = CliRunner().invoke(main, ["config", str(REPO / "examples" / "quickstart.yaml"), "-o", "logging.wandb.project=p",
                                    "-o", "logging.wandb.mode=disabled"])
     assert ok.exit_code == 0, ok.output  # disabled needs no package

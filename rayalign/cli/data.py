@@ -295,7 +295,8 @@ def export_cmd(source, out, fmt, stage, license_id, repo, private, overrides):
             if dataset != source and last is not None and dataset.parent.name != f"iter-{last}":
                 err.print(f"export: iter-{last} has no finished {stage} dataset; exporting {dataset}", soft_wrap=True)
             header = export_hub(dataset, out, stage=stage, license=license_id)
-            console.print(f"wrote {out} from {dataset}: configs "
+            verb = "kept (it already holds this export)" if header.get("kept") else "wrote"
+            console.print(f"{verb} {out} from {dataset}: configs "
                           f"{', '.join(c['config_name'] for c in header['configs'])}", soft_wrap=True)
         if repo:
             console.print(f"pushed: {push_to_hub(out, repo, private=private)}")

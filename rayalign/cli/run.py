@@ -130,7 +130,7 @@ def submit(command, address, working_dir, pip, env_vars, wait):
 
     \b
     Example:
-      rayalign submit --address http://head:8265 --pip 'rayalign[gpu]' --wait -- \\
+      rayalign submit --address http://head:8265 --pip 'vllm>=0.32,<0.33' --wait -- \\
         launch --cluster a100x64 examples/lacomsa-llama3-8b.yaml
     """
     from rayalign.cluster.submit import job_spec, submit as submit_job

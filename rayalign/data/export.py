@@ -98,7 +98,7 @@ def _body(manifest: dict, cfg: dict, source: Path, by_lang: dict[str, int]) -> s
         f"- rayalign {manifest.get('rayalign_version', '?')}, schema {manifest['schema']} "
         f"v{manifest['schema_version']}, config hash `{manifest.get('config_hash', '')}`",
         f"- source: `{source}` ({manifest['rows']} rows)",
-        f"- rows per language: {', '.join(f'{k} {v}' for k, v in by_lang.items())}",
+        f"- rows per config: {', '.join(f'{k} {v}' for k, v in by_lang.items())}",
         f"- rewards: {', '.join(used) or '(none recorded)'}",
     ]
     if cfg:
@@ -124,28 +124,32 @@ def export_hub(source: Path, out: Path, *, stage: str = "pairs", license: str = 
         manifest, table = read_manifest(dataset), read_dataset(dataset)
     except DatasetError as e:
         raise ExportError(str(e)) from None
-    if "lang" not in table.column_names:
-        raise ExportError(f"{dataset}: {manifest['schema']} rows have no lang column")
     if table.num_rows == 0:
         raise ExportError(f"{dataset}: no rows to export")
     order = manifest.get("languages") or []
-    present = set(table.column("lang").to_pylist())
-    languages = [lang for lang in order if lang in present] + sorted(present - set(order))
+    rank = lambda lang: (order.index(lang), "") if lang in order else (len(order), lang)  # noqa: E731
+    if "lang" in table.column_names:
+        groups = {(lang,): lang for lang in table.column("lang").to_pylist()}
+        key = table.column("lang")
+    elif {"lang_1", "lang_2"} <= set(table.column_names):  # DCO tuples: one config per language pair
+        key = pc.binary_join_element_wise(table.column("lang_1"), table.column("lang_2"), "-")
+        groups = dict(zip(zip(table.column("lang_1").to_pylist(), table.column("lang_2").to_pylist()),
+                          key.to_pylist()))
+    else:
+        raise ExportError(f"{dataset}: {manifest['schema']} rows have no lang (or lang_1 and lang_2) column")
+    configs_by = [groups[g] for g in sorted(groups, key=lambda g: [rank(lang) for lang in g])]
+    languages = sorted({lang for g in groups for lang in g}, key=rank)
     digest = hashlib.sha256()
     for shard in manifest["shards"]:
         digest.update(shard["sha256"].encode())
     tag = digest.hexdigest()[:12]
     cfg = _run_config(dataset)  # read before anything is written: a damaged config.yaml leaves no partial export
-    _claim(out)
-    by_lang, configs = {}, [{"config_name": "default", "data_files": [
-        {"split": "train", "path": f"data/*/train-{tag}-*.parquet"}], "default": True}]
-    for lang in languages:
-        part = table.filter(pc.equal(table.column("lang"), lang))
-        (out / "data" / lang).mkdir(parents=True)
-        pq.write_table(part, out / "data" / lang / f"train-{tag}-00000-of-00001.parquet", compression="zstd")
-        by_lang[lang] = part.num_rows
-        configs.append({"config_name": lang, "data_files": [{"split": "train",
-                                                              "path": f"data/{lang}/train-{tag}-*.parquet"}]})
+    parts = {name: table.filter(pc.equal(key, name)) for name in configs_by}
+    files = {name: Path("data") / name / f"train-{tag}-00000-of-00001.parquet" for name in configs_by}
+    configs = [{"config_name": "default", "data_files": [{"split": "train", "path": f"data/*/train-{tag}-*.parquet"}],
+                "default": True}]
+    configs += [{"config_name": name, "data_files": [{"split": "train", "path": f"data/{name}/train-{tag}-*.parquet"}]}
+                for name in configs_by]
     header = {
         "configs": configs,
         "language": languages,
@@ -155,10 +159,30 @@ def export_hub(source: Path, out: Path, *, stage: str = "pairs", license: str = 
         "pretty_name": pretty_name or f"rayalign {manifest['schema']} ({', '.join(languages)})",
         "tags": ["rayalign", manifest["schema"], "multilingual", "synthetic"],
     }
+    by_config = {name: part.num_rows for name, part in parts.items()}
     card = f"---\n{yaml.safe_dump(header, sort_keys=False, allow_unicode=True)}---\n\n" + \
-        _body(manifest, cfg, dataset, by_lang)
+        _body(manifest, cfg, dataset, by_config)
+    if _same_export(out, card, parts, files):
+        return {**header, "kept": True}
+    _claim(out)
+    for name, part in parts.items():
+        (out / files[name]).parent.mkdir(parents=True)
+        pq.write_table(part, out / files[name], compression="zstd")
     (out / "README.md").write_text(card, encoding="utf-8")
     return header
+
+
+def _same_export(out: Path, card: str, parts: dict[str, pa.Table], files: dict[str, Path]) -> bool:
+    """Whether `out` already holds exactly this export (its card, and every file with the same rows), so that
+    exporting again, e.g. to push it, keeps it."""
+    try:
+        if not out.is_dir() or (out / "README.md").read_text(encoding="utf-8") != card:
+            return False
+        present = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
+        return present == {Path("README.md"), *files.values()} and \
+            all(pq.read_table(out / files[name]).equals(part) for name, part in parts.items())
+    except (OSError, UnicodeError, pa.ArrowException):
+        return False
 
 
 def verl_rows(prompts: pa.Table, data_source: str, ability: str = "multilingual") -> pa.Table:
