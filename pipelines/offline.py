@@ -341,11 +341,11 @@ def rescore(cfg: RunConfig, scores_dir: Path, out_dir: Path, replace: bool = Fal
             raise ConfigError(f"rewards.latent.{key}: {asked}, but {scores_dir} holds states pooled at layer "
                               f"{pooled[column]}; rescore recomputes rewards from the stored states: score again "
                               "(rayalign launch --redo score) to pool another layer")
+    claim_output_dir(out_dir, "scores", replace=replace, check_only=True)  # refused before any work
     table, params = compute_rewards(scores, cfg)
     run_root = next((d for d in out.parents if (d / "state.json").is_file()), None)
-    trash = (trash_dir(run_root) / out.parent.relative_to(run_root)
-             if run_root else None)
-    moved = claim_output_dir(out_dir, replace=replace, trash=trash)
+    trash = trash_dir(run_root) / out.parent.relative_to(run_root) if run_root else None
+    moved = claim_output_dir(out_dir, "scores", replace=replace, trash=trash)
     if moved:
         console.print(f"--replace: moved the old {out_dir} to {moved}")
     params["layers"] = manifest.get("params", {}).get("layers", {})

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from rayalign.config import ConfigError, RunConfig, save_config
+from rayalign.config.run import absolute_paths, resolved_dict
 from rayalign.data.store import (DatasetError, DatasetWriter, atomic_write_text, checksum_path, directory_checksums,
                                   directory_problems,
                                   enclosing_dataset, is_dataset_dir, read_manifest, remove_untrusted_shards,
@@ -56,10 +57,12 @@ def changed_keys(run_dir: Path, cfg: RunConfig, most: int = 6) -> str:
         return {prefix[:-1]: data}
 
     try:
-        old = flat(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {})
-    except (OSError, ValueError, yaml.YAMLError):
+        old = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        absolute_paths(old)  # runs recorded before paths were saved absolute
+        old = flat(old)
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
         return ""
-    new = flat(cfg.to_dict())
+    new = flat(resolved_dict(cfg))
     keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
     shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in keys[:most])
     return f"; changed: {shown}{', ...' if len(keys) > most else ''}" if keys else ""

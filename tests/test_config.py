@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 import yaml
@@ -139,6 +140,18 @@ def test_vllm_engine_settings_are_checked(overrides, expected):
     assert expected in str(e.value)
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    (["prompts.path="], "prompts.path: empty; expected a prompt file"),
+    (["prompts.path=' '"], "prompts.path: empty; expected a prompt file"),
+    (['prompts.system_prompt="a\\ud800"'], "prompts.system_prompt: holds a lone surrogate"),
+])
+def test_prompt_settings_that_name_no_text_are_refused(overrides, expected):
+    """An empty prompts.path passed config and plan and failed after Ray started as "no prompt file for language"
+    in the working directory; a lone surrogate was a UnicodeEncodeError traceback."""
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(None, overrides)
+
+
 def test_unknown_key_in_file_names_file_and_key(tmp_path):
     path = write(tmp_path, "sampling:\n  n: 2\n  temprature: 0.3\n")
     with pytest.raises(ConfigError) as e:
@@ -200,11 +213,17 @@ def test_relative_prompt_path_resolves_from_recipe_dir(tmp_path):
     assert cfg.prompts.path == str(tmp_path / "data")
 
 
-def test_saved_config_round_trips_and_hash_ignores_name_and_actor_count(tmp_path):
+def test_saved_config_round_trips_and_hash_ignores_name_and_actor_count(tmp_path, monkeypatch):
+    """Its local paths are saved absolute: a run's config.yaml read from another directory (export --format verl
+    RUN, rescore) named `examples/data/prompts` relative to wherever the command ran."""
+    monkeypatch.chdir(REPO)
     cfg = load_config(None, ["sampling.n=5", "name=a"])
     save_config(cfg, tmp_path / "config.yaml")
+    recorded = cfg.config_hash()
+    monkeypatch.chdir(tmp_path)
     again = load_config(tmp_path / "config.yaml")
-    assert again == cfg
+    assert again.prompts.path == str(REPO / "examples" / "data" / "prompts") and again.config_hash() == recorded
+    assert again == dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, path=again.prompts.path))
     same_rows = ["sampling.n=5", "name=b", "engines.count=3", "engines.shards_in_flight=2"]
     assert load_config(None, same_rows).config_hash() == cfg.config_hash()
     assert load_config(None, ["sampling.n=6"]).config_hash() != cfg.config_hash()

@@ -37,6 +37,10 @@ def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def test_export_hub_layout_loads_per_language_and_whole(tmp_path):
     import datasets
 
@@ -94,10 +98,17 @@ def test_export_refuses_bad_sources_and_outputs(tmp_path):
             (run, verl + ["--license", "mit"], "--license: not used by --format verl"),
             (run, ["-o", "prompts.limit=2"], "-o: not used by --format hub"),
             (run, ["--license", "MIT"], "--license 'MIT': not a Hub license id (close: mit)"),
-            (run, ["--license", ""], "--license '': not a Hub license id")]:
+            (run, ["--license", ""], "--license '': not a Hub license id"),
+            (run, ["--push-to-hub", "bad repo"], "--push-to-hub 'bad repo': not a Hub repo id such as"),
+            (run, ["--push-to-hub", "a/b/c"], "--push-to-hub 'a/b/c': not a Hub repo id such as")]:
         result = invoke("export", source, tmp_path / "x", *options)
         assert result.exit_code == 2 and expected in " ".join(result.output.split()), (options, result.output)
         assert not (tmp_path / "x").exists()
+    (run / "state.json").write_text("{}")  # an OUT named as the run's own directories would pass for one
+    for name in ("iter-3", "online"):
+        result = invoke("export", run, run / name)
+        assert result.exit_code == 2 and f"{run / name}: a run's own directory name" in one_line(result.output)
+        assert not (run / name).exists()
     # a run whose last iteration has no pairs: the earlier iteration's, said so
     pairs_run(tmp_path / "two", "B")
     (tmp_path / "two" / "iter-2").mkdir()

@@ -147,3 +147,33 @@ def test_shipped_hub_recipe_says_it_needs_the_dataset(monkeypatch):
     result = invoke("config", REPO / "examples" / "hub-prompts-m-arenahard.yaml")
     assert result.exit_code == 2
     assert "prompts.path hf:CohereLabs/m-ArenaHard-v2.0 (config 'en'): not in the local datasets cache" in result.output
+
+
+def test_local_hub_directories_of_one_name_and_an_edited_one_load_their_own_rows(tmp_path):
+    """datasets caches a local directory with `configs:` by its name and file patterns alone: a second `ds` directory,
+    or the first one edited, loaded the first one's cached rows."""
+    first = per_language(tmp_path / "a")
+    second = hub_layout(tmp_path / "b" / "ds", {lang: [{"question_id": i, "prompt": f"second {lang} {i}"}
+                                                     for i in ("q1", "q2")] for lang in ("en", "de", "fr")})
+
+    def read(ds):
+        table = load_prompts(f"hf:{ds}", ["en", "de"], config="{lang}", columns={"prompt_id": "question_id"})
+        return [r["messages"][0]["content"] for r in table.to_pylist()]
+
+    assert read(first) == ["en text q1", "de text q1", "en text q2", "de text q2"]
+    assert read(second) == ["second en q1", "second de q1", "second en q2", "second de q2"]
+    pq.write_table(pa.Table.from_pylist([{"question_id": i, "prompt": f"edited {i}"} for i in ("q1", "q2")]),
+                   first / "data" / "de" / "train-00000-of-00001.parquet")
+    assert read(first) == ["en text q1", "edited q1", "en text q2", "edited q2"]
+
+
+@pytest.mark.parametrize("config", ["{lang}_{x}", "{lang}{", "{}{lang}"])
+def test_a_config_template_with_other_fields_is_refused_at_config_check(config):
+    """A KeyError, ValueError or IndexError traceback from str.format once the prompts were read."""
+    from rayalign.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"prompts.config: .*expected a config name, or a template whose only field "
+                                          r"is \{lang\}"):
+        load_config(None, ["prompts.path=hf:some/set", f"prompts.config={config!r}"])
+    assert load_config(None, ["prompts.path=hf:some/set", "prompts.config=arena_{lang}"]).prompts.config == \
+        "arena_{lang}"

@@ -191,3 +191,37 @@ def test_columns_map_local_files_and_a_mapped_column_must_exist(tmp_path):
     with pytest.raises(PromptError, match=r"all.jsonl:1: no column 'lng' \(prompts.columns.lang\)"):
         load_prompts(single, ["en"], columns={"lang": "lng"})
     assert load_prompts(single, ["en"], columns={"lang": "language"}).column("lang").to_pylist() == ["en"]
+
+
+def test_json_strings_holding_unicode_line_separators_are_one_line(tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028, U+0085, form feed and U+001C raw inside strings; str.splitlines
+    broke the line there ("malformed JSON: Unterminated string")."""
+    texts = {"en": "a\u2028b", "de": "c\x85d\x0ce\x1cf"}
+    table = load_prompts(write_dir(tmp_path, {lang: [{"instruction_id": 1, "instruction": t}]
+                                              for lang, t in texts.items()}), ["en", "de"])
+    assert [r["messages"][0]["content"] for r in table.to_pylist()] == [texts["en"], texts["de"]]
+
+
+@pytest.mark.parametrize("row, expected", [
+    ({"instruction_id": "p1", "instruction": "a\ud800b"}, "en.jsonl:1: messages[0] holds a lone surrogate (U+D800 at "
+                                                           "character 1)"),
+    ({"instruction_id": "p1", "instruction": "q", "output": "\udfff"}, "en.jsonl:1: reference holds a lone surrogate"),
+    ({"instruction_id": "p\udc80", "instruction": "q"}, "en.jsonl:1: prompt_id holds a lone surrogate"),
+    ({"instruction_id": "p1", "instruction": "\u200b\u200b\ufeff "}, "en.jsonl:1: empty prompt for prompt_id 'p1'"),
+    ({"instruction_id": "p1", "messages": [{"role": "system", "content": "x"}]},
+     "en.jsonl:1: messages have no user turn (roles: system)"),
+])
+def test_text_that_is_not_text_or_invisible_is_named(tmp_path, row, expected):
+    """A lone surrogate escape was a UnicodeEncodeError traceback from pyarrow; zero-width-only prompts passed as
+    non-empty; messages without a user turn were called an "empty prompt"."""
+    d = tmp_path / "prompts"
+    d.mkdir()
+    (d / "en.jsonl").write_text(json.dumps(row) + "\n")  # ASCII escapes, as json writes lone surrogates
+    with pytest.raises(PromptError) as e:
+        load_prompts(d, ["en"])
+    assert str(e.value).startswith(str(d / "en.jsonl")) and expected in str(e.value)
+
+
+def test_a_null_prompt_id_falls_back_to_instruction_id(tmp_path):
+    d = write_dir(tmp_path, {"en": [{"prompt_id": None, "instruction_id": "p7", "instruction": "q"}]})
+    assert load_prompts(d, ["en"]).column("prompt_id").to_pylist() == ["p7"]

@@ -85,13 +85,25 @@ def test_rescore_refuses_an_output_holding_another_dataset_or_other_files(finish
 
 def test_rescore_replace_moves_the_old_output_to_the_runs_trash(finished_run, tmp_path):
     run_dir = copy_run(finished_run, tmp_path)
-    samples = run_dir / "iter-1" / "samples"
-    before = snapshot(samples)
-    result = invoke("rescore", run_dir / "iter-1" / "scores", "--output", samples, "--replace")
+    rescored = run_dir / "iter-1" / "scores-alpha1"
+    assert invoke("rescore", run_dir / "iter-1" / "scores", "--output", rescored).exit_code == 0
+    before = snapshot(rescored)
+    result = invoke("rescore", run_dir / "iter-1" / "scores", "--output", rescored, "--replace", "-o",
+                    "rewards.latent.alpha=1.0")
     assert result.exit_code == 0, result.output
-    (trashed,) = run_dir.glob("trash-*/iter-1/samples")
+    (trashed,) = run_dir.glob("trash-*/iter-1/scores-alpha1")
     assert snapshot(trashed) == before  # nothing lost
-    assert read_dataset(samples, "scores").num_rows == 16
+    assert read_dataset(rescored, "scores").num_rows == 16
+
+    # a dataset of another kind is not replaced: the run's samples and pairs were (a scores dataset in their place)
+    for name in ("samples", "pairs"):
+        kept = snapshot(run_dir / "iter-1" / name)
+        result = invoke("rescore", run_dir / "iter-1" / "scores", "--output", run_dir / "iter-1" / name, "--replace")
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert (f"{run_dir / 'iter-1' / name}: holds a {name} dataset; --replace replaces only a scores dataset"
+                in one_line(result.output))
+        assert snapshot(run_dir / "iter-1" / name) == kept
+    assert len(list(run_dir.glob("trash-*/iter-1/*"))) == 1
 
     other = copy_run(finished_run, tmp_path / "other")  # another run's iteration is not a dataset: never moved
     iteration, before = other / "iter-1", snapshot(other)
@@ -161,6 +173,12 @@ def test_validate_reports_a_dataset_without_a_manifest_and_a_damaged_shard(finis
     output = one_line(invoke("validate", run_dir).output)
     assert f"{run_dir / 'iter-1' / 'samples'}: holds a scores dataset where a run keeps its samples" in output
     assert invoke("validate", run_dir / "iter-1" / "samples").exit_code == 0  # the dataset alone is intact
+    # a stray parquet in a dataset: datasets.load_dataset(dir) reads every .parquet there
+    shutil.copy(run_dir / "iter-1" / "scores" / "part-00000.parquet", run_dir / "iter-1" / "scores" / "extra.parquet")
+    result = invoke("validate", run_dir / "iter-1" / "scores")
+    assert result.exit_code == 2 and (f"{run_dir / 'iter-1' / 'scores'}: holds files that are not this dataset's "
+                                      "(extra.parquet)") in one_line(result.output)
+    (run_dir / "iter-1" / "scores" / "extra.parquet").unlink()
     shutil.rmtree(run_dir / "iter-1" / "pairs")  # a finished stage's dataset deleted
     result = invoke("validate", run_dir)
     assert result.exit_code == 2 and "Traceback" not in result.output
@@ -318,8 +336,8 @@ def test_nothing_is_written_into_another_datasets_directory_or_over_a_users_file
     refused = CliRunner().invoke(main, ["export", "--format", "verl", str(recipe), str(dataset / "sub")])
     assert refused.exit_code == 2 and f"inside the dataset {dataset}" in one_line(refused.output)
     with pytest.raises(DatasetError, match=f"inside the dataset {dataset}"):
-        claim_output_dir(dataset / "scores2")
-    assert claim_output_dir(tmp_path / "scores2") is None  # beside it, under the web app's manifest: fine
+        claim_output_dir(dataset / "scores2", "scores")
+    assert claim_output_dir(tmp_path / "scores2", "scores") is None  # beside it, under the web app's manifest: fine
     refused = CliRunner().invoke(main, ["build-tiny-model", str(dataset / "model"), "--steps", "1"])
     assert refused.exit_code == 2 and f"inside the dataset {dataset}" in one_line(refused.output)
     model = tmp_path / "policy"

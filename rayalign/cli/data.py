@@ -172,7 +172,7 @@ def validate(path):
       rayalign validate runs/quickstart/iter-1/samples
     """
     from rayalign.data.inspect import find_datasets
-    from rayalign.data.store import DatasetError, dataset_problems, read_dataset, read_manifest
+    from rayalign.data.store import DatasetError, dataset_problems, foreign_files, read_dataset, read_manifest
 
     path = Path(path)
     datasets = find_datasets(path)
@@ -195,6 +195,10 @@ def validate(path):
     failed = list(missing)
     for ds in datasets:
         problems = [message for _, message in dataset_problems(ds)]
+        if others := foreign_files(ds):
+            problems.append(f"{ds}: holds files that are not this dataset's ({', '.join(others[:3])}"
+                            f"{', ...' if len(others) > 3 else ''}); datasets.load_dataset would read them as its "
+                            "rows: move them out")
         if not problems:
             try:
                 table, manifest = read_dataset(ds), read_manifest(ds)
@@ -267,7 +271,8 @@ def export_cmd(source, out, fmt, stage, license_id, repo, private, overrides):
       python -c "import datasets; print(datasets.load_dataset('hub/quickstart-pairs', 'de'))"
       rayalign export --format verl examples/quickstart.yaml verl/prompts
     """
-    from rayalign.data.export import ExportError, check_license, export_hub, export_verl, find_dataset, push_to_hub
+    from rayalign.data.export import (ExportError, check_license, check_repo_id, export_hub, export_verl, find_dataset,
+                                      push_to_hub)
 
     source, out = Path(source), Path(out)
     ctx = click.get_current_context()
@@ -282,6 +287,8 @@ def export_cmd(source, out, fmt, stage, license_id, repo, private, overrides):
         raise UserError(f"--stage {stage}: chooses a dataset of a run directory; {source} is a dataset itself (export "
                         f"it without --stage, or give the run directory)")
     try:
+        if repo:
+            check_repo_id(repo)
         if fmt == "verl":
             if source.is_dir() and not (source / "config.yaml").is_file():
                 raise UserError(f"{source}: neither a recipe file nor a run directory (no config.yaml); --format verl "

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import string
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +121,7 @@ class RunConfig:
         d["reference"] = None  # hashes predate the top-level key's removal (it was null unless set by hand)
         if not as_spelled:
             spelled = d["prompts"]["path"]
-            _absolute_paths(d)
+            absolute_paths(d)
             if self.pairs.method == "dco":  # DCO reads candidate sets, not the prompts
                 d["prompts"]["path"] = spelled
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -148,6 +149,23 @@ class RunConfig:
                 f"anchor_language: {self.anchor_language!r} is not one of languages {self.languages}"
             )
         p = self.prompts
+        if not p.path.strip():
+            raise ConfigError("prompts.path: empty; expected a prompt file, a directory of <lang>.jsonl files, or "
+                              "hf:<dataset name or local dataset directory>")
+        for key, text in (("path", p.path), ("system_prompt", p.system_prompt), ("config", p.config)):
+            try:
+                (text or "").encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(f"prompts.{key}: holds a lone surrogate (such as \\ud800), which is not text") \
+                    from None
+        if p.config is not None:
+            try:
+                fields = {f for _, f, _, _ in string.Formatter().parse(p.config) if f is not None}
+            except ValueError:
+                fields = {"?"}
+            if fields - {"lang"}:
+                raise ConfigError(f"prompts.config: {p.config!r}: expected a config name, or a template whose only "
+                                  "field is {lang} (such as '{lang}' or 'arena_{lang}'; write {{ and }} for braces)")
         hub_only = [key for key, value in (("revision", p.revision), ("config", p.config)) if value is not None]
         hub_only += ["split"] if p.split != "train" else []  # a local source has no splits
         if hub_only and not p.path.startswith("hf:"):
@@ -378,7 +396,7 @@ def _local_path(value):
     return prefix + os.path.abspath(local) if local.exists() else value
 
 
-def _absolute_paths(d: dict) -> None:
+def absolute_paths(d: dict) -> None:
     """Every local path of a config's dict (keys path and candidates_path, centroid_texts' files), made absolute;
     sections that are off (enabled: false) keep theirs as written, since they are not read."""
     for key, value in d.items():
@@ -388,12 +406,19 @@ def _absolute_paths(d: dict) -> None:
             if key == "centroid_texts":
                 d[key] = {lang: _local_path(v) for lang, v in value.items()}
             else:
-                _absolute_paths(value)
+                absolute_paths(value)
         elif key in ("path", "candidates_path"):
             d[key] = _local_path(value)
 
 
+def resolved_dict(cfg: RunConfig) -> dict:
+    """The config as a dict with its local paths absolute, so that it reads the same files from any directory."""
+    d = cfg.to_dict()
+    absolute_paths(d)
+    return d
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    Path(path).write_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -81,6 +82,9 @@ def _section(cfg: dict, key: str) -> dict:
 def _claim(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out}: exists and is not an empty directory; choose a new OUT")
+    if (out.absolute().parent / "state.json").is_file() and re.fullmatch(r"iter-\d+|online|trash-.*", out.name):
+        raise ExportError(f"{out}: a run's own directory name (the run {out.parent} keeps its iterations there); "
+                          "choose an OUT outside the run")
     refuse_inside_dataset(out, "an export")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -206,6 +210,17 @@ def export_verl(cfg, out: Path, *, data_source: str = "rayalign") -> Path:
     path = out / "train.parquet"
     pq.write_table(verl_rows(prompts, data_source), path)
     return path
+
+
+def check_repo_id(repo: str) -> None:
+    """A Hub repo id (`user/name`), checked before anything is written."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        raise ExportError(f"--push-to-hub {repo!r}: not a Hub repo id such as me/quickstart-pairs ("
+                          f"{str(e).splitlines()[0]})") from None
 
 
 def push_to_hub(out: Path, repo: str, *, private: bool = False) -> str:

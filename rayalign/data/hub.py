@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import tempfile
 from pathlib import Path
 
 HF_PREFIX = "hf:"
@@ -94,6 +95,10 @@ def _load_one(target: str, local: bool, config: str | None, split: str, revision
     where = f"prompts.path hf:{target}" + (f" (config {config!r})" if config else "")
     offline = not local and not hub_reachable()
     try:
+        if local:  # prepared afresh: datasets caches a local directory with `configs:` by its name and patterns alone,
+            # so another directory of the same name, or this one edited, would load the cached rows
+            with tempfile.TemporaryDirectory(prefix="rayalign-hf-") as cache:
+                return datasets.load_dataset(target, config, split=split, cache_dir=cache, keep_in_memory=True)
         with _offline_clients(offline):
             return datasets.load_dataset(target, config, split=split, revision=revision)
     except Exception as e:  # the datasets client raises many types; each becomes one clean message

@@ -38,7 +38,7 @@ def _decode(path: Path, data: bytes) -> str:
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     text = _decode(path, path.read_bytes())
     records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # JSON strings may hold U+2028, U+0085: not line ends
         if not line.strip():
             continue
         if line.startswith("\ufeff"):
@@ -83,8 +83,22 @@ def _read(path: Path) -> list[tuple[str, dict]]:
     return reader(path)
 
 
+INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))  # zero-width characters
+
+
+def _utf8(where: str, field: str, value) -> None:
+    """Refuse a string that is not UTF-8 text: a lone surrogate, as a JSON escape such as \\ud800 can make."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PromptError(f"{where}: {field} holds a lone surrogate (U+{ord(value[e.start]):04X} at character "
+                              f"{e.start}), which is not text: fix the escape") from None
+
+
 def _to_row(where: str, obj: dict, lang: str | None, system_prompt: str | None, source: str) -> dict:
-    prompt_id = obj.get("prompt_id", obj.get("instruction_id"))
+    prompt_id = obj.get("prompt_id")
+    prompt_id = obj.get("instruction_id") if prompt_id is None else prompt_id
     if prompt_id is None:
         raise PromptError(f"{where}: missing prompt_id (or instruction_id)")
     id_field = "prompt_id" if obj.get("prompt_id") is not None else "instruction_id"
@@ -106,6 +120,9 @@ def _to_row(where: str, obj: dict, lang: str | None, system_prompt: str | None, 
         ):
             raise PromptError(f"{where}: messages must be a list of {{role, content}} strings")
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if not any(m["role"] == "user" for m in messages):
+            raise PromptError(f"{where}: messages have no user turn (roles: "
+                              f"{', '.join(m['role'] for m in messages) or 'none'})")
         text = " ".join(m["content"] for m in messages if m["role"] == "user")
     else:
         instruction = obj.get("instruction", obj.get("prompt"))
@@ -116,11 +133,14 @@ def _to_row(where: str, obj: dict, lang: str | None, system_prompt: str | None, 
         if isinstance(extra, str) and extra.strip():
             text = f"{text}\n\n{extra.strip()}"
         messages = [{"role": "user", "content": text}]
-    if not text.strip():
+    if not text.translate(INVISIBLE).strip():
         raise PromptError(f"{where}: empty prompt for prompt_id {prompt_id!r} ({lang})")
+    reference = obj.get("reference", obj.get("output"))
+    for field, value in (("prompt_id", prompt_id), ("lang", lang), ("reference", reference),
+                         *((f"messages[{i}]", m["content"]) for i, m in enumerate(messages))):
+        _utf8(where, field, value)
     if system_prompt:
         messages = [{"role": "system", "content": system_prompt}] + messages
-    reference = obj.get("reference", obj.get("output"))
     return {"prompt_id": str(prompt_id), "lang": lang, "messages": messages,
             "reference": reference if isinstance(reference, str) else None, "source": source, "_where": where}
 

@@ -259,7 +259,7 @@ def check_dataset_dir(path: Path, schema_name: str) -> None:
         return
     if not path.is_dir():
         raise DatasetError(f"{path}: exists and is not a directory; choose another output")
-    others = sorted(p.name for p in path.iterdir() if not (p.is_file() and DATASET_FILE.fullmatch(p.name)))
+    others = foreign_files(path)
     if others:
         raise DatasetError(f"{path}: holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
                            f"; a {schema_name} dataset is written only into a new or empty directory or its own")
@@ -276,10 +276,12 @@ def trash_dir(parent: Path) -> Path:
     return parent / f"trash-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def claim_output_dir(path: Path, *, replace: bool = False, trash: Path | None = None) -> Path | None:
-    """Make `path` ready for a new dataset that a command was told to write there: absent or empty is fine; a
-    non-empty directory is refused unless `replace` and it holds a dataset, which is then moved into `trash`
-    (returned); so is a directory inside another dataset. A run, an iteration or a user's files are never moved."""
+def claim_output_dir(path: Path, schema_name: str, *, replace: bool = False, trash: Path | None = None,
+                     check_only: bool = False) -> Path | None:
+    """Make `path` ready for a new `schema_name` dataset that a command was told to write there: absent or empty is
+    fine; a non-empty directory is refused unless `replace` and it holds a dataset of that schema, which is then
+    moved into `trash` (returned); so is a directory inside another dataset. A run, an iteration, another kind of
+    dataset or a user's files are never moved. `check_only`: refuse as it would, move nothing."""
     refuse_inside_dataset(path, "a new dataset")
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return None
@@ -289,6 +291,12 @@ def claim_output_dir(path: Path, *, replace: bool = False, trash: Path | None = 
     if not is_dataset_dir(path) or any(p.is_dir() for p in path.iterdir()):
         raise DatasetError(f"{path}: --replace replaces only a dataset, and this is a directory of other things (a "
                            "run, an iteration or your files); choose a new directory")
+    held = read_manifest(path).get("schema")
+    if held != schema_name:
+        raise DatasetError(f"{path}: holds a {held} dataset; --replace replaces only a {schema_name} dataset (a "
+                           f"run keeps its {held} there); choose a new directory")
+    if check_only:
+        return None
     target = (trash or trash_dir(path.parent)) / path.name
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(path, target)
@@ -311,6 +319,12 @@ def dataset_problems(path: str | Path) -> list[tuple[Path | None, str]]:
         if problem:
             problems.append((path / name, f"{path / name}: {problem}"))
     return problems
+
+
+def foreign_files(path: Path) -> list[str]:
+    """Files and folders in a dataset directory that are not the dataset's: `datasets.load_dataset(path)` would
+    read a stray .parquet as rows of this dataset (or fail on its columns)."""
+    return sorted(p.name for p in path.iterdir() if not (p.is_file() and DATASET_FILE.fullmatch(p.name)))
 
 
 def remove_untrusted_shards(path: Path) -> list[str]:
