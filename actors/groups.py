@@ -8,6 +8,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from rayalign.actors.pool import actor_nodes, remove_placement, run_shards, wait_started
+from rayalign.generation import RESUME_AFTER_LOST_ACTORS, ActorsLostError, actor_failure
 from rayalign.progress import progress_bar
 
 
@@ -44,7 +45,8 @@ class ActorGroup:
                 error = e
                 self.alive.remove(i)
         if not self.alive:
-            raise RuntimeError(f"every one of the {len(refs)} {self.what} died: {error}") from error
+            raise ActorsLostError(f"every one of the {len(refs)} {self.what} died ({actor_failure(error)}); "
+                                  f"{RESUME_AFTER_LOST_ACTORS}") from None
         return results
 
     def gather(self, shards: list[pa.Table], *args, **options) -> pa.Table:

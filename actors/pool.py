@@ -11,7 +11,7 @@ import pyarrow as pa
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from rayalign.generation import FailedRowsError
+from rayalign.generation import RESUME_AFTER_LOST_ACTORS, ActorsLostError, FailedRowsError, actor_failure
 
 
 @dataclass
@@ -122,8 +122,9 @@ def run_shards(actors: list, alive: list[int], call: Callable[[object, pa.Table]
             if actor in alive:
                 alive.remove(actor)
             if attempts[index] > max_retries or not alive:
-                raise RuntimeError(f"shard {index} failed {attempts[index]} time(s); {len(alive)} actor(s) left: "
-                                   f"{e}") from e
+                raise ActorsLostError(f"shard {index} failed {attempts[index]} time(s) as its actor died, "
+                                      f"{len(alive)} actor(s) left ({actor_failure(e)}); {RESUME_AFTER_LOST_ACTORS}") \
+                    from None
             stats.retries += 1
             todo.insert(0, index)
             for other in alive:  # the dead actor's queued shard comes back here too

@@ -187,7 +187,8 @@ def plan_generation(cfg, spec: ClusterSpec, policy: ModelInfo, refuse: Shortfall
     e = cfg.engines
     tp = getattr(e, "tensor_parallel_size", 1) if e.backend == "vllm" else 1
     sequence_tokens = PROMPT_TOKENS + cfg.sampling.max_new_tokens
-    fix = " -o engines.backend=hf" if e.backend == "vllm" else ""
+    fix = (f"{' -o engines.tensor_parallel_size=1' if tp > 1 else ''} (vLLM's CPU build: docs/vllm.md; or -o "
+           "engines.backend=hf)") if e.backend == "vllm" else ""
     device = "gpu" if on_gpu("generate", "engines", e.num_gpus, spec, refuse, fix) else "cpu"
     dtype_bytes = dtype_size(cfg.policy.dtype, device)
     role = f"{e.backend} engine"

@@ -25,12 +25,13 @@ from rayalign.actors.scorer import ModelRole, ScoringGroup
 from rayalign.actors.trainer import TrainerLostError
 from rayalign.anchor_groups import anchor_rows_before_scoring, drop_prompts_without_anchor, dropped_message
 from rayalign.cluster import connect, load_cluster_spec
-from rayalign.cluster.planner import with_counts
+from rayalign.cluster.planner import plan, with_counts
 from rayalign.cluster.schedule import choose_schedule
 from rayalign.cluster.spec import check_run_dir_visible, running_cluster_spec
 from rayalign.config import ConfigError, RunConfig
 from rayalign.data.prompts import load_candidate_sets, load_prompts
 from rayalign.data.schemas import schema_for
+from rayalign.engines import check_engine_settings
 from rayalign.data.store import (atomic_write_text, claim_output_dir, directory_checksums, is_dataset_dir,
                                  read_dataset, read_manifest, trash_dir)
 from rayalign.failures import errors_checkpoint, record_failures
@@ -371,6 +372,8 @@ def preflight(cfg: RunConfig, policy_path: str) -> None:
     against the model's, and the user reward file's function (importing the file runs it, as scoring would)."""
 
     check_trackers(cfg)
+    if "generate" in recipe_stages(cfg):
+        check_engine_settings(cfg, policy_path)
     r = cfg.rewards
     if r.latent.enabled and r.latent.hub_layer != "auto":
         latent_layers(cfg, policy_path)
@@ -379,10 +382,11 @@ def preflight(cfg: RunConfig, policy_path: str) -> None:
 
 
 def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str | None = None,
-         stages: tuple[str, ...] = STAGES, redo: tuple[str, ...] = (), prompts=None) -> Path:
+         stages: tuple[str, ...] = STAGES, redo: tuple[str, ...] = (), prompts=None, planned: bool = False) -> Path:
     """`prompts`: the prompt table when the caller has read it already (launch checks it before Ray starts).
     `stages`: a subset runs those stages only (rayalign generate|score|pairs), in the iterations whose inputs exist:
-    iteration t > 1 generates with policy t - 1, so without training only the first."""
+    iteration t > 1 generates with policy t - 1, so without training only the first. `planned`: the caller has
+    checked that the actors fit the running cluster (launch)."""
 
     every = recipe_stages(cfg)
     stages = tuple(st for st in every if st in stages)
@@ -410,6 +414,9 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
                   f"{spec.name} -> {run_dir}")
     connect(spec, address)
     check_run_dir_visible(run_dir)
+    if not planned and {"generate", "score"} & set(stages):  # a stage command's actors must fit, as launch checks
+        plan(dataclasses.replace(cfg, iterations=1, training=dataclasses.replace(cfg.training, loss=None)),
+             running_cluster_spec(spec), strict=True)
     schedule = choose_schedule(cfg, running_cluster_spec(spec)) if {"generate", "score"} <= set(stages) else None
     if schedule:
         console.print(schedule.text())

@@ -26,6 +26,7 @@ import ray
 from rayalign.config import RunConfig
 from rayalign.data.prompts import load_prompts
 from rayalign.data.store import DatasetWriter, atomic_write_text, directory_checksums, trash_dir
+from rayalign.engines import check_engine_settings
 from rayalign.models import resolve_model_path
 from rayalign.progress import console, deepspeed_op_notice, model_build_progress
 from rayalign.tracking import Trackers, check_trackers
@@ -72,6 +73,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
             return run_dir
         console.print(f"online/policy: not kept ({'; '.join(problems)}); the run resumes from its last checkpoint")
     policy_path = resolve_model_path(cfg.policy.path, model_build_progress(cfg.policy.path))
+    check_engine_settings(cfg, policy_path)
     if o.score_weight and cfg.rewards.latent.enabled:
         latent_layers(cfg, policy_path)  # layers beyond the model's are refused before any actor starts
     if o.user_weight and cfg.rewards.user.path:

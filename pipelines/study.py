@@ -186,7 +186,7 @@ def _run_in_process(study, todo, plans, cluster, address, say, finish, total):
         try:
             if not run_finished(run):  # finished but not evaluated: only the eval is left
                 save_plan(plans[run.slug], run.run_dir)
-                offline.run(run.cfg, run.run_dir, cluster=cluster, address=address)
+                offline.run(run.cfg, run.run_dir, cluster=cluster, address=address, planned=True)
         except Exception as e:  # noqa: BLE001 - recorded, the other runs go on
             finish(index, run, e, _write_error_log(run, e), time.perf_counter() - started)
         else:

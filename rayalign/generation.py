@@ -1,6 +1,9 @@
-"""Prompt rows -> per-sample requests -> samples rows. Shared by the actors and direct engine use."""
+"""Prompt rows -> per-sample requests -> samples rows. Shared by the actors and direct engine use. Also the errors of
+rows (FailedRowsError) and of actors (ActorsLostError) that fail, which the CLI catches without importing Ray."""
 
 from __future__ import annotations
+
+import re
 
 import pyarrow as pa
 
@@ -42,6 +45,25 @@ def with_response_ids(table: pa.Table, ids: list[list[int]]) -> pa.Table:
 
 class FailedRowsError(RuntimeError):
     """More rows failed by themselves than a stage allows; the message names the count and where they are."""
+
+
+class ActorsLostError(RuntimeError):
+    """Generation or scoring actors died and no actor is left to take their shards, or a shard kept killing them;
+    the message gives the cause's last line and how the run resumes."""
+
+
+def actor_failure(error: BaseException) -> str:
+    """The last `SomeError: message` line of a Ray actor error (its text holds the actor's whole traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"[\w.]+(Error|Exception)\b.*:", line)]
+    reason = (named or lines or [type(error).__name__])[-1][:400]
+    if "cache blocks" in reason or "KV cache" in reason:
+        reason += " (engines.kv_cache_gib sets each vLLM engine's KV cache; on GPUs, gpu_memory_utilization when unset)"
+    return reason
+
+
+RESUME_AFTER_LOST_ACTORS = ("finished shards are kept: fix the cause (or free the resources) and run the same "
+                            "command again to resume")
 
 
 def context_limit(engine) -> int | None:
@@ -94,7 +116,11 @@ def generate_isolating(engine: Engine, prompts: pa.Table, sampling: SamplingConf
     too_long = [None] * prompts.num_rows
     if limit is not None:
         for i, messages in enumerate(prompts.column("messages").to_pylist()):
-            tokens = len(engine.encode_prompt(messages))
+            try:
+                tokens = len(engine.encode_prompt(messages))
+            except Exception as e:  # noqa: BLE001 - the chat template refuses this row (a role it lacks): the row fails
+                too_long[i] = f"the chat template refused the prompt ({type(e).__name__}: {e})"
+                continue
             if tokens + sampling.max_new_tokens > limit:
                 too_long[i] = (f"prompt of {tokens} tokens + max_new_tokens {sampling.max_new_tokens} exceeds the "
                                f"model's context of {limit} tokens")

@@ -231,6 +231,20 @@ def test_single_stage_commands_run_only_the_iterations_whose_inputs_exist(tmp_pa
     assert not (run_dir / "iter-2").exists()
 
 
+def test_a_stage_command_whose_actors_do_not_fit_is_refused_as_launch_is(tmp_path, tiny_model, ray_session):
+    """`rayalign generate -o engines.count=5` on 2 CPUs waited for actors that could never start ("waiting 180 s for
+    3 of 5 generation actors to start", over and over) where launch refused at once."""
+    from conftest import PROMPTS_DIR
+
+    run_dir = tmp_path / "run"
+    path = recipe(tmp_path, tiny_model, PROMPTS_DIR, "")
+    result = invoke("generate", path, "--run-dir", run_dir, "-o", "engines.count=500")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "generate: 500 actors x 1 CPUs do not fit on local" in one_line(result.output)
+    assert "set engines.count <= 4" in one_line(result.output)
+    assert not (run_dir / "iter-1" / "samples").exists()
+
+
 # ---- NaN or infinite rewards from a user reward file ----
 
 def test_nan_user_reward_names_the_reward_file_and_the_prompt_and_keeps_the_samples(tmp_path, tiny_model,

@@ -152,6 +152,28 @@ def test_prompt_settings_that_name_no_text_are_refused(overrides, expected):
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize("recipe, overrides, expected", [
+    ("quickstart-icr.yaml", ["sampling.n=1"], "sampling.n: pairs.method icr pairs the best and worst samples of a "
+                                              "prompt, so n must be >= 2, got 1"),
+    ("quickstart.yaml", ["sampling.temperature=0"], "sampling.temperature: 0 (greedy) gives the 4 samples of a prompt "
+                                                    "one response, and pairs.method lacomsa pairs"),
+    ("online-grpo-quickstart.yaml", ["sampling.temperature=0"], "sampling.temperature: 0 (greedy) gives the 4 samples "
+                                                                "of a prompt one response, and online.algorithm grpo"),
+    ("quickstart-vllm.yaml", ["sampling.temperature=0.001"], "sampling.temperature: 0.001 would be raised to 0.01 by "
+                                                             "vLLM"),
+    ("quickstart-vllm.yaml", ["sampling.max_new_tokens=256"], "sampling.max_new_tokens: 256 leaves no room for a "
+                                                              "prompt in engines.max_model_len 256"),
+])
+def test_sampling_that_gives_nothing_to_compare_is_refused(recipe, overrides, expected):
+    """Greedy samples made zero pairs ("pairs: no rows") or zero GRPO gradients after the whole generate and score
+    stages; vLLM raised tiny temperatures silently; max_new_tokens past the context failed every row as bad input."""
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(REPO / "examples" / recipe, overrides)
+    assert load_config(REPO / "examples" / "quickstart.yaml", ["pairs.method=lidr", "training.loss=dpo",
+                                                               "sampling.temperature=0"]).sampling.temperature == 0
+    load_config(REPO / "examples" / "online-grpo-quickstart.yaml", ["online.algorithm=ppo", "sampling.temperature=0"])
+
+
 def test_unknown_key_in_file_names_file_and_key(tmp_path):
     path = write(tmp_path, "sampling:\n  n: 2\n  temprature: 0.3\n")
     with pytest.raises(ConfigError) as e:

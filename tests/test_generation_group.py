@@ -84,6 +84,23 @@ def test_dead_actor_shard_is_retried_elsewhere(setup, baseline):
     assert table.equals(baseline[0])
 
 
+def test_the_last_actor_lost_ends_with_a_message_that_says_how_to_resume(setup):
+    """It was a RuntimeError traceback quoting Ray's whole actor error ("0 actor(s) left: ...")."""
+    from rayalign.generation import ActorsLostError
+
+    cfg, prompts, model = setup
+
+    def kill_it(group, index):
+        ray.kill(group.actors[0])
+
+    with pytest.raises(ActorsLostError) as lost:
+        run_group(cfg, prompts, model, 1, on_shard_hook=kill_it)
+    message = str(lost.value)
+    assert "failed 1 time(s) as its actor died, 0 actor(s) left (" in message and "Traceback" not in message
+    assert message.endswith("finished shards are kept: fix the cause (or free the resources) and run the same "
+                            "command again to resume")
+
+
 def test_dead_scoring_actor_shard_is_retried_elsewhere(setup, baseline):
     """The same for ScoringActors: a killed actor's shard is scored by the other, with the same numbers."""
     from rayalign.actors.scorer import ModelRole, ScoringGroup

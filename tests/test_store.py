@@ -194,3 +194,18 @@ def test_finalize_counts_shards(tmp_path):
     with pytest.raises(DatasetError, match="expected 2 shards, found 1"):
         w.finalize(expected_shards=2)
     assert not (tmp_path / "ds" / "manifest.json").exists()
+
+
+def test_an_actor_error_is_said_by_its_last_error_line_with_the_setting_to_change():
+    """Ray's actor errors carry the actor's whole traceback; vLLM's KV-cache error advises gpu_memory_utilization,
+    which rayalign does not use on CPU."""
+    from rayalign.generation import actor_failure
+
+    error = RuntimeError("The actor died because of an error raised in its creation task, ray::GenerationActor\n"
+                         "Traceback (most recent call last):\n  File \"x.py\", line 3, in f\n    raise ValueError(...)\n"
+                         "ValueError: No available memory for the cache blocks. Try increasing "
+                         "`gpu_memory_utilization` when initializing the engine.\n")
+    assert actor_failure(error) == ("ValueError: No available memory for the cache blocks. Try increasing "
+                                    "`gpu_memory_utilization` when initializing the engine. (engines.kv_cache_gib "
+                                    "sets each vLLM engine's KV cache; on GPUs, gpu_memory_utilization when unset)")
+    assert actor_failure(RuntimeError("node lost\n")) == "node lost"

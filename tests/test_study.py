@@ -254,7 +254,7 @@ def test_a_failed_run_is_recorded_and_the_others_go_on(tmp_path, monkeypatch, ra
 
     calls = []
 
-    def fake_run(cfg, run_dir, *, cluster, address):
+    def fake_run(cfg, run_dir, *, cluster, address, planned):
         calls.append(run_dir.name)
         if cfg.prompts.limit == 8 and cfg.pairs.method == "msa":
             raise RuntimeError("engine exploded\nout of memory on shard 3")

@@ -35,7 +35,7 @@ def user_errors(fn):
         from rayalign.data.store import DatasetError
         from rayalign.eval.judge import JudgeError
         from rayalign.failures import CheckpointError, TrainerLostError
-        from rayalign.generation import FailedRowsError
+        from rayalign.generation import ActorsLostError, FailedRowsError
         from rayalign.models import ModelLoadError
         from rayalign.pipelines.study import StudyError
         from rayalign.report import ReportError
@@ -43,7 +43,8 @@ def user_errors(fn):
         from rayalign.training.data import TrainingDataError
 
         known = (ConfigError, PromptError, DatasetError, ModelLoadError, ClusterError, PlanError, FailedRowsError,
-                 RewardError, JudgeError, StudyError, ReportError, TrainerLostError, TrainingDataError, CheckpointError)
+                 RewardError, JudgeError, StudyError, ReportError, TrainerLostError, TrainingDataError, CheckpointError,
+                 ActorsLostError)
         try:
             return fn(*args, **kwargs)
         except known as e:  # also as raised inside an actor: Ray's RayTaskError(cause) is an instance of the cause

@@ -75,7 +75,8 @@ def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch
     err.print(run_plan.estimate_table())
     save_plan(run_plan, run_dir_of(cfg, run_dir))
     extra = {**({"redo": redo_stages} if redo_stages else {}), **({"prompts": prompts} if prompts is not None else {})}
-    out = offline.run(cfg, Path(run_dir) if run_dir else None, cluster=cluster, address=address, **extra)
+    out = offline.run(cfg, Path(run_dir) if run_dir else None, cluster=cluster, address=address, planned=True,
+                      **extra)
     console.print(f"done: {out}  (see `rayalign inspect {out}`)")
 
 

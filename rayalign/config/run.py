@@ -16,8 +16,9 @@ from typing import Any
 import yaml
 
 from rayalign.config.fields import ConfigError, build_dataclass, config_field as _field, read_yaml_file, set_override
-from rayalign.config.sections import (ClusterConfig, EnginesConfig, LoggingConfig, ModelConfig, OnlineConfig,
-                                      PairsConfig, PromptsConfig, RewardsConfig, SamplingConfig, TrainingConfig)
+from rayalign.config.sections import (BEST_WORST_METHODS, ClusterConfig, EnginesConfig, LoggingConfig, ModelConfig,
+                                      OnlineConfig, PairsConfig, PromptsConfig, RewardsConfig, SamplingConfig,
+                                      TrainingConfig)
 from rayalign.languages import ISO_639_1, language_name
 from rayalign.methods import REWARD_KEY, SCHEMA, reward_enabled, schema_of
 
@@ -175,6 +176,7 @@ class RunConfig:
         self._validate_rewards()
         self._validate_training()
         self._validate_online()
+        self._validate_sampling()
         e = self.engines
         if e.backend == "vllm" and 0 < e.num_gpus < e.tensor_parallel_size:
             raise ConfigError(f"engines.num_gpus: the vllm backend needs at least tensor_parallel_size "
@@ -226,9 +228,6 @@ class RunConfig:
             raise ConfigError("online.user_weight: needs rewards.user.path (the reward file)")
         if self.mode != "online":
             return
-        if o.algorithm in ("grpo", "rloo") and self.sampling.n < 2:
-            raise ConfigError(f"sampling.n: online.algorithm {o.algorithm} compares the samples of a prompt (group "
-                              f"advantages), so n must be >= 2, got {self.sampling.n}; or use online.algorithm: ppo")
         if o.algorithm != "ppo" and (keys := self._changed(PPO_ONLY)):
             raise ConfigError(f"{', '.join(keys)}: PPO settings (the critic and GAE), unused by online.algorithm "
                               f"{o.algorithm}; remove them, or use online.algorithm: ppo")
@@ -240,6 +239,28 @@ class RunConfig:
                               "length_weight: every rollout gets the same reward and nothing is learned; set one")
         if o.target_language is not None and o.target_language not in self.languages:
             raise ConfigError(f"online.target_language: {o.target_language!r} is not one of languages {self.languages}")
+
+    def _validate_sampling(self) -> None:
+        """Sampling that cannot give the rows the recipe compares, or that an engine would change silently."""
+        s, e, method = self.sampling, self.engines, self.pairs.method
+        if self.mode == "online":
+            compares = self.online.algorithm in ("grpo", "rloo") and \
+                f"online.algorithm {self.online.algorithm} compares the samples of a prompt (group advantages)"
+            other = "; or use online.algorithm: ppo"
+        else:
+            compares = method in BEST_WORST_METHODS and f"pairs.method {method} pairs the best and worst samples of a prompt"
+            other = "; or use pairs.method lidr or dco"
+        if compares and s.n < 2:
+            raise ConfigError(f"sampling.n: {compares}, so n must be >= 2, got {s.n}{other}")
+        if compares and s.temperature == 0:
+            raise ConfigError(f"sampling.temperature: 0 (greedy) gives the {s.n} samples of a prompt one response, and "
+                              f"{compares}: nothing would differ; set a temperature > 0 (the papers use 0.9 - 1.0)")
+        if e.backend == "vllm" and 0 < s.temperature < 0.01:
+            raise ConfigError(f"sampling.temperature: {s.temperature} would be raised to 0.01 by vLLM (the hf engine "
+                              "keeps it); use 0 for greedy, or at least 0.01")
+        if e.backend == "vllm" and e.max_model_len is not None and s.max_new_tokens >= e.max_model_len:
+            raise ConfigError(f"sampling.max_new_tokens: {s.max_new_tokens} leaves no room for a prompt in "
+                              f"engines.max_model_len {e.max_model_len}; lower it or raise max_model_len")
 
     def _validate_training(self) -> None:
         t, method = self.training, self.pairs.method

@@ -226,6 +226,7 @@ class RewardsConfig:
 
 
 PAIR_METHODS = ("lacomsa", "msa", "icr", "kto", "dco", "lidr", "reward_model", "user")
+BEST_WORST_METHODS = ("lacomsa", "msa", "icr", "kto", "reward_model", "user")  # rank the n samples of a prompt
 
 
 @dataclass

