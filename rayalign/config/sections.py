@@ -51,9 +51,10 @@ class PromptsConfig:
         "instruction, or hf:<dataset name or local dataset directory> read with datasets.load_dataset; relative "
         "paths are taken from the recipe's directory first, then the working directory",
     )
-    limit: int | None = _field(None, help="use only the first N prompt ids (sorted, after skip); null = all", ge=1)
-    skip: int = _field(0, help="leave out the first N prompt ids (sorted): e.g. train on limit: 48 and evaluate "
-                       "held-out prompts with skip: 48", ge=0)
+    limit: int | None = _field(None, help="use only the first N prompt ids (sorted as text: 1, 10, 2; after skip); "
+                                "null = all", ge=1)
+    skip: int = _field(0, help="leave out the first N prompt ids (sorted as text): e.g. train on limit: 48 and "
+                       "evaluate held-out prompts with skip: 48", ge=0)
     system_prompt: str | None = _field(None, help="system message prepended to every prompt; null = none")
     split: str = _field("train", help="hf: sources: the dataset split")
     revision: str | None = _field(None, help="hf: sources: a branch, tag or commit of the dataset; null = main")
