@@ -31,9 +31,9 @@ from rayalign.cluster.spec import check_run_dir_visible, running_cluster_spec
 from rayalign.config import ConfigError, RunConfig
 from rayalign.data.prompts import load_candidate_sets, load_prompts
 from rayalign.data.schemas import schema_for
-from rayalign.engines import check_engine_settings
 from rayalign.data.store import (atomic_write_text, claim_output_dir, directory_checksums, is_dataset_dir,
                                  read_dataset, read_manifest, trash_dir)
+from rayalign.engines import check_engine_settings
 from rayalign.failures import errors_checkpoint, record_failures
 from rayalign.generation import FailedRowsError
 from rayalign.methods import schema_of

@@ -17,9 +17,8 @@ import yaml
 from rayalign.config import ConfigError, RunConfig, save_config
 from rayalign.config.run import absolute_paths, resolved_dict
 from rayalign.data.store import (DatasetError, DatasetWriter, atomic_write_text, checksum_path, directory_checksums,
-                                  directory_problems,
-                                  enclosing_dataset, is_dataset_dir, read_manifest, remove_untrusted_shards,
-                                  shard_name, shard_problem, trash_dir, write_parquet_atomic)
+                                  directory_problems, enclosing_dataset, is_dataset_dir, read_manifest,
+                                  remove_untrusted_shards, shard_name, shard_problem, trash_dir, write_parquet_atomic)
 from rayalign.progress import console
 
 STAGES = ("generate", "score", "pairs", "train")
@@ -44,8 +43,8 @@ def check_run_dir_config(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = 
                   f"run `rayalign launch RECIPE --redo STAGE[,STAGE...]` ({', '.join(STAGES)}) to recompute those "
                   "stages and every later one with this recipe (earlier ones are kept), use another --run-dir")
         raise RunConfigChanged(f"{run_dir}: holds {'an online' if online_run else 'a'} run with another config (hash "
-                          f"{state['config_hash']}, this recipe {cfg.config_hash()}{changed_keys(run_dir, cfg)}); "
-                          f"{remedy}, or delete the directory to start over")
+                               f"{state['config_hash']}, this recipe {cfg.config_hash()}{changed_keys(run_dir, cfg)}); "
+                               f"{remedy}, or delete the directory to start over")
     return state
 
 

@@ -36,7 +36,8 @@ def check_trackers(cfg: RunConfig) -> None:
             importlib.import_module(package)
         except ImportError:
             raise ConfigError(f"{key}: the {package} package is not installed; install the extra with "
-                              f"`pip install -e '.[{package}]'` in the rayalign checkout (or `pip install {package}`), or remove the setting") from None
+                              f"`pip install -e '.[{package}]'` in the rayalign checkout (or `pip install {package}`), "
+                              "or remove the setting") from None
     if log.wandb is not None and _wandb_mode(log.wandb.mode) == "online":
         _check_wandb_credentials(log.wandb.mode)
 

@@ -205,11 +205,10 @@ class RunConfig:
 
     def _validate_mode(self) -> None:
         """Refuse a recipe whose settings belong to the other mode: they would be silently ignored."""
-        changed = self._changed
-        if self.mode == "offline" and (keys := changed(("online",))):
+        if self.mode == "offline" and (keys := self._changed(("online",))):
             raise ConfigError(f"{', '.join(keys)}: online settings in an offline recipe; set mode: online to run the "
                               "online loop, or remove them")
-        if self.mode == "online" and (keys := changed(OFFLINE_ONLY)):
+        if self.mode == "online" and (keys := self._changed(OFFLINE_ONLY)):
             raise ConfigError(f"{', '.join(keys)}: offline settings in an online recipe (mode: online); remove them, "
                               "or set mode: offline")
 
@@ -248,7 +247,8 @@ class RunConfig:
                 f"online.algorithm {self.online.algorithm} compares the samples of a prompt (group advantages)"
             other = "; or use online.algorithm: ppo"
         else:
-            compares = method in BEST_WORST_METHODS and f"pairs.method {method} pairs the best and worst samples of a prompt"
+            compares = method in BEST_WORST_METHODS and \
+                f"pairs.method {method} pairs the best and worst samples of a prompt"
             other = "; or use pairs.method lidr or dco"
         if compares and s.n < 2:
             raise ConfigError(f"sampling.n: {compares}, so n must be >= 2, got {s.n}{other}")

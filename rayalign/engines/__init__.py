@@ -124,14 +124,13 @@ def check_engine_settings(cfg, policy_path: str) -> None:
     from rayalign.models import load_tokenizer
 
     e, max_new = cfg.engines, cfg.sampling.max_new_tokens
-    context = model_context(policy_path, cfg.policy.trust_remote_code)
+    context = model_context(policy_path, cfg.policy.trust_remote_code)  # engines.max_model_len: the config check
     if context and e.backend == "vllm" and e.max_model_len and e.max_model_len > context:
         raise ConfigError(f"engines.max_model_len: {e.max_model_len} is above the policy's context of {context} "
                           "tokens (max_position_embeddings); lower it, or null for the model's")
-    limit = min(context or max_new + 1, e.max_model_len or context or max_new + 1)
-    if max_new >= limit:
+    if context and max_new >= context:
         raise ConfigError(f"sampling.max_new_tokens: {max_new} leaves no room for a prompt in the policy's context "
-                          f"of {limit} tokens; lower it")
+                          f"of {context} tokens; lower it")
     if cfg.prompts.system_prompt:
         tokenizer = load_tokenizer(policy_path, cfg.policy.trust_remote_code)
         try:
