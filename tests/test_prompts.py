@@ -210,6 +210,8 @@ def test_json_strings_holding_unicode_line_separators_are_one_line(tmp_path):
     ({"instruction_id": "p1", "instruction": "\u200b\u200b\ufeff "}, "en.jsonl:1: empty prompt for prompt_id 'p1'"),
     ({"instruction_id": "p1", "messages": [{"role": "system", "content": "x"}]},
      "en.jsonl:1: messages have no user turn (roles: system)"),
+    ({"instruction_id": "p1", "instruction": "q", "output": ["a", "b"]},
+     "en.jsonl:1: output must be text (a reference answer), got list"),
 ])
 def test_text_that_is_not_text_or_invisible_is_named(tmp_path, row, expected):
     """A lone surrogate escape was a UnicodeEncodeError traceback from pyarrow; zero-width-only prompts passed as
@@ -220,6 +222,13 @@ def test_text_that_is_not_text_or_invisible_is_named(tmp_path, row, expected):
     with pytest.raises(PromptError) as e:
         load_prompts(d, ["en"])
     assert str(e.value).startswith(str(d / "en.jsonl")) and expected in str(e.value)
+
+
+def test_a_numeric_reference_is_kept_as_text(tmp_path):
+    """A math set's numeric answer became null."""
+    d = write_dir(tmp_path, {"en": [{"instruction_id": 1, "instruction": "2+40?", "reference": 42},
+                                    {"instruction_id": 2, "instruction": "1/2?", "output": 0.5}]})
+    assert load_prompts(d, ["en"]).column("reference").to_pylist() == ["42", "0.5"]
 
 
 def test_a_null_prompt_id_falls_back_to_instruction_id(tmp_path):

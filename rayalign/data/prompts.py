@@ -136,13 +136,19 @@ def _to_row(where: str, obj: dict, lang: str | None, system_prompt: str | None, 
     if not text.translate(INVISIBLE).strip():
         raise PromptError(f"{where}: empty prompt for prompt_id {prompt_id!r} ({lang})")
     reference = obj.get("reference", obj.get("output"))
+    ref_field = "reference" if obj.get("reference") is not None else "output"
+    if isinstance(reference, (int, float)) and not isinstance(reference, bool):
+        reference = str(reference)  # a numeric answer, as math sets hold
+    elif reference is not None and not isinstance(reference, str):
+        raise PromptError(f"{where}: {ref_field} must be text (a reference answer), got {type(reference).__name__} "
+                          f"{str(reference)[:60]!r}")
     for field, value in (("prompt_id", prompt_id), ("lang", lang), ("reference", reference),
                          *((f"messages[{i}]", m["content"]) for i, m in enumerate(messages))):
         _utf8(where, field, value)
     if system_prompt:
         messages = [{"role": "system", "content": system_prompt}] + messages
     return {"prompt_id": str(prompt_id), "lang": lang, "messages": messages,
-            "reference": reference if isinstance(reference, str) else None, "source": source, "_where": where}
+            "reference": reference, "source": source, "_where": where}
 
 
 def _mapped(where: str, obj: dict, columns: dict[str, str]) -> dict:
