@@ -28,6 +28,7 @@ from rich.table import Table
 from rayalign.config import ConfigError
 from rayalign.config.study import Study, StudyError, StudyRun, expand, load_study  # noqa: F401
 from rayalign.data.store import atomic_write_text, write_parquet_atomic
+from rayalign.run_dir import as_recorded
 
 console = Console(stderr=True)
 # ---- the study file ----
@@ -42,7 +43,7 @@ def run_finished(run: StudyRun) -> bool:
         state = json.loads((run.run_dir / "state.json").read_text())
     except (OSError, ValueError):
         return False
-    return (run.cfg.matches(state.get("config_hash"))
+    return (as_recorded(run.cfg, run.run_dir).matches(state.get("config_hash"))
             and f"iter-{run.cfg.iterations}/summary" in state.get("finished", []))
 
 

@@ -6,6 +6,7 @@ resume unless it matches them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -37,6 +38,7 @@ def check_run_dir_config(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = 
         raise ConfigError(f"{run_dir}: the run directory would lie in the dataset {dataset}; datasets.load_dataset "
                           "would read the run as part of it: choose a run name or --run-dir outside datasets")
     state = read_state(run_dir)
+    cfg = as_recorded(cfg, run_dir)
     if state is not None and not cfg.matches(state["config_hash"]) and not redo and holds_results(state):
         online_run = any(str(s).startswith("online/") for s in state["finished"])
         remedy = ("use another --run-dir" if cfg.mode == "online" or online_run else
@@ -46,6 +48,31 @@ def check_run_dir_config(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = 
                                f"{state['config_hash']}, this recipe {cfg.config_hash()}{changed_keys(run_dir, cfg)}); "
                                f"{remedy}, or delete the directory to start over")
     return state
+
+
+AUTO_COUNTS = (("engines", "count"), ("rewards", "actors"), ("training", "world_size"))
+
+
+def as_recorded(cfg: RunConfig, run_dir: Path) -> RunConfig:
+    """`cfg` with its `auto` counts as the run in `run_dir` resolved them (its config.yaml), so that a relaunch of
+    the same recipe matches the run; unchanged where the run recorded none. A resolution that then differs on this
+    cluster is a config change like any other."""
+    auto = [(section, key) for section, key in AUTO_COUNTS if getattr(getattr(cfg, section), key) == "auto"]
+    if not auto:
+        return cfg
+    try:
+        recorded = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        recorded = {(section, key): recorded[section][key]
+                    for section, key in auto + [("training", "gradient_accumulation")]}
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return cfg
+    for section, key in auto:
+        if isinstance(recorded[section, key], int):
+            fields = {key: recorded[section, key]}
+            if key == "world_size" and cfg.training.global_batch_size:  # the accumulation was derived with it
+                fields["gradient_accumulation"] = recorded["training", "gradient_accumulation"]
+            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **fields)})
+    return cfg
 
 
 def changed_keys(run_dir: Path, cfg: RunConfig, most: int = 6) -> str:

@@ -1,7 +1,8 @@
 """Cluster specs, the Ray-cluster check and the placement planner: pure, no Ray, no model built."""
 
-import re
+import dataclasses
 import json
+import re
 
 import pytest
 import yaml
@@ -450,3 +451,29 @@ def test_online_mini_batches_are_checked_by_plan_and_set_the_accumulation():
         for counts in ([], ["training.world_size=auto"]):
             with pytest.raises(PlanError, match=re.escape(expected)):
                 plan(recipe("online-grpo-quickstart.yaml", *overrides, *counts), load_cluster_spec("local"))
+
+
+def test_a_run_with_auto_counts_resumes_under_the_recipe_that_made_it(tmp_path):
+    """The relaunch check compared the recipe's `auto` with the counts the run recorded: "changed: rewards.actors
+    (2 -> 'auto')", and a study counted its finished runs as failed."""
+    from rayalign.cluster.planner import resolve_counts
+    from rayalign.cluster.spec import ClusterSpec
+    from rayalign.config.study import StudyRun
+    from rayalign.pipelines.study import run_finished
+    from rayalign.run_dir import RunConfigChanged, check_run_dir_config, prepare_run_dir, write_state
+
+    spec = ClusterSpec(name="cpu", nodes=1, cpus_per_node=8, gpus_per_node=0, gpu_type="", gpu_memory_gb=0,
+                       memory_gb_per_node=32)
+    asked = load_config(None, ["rewards.actors=auto", "training.world_size=auto", "training.global_batch_size=8",
+                               "training.micro_batch_size=1", "iterations=1"])
+    resolved = resolve_counts(asked, spec)
+    assert (resolved.rewards.actors, resolved.training.world_size, resolved.training.gradient_accumulation) == (8, 8, 1)
+    run_dir = tmp_path / "run"
+    state = prepare_run_dir(resolved, run_dir)
+    write_state(run_dir, {**state, "finished": ["iter-1/generate", "iter-1/summary"]})
+    assert check_run_dir_config(asked, run_dir)["finished"] == ["iter-1/generate", "iter-1/summary"]
+    assert run_finished(StudyRun(slug="r", params={}, overrides=[], run_dir=run_dir, cfg=asked))
+    # resolved otherwise on this cluster: a change like any other
+    smaller = resolve_counts(asked, dataclasses.replace(spec, cpus_per_node=4))
+    with pytest.raises(RunConfigChanged, match=r"changed: .*rewards.actors \(8 -> 4\)"):
+        check_run_dir_config(smaller, run_dir)
