@@ -48,6 +48,13 @@ class ModelInfo:
     head_dim: int
     vocab_size: int
     dtype_bytes: int  # of the checkpoint as published
+    num_heads: int = 0  # attention (query) heads; 0 = unknown
+
+    def tensor_parallel_sizes(self, most: int) -> list[int]:
+        """The tensor-parallel sizes up to `most` that vLLM accepts: they divide the attention heads, and the KV
+        heads divide by them or they by the KV heads (then replicated)."""
+        return [tp for tp in range(1, most + 1) if not self.num_heads or self.num_heads % tp == 0 and
+                (self.num_kv_heads % tp == 0 if self.num_kv_heads >= tp else tp % self.num_kv_heads == 0)]
 
     @classmethod
     def from_hf_config(cls, name: str, config: dict, parameters: int | None = None) -> ModelInfo:
@@ -61,7 +68,8 @@ class ModelInfo:
                    num_layers=config["num_hidden_layers"], hidden_size=config["hidden_size"],
                    num_kv_heads=config.get("num_key_value_heads") or heads,
                    head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-                   vocab_size=config["vocab_size"], dtype_bytes=DTYPE_BYTES.get(config.get("torch_dtype"), 4))
+                   vocab_size=config["vocab_size"], dtype_bytes=DTYPE_BYTES.get(config.get("torch_dtype"), 4),
+                   num_heads=heads)
 
     def weights_gb(self, dtype_bytes: int) -> float:
         return self.parameters * dtype_bytes / GB

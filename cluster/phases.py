@@ -177,8 +177,8 @@ def on_gpu(phase: str, section: str, num_gpus: float, spec: ClusterSpec, refuse:
 def min_tensor_parallel(policy: ModelInfo, dtype_bytes: int, usable_gb: float, sequence_tokens: int) -> int:
     """The smallest power-of-two tensor-parallel size whose weights leave a KV cache for one sequence."""
     tp = 1
-    while tp < 1024 and policy.weights_gb(dtype_bytes) / tp + \
-            policy.kv_bytes_per_token(dtype_bytes, tp) * sequence_tokens / GB > usable_gb:
+    while tp < 1024 and (policy.weights_gb(dtype_bytes) / tp + policy.kv_bytes_per_token(dtype_bytes, tp) *
+                         sequence_tokens / GB > usable_gb or tp not in policy.tensor_parallel_sizes(tp)):
         tp *= 2
     return tp
 
@@ -206,6 +206,12 @@ def plan_generation(cfg, spec: ClusterSpec, policy: ModelInfo, refuse: Shortfall
         refuse(f"generate: engines.tensor_parallel_size {tp} > {spec.gpus_per_node} GPUs per node of {spec.name} (an "
                "engine's GPUs sit in one STRICT_PACK placement group, on one node)",
                f"set engines.tensor_parallel_size <= {spec.gpus_per_node}")
+    valid = policy.tensor_parallel_sizes(max(tp, spec.gpus_per_node))
+    if tp not in valid:
+        refuse(f"generate: engines.tensor_parallel_size {tp} does not divide {policy.name}'s {policy.num_heads} "
+               f"attention heads ({policy.num_kv_heads} KV heads), which vLLM requires",
+               f"set engines.tensor_parallel_size to one of {', '.join(map(str, valid))} (and engines.num_gpus to "
+               "match)")
     gpus = tp if tp > 1 else e.num_gpus  # the pool reserves one GPU bundle per tensor-parallel rank
     nodes, placement = place("generate", "engines", "count", e.count, e.num_cpus, gpus, spec, refuse)
     if tp > 1:
@@ -268,13 +274,13 @@ def plan_scoring(cfg, spec: ClusterSpec, held: dict[str, ModelInfo], refuse: Sho
                          {"weights": weights, "activations": activations, "total": weights + activations}, share)
     nodes, placement = place("score", "rewards", "actors", r.actors, r.num_cpus, r.num_gpus, spec, refuse)
     placement += gpu_usage(r.actors, r.num_gpus, spec)
-    per_gpu = {"weights": weights / max(1, r.num_gpus), "activations": activations / max(1, r.num_gpus)}
+    per_gpu = {"weights": weights, "activations": activations}  # a scorer holds its models whole on one GPU
     total = sum(per_gpu.values())
     share = min(r.num_gpus, 1) * spec.gpu_memory_gb
     if share and total > share:
         refuse(f"score: {len(held)} model(s), {weights:.0f} GB of weights + {activations:.0f} GB of activations "
-               f"= {total:.0f} GB per GPU > {share:g} GB", "lower rewards.batch_size, or give each scorer more GPUs "
-               "(rewards.num_gpus)")
+               f"= {total:.0f} GB per GPU > {share:g} GB", "lower rewards.batch_size, choose GPUs with more memory, or "
+               "score with a smaller model (a scorer holds its models whole on one GPU)")
     return PhasePlan("score", role, r.actors, "gpu", r.num_cpus, r.num_gpus, placement, nodes, models,
                      {**per_gpu, "total": total}, share)
 

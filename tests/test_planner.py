@@ -9,12 +9,12 @@ import yaml
 
 from conftest import REPO
 from rayalign.cluster.model_info import MODELS_FILE, PlanError, count_parameters, model_info
-from rayalign.cluster.phases import zero_memory_gb
+from rayalign.cluster.phases import Shortfalls, plan_generation, zero_memory_gb
 from rayalign.cluster.planner import plan, save_plan
 from rayalign.cluster.spec import (
     ClusterError, check_cluster, load_cluster_spec, running_cluster_spec, shipped_specs,
 )
-from rayalign.config import TINY_MODEL, load_config
+from rayalign.config import TINY_MODEL, ConfigError, load_config
 
 STUDIES = sorted(str(p.relative_to(REPO)) for p in (REPO / "examples").glob("*study*.yaml"))
 RECIPES = sorted(str(p.relative_to(REPO)) for p in (REPO / "examples").glob("*.yaml") if str(p.relative_to(REPO))
@@ -226,18 +226,30 @@ def test_70b_at_tensor_parallel_1_is_refused_with_the_reason():
              load_cluster_spec("a100x8"))
     assert "141 GB of weights per GPU" in e.value.reason and "> the 72 GB" in e.value.reason
     assert "engines.tensor_parallel_size >= 2" in e.value.suggestion
-    result = plan(recipe("lacomsa-llama3-8b.yaml", "policy.path=meta-llama/Meta-Llama-3-70B-Instruct",
-                         "engines.tensor_parallel_size=2", "engines.num_gpus=2", "engines.count=4",
-                         "rewards.num_gpus=4", "rewards.actors=2", "training.loss=null", "iterations=1"),
-                    load_cluster_spec("a100x8"))
-    generate = result.phase("generate")
+    tp2 = recipe("lacomsa-llama3-8b.yaml", "policy.path=meta-llama/Meta-Llama-3-70B-Instruct",
+                 "engines.tensor_parallel_size=2", "engines.num_gpus=2", "engines.count=4", "rewards.actors=2",
+                 "training.loss=null", "iterations=1")
+    generate = plan_generation(tp2, load_cluster_spec("a100x8"), model_info(tp2.policy.path),
+                               Shortfalls(load_cluster_spec("a100x8")))
     assert generate.memory_gb["weights"] == pytest.approx(LLAMA3_70B * 2 / 2 / 1e9)
     assert generate.gpus_per_actor == 2 and "STRICT_PACK bundle of 2 GPUs" in generate.placement
+    # a scorer holds the 70B whole on one GPU (it was planned as split over rewards.num_gpus, which nothing did)
+    with pytest.raises(PlanError) as e:
+        plan(tp2, load_cluster_spec("a100x8"))
+    assert e.value.reason.startswith("score: 1 model(s), 141 GB of weights") and "> 80 GB" in e.value.reason
+    assert "a scorer holds its models whole on one GPU" in e.value.suggestion
+    with pytest.raises(ConfigError, match=r"rewards.num_gpus: expected a value <= 1.0, got 4.0 \(GPUs per scoring "
+                                          r"actor, at most 1: a scorer holds its models whole on one GPU"):
+        recipe("lacomsa-llama3-8b.yaml", "rewards.num_gpus=4")
 
 
 @pytest.mark.parametrize("overrides, spec, message", [
     (["engines.tensor_parallel_size=16", "engines.num_gpus=16"], "a100x8",
      "tensor_parallel_size 16 > 8 GPUs per node"),
+    (["engines.tensor_parallel_size=3", "engines.num_gpus=3"], "a100x8",  # vLLM: 32 heads, 8 KV heads
+     "set engines.tensor_parallel_size to one of 1, 2, 4, 8 (and engines.num_gpus to match)"),
+    (["engines.tensor_parallel_size=6", "engines.num_gpus=6", "policy.path=Qwen/Qwen2.5-7B-Instruct"], "a100x8",
+     "set engines.tensor_parallel_size to one of 1, 2, 4"),  # 28 heads, 4 KV heads: 8 does not divide 28
     (["engines.count=65"], "a100x64", "set engines.count <= 64"),
     (["rewards.actors=9"], "a100x8", "set rewards.actors <= 8"),
     (["engines.num_cpus=200"], "a100x8", "set engines.num_cpus <= 96"),
@@ -245,7 +257,7 @@ def test_70b_at_tensor_parallel_1_is_refused_with_the_reason():
      "raise training.zero_stage"),
 ])
 def test_what_does_not_fit_is_refused(overrides, spec, message):
-    with pytest.raises(PlanError, match=message.replace("(", r"\(")):
+    with pytest.raises(PlanError, match=re.escape(message)):
         plan(recipe("lacomsa-llama3-8b.yaml", *overrides), load_cluster_spec(spec))
 
 

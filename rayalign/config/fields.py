@@ -139,6 +139,10 @@ def _convert(value, tp, key: str):
     return float(value) if tp is float else value
 
 
+def _why(meta: dict) -> str:
+    return f" ({meta['help']})" if meta.get("help") else ""
+
+
 def _check(value, meta: dict, key: str) -> None:
     if value is None:
         return
@@ -149,11 +153,11 @@ def _check(value, meta: dict, key: str) -> None:
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{key}: expected one of {', '.join(meta['choices'])}, got {value!r}")
     if "ge" in meta and value < meta["ge"]:
-        raise ConfigError(f"{key}: expected a value >= {meta['ge']}, got {value!r}")
+        raise ConfigError(f"{key}: expected a value >= {meta['ge']}, got {value!r}{_why(meta)}")
     if "gt" in meta and value <= meta["gt"]:
-        raise ConfigError(f"{key}: expected a value > {meta['gt']}, got {value!r}")
+        raise ConfigError(f"{key}: expected a value > {meta['gt']}, got {value!r}{_why(meta)}")
     if "le" in meta and value > meta["le"]:
-        raise ConfigError(f"{key}: expected a value <= {meta['le']}, got {value!r}")
+        raise ConfigError(f"{key}: expected a value <= {meta['le']}, got {value!r}{_why(meta)}")
 
 
 def build_dataclass(cls, data: dict, prefix: str = "", within: str = "the recipe"):

@@ -178,6 +178,11 @@ class RunConfig:
         self._validate_online()
         self._validate_sampling()
         e = self.engines
+        if e.num_gpus > max(1, e.tensor_parallel):
+            spread = ("set engines.tensor_parallel_size to spread the model over them" if e.backend == "vllm" else
+                      "the hf engine runs on one GPU; engines.backend: vllm with tensor_parallel_size spreads a model")
+            raise ConfigError(f"engines.num_gpus: an engine uses one GPU per tensor-parallel rank (tensor_parallel_"
+                              f"size {e.tensor_parallel}), got {e.num_gpus:g}: the others would sit idle; {spread}")
         if e.backend == "vllm" and 0 < e.num_gpus < e.tensor_parallel_size:
             raise ConfigError(f"engines.num_gpus: the vllm backend needs at least tensor_parallel_size "
                               f"({e.tensor_parallel_size}) GPUs per engine, got {e.num_gpus}")

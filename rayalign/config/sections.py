@@ -223,7 +223,8 @@ class RewardsConfig:
                                  "count whose estimated step is fastest beside the other roles)", ge=1, auto=True)
     batch_size: int = _field(16, help="sequences per teacher-forced forward", ge=1)
     num_cpus: float = _field(1.0, help="CPUs per scoring actor", gt=0.0)
-    num_gpus: float = _field(0.0, help="GPUs per scoring actor", ge=0.0)
+    num_gpus: float = _field(0.0, help="GPUs per scoring actor, at most 1: a scorer holds its models whole on one GPU; "
+                                       "a fraction shares one", ge=0.0, le=1.0)
 
 
 PAIR_METHODS = ("lacomsa", "msa", "icr", "kto", "dco", "lidr", "reward_model", "user")
@@ -278,7 +279,8 @@ class TrainingConfig:
                                            "gradient_accumulation as given", ge=1)
     zero_stage: int = _field(2, help="DeepSpeed ZeRO stage 0-3", ge=0, le=3)
     num_cpus: float = _field(1.0, help="CPUs per trainer actor (sets its torch threads)", gt=0.0)
-    num_gpus: float = _field(0.0, help="GPUs per trainer actor (0 = CPU training with gloo)", ge=0.0)
+    num_gpus: float = _field(0.0, help="GPUs per trainer actor, at most 1: a rank trains on one GPU (0 = CPU training "
+                                       "with gloo)", ge=0.0, le=1.0)
     max_length: int = _field(1024, help="most prompt + response tokens per sequence; longer rows are left out of "
                              "training (their reference log-probs cover the whole response) and counted", ge=8)
     length_grouping: bool = _field(True, help="group rows of similar length into batches to limit padding")
