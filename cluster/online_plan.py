@@ -1,9 +1,9 @@
 """Online recipes on a cluster. The online loop holds every role at once: the generation engines, the policy's
 trainer ranks (each with a frozen reference for the KL), PPO's critic ranks and, with online.score_weight, the
 scorers. Each role is planned as its offline phase is (placement, memory per GPU or per CPU actor); together they
-must fit the cluster, so their GPUs, CPUs and host memory are summed against the cluster's totals (Ray does the
-node-by-node placement). engines.count: auto gives generation what the other roles leave;
-training.world_size and rewards.actors auto take the counts whose estimated step is fastest.
+must fit the cluster: their GPUs, CPUs and host memory are summed against the cluster's totals, and their actors
+placed node by node, largest first (an actor's CPUs and GPUs lie on one node). engines.count: auto gives
+generation what the other roles leave on each node; training.world_size and rewards.actors auto take the counts whose estimated step is fastest.
 
 The estimate is per step: generate (rollouts x max_new_tokens over the engines), reward (the trainer's forward of
 policy, reference and critic over every rollout, and the scorers'), train (6 x parameters x tokens per update
@@ -20,6 +20,7 @@ from rayalign.cluster.estimate import PROMPT_TOKENS as UNREAD_PROMPT_TOKENS, _fo
 from rayalign.cluster.model_info import PlanError, model_info
 from rayalign.cluster.phases import (PROMPT_TOKENS, Plan, Shortfalls, most_actors, plan_generation, plan_scoring,
                                      plan_training, scored_models)
+from rayalign.cluster.schedule import first_fit
 from rayalign.cluster.spec import ClusterSpec
 
 def _roles(cfg) -> list[str]:
@@ -40,6 +41,13 @@ def _count(cfg, role: str) -> int:
     return {"generate": e.count, "score": r.actors}.get(role, t.world_size)
 
 
+def _actors(cfg, spec: ClusterSpec, roles: list[str]) -> list[tuple[str, float, float]]:
+    """(actor name, CPUs, GPUs) of every actor of `roles`."""
+    on_gpu = bool(spec.gpus_per_node)
+    names = {"generate": "engine", "score": "scorer", "train": "policy rank", "critic": "critic rank"}
+    return [(names[role], *reversed(_demand(cfg, role, on_gpu))) for role in roles for _ in range(_count(cfg, role))]
+
+
 def resolve_online_counts(cfg, spec: ClusterSpec):
     """The online recipe with its auto counts filled: training.world_size and rewards.actors as the pair whose
     estimated step is fastest (ties to fewer actors), engines.count: auto with what the other roles leave."""
@@ -49,21 +57,19 @@ def resolve_online_counts(cfg, spec: ClusterSpec):
     if e.count != "auto":
         return cfg
     on_gpu = bool(spec.gpus_per_node)
-    gpus_used = cpus_used = 0.0
-    for role in _roles(cfg)[1:]:
-        gpus, cpus = _demand(cfg, role, on_gpu)
-        gpus_used, cpus_used = gpus_used + gpus * _count(cfg, role), cpus_used + cpus * _count(cfg, role)
+    others = _actors(cfg, spec, _roles(cfg)[1:])
+    gpus_used, cpus_used = sum(a[2] for a in others), sum(a[1] for a in others)
     gpus, cpus = _demand(cfg, "generate", on_gpu)
-    free_cpus = spec.cpus_per_node * spec.nodes - cpus_used
-    count = int(free_cpus // cpus)
-    if gpus:
-        count = min(count, int(round((spec.total_gpus - gpus_used) / gpus, 6)))
+    free, _ = first_fit(others, spec)  # engines fill what the other roles leave on each node
+    count = sum(int(round(min(c / cpus, g / gpus if gpus else math.inf), 6)) for c, g in free)
     if count < 1 and not on_gpu:  # a CPU preview of a GPU recipe: one engine, and the plan lists what does not fit
         count = 1
     if count < 1:
-        used = f"{gpus_used:g} of {spec.total_gpus} GPUs" if gpus else f"{cpus_used:g} of {free_cpus + cpus_used:g} CPUs"
-        raise PlanError(f"engines.count: auto leaves no room for an engine: the other online roles use {used}",
-                        "lower training.world_size or rewards.actors, or use a larger cluster")
+        used = (f"{gpus_used:g} of {spec.total_gpus} GPUs and " if gpus else "") + \
+            f"{cpus_used:g} of {spec.cpus_per_node * spec.nodes} CPUs"
+        raise PlanError(f"engines.count: auto leaves no room for an engine: the other online roles use {used}, and no "
+                        f"node has {cpus:g} CPUs{f' and {gpus:g} GPU(s)' if gpus else ''} left for one",
+                        "lower training.world_size, rewards.actors or their num_cpus, or use a larger cluster")
     resolved = dataclasses.replace(cfg, engines=dataclasses.replace(e, count=count))
     resolved.validate()
     return resolved
@@ -188,7 +194,8 @@ def plan_online(cfg, spec: ClusterSpec, strict: bool = False) -> Plan:
         held = scored_models(cfg, policy)
         models.update(held)
         phases.append(plan_scoring(cfg, spec, held, refuse))
-    phases.append(plan_training(cfg, spec, policy, refuse, role="policy rank", reference=True, sequence_tokens=sequence))
+    phases.append(plan_training(cfg, spec, policy, refuse, role="policy rank", reference=True,
+                                sequence_tokens=sequence))
     if cfg.online.algorithm == "ppo":
         phases.append(plan_training(cfg, spec, policy, refuse, phase="critic", role="critic rank",
                                 sequence_tokens=sequence))
@@ -203,6 +210,13 @@ def plan_online(cfg, spec: ClusterSpec, strict: bool = False) -> Plan:
         refuse(f"online: the roles ({together} actors) run side by side and need {cpus:g} CPUs; the cluster has "
                f"{all_cpus:g} ({spec.name})", _fewer_actors(asked, cfg, "lower the num_cpus of engines, rewards "
                                                            "or training"))
+    if gpus <= spec.total_gpus and cpus <= all_cpus:
+        _, homeless = first_fit(_actors(cfg, spec, _roles(cfg)), spec)
+        if homeless is not None:
+            refuse(f"online: the roles ({together} actors) need {gpus:g} GPUs and {cpus:g} CPUs, within the "
+                   f"cluster's totals, but not node by node: one {homeless} finds no node with room "
+                   f"({spec.nodes} x {spec.cpus_per_node} CPUs, {spec.gpus_per_node} GPUs)",
+                   _fewer_actors(asked, cfg, "lower the num_cpus of engines, rewards or training"))
     host = sum(p.actors * p.memory_gb["total"] for p in phases if p.device == "cpu")
     if host > spec.memory_gb_per_node * spec.nodes:
         refuse(f"online: the CPU actors side by side need about {host:.1f} GB of host memory; {spec.name} has "

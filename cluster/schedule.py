@@ -30,23 +30,31 @@ def _actors(cfg, spec: ClusterSpec) -> list[tuple[str, float, float]]:
             + [("scorer", r.num_cpus, r.num_gpus if on_gpu else 0.0)] * r.actors)
 
 
-def side_by_side(cfg, spec: ClusterSpec) -> str | None:
-    """None when every engine and every scorer fit the cluster at once (first fit, largest first, node by node);
-    else what does not fit."""
+def first_fit(actors: list[tuple[str, float, float]], spec: ClusterSpec) -> tuple[list[list[float]], str | None]:
+    """Place (role, CPUs, GPUs) actors node by node, largest first: the [CPUs, GPUs] left on each node, and the
+    role of the first actor that found no room (None when all fit)."""
     free = [[float(spec.cpus_per_node), float(spec.gpus_per_node)] for _ in range(spec.nodes)]
-    actors = _actors(cfg, spec)
     for role, cpus, gpus in sorted(actors, key=lambda a: (a[2], a[1]), reverse=True):
         node = next((n for n in free if n[0] >= cpus - 1e-9 and n[1] >= gpus - 1e-9), None)
         if node is None:
-            need_cpus = sum(a[1] for a in actors)
-            need_gpus = sum(a[2] for a in actors)
-            return (f"{cfg.engines.count} engine(s) + {cfg.rewards.actors} scorer(s) need {need_cpus:g} CPUs"
-                    + (f" and {need_gpus:g} GPUs" if need_gpus else "") + f" at once; {spec.name} has "
-                    f"{spec.nodes * spec.cpus_per_node} CPUs" + (f" and {spec.total_gpus} GPUs" if spec.total_gpus
-                                                                  else "") + f" (a {role} found no room)")
+            return free, role
         node[0] -= cpus
         node[1] -= gpus
-    return None
+    return free, None
+
+
+def side_by_side(cfg, spec: ClusterSpec) -> str | None:
+    """None when every engine and every scorer fit the cluster at once (first fit, largest first, node by node);
+    else what does not fit."""
+    actors = _actors(cfg, spec)
+    _, role = first_fit(actors, spec)
+    if role is None:
+        return None
+    need_cpus, need_gpus = sum(a[1] for a in actors), sum(a[2] for a in actors)
+    return (f"{cfg.engines.count} engine(s) + {cfg.rewards.actors} scorer(s) need {need_cpus:g} CPUs"
+            + (f" and {need_gpus:g} GPUs" if need_gpus else "") + f" at once; {spec.name} has "
+            f"{spec.nodes * spec.cpus_per_node} CPUs" + (f" and {spec.total_gpus} GPUs" if spec.total_gpus else "")
+            + f" (one {role} found no room)")
 
 
 def streams(cfg) -> bool:

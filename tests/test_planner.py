@@ -489,3 +489,18 @@ def test_a_run_with_auto_counts_resumes_under_the_recipe_that_made_it(tmp_path):
     smaller = resolve_counts(asked, dataclasses.replace(spec, cpus_per_node=4))
     with pytest.raises(RunConfigChanged, match=r"changed: .*rewards.actors \(8 -> 4\)"):
         check_run_dir_config(smaller, run_dir)
+
+
+def test_online_roles_are_placed_node_by_node():
+    """engines.count: auto filled the GPUs the other roles left in total: 60 engines beside 4 policy ranks of 48
+    CPUs on a100x64, though those ranks take every CPU of 2 nodes (8 x 96 CPUs, 8 GPUs)."""
+    a100x64 = load_cluster_spec("a100x64")
+    result = plan(recipe("online-grpo-llama3-8b.yaml", "training.num_cpus=48"), a100x64)
+    # 4 ranks of 48 CPUs fill 2 nodes' CPUs; 6 nodes x min(96 CPUs / 4, 8 GPUs) = 48 engines
+    assert result.phase("generate").actors == 48
+    assert "all roles: 52 of 64 GPUs (81%)" in result.notes
+    with pytest.raises(PlanError) as e:
+        plan(recipe("online-grpo-llama3-8b.yaml", "training.num_cpus=48", "engines.count=60"), a100x64)
+    assert "need 64 GPUs and 432 CPUs, within the cluster's totals, but not node by node: one engine finds no " \
+           "node with room" in e.value.reason
+    assert plan(recipe("online-grpo-llama3-8b.yaml"), a100x64).phase("generate").actors == 60  # 8 CPUs a rank
