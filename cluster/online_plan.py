@@ -3,7 +3,8 @@ trainer ranks (each with a frozen reference for the KL), PPO's critic ranks and,
 scorers. Each role is planned as its offline phase is (placement, memory per GPU or per CPU actor); together they
 must fit the cluster: their GPUs, CPUs and host memory are summed against the cluster's totals, and their actors
 placed node by node, largest first (an actor's CPUs and GPUs lie on one node). engines.count: auto gives
-generation what the other roles leave on each node; training.world_size and rewards.actors auto take the counts whose estimated step is fastest.
+generation what the other roles leave on each node; training.world_size and rewards.actors auto take the counts
+whose estimated step is fastest.
 
 The estimate is per step: generate (rollouts x max_new_tokens over the engines), reward (the trainer's forward of
 policy, reference and critic over every rollout, and the scorers'), train (6 x parameters x tokens per update
