@@ -129,6 +129,14 @@ def load_cluster_spec(name_or_path: str) -> ClusterSpec:
             values[key] = _number(path, key, data[key])
     gpus = values["gpus_per_node"]
     gpu_type, gpu_memory = data["gpu_type"], data["gpu_memory_gb"]
+    measured = [key for key in ("gpu_type", "gpu_memory_gb") if data[key] == "auto"]
+    if gpus and measured:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ClusterError(f"{path}: {measured[0]}: 'auto' reads the GPU of this machine, which has none (CUDA "
+                               f"not available); name it for gpus_per_node {gpus:g} (e.g. gpu_type: A100-80GB, "
+                               "gpu_memory_gb: 80)")
     if gpu_type == "auto":
         gpu_type, auto = (_gpu_name() if gpus else "none"), [*auto, "gpu_type"]
     if gpu_memory == "auto":

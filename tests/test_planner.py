@@ -5,6 +5,7 @@ import json
 import re
 
 import pytest
+import torch
 import yaml
 
 from conftest import REPO
@@ -72,6 +73,10 @@ def test_spec_by_path(tmp_path):
     ({"gpus_per_node": 0}, "gpus_per_node: 0, but gpu_type 'A100-80GB'"),
     ({"gpus": 8}, "gpus: unknown key"),
     ({"memory_gb_per_node": None}, "memory_gb_per_node: expected a number > 0"),
+    pytest.param({"gpu_type": "auto"}, "gpu_type: 'auto' reads the GPU of this machine, which has none",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="measures this machine's GPU")),
+    pytest.param({"gpu_memory_gb": "auto"}, "gpu_memory_gb: 'auto' reads the GPU of this machine, which has none",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="measures this machine's GPU")),
 ])
 def test_bad_spec_is_refused_naming_file_and_field(tmp_path, change, message):
     path = tmp_path / "bad.yaml"
