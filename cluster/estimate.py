@@ -247,9 +247,9 @@ def estimate(run_plan) -> dict:
                 "prompts.limit): no estimate"}
     result = phase_seconds(cfg, phases, models, prompt_rows or 0, prompt_tokens, figures_by_phase, load_gb,
                            pairs_rate, candidates)
-    known = [v["seconds"] for v in result.values() if v["seconds"] is not None]
-    per_iteration = sum(known) if known else None
-    out = {"phases": result, "iteration_seconds": per_iteration,
+    unknown = [phase for phase, v in result.items() if v["seconds"] is None]
+    per_iteration = None if unknown or not result else sum(v["seconds"] for v in result.values())
+    out = {"phases": result, "iteration_seconds": per_iteration, "unknown": unknown,
            "total_seconds": per_iteration * cfg.iterations if per_iteration is not None else None,
            "prompt_rows": prompt_rows, "prompt_tokens": round(prompt_tokens, 1), "figures": sources}
     if cfg.pairs.method == "dco":  # no prompts: the candidate sets are the work
@@ -304,15 +304,17 @@ def estimate_table(result: dict, iterations: int, title: str | None = None):
         caption.insert(0, escape(result["note"]))
     if result.get("prompt_rows") is not None:
         caption.insert(0, f"{result['prompt_rows']} prompt rows of about {result['prompt_tokens']:g} tokens; "
-                          "streamed generate and score overlap, the sum is an upper bound; DeepSpeed's first-run op "
-                          "compile not counted")
+                          + ("streamed generate and score overlap, the sum is an upper bound; " if result.get("stream")
+                             else "") + "DeepSpeed's first-run op compile not counted")
     unit = result.get("unit", "iteration")
     table = Table("stage", "time", "start-up", "counted as", title=title or f"estimated time per {unit}",
                   caption="\n".join(caption), caption_justify="left")
     for phase, value in result.get("phases", {}).items():
         startup = "" if unit == "step" else duration(value.get("startup"))  # a step's start-up is counted once
         table.add_row(phase, duration(value["seconds"]), startup, escape(value["work"]))
-    if result.get("iteration_seconds") is not None:
+    if result.get("unknown"):
+        table.add_row(unit, "?", "", f"not estimated: no figures for {', '.join(result['unknown'])}")
+    elif result.get("iteration_seconds") is not None:
         once = f" + start-up {duration(result['startup_seconds'])}" if "startup_seconds" in result else ""
         table.add_row(unit, duration(result["iteration_seconds"]), "",
                       f"x {iterations} {unit}(s){once} = {duration(result['total_seconds'])}")

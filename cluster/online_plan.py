@@ -281,8 +281,8 @@ def online_estimate(run_plan: Plan) -> dict:
         busy = None if busy is None or more is None else busy + more
         work += ", then as much for the critic"
     phases["train"] = _timed(busy, 0.0, work)
-    known = [v["seconds"] for v in phases.values() if v["seconds"] is not None]
-    per_step = sum(known) if known else None
+    unknown = [phase for phase, v in phases.items() if v["seconds"] is None]
+    per_step = None if unknown else sum(v["seconds"] for v in phases.values())
     load = {name: sum(m.parameters * m.dtype_bytes for m in run_plan.models.values() if m.name in p.models) / 1e9
             for name, p in by_phase.items()}
     startup = max(figs[name].startup("generate" if name == "generate" else "score" if name == "score" else "train",
@@ -292,7 +292,8 @@ def online_estimate(run_plan: Plan) -> dict:
         sources += [line for line in f.sources if line not in sources]
     if prompt_rows is None:
         sources.insert(0, f"prompt tokens unknown (an hf: source): {UNREAD_PROMPT_TOKENS} assumed")
-    return {"unit": "step", "phases": phases, "iteration_seconds": per_step, "startup_seconds": startup,
+    return {"unit": "step", "phases": phases, "iteration_seconds": per_step, "unknown": unknown,
+            "startup_seconds": startup,
             "total_seconds": None if per_step is None else startup + per_step * o.steps, "prompt_rows": None,
             "prompt_tokens": round(prompt_tokens, 1), "figures": sources,
             "note": f"{rollouts:,} rollouts per step of about {prompt_tokens:.3g} prompt + {s.max_new_tokens} new "

@@ -151,5 +151,5 @@ def plan(cfg, spec: ClusterSpec, strict: bool = False) -> Plan:
                  for line in notes]
     notes.append(schedule.text())
     result = Plan(cfg.name, cfg.config_hash(), spec, models, phases, notes, problems, config=cfg)
-    result.estimate = estimate(result)
+    result.estimate = {**estimate(result), "stream": schedule.stream}
     return result

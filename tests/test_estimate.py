@@ -264,3 +264,27 @@ def test_launch_dry_run_of_an_online_recipe_shows_the_online_plan():
     assert result.exit_code == 0, result.output
     assert "60 x vllm engine" in text and "4 x policy rank" in text and "estimated time per step" in text
     assert "x 200 step(s) + start-up" in text and "pairs" not in text
+
+
+def test_a_total_is_not_a_sum_of_the_stages_that_could_be_estimated(tmp_path):
+    """On a GPU the throughput table does not know, generate, score and train are '?', and the iteration row
+    summed only pairs: 0.69 s."""
+    from rich.console import Console
+
+    from rayalign.cluster.estimate import estimate_table
+
+    spec = tmp_path / "mi300.yaml"
+    spec.write_text("name: mi300\nnodes: 1\ncpus_per_node: 96\ngpus_per_node: 8\ngpu_type: MI300X\n"
+                    "gpu_memory_gb: 192\nmemory_gb_per_node: 1024\n")
+    est = plan(load_config(LACOMSA), load_cluster_spec(str(spec))).estimate
+    assert est["phases"]["pairs"]["seconds"] > 0 and est["unknown"] == ["generate", "score", "train"]
+    assert est["iteration_seconds"] is None and est["total_seconds"] is None
+    console = Console(width=200, record=True)
+    console.print(estimate_table(est, 2))
+    text = console.export_text()
+    assert "not estimated: no figures for generate, score, train" in text
+    assert "the sum is an upper bound" not in text  # the barrier schedule: nothing overlaps
+    streamed = plan(load_config(LACOMSA, ["cluster.schedule=stream"]), load_cluster_spec("a100x8")).estimate
+    assert streamed["stream"] and not est["stream"]
+    console.print(estimate_table(streamed, 2))
+    assert "streamed generate and score overlap, the sum is an upper bound" in console.export_text()
