@@ -27,8 +27,10 @@ def slice_cluster(spec: ClusterSpec, parallel: int) -> list[ClusterSpec]:
                                f"equal shares of every node, so parallel must be at most {spec.nodes} or a multiple "
                                "of it")
         nodes, share = 1, parallel // spec.nodes
-        how = f"1/{share} of a node"
     gpus, cpus = spec.gpus_per_node // share, spec.cpus_per_node // share
+    if share > 1:
+        how = (f"1/{share} of a node" if gpus * share == spec.gpus_per_node and cpus * share == spec.cpus_per_node
+               else f"{gpus} of {spec.gpus_per_node} GPUs and {cpus} of {spec.cpus_per_node} CPUs of a node")
     if spec.gpus_per_node and not gpus:
         raise ClusterError(f"parallel {parallel} on {spec.name}: {share} runs per node leave no whole GPU to each of "
                            f"its {spec.gpus_per_node} GPU(s); lower parallel to at most "
@@ -80,9 +82,17 @@ def slices_text(spec: ClusterSpec, slices: list[ClusterSpec]) -> str:
     lines += [f"  {s.description}: {s.summary().split(': ', 1)[1]}"
               + (f", pinned to node(s) {', '.join(n[:12] for n in s.node_ids)}" if s.node_ids else "")
               for s in slices]
-    idle_nodes = spec.nodes - slices[0].nodes * len(slices) if spec.nodes >= len(slices) else 0
-    if idle_nodes > 0:
-        lines.append(f"  {idle_nodes} node(s) unused (nodes do not divide into {len(slices)} equal slices)")
+    first = slices[0]
+    if spec.nodes >= len(slices):
+        idle_nodes = spec.nodes - first.nodes * len(slices)
+        if idle_nodes > 0:
+            lines.append(f"  {idle_nodes} node(s) unused (nodes do not divide into {len(slices)} equal slices)")
+        return "\n".join(lines)
+    share = len(slices) // spec.nodes
+    idle = [f"{n} {unit}" for n, unit in ((spec.gpus_per_node - first.gpus_per_node * share, "GPU(s)"),
+                                          (spec.cpus_per_node - first.cpus_per_node * share, "CPU(s)")) if n]
+    if idle:
+        lines.append(f"  {' and '.join(idle)} of every node unused (they do not divide into {share} equal shares)")
     return "\n".join(lines)
 
 
@@ -119,10 +129,11 @@ def plan_side_by_side(configs: dict, spec: ClusterSpec, parallel: int) -> tuple[
 
 def slice_table(slices: list[ClusterSpec], plans: dict):
     """A rich table: per run, its actors per phase on its slice (or on the whole cluster with one slice)."""
+    from rich.markup import escape
     from rich.table import Table
 
     shape = slices[0].summary().split(": ", 1)[1]
-    title = f"each run on a slice: {shape}" if len(slices) > 1 else f"each run on {slices[0].summary()}"
+    title = escape(f"each run on a slice: {shape}" if len(slices) > 1 else f"each run on {slices[0].summary()}")
     table = Table("run", "generate", "score", "train", title=title)
     for name, run_plan in plans.items():
         cells = []

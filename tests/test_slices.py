@@ -134,3 +134,26 @@ def test_a_slice_node_that_is_gone_or_too_small_is_named():
         check_node_ids(spec, [ray_node("n" * 56, "10.0.0.2", 192, 8, alive=False), ray_node("m" * 56, "x", 192, 8)])
     with pytest.raises(ClusterError, match="has 4 GPU.s. and 192 CPU.s., fewer than the slice's 8 and 192 per node"):
         check_node_ids(spec, [ray_node("n" * 56, "10.0.0.2", 192, 4)])
+
+
+def test_shares_that_do_not_divide_a_node_say_what_they_leave_unused():
+    """Three runs on one 8-GPU node got 2 GPUs each, were each called "1/3 of a node", and 2 GPUs idled unsaid."""
+    spec = load_cluster_spec("a100x8")
+    slices = slice_cluster(spec, 3)
+    assert [(s.gpus_per_node, s.cpus_per_node) for s in slices] == [(2, 32)] * 3
+    text = slices_text(spec, slices)
+    assert "slice 1 of 3 of a100x8: 2 of 8 GPUs and 32 of 96 CPUs of a node" in text
+    assert "2 GPU(s) of every node unused (they do not divide into 3 equal shares)" in text
+    assert "unused" not in slices_text(spec, slice_cluster(spec, 2))
+
+
+def test_the_slice_table_title_shows_a_cpu_node_shape():
+    """Rich read "[no GPUs, 1 CPUs, ...]" in the title as markup and printed "each run on a slice: 1 x"."""
+    from rich.console import Console
+
+    from rayalign.cluster.slices import slice_table
+
+    cpu = dataclasses.replace(load_cluster_spec("a100x8"), gpus_per_node=0, gpu_type="none", gpu_memory_gb=0)
+    console = Console(width=200, record=True)
+    console.print(slice_table(slice_cluster(cpu, 2), {}))
+    assert "each run on a slice: 1 x [no GPUs, 48 CPUs, 576 GB]" in console.export_text()
