@@ -156,4 +156,4 @@ def test_the_slice_table_title_shows_a_cpu_node_shape():
     cpu = dataclasses.replace(load_cluster_spec("a100x8"), gpus_per_node=0, gpu_type="none", gpu_memory_gb=0)
     console = Console(width=200, record=True)
     console.print(slice_table(slice_cluster(cpu, 2), {}))
-    assert "each run on a slice: 1 x [no GPUs, 48 CPUs, 576 GB]" in console.export_text()
+    assert "each run on a slice: 1 x [no GPUs, 48 CPUs, 576 GB]" in " ".join(console.export_text().split())
