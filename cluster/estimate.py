@@ -233,8 +233,8 @@ def estimate(run_plan) -> dict:
         units = p.gpus_per_actor if p.device == "gpu" else p.cpus_per_actor
         phases[p.phase] = (p.actors, units)
         # every checkpoint the phase's actors hold, read in its published dtype
-        load_gb[p.phase] = sum(m.parameters * m.dtype_bytes for m in run_plan.models.values()
-                               if m.name in p.models) / 1e9
+        distinct = {m.name: m for m in run_plan.models.values()}.values()  # DCO's reference may be the policy
+        load_gb[p.phase] = sum(m.parameters * m.dtype_bytes for m in distinct if m.name in p.models) / 1e9
         figures_by_phase[p.phase] = f = figures(cfg, p.device, spec.gpu_type, run_plan.models["policy"].parameters,
                                                 table)
         sources += [s for s in f.sources if s.split(":")[0] in (p.phase, "score, train", "start-up")

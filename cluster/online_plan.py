@@ -283,7 +283,8 @@ def online_estimate(run_plan: Plan) -> dict:
     phases["train"] = _timed(busy, 0.0, work)
     unknown = [phase for phase, v in phases.items() if v["seconds"] is None]
     per_step = None if unknown else sum(v["seconds"] for v in phases.values())
-    load = {name: sum(m.parameters * m.dtype_bytes for m in run_plan.models.values() if m.name in p.models) / 1e9
+    distinct = {m.name: m for m in run_plan.models.values()}.values()
+    load = {name: sum(m.parameters * m.dtype_bytes for m in distinct if m.name in p.models) / 1e9
             for name, p in by_phase.items()}
     startup = max(figs[name].startup("generate" if name == "generate" else "score" if name == "score" else "train",
                                      load[name]) for name in by_phase)

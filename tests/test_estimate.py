@@ -288,3 +288,12 @@ def test_a_total_is_not_a_sum_of_the_stages_that_could_be_estimated(tmp_path):
     assert streamed["stream"] and not est["stream"]
     console.print(estimate_table(streamed, 2))
     assert "streamed generate and score overlap, the sum is an upper bound" in console.export_text()
+
+
+def test_dco_reads_its_reference_checkpoint_once_when_it_is_the_policy():
+    """The start-up counted the policy's checkpoint twice (as policy and as DCO reference): 36.1 s and 61.1 s."""
+    est = plan(load_config(REPO / "examples" / "dco-llama3-8b.yaml"), load_cluster_spec("a100x8")).estimate
+    checkpoint = LLAMA3_8B * 2 / 1e9 / 2  # bf16 bytes at 2 GB/s: 8.03 s
+    table = load_table()["startup_s"]["gpu"]
+    assert est["phases"]["pairs"]["startup"] == pytest.approx(table["score"] + checkpoint)  # 20 + 8.03
+    assert est["phases"]["train"]["startup"] == pytest.approx(table["train"] + checkpoint)  # 45 + 8.03
