@@ -44,6 +44,11 @@ class Figures:
         return self.startup_s[phase] + load_gb / self.load_gb_per_s
 
 
+def rate(value: float) -> str:
+    """A rate for the estimate's text: whole numbers with separators, three significant digits below 100."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def load_table(path: Path = THROUGHPUT_FILE) -> dict:
     return read_table(path)
 
@@ -81,7 +86,7 @@ def figures(cfg, device: str, gpu_type: str, parameters: int, table: dict | None
         per_unit = interpolate(table["generation_tokens_per_s"][family], parameters / 1e9)
         units = max(e.gpus_per_engine, 1) if device == "gpu" else e.num_cpus
         tokens_per_s = per_unit * units
-        source = f"throughput.yaml {family} ({per_unit:,.0f} tokens/s per {'GPU' if device == 'gpu' else 'CPU'})"
+        source = f"throughput.yaml {family} ({rate(per_unit)} tokens/s per {'GPU' if device == 'gpu' else 'CPU'})"
     else:
         tokens_per_s, source = 0.0, f"no generation figure for {family}: set cluster.generation_tokens_per_s"
     sources.append(f"generate: {source}")
@@ -144,8 +149,8 @@ def _timed(busy: float | None, startup: float, work: str) -> dict:
 
 
 def _forward(flops: float, actors: int, units: float, f: Figures, kind: str) -> tuple[float | None, str]:
-    rate = actors * units * f.device_flops * f.efficiency[kind]
-    return (flops / rate if rate else None,
+    speed = actors * units * f.device_flops * f.efficiency[kind]
+    return (flops / speed if speed else None,
             f"/ ({actors} x {units:g} x {f.device_flops:.3g} FLOP/s x {f.efficiency[kind]:g})")
 
 
@@ -166,9 +171,9 @@ def phase_seconds(cfg, phases: dict, models: dict, prompt_rows: int, prompt_toke
         engines, _ = phases["generate"]
         f = figures_by_phase["generate"]
         tokens = samples * s.max_new_tokens
-        rate = engines * f.tokens_per_s_per_engine
-        out["generate"] = _timed(tokens / rate if rate else None, f.startup("generate", load_gb["generate"]),
-                                 f"{tokens:,.0f} tokens / ({engines} x {f.tokens_per_s_per_engine:,.0f} tokens/s)")
+        speed = engines * f.tokens_per_s_per_engine
+        out["generate"] = _timed(tokens / speed if speed else None, f.startup("generate", load_gb["generate"]),
+                                 f"{tokens:,.0f} tokens / ({engines} x {rate(f.tokens_per_s_per_engine)} tokens/s)")
     if "score" in phases and not dco:
         f = figures_by_phase["score"]
         tokens = samples * sequence

@@ -17,7 +17,7 @@ import dataclasses
 import math
 
 from rayalign.cluster.estimate import PROMPT_TOKENS as UNREAD_PROMPT_TOKENS, _forward, _timed, figures, \
-    forward_roles, load_table, prompt_stats
+    forward_roles, load_table, prompt_stats, rate
 from rayalign.cluster.model_info import PlanError, model_info
 from rayalign.cluster.phases import (PROMPT_TOKENS, Plan, Shortfalls, most_actors, plan_generation, plan_scoring,
                                      plan_training, scored_models)
@@ -258,10 +258,10 @@ def online_estimate(run_plan: Plan) -> dict:
 
     phases = {}
     engines, f = by_phase["generate"].actors, figs["generate"]
-    rate = engines * f.tokens_per_s_per_engine
+    speed = engines * f.tokens_per_s_per_engine
     generated = rollouts * s.max_new_tokens
-    phases["generate"] = _timed(generated / rate if rate else None, 0.0,
-                                f"{generated:,.0f} tokens / ({engines} x {f.tokens_per_s_per_engine:,.0f} tokens/s)")
+    phases["generate"] = _timed(generated / speed if speed else None, 0.0,
+                                f"{generated:,.0f} tokens / ({engines} x {rate(f.tokens_per_s_per_engine)} tokens/s)")
     ppo = "critic" in by_phase
     forwards = 2 + ppo  # policy and reference on the trainer ranks, the critic's values
     flops = 2 * params["policy"] * tokens * forwards

@@ -154,7 +154,7 @@ def check_inputs(study: Study, runs: list[StudyRun]) -> None:
             check_run_dir_config(cfg, run.run_dir)
         except RunConfigChanged:
             raise StudyError(f"{study.path}: run {run.slug}: {run.run_dir} holds a run of another config (the study "
-                             f"file or its recipe changed since it ran); give the study another name: (or runs_dir), "
+                             f"file or its recipe changed since it ran); give the study another name (or runs_dir), "
                              f"or delete {study.dir} to start over. Nothing was changed") from None
         except ConfigError as e:
             raise StudyError(f"{study.path}: run {run.slug}: {e}") from None

@@ -297,3 +297,11 @@ def test_dco_reads_its_reference_checkpoint_once_when_it_is_the_policy():
     table = load_table()["startup_s"]["gpu"]
     assert est["phases"]["pairs"]["startup"] == pytest.approx(table["score"] + checkpoint)  # 20 + 8.03
     assert est["phases"]["train"]["startup"] == pytest.approx(table["train"] + checkpoint)  # 45 + 8.03
+
+
+def test_a_slow_rate_is_printed_with_its_digits():
+    """The CPU preview of the 8B recipe printed "(0 tokens/s per CPU)"."""
+    est = plan(load_config(LACOMSA), load_cluster_spec("local")).estimate
+    per_cpu = 2391 * 0.00105 / (LLAMA3_8B / 1e9)  # throughput.yaml cpu: 1 / parameters beyond its one size
+    assert f"generate: throughput.yaml cpu ({per_cpu:.3g} tokens/s per CPU)" in est["figures"]
+    assert f"{per_cpu:.3g}" == "0.313"

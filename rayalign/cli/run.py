@@ -127,12 +127,13 @@ def plan_cmd(recipe, cluster, overrides, as_json):
 def submit(command, address, working_dir, pip, env_vars, wait):
     """Run a rayalign command as a Ray Job on a running cluster.
 
-    Everything after `--` is the rayalign command the job runs; the working directory is uploaded.
+    Everything after `--` is the rayalign command the job runs; the working directory is uploaded. Give the
+    command a --run-dir on the cluster's shared file system: a run left in the uploaded copy is lost with it.
 
     \b
     Example:
       rayalign submit --address http://head:8265 --pip 'vllm>=0.32,<0.33' --wait -- \\
-        launch --cluster a100x64 examples/lacomsa-llama3-8b.yaml
+        launch --cluster a100x64 examples/lacomsa-llama3-8b.yaml --run-dir /shared/runs/lacomsa
     """
     from rayalign.cluster.submit import job_spec, submit as submit_job
 
