@@ -110,8 +110,7 @@ class PreferenceTrainer(TrainerActor):
                 dev = {k: x.to(self.device) for k, x in batch.items()}
                 logps, counts = sequence_logps(self.engine, dev["input_ids"], dev["attention_mask"], dev["loss_mask"])
                 loss, metrics = compute_loss(self.loss, logps, counts, batch, self.t, self.dco_beta, kto_kl)
-                self.engine.backward(loss)
-                self.engine.step()
+                self.backward_step(loss, self.loss)
                 tokens += int(batch["attention_mask"].sum())
                 for i, key in enumerate(METRICS):
                     if key in metrics:

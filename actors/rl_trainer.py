@@ -98,8 +98,7 @@ class PolicyTrainer(RolloutTrainer):
                 entropy = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
                 entropy[:, 1:][predicting] = token_entropy(logits[:, :-1][predicting])
                 metrics["entropy"] = masked_mean(entropy, mask).item()
-            self.engine.backward(pg + kl)
-            self.engine.step()
+            self.backward_step(pg + kl, "policy")
             metrics |= {"policy_loss": float(pg.detach()), "kl": kl_metrics["kl"]}
             sums += torch.tensor([metrics[k] for k in keys] + [1.0], dtype=torch.float64)
         sums = sums.to(self.device)
@@ -116,11 +115,14 @@ class PolicyTrainer(RolloutTrainer):
 
 class CriticTrainer(RolloutTrainer):
     def _load_model(self, dtype: str):
-        """The policy's body with a per-token value head."""
+        """The policy's body with a per-token value head, initialised from training.seed (the same on every rank
+        and in every run of the recipe)."""
+        import torch
         from transformers import AutoModelForTokenClassification
 
         from rayalign.models import torch_dtype
 
+        torch.manual_seed(self.t.seed)
         return AutoModelForTokenClassification.from_pretrained(
             self.model_path, num_labels=1, dtype=torch_dtype(dtype, self.device),
             trust_remote_code=self.model_cfg.trust_remote_code).to(self.device)
@@ -158,8 +160,7 @@ class CriticTrainer(RolloutTrainer):
             ret[mask] = torch.tensor([x for r in rows for x in returns[r]], device=self.device)
             old[mask] = torch.tensor([x for r in rows for x in old_values[r]], device=self.device)
             loss, _ = value_loss(values, old, ret, mask, clip_eps=clip_eps)
-            self.engine.backward(loss)
-            self.engine.step()
+            self.backward_step(loss, "value")
             sums += torch.tensor([float(loss.detach()), 1.0], dtype=torch.float64)
         sums = sums.to(self.device)
         dist.all_reduce(sums)

@@ -125,6 +125,22 @@ class TrainerActor:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config)
 
+    def backward_step(self, loss, what: str) -> None:
+        """Backward and optimizer step on `loss`; a NaN or infinite loss on any rank stops every rank before it
+        reaches the weights (the ranks agree first, so none waits in a collective the others left)."""
+        import torch
+        import torch.distributed as dist
+
+        finite = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=self.device)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            raise failures.NonFiniteLossError(
+                f"training: the {what} loss is not finite (NaN or infinite) at optimizer step {self.step + 1}; it "
+                "was not applied and training stopped. Look for extreme rewards or log-probs in the data, lower "
+                "training.lr, or train in float32 (policy.dtype); the same command resumes from the last checkpoint")
+        self.engine.backward(loss)
+        self.engine.step()
+
     def checkpoint(self, directory: str) -> int:
         """A resumable DeepSpeed checkpoint (weights, optimizer, schedule, step); every rank writes its part."""
         self.engine.save_checkpoint(directory, tag=f"step-{self.step}", client_state={"step": self.step})

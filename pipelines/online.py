@@ -25,7 +25,7 @@ import ray
 
 from rayalign.config import RunConfig
 from rayalign.data.prompts import load_prompts
-from rayalign.data.store import DatasetWriter, atomic_write_text, directory_checksums, trash_dir
+from rayalign.data.store import DatasetWriter, atomic_write_text, dataset_problems, directory_checksums, trash_dir
 from rayalign.engines import check_engine_settings
 from rayalign.models import resolve_model_path
 from rayalign.progress import console, deepspeed_op_notice, model_build_progress
@@ -67,7 +67,8 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     prior = check_run_dir_config(cfg, run_dir)
     digest = check_prompts_unchanged(cfg, prior, prompts)  # before models
     if prior and "online/policy" in prior["finished"]:  # a finished run: kept when its saved policy verifies
-        problems = kept_output_problems(run_dir, prior, run_dir / "online" / "policy")
+        problems = kept_output_problems(run_dir, prior, run_dir / "online" / "policy") + rollout_problems(run_dir,
+                                                                                                           o.steps)
         if not problems:
             console.print(f"online/policy: finished earlier ({o.steps} steps), kept -> {run_dir / 'online' / 'policy'}")
             return run_dir
@@ -184,6 +185,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
                 if o.checkpoint_every and step % o.checkpoint_every == 0:
                     state["online_checkpoint"] = save_checkpoints(run_dir, groups, step, source.save_pending)
                 write_state(run_dir, state)
+                prune_checkpoints(run_dir, state.get("online_checkpoint"))  # only once the new one is recorded
                 console.print(f"step {step}/{o.steps}: reward {record['reward_mean']:.3f}  kl {record['kl']:.4f}  "
                               f"clip {record['clip_fraction']:.3f}  entropy {record['entropy']:.3f}  "
                               + "  ".join(f"{k.removeprefix('seconds_')} {v:.1f}s" for k, v in timings.items()))
@@ -222,36 +224,68 @@ def save_checkpoints(run_dir: Path, groups: dict, step: int, add_to_policy=None)
         tag = f"step-{group.checkpoint(str(directory))}"
         if role == "policy" and add_to_policy is not None:
             add_to_policy(directory / tag)
-        for old in directory.iterdir():  # older tags are never loaded again
-            if old.is_dir() and old.name != tag:
-                shutil.rmtree(old)
         record[role] = {"tag": tag, "files": directory_checksums(directory / tag)}
     return record
 
 
-def resumable_step(run_dir: Path, state: dict, checkpoint_every: int, ppo: bool) -> int:
-    """The step a relaunch continues after: the last recorded checkpoint's, when every checkpoint it needs is
-    intact (0 otherwise). Outputs of later steps (rollouts, metrics, the final policy) are moved to the run's
-    trash, so that the relaunch writes them again exactly as an uninterrupted run would."""
+def prune_checkpoints(run_dir: Path, record: dict | None) -> None:
+    """Remove the checkpoint tags older than the recorded ones (never loaded again); called after state.json
+    records the new ones, so that a run stopped in between still finds the checkpoint it recorded before."""
+    for role, entry in (record or {}).items():
+        if role != "step":
+            for old in (run_dir / "online" / CHECKPOINT_DIRS[role]).iterdir():
+                if old.is_dir() and old.name != entry["tag"]:
+                    shutil.rmtree(old)
 
-    if not state["finished"]:
-        return 0
+
+def rollout_problems(run_dir: Path, last_step: int) -> list[str]:
+    """What is wrong with the rollout datasets of steps 1..last_step (missing, or failing their checksums)."""
+    problems = []
+    for step in range(1, last_step + 1):
+        path = run_dir / "online" / f"step-{step:04d}"
+        problems += [message for _, message in dataset_problems(path)] if path.is_dir() else [f"{path}: missing"]
+    return problems
+
+
+def resumable_step(run_dir: Path, state: dict, checkpoint_every: int, ppo: bool) -> int:
+    """The step a relaunch continues after: the last recorded checkpoint's, when every checkpoint it needs and the
+    rollouts of every step up to it are intact (0 otherwise). Outputs of later steps (rollouts, metrics, the final
+    policy) are moved to the run's trash, so that the relaunch writes them again exactly as an uninterrupted run
+    would; so are those of a run that recorded nothing (stopped in its first step, or its state.json lost)."""
+    from rayalign.data.inspect import read_metrics
+
+    online, metrics = run_dir / "online", run_dir / "metrics.jsonl"
+    bad_lines = []
+    records = read_metrics(run_dir, on_bad_line=lambda path, number: bad_lines.append(number))
+    if not online.exists() and not bad_lines and not any(r.get("stage") == "online" for r in records):
+        return 0  # a new run
     record = state.get("online_checkpoint") or {}
     roles = ("policy", "critic") if ppo else ("policy",)
     for role in roles:
-        set_aside_untrusted_checkpoint(run_dir / "online" / CHECKPOINT_DIRS[role], record.get(role),
-                                       checkpoint_every, run_dir)
-    intact = all((run_dir / "online" / CHECKPOINT_DIRS[role]).is_dir() for role in roles)
+        set_aside_untrusted_checkpoint(online / CHECKPOINT_DIRS[role], record.get(role), checkpoint_every, run_dir)
+    intact = all((online / CHECKPOINT_DIRS[role]).is_dir() for role in roles)
     step = record.get("step", 0) if intact and record else 0
     trash = trash_dir(run_dir) / "online"
-    later = [p for p in sorted((run_dir / "online").glob("step-*")) if int(p.name[5:]) > step]
-    for path in later + [p for p in [run_dir / "online" / "policy"] if p.exists()]:
+    damaged = rollout_problems(run_dir, step)
+    if damaged:  # a kept step's rollouts cannot be written again from a later checkpoint: start over
+        console.print(f"[yellow]{run_dir}: the rollouts of a step before the checkpoint of step {step} cannot be "
+                      f"trusted[/] ({'; '.join(damaged[:3])}); starting over from step 1")
+        step = 0
+        for role in roles:
+            if (online / CHECKPOINT_DIRS[role]).exists():
+                trash.mkdir(parents=True, exist_ok=True)
+                shutil.move(online / CHECKPOINT_DIRS[role], trash / CHECKPOINT_DIRS[role])
+    later = [p for p in sorted(online.glob("step-*")) if int(p.name[5:]) > step]
+    for path in later + [p for p in [online / "policy"] if p.exists()]:
         trash.mkdir(parents=True, exist_ok=True)
         shutil.move(path, trash / path.name)
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        records = [json.loads(line) for line in metrics.read_text().splitlines()]
-        kept = [r for r in records if r.get("stage") != "online" or r["step"] <= step]
+    kept = [r for r in records if r.get("stage") != "online" or r.get("step", 0) <= step]
+    if bad_lines or len(kept) < len(records):
+        if bad_lines:  # a line cut short by a kill, or edited: the file as it was goes to the trash
+            trash.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(metrics, trash.parent / "metrics.jsonl")
+            console.print(f"{metrics}: line(s) {', '.join(map(str, bad_lines[:5]))} not a metrics record (a write "
+                          f"cut short); dropped, the file as it was copied to {trash.parent}")
         atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
     state["finished"] = [f"online/step-{s}" for s in range(1, step + 1)]
     if step:

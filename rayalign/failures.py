@@ -1,6 +1,6 @@
 """Rows that fail by themselves: written per shard as they happen, gathered into iter-<t>/errors/, and counted
-against engines.max_failed_share. Also TrainerLostError, a trainer rank lost mid-stage, and CheckpointError (no Ray
-import here, so the CLI can catch them cheaply)."""
+against engines.max_failed_share. Also TrainerLostError, a trainer rank lost mid-stage, CheckpointError and
+NonFiniteLossError (no Ray import here, so the CLI can catch them cheaply)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ from rayalign.run_dir import ERRORS_BY_SHARD, write_table
 
 class CheckpointError(RuntimeError):
     """A training checkpoint that cannot be loaded; the message names the file."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training loss that is NaN or infinite, refused on every rank before it reaches the weights."""
 
 
 class TrainerLostError(RuntimeError):

@@ -510,3 +510,125 @@ def test_online_scored_reward_layers_are_checked_before_any_actor_starts(ray_ses
     with pytest.raises(ConfigError, match="rewards.latent.hub_layer: 99 is beyond the model's"):
         online.run(cfg, tmp_path / "online")
     assert set(placement_group_table()) == before and not (tmp_path / "online" / "state.json").exists()
+
+
+class Stop(Exception):
+    """Raised where a killed run would have stopped."""
+
+
+def test_an_online_run_stopped_between_a_checkpoint_and_its_record_resumes_from_the_one_before(
+        ray_session, tiny_model, tmp_path, monkeypatch, capsys):
+    """Stopped after step 2's checkpoint was saved, before state.json recorded it: the recorded step-1 checkpoint
+    had already been deleted, so the relaunch started over (and step 2's metrics line stayed twice). Then a damaged
+    rollout shard of a kept step and a metrics line cut short: a traceback, or the damage kept."""
+    from safetensors.numpy import load_file
+
+    from rayalign.pipelines import online
+
+    cfg = load_config(REPO / "examples" / "online-grpo-quickstart.yaml", [
+        f"policy.path={tiny_model}", "languages=[en,de]", "online.steps=2", "online.checkpoint_every=1",
+        "online.prompts_per_step=1"])
+    run_dir, write_state, calls = tmp_path / "run", online.write_state, []
+
+    def stop_at_step_2(path, state):
+        calls.append(1)
+        if len(calls) == 2:  # the record of step 2, after its checkpoint was saved
+            raise Stop
+        write_state(path, state)
+
+    monkeypatch.setattr(online, "write_state", stop_at_step_2)
+    with pytest.raises(Stop):
+        online.run(cfg, run_dir)
+    monkeypatch.setattr(online, "write_state", write_state)
+    tags = lambda: sorted(p.name for p in (run_dir / "online" / "train.ckpt").iterdir() if p.is_dir())  # noqa: E731
+    assert tags() == ["step-1", "step-2"]
+    capsys.readouterr()
+    online.run(cfg, run_dir)
+    assert "continuing after step 1 (its checkpoint verified)" in " ".join(capsys.readouterr().err.split())
+    steps = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    assert steps == [1, 2]
+    assert tags() == ["step-2"]
+    policy = load_file(run_dir / "online" / "policy" / "model.safetensors")
+
+    shard = run_dir / "online" / "step-0001" / "part-00000.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "stage": "onl')
+    online.run(cfg, run_dir)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "online/policy: not kept" in err and "step-0001/part-00000.parquet" in "".join(err.split())
+    assert "starting over from step 1" in err and "line(s) 3 not a metrics record" in err
+    assert [p.read_text().count("\n") for p in run_dir.glob("trash-*/metrics.jsonl")] == [2]
+    steps = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    assert steps == [1, 2]
+    again = load_file(run_dir / "online" / "policy" / "model.safetensors")
+    assert max(float(np.abs(again[k] - policy[k]).max()) for k in policy) <= 1e-6
+
+
+def test_outputs_of_an_online_run_that_recorded_no_step_are_set_aside(tmp_path):
+    """Stopped in step 1 before its record (or state.json lost): the relaunch kept the old step-1 metrics line
+    beside the new one and wrote over the old rollouts in place."""
+    from rayalign.pipelines.online import resumable_step
+
+    run_dir = tmp_path / "run"
+    (run_dir / "online" / "step-0001").mkdir(parents=True)
+    (run_dir / "online" / "step-0001" / "part-00000.parquet").write_bytes(b"rows of the stopped step")
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "stage": "online", "reward_mean": 0.5}) + "\n")
+    state = {"config_hash": "0" * 16, "finished": []}
+    assert resumable_step(run_dir, state, checkpoint_every=1, ppo=False) == 0
+    assert not (run_dir / "online" / "step-0001").exists() and (run_dir / "metrics.jsonl").read_text() == ""
+    assert [p.read_bytes() for p in run_dir.glob("trash-*/online/step-0001/part-00000.parquet")] == \
+        [b"rows of the stopped step"]
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert resumable_step(fresh, {"finished": []}, checkpoint_every=1, ppo=False) == 0
+    assert sorted(p.name for p in fresh.iterdir()) == []  # a new run: nothing to set aside
+
+
+def test_one_response_token_whitens_to_zero_advantage():
+    """Whitening one token divided by the std of one value: NaN advantages, a NaN loss, and nothing learned."""
+    from rayalign.training.rollouts import ppo_advantages
+
+    adv, returns, _ = ppo_advantages(np.array([1.0]), [{"logp": [-1.0], "ref_logp": [-1.0]}], [{"value": [0.25]}],
+                                     kl_coef=0.1, kl_estimator="k1", gamma=1.0, lam=1.0)
+    assert adv == [[0.0]] and returns == [[pytest.approx(1.0)]]  # return = reward; delta 0.75 centred to 0
+
+
+def test_the_critic_value_head_starts_from_the_training_seed(tiny_model):
+    """The value head was initialised from the unseeded global RNG: two PPO runs of one recipe differed."""
+    import torch
+
+    from rayalign.actors.rl_trainer import CriticTrainer
+    from rayalign.config import TrainingConfig
+
+    def head(seed: int, noise: int):
+        torch.manual_seed(noise)  # whatever the actor's RNG held before
+        critic = object.__new__(CriticTrainer)
+        critic.model_path, critic.device, critic.model_cfg = tiny_model, "cpu", ModelConfig(path=tiny_model)
+        critic.t = TrainingConfig(seed=seed)
+        return critic._load_model("float32").score.weight.detach().clone()
+
+    assert torch.equal(head(0, noise=1), head(0, noise=2))
+    assert not torch.equal(head(0, noise=1), head(1, noise=1))
+
+
+def test_a_loss_that_is_not_finite_stops_training_before_the_weights(tmp_path):
+    """A NaN loss went through backward and the optimizer step: NaN weights, 'done', and NaN in metrics.jsonl."""
+    import torch
+    import torch.distributed as dist
+
+    from rayalign.actors.trainer import TrainerActor
+    from rayalign.failures import NonFiniteLossError
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        trainer = object.__new__(TrainerActor)
+        trainer.device, trainer.step, trainer.engine = "cpu", 4, None  # never reached: the loss is refused first
+        for loss in (torch.tensor(float("nan")), torch.tensor([1.0, float("inf")])):
+            with pytest.raises(NonFiniteLossError, match="the policy loss is not finite .NaN or infinite. at "
+                                                         "optimizer step 5; it was not applied"):
+                trainer.backward_step(loss, "policy")
+    finally:
+        dist.destroy_process_group()

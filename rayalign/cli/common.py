@@ -34,7 +34,7 @@ def user_errors(fn):
         from rayalign.data.prompts import PromptError
         from rayalign.data.store import DatasetError
         from rayalign.eval.judge import JudgeError
-        from rayalign.failures import CheckpointError, TrainerLostError
+        from rayalign.failures import CheckpointError, NonFiniteLossError, TrainerLostError
         from rayalign.generation import ActorsLostError, FailedRowsError
         from rayalign.models import ModelLoadError
         from rayalign.pipelines.study import StudyError
@@ -44,7 +44,7 @@ def user_errors(fn):
 
         known = (ConfigError, PromptError, DatasetError, ModelLoadError, ClusterError, PlanError, FailedRowsError,
                  RewardError, JudgeError, StudyError, ReportError, TrainerLostError, TrainingDataError, CheckpointError,
-                 ActorsLostError)
+                 ActorsLostError, NonFiniteLossError)
         try:
             return fn(*args, **kwargs)
         except known as e:  # also as raised inside an actor: Ray's RayTaskError(cause) is an instance of the cause

@@ -126,7 +126,7 @@ def inspect(path):
                 table.add_row(*(str(v) for v in row))
             console.print(table)
     if len(rollouts) > 1:
-        console.print(f"{path / 'online'}: {len(rollouts)} rollout datasets, {rollouts[0].name} to "
+        console.print(f"{rollouts[0].parent}: {len(rollouts)} rollout datasets, {rollouts[0].name} to "
                       f"{rollouts[-1].name} (the last summarised above)")
     estimated = planned_seconds(path)
     steps = step_table(metrics)

@@ -56,7 +56,7 @@ def read_yaml_file(path: Path, what: str, error: type[Exception] = ConfigError):
 
 
 def config_field(default=dataclasses.MISSING, *, help: str, factory=None, **checks):
-    """A dataclass field with a help string and optional checks (ge, gt, le, choices)."""
+    """A dataclass field with a help string and optional checks (ge, gt, le, lt, choices)."""
     meta = {"help": help, **checks}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -156,6 +156,8 @@ def _check(value, meta: dict, key: str) -> None:
         raise ConfigError(f"{key}: expected a value >= {meta['ge']}, got {value!r}{_why(meta)}")
     if "gt" in meta and value <= meta["gt"]:
         raise ConfigError(f"{key}: expected a value > {meta['gt']}, got {value!r}{_why(meta)}")
+    if "lt" in meta and value >= meta["lt"]:
+        raise ConfigError(f"{key}: expected a value < {meta['lt']}, got {value!r}{_why(meta)}")
     if "le" in meta and value > meta["le"]:
         raise ConfigError(f"{key}: expected a value <= {meta['le']}, got {value!r}{_why(meta)}")
 

@@ -254,7 +254,8 @@ class TrainingConfig:
     beta: float = _field(0.1, help="DPO / IPO / cDPO / KTO beta; SimPO's reward scale (use about 2.0 there)", gt=0.0)
     nll_weight: float = _field(0.0, help="weight of the NLL term -log pi(y_w)/|y_w| added to DPO-family losses "
                                "(ICR trains with DPO + NLL: 1.0)", ge=0.0)
-    label_smoothing: float = _field(0.1, help="loss cdpo: probability that a pair's label is flipped", ge=0.0, le=0.5)
+    label_smoothing: float = _field(0.1, help="loss cdpo: probability that a pair's label is flipped; below 0.5, where the "
+                                    "loss prefers neither response", ge=0.0, lt=0.5)
     simpo_margin: float = _field(0.5, help="SimPO target reward margin gamma", ge=0.0)
     orpo_lambda: float = _field(0.1, help="ORPO weight lambda of the odds-ratio term", ge=0.0)
     kto_desirable_weight: float = _field(1.0, help="KTO lambda_D", gt=0.0)

@@ -231,18 +231,20 @@ def compute_loss(loss: str, logps: torch.Tensor, counts: torch.Tensor, batch: di
             out = losses.orpo_loss(pc, pr, nc, nr, lam=t.orpo_lambda)
         else:
             raise ValueError(f"unknown loss {loss!r}")
-    return out.loss, loss_metrics(out)
+    return out.loss, loss_metrics(out, paired=loss != "kto")
 
 
-def loss_metrics(out) -> dict[str, tuple[float, int]]:
-    """(sum, count) per metric, so that micro-batches and ranks can be averaged exactly."""
+def loss_metrics(out, paired: bool = True) -> dict[str, tuple[float, int]]:
+    """(sum, count) per metric, so that micro-batches and ranks can be averaged exactly. The margin and accuracy
+    compare each chosen row with its rejected one: `paired` losses only (KTO's desirable and undesirable rows are
+    separate rows)."""
     m = {"loss": (float(out.loss.detach()), 1)}
     c, r = out.chosen_rewards.detach().float(), out.rejected_rewards.detach().float()
     if len(c):
         m["reward_chosen"] = (float(c.sum()), len(c))
     if len(r):
         m["reward_rejected"] = (float(r.sum()), len(r))
-    if len(c) and len(c) == len(r):
+    if paired and len(c) and len(c) == len(r):
         m["reward_margin"] = (float((c - r).sum()), len(c))
         m["accuracy"] = (float((c > r).float().sum()), len(c))
     for key, value in out.metrics.items():

@@ -81,7 +81,8 @@ def ppo_advantages(rewards: np.ndarray, policy_stats: list[dict], critic_stats: 
                                       kind=kl_estimator)
     adv, returns = gae(token_rewards, values, mask, gamma=gamma, lam=lam)
     valid = adv[mask]
-    adv = torch.where(mask, (adv - valid.mean()) / (valid.std() + 1e-8), 0.0)
+    spread = valid.std() if valid.numel() > 1 else torch.zeros((), dtype=valid.dtype)  # one token: centred to 0
+    adv = torch.where(mask, (adv - valid.mean()) / (spread + 1e-8), 0.0)
     rows = lambda x: [x[i][mask[i]].tolist() for i in range(len(x))]  # noqa: E731
     return rows(adv), rows(returns), rows(values)
 
