@@ -90,6 +90,7 @@ def test_an_old_runs_config_yaml_with_reference_null_loads(tmp_path):
     ("sampling.n=0", "sampling.n: expected a value >= 1"),
     ("sampling.top_p=1.5", "sampling.top_p: expected a value <= 1.0"),
     ("sampling.top_p=0", "sampling.top_p: expected a value > 0.0, got 0.0 (nucleus sampling mass in (0, 1])"),
+    ("training.label_smoothing=0.5", "training.label_smoothing: expected a value < 0.5, got 0.5 (loss cdpo"),
     ("training.num_gpus=2", "training.num_gpus: expected a value <= 1.0, got 2.0 (GPUs per trainer actor, at most 1"),
     ("engines.num_gpus=2", "engines.num_gpus: an engine uses one GPU per tensor-parallel rank (tensor_parallel_size 1), "
                            "got 2: the others would sit idle; the hf engine runs on one GPU"),

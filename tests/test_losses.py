@@ -387,3 +387,18 @@ def test_training_step_hands_each_loss_the_recipes_settings(loss):
     value, metrics = compute_loss(loss, logps, counts, batch, t)
     assert value.item() == pytest.approx(expected, rel=1e-6)
     assert metrics["loss"] == (pytest.approx(expected, rel=1e-6), 1)
+
+
+def test_kto_logs_no_pair_margin_or_accuracy():
+    """KTO's desirable and undesirable rows are separate rows: the margin and accuracy paired unrelated rows
+    whenever a micro-batch held as many of each (here -5.0 and 0.0, against chosen minus rejected of -4.33)."""
+    from rayalign.config import TrainingConfig
+    from rayalign.training.data import compute_loss
+
+    t = TrainingConfig(loss="kto", beta=0.1)
+    batch = {"ref_logp": torch.tensor([-11.0, -11.0]), "label": torch.tensor([1, 0])}
+    _, metrics = compute_loss("kto", torch.tensor([-10.0, -12.0]), torch.tensor([3, 3]), batch, t,
+                              kto_kl=torch.tensor(0.0))
+    assert "reward_margin" not in metrics and "accuracy" not in metrics
+    assert metrics["reward_chosen"] == (pytest.approx(0.1 * (-10.0 + 11.0)), 1)  # beta x (logp - ref)
+    assert metrics["reward_rejected"] == (pytest.approx(0.1 * (-12.0 + 11.0)), 1)
