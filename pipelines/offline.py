@@ -33,12 +33,12 @@ from rayalign.data.prompts import load_candidate_sets, load_prompts
 from rayalign.data.schemas import schema_for
 from rayalign.data.store import (atomic_write_text, claim_output_dir, directory_checksums, is_dataset_dir,
                                  read_dataset, read_manifest, trash_dir)
-from rayalign.engines import check_engine_settings
 from rayalign.failures import errors_checkpoint, record_failures
 from rayalign.generation import FailedRowsError
 from rayalign.methods import schema_of
 from rayalign.models import resolve_model_path
 from rayalign.pairs import dco_tuples, lidr_pairs, lidr_requests
+from rayalign.preflight import preflight
 from rayalign.progress import console, deepspeed_op_notice, model_build_progress, progress_bar
 from rayalign.rewards.consistency import dco_gamma_table
 from rayalign.run_dir import (samples_writer, STAGES, check_prompts_unchanged, check_run_dir_config, checkpoint,
@@ -49,10 +49,10 @@ from rayalign.run_lock import run_dir_lock
 from rayalign.scoring.finish import finish_scores, stage_centroids
 from rayalign.scoring.forward import ForwardSpec
 from rayalign.scoring.hub_scan import hub_layer_of_run
-from rayalign.scoring.rewards import compute_rewards, load_user_reward
-from rayalign.scoring.setup import latent_layers, scoring_setup, with_scoring_prompts
+from rayalign.scoring.rewards import compute_rewards
+from rayalign.scoring.setup import scoring_setup, with_scoring_prompts
 from rayalign.scoring.translation import translated_rows, with_translations
-from rayalign.tracking import Trackers, check_trackers
+from rayalign.tracking import Trackers
 from rayalign.training.data import batch_alignment_languages
 
 
@@ -367,20 +367,6 @@ def run(cfg: RunConfig, run_dir: Path | None = None, **options) -> Path:
         return _run(cfg, run_dir, **options)
 
 
-def preflight(cfg: RunConfig, policy_path: str) -> None:
-    """Checks that need the model or user code, made before any work: the trackers' packages, the latent layers
-    against the model's, and the user reward file's function (importing the file runs it, as scoring would)."""
-
-    check_trackers(cfg)
-    if "generate" in recipe_stages(cfg):
-        check_engine_settings(cfg, policy_path)
-    r = cfg.rewards
-    if r.latent.enabled and r.latent.hub_layer != "auto":
-        latent_layers(cfg, policy_path)
-    if r.user.path:
-        load_user_reward(r.user.path, r.user.function)
-
-
 def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str | None = None,
          stages: tuple[str, ...] = STAGES, redo: tuple[str, ...] = (), prompts=None, planned: bool = False) -> Path:
     """`prompts`: the prompt table when the caller has read it already (launch checks it before Ray starts).
@@ -405,7 +391,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
                           "RECIPE` for every stage")
     digest = check_prompts_unchanged(cfg, prior, prompts, redo) if prompts is not None else None
     initial_path = resolve_model_path(cfg.policy.path, progress=model_build_progress(cfg.policy.path))
-    preflight(cfg, initial_path)  # before the run directory is touched: a refused recipe leaves nothing behind
+    preflight(cfg, initial_path, run_dir)  # before the run directory is touched: a refused recipe leaves nothing
     state = prepare_run_dir(cfg, run_dir, redo, prompts_digest=digest)
     source = (f"{prompts.num_rows} prompt rows ({prompts.num_rows // len(cfg.languages)} ids x {len(cfg.languages)} "
               f"languages), n={cfg.sampling.n}, {cfg.engines.count} {cfg.engines.backend} engine(s)"

@@ -1,5 +1,6 @@
 """Checks a recipe's inputs before Ray starts: its prompt set (local or on the Hub), DCO candidate sets, centroid
-text files and every model it loads."""
+text files and every model it loads; and, before an offline run's work, what needs the model, user code or the
+trainer backend (`preflight`)."""
 
 from __future__ import annotations
 
@@ -85,3 +86,28 @@ def check_local_model(section: str, model) -> None:
     except Exception as e:  # a tokenizer file transformers cannot parse
         raise ModelLoadError(f"{section}.path: {path}: the tokenizer cannot be loaded ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200]})") from None
+
+
+def preflight(cfg, policy_path: str, run_dir: Path) -> None:
+    """Checks of an offline run that need the model, user code or the trainer backend, made before any work: the
+    trackers' packages, the engine settings against the model, the latent layers against the model's, the user
+    reward file's function (importing the file runs it, as scoring would), and OpenRLHF's launcher and flags."""
+    from rayalign.engines import check_engine_settings
+    from rayalign.run_dir import recipe_stages
+    from rayalign.scoring.rewards import load_user_reward
+    from rayalign.scoring.setup import latent_layers
+    from rayalign.tracking import check_trackers
+
+    check_trackers(cfg)
+    stages = recipe_stages(cfg)
+    if "generate" in stages:
+        check_engine_settings(cfg, policy_path)
+    r = cfg.rewards
+    if r.latent.enabled and r.latent.hub_layer != "auto":
+        latent_layers(cfg, policy_path)
+    if r.user.path:
+        load_user_reward(r.user.path, r.user.function)
+    if "train" in stages and cfg.training.backend == "openrlhf":
+        from rayalign.integrations.openrlhf import check_backend
+
+        check_backend(cfg, Path(run_dir))

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import REPO
 from rayalign.config import TrainingConfig
 from rayalign.data.schemas import schema_for
 from rayalign.integrations.openrlhf import dpo_command, parse_dpo_command
@@ -187,3 +188,33 @@ def test_rewards_the_reward_file_cannot_compute_are_refused_cleanly(tmp_path):
         assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (key, result.exception)
         assert f"Error: {key}: " in result.output and "Traceback" not in result.output, result.output
         assert not path.exists()
+
+
+def test_the_openrlhf_backend_is_checked_before_any_work(tmp_path, tiny_model, monkeypatch):
+    """A missing launcher, or a run directory OpenRLHF would split at ',' (its dataset list), failed with a
+    traceback after generate, score and pairs had run; CPU training and batch alignment were accepted and then
+    failed or were ignored."""
+    from openrlhf.datasets.utils import blending_datasets
+
+    from rayalign.config import ConfigError, load_config
+    from rayalign.integrations.openrlhf import OpenRLHFError
+    from rayalign.preflight import preflight
+
+    gpu = ["training.backend=openrlhf", "training.num_gpus=1", f"policy.path={tiny_model}"]
+    with pytest.raises(ConfigError, match="training.backend: openrlhf trains on GPUs"):
+        load_config(REPO / "examples" / "quickstart.yaml", ["training.backend=openrlhf"])
+    with pytest.raises(ConfigError, match="training.batch_alignment: OpenRLHF's trainer shuffles rows itself"):
+        load_config(REPO / "examples" / "quickstart-batch-alignment.yaml", gpu)
+    cfg = load_config(REPO / "examples" / "quickstart.yaml", gpu)
+    preflight(cfg, tiny_model, tmp_path / "run")  # the deepspeed launcher here, and OpenRLHF's parser takes the flags
+    printed = []  # OpenRLHF reads 'x,y' as two datasets (and 'x@y' as a split of 'x')
+    with pytest.raises(Exception):
+        blending_datasets(f"{tmp_path / 'x,y' / 'iter-1' / 'pairs'}/part-*.parquet", None,
+                          SimpleNamespace(print=printed.append, is_rank_0=lambda: True), 0)
+    assert printed[0] == f"dataset: {tmp_path / 'x'}"
+    with pytest.raises(OpenRLHFError, match="OpenRLHF splits --data.dataset at ',' and '@', and the run directory"):
+        preflight(cfg, tiny_model, tmp_path / "x,y")
+    monkeypatch.setenv("RAYALIGN_OPENRLHF_DEEPSPEED", str(tmp_path / "no" / "deepspeed"))
+    with pytest.raises(OpenRLHFError, match=f"`{tmp_path / 'no' / 'deepspeed'}` was not found"):
+        preflight(cfg, tiny_model, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -36,6 +36,7 @@ def user_errors(fn):
         from rayalign.eval.judge import JudgeError
         from rayalign.failures import CheckpointError, NonFiniteLossError, TrainerLostError
         from rayalign.generation import ActorsLostError, FailedRowsError
+        from rayalign.integrations.openrlhf import OpenRLHFError
         from rayalign.models import ModelLoadError
         from rayalign.pipelines.study import StudyError
         from rayalign.report import ReportError
@@ -44,7 +45,7 @@ def user_errors(fn):
 
         known = (ConfigError, PromptError, DatasetError, ModelLoadError, ClusterError, PlanError, FailedRowsError,
                  RewardError, JudgeError, StudyError, ReportError, TrainerLostError, TrainingDataError, CheckpointError,
-                 ActorsLostError, NonFiniteLossError)
+                 ActorsLostError, NonFiniteLossError, OpenRLHFError)
         try:
             return fn(*args, **kwargs)
         except known as e:  # also as raised inside an actor: Ray's RayTaskError(cause) is an instance of the cause

@@ -303,6 +303,12 @@ class RunConfig:
                                   "pairs.include_anchor: true")
         if t.backend == "openrlhf" and t.loss not in ("dpo", "ipo", "cdpo"):
             raise ConfigError(f"training.backend: openrlhf trains dpo, ipo or cdpo, got loss {t.loss}")
+        if t.backend == "openrlhf" and t.batch_alignment:
+            raise ConfigError("training.batch_alignment: OpenRLHF's trainer shuffles rows itself, so batches of whole "
+                              "prompt groups need training.backend: deepspeed")
+        if t.backend == "openrlhf" and not t.num_gpus:
+            raise ConfigError("training.backend: openrlhf trains on GPUs (OpenRLHF needs CUDA and flash-attn): set "
+                              "training.num_gpus: 1, or train with training.backend: deepspeed")
 
     def _validate_rewards(self) -> None:
         r, method = self.rewards, self.pairs.method

@@ -25,6 +25,33 @@ SUPPORTED_VERSIONS = ">=0.10.4,<0.12"
 LAUNCHER_ENV = "RAYALIGN_OPENRLHF_DEEPSPEED"
 
 
+class OpenRLHFError(RuntimeError):
+    """OpenRLHF's trainer cannot run or failed; the message names the launcher, the flag or the log."""
+
+
+def launcher() -> str:
+    return os.environ.get(LAUNCHER_ENV, "deepspeed")
+
+
+def check_backend(cfg, run_dir: Path) -> None:
+    """Before any work: the launcher exists, OpenRLHF can read the run's dataset path (its `--data.dataset` is a
+    list split at ',' and '@'), and, when OpenRLHF imports here, its parser takes every flag."""
+    where = str(Path(run_dir).resolve())
+    if any(c in where for c in ",@"):
+        raise OpenRLHFError(f"training.backend: openrlhf: OpenRLHF splits --data.dataset at ',' and '@', and the run "
+                            f"directory {where} holds one; choose a run name or --run-dir without them")
+    if shutil.which(launcher()) is None:
+        raise OpenRLHFError(f"training.backend: openrlhf runs `{launcher()} --module openrlhf.cli.train_dpo`, and "
+                            f"`{launcher()}` was not found; install OpenRLHF {SUPPORTED_VERSIONS} "
+                            f"(docs/openrlhf.md) and set {LAUNCHER_ENV} to its environment's deepspeed launcher")
+    if importlib.util.find_spec("openrlhf") is not None:  # same environment: check the flags before a GPU job
+        try:
+            parse_dpo_command(dpo_command(cfg.training, run_dir / "iter-1" / "pairs", cfg.policy.path,
+                                          run_dir / "iter-1" / "policy", launcher()))
+        except ValueError as e:
+            raise OpenRLHFError(f"training.backend: openrlhf: {e}") from None
+
+
 def dpo_command(t, data_dir: str | Path, policy_path: str, out_dir: str | Path, launcher: str = "deepspeed") -> list[str]:
     """The `deepspeed --module openrlhf.cli.train_dpo ...` command for TrainingConfig `t` (OpenRLHF 0.10.4+).
 
@@ -62,7 +89,7 @@ def dpo_parser() -> argparse.ArgumentParser:
     `parser.add_argument(...)`; anything else is refused) are run as written."""
     spec = importlib.util.find_spec("openrlhf.cli.train_dpo")
     if spec is None or spec.origin is None:
-        raise RuntimeError("openrlhf is not installed in this environment")
+        raise OpenRLHFError("openrlhf is not installed in this environment")
     tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"), spec.origin)
     main = next(node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test))
     body = []
@@ -71,7 +98,7 @@ def dpo_parser() -> argparse.ArgumentParser:
         if "parse_args" in code:
             break
         if not (code == "parser = argparse.ArgumentParser()" or code.startswith("parser.add_argument(")):
-            raise RuntimeError(f"{spec.origin}:{stmt.lineno}: unexpected statement while building the parser: "
+            raise OpenRLHFError(f"{spec.origin}:{stmt.lineno}: unexpected statement while building the parser: "
                                f"{code[:80]}")
         body.append(stmt)
     namespace = {"argparse": argparse, "datetime": datetime.datetime}
@@ -96,21 +123,16 @@ def parse_dpo_command(command: list[str]):
 def train_dpo(cfg, data_dir: Path, policy_path: str, out_dir: Path) -> dict:
     """Run OpenRLHF's DPO on iteration data -> a Hugging Face checkpoint at `out_dir` (written to a temporary
     directory first, renamed when OpenRLHF finishes)."""
-    launcher = os.environ.get(LAUNCHER_ENV, "deepspeed")
-    if shutil.which(launcher) is None:
-        raise RuntimeError(f"training.backend: openrlhf runs `{launcher} --module openrlhf.cli.train_dpo`, and "
-                           f"`{launcher}` was not found; install OpenRLHF {SUPPORTED_VERSIONS} (docs/openrlhf.md) "
-                           f"and set {LAUNCHER_ENV} to its environment's deepspeed launcher")
+    check_backend(cfg, out_dir.parent.parent)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    command = dpo_command(cfg.training, data_dir, policy_path, tmp, launcher)
-    if importlib.util.find_spec("openrlhf") is not None:  # same environment: check the flags before a GPU job
-        parse_dpo_command(command)
+    command = dpo_command(cfg.training, data_dir, policy_path, tmp, launcher())
     log = out_dir.with_name("openrlhf.log")
     started = time.perf_counter()
     with open(log, "w", encoding="utf-8") as f:
         done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT)
     if done.returncode != 0 or not (tmp / "config.json").is_file():
-        raise RuntimeError(f"OpenRLHF's DPO failed (exit {done.returncode}); see {log}; command: {' '.join(command)}")
+        raise OpenRLHFError(f"OpenRLHF's DPO failed (exit {done.returncode}); see {log}; command: "
+                            f"{' '.join(command)}")
     tmp.rename(out_dir)
     return {"objective": cfg.training.loss, "backend": "openrlhf", "seconds": round(time.perf_counter() - started, 3),
             "log": str(log)}
