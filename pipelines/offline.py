@@ -262,6 +262,9 @@ def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int
     def on_checkpoint(tag_dir: Path) -> None:  # recorded in the run state: only these files are ever loaded
         records[key] = {"tag": tag_dir.name, "files": directory_checksums(tag_dir)}
         write_state(run_dir, state)
+        for old in ckpt_dir.iterdir():  # older tags are never loaded again: removed once the new one is recorded
+            if old.is_dir() and old.name != tag_dir.name:
+                shutil.rmtree(old)
 
     aligned = batch_alignment_languages(cfg.languages, cfg.anchor_language, t.batch_alignment)
     deepspeed_op_notice()

@@ -85,6 +85,12 @@ def test_the_checkpoint_is_recorded_in_the_run_state(interrupted):
     assert not (interrupted / "iter-1" / "policy").exists()
 
 
+def test_only_the_recorded_checkpoint_stays_on_disk(interrupted):
+    """Every mid-stage checkpoint stayed until the stage ended: ten full optimizer states for ten steps."""
+    tags = sorted(p.name for p in (interrupted / "iter-1" / "train.ckpt").iterdir() if p.is_dir())
+    assert tags == ["step-9"]
+
+
 def test_resumed_training_keeps_the_whole_log_and_equals_the_uninterrupted_run(interrupted, straight, tmp_path,
                                                                                tiny_model):
     run_dir = tmp_path / "run"
