@@ -318,7 +318,9 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     out: generation stops at the end-of-turn token. This, not `tokenizer.eos_token`, closes every teacher-forced
     response (scoring and the training target) and stops generation; Llama-3 base/SFT checkpoints have eos
     <|end_of_text|> but close a turn with <|eot_id|>. A template that writes nothing after the content falls back
-    to the eos token."""
+    to the eos token. The tail is read as tokenized in the rendered conversation (a sentencepiece tokenizer puts
+    a word-start mark before text tokenized alone: Llama-2's " </s>" would gain a second "▁"), and any added token
+    closes the turn (ChatML tokens added without the special flag)."""
     key = (tokenizer.chat_template, tokenizer.eos_token_id)
     cached = _END_OF_TURN_CACHE.get(tokenizer)
     if cached is not None and cached[0] == key:
@@ -327,8 +329,11 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     text = tokenizer.apply_chat_template(conversation, tokenize=False)
     if _MARKER not in text:
         raise ValueError(f"{tokenizer.name_or_path}: the chat template does not write the assistant's content")
-    after = list(tokenizer(text[text.rindex(_MARKER) + len(_MARKER):], add_special_tokens=False)["input_ids"])
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    head = text[: text.rindex(_MARKER) + len(_MARKER)]
+    whole, before = (list(tokenizer(part, add_special_tokens=False)["input_ids"]) for part in (text, head))
+    after = whole[len(before):] if whole[:len(before)] == before else \
+        list(tokenizer(text[len(head):], add_special_tokens=False)["input_ids"])  # the boundary merged: alone
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
     end = next((k for k, i in enumerate(after) if i in special), None)
     ids = after[: end + 1] if end is not None else []
     if not ids:

@@ -134,6 +134,45 @@ def test_end_of_turn_token_and_scoring_offsets_follow_the_template(family):
     assert eot_id in stop_token_ids(tok) and tok.eos_token_id in stop_token_ids(tok)
 
 
+LLAMA2 = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + "
+          "message['content'].strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + "
+          "message['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_a_sentencepiece_template_tail_is_read_as_the_conversation_tokenizes_it():
+    """Llama-2's template closes a turn with " </s>". Tokenized alone, a legacy sentencepiece tokenizer puts a
+    word-start mark before the space: ["▁", "▁", "</s>"], a token the model never writes, scored and trained."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])  # legacy
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.train_from_iterator([QUESTION, ANSWER, "[INST] [/INST]"] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)],
+        show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="</s>", chat_template=LLAMA2)
+    rendered = tok.apply_chat_template([{"role": "user", "content": QUESTION}, {"role": "assistant",
+                                        "content": ANSWER}], tokenize=False)
+    assert rendered.endswith(ANSWER + " </s>")
+    in_context = tok.convert_ids_to_tokens(tok(rendered, add_special_tokens=False)["input_ids"])
+    assert in_context[-2:] == ["▁", "</s>"]  # one space, as the conversation holds it
+    assert tok.convert_ids_to_tokens(end_of_turn_ids(tok)) == ["▁", "</s>"]
+
+
+def test_a_chatml_token_added_without_the_special_flag_closes_the_turn():
+    """ChatML tokens added with tokenizer.add_tokens (not flagged special) beside eos </s>: the end of turn was
+    taken to be </s>, so generation ran on past <|im_end|> into the next turn."""
+    tok = family_tokenizer("mistral")  # eos </s>, no ChatML tokens
+    tok.chat_template = FAMILIES["qwen2.5"][0]
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"])
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert not tok.added_tokens_decoder[im_end].special
+    assert end_of_turn_ids(tok) == [im_end] and im_end in stop_token_ids(tok)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_training_labels_end_with_the_template_end_of_turn_token(family):
     tok = family_tokenizer(family)
