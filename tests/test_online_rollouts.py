@@ -116,7 +116,7 @@ def test_grpo_raises_held_out_language_fidelity(ray_session, tiny_model, tmp_pat
 
 
 PPO_RECIPE = str(REPO / "examples" / "online-ppo-fidelity.yaml")
-PPO_MARGIN = 0.05  # measured: reward mean 0.159 over steps 1-5 -> 0.245 over steps 16-20 on the 40-step test model
+PPO_MARGIN = 0.05  # measured: reward mean 0.162 over steps 1-5 -> 0.250 over steps 16-20 on the 40-step test model
 
 
 @pytest.mark.slow
