@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from rayalign.config import ConfigError, EvalConfig, RunConfig, build_dataclass
 from rayalign.config.sections import ConsistencyRewardConfig
-from rayalign.data.store import DatasetWriter, read_dataset, read_manifest
+from rayalign.data.store import DatasetWriter, atomic_write_text, dataset_problems, read_dataset, read_manifest
 from rayalign.eval import metrics
 from rayalign.models import ModelLoadError, resolve_model_path
 from rayalign.progress import console, model_build_progress, progress_bar
@@ -69,16 +69,38 @@ def eval_key(cfg: RunConfig, policy_path: str, policy_name: str, settings: dict 
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def kept(path: Path, key: str) -> bool:
-    """True when `path` holds a complete dataset made with `key`; one made otherwise is moved aside."""
-    if not dataset_complete(path):
-        return False
-    if read_manifest(path).get("params", {}).get("eval_key") == key:
-        return True
+def key_file(path: Path) -> Path:
+    """<dataset>.eval_key beside a dataset being written: the settings its shards are made with."""
+    return path.with_name(path.name + ".eval_key")
+
+
+def set_aside(path: Path, why: str) -> None:
+    """Move `path` (and its key file) to <path>.stale-<time>, saying why."""
     stale = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
     path.rename(stale)
-    console.print(f"{path}: made with other settings or another checkpoint; moved to {stale}, computing it again")
-    return False
+    if key_file(path).exists():
+        key_file(path).rename(key_file(stale))
+    console.print(f"{path}: {why}; moved to {stale}, computing it again")
+
+
+def kept(path: Path, key: str) -> bool:
+    """True when `path` holds a complete, intact dataset made with `key`. One made otherwise, a damaged one, and
+    the shards of an interrupted one made with other settings (its key file) are moved aside."""
+    if not path.exists():
+        return False
+    if not dataset_complete(path):
+        made = key_file(path).read_text().strip() if key_file(path).is_file() else None
+        if made != key:
+            set_aside(path, "shards of an interrupted evaluation with other settings or another checkpoint")
+        return False
+    if read_manifest(path).get("params", {}).get("eval_key") != key:
+        set_aside(path, "made with other settings or another checkpoint")
+        return False
+    problems = dataset_problems(path)
+    if problems:
+        set_aside(path, f"damaged ({problems[0][1]})")
+        return False
+    return True
 
 
 # ---- the steps ----
@@ -99,11 +121,13 @@ def eval_samples(cfg: RunConfig, policy_path: str, policy_name: str, out_dir: Pa
                            params={"eval_key": key},
                            description=f"Evaluation samples of {policy_name}: {cfg.sampling.n} per (prompt_id, "
                                        f"language), temperature {cfg.sampling.temperature}.")
+    atomic_write_text(key_file(out_dir), key)  # the shards' settings, should this run be interrupted
     done = {i for i in range(len(shards)) if writer.has_shard(i)}
     with GenerationGroup(policy_path, cfg.policy, cfg.engines) as group, \
             progress_bar("eval generate", prompts.num_rows, "rows") as update:
         group.run(shards, cfg.sampling, EVAL_ITERATION, policy_name, writer.write_shard, skip=done, progress=update)
     writer.finalize(expected_shards=len(shards))
+    key_file(out_dir).unlink(missing_ok=True)  # the manifest holds it now
     return read_dataset(out_dir, "samples")
 
 
@@ -147,8 +171,7 @@ def eval_setup(cfg: RunConfig, policy_path: str, policy_name: str, *, prompts_li
                           "scans itself: it needs silhouette prompts >= 2")
     if lat.enabled and (lat.hub_layer != "auto" or hub_layer is not None):
         latent_layers(cfg, policy_path, hub_layer)  # refuses layers beyond the model's
-    if candidates_path:
-        load_candidate_sets(candidates_path, cfg.languages)
+    candidates = load_candidate_sets(candidates_path, cfg.languages) if candidates_path else None
     if judge is not None:
         prompts = load_prompts(cfg.prompts.path, cfg.languages, **cfg.prompts.load_kwargs())
         missing = [r["prompt_id"] for r in prompts.select(["prompt_id", "reference"]).to_pylist() if not r["reference"]]
@@ -158,7 +181,9 @@ def eval_setup(cfg: RunConfig, policy_path: str, policy_name: str, *, prompts_li
     settings = {"candidates_path": candidates_path, "likelihood": likelihood, "accuracy": accuracy,
                 "silhouette_prompts": silhouette_prompts,
                 "hub_layer": hub_layer, "judge": judge and [judge.url, judge.model]}
-    return cfg, settings, eval_key(cfg, policy_path, policy_name, settings)
+    rows = None if candidates is None else hashlib.sha256(  # an edited candidate set is evaluated again
+        json.dumps(candidates.to_pylist(), sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+    return cfg, settings, eval_key(cfg, policy_path, policy_name, {**settings, "candidate_rows": rows})
 
 
 def evaluation_kept(out_dir: Path, key: str) -> bool:
@@ -228,6 +253,8 @@ def evaluate_policy(cfg: RunConfig, policy_path: str, out_dir: str | Path, *, po
         centroids = stage_centroids(cfg, group, layers)  # as the score stage: rewards.latent.centroid_texts
     scored, params = forward_rewards(cfg, scored, centroids)
     params["layers"] = layers
+    if (out_dir / "scores").exists():  # recomputed on every evaluation that is not kept
+        set_aside(out_dir / "scores", "scores of an earlier evaluation")
     write_table(scored.drop_columns([c for c in ("h_hub", "h_last") if c in scored.column_names]), out_dir / "scores",
                 "scores", cfg, EVAL_ITERATION, {n: role.path for n, role in roles.items()}, params,
                 f"Evaluation scores of {policy_name}.", shard_rows=max(1, scored.num_rows))

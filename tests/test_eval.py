@@ -418,3 +418,67 @@ def test_eval_outside_the_repository_skips_the_default_candidates_and_refuses_ba
     result = CliRunner().invoke(main, ["eval", str(recipe), "--policy", "initial", "--samples", "1"])
     assert result.exit_code == 2 and "latent rewards need at least 2 samples per prompt, got 1" in result.output
     assert ray.is_initialized() == was_running  # refused before connecting
+
+
+def test_eval_out_in_a_run_or_an_empty_candidate_set_is_refused_before_ray(tiny_model, tmp_path):
+    """--out RUN/iter-1 replaced the run's samples and overwrote its scores; an empty candidate set failed with a
+    pyarrow traceback after generation and scoring."""
+    from rayalign.cli import main
+
+    run_dir = tmp_path / "run"
+    (run_dir / "iter-1" / "samples").mkdir(parents=True)
+    (run_dir / "state.json").write_text(json.dumps({"config_hash": "0" * 16, "finished": ["iter-1/generate"]}))
+    for out, said in ((run_dir / "iter-1", f"part of the run {run_dir}"), (run_dir, "a run directory")):
+        result = CliRunner().invoke(main, eval_args(tiny_model, tmp_path / "other", "--out", str(out)))
+        assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
+    assert sorted(p.name for p in (run_dir / "iter-1").iterdir()) == ["samples"]
+    empty = tmp_path / "mc"
+    empty.mkdir()
+    for lang in ("en", "es", "de"):
+        (empty / f"{lang}.jsonl").write_text("")
+    result = CliRunner().invoke(main, eval_args(tiny_model, tmp_path / "other", "--candidates", str(empty)))
+    assert result.exit_code == 2 and f"{empty}: no questions in en.jsonl, es.jsonl, de.jsonl" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "other").exists()
+
+
+def test_kept_eval_outputs_are_verified_and_partial_ones_carry_their_settings(evaluated, tmp_path):
+    """A damaged kept dataset was 'finished earlier, kept' and then failed its checksum on every rerun; the shards of
+    an interrupted eval were resumed under other settings (a changed temperature kept the old responses)."""
+    import shutil
+
+    from rayalign.data.store import read_manifest
+    from rayalign.pipelines.evaluate import key_file, kept
+
+    out, _ = evaluated
+    results = tmp_path / "results"
+    shutil.copytree(out / "results", results)
+    key = read_manifest(results)["params"]["eval_key"]
+    assert kept(results, key)
+    shard = results / "part-00000.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    assert not kept(results, key) and not results.exists() and len(list(tmp_path.glob("results.stale-*"))) == 1
+    samples = tmp_path / "samples"
+    shutil.copytree(out / "samples", samples)
+    (samples / "manifest.json").unlink()  # as interrupted: shards, no manifest
+    key_file(samples).write_text("k1")
+    assert not kept(samples, "k1") and samples.is_dir()  # the same settings: its shards are resumed
+    assert not kept(samples, "k2") and not samples.exists()  # other settings: set aside with its key file
+    assert [p.read_text() for p in tmp_path.glob("samples.stale-*.eval_key")] == ["k1"]
+
+
+def test_an_edited_candidate_set_is_evaluated_again(tiny_model, tmp_path):
+    import shutil
+
+    from rayalign.config import load_config
+    from rayalign.pipelines.evaluate import eval_setup
+
+    cfg = load_config(REPO / "examples" / "quickstart.yaml", [f"policy.path={tiny_model}", f"languages={LANGS}"])
+    shutil.copytree(MC, tmp_path / "mc")
+    before = eval_setup(cfg, tiny_model, "initial", candidates_path=str(tmp_path / "mc"), say=lambda _: None)[2]
+    lines = (tmp_path / "mc" / "en.jsonl").read_text().splitlines()
+    (tmp_path / "mc" / "en.jsonl").write_text("\n".join([lines[0].replace('"question": "', '"question": "Q: ')]
+                                                         + lines[1:]) + "\n")
+    after = eval_setup(cfg, tiny_model, "initial", candidates_path=str(tmp_path / "mc"), say=lambda _: None)[2]
+    assert before != after

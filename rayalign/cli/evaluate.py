@@ -80,6 +80,11 @@ def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates_pa
                    hub_layer=run_hub_layer(cfg, run_dir))
     eval_setup(cfg, path, name, **options, say=lambda note: None)  # its inputs refused before Ray starts
     refuse_inside_dataset(out, "an evaluation")
+    run_part = next((p for p in (out, out.parent) if (p / "state.json").is_file()), None)
+    if run_part is not None:  # samples/ and scores/ there are the run's own datasets
+        raise UserError(f"--out {out}: {'a run directory' if run_part == out else f'part of the run {run_part}'}; an "
+                        f"evaluation writes samples/, scores/ and results/ into a directory of its own (default: "
+                        f"<run-dir>/eval/<label>)")
     if is_dataset_dir(out):
         raise UserError(f"--out {out}: holds a dataset; an evaluation writes samples/, scores/ and results/ into a "
                         "directory of its own")

@@ -304,5 +304,7 @@ def load_candidate_sets(path: str | Path, languages: list[str]) -> pa.Table:
     if missing:
         shown = "; ".join(f"{q}: {', '.join(m)}" for q, m in sorted(missing.items())[:10])
         raise PromptError(f"{path}: {len(missing)} question(s) lack languages: {shown}")
+    if not rows:
+        raise PromptError(f"{path}: no questions in {', '.join(f'{lang}.jsonl' for lang in languages)}")
     return pa.Table.from_pylist(sorted(rows, key=lambda r: (r["prompt_id"], languages.index(r["lang"]),
                                                             r["candidate_idx"])))
