@@ -178,6 +178,7 @@ def eval_setup(cfg: RunConfig, policy_path: str, policy_name: str, *, prompts_li
         if missing:
             raise ConfigError(f"eval: the judge compares with reference answers, but {len(missing)} prompt row(s) of "
                               f"{cfg.prompts.path} have none (e.g. {missing[0]}); give them an output/reference field")
+        judge.check_reachable()
     settings = {"candidates_path": candidates_path, "likelihood": likelihood, "accuracy": accuracy,
                 "silhouette_prompts": silhouette_prompts,
                 "hub_layer": hub_layer, "judge": judge and [judge.url, judge.model]}

@@ -181,6 +181,23 @@ def test_refused_connection_raises_naming_the_url():
         judge_items([item("p", "en", "r")], settings(url, max_retries=1))
 
 
+def test_a_judge_url_without_host_or_server_is_refused_before_any_work(serve):
+    """`http://` and a port nobody listens on failed only after generation and scoring (34 s here, hours on a
+    real model); a blank model name was accepted."""
+    with pytest.raises(JudgeError, match=re.escape("judge url: no host in 'http://'")):
+        JudgeSettings(url="http://", model="m")
+    with pytest.raises(JudgeError, match=re.escape("judge model: expected the served model name, got ' '")):
+        JudgeSettings(url="http://h/v1", model=" ")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(JudgeError, match=re.escape(f"nothing answers at 127.0.0.1:{port}")):
+        settings(f"http://127.0.0.1:{port}/v1").check_reachable()
+    url, calls = serve(prefers_correct)
+    settings(url).check_reachable()
+    assert calls == []  # a connection, no request
+
+
 @pytest.mark.parametrize("reference", ["", None, "   "])
 def test_missing_reference_is_rejected_before_any_request(serve, reference):
     url, calls = serve(prefers_correct)

@@ -14,6 +14,7 @@ import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -68,8 +69,10 @@ class JudgeSettings:
         if self.url.rstrip("/").endswith("/chat/completions"):
             raise JudgeError(f"judge url: expected the base URL ending in /v1 (without /chat/completions), "
                              f"got {self.url!r}")
-        if not self.model:
-            raise JudgeError("judge model: expected the served model name, got an empty value")
+        if not urllib.parse.urlsplit(self.url).hostname:
+            raise JudgeError(f"judge url: no host in {self.url!r} (expected e.g. http://localhost:8000/v1)")
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise JudgeError(f"judge model: expected the served model name, got {self.model!r}")
         for name, least in (("max_workers", 1), ("max_retries", 0), ("max_tokens", 1)):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < least:
                 raise JudgeError(f"judge {name}: expected an integer >= {least}, got {getattr(self, name)!r}")
@@ -80,6 +83,19 @@ class JudgeSettings:
     @property
     def endpoint(self) -> str:
         return self.url.rstrip("/") + "/chat/completions"
+
+    def check_reachable(self, timeout_s: float = 5.0) -> None:
+        """Something answers at the URL's host and port (a TCP connection, no request): checked before an
+        evaluation generates anything, rather than after."""
+        import socket
+
+        parts = urllib.parse.urlsplit(self.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+        except OSError as e:
+            raise JudgeError(f"judge url {self.url}: nothing answers at {parts.hostname}:{port} ({e.strerror or e}); "
+                             "start the judge server first") from None
 
 
 def judge_items(items: list[dict], settings: JudgeSettings,
