@@ -340,7 +340,12 @@ def print_summary(result: pa.Table, languages: list[str], anchor: str) -> None:
                 v = value.get((metric, stat, lang, None))
             cells.append("" if v is None else f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}")
         table.add_row(lang, *cells)
-    console.print(table)
+    narrow = console.width  # whole numbers and names also where the terminal (or a pipe) is narrower
+    console.width = max(narrow, 12 + 12 * len(present))
+    try:
+        console.print(table)
+    finally:
+        console.width = narrow
     silhouette = sorted((r["layer"], r["value"]) for r in rows if r["metric"] == "silhouette" and r["lang"] == "all")
     if silhouette:
         best = max(silhouette, key=lambda lv: lv[1])

@@ -482,3 +482,21 @@ def test_an_edited_candidate_set_is_evaluated_again(tiny_model, tmp_path):
                                                          + lines[1:]) + "\n")
     after = eval_setup(cfg, tiny_model, "initial", candidates_path=str(tmp_path / "mc"), say=lambda _: None)[2]
     assert before != after
+
+
+def test_the_summary_keeps_whole_numbers_where_the_terminal_is_narrow(monkeypatch):
+    """Piped (80 columns) with ten metrics, cells read '0.8…' and headers 'ran…'."""
+    import pyarrow as pa
+
+    from rayalign.pipelines.evaluate import print_summary
+    from rayalign.progress import console
+
+    monkeypatch.setattr(console, "width", 60)
+    rows = [{"policy": "p", "metric": m, "stat": "mean" if m.startswith(("r_", "response")) else "share",
+             "lang": lang, "other_lang": None, "value": 0.123456, "layer": None}
+            for m in ("fidelity", "lpr", "wpr", "lcpr", "response_tokens", "r_lacomsa", "r_msa", "r_icr", "accuracy",
+                      "judge_win_rate") for lang in ("en", "es", "all")]
+    with console.capture() as captured:
+        print_summary(pa.Table.from_pylist(rows), ["en", "es"], "en")
+    text = captured.get()
+    assert "…" not in text and "r_lacomsa" in text and text.count("0.123") == 30 and console.width == 60
