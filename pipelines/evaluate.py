@@ -13,6 +13,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from rayalign.config import ConfigError, EvalConfig, RunConfig, build_dataclass
@@ -310,8 +311,14 @@ def judge_metrics(samples: pa.Table, judge) -> list[dict]:
     with progress_bar("eval judge", len(items), "items") as update:
         judged = judge_items(items, judge, progress=lambda done, total: update(types.SimpleNamespace(
             rows_in=done, rows_out=done, seconds=time.perf_counter() - started)))
-    return [metrics.row("judge_win_rate", "share", lang, value, count)
-            for lang, (value, count) in sorted(win_rates(judged).items()) if lang != "invalid" and count]
+    rates = win_rates(judged)
+    rows = [metrics.row("judge_win_rate", "share", lang, value, count)
+            for lang, (value, count) in rates.items() if lang not in ("all", "invalid") and count]
+    if rows:  # as every metric's "all": the mean of the languages, so every language weighs the same
+        rows.append(metrics.row("judge_win_rate", "share", "all", float(np.mean([r["value"] for r in rows])),
+                                rates["all"][1]))
+    share, invalid = rates["invalid"]
+    return rows + [metrics.row("judge_invalid", "share", "all", share, invalid)]  # items with no valid verdict
 
 
 def print_summary(result: pa.Table, languages: list[str], anchor: str) -> None:

@@ -386,13 +386,19 @@ def test_judge_win_rate_of_eval_samples_against_references(evaluated, serve):  #
 
     url, calls = serve(prefers_longer)
     samples = read_dataset(evaluated[0] / "samples", "samples")
-    rows = by_key(judge_metrics(samples, JudgeSettings(url=url, model="judge", backoff_s=0.01)), "lang")
+    rows = by_key(judge_metrics(samples, JudgeSettings(url=url, model="judge", backoff_s=0.01)), "metric", "lang")
     first = [r for r in samples.to_pylist() if r["sample_idx"] == 0]
     assert len(calls) == 2 * len(first)  # each item judged in both orders
+    rates = []
     for lang in ("en", "es", "de"):
         wins = [np.sign(len(r["response"]) - len(r["reference"])) / 2 + 0.5 for r in first if r["lang"] == lang]
-        assert rows[lang]["value"] == pytest.approx(np.mean(wins)) and rows[lang]["count"] == len(wins)
-    assert rows["all"]["metric"] == "judge_win_rate" and rows["all"]["count"] == len(first)
+        rates.append(np.mean(wins))
+        assert rows[("judge_win_rate", lang)]["value"] == pytest.approx(rates[-1])
+        assert rows[("judge_win_rate", lang)]["count"] == len(wins)
+    # "all" as every metric's: the mean of the languages (it was pooled over items)
+    assert rows[("judge_win_rate", "all")]["value"] == pytest.approx(np.mean(rates))
+    assert rows[("judge_win_rate", "all")]["count"] == len(first)
+    assert (rows[("judge_invalid", "all")]["value"], rows[("judge_invalid", "all")]["count"]) == (0.0, 0)
 
 
 def test_eval_outside_the_repository_skips_the_default_candidates_and_refuses_bad_options_before_ray(
