@@ -506,3 +506,23 @@ def test_the_summary_keeps_whole_numbers_where_the_terminal_is_narrow(monkeypatc
         print_summary(pa.Table.from_pylist(rows), ["en", "es"], "en")
     text = captured.get()
     assert "…" not in text and "r_lacomsa" in text and text.count("0.123") == 30 and console.width == 60
+
+
+def test_validate_and_inspect_of_a_run_cover_its_evaluations(evaluated, tmp_path):
+    """`rayalign validate RUN` printed only ok lines over a damaged eval/<label>/results."""
+    import shutil
+
+    from rayalign.cli import main
+
+    out, _ = evaluated
+    run_dir = tmp_path / "run"
+    shutil.copytree(out.parent.parent, run_dir, ignore=shutil.ignore_patterns("*.stale-*", "results.mean"))
+    ok = CliRunner().invoke(main, ["validate", str(run_dir)])
+    joined = "".join(ok.output.split())  # paths wrapped at the terminal width
+    assert ok.exit_code == 0 and all(f"eval/initial/{d}" in joined for d in ("samples", "scores", "results"))
+    shard = run_dir / "eval" / "initial" / "results" / "part-00000.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    bad = CliRunner().invoke(main, ["validate", str(run_dir)])
+    assert bad.exit_code != 0 and "FAILED" in bad.output and "results/part-00000.parquet" in "".join(bad.output.split())

@@ -177,8 +177,10 @@ def validate(path):
     path = Path(path)
     datasets = find_datasets(path)
     # shards without a manifest: an unfinished dataset (reported, never skipped); scores.forward/ holds checkpoints
-    shards = [*path.glob("part-*.parquet"), *path.glob("iter-*/*/part-*.parquet"), *path.glob("online/step-*/part-*.parquet")]
-    datasets += sorted({p.parent for p in shards if not p.parent.name.endswith(".forward")} - set(datasets))
+    shards = [*path.glob("part-*.parquet"), *path.glob("iter-*/*/part-*.parquet"),
+              *path.glob("online/step-*/part-*.parquet"), *path.glob("eval/*/*/part-*.parquet")]
+    datasets += sorted({p.parent for p in shards if not p.parent.name.endswith(".forward")
+                        and ".stale-" not in p.parent.name} - set(datasets))
     missing = []
     if (path / "state.json").is_file():  # a run: every stage it records as finished has its dataset
         from rayalign.run_dir import read_state, stage_output

@@ -63,13 +63,15 @@ def dataset_summary(path: Path) -> tuple[dict, pl.DataFrame | None]:
 
 
 def find_datasets(path: Path) -> list[Path]:
-    """Dataset directories under `path` (itself, a run directory's iter-*/<dataset> and online/step-*, or those
-    directly inside it)."""
+    """Dataset directories under `path` (itself, a run directory's iter-*/<dataset>, online/step-* and
+    eval/<label>/<dataset>, or those directly inside it); outputs set aside (*.stale-*) are not the run's."""
     if (path / "manifest.json").is_file():
         return [path]
     order = {"samples": 0, "scores": 1, "candidate_scores": 2, "pairs": 3}
     found = {p.parent for p in [*path.glob("iter-*/*/manifest.json"), *path.glob("online/step-*/manifest.json"),
-                                *path.glob("*/manifest.json")]}  # the last: an iteration, online/ or an eval's --out
+                                *path.glob("eval/*/*/manifest.json"),
+                                *path.glob("*/manifest.json")]  # the last: an iteration, online/ or an eval's --out
+             if ".stale-" not in p.parent.name}
     return sorted(found, key=lambda d: (d.parent.name, order.get(d.name, 9), d.name))
 
 
