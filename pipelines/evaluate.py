@@ -39,10 +39,15 @@ def run_policy(cfg: RunConfig, run_dir: Path, policy: str | None = None) -> tupl
         trained = sorted(run_dir.glob("iter-*/policy/config.json"), key=lambda p: int(p.parent.parent.name[5:]))
         policy = trained[-1].parent.parent.name if trained else "online" if cfg.mode == "online" and (
             run_dir / "online" / "policy" / "config.json").is_file() else "initial"
+        if policy == "initial":
+            console.print(f"eval: {run_dir} holds no trained policy (yet); evaluating the initial one, "
+                          f"{cfg.policy.path} (--policy chooses)")
     if policy == "online":  # an online run's final policy
         path = run_dir / "online" / "policy"
         if not (path / "config.json").is_file():
-            raise ConfigError(f"policy online: {path} holds no checkpoint (has the online run finished?)")
+            raise ConfigError(f"policy online: {path} holds no checkpoint ("
+                              + ("has the online run finished?)" if cfg.mode == "online" else
+                                 "the recipe is offline: iter-N names its trained policies)"))
         return str(path), "online/policy", "online"
     if policy == "initial":
         return resolve_model_path(cfg.policy.path, model_build_progress(cfg.policy.path)), cfg.policy.path, "initial"
