@@ -360,7 +360,8 @@ def test_a_tiny_study_runs_collects_and_skips_on_a_second_call(tmp_path, tiny_mo
     data["overrides"]["sampling"]["max_new_tokens"] = 12
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(StudyError, match=re.escape(f"run {slugs[0]}: {study_dir / slugs[0]} holds a run of another "
-                                                   "config") + ".*give the study another name: .*Nothing was changed"):
+                                                   "config") + r".*give the study another name \(or runs_dir\), "
+                                                                 r".*Nothing was changed"):
         run_study(path, progress=lines.append)
     assert {f: f.read_bytes() for f in records} == records
 
