@@ -43,8 +43,8 @@ from rayalign.progress import console, deepspeed_op_notice, model_build_progress
 from rayalign.rewards.consistency import dco_gamma_table
 from rayalign.run_dir import (samples_writer, STAGES, check_prompts_unchanged, check_run_dir_config, checkpoint,
                               iteration_summary, kept_output_problems, log_metrics, prepare_run_dir, read_checkpoints,
-                              recipe_stages, record_checksums, report_untrusted, set_aside_untrusted_checkpoint,
-                              stage_output, write_state, write_table)
+                              recipe_stages, record_checksums, remove_older_tags, report_untrusted,
+                              set_aside_untrusted_checkpoint, stage_output, write_state, write_table)
 from rayalign.run_lock import run_dir_lock
 from rayalign.scoring.finish import finish_scores, stage_centroids
 from rayalign.scoring.forward import ForwardSpec
@@ -262,9 +262,7 @@ def train_stage(cfg: RunConfig, data_dir: Path, policy_path: str, iteration: int
     def on_checkpoint(tag_dir: Path) -> None:  # recorded in the run state: only these files are ever loaded
         records[key] = {"tag": tag_dir.name, "files": directory_checksums(tag_dir)}
         write_state(run_dir, state)
-        for old in ckpt_dir.iterdir():  # older tags are never loaded again: removed once the new one is recorded
-            if old.is_dir() and old.name != tag_dir.name:
-                shutil.rmtree(old)
+        remove_older_tags(ckpt_dir, tag_dir.name)
 
     aligned = batch_alignment_languages(cfg.languages, cfg.anchor_language, t.batch_alignment)
     deepspeed_op_notice()

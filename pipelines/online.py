@@ -33,7 +33,8 @@ from rayalign.tracking import Trackers, check_trackers
 from rayalign.actors.weight_sync import WeightSync
 from rayalign.pipelines.online_rollouts import Rollouts
 from rayalign.run_dir import (check_prompts_unchanged, check_run_dir_config, kept_output_problems, log_metrics,
-                              prepare_run_dir, record_checksums, set_aside_untrusted_checkpoint, write_state)
+                              prepare_run_dir, record_checksums, remove_older_tags, set_aside_untrusted_checkpoint,
+                              write_state)
 from rayalign.scoring.finish import stage_centroids
 from rayalign.scoring.rewards import load_user_reward
 from rayalign.scoring.setup import forward_rewards, latent_layers, scoring_setup, with_scoring_prompts
@@ -229,13 +230,10 @@ def save_checkpoints(run_dir: Path, groups: dict, step: int, add_to_policy=None)
 
 
 def prune_checkpoints(run_dir: Path, record: dict | None) -> None:
-    """Remove the checkpoint tags older than the recorded ones (never loaded again); called after state.json
-    records the new ones, so that a run stopped in between still finds the checkpoint it recorded before."""
+    """Every trainer group's checkpoint tags older than the recorded ones (`remove_older_tags`)."""
     for role, entry in (record or {}).items():
         if role != "step":
-            for old in (run_dir / "online" / CHECKPOINT_DIRS[role]).iterdir():
-                if old.is_dir() and old.name != entry["tag"]:
-                    shutil.rmtree(old)
+            remove_older_tags(run_dir / "online" / CHECKPOINT_DIRS[role], entry["tag"])
 
 
 def rollout_problems(run_dir: Path, last_step: int) -> list[str]:

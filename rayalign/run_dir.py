@@ -297,6 +297,14 @@ def write_table(table, out_dir: Path, schema: str, cfg: RunConfig, iteration: in
     return writer.finalize(expected_shards=len(shards))
 
 
+def remove_older_tags(ckpt_dir: Path, tag: str) -> None:
+    """Remove the checkpoint tags in `ckpt_dir` other than `tag` (never loaded again); called once state.json
+    records `tag`, so that a run stopped in between still finds the checkpoint it recorded before."""
+    for old in ckpt_dir.iterdir():
+        if old.is_dir() and old.name != tag:
+            shutil.rmtree(old)
+
+
 def set_aside_untrusted_checkpoint(ckpt_dir: Path, record: dict | None, checkpoint_every: int, run_dir: Path) -> None:
     """Leave in `ckpt_dir` only a checkpoint that this run wrote and recorded, unchanged, named by `latest`; anything
     else (checkpointing off, no record, changed files) is moved to the run's trash, and training starts over. A later
