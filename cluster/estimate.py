@@ -44,6 +44,13 @@ class Figures:
         return self.startup_s[phase] + load_gb / self.load_gb_per_s
 
 
+def checkpoint_gb(run_plan, phase) -> float:
+    """GB of the checkpoints a phase's actors read at start-up, each once (DCO's reference may be the policy), in
+    their published dtype."""
+    distinct = {m.name: m for m in run_plan.models.values()}.values()
+    return sum(m.parameters * m.dtype_bytes for m in distinct if m.name in phase.models) / 1e9
+
+
 def rate(value: float) -> str:
     """A rate for the estimate's text: whole numbers with separators, three significant digits below 100."""
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
@@ -237,9 +244,7 @@ def estimate(run_plan) -> dict:
     for p in run_plan.phases:
         units = p.gpus_per_actor if p.device == "gpu" else p.cpus_per_actor
         phases[p.phase] = (p.actors, units)
-        # every checkpoint the phase's actors hold, read in its published dtype
-        distinct = {m.name: m for m in run_plan.models.values()}.values()  # DCO's reference may be the policy
-        load_gb[p.phase] = sum(m.parameters * m.dtype_bytes for m in distinct if m.name in p.models) / 1e9
+        load_gb[p.phase] = checkpoint_gb(run_plan, p)
         figures_by_phase[p.phase] = f = figures(cfg, p.device, spec.gpu_type, run_plan.models["policy"].parameters,
                                                 table)
         sources += [s for s in f.sources if s.split(":")[0] in (p.phase, "score, train", "start-up")

@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from rayalign.cluster.estimate import PROMPT_TOKENS as UNREAD_PROMPT_TOKENS, _forward, _timed, figures, \
-    forward_roles, load_table, prompt_stats, rate
+from rayalign.cluster.estimate import PROMPT_TOKENS as UNREAD_PROMPT_TOKENS, _forward, _timed, checkpoint_gb, \
+    figures, forward_roles, load_table, prompt_stats, rate
 from rayalign.cluster.model_info import PlanError, model_info
 from rayalign.cluster.phases import (PROMPT_TOKENS, Plan, Shortfalls, most_actors, plan_generation, plan_scoring,
                                      plan_training, scored_models)
@@ -283,9 +283,7 @@ def online_estimate(run_plan: Plan) -> dict:
     phases["train"] = _timed(busy, 0.0, work)
     unknown = [phase for phase, v in phases.items() if v["seconds"] is None]
     per_step = None if unknown else sum(v["seconds"] for v in phases.values())
-    distinct = {m.name: m for m in run_plan.models.values()}.values()
-    load = {name: sum(m.parameters * m.dtype_bytes for m in distinct if m.name in p.models) / 1e9
-            for name, p in by_phase.items()}
+    load = {name: checkpoint_gb(run_plan, p) for name, p in by_phase.items()}
     startup = max(figs[name].startup("generate" if name == "generate" else "score" if name == "score" else "train",
                                      load[name]) for name in by_phase)
     sources = []
