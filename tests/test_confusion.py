@@ -23,6 +23,17 @@ def test_each_response_is_classified_as_the_paper_does():
     assert response_errors(f"{DE}\nQ: {EN}", "de") is None  # a base model's next few-shot question is cut
 
 
+ZH = "今天天气很好我们一起去公园散步吧"
+ZH_WORD = "今天我买了一台新的computer我非常满意这次购物"  # no spaces around the Latin word: still a word error
+ZH_CAPS = "今天我们发布了新的API给开发者使用非常方便"
+JA_WORD = "今日は新しいcomputerを買ってとても満足しています"
+
+
+def test_latin_words_inside_unspaced_chinese_and_japanese_are_word_errors():
+    assert [response_errors(r, "zh") for r in (ZH, ZH_WORD, ZH_CAPS)] == [None, "word", None]
+    assert response_errors(JA_WORD, "ja") == "word"
+
+
 def test_lpr_wpr_lcpr_by_hand():
     de = confusion_metrics(GERMAN, "de")
     # 2 responses kept, 1 with a line error: LPR = 1 - 1/2; WPR is not defined for Latin-script German: LCPR = LPR

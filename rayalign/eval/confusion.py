@@ -12,12 +12,13 @@ non-Latin-script languages ar, hi, ja, ko, ru, zh.
 The max(1, .) is the released code's: an empty count reads as a perfect rate.
 Differences from the released code: py3langid detects lines (not fastText lid.176); a word-level error is any
 lowercase Latin-script word of more than 3 letters (not only those in an English word list); zh and ja lines
-count characters as tokens (not jieba / MeCab words).
+count characters as tokens and each run of Latin letters as a word (not jieba / MeCab words).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import string
 
 import numpy as np
@@ -48,6 +49,12 @@ def _latin_word(token: str) -> bool:
     return token.isascii() and token.isalpha() and token.islower() and len(token) > 3
 
 
+def _words(line: str, lang: str) -> list[str]:
+    """Words for the word-level check: zh and ja write no spaces, so each run of Latin letters is a word there
+    (as jieba and MeCab split it out); other languages split on spaces."""
+    return re.findall(r"[A-Za-z]+", line) if lang in ("zh", "ja") else line.split()
+
+
 def response_errors(response: str, lang: str) -> str | None:
     """'skipped', 'line', 'word' or None (passes) for one response expected in `lang`. As the released code does,
     the response ends where a base model starts the next few-shot question ("\nQ:")."""
@@ -57,7 +64,7 @@ def response_errors(response: str, lang: str) -> str | None:
         return "skipped"
     if any(line_language(line) != lang for line in lines):
         return "line"
-    if lang in WORD_LEVEL_LANGS and any(_latin_word(t) for line in lines for t in line.split()):
+    if lang in WORD_LEVEL_LANGS and any(_latin_word(t) for line in lines for t in _words(line, lang)):
         return "word"
     return None
 
