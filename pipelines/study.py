@@ -398,7 +398,8 @@ def _column(values: list) -> pa.Array:
 
 def eval_columns(results_dir: Path) -> dict[str, float]:
     """Headline numbers of an `eval` dataset: eval_fidelity_mean and per language, eval_rankc_mean,
-    eval_accuracy_mean, eval_silhouette_max (over layers), eval_<reward>_mean, eval_judge_win_rate."""
+    eval_accuracy_mean, eval_silhouette_max (over layers), eval_<reward>_mean, eval_judge_win_rate and the
+    language-confusion rates over the languages (eval_lpr, eval_wpr, eval_lcpr)."""
     from rayalign.data.store import read_dataset
 
     if not (results_dir / "manifest.json").is_file():
@@ -421,6 +422,7 @@ def eval_columns(results_dir: Path) -> dict[str, float]:
     for reward in sorted({r["metric"] for r in rows if r["metric"].startswith("r_")}):
         out[f"eval_{reward}_mean"] = value(reward, stat="mean")
     out["eval_judge_win_rate"] = value("judge_win_rate")
+    out |= {f"eval_{metric}": value(metric) for metric in ("lpr", "wpr", "lcpr")}  # language confusion, mean
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -428,7 +430,7 @@ def summary_text(study: Study, record: dict, table: pa.Table) -> str:
     """The study's final table (one line per run: its last iteration) as plain text."""
     last = {row["run"]: row for row in table.to_pylist()}  # rows come in iteration order: the last one stays
     columns = [("pairs", "pairs_rows"), ("loss", "loss_mean"), ("accuracy", "accuracy_mean"),
-               ("fidelity", "fidelity_mean"), ("eval fidelity", "eval_fidelity_mean")]
+               ("fidelity", "fidelity_mean"), ("eval fidelity", "eval_fidelity_mean"), ("eval lcpr", "eval_lcpr")]
     columns = [(label, key) for label, key in columns if key in table.column_names]
     out = Table("run", "status", *(label for label, _ in columns), title=f"study {study.name}: {study.dir}")
     for entry in record["runs"]:

@@ -221,7 +221,8 @@ def test_results_collect_iterations_axes_and_the_final_evaluation(tmp_path):
             eval_row("rankc", 0.4), eval_row("rankc", 0.3, "en", other_lang="es"), eval_row("accuracy", 0.55),
             eval_row("silhouette", 0.1, layer=0), eval_row("silhouette", 0.35, layer=2),
             eval_row("silhouette", 0.2, layer=4), eval_row("r_lacomsa", 0.12), eval_row("r_lacomsa", 0.5, stat="max"),
-            eval_row("judge_win_rate", 0.25, stat="share")]
+            eval_row("judge_win_rate", 0.25, stat="share"), eval_row("lpr", 0.8, "ru", "share"),
+            eval_row("lpr", 0.9, stat="share"), eval_row("wpr", 0.5, stat="share"), eval_row("lcpr", 0.6, stat="share")]
     writer = DatasetWriter(study_dir / "a" / "eval" / "final" / "results", "eval")
     writer.write_shard(0, pa.Table.from_pylist(rows, schema=schema_for("eval")[1]))
     writer.finalize(expected_shards=1)
@@ -243,7 +244,8 @@ def test_results_collect_iterations_axes_and_the_final_evaluation(tmp_path):
     final = {k: v for k, v in got[1].items() if k.startswith("eval_")}
     assert final == {"eval_fidelity_mean": 0.75, "eval_fidelity_en": 0.9, "eval_fidelity_es": 0.6,
                      "eval_rankc_mean": 0.4, "eval_accuracy_mean": 0.55, "eval_silhouette_max": 0.35,
-                     "eval_r_lacomsa_mean": 0.12, "eval_judge_win_rate": 0.25}
+                     "eval_r_lacomsa_mean": 0.12, "eval_judge_win_rate": 0.25, "eval_lpr": 0.9, "eval_wpr": 0.5,
+                     "eval_lcpr": 0.6}
     assert all(v is None for r in (got[0], got[2]) for k, v in r.items() if k.startswith("eval_"))
 
 
