@@ -73,6 +73,8 @@ def run_dir(tmp_path_factory):
     write_scores(run / "eval" / "iter-2" / "scores", {"en": [0.95, 0.85], "de": [0.3, 0.2]})
     (run / "hub-scan.json").write_text(json.dumps({"policy": "base", "silhouette": {"0": 0.01, "1": 0.2, "2": 0.15},
                                                    "hub_layer": 1, "candidates": [1, 2], "prompts": 16}))
+    (run / "hub-scan-iter-2").mkdir()  # `rayalign hub-scan --policy iter-2`
+    (run / "hub-scan-iter-2" / "hub-scan.json").write_text(json.dumps({"silhouette": {"0": 0.02, "1": 0.3}}))
     return run
 
 
@@ -131,9 +133,10 @@ def test_reward_values_group_by_language_and_skip_empty_columns(run_dir):
 def test_eval_fidelity_and_silhouette_series():
     results = {"initial": pl.DataFrame(eval_rows(0.6, 0.4, [0.05, 0.3], 0.5, 0.55, 0.3))}
     assert eval_fidelity(results) == {"initial": pytest.approx({"en": 0.6, "de": 0.4, "all": 0.5})}
-    scan = {"silhouette": {2: 0.15, 0: 0.01, 1: 0.2}}
-    assert silhouette_series(results, scan) == {"initial": [(0, 0.05), (1, 0.3)],
-                                                "hub scan": [(0, 0.01), (1, 0.2), (2, 0.15)]}
+    scans = {"hub scan": {"silhouette": {2: 0.15, 0: 0.01, 1: 0.2}}, "hub scan iter-2": {"silhouette": {1: 0.3}}}
+    assert silhouette_series(results, scans) == {"initial": [(0, 0.05), (1, 0.3)],
+                                                 "hub scan": [(0, 0.01), (1, 0.2), (2, 0.15)],
+                                                 "hub scan iter-2": [(1, 0.3)]}
 
 
 def test_scaling_series_takes_each_runs_final_iteration(study_dir):
@@ -170,6 +173,7 @@ def test_run_report_draws_every_plot_and_tabulates_the_numbers(run_dir, tmp_path
     assert "| 2 | 0.8 | 1 | 0.9 |" in md  # fidelity per language: de, en, mean
     assert "| initial | 0.5 | 0.5 | 0.55 | 0.3 (1) | 0.3 |" in md  # fidelity, rankc, accuracy, silhouette, r_lacomsa
     assert "| iter-2 | 0.8 | 0.65 | 0.7 | 0.4 (1) | 0.45 |" in md
+    assert "hub-scan.json, hub-scan-iter-2/hub-scan.json" in " ".join(md.split())  # both scans are drawn
     assert "Notes" not in md
 
 

@@ -69,16 +69,17 @@ def eval_fidelity(results: dict[str, pl.DataFrame]) -> dict[str, dict[str, float
     return out
 
 
-def silhouette_series(results: dict[str, pl.DataFrame], hub_scan: dict | None) -> dict[str, list[tuple[int, float]]]:
-    """{eval label or "hub scan": [(layer, silhouette)]} sorted by layer."""
+def silhouette_series(results: dict[str, pl.DataFrame], hub_scans: dict[str, dict]) -> dict[str, list[tuple[int, float]]]:
+    """{eval label or hub scan name: [(layer, silhouette)]} sorted by layer."""
     series = {}
     for label, df in results.items():
         rows = df.filter((pl.col("metric") == "silhouette") & (pl.col("stat") == "score") & (pl.col("lang") == "all")
                          & pl.col("layer").is_not_null()).sort("layer")
         if rows.height:
             series[label] = list(rows.select("layer", "value").iter_rows())
-    if hub_scan and hub_scan.get("silhouette"):
-        series["hub scan"] = sorted(hub_scan["silhouette"].items())
+    for name, scan in hub_scans.items():
+        if scan.get("silhouette"):
+            series[name] = sorted(scan["silhouette"].items())
     return series
 
 
@@ -124,17 +125,22 @@ def _read_evals(run_dir: Path, doc: Document) -> tuple[dict[str, pl.DataFrame], 
     return results, scores
 
 
-def _read_hub_scan(run_dir: Path, doc: Document) -> dict | None:
-    path = run_dir / "hub-scan.json"
-    if not path.is_file():
-        return None
-    try:
-        scan = json.loads(path.read_text(encoding="utf-8"))
-        scan["silhouette"] = {int(k): float(v) for k, v in scan.get("silhouette", {}).items()}
-        return scan
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
-        doc.notes.append(f"`{path}` skipped: expected a JSON object with silhouette {{layer: score}} ({e})")
-        return None
+def _read_hub_scans(run_dir: Path, doc: Document) -> dict[str, dict]:
+    """{"hub scan": launch's scan (hub_layer auto), "hub scan <label>": each `rayalign hub-scan` output}."""
+    paths = {"hub scan": run_dir / "hub-scan.json"}
+    paths |= {f"hub scan {p.parent.name.removeprefix('hub-scan-')}": p
+              for p in sorted(run_dir.glob("hub-scan-*/hub-scan.json"))}
+    scans = {}
+    for name, path in paths.items():
+        if not path.is_file():
+            continue
+        try:
+            scan = json.loads(path.read_text(encoding="utf-8"))
+            scan["silhouette"] = {int(k): float(v) for k, v in scan.get("silhouette", {}).items()}
+            scans[name] = scan | {"file": str(path.relative_to(run_dir))}
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
+            doc.notes.append(f"`{path}` skipped: expected a JSON object with silhouette {{layer: score}} ({e})")
+    return scans
 
 
 def _last_scores(run_dir: Path) -> Path | None:
@@ -166,7 +172,7 @@ def run_report(run_dir: Path, doc: Document) -> None:
     scores_dir = _last_scores(run_dir)
     scores = _read_scores(scores_dir, doc) if scores_dir else None
     eval_results, eval_scores = _read_evals(run_dir, doc)
-    hub_scan = _read_hub_scan(run_dir, doc)
+    hub_scans = _read_hub_scans(run_dir, doc)
 
     steps = {m["step"]: m for m in metrics if m.get("stage") == "online" and "step" in m}  # a relaunch's last wins
     read = [f"{iterations.height} iteration(s) in metrics.jsonl" if iterations is not None
@@ -175,8 +181,8 @@ def run_report(run_dir: Path, doc: Document) -> None:
         read.append(f"the scores of {scores_dir.parent.name} ({scores.height} samples)")
     if eval_results or eval_scores:
         read.append(f"evaluations {', '.join(sorted(set(eval_results) | set(eval_scores), key=eval_label_order))}")
-    if hub_scan:
-        read.append("hub-scan.json")
+    if hub_scans:
+        read.append(", ".join(scan["file"] for scan in hub_scans.values()))
     doc.lines += [f"# Run report: {run_dir.resolve().name}", "", f"Read from `{run_dir}`: {'; '.join(read)}.", ""]
 
     if iterations is not None:
@@ -221,9 +227,9 @@ def run_report(run_dir: Path, doc: Document) -> None:
         doc.skip("fidelity_by_iteration.png",
                  "no fidelity_<lang> in metrics.jsonl and no fidelity rows in eval/*/results")
 
-    silhouette = silhouette_series(eval_results, hub_scan)
+    silhouette = silhouette_series(eval_results, hub_scans)
     if silhouette:
-        hub_layer = (hub_scan or {}).get("hub_layer")
+        hub_layer = hub_scans.get("hub scan", {}).get("hub_layer")
         doc.figure(plot_silhouette(silhouette, hub_layer), "silhouette_by_layer.png", "Silhouette by layer",
                    "Silhouette of the pooled hidden states clustered by prompt (one prompt in every language), per "
                    "layer: higher means the layer groups by meaning rather than by language"
