@@ -162,16 +162,15 @@ def pairs_stage(cfg: RunConfig, run_dir: Path, policy_path: str, initial_policy_
         table = lidr_stage(cfg, pl.from_arrow(kept), policy_path, iteration)
         schema = "pairs"
     else:
-        scores = pl.from_arrow(read_dataset(it_dir / "scores", "scores").drop_columns(
-            [c for c in ("h_hub", "h_last") if c in read_dataset(it_dir / "scores").column_names]))
+        scores = read_dataset(it_dir / "scores", "scores")
+        scores = pl.from_arrow(scores.drop_columns([c for c in ("h_hub", "h_last") if c in scores.column_names]))
+        options = dict(min_margin=p.min_margin, include_anchor=p.include_anchor, anchor=cfg.anchor_language,
+                       truncated=p.truncated)
         if method == "kto":
-            table = pairs.kto_rows(scores, p.kto_reward, iteration, min_margin=p.min_margin,
-                                   include_anchor=p.include_anchor, anchor=cfg.anchor_language)
-            schema = "kto"
+            table, schema = pairs.kto_rows(scores, p.kto_reward, iteration, **options), "kto"
         else:
-            table = pairs.preference_pairs(scores, method, iteration, min_margin=p.min_margin,
-                                           include_anchor=p.include_anchor, anchor=cfg.anchor_language)
-            schema = "pairs"
+            table, schema = pairs.preference_pairs(scores, method, iteration, **options), "pairs"
+        extra = {"truncated_samples": int((scores["finish_reason"] == "length").sum())}
     manifest = write_table(table, out_dir, schema, cfg, iteration, {"policy": cfg.policy.path}, {"method": method},
                            f"{method} preference data of iteration {iteration}.", shard_rows=4096)
     return {"method": method, "rows": manifest["rows"], **extra}

@@ -2,6 +2,8 @@
 
 Each (prompt_id, language) gives one pair: the best against the worst sample under the method's
 reward; groups whose best and worst tie (or differ by no more than `min_margin`) are skipped.
+`truncated` says what a response cut at max_new_tokens (finish_reason "length") may be: keep = any side;
+not_chosen = only rejected (training a chosen one would teach its end-of-turn token mid-sentence); drop = neither.
 Reference log-probs come along (the generating policy's `logp_policy`, the next DPO step's
 reference), so trainers need no reference model.
 """
@@ -21,14 +23,29 @@ def _assistant(text_col: str) -> pl.Expr:
     return pl.concat_list(pl.struct(pl.lit("assistant").alias("role"), pl.col(text_col).alias("content")))
 
 
-def _ranked(scores: pl.DataFrame, reward: str, min_margin: float) -> pl.DataFrame:
+TRUNCATED = ("keep", "not_chosen", "drop")
+
+
+def _extremes(rows: pl.DataFrame, reward: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(best, worst) row of each (prompt_id, lang) group; rows sorted by prompt_id, lang, sample_idx."""
+    groups = rows.select(pl.concat_str("prompt_id", "lang", separator="\x1f")).to_series().to_numpy()
+    _, best_idx, worst_idx, _ = best_worst(rows[reward].to_numpy(), groups)
+    return rows[best_idx.tolist()], rows[worst_idx.tolist()]
+
+
+def _ranked(scores: pl.DataFrame, reward: str, min_margin: float, truncated: str) -> pl.DataFrame:
     """One row per (prompt_id, lang) with the best and worst sample (first by sample_idx on ties)."""
     if scores[reward].null_count():
         raise ValueError(f"column {reward} has {scores[reward].null_count()} null value(s): was the reward computed?")
+    if truncated not in TRUNCATED:
+        raise ValueError(f"truncated: expected one of {', '.join(TRUNCATED)}, got {truncated!r}")
     ordered = scores.sort("prompt_id", "lang", "sample_idx")
-    groups = ordered.select(pl.concat_str("prompt_id", "lang", separator="\x1f")).to_series().to_numpy()
-    _, best_idx, worst_idx, _ = best_worst(ordered[reward].to_numpy(), groups)
-    best, worst = ordered[best_idx.tolist()], ordered[worst_idx.tolist()]
+    complete = ordered.filter(pl.col("finish_reason") == "stop") if truncated != "keep" else ordered
+    if truncated == "drop":
+        ordered = complete
+    if not complete.height:
+        return complete.join(complete, on=["prompt_id", "lang"], suffix="_rej")
+    best, worst = _extremes(complete, reward)[0], _extremes(ordered, reward)[1]
     pairs = best.join(worst, on=["prompt_id", "lang"], suffix="_rej")
     return pairs.filter((pl.col(reward) - pl.col(f"{reward}_rej")) > min_margin).sort("prompt_id", "lang")
 
@@ -38,10 +55,10 @@ def _keep_languages(scores: pl.DataFrame, include_anchor: bool, anchor: str) -> 
 
 
 def preference_pairs(scores: pl.DataFrame, method: str, iteration: int, *, min_margin: float = 0.0,
-                     include_anchor: bool = True, anchor: str = "en") -> pa.Table:
+                     include_anchor: bool = True, anchor: str = "en", truncated: str = "not_chosen") -> pa.Table:
     """Best-vs-worst pairs under the method's reward column (LaCoMSA ranks by the WEIGHTED reward)."""
     reward = REWARD_COLUMN[method]
-    r = _ranked(_keep_languages(scores, include_anchor, anchor), reward, min_margin)
+    r = _ranked(_keep_languages(scores, include_anchor, anchor), reward, min_margin, truncated)
     df = r.select(
         pl.col("messages").alias("prompt"),
         _assistant("response").alias("chosen"),
@@ -56,10 +73,10 @@ def preference_pairs(scores: pl.DataFrame, method: str, iteration: int, *, min_m
 
 
 def kto_rows(scores: pl.DataFrame, reward_method: str, iteration: int, *, min_margin: float = 0.0,
-             include_anchor: bool = True, anchor: str = "en") -> pa.Table:
+             include_anchor: bool = True, anchor: str = "en", truncated: str = "not_chosen") -> pa.Table:
     """Unpaired rows: the best sample of each (prompt, language) desirable, the worst undesirable."""
     reward = REWARD_COLUMN[reward_method]
-    r = _ranked(_keep_languages(scores, include_anchor, anchor), reward, min_margin)
+    r = _ranked(_keep_languages(scores, include_anchor, anchor), reward, min_margin, truncated)
     parts = []
     for suffix, label in (("", True), ("_rej", False)):
         parts.append(r.select(

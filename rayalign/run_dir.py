@@ -291,7 +291,8 @@ def write_table(table, out_dir: Path, schema: str, cfg: RunConfig, iteration: in
     writer = DatasetWriter(out_dir, schema, config_hash=cfg.config_hash(), languages=cfg.languages, models=models,
                            seeds={"run_seed": cfg.sampling.seed, "iteration": iteration}, description=description,
                            schema_params={"latent_dim": latent_dim} if schema == "scores" else None, params=params)
-    shards = split_shards(table, max(1, shard_rows))
+    shards = split_shards(table, max(1, shard_rows)) or [table.slice(0, 0)]  # an empty dataset keeps one empty shard:
+    # without a part-*.parquet file, datasets.load_dataset(dir) would serve manifest.json as a row
     for i, shard in enumerate(shards):
         writer.write_shard(i, shard)
     return writer.finalize(expected_shards=len(shards))

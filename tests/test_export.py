@@ -30,6 +30,7 @@ def pairs_run(run, tag: str, ids=("p0", "p1")):
     writer.finalize()
     (run / "config.yaml").write_text(yaml.safe_dump({"name": "r", "rewards": {"latent": {"enabled": True}},
                                                      "pairs": {"method": "lacomsa"}, "training": {"loss": "dpo"}}))
+    (run / "state.json").write_text("{}")  # what makes it a run
     return run
 
 
@@ -126,6 +127,17 @@ def test_exporting_again_keeps_the_same_export_and_refuses_a_different_one(tmp_p
     again = invoke("export", run, out, "--license", "apache-2.0")
     assert again.exit_code == 0 and f"kept (it already holds this export) {out}" in " ".join(again.output.split())
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamp
+    import os
+
+    cwd = os.getcwd()
+    try:  # the same export, its source spelled from another directory: the card names it from the run down
+        os.chdir(tmp_path / "run")
+        respelled = invoke("export", ".", out, "--license", "apache-2.0")
+    finally:
+        os.chdir(cwd)
+    assert respelled.exit_code == 0 and "kept" in respelled.output, respelled.output
+    assert "- source: `run/iter-1/pairs` (6 rows)" in card and str(tmp_path) not in card
+    assert 'datasets.load_dataset(REPO_OR_DIR, \'en\', split="train")  # one config' in card
     other_card = invoke("export", run, out, "--license", "mit")  # another card: not this export
     assert other_card.exit_code == 2 and "exists and is not an empty directory" in other_card.output
     other_rows = invoke("export", pairs_run(tmp_path / "run2", "B"), out)
@@ -256,3 +268,49 @@ def test_verls_own_loader_reads_the_exported_prompt_set(tmp_path, tiny_model):
         assert item["index"] == i and item["reward_model"]["ground_truth"] == key[1]
         seen.append(key)
     assert seen == [(pid, lang) for pid in ("p000", "p001", "p002") for lang in ("en", "de", "ru")]
+
+
+def test_a_config_yaml_beside_a_copied_dataset_is_not_published(tmp_path):
+    """Only a run's own config.yaml (state.json beside it) goes into the card: a copied dataset's neighbour is not."""
+    import shutil
+
+    run = pairs_run(tmp_path / "run", "A")
+    project = tmp_path / "project"
+    shutil.copytree(run / "iter-1" / "pairs", project / "pairs")
+    (project / "config.yaml").write_text("wandb_api_key: SECRET123\n")
+    result = invoke("export", project / "pairs", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "SECRET123" not in card and "## Recipe" not in card and "- source: `pairs` (6 rows)" in card
+
+
+def test_hub_size_categories_beyond_a_million_rows():
+    from rayalign.data.store import _size_category
+
+    assert [_size_category(n) for n in (999, 10**6 - 1, 10**6, 2 * 10**7, 10**9, 10**12)] == [
+        "n<1K", "100K<n<1M", "1M<n<10M", "10M<n<100M", "1B<n<10B", "n>1T"]
+
+
+def test_an_empty_dataset_loads_as_no_rows(tmp_path):
+    """With no part-*.parquet file, datasets.load_dataset(dir) served manifest.json as one row. Now the directory
+    holds one shard without rows: Arrow and polars read no rows, and datasets, which cannot hold an empty split,
+    says there is no data."""
+    import datasets
+    import polars as pl
+    import pyarrow as pa
+    import pytest
+
+    from rayalign.data.store import read_dataset
+
+    from rayalign.config import load_config
+    from rayalign.data.schemas import schema_for
+    from rayalign.run_dir import write_table
+
+    cfg = load_config(REPO / "examples" / "quickstart.yaml")
+    empty = pa.Table.from_pylist([], schema=schema_for("pairs")[1])
+    write_table(empty, tmp_path / "run" / "iter-1" / "pairs", "pairs", cfg, 1, {}, {}, "no pairs", shard_rows=16)
+    pairs = tmp_path / "run" / "iter-1" / "pairs"
+    assert read_dataset(pairs, "pairs").num_rows == 0
+    assert pl.read_parquet(pairs / "part-*.parquet").columns == schema_for("pairs")[1].names
+    with pytest.raises(ValueError, match="corresponds to no data"):
+        datasets.load_dataset(str(pairs), split="train", cache_dir=str(tmp_path / "cache"))

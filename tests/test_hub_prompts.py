@@ -177,3 +177,68 @@ def test_a_config_template_with_other_fields_is_refused_at_config_check(config):
         load_config(None, ["prompts.path=hf:some/set", f"prompts.config={config!r}"])
     assert load_config(None, ["prompts.path=hf:some/set", "prompts.config=arena_{lang}"]).prompts.config == \
         "arena_{lang}"
+
+
+def cached_hub_dataset(tmp_path, monkeypatch, name="me/prompts", langs=("en", "de")):
+    """`name` in an offline datasets cache, one config per language, as datasets lays out a Hub dataset it has loaded
+    (<namespace>___<name>/<config>/0.0.0/<hash>/): loaded here from a local directory, then filed under `name`."""
+    import json
+    import shutil
+
+    import datasets
+
+    src = per_language(tmp_path / "src", langs)
+    cache = tmp_path / "hf-datasets"
+    for lang in langs:
+        datasets.load_dataset(str(src), lang, split="train", cache_dir=str(tmp_path / "local-cache"))
+        built = next((tmp_path / "local-cache" / "ds" / lang / "0.0.0").glob("*/"))
+        target = cache / name.replace("/", "___") / lang / "0.0.0" / built.name
+        target.mkdir(parents=True)
+        info = json.loads((built / "dataset_info.json").read_text()) | {"dataset_name": name.split("/")[1]}
+        (target / "dataset_info.json").write_text(json.dumps(info))
+        shutil.copy(built / "ds-train.arrow", target / f"{name.split('/')[1]}-train.arrow")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    return name
+
+
+def test_a_cached_hub_dataset_with_a_config_per_language_loads_offline(tmp_path, monkeypatch):
+    """Offline, datasets lists only a "default" config for a cached dataset: the languages' configs were refused."""
+    name = cached_hub_dataset(tmp_path, monkeypatch)
+    table = load_prompts(f"hf:{name}", ["en", "de"], config="{lang}", columns={"prompt_id": "question_id"})
+    assert [(r["prompt_id"], r["lang"], r["messages"][0]["content"]) for r in table.to_pylist()] == [
+        ("q1", "en", "en text q1"), ("q1", "de", "de text q1"), ("q2", "en", "en text q2"), ("q2", "de", "de text q2")]
+    with pytest.raises(PromptError, match=r"hf:me/prompts \(config 'fr'\): not in the local datasets cache"):
+        load_prompts(f"hf:{name}", ["en", "fr"], config="{lang}", columns={"prompt_id": "question_id"})
+
+
+def test_a_revision_is_refused_offline_where_the_cache_would_ignore_it(tmp_path, monkeypatch):
+    import datasets
+
+    name = cached_hub_dataset(tmp_path, monkeypatch)
+    assert len(datasets.load_dataset(name, "de", split="train", revision="no-such-revision")) == 2  # ignored
+    with pytest.raises(PromptError, match=r"prompts.revision: 'v2' cannot be checked: .* the datasets cache serves its copy of me/prompts whatever"):
+        load_prompts(f"hf:{name}", ["en", "de"], config="{lang}", revision="v2", columns={"prompt_id": "question_id"})
+
+
+def test_home_relative_saved_and_multi_config_directories(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    per_language(tmp_path)  # ~/ds
+    columns = {"prompt_id": "question_id"}
+    assert load_prompts("hf:~/ds", ["en"], config="{lang}", columns=columns).num_rows == 2
+    with pytest.raises(PromptError, match=r"hf:~?.*ds: it has several configs \(de, en, fr\); set prompts.config"):
+        load_prompts("hf:~/ds", ["en"], columns=columns)
+    rows = [{"id": "a", "lang": lang, "instruction": f"{lang} a"} for lang in ("en", "de")]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))  # one Dataset, not a DatasetDict
+    assert [r["lang"] for r in load_prompts(f"hf:{tmp_path / 'saved'}", ["en", "de"],
+                                            columns={"prompt_id": "id"}).to_pylist()] == ["en", "de"]
+
+
+def test_a_source_lang_column_is_ignored_when_another_column_holds_the_language(tmp_path):
+    rows = [{"id": "a", "language": lang, "lang": 3, "text": f"{lang}-a"} for lang in ("en", "de")]
+    ds = hub_layout(tmp_path / "ds", {"default": rows})
+    table = load_prompts(f"hf:{ds}", ["en", "de"], columns={"prompt_id": "id", "instruction": "text",
+                                                             "lang": "language"})
+    assert [(r["lang"], r["messages"][0]["content"]) for r in table.to_pylist()] == [("en", "en-a"), ("de", "de-a")]

@@ -6,6 +6,8 @@ import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
@@ -212,8 +214,15 @@ def test_the_openrlhf_backend_is_checked_before_any_work(tmp_path, tiny_model, m
         blending_datasets(f"{tmp_path / 'x,y' / 'iter-1' / 'pairs'}/part-*.parquet", None,
                           SimpleNamespace(print=printed.append, is_rank_0=lambda: True), 0)
     assert printed[0] == f"dataset: {tmp_path / 'x'}"
-    with pytest.raises(OpenRLHFError, match="OpenRLHF splits --data.dataset at ',' and '@', and the run directory"):
+    with pytest.raises(OpenRLHFError, match="OpenRLHF splits --data.dataset at ',' and '@' and reads it as a glob"):
         preflight(cfg, tiny_model, tmp_path / "x,y")
+    pairs = tmp_path / "exp[1]" / "iter-1" / "pairs"  # glob characters: OpenRLHF finds no file in the directory
+    pairs.mkdir(parents=True)
+    pq.write_table(pa.table({"prompt": ["p"], "chosen": ["c"], "rejected": ["r"]}), pairs / "part-00000.parquet")
+    with pytest.raises(Exception):
+        blending_datasets(f"{pairs}/part-*.parquet", None, SimpleNamespace(print=printed.append, is_rank_0=lambda: True), 0)
+    with pytest.raises(OpenRLHFError, match=r"reads it as a glob \('\[', '\]', '\*', '\?'\)"):
+        preflight(cfg, tiny_model, tmp_path / "exp[1]")
     monkeypatch.setenv("RAYALIGN_OPENRLHF_DEEPSPEED", str(tmp_path / "no" / "deepspeed"))
     with pytest.raises(OpenRLHFError, match=f"`{tmp_path / 'no' / 'deepspeed'}` was not found"):
         preflight(cfg, tiny_model, tmp_path / "run")

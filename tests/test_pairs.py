@@ -8,12 +8,13 @@ from rayalign.pairs import dco_tuples, kto_rows, lidr_pairs, lidr_requests, pref
 from rayalign.rewards.consistency import dco_gamma_table
 
 
-def scores_frame(rows):
-    """rows: (prompt_id, lang, sample_idx, reward) -> a scores-like frame with every column pairs use."""
+def scores_frame(rows, truncated=()):
+    """rows: (prompt_id, lang, sample_idx, reward) -> a scores-like frame with every column pairs use;
+    truncated: the (prompt_id, lang, sample_idx) cut at max_new_tokens."""
     return pl.DataFrame([{
         "prompt_id": p, "lang": l, "sample_idx": k, "messages": [{"role": "user", "content": f"{p}-{l}"}],
         "response": f"{p}-{l}-{k}", "r_icr": r, "r_lacomsa": r, "r_msa": -r, "logp_policy": -10.0 - k,
-        "score_tokens": 5 + k,
+        "score_tokens": 5 + k, "finish_reason": "length" if (p, l, k) in truncated else "stop",
     } for p, l, k, r in rows])
 
 
@@ -44,6 +45,28 @@ def test_min_margin_and_anchor_filter():
     df = scores_frame([("a", "de", 0, 0.0), ("a", "de", 1, 0.05), ("a", "en", 0, 0.0), ("a", "en", 1, 1.0)])
     assert [r["lang"] for r in preference_pairs(df, "icr", 1, min_margin=0.1).to_pylist()] == ["en"]
     assert [r["lang"] for r in preference_pairs(df, "icr", 1, include_anchor=False).to_pylist()] == ["de"]
+
+
+def test_truncated_responses_are_never_chosen_by_default():
+    rows = [("a", "de", 0, 0.2), ("a", "de", 1, 0.9), ("a", "de", 2, -0.4), ("a", "de", 3, -0.9),
+            ("b", "de", 0, 0.3), ("b", "de", 1, 0.1),  # both truncated
+            ("c", "de", 0, 0.5), ("c", "de", 1, 0.1)]  # the better one complete
+    df = scores_frame(rows, truncated={("a", "de", 1), ("a", "de", 3), ("b", "de", 0), ("b", "de", 1), ("c", "de", 1)})
+
+    def chosen_rejected(**kwargs):
+        return [(r["chosen"][0]["content"], r["rejected"][0]["content"])
+                for r in preference_pairs(df, "icr", 1, **kwargs).to_pylist()]
+
+    # keep: best and worst whatever their finish; not_chosen: the best complete one against the worst of all;
+    # drop: complete ones only (c keeps one complete response: no pair)
+    assert chosen_rejected(truncated="keep") == [("a-de-1", "a-de-3"), ("b-de-0", "b-de-1"), ("c-de-0", "c-de-1")]
+    assert chosen_rejected() == chosen_rejected(truncated="not_chosen") == [("a-de-0", "a-de-3"), ("c-de-0", "c-de-1")]
+    assert chosen_rejected(truncated="drop") == [("a-de-0", "a-de-2")]
+    kto = kto_rows(df, "icr", 1, truncated="not_chosen").to_pylist()
+    assert [(r["completion"][0]["content"], r["label"]) for r in kto] == [
+        ("a-de-0", True), ("a-de-3", False), ("c-de-0", True), ("c-de-1", False)]
+    all_cut = scores_frame(rows[4:6], truncated={("b", "de", 0), ("b", "de", 1)})
+    assert preference_pairs(all_cut, "icr", 1).num_rows == 0
 
 
 def test_missing_reward_is_refused():

@@ -240,6 +240,10 @@ class PairsConfig:
     min_margin: float = _field(0.0, help="skip a (prompt, language) whose best and worst reward differ by no more "
                                "than this", ge=0.0)
     include_anchor: bool = _field(True, help="keep pairs in the anchor language")
+    truncated: str = _field("not_chosen", help="a response cut at sampling.max_new_tokens (finish_reason length): "
+                            "not_chosen = it may be rejected, never chosen (a chosen one would train its end-of-turn "
+                            "token mid-sentence); drop = in no pair; keep = ranked like any other",
+                            choices=("not_chosen", "drop", "keep"))
 
 
 TRAINING_LOSSES = ("dpo", "ipo", "cdpo", "simpo", "kto", "orpo", "dco")

@@ -66,13 +66,23 @@ def _run_config(dataset: Path) -> dict:
     from rayalign.config.fields import read_yaml_file
 
     for parent in (dataset.parent.parent, dataset.parent):
-        if (parent / "config.yaml").is_file():
+        if (parent / "config.yaml").is_file() and (parent / "state.json").is_file():  # a run's, not any config.yaml
             cfg = read_yaml_file(parent / "config.yaml", "run config", ExportError) or {}
             if not isinstance(cfg, dict):
                 raise ExportError(f"{parent / 'config.yaml'}: expected a mapping of settings (the run's recipe), got "
                                   f"{type(cfg).__name__}")
             return cfg
     return {}
+
+
+def _shown_source(dataset: Path) -> str:
+    """The dataset as the card names it: from its run's name down (`<run>/iter-2/pairs`), else its own name, so
+    that no local path is published and the card does not depend on how the source was spelled."""
+    dataset = dataset.resolve()
+    for run in (dataset.parent.parent, dataset.parent):
+        if (run / "state.json").is_file():
+            return dataset.relative_to(run.parent).as_posix()
+    return dataset.name
 
 
 def _section(cfg: dict, key: str) -> dict:
@@ -89,7 +99,7 @@ def _claim(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _body(manifest: dict, cfg: dict, source: Path, by_lang: dict[str, int]) -> str:
+def _body(manifest: dict, cfg: dict, source: str, by_lang: dict[str, int]) -> str:
     models = "\n".join(f"- {role}: `{name}`" for role, name in manifest.get("models", {}).items()) or "- (none)"
     params = json.dumps(manifest.get("params", {}), indent=2, ensure_ascii=False, sort_keys=True)
     rewards = _section(cfg, "rewards")
@@ -101,7 +111,7 @@ def _body(manifest: dict, cfg: dict, source: Path, by_lang: dict[str, int]) -> s
         "## How it was made\n",
         f"- rayalign {manifest.get('rayalign_version', '?')}, schema {manifest['schema']} "
         f"v{manifest['schema_version']}, config hash `{manifest.get('config_hash', '')}`",
-        f"- source: `{source}` ({manifest['rows']} rows)",
+        f"- source: `{source}` ({manifest['rows']} rows)",  # run-relative: the same however OUT was spelled
         f"- rows per config: {', '.join(f'{k} {v}' for k, v in by_lang.items())}",
         f"- rewards: {', '.join(used) or '(none recorded)'}",
     ]
@@ -113,7 +123,7 @@ def _body(manifest: dict, cfg: dict, source: Path, by_lang: dict[str, int]) -> s
     lines += ["", "Models:", models, "", "Parameters:", "```json", params, "```", "",
               "## Loading", "", "```python", "import datasets",
               "datasets.load_dataset(REPO_OR_DIR, split=\"train\")        # every language",
-              "datasets.load_dataset(REPO_OR_DIR, \"de\", split=\"train\")  # one language", "```", ""]
+              f"datasets.load_dataset(REPO_OR_DIR, {next(iter(by_lang))!r}, split=\"train\")  # one config", "```", ""]
     if cfg:
         lines += ["## Recipe", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True).rstrip(),
                   "```", ""]
@@ -165,7 +175,7 @@ def export_hub(source: Path, out: Path, *, stage: str = "pairs", license: str = 
     }
     by_config = {name: part.num_rows for name, part in parts.items()}
     card = f"---\n{yaml.safe_dump(header, sort_keys=False, allow_unicode=True)}---\n\n" + \
-        _body(manifest, cfg, dataset, by_config)
+        _body(manifest, cfg, _shown_source(dataset), by_config)
     if _same_export(out, card, parts, files):
         return {**header, "kept": True}
     _claim(out)

@@ -86,7 +86,7 @@ def split_hf_path(path: str) -> tuple[str, bool]:
     local = Path(target).expanduser().is_dir()
     if not local and target.startswith((".", "/", "~")):  # a path, not a Hub name
         raise HubError(f"prompts.path: {path}: local dataset directory {target} not found")
-    return target, local
+    return (str(Path(target).expanduser()) if local else target), local
 
 
 def _load_one(target: str, local: bool, config: str | None, split: str, revision: str | None):
@@ -95,6 +95,8 @@ def _load_one(target: str, local: bool, config: str | None, split: str, revision
     where = f"prompts.path hf:{target}" + (f" (config {config!r})" if config else "")
     offline = not local and not hub_reachable()
     try:
+        if local and (Path(target) / "dataset_info.json").is_file() and (Path(target) / "state.json").is_file():
+            return datasets.load_from_disk(target, keep_in_memory=True)  # one Dataset.save_to_disk directory
         if local:  # prepared afresh: datasets caches a local directory with `configs:` by its name and patterns alone,
             # so another directory of the same name, or this one edited, would load the cached rows
             with tempfile.TemporaryDirectory(prefix="rayalign-hf-") as cache:
@@ -108,18 +110,24 @@ def _load_one(target: str, local: bool, config: str | None, split: str, revision
                 f"{where}: not in the local datasets cache ({datasets.config.HF_DATASETS_CACHE}) and {_why_offline()}."
                 f" Load it once where the Hub is reachable (datasets.load_dataset({target!r}"
                 f"{', ' + repr(config) if config else ''}, split={split!r})) and copy the cache, or save it to a "
-                "directory and set prompts.path: hf:<directory>") from None
+                "directory (save_to_disk, or Parquet files in Hub layout) and set prompts.path: hf:<directory>") from None
+        if "config name is missing" in text.lower():
+            raise HubError(f"{where}: it has several configs ({', '.join(_config_names(target, local, revision))}); "
+                           "set prompts.config to one, or to '{lang}' when each language is a config") from None
         if "split" in text.lower():
             raise HubError(f"{where}: no split {split!r} ({text}); set prompts.split") from None
         raise HubError(f"{where}: cannot load ({type(e).__name__}: {text})") from None
 
 
 def _config_names(target: str, local: bool, revision: str | None) -> list[str]:
+    """The dataset's config names; [] when unknown (offline, datasets' cache lists only "default", so each
+    config's own load says whether the cache has it)."""
     import datasets
 
+    if not local and not hub_reachable():
+        return []
     try:
-        with _offline_clients(not local and not hub_reachable()):
-            return sorted(datasets.get_dataset_config_names(target, revision=revision))
+        return sorted(datasets.get_dataset_config_names(target, revision=revision))
     except Exception:
         return []
 
@@ -132,6 +140,10 @@ def read_hub_rows(path: str, languages: list[str], *, split: str, revision: str 
     if local and revision:
         raise HubError(f"prompts.revision: {revision!r}: hf:{target} is a local directory, which has no revisions "
                        "(datasets would ignore it); remove prompts.revision, or name the Hub dataset")
+    if revision and not local and not hub_reachable():
+        raise HubError(f"prompts.revision: {revision!r} cannot be checked: {_why_offline()}, and offline the datasets "
+                       f"cache serves its copy of {target} whatever the revision. Remove prompts.revision to use the "
+                       "cached copy, or run where the Hub is reachable")
     rows: list[tuple[str, dict, str | None]] = []
     if config and "{lang}" in config:
         names = _config_names(target, local, revision)

@@ -177,10 +177,8 @@ def load_prompts(path: str | Path, languages: list[str], *, limit: int | None = 
             raise PromptError(str(e)) from None
         rows = []
         for where, obj, lang in hub_rows:
-            row = _to_row(where, _mapped(where, obj, {k: v for k, v in columns.items() if k != "lang"}), lang,
-                          system_prompt, str(path))  # the language column is read_hub_rows'
-            row["lang"] = lang
-            rows.append(row)
+            obj = _mapped(where, obj, {k: v for k, v in columns.items() if k != "lang"})
+            rows.append(_to_row(where, {**obj, "lang": lang}, lang, system_prompt, str(path)))  # read_hub_rows' lang
         return _parallel(str(path), rows, languages, limit, skip)
     key = _version(Path(path), languages, limit, skip, system_prompt, columns)
     if key is not None and key in _LOADED:

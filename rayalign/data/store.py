@@ -137,7 +137,10 @@ def write_parquet_atomic(table: pa.Table, path: Path, *, checksum: bool = False,
     DatasetWriteError naming `path`."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        pq.write_table(table, tmp, **options)
+        if table.num_rows:
+            pq.write_table(table, tmp, **options)
+        else:  # no row group: datasets then reads "no data" (a 0-row group fails its reader)
+            pq.ParquetWriter(tmp, table.schema, **options).close()
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         if checksum:
@@ -342,11 +345,13 @@ def remove_untrusted_shards(path: Path) -> list[str]:
 
 
 def _size_category(rows: int) -> str:
-    for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
-                         (1_000_000, "100K<n<1M")):
+    """The Hub card's size_categories value (huggingface_hub's list)."""
+    for limit, label in ((10**3, "n<1K"), (10**4, "1K<n<10K"), (10**5, "10K<n<100K"), (10**6, "100K<n<1M"),
+                         (10**7, "1M<n<10M"), (10**8, "10M<n<100M"), (10**9, "100M<n<1B"), (10**10, "1B<n<10B"),
+                         (10**11, "10B<n<100B"), (10**12, "100B<n<1T")):
         if rows < limit:
             return label
-    return "n>1M"
+    return "n>1T"
 
 
 def dataset_card(manifest: dict) -> str:

@@ -37,9 +37,10 @@ def check_backend(cfg, run_dir: Path) -> None:
     """Before any work: the launcher exists, OpenRLHF can read the run's dataset path (its `--data.dataset` is a
     list split at ',' and '@'), and, when OpenRLHF imports here, its parser takes every flag."""
     where = str(Path(run_dir).resolve())
-    if any(c in where for c in ",@"):
-        raise OpenRLHFError(f"training.backend: openrlhf: OpenRLHF splits --data.dataset at ',' and '@', and the run "
-                            f"directory {where} holds one; choose a run name or --run-dir without them")
+    if any(c in where for c in ",@[]*?"):
+        raise OpenRLHFError(f"training.backend: openrlhf: OpenRLHF splits --data.dataset at ',' and '@' and reads it "
+                            f"as a glob ('[', ']', '*', '?'), and the run directory {where} holds one of them; choose "
+                            "a run name or --run-dir without them")
     if shutil.which(launcher()) is None:
         raise OpenRLHFError(f"training.backend: openrlhf runs `{launcher()} --module openrlhf.cli.train_dpo`, and "
                             f"`{launcher()}` was not found; install OpenRLHF {SUPPORTED_VERSIONS} "
