@@ -36,8 +36,17 @@ class GenerationActor:
         try:
             self.engine.generate([GenerationRequest([{"role": "user", "content": "Hello"}],
                                                     SamplingParams(1.0, 1.0, 2, 0))])
-        except ValueError:  # refused by a context shorter than the template: such rows fail, each in errors/
+        except self._refusals(engines.backend):  # a context shorter than the template: such rows fail, each in errors/
             pass
+
+    @staticmethod
+    def _refusals(backend: str) -> tuple[type[Exception], ...]:
+        """The errors an engine raises for a request it refuses (not a failing engine)."""
+        if backend == "vllm":
+            from vllm.exceptions import VLLMValidationError
+
+            return ValueError, VLLMValidationError
+        return (ValueError,)
 
     def generate(self, prompts: pa.Table, sampling: SamplingConfig, iteration: int, policy: str,
                  token_ids: bool = False) -> tuple[pa.Table, pa.Table]:
@@ -119,6 +128,8 @@ class GenerationGroup(ActorGroup):
     def token_logps(self, sequences: list) -> list[list[float]]:
         """Per-token log-probs of (prompt ids, response ids) pairs under the engines' current weights, in order
         (split over the live actors)."""
+        if not sequences:
+            return []
         actors = [self.actors[i] for i in self.alive]
         size = -(-len(sequences) // len(actors))
         parts = ray.get([a.token_logps.remote(sequences[s:s + size])

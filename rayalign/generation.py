@@ -67,10 +67,12 @@ RESUME_AFTER_LOST_ACTORS = ("finished shards are kept: fix the cause (or free th
 
 
 def context_limit(engine) -> int | None:
-    """Tokens the engine's model attends to (prompt + generated), or None when the engine does not say."""
+    """Tokens a prompt plus its response may take, or None when the engine does not say: the model's context, and
+    on vLLM one less than max_model_len, since scoring a sequence (prompt_logprobs) also generates one token."""
     llm = getattr(engine, "llm", None)  # vLLM
     if llm is not None:
-        return getattr(getattr(getattr(llm, "llm_engine", None), "model_config", None), "max_model_len", None)
+        limit = getattr(getattr(getattr(llm, "llm_engine", None), "model_config", None), "max_model_len", None)
+        return None if limit is None else limit - 1
     config = getattr(getattr(engine, "model", None), "config", None)  # transformers
     return getattr(config, "max_position_embeddings", None)
 

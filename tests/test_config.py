@@ -63,6 +63,21 @@ def test_hashes_of_runs_made_before_the_redesign_still_match(monkeypatch):
                        ).config_hash() != load_config(None, ["rewards.latent.enabled=true", "sampling.n=2"]).config_hash()
 
 
+def test_runs_made_before_pairs_truncated_resume_with_the_behaviour_they_had(tmp_path):
+    """Pairs kept truncated responses before the key; its default is now not_chosen, which hashes apart."""
+    keep = load_config(None, ["pairs.method=lacomsa", "rewards.latent.enabled=true", "pairs.truncated=keep"])
+    default = load_config(None, ["pairs.method=lacomsa", "rewards.latent.enabled=true"])
+    assert default.pairs.truncated == "not_chosen" and default.config_hash() != keep.config_hash()
+    saved = keep.to_dict()
+    del saved["pairs"]["truncated"]  # the config.yaml such a run wrote
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    old = load_config(tmp_path / "config.yaml")
+    assert old.pairs.truncated == "keep" and old.config_hash() == keep.config_hash()
+    recipe = tmp_path / "recipe.yaml"  # a recipe that names a few pairs keys gets the default
+    recipe.write_text("pairs: {method: lacomsa}\nrewards: {latent: {enabled: true}}\n")
+    assert load_config(recipe).pairs.truncated == "not_chosen"
+
+
 def test_an_old_runs_config_yaml_with_reference_null_loads(tmp_path):
     """The config.yaml of a run made before `reference` was removed holds `reference: null` (and lacks the keys added
     since): `rayalign rescore` and `export` load it, with the hash the run recorded; a set reference is refused."""

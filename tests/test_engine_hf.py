@@ -123,6 +123,20 @@ def test_results_do_not_depend_on_batching_or_order(engine):
     assert engine.generate(reqs[3:6]) == base[3:6]
 
 
+def test_the_checkpoints_sampling_defaults_are_ignored(engine, tiny_model, tmp_path):
+    """As vLLM with generation_config="vllm": a generation_config.json's repetition penalty and n-gram ban changed
+    every greedy answer of the HF engine (transformers fills unset fields from the model's generation config)."""
+    import json
+    import shutil
+
+    shutil.copytree(tiny_model, tmp_path / "model")
+    path = tmp_path / "model" / "generation_config.json"
+    defaults = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps(defaults | {"repetition_penalty": 2.0, "no_repeat_ngram_size": 2, "min_new_tokens": 8}))
+    greedy = requests(temperature=0.0)
+    assert HFEngine(str(tmp_path / "model"), batch_size=8).generate(greedy) == engine.generate(greedy)
+
+
 def test_seeds_decide_samples(engine):
     a, b = engine.generate(requests(0)), engine.generate(requests(1000))
     assert a == engine.generate(requests(0))

@@ -166,8 +166,23 @@ def test_a_failing_step_fails_every_waiting_caller_and_the_engine_serves_on(vllm
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads)
     assert errors == ["injected step failure"] * 2 and vllm_engine._waiting == {}
+    assert engine.get_num_unfinished_requests() == 0  # withdrawn from the engine, not stepped in the next call
     monkeypatch.setattr(engine, "step", real_step)
     assert vllm_engine.generate(requests) == want
+
+
+def test_every_sequence_the_engine_may_generate_can_be_scored(vllm_engine):
+    """A rollout of prompt + max_new_tokens = max_model_len was generated, then its behaviour log-probs (one
+    prompt_logprobs pass, which also generates a token) failed the online step."""
+    from rayalign.generation import context_limit
+
+    limit = context_limit(vllm_engine)
+    assert limit == vllm_engine.max_model_len - 1
+    prompt = vllm_engine.encode_prompt(CHATS[0])
+    longest = [prompt[-1]] * (limit - len(prompt))  # the longest response generation accepts for this prompt
+    assert len(vllm_engine.token_logps([(prompt, longest)])[0]) == len(longest)
+    with pytest.raises(Exception, match="longer than the maximum model length|max_model_len|maximum model length"):
+        vllm_engine.token_logps([(prompt, longest + longest[:1])])
 
 
 def test_score_matches_hf(vllm_engine, hf_engine):
@@ -288,6 +303,28 @@ def test_generation_actors_give_the_rows_of_one_engine(vllm_engine, tiny_model, 
             group.shutdown()
         assert stats.rows_out == 36 and len(stats.shards_by_actor) == k
         assert pa.concat_tables([out[i] for i in sorted(out)]).equals(bare), f"K={k}, {in_flight} in flight"
+
+
+def test_a_context_shorter_than_the_chat_template_fails_rows_not_the_actors(tiny_model, ray_session):
+    """vLLM refuses such a request with VLLMValidationError (not a ValueError): the start-up request killed every
+    generation actor ("run the same command again", which could not help)."""
+    import pyarrow as pa
+
+    from rayalign.actors.generator import GenerationGroup
+    from rayalign.config import EnginesConfig, ModelConfig, SamplingConfig
+
+    prompts = pa.Table.from_pylist([{"prompt_id": f"p{i}", "lang": "en", "messages": CHATS[i]} for i in range(2)])
+    engines = EnginesConfig(backend="vllm", count=1, num_cpus=1, kv_cache_gib=0.125, max_model_len=8,
+                            max_batch_tokens=2048)
+    group = GenerationGroup(tiny_model, ModelConfig(dtype="float32"), engines)
+    errors = {}
+    try:
+        group.run([prompts], SamplingConfig(n=2, max_new_tokens=4), 1, "p", lambda i, t: None,
+                  on_errors=errors.__setitem__, max_failed_rows=2)
+    finally:
+        group.shutdown()
+    reasons = errors[0].column("reason").to_pylist()
+    assert len(reasons) == 2 and all("exceeds the model's context of 7 tokens" in r for r in reasons), reasons
 
 
 def test_create_engine_without_vllm_names_the_extras(monkeypatch, tiny_model):

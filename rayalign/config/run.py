@@ -98,7 +98,7 @@ class RunConfig:
         and the time estimate's figures), and engines.count, max_failed_share, kv_cache_gib, max_batch_tokens and
         shards_in_flight (they do not change rows). Keys added after runs were first recorded are left out while they hold their
         defaults (mode: offline, online.async_train: false, the prompts' hf: source keys, engines.max_model_len: null,
-        rewards.latent.centroid_texts: null, rewards.consistency.language_pairs: anchor), and the removed top-level
+        rewards.latent.centroid_texts: null, rewards.consistency.language_pairs: anchor, pairs.truncated: keep), and the removed top-level
         reference hashes as the null it was, so those runs still resume."""
         d = self.to_dict()
         for key in ("name", "run_dir", "logging"):  # where results are recorded, not what they are
@@ -117,6 +117,8 @@ class RunConfig:
             d["engines"].pop("max_model_len")
         if d["rewards"]["latent"]["centroid_texts"] is None:  # hashes predate the key
             d["rewards"]["latent"].pop("centroid_texts")
+        if d["pairs"]["truncated"] == "keep" or d["pairs"]["method"] not in BEST_WORST_METHODS:
+            d["pairs"].pop("truncated")  # hashes predate the key, whose behaviour was keep; best-vs-worst pairs only
         if d["rewards"]["consistency"]["language_pairs"] == "anchor":  # hashes predate the key
             d["rewards"]["consistency"].pop("language_pairs")
         d["reference"] = None  # hashes predate the top-level key's removal (it was null unless set by hand)
@@ -397,6 +399,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
                                   "removed (no stage loaded it); each reference model has its own key: "
                                   "rewards.implicit.reward_reference (ICR), rewards.consistency.reference (DCO)")
             del data["reference"]
+        pairs = data.get("pairs")
+        if isinstance(pairs, dict) and {"method", "kto_reward", "min_margin", "include_anchor"} <= set(pairs) \
+                and "truncated" not in pairs:  # a run's config.yaml from before the key: its pairs kept every response
+            pairs["truncated"] = "keep"
     for override in overrides:
         set_override(data, override, RunConfig)
     try:

@@ -93,6 +93,9 @@ class HFEngine:
         self.encode_prompt = ChatPrompts(self.tokenizer)
         self.model = load_causal_lm(model_path, dtype, self.device, trust_remote_code)
         self.eos_ids = stop_token_ids(self.tokenizer, self.model.generation_config.eos_token_id)
+        # generate() fills every unset field from the model's generation_config: a checkpoint's sampling defaults
+        # (repetition_penalty, no_repeat_ngram_size, ...) would leak in, which vLLM (generation_config="vllm") ignores
+        self.model.generation_config = GenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id)
 
     @torch.no_grad()
     def update_weights(self, named_tensors: dict) -> None:

@@ -217,7 +217,7 @@ class VLLMEngine:
             batch.fail(exc)
         if waiting:
             try:
-                self.llm.llm_engine.abort_request(list(waiting), internal=True)
+                self.llm.llm_engine.abort_request(list(waiting), internal=False)
             except Exception:  # noqa: BLE001  the engine is failing already; its callers have the first error
                 pass
 
