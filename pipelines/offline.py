@@ -42,8 +42,8 @@ from rayalign.preflight import preflight
 from rayalign.progress import console, deepspeed_op_notice, model_build_progress, progress_bar
 from rayalign.rewards.consistency import dco_gamma_table
 from rayalign.run_dir import (samples_writer, STAGES, check_prompts_unchanged, check_run_dir_config, checkpoint,
-                              iteration_summary, kept_output_problems, log_metrics, prepare_run_dir, read_checkpoints,
-                              recipe_stages, record_checksums, remove_older_tags, report_untrusted,
+                              is_stage_output, iteration_summary, kept_output_problems, log_metrics, prepare_run_dir,
+                              read_checkpoints, recipe_stages, record_checksums, remove_older_tags, report_untrusted,
                               set_aside_untrusted_checkpoint, stage_output, write_state, write_table)
 from rayalign.run_lock import run_dir_lock
 from rayalign.scoring.finish import finish_scores, stage_centroids
@@ -343,6 +343,9 @@ def rescore(cfg: RunConfig, scores_dir: Path, out_dir: Path, replace: bool = Fal
                               f"{pooled[column]}; rescore recomputes rewards from the stored states: score again "
                               "(rayalign launch --redo score) to pool another layer")
     claim_output_dir(out_dir, "scores", replace=replace, check_only=True)  # refused before any work
+    if is_stage_output(out):
+        raise ConfigError(f"--output {out_dir}: a run's own stage directory (its relaunch keeps what it finds there "
+                          "as its own); choose another name, such as scores-rescored")
     table, params = compute_rewards(scores, cfg)
     run_root = next((d for d in out.parents if (d / "state.json").is_file()), None)
     trash = trash_dir(run_root) / out.parent.relative_to(run_root) if run_root else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -38,6 +39,13 @@ def check_run_dir_config(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = 
         raise ConfigError(f"{run_dir}: the run directory would lie in the dataset {dataset}; datasets.load_dataset "
                           "would read the run as part of it: choose a run name or --run-dir outside datasets")
     state = read_state(run_dir)
+    if state is None and run_dir.is_dir():
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in BEFORE_STATE
+                         and not re.fullmatch(r"config\.[0-9a-f]+\.yaml|.*\.tmp", p.name))
+        if foreign:
+            raise ConfigError(f"{run_dir}: not empty ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}) "
+                              "and not a run (no state.json): a run writes only into a new or empty directory, or "
+                              "its own; choose another --run-dir")
     cfg = as_recorded(cfg, run_dir)
     if state is not None and not cfg.matches(state["config_hash"]) and not redo and holds_results(state):
         online_run = any(str(s).startswith("online/") for s in state["finished"])
@@ -51,6 +59,7 @@ def check_run_dir_config(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = 
 
 
 AUTO_COUNTS = (("engines", "count"), ("rewards", "actors"), ("training", "world_size"))
+BEFORE_STATE = {"plan.json", "run.lock", "launch.log", "error.log", "config.yaml"}  # may precede state.json
 
 
 def as_recorded(cfg: RunConfig, run_dir: Path) -> RunConfig:
@@ -178,6 +187,14 @@ STAGE_OUTPUTS = {  # what a stage leaves in iter-<t>/ (globs); "errors" is rebui
     "pairs": ("pairs", "candidate_scores"),
     "train": ("policy", "train.ckpt", "train_log.jsonl"),
 }
+
+
+def is_stage_output(path: Path) -> bool:
+    """Whether `path` is where a run's stage writes (<run>/iter-<t>/samples, scores, pairs, ...)."""
+    path = path.absolute()
+    names = {glob.split("/")[0] for outputs in STAGE_OUTPUTS.values() for glob in outputs}
+    return path.name in names and re.fullmatch(r"iter-\d+", path.parent.name) is not None and \
+        (path.parent.parent / "state.json").is_file()
 
 
 def stage_output(stage: str) -> str:

@@ -9,6 +9,7 @@ same host and no process with its pid. A lock held from another host is never br
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -31,10 +32,29 @@ def _alive(pid: int) -> bool:
 
 
 def _holder(path: Path) -> dict | None:
+    """The lock's {pid, host, since}, or None when it cannot be read as one."""
     try:
-        return json.loads(path.read_text())
+        holder = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    if not (isinstance(holder, dict) and type(holder.get("pid")) is int and isinstance(holder.get("host"), str)):
+        return None
+    return {"pid": holder["pid"], "host": holder["host"], "since": str(holder.get("since", "?"))}
+
+
+def _remove_if_unchanged(run_dir: Path, path: Path, seen: dict) -> bool:
+    """Remove the lock if it still holds `seen` (a dead holder's), under an flock of the run directory: two launches
+    that both found the stale lock must not remove each other's new one. Same-host takeovers only, so a local
+    flock suffices."""
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if _holder(path) != seen:
+            return False
+        path.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(fd)  # releases the flock
 
 
 @contextlib.contextmanager
@@ -43,14 +63,18 @@ def run_dir_lock(run_dir: Path, announce=print):
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(2):
+    held = _holder(path)
+    if held and (held["pid"], held["host"]) == (me["pid"], me["host"]):  # held by this process already (launch
+        yield  # holds it from before plan.json is written, then the pipeline asks again): released by the outer hold
+        return
+    for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _holder(path)
-            if holder and holder.get("host") == me["host"] and not _alive(int(holder.get("pid", 0))):
-                path.unlink(missing_ok=True)
-                announce(f"{path}: removed the stale lock of process {holder['pid']} (no longer running)")
+            if holder and holder["host"] == me["host"] and not _alive(holder["pid"]):
+                if _remove_if_unchanged(run_dir, path, holder):
+                    announce(f"{path}: removed the stale lock of process {holder['pid']} (no longer running)")
                 continue
             who = (f"process {holder['pid']} on {holder['host']} since {holder['since']}" if holder
                    else "a process that left an unreadable lock file")
@@ -59,6 +83,8 @@ def run_dir_lock(run_dir: Path, announce=print):
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         break
+    else:  # stale locks removed, and each time another launch took the lock first
+        raise ConfigError(f"{run_dir}: another launch is taking the lock ({path}); try again") from None
     try:
         yield
     finally:

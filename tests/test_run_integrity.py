@@ -83,6 +83,20 @@ def test_rescore_refuses_an_output_holding_another_dataset_or_other_files(finish
     assert result.exit_code == 2 and snapshot(samples) == before
 
 
+def test_launch_refuses_a_directory_of_other_files(finished_run, tmp_path):
+    """A launch wrote its config, state and iterations into any folder, such as another run's policy checkpoint."""
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "config.json").write_text("{}")
+    before = snapshot(folder)
+    result = invoke("launch", finished_run[1], "--run-dir", folder)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (f"{folder}: not empty (config.json, model.safetensors) and not a run (no state.json)"
+            in one_line(result.output)), result.output
+    assert snapshot(folder) == before
+
+
 def test_rescore_replace_moves_the_old_output_to_the_runs_trash(finished_run, tmp_path):
     run_dir = copy_run(finished_run, tmp_path)
     rescored = run_dir / "iter-1" / "scores-alpha1"
@@ -111,6 +125,11 @@ def test_rescore_replace_moves_the_old_output_to_the_runs_trash(finished_run, tm
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"{iteration}: --replace replaces only a dataset" in one_line(result.output)
     assert snapshot(other) == before
+    # nor a run's own scores: its relaunch kept them, and the pairs and policy made from the old ones
+    for output in (other / "iter-1" / "scores", other / "iter-2" / "scores"):
+        result = invoke("rescore", run_dir / "iter-1" / "scores", "--output", output, "--replace")
+        assert result.exit_code == 2 and "a run's own stage directory" in one_line(result.output), result.output
+    assert snapshot(other) == before and not (other / "iter-2").exists()
 
 
 def test_rescore_refuses_a_recipe_of_other_languages_before_writing(finished_run, tmp_path):

@@ -42,6 +42,7 @@ def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch
     from rayalign.cluster.spec import running_cluster_spec
     from rayalign.pipelines import offline
     from rayalign.run_dir import check_run_dir_config
+    from rayalign.run_lock import run_dir_lock
 
     redo_stages = tuple(s.strip() for s in redo.split(",") if s.strip()) if redo else ()
     unknown = [s for s in redo_stages if s not in offline.STAGES]
@@ -69,14 +70,16 @@ def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch
         console.print(dry_plan.table())
         console.print(dry_plan.estimate_table())
         return
-    connect(spec, address, allow_mismatch=allow_mismatch)
-    run_plan = plan(cfg, running_cluster_spec(spec), strict=True)
-    err.print(run_plan.table())
-    err.print(run_plan.estimate_table())
-    save_plan(run_plan, run_dir_of(cfg, run_dir))
-    extra = {**({"redo": redo_stages} if redo_stages else {}), **({"prompts": prompts} if prompts is not None else {})}
-    out = offline.run(cfg, Path(run_dir) if run_dir else None, cluster=cluster, address=address, planned=True,
-                      **extra)
+    with run_dir_lock(run_dir_of(cfg, run_dir), err.print):  # before plan.json: a run in progress keeps its plan
+        connect(spec, address, allow_mismatch=allow_mismatch)
+        run_plan = plan(cfg, running_cluster_spec(spec), strict=True)
+        err.print(run_plan.table())
+        err.print(run_plan.estimate_table())
+        save_plan(run_plan, run_dir_of(cfg, run_dir))
+        extra = {**({"redo": redo_stages} if redo_stages else {}),
+                 **({"prompts": prompts} if prompts is not None else {})}
+        out = offline.run(cfg, Path(run_dir) if run_dir else None, cluster=cluster, address=address, planned=True,
+                          **extra)
     console.print(f"done: {out}  (see `rayalign inspect {out}`)")
 
 
