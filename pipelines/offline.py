@@ -38,7 +38,7 @@ from rayalign.generation import FailedRowsError
 from rayalign.methods import schema_of
 from rayalign.models import resolve_model_path
 from rayalign.pairs import dco_tuples, lidr_pairs, lidr_requests
-from rayalign.preflight import preflight
+from rayalign.preflight import check_training_rows, preflight
 from rayalign.progress import console, deepspeed_op_notice, model_build_progress, progress_bar
 from rayalign.rewards.consistency import dco_gamma_table
 from rayalign.run_dir import (samples_writer, STAGES, check_prompts_unchanged, check_run_dir_config, checkpoint,
@@ -393,6 +393,8 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
                           f"finished: run `rayalign {needed} RECIPE` (same --run-dir) first, or `rayalign launch "
                           "RECIPE` for every stage")
     digest = check_prompts_unchanged(cfg, prior, prompts, redo) if prompts is not None else None
+    if prompts is not None and "train" in stages:
+        check_training_rows(cfg, prompts.num_rows // len(cfg.languages))
     initial_path = resolve_model_path(cfg.policy.path, progress=model_build_progress(cfg.policy.path))
     preflight(cfg, initial_path, run_dir)  # before the run directory is touched: a refused recipe leaves nothing
     state = prepare_run_dir(cfg, run_dir, redo, prompts_digest=digest)

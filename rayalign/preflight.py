@@ -111,3 +111,21 @@ def preflight(cfg, policy_path: str, run_dir: Path) -> None:
         from rayalign.integrations.openrlhf import check_backend
 
         check_backend(cfg, Path(run_dir))
+
+
+def check_training_rows(cfg, prompt_ids: int) -> None:
+    """Refuse, before any work, a recipe whose pairs stage cannot make one global batch of rows from `prompt_ids`
+    prompts: at most one pair per (prompt, language) for best-vs-worst methods (two rows for KTO), one per
+    (prompt, non-anchor language) for LIDR."""
+    from rayalign.config import ConfigError
+
+    p, t = cfg.pairs, cfg.training
+    languages = len(cfg.languages) - (0 if p.include_anchor else 1)
+    most = {"kto": 2 * prompt_ids * languages, "lidr": prompt_ids * (len(cfg.languages) - 1),
+            "dco": None}.get(p.method, prompt_ids * languages)
+    batch = t.micro_batch_size * t.gradient_accumulation * t.world_size if isinstance(t.world_size, int) else None
+    if t.loss and most is not None and batch and most < batch:
+        raise ConfigError(f"training: the pairs stage makes at most {most} rows from {prompt_ids} prompt(s) in "
+                          f"{len(cfg.languages)} languages (pairs.method {p.method}), fewer than one global batch of "
+                          f"{batch} (training.micro_batch_size x gradient_accumulation x world_size); raise "
+                          "prompts.limit, or lower the batch")

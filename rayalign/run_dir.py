@@ -151,11 +151,11 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = (),
                 trash = trash_dir(run_dir)
                 trash.mkdir(parents=True, exist_ok=True)
                 shutil.move(run_dir / "online", trash / "online")
+        if old_hash != new_hash and (run_dir / "config.yaml").is_file():  # kept before anything moves
+            shutil.copyfile(run_dir / "config.yaml", run_dir / f"config.{old_hash}.yaml")
         if redo:
             redo_stages(cfg, run_dir, state, redo, config_changed=old_hash != new_hash)
-        if old_hash != new_hash:
-            shutil.copyfile(run_dir / "config.yaml", run_dir / f"config.{old_hash}.yaml")
-            state["config_hash"] = new_hash
+        state["config_hash"] = new_hash
         console.print(f"[bold]resuming[/] {run_dir} (finished: {', '.join(state['finished']) or 'nothing yet'})")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)

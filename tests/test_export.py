@@ -314,3 +314,45 @@ def test_an_empty_dataset_loads_as_no_rows(tmp_path):
     assert pl.read_parquet(pairs / "part-*.parquet").columns == schema_for("pairs")[1].names
     with pytest.raises(ValueError, match="corresponds to no data"):
         datasets.load_dataset(str(pairs), split="train", cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_language_value_that_is_a_path_is_refused(tmp_path):
+    """Config folders are named by the lang column: '../../escaped' wrote a Parquet file outside OUT."""
+    import pyarrow as pa
+
+    run = pairs_run(tmp_path / "run", "A")
+    table = pa.Table.from_pylist([{**row, "lang": "../../escaped"} for row in
+                                  pq.read_table(run / "iter-1" / "pairs" / "part-00000.parquet").to_pylist()])
+    writer = DatasetWriter(tmp_path / "bad" / "pairs", "pairs", languages=["en"])
+    writer.write_shard(0, table)
+    writer.finalize()
+    result = invoke("export", tmp_path / "bad" / "pairs", tmp_path / "deep" / "a" / "out")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "language value(s) '../../escaped' cannot name a Hub config" in one_line(result.output)
+    assert not (tmp_path / "deep").exists()
+
+
+def test_a_failed_write_leaves_no_partial_export(tmp_path, monkeypatch):
+    """A full disk mid-export left some languages' files in OUT, and the rerun was refused ("not an empty
+    directory"). The write is injected to fail as a full disk does, on the second file."""
+    import errno
+
+    import rayalign.data.export as export
+
+    run, out = pairs_run(tmp_path / "run", "A"), tmp_path / "export"
+    real, calls = export.pq.write_table, []
+
+    def full_disk(table, where, **kwargs):
+        calls.append(where)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(where))
+        return real(table, where, **kwargs)
+
+    monkeypatch.setattr(export.pq, "write_table", full_disk)
+    result = invoke("export", run, out)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{calls[1]}: could not be written (No space left on device); nothing was exported to {out}" in \
+        one_line(result.output)
+    assert out.is_dir() and not any(out.iterdir()) and [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
+    monkeypatch.setattr(export.pq, "write_table", real)
+    assert invoke("export", run, out).exit_code == 0 and len(list(out.glob("data/*/*.parquet"))) == 3

@@ -275,3 +275,78 @@ def test_errors_raised_inside_actors_and_os_errors_reach_the_user_as_messages(ra
     nested.write_text("[" * 100000 + "]" * 100000)
     result = invoke("config", REPO / "examples" / "quickstart.yaml", "-o", f"prompts.path={nested}")
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+
+
+HUGE = "9" * 5000  # more digits than Python converts to an int by default
+
+
+def test_integers_of_too_many_digits_are_named_not_tracebacks(tmp_path):
+    """`ValueError: Exceeds the limit (4300 digits) for integer string conversion` reached the user from the recipe,
+    an override, a prompt file, a manifest, metrics.jsonl and study.json."""
+    from rayalign.config import load_config
+    from rayalign.data.inspect import read_metrics
+    from rayalign.data.store import DatasetError, read_manifest
+    from rayalign.report.study import ReportError, read_study
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: big\nsampling: {{seed: {HUGE}}}\n")
+    with pytest.raises(ConfigError, match=f"{recipe}: Exceeds the limit"):
+        load_config(recipe)
+    with pytest.raises(ConfigError, match="override sampling.seed: Exceeds the limit"):
+        load_config(None, [f"sampling.seed={HUGE}"])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(f'{{"prompt_id": {HUGE}, "lang": "en", "instruction": "hi"}}\n')
+    with pytest.raises(PromptError, match="prompts.jsonl:1: Exceeds the limit"):
+        load_prompts(prompts, ["en"])
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "manifest.json").write_text(f'{{"rows": {HUGE}}}')
+    with pytest.raises(DatasetError, match="manifest.json: not valid JSON"):
+        read_manifest(tmp_path / "ds")
+    (tmp_path / "metrics.jsonl").write_text(f'{{"iteration": {HUGE}}}\n{{"iteration": 1, "stage": "x"}}\n')
+    skipped = []
+    assert len(read_metrics(tmp_path, lambda path, number: skipped.append(number))) == 1 and skipped == [1]
+    (tmp_path / "study.json").write_text(f'{{"runs": [], "n": {HUGE}}}')
+    with pytest.raises(ReportError, match="study.json: not valid JSON"):
+        read_study(tmp_path)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("schema", ["pairs"], "schema: expected a schema name such as 'pairs', got a list"),
+    ("models", [], "models: expected an object, got a list"),
+    ("languages", [1], "languages: expected language codes (strings), got [1]"),
+])
+def test_a_manifest_with_fields_of_other_types_is_named(tmp_path, field, value, expected):
+    from rayalign.data.store import DatasetError, read_manifest
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema": "pairs", "schema_version": 1, "rows": 0,
+                                                        "shards": [], field: value}))
+    with pytest.raises(DatasetError, match=re.escape(expected)):
+        read_manifest(tmp_path)
+    result = invoke("validate", tmp_path)
+    assert result.exit_code != 0 and "Traceback" not in result.output and expected in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("study, expected", [
+    ({"runs": [{"run": "a", "status": ["finished"]}]}, "runs[0] (a): status: expected a string"),
+    ({"runs": [{"run": ["a"]}]}, "runs[0] should be an object with a 'run' slug"),
+    ({"runs": [{"run": "a", "params": [1]}]}, "runs[0] (a): params: expected an object"),
+    ({"runs": [{"run": "a", "run_dir": 5}]}, "runs[0] (a): run_dir: expected a path"),
+    ({"runs": [], "axes": 5}, "axes: expected a list of recipe keys"),
+])
+def test_an_edited_study_json_is_named_by_report(tmp_path, study, expected):
+    (tmp_path / "study.json").write_text(json.dumps(study))
+    result = invoke("report", tmp_path)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert expected in " ".join(result.output.split())
+
+
+def test_non_finite_references_and_an_empty_model_path_are_refused(tmp_path):
+    from rayalign.config import load_config
+
+    prompts = tmp_path / "prompts.jsonl"
+    for value in ("NaN", "Infinity"):
+        prompts.write_text(f'{{"prompt_id": "p", "lang": "en", "instruction": "hi", "reference": {value}}}\n')
+        with pytest.raises(PromptError, match=r"prompts.jsonl:1: reference is (nan|inf) \(JSON NaN or Infinity\)"):
+            load_prompts(prompts, ["en"])
+    with pytest.raises(ConfigError, match="policy.path: empty; expected a model directory"):
+        load_config(REPO / "examples" / "quickstart.yaml", ["policy.path="])

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from conftest import PROMPTS_DIR
 from rayalign.cli import main
-from rayalign.data.store import read_dataset
+from rayalign.data.store import read_dataset, read_manifest
 
 DATASETS = ("samples", "scores", "pairs")
 
@@ -95,6 +95,16 @@ def test_launch_refuses_a_directory_of_other_files(finished_run, tmp_path):
     assert (f"{folder}: not empty (config.json, model.safetensors) and not a run (no state.json)"
             in one_line(result.output)), result.output
     assert snapshot(folder) == before
+
+
+def test_redo_without_the_runs_config_yaml_recomputes(finished_run, tmp_path):
+    """The outputs went to the trash, then copying the missing config.yaml failed; every retry failed the same way."""
+    run_dir = copy_run(finished_run, tmp_path)
+    (run_dir / "config.yaml").unlink()
+    result = invoke("launch", finished_run[1], "--run-dir", run_dir, "-o", "pairs.method=msa", "--redo", "pairs")
+    assert result.exit_code == 0, result.output
+    assert read_manifest(run_dir / "iter-1" / "pairs")["params"]["method"] == "msa"
+    assert (run_dir / "config.yaml").is_file() and len(list(run_dir.glob("trash-*/iter-1/pairs"))) == 1
 
 
 def test_rescore_replace_moves_the_old_output_to_the_runs_trash(finished_run, tmp_path):
@@ -376,3 +386,14 @@ def test_nothing_is_written_into_another_datasets_directory_or_over_a_users_file
     ours = tmp_path / "reward.py"
     assert CliRunner().invoke(main, args + [str(ours)]).exit_code == 0
     assert CliRunner().invoke(main, args + [str(ours)]).exit_code == 0  # its own file is written again
+
+
+def test_a_recipe_whose_pairs_cannot_fill_one_batch_is_refused_before_generation(tmp_path, tiny_model):
+    """It was refused by the trainer, after generation and scoring had run."""
+    recipe = recipe_file(tmp_path / "recipe.yaml", tiny_model)
+    result = invoke("launch", recipe, "--run-dir", tmp_path / "run", "-o", "training.loss=dpo",
+                    "-o", "training.micro_batch_size=4", "-o", "training.gradient_accumulation=4")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert ("the pairs stage makes at most 8 rows from 4 prompt(s) in 2 languages (pairs.method lacomsa), fewer than "
+            "one global batch of 16") in " ".join(result.output.split())
+    assert not (tmp_path / "run" / "iter-1").exists()

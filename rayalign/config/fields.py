@@ -53,6 +53,8 @@ def read_yaml_file(path: Path, what: str, error: type[Exception] = ConfigError):
         raise error(f"{path}: malformed YAML: {e}") from None
     except UnicodeDecodeError as e:
         raise error(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise error(f"{path}: {e}") from None
 
 
 def config_field(default=dataclasses.MISSING, *, help: str, factory=None, **checks):
@@ -190,6 +192,8 @@ def set_override(data: dict, override: str, root) -> None:
         value = safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e})") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise ConfigError(f"override {key}: {e}") from None
     parts = key.split(".")
     node, cls = data, root
     for i, part in enumerate(parts):

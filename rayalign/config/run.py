@@ -151,6 +151,12 @@ class RunConfig:
             raise ConfigError(
                 f"anchor_language: {self.anchor_language!r} is not one of languages {self.languages}"
             )
+        for key, model in (("policy", self.policy), ("rewards.implicit.reward_reference", self.rewards.implicit.reward_reference),
+                           ("rewards.reward_model.model", self.rewards.reward_model.model),
+                           ("rewards.consistency.reference", self.rewards.consistency.reference)):
+            if model is not None and not str(model.path).strip():
+                raise ConfigError(f"{key}.path: empty; expected a model directory, a Hugging Face model name or "
+                                  "builtin:tiny-multilingual")
         p = self.prompts
         if not p.path.strip():
             raise ConfigError("prompts.path: empty; expected a prompt file, a directory of <lang>.jsonl files, or "

@@ -8,9 +8,12 @@ two exports in directories of the same name apart in one datasets cache: for a l
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -89,6 +92,24 @@ def _section(cfg: dict, key: str) -> dict:
     return cfg[key] if isinstance(cfg.get(key), dict) else {}
 
 
+@contextlib.contextmanager
+def _written_whole(out: Path):
+    """A temporary directory beside the claimed, empty `out`, renamed to `out` once everything is written: a failed
+    write (a full disk) leaves `out` empty, so the same export can run again; the error names the file."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        out.rmdir()
+        tmp.rename(out)
+    except (OSError, pa.ArrowException) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = getattr(e, "filename", None) or out
+        raise ExportError(f"{where}: could not be written ({getattr(e, 'strerror', None) or e}); nothing was "
+                          f"exported to {out}") from None
+
+
 def _claim(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out}: exists and is not an empty directory; choose a new OUT")
@@ -152,6 +173,10 @@ def export_hub(source: Path, out: Path, *, stage: str = "pairs", license: str = 
     else:
         raise ExportError(f"{dataset}: {manifest['schema']} rows have no lang (or lang_1 and lang_2) column")
     configs_by = [groups[g] for g in sorted(groups, key=lambda g: [rank(lang) for lang in g])]
+    bad = [name for name in configs_by if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", str(name))]
+    if bad:  # each names a folder under data/: '../x' would write outside OUT
+        raise ExportError(f"{dataset}: language value(s) {', '.join(map(repr, bad[:5]))} cannot name a Hub config "
+                          "(letters, digits, '-' and '_' only)")
     languages = sorted({lang for g in groups for lang in g}, key=rank)
     digest = hashlib.sha256()
     for shard in manifest["shards"]:
@@ -179,10 +204,11 @@ def export_hub(source: Path, out: Path, *, stage: str = "pairs", license: str = 
     if _same_export(out, card, parts, files):
         return {**header, "kept": True}
     _claim(out)
-    for name, part in parts.items():
-        (out / files[name]).parent.mkdir(parents=True)
-        pq.write_table(part, out / files[name], compression="zstd")
-    (out / "README.md").write_text(card, encoding="utf-8")
+    with _written_whole(out) as tmp:
+        for name, part in parts.items():
+            (tmp / files[name]).parent.mkdir(parents=True)
+            pq.write_table(part, tmp / files[name], compression="zstd")
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     return header
 
 
@@ -217,9 +243,9 @@ def export_verl(cfg, out: Path, *, data_source: str = "rayalign") -> Path:
 
     prompts = load_prompts(cfg.prompts.path, cfg.languages, **cfg.prompts.load_kwargs())
     _claim(out)
-    path = out / "train.parquet"
-    pq.write_table(verl_rows(prompts, data_source), path)
-    return path
+    with _written_whole(out) as tmp:
+        pq.write_table(verl_rows(prompts, data_source), tmp / "train.parquet")
+    return out / "train.parquet"
 
 
 def check_repo_id(repo: str) -> None:

@@ -112,7 +112,7 @@ def read_metrics(run_dir: Path, on_bad_line=None) -> list[dict]:
     for number, line in enumerate(path.read_bytes().splitlines() if path.is_file() else [], 1):
         try:
             record = json.loads(line) if line.strip() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):  # a cut write, or bytes that are not UTF-8
+        except ValueError:  # a cut write, bytes that are not UTF-8, an integer of too many digits
             record = None
         if isinstance(record, dict) and _numbers_where_expected(record):
             if record:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pyarrow as pa
@@ -48,6 +49,8 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise PromptError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        except ValueError as e:  # an integer of more digits than Python converts
+            raise PromptError(f"{path}:{lineno}: {e}") from None
         if not isinstance(obj, dict):
             raise PromptError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         records.append((f"{path}:{lineno}", obj))
@@ -60,6 +63,8 @@ def _read_json(path: Path) -> list[tuple[str, dict]]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise PromptError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise PromptError(f"{path}: {e}") from None
     if not isinstance(data, list) or not all(isinstance(o, dict) for o in data):
         raise PromptError(f"{path}: expected a JSON list of objects")
     return [(f"{path}[{i}]", obj) for i, obj in enumerate(data)]
@@ -137,6 +142,8 @@ def _to_row(where: str, obj: dict, lang: str | None, system_prompt: str | None, 
         raise PromptError(f"{where}: empty prompt for prompt_id {prompt_id!r} ({lang})")
     reference = obj.get("reference", obj.get("output"))
     ref_field = "reference" if obj.get("reference") is not None else "output"
+    if isinstance(reference, float) and not math.isfinite(reference):
+        raise PromptError(f"{where}: {ref_field} is {reference} (JSON NaN or Infinity): expected a reference answer")
     if isinstance(reference, (int, float)) and not isinstance(reference, bool):
         reference = str(reference)  # a numeric answer, as math sets hold
     elif reference is not None and not isinstance(reference, str):

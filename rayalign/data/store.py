@@ -396,13 +396,21 @@ def read_manifest(path: str | Path) -> dict:
         raise DatasetError(f"{mpath}: missing; the dataset is incomplete (interrupted run?) or not a rayalign dataset")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # malformed JSON, not UTF-8, or an integer of too many digits
         raise DatasetError(f"{mpath}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict):
         raise DatasetError(f"{mpath}: expected a JSON object, got {json_kind(manifest)}")
     for key in ("schema", "schema_version", "rows", "shards"):
         if key not in manifest:
             raise DatasetError(f"{mpath}: missing field {key!r}")
+    if not isinstance(manifest["schema"], str):
+        raise DatasetError(f"{mpath}: schema: expected a schema name such as 'pairs', got {json_kind(manifest['schema'])}")
+    for key, kind in (("models", dict), ("seeds", dict), ("params", dict), ("schema_params", dict), ("languages", list)):
+        if manifest.get(key) is not None and not isinstance(manifest[key], kind):
+            raise DatasetError(f"{mpath}: {key}: expected {'an object' if kind is dict else 'a list'}, got "
+                               f"{json_kind(manifest[key])}")
+    if not all(isinstance(lang, str) for lang in manifest.get("languages") or []):
+        raise DatasetError(f"{mpath}: languages: expected language codes (strings), got {manifest['languages']!r}")
     for key in ("schema_version", "rows"):
         if not isinstance(manifest[key], int) or isinstance(manifest[key], bool):
             raise DatasetError(f"{mpath}: {key}: expected an integer, got {manifest[key]!r}")

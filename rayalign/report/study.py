@@ -81,14 +81,20 @@ def read_study(study_dir: Path) -> dict:
     path = study_dir / "study.json"
     try:
         study = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # malformed JSON, not UTF-8, or an integer of too many digits
         raise ReportError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(study, dict) or not isinstance(study.get("runs"), list):
         raise ReportError(f"{path}: expected an object with a 'runs' list")
     for i, run in enumerate(study["runs"]):
-        if not isinstance(run, dict) or "run" not in run:
-            raise ReportError(f"{path}: runs[{i}] should be an object with a 'run' slug")
+        if not isinstance(run, dict) or not isinstance(run.get("run"), str):
+            raise ReportError(f"{path}: runs[{i}] should be an object with a 'run' slug (a string)")
+        for key, kind, what in (("status", str, "a string"), ("run_dir", str, "a path"), ("params", dict, "an object"),
+                                ("error", str, "a string")):
+            if run.get(key) is not None and not isinstance(run[key], kind):
+                raise ReportError(f"{path}: runs[{i}] ({run['run']}): {key}: expected {what}, got {run[key]!r}")
     study.setdefault("axes", [])
+    if not isinstance(study["axes"], list) or not all(isinstance(a, str) for a in study["axes"]):
+        raise ReportError(f"{path}: axes: expected a list of recipe keys, got {study['axes']!r}")
     return study
 
 
