@@ -41,10 +41,11 @@ from rayalign.pairs import dco_tuples, lidr_pairs, lidr_requests
 from rayalign.preflight import check_training_rows, preflight
 from rayalign.progress import console, deepspeed_op_notice, model_build_progress, progress_bar
 from rayalign.rewards.consistency import dco_gamma_table
-from rayalign.run_dir import (samples_writer, STAGES, check_prompts_unchanged, check_run_dir_config, checkpoint,
-                              is_stage_output, iteration_summary, kept_output_problems, log_metrics, prepare_run_dir,
-                              read_checkpoints, recipe_stages, record_checksums, remove_older_tags, report_untrusted,
-                              set_aside_untrusted_checkpoint, stage_output, write_state, write_table)
+from rayalign.run_dir import (samples_writer, STAGES, check_inputs_unchanged, check_prompts_unchanged,
+                              check_run_dir_config, checkpoint, is_stage_output, iteration_summary, kept_output_problems,
+                              log_metrics, prepare_run_dir, read_checkpoints, recipe_stages, record_checksums,
+                              remove_older_tags, report_untrusted, set_aside_untrusted_checkpoint, stage_output,
+                              write_state, write_table)
 from rayalign.run_lock import run_dir_lock
 from rayalign.scoring.finish import finish_scores, stage_centroids
 from rayalign.scoring.forward import ForwardSpec
@@ -393,11 +394,12 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
                           f"finished: run `rayalign {needed} RECIPE` (same --run-dir) first, or `rayalign launch "
                           "RECIPE` for every stage")
     digest = check_prompts_unchanged(cfg, prior, prompts, redo) if prompts is not None else None
+    inputs = check_inputs_unchanged(cfg, prior, redo)
     if prompts is not None and "train" in stages:
         check_training_rows(cfg, prompts.num_rows // len(cfg.languages))
     initial_path = resolve_model_path(cfg.policy.path, progress=model_build_progress(cfg.policy.path))
     preflight(cfg, initial_path, run_dir)  # before the run directory is touched: a refused recipe leaves nothing
-    state = prepare_run_dir(cfg, run_dir, redo, prompts_digest=digest)
+    state = prepare_run_dir(cfg, run_dir, redo, prompts_digest=digest, input_digests=inputs)
     source = (f"{prompts.num_rows} prompt rows ({prompts.num_rows // len(cfg.languages)} ids x {len(cfg.languages)} "
               f"languages), n={cfg.sampling.n}, {cfg.engines.count} {cfg.engines.backend} engine(s)"
               if prompts is not None else f"{len(cfg.languages)} languages")

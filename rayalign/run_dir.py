@@ -126,13 +126,39 @@ def check_prompts_unchanged(cfg: RunConfig, state: dict | None, prompts, redo: t
     return digest
 
 
+def input_files(cfg: RunConfig) -> dict[str, str]:
+    """{recipe key: path} of the files, besides prompts, whose content decides the scores: the user reward code and
+    the centroid texts."""
+    files = {"rewards.user.path": cfg.rewards.user.path} if cfg.rewards.user.path else {}
+    if cfg.rewards.latent.enabled:
+        files |= {f"rewards.latent.centroid_texts.{lang}": path
+                  for lang, path in (cfg.rewards.latent.centroid_texts or {}).items()}
+    return files
+
+
+def check_inputs_unchanged(cfg: RunConfig, state: dict | None, redo: tuple[str, ...] = ()) -> dict[str, str]:
+    """{recipe key: sha256} of `input_files`; refuses a resume whose kept scores came from other file contents (the
+    config hash names the paths only), unless scoring is redone. Read-only: prepare_run_dir records them."""
+    digests = {key: hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] for key, path in input_files(cfg).items()
+               if Path(path).is_file()}
+    recorded = (state or {}).get("input_digests", {})
+    kept = state is not None and holds_results(state) and not {"generate", "score"} & set(redo)
+    changed = [key for key, digest in digests.items() if recorded.get(key) not in (None, digest)]
+    if changed and kept:
+        key = changed[0]
+        raise ConfigError(f"{key}: {input_files(cfg)[key]}: its content differs from the one this run scored with "
+                          f"(digest {recorded[key]}, now {digests[key]}), and its kept scores came from that; restore "
+                          "the file, or relaunch with --redo score to score again with this one")
+    return digests
+
+
 def holds_results(state: dict) -> bool:
     """Whether a run state records a finished stage or step (a launch refused or failed before any holds none)."""
     return bool(state["finished"] or state.get("online_checkpoint"))
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = (),
-                    prompts_digest: str | None = None) -> dict:
+                    prompts_digest: str | None = None, input_digests: dict | None = None) -> dict:
     """Create the run directory or reopen it for resume.
 
     A directory that holds another config is refused unless `redo` names stages to recompute: those
@@ -162,6 +188,8 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = (),
         state = {"config_hash": cfg.config_hash(), "finished": []}
     if prompts_digest:  # check_prompts_unchanged's, for the next resume
         state["prompts_digest"] = prompts_digest
+    if input_digests:  # check_inputs_unchanged's
+        state["input_digests"] = input_digests
     save_config(cfg, run_dir / "config.yaml")
     write_state(run_dir, state)
     return state

@@ -397,3 +397,24 @@ def test_a_recipe_whose_pairs_cannot_fill_one_batch_is_refused_before_generation
     assert ("the pairs stage makes at most 8 rows from 4 prompt(s) in 2 languages (pairs.method lacomsa), fewer than "
             "one global batch of 16") in " ".join(result.output.split())
     assert not (tmp_path / "run" / "iter-1").exists()
+
+
+def test_a_resume_refuses_a_user_reward_file_edited_since_its_scores(tmp_path):
+    """The config hash names the file's path only: an edited reward function kept the scores (and pairs) of the old
+    one on resume."""
+    from rayalign.config import ConfigError, load_config
+    from rayalign.run_dir import check_inputs_unchanged, prepare_run_dir, read_state
+
+    reward = tmp_path / "reward.py"
+    reward.write_text((Path(__file__).parents[1] / "examples" / "rewards" / "language_fidelity.py").read_text())
+    cfg = load_config(None, [f"rewards.user.path={reward}", "pairs.method=user", f"prompts.path={PROMPTS_DIR}"])
+    run_dir = tmp_path / "run"
+    prepare_run_dir(cfg, run_dir, input_digests=check_inputs_unchanged(cfg, None))
+    state = read_state(run_dir)
+    state["finished"] = ["iter-1/generate", "iter-1/score"]
+    assert check_inputs_unchanged(cfg, state) == state["input_digests"]  # unchanged: resumes
+    reward.write_text(reward.read_text() + "\n# edited\n")
+    with pytest.raises(ConfigError, match=f"rewards.user.path: {reward}: its content differs from the one this run "
+                                          "scored with .* --redo score"):
+        check_inputs_unchanged(cfg, state)
+    assert check_inputs_unchanged(cfg, state, ("score",)) != state["input_digests"]  # scored again: fine
