@@ -257,6 +257,21 @@ def test_online_mode_without_a_wandb_key_is_refused_at_config_check(no_wandb_cre
         check_trackers(load_config(None, overrides))
 
 
+def test_commands_that_never_track_need_no_wandb_credentials(no_wandb_credentials, tmp_path, monkeypatch):
+    """`rayalign export --format verl` (and rescore, eval, hub-scan) refused a recipe with logging.wandb and no key."""
+    from click.testing import CliRunner
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no Hub probe in this test without network
+
+    from rayalign.cli import main
+
+    quickstart, overrides = str(REPO / "examples" / "quickstart.yaml"), ["-o", "logging.wandb.project=p"]
+    result = CliRunner().invoke(main, ["export", "--format", "verl", quickstart, str(tmp_path / "verl"), *overrides])
+    assert result.exit_code == 0 and (tmp_path / "verl" / "train.parquet").is_file(), result.output
+    refused = CliRunner().invoke(main, ["config", quickstart, *overrides])  # what runs the recipe is still checked
+    assert refused.exit_code == 2 and "wandb login" in refused.output
+
+
 def test_online_mode_with_a_wandb_key_or_offline_mode_passes_the_check(no_wandb_credentials, monkeypatch):
     from wandb.sdk import wandb_setup
 

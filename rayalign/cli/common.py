@@ -64,16 +64,18 @@ def user_errors(fn):
     return wrapper
 
 
-def load_recipe(recipe, overrides, *, sources: bool = True, models: bool = True):
-    """The recipe, validated, its trackers' packages installed; with `sources`, its prompt set (and with `models`, its models) checked readable from
-    here before Ray starts: a Hub name neither cached nor reachable is refused at once."""
+def load_recipe(recipe, overrides, *, sources: bool = True, models: bool = True, trackers: bool = True):
+    """The recipe, validated; with `trackers` (commands that run the recipe, and config and plan), its trackers'
+    packages and credentials present; with `sources`, its prompt set (and with `models`, its models) checked readable
+    from here before Ray starts: a Hub name neither cached nor reachable is refused at once."""
     from rayalign.config import load_config
     from rayalign.data.hub import HubError
     from rayalign.preflight import check_sources
     from rayalign.tracking import check_trackers
 
     cfg = load_config(recipe, overrides)
-    check_trackers(cfg)
+    if trackers:
+        check_trackers(cfg)
     if sources:
         try:
             check_sources(cfg, models=models)

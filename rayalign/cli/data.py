@@ -39,7 +39,7 @@ def rescore(scores, output, recipe, overrides, replace):
         raise UserError(f"{scores.absolute()}: no config.yaml of a run found for it (looked for {run_config}, as in "
                         "RUN/iter-N/scores), so no recipe to start from; pass --recipe RECIPE, the recipe it was "
                         "scored with")
-    cfg = load_recipe(recipe or run_config, overrides, sources=False)
+    cfg = load_recipe(recipe or run_config, overrides, sources=False, trackers=False)
     if cfg.rewards.user.path:  # user code: say which file runs, and from where its path came
         source = f"--recipe {recipe}" if recipe else f"{run_config} (the scored run's config)"
         err.print(f"rescore: runs the user reward file {cfg.rewards.user.path} as code, named by {source}; pass "
@@ -296,7 +296,7 @@ def export_cmd(source, out, fmt, stage, license_id, repo, private, overrides):
                 raise UserError(f"{source}: neither a recipe file nor a run directory (no config.yaml); --format verl "
                                 "exports a recipe's prompt set")
             recipe = source / "config.yaml" if source.is_dir() else source
-            console.print(f"wrote {export_verl(load_recipe(recipe, overrides, models=False), out)}")
+            console.print(f"wrote {export_verl(load_recipe(recipe, overrides, models=False, trackers=False), out)}")
         else:
             check_license(license_id)
             dataset = find_dataset(source, stage)

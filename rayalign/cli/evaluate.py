@@ -64,7 +64,7 @@ def eval_cmd(recipe, policy, run_dir, out, prompts_limit, samples, candidates_pa
     from rayalign.pipelines.evaluate import eval_setup, evaluate_policy, print_summary, run_policy
     from rayalign.scoring.hub_scan import run_hub_layer
 
-    cfg = load_recipe(recipe, overrides)
+    cfg = load_recipe(recipe, overrides, trackers=False)
     run_dir = run_dir_of(cfg, run_dir)
     judge = None
     if judge_url or judge_model:
@@ -128,7 +128,7 @@ def hub_scan_cmd(recipe, policy, run_dir, prompts_limit, samples, cluster, addre
     from rayalign.pipelines.evaluate import eval_samples, run_policy
     from rayalign.scoring.hub_scan import hub_scan, print_hub_scan, save_hub_scan
 
-    cfg = load_recipe(recipe, overrides)
+    cfg = load_recipe(recipe, overrides, trackers=False)
     run_dir = run_dir_of(cfg, run_dir)
     limit = prompts_limit or cfg.rewards.latent.hub_scan_prompts
     cfg = dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, limit=limit),

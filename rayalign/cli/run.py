@@ -219,7 +219,8 @@ def online_cmd(recipe, cluster, overrides, run_dir, address, openrlhf_reward_fil
     if openrlhf_reward_file:
         from rayalign.integrations.openrlhf_reward import write_reward_file
 
-        path = write_reward_file(load_recipe(recipe, overrides + ("mode=online",)), openrlhf_reward_file)
+        path = write_reward_file(load_recipe(recipe, overrides + ("mode=online",), trackers=False),
+                                 openrlhf_reward_file)
         console.print(f"wrote {path}: use it with OpenRLHF's train_ppo_ray --reward.remote_url {path} "
                       "--data.label_key lang")
         return
