@@ -39,9 +39,9 @@ def check_run_dir_config(cfg: RunConfig, run_dir: Path, redo: tuple[str, ...] = 
         raise ConfigError(f"{run_dir}: the run directory would lie in the dataset {dataset}; datasets.load_dataset "
                           "would read the run as part of it: choose a run name or --run-dir outside datasets")
     state = read_state(run_dir)
-    if state is None and run_dir.is_dir():
+    if state is None and run_dir.is_dir():  # iter-<t>: a stage command may start from a dataset put there by hand
         foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in BEFORE_STATE
-                         and not re.fullmatch(r"config\.[0-9a-f]+\.yaml|.*\.tmp", p.name))
+                         and not re.fullmatch(r"config\.[0-9a-f]+\.yaml|.*\.tmp|iter-\d+", p.name))
         if foreign:
             raise ConfigError(f"{run_dir}: not empty ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}) "
                               "and not a run (no state.json): a run writes only into a new or empty directory, or "
