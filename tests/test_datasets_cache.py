@@ -18,7 +18,7 @@ def launch(tmp, name, seed, tiny_model):
                       f"prompts: {{path: {PROMPTS_DIR}, limit: {4 + seed}}}\n"
                       f"sampling: {{n: 2, max_new_tokens: 8, seed: {seed}}}\n"
                       "engines: {count: 1, batch_size: 16, shard_rows: 4}\n"
-                      "rewards: {latent: {enabled: true}, actors: 1}\npairs: {method: lacomsa}\n"
+                      "rewards: {latent: {enabled: true}, actors: 1}\npairs: {method: lacomsa, truncated: keep}\n"
                       "training: {loss: dpo, micro_batch_size: 2, gradient_accumulation: 1, world_size: 1}\n")
     run_dir = tmp / name
     result = CliRunner().invoke(main, ["launch", "--cluster", "local", str(recipe), "--run-dir", str(run_dir)],

@@ -418,3 +418,19 @@ def test_a_resume_refuses_a_user_reward_file_edited_since_its_scores(tmp_path):
                                           "scored with .* --redo score"):
         check_inputs_unchanged(cfg, state)
     assert check_inputs_unchanged(cfg, state, ("score",)) != state["input_digests"]  # scored again: fine
+
+
+def test_rescore_replace_takes_over_the_shards_of_a_stopped_rescore(finished_run, tmp_path):
+    """A rescore stopped mid-write (a full disk) left shards without a manifest: the rerun was refused ("not
+    empty") and --replace refused it too ("a directory of other things")."""
+    run_dir = copy_run(finished_run, tmp_path)
+    out = run_dir / "iter-1" / "scores-a1"
+    assert invoke("rescore", run_dir / "iter-1" / "scores", "--output", out).exit_code == 0
+    (out / "manifest.json").unlink()
+    (out / "README.md").unlink()
+    stopped = snapshot(out)
+    assert invoke("rescore", run_dir / "iter-1" / "scores", "--output", out).exit_code == 2
+    result = invoke("rescore", run_dir / "iter-1" / "scores", "--output", out, "--replace")
+    assert result.exit_code == 0, result.output
+    (trashed,) = run_dir.glob("trash-*/iter-1/scores-a1")
+    assert snapshot(trashed) == stopped and read_dataset(out, "scores").num_rows == 16

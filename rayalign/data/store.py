@@ -291,10 +291,11 @@ def claim_output_dir(path: Path, schema_name: str, *, replace: bool = False, tra
     if not replace:
         raise DatasetError(f"{path}: exists and is not empty; choose a new directory, or pass --replace to move the "
                            "old one to the trash and write there")
-    if not is_dataset_dir(path) or any(p.is_dir() for p in path.iterdir()):
+    partial = all(re.fullmatch(r"part-\d+\.(parquet|sha256)(\.tmp)?", p.name) for p in path.iterdir())
+    if not partial and (not is_dataset_dir(path) or any(p.is_dir() for p in path.iterdir())):
         raise DatasetError(f"{path}: --replace replaces only a dataset, and this is a directory of other things (a "
                            "run, an iteration or your files); choose a new directory")
-    held = read_manifest(path).get("schema")
+    held = schema_name if partial else read_manifest(path).get("schema")  # partial: shards of a write that stopped
     if held != schema_name:
         raise DatasetError(f"{path}: holds a {held} dataset; --replace replaces only a {schema_name} dataset (a "
                            f"run keeps its {held} there); choose a new directory")
