@@ -46,7 +46,7 @@ def test_lacomsa_weight_changes_the_chosen_pair():
         "prompt_id": ["p", "p"], "lang": ["de", "de"], "sample_idx": [0, 1],
         "messages": [[{"role": "user", "content": "x"}]] * 2, "response": ["A", "B"],
         "r_msa": out["r_msa"][2:], "r_lacomsa": out["r_lacomsa"][2:], "logp_policy": [-1.0, -2.0],
-        "score_tokens": [3, 4]})
+        "score_tokens": [3, 4], "finish_reason": ["stop", "stop"]})
     assert preference_pairs(frame, "lacomsa", 1).to_pylist()[0]["chosen"][0]["content"] == "B"
     assert preference_pairs(frame, "msa", 1).to_pylist()[0]["chosen"][0]["content"] == "A"  # the released ranking
 
@@ -128,7 +128,7 @@ rewards:
   user: {{path: my_reward.py}}
   actors: 2
   batch_size: 8
-pairs: {{method: lacomsa}}
+pairs: {{method: lacomsa, truncated: keep}}  # the tiny model's 12-token answers are mostly cut
 """)
     run_dir = tmp / "run"
     result = CliRunner().invoke(main, ["launch", str(recipe), "--run-dir", str(run_dir)], catch_exceptions=False)
