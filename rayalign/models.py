@@ -162,7 +162,7 @@ def tiny_model_key(corpus: Path, params: dict) -> str:
 
 
 def ensure_tiny_model(progress=None, **overrides) -> Path:
-    """The cached tiny model directory, built on first use (about a minute on 2 CPU cores)."""
+    """The cached tiny model directory, built on first use (1 to 5 minutes on 2 CPU cores)."""
     params = {**TINY_DEFAULTS, **overrides}
     corpus = tiny_corpus_dir()
     target = cache_dir() / "models" / f"tiny-multilingual-{tiny_model_key(corpus, params)}"

@@ -319,7 +319,7 @@ class OnlineConfig:
                              "ratio to the behaviour policy and its clip act from the second update on", ge=1)
     mini_batch_size: int | None = _field(None, help="rollouts per optimizer update (verl ppo_mini_batch_size); must "
                                          "divide the step's rollouts; null = all of them, one update per epoch", ge=1)
-    async_train: bool = _field(False, help="one step off the policy (OpenRLHF's --async_train): the next step's "
+    async_train: bool = _field(False, help="one step off the policy (OpenRLHF's --train.async_enable): the next step's "
                                "rollouts are generated, with the weights before this step's update, while this step "
                                "trains; the ratio uses the generating engine's log-probs, so the clip corrects the "
                                "one-step lag")
