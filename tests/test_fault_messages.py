@@ -227,7 +227,7 @@ def test_a_full_disk_while_saving_the_policy_names_the_path_and_loses_nothing(tm
     datasets validate, and the same run directory with room again finishes training only."""
     prompts = prompt_file(tmp_path / "prompts.jsonl", 4)
     recipe = recipe_file(tmp_path / "recipe.yaml", tiny_model, prompts,
-                         "rewards: {latent: {enabled: true}, actors: 1}\npairs: {method: lacomsa}\n"
+                         "rewards: {latent: {enabled: true}, actors: 1}\npairs: {method: lacomsa, truncated: keep}\n"
                          "training: {loss: dpo, micro_batch_size: 2, gradient_accumulation: 1, world_size: 1, "
                          "num_cpus: 1}\n")
     run_dir, kept = tmp_path / "run", tmp_path / "kept"

@@ -136,7 +136,7 @@ def test_a_trainer_rank_killed_mid_training_is_a_message_and_the_relaunch_resume
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"name: lost\nlanguages: [en, de]\npolicy: {{path: {tiny_model}}}\n"
                       f"prompts: {{path: {PROMPTS_DIR}, limit: 8}}\nsampling: {{n: 2, max_new_tokens: 8}}\n"
-                      "rewards: {latent: {enabled: true}, actors: 1}\npairs: {method: lacomsa}\n"
+                      "rewards: {latent: {enabled: true}, actors: 1}\npairs: {method: lacomsa, truncated: keep}\n"
                       "training: {loss: dpo, micro_batch_size: 1, checkpoint_every: 1, world_size: 1, num_cpus: 1}\n")
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "rayalign.cli", "launch", "--cluster", "local", str(recipe), "--run-dir",

@@ -371,7 +371,7 @@ def test_sigkill_during_training_resumes_from_the_latest_checkpoint(tmp_path, ti
     from transformers import AutoModelForCausalLM
 
     recipe = recipe_file(tmp_path / "recipe.yaml", tiny_model, PROMPTS_DIR,
-                         "rewards: {latent: {enabled: true}, actors: 1}\npairs: {method: lacomsa}\n"
+                         "rewards: {latent: {enabled: true}, actors: 1}\npairs: {method: lacomsa, truncated: keep}\n"
                          "training: {loss: dpo, micro_batch_size: 1, gradient_accumulation: 1, checkpoint_every: 1, "
                          "world_size: 1, num_cpus: 1}\n", limit=8)  # 8 prompts x 2 languages: 16 pairs, 16 steps
     run_dir, log = tmp_path / "run", tmp_path / "launch.log"

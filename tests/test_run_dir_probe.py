@@ -190,7 +190,7 @@ def test_losing_the_trainers_node_mid_training_is_a_message_and_the_relaunch_res
     recipe.write_text(f"name: lost-node\nlanguages: [en, de]\npolicy: {{path: {tiny_model}}}\n"
                       f"prompts: {{path: {PROMPTS_DIR}, limit: 8}}\nsampling: {{n: 2, max_new_tokens: 8}}\n"
                       "engines: {count: 1, num_cpus: 1}\nrewards: {latent: {enabled: true}, actors: 1, num_cpus: 1}\n"
-                      "pairs: {method: lacomsa}\n"
+                      "pairs: {method: lacomsa, truncated: keep}\n"
                       "training: {loss: dpo, micro_batch_size: 1, checkpoint_every: 1, world_size: 1, num_cpus: 2}\n")
     run_dir = tmp_path / "run"
     port, env, head = start_head(cpus=0)
