@@ -122,22 +122,25 @@ def test_r_t_in_the_scores_and_icr_pairs(scored_run):
     expected = 1.0 * (df["logp_policy_icr"].to_numpy() - df["logp_reward_ref"].to_numpy()) - alpha * length
     np.testing.assert_allclose(df["r_icr"].to_numpy(), expected, rtol=1e-9, atol=1e-9)
 
-    # ICR pairs: best against worst R_t per (prompt, language), none where they tie
+    # ICR pairs (pairs.truncated: not_chosen, the default): the best R_t among the responses that ended on their own
+    # against the worst of all, per (prompt, language); none where they tie or no response ended on its own
     pairs = read_dataset(run_dir / "iter-1" / "pairs", "pairs").to_pylist()
     by_group = {(r["prompt_id"], r["lang"]): r for r in pairs}
     assert len(by_group) == len(pairs) and {r["method"] for r in pairs} == {"icr"}
     expected_groups = 0
     for (prompt_id, lang), g in df.group_by("prompt_id", "lang"):
-        r = g["r_icr"].to_numpy()
-        if r.max() == r.min():
+        g = g.sort("sample_idx")
+        r, complete = g["r_icr"].to_numpy(), (g["finish_reason"] == "stop").to_numpy()
+        if not complete.any() or r[complete].max() == r.min():
             assert (prompt_id, lang) not in by_group
             continue
         expected_groups += 1
         pair = by_group[(prompt_id, lang)]
-        assert pair["score_chosen"] == pytest.approx(r.max()) and pair["score_rejected"] == pytest.approx(r.min())
-        assert pair["chosen"][0]["content"] == g["response"][int(np.argmax(r))]
+        best = int(np.flatnonzero(complete)[np.argmax(r[complete])])
+        assert pair["score_chosen"] == pytest.approx(r[best]) and pair["score_rejected"] == pytest.approx(r.min())
+        assert pair["chosen"][0]["content"] == g["response"][best]
         assert pair["rejected"][0]["content"] == g["response"][int(np.argmin(r))]
-    assert len(pairs) == expected_groups > 0
+    assert len(pairs) == expected_groups > 0 and expected_groups < df.select("prompt_id", "lang").n_unique()
     assert "r_icr" in inspect and "icr" in inspect
 
 
