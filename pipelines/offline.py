@@ -172,6 +172,11 @@ def pairs_stage(cfg: RunConfig, run_dir: Path, policy_path: str, initial_policy_
         else:
             table, schema = pairs.preference_pairs(scores, method, iteration, **options), "pairs"
         extra = {"truncated_samples": int((scores["finish_reason"] == "length").sum())}
+        if extra["truncated_samples"] > scores.height / 2 and p.truncated != "keep":
+            console.print(f"[yellow]pairs iter-{iteration}: {extra['truncated_samples']} of {scores.height} samples "
+                          f"were cut at sampling.max_new_tokens, and pairs.truncated: {p.truncated} never chooses them "
+                          f"({table.num_rows} rows): raise max_new_tokens, or relaunch with --redo pairs "
+                          "-o pairs.truncated=keep")
     manifest = write_table(table, out_dir, schema, cfg, iteration, {"policy": cfg.policy.path}, {"method": method},
                            f"{method} preference data of iteration {iteration}.", shard_rows=4096)
     return {"method": method, "rows": manifest["rows"], **extra}

@@ -271,6 +271,20 @@ def test_other_pair_methods_from_the_same_scores(rewards_run):
             assert chosen[column].max() == best, (method, row["prompt_id"])
 
 
+def test_pairs_name_the_cut_samples_when_most_are_never_chosen(rewards_run, capsys):
+    """With pairs.truncated not_chosen, a run whose samples are mostly cut made few or no pairs, and training then
+    said only `pairs: no rows`."""
+    from rayalign.pipelines.offline import pairs_stage
+
+    recipe, run_dir = rewards_run
+    cut = (read_dataset(run_dir / "iter-1" / "scores").column("finish_reason").to_numpy() == "length").sum()
+    cfg = load_config(recipe, ["pairs.truncated=not_chosen"])
+    result = pairs_stage(cfg, run_dir, cfg.policy.path, cfg.policy.path, 1, run_dir / "iter-1" / "pairs-not-chosen")
+    assert result["truncated_samples"] == cut > 36 / 2
+    assert (f"{cut} of 36 samples were cut at sampling.max_new_tokens, and pairs.truncated: not_chosen never chooses "
+            f"them ({result['rows']} rows)") in " ".join(capsys.readouterr().err.split())
+
+
 def test_icr_quickstart_recipe(tmp_path, tiny_model, weak_model, ray_session):
     run_dir = tmp_path / "icr"
     result = CliRunner().invoke(main, [
