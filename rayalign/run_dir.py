@@ -139,14 +139,15 @@ def input_files(cfg: RunConfig) -> dict[str, str]:
 def check_inputs_unchanged(cfg: RunConfig, state: dict | None, redo: tuple[str, ...] = ()) -> dict[str, str]:
     """{recipe key: sha256} of `input_files`; refuses a resume whose kept scores came from other file contents (the
     config hash names the paths only), unless scoring is redone. Read-only: prepare_run_dir records them."""
-    digests = {key: hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] for key, path in input_files(cfg).items()
+    files = input_files(cfg)
+    digests = {key: hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] for key, path in files.items()
                if Path(path).is_file()}
     recorded = (state or {}).get("input_digests", {})
     kept = state is not None and holds_results(state) and not {"generate", "score"} & set(redo)
     changed = [key for key, digest in digests.items() if recorded.get(key) not in (None, digest)]
     if changed and kept:
         key = changed[0]
-        raise ConfigError(f"{key}: {input_files(cfg)[key]}: its content differs from the one this run scored with "
+        raise ConfigError(f"{key}: {files[key]}: its content differs from the one this run scored with "
                           f"(digest {recorded[key]}, now {digests[key]}), and its kept scores came from that; restore "
                           "the file, or relaunch with --redo score to score again with this one")
     return digests

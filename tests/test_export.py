@@ -1,6 +1,7 @@
 """rayalign export: Hub layout read back with the real `datasets`, and verl's RL Parquet columns."""
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -127,14 +128,9 @@ def test_exporting_again_keeps_the_same_export_and_refuses_a_different_one(tmp_p
     again = invoke("export", run, out, "--license", "apache-2.0")
     assert again.exit_code == 0 and f"kept (it already holds this export) {out}" in " ".join(again.output.split())
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamp
-    import os
-
-    cwd = os.getcwd()
-    try:  # the same export, its source spelled from another directory: the card names it from the run down
-        os.chdir(tmp_path / "run")
+    with pytest.MonkeyPatch.context() as patch:  # the same export, its source spelled from another directory:
+        patch.chdir(tmp_path / "run")  # the card names it from the run down
         respelled = invoke("export", ".", out, "--license", "apache-2.0")
-    finally:
-        os.chdir(cwd)
     assert respelled.exit_code == 0 and "kept" in respelled.output, respelled.output
     assert "- source: `run/iter-1/pairs` (6 rows)" in card and str(tmp_path) not in card
     assert 'datasets.load_dataset(REPO_OR_DIR, \'en\', split="train")  # one config' in card
@@ -298,7 +294,6 @@ def test_an_empty_dataset_loads_as_no_rows(tmp_path):
     import datasets
     import polars as pl
     import pyarrow as pa
-    import pytest
 
     from rayalign.data.store import read_dataset
 

@@ -63,29 +63,32 @@ def find_dataset(path: Path, stage: str) -> Path:
                       "(iter-*/" + stage + "/manifest.json)")
 
 
+def _run_of(dataset: Path) -> Path | None:
+    """The run that holds `dataset` (iter-<t>/<stage> or a dataset directly in it): the parent with a state.json."""
+    return next((d for d in (dataset.parent.parent, dataset.parent) if (d / "state.json").is_file()), None)
+
+
 def _run_config(dataset: Path) -> dict:
-    """The config.yaml of the run that holds `dataset` ({} when there is none); refused naming the file when it is
-    not UTF-8, not YAML or not a mapping."""
+    """The config.yaml of the run that holds `dataset` ({} when there is none, or when it is not a run's); refused
+    naming the file when it is not UTF-8, not YAML or not a mapping."""
     from rayalign.config.fields import read_yaml_file
 
-    for parent in (dataset.parent.parent, dataset.parent):
-        if (parent / "config.yaml").is_file() and (parent / "state.json").is_file():  # a run's, not any config.yaml
-            cfg = read_yaml_file(parent / "config.yaml", "run config", ExportError) or {}
-            if not isinstance(cfg, dict):
-                raise ExportError(f"{parent / 'config.yaml'}: expected a mapping of settings (the run's recipe), got "
-                                  f"{type(cfg).__name__}")
-            return cfg
-    return {}
+    run = _run_of(dataset)
+    if run is None or not (run / "config.yaml").is_file():
+        return {}
+    cfg = read_yaml_file(run / "config.yaml", "run config", ExportError) or {}
+    if not isinstance(cfg, dict):
+        raise ExportError(f"{run / 'config.yaml'}: expected a mapping of settings (the run's recipe), got "
+                          f"{type(cfg).__name__}")
+    return cfg
 
 
 def _shown_source(dataset: Path) -> str:
     """The dataset as the card names it: from its run's name down (`<run>/iter-2/pairs`), else its own name, so
     that no local path is published and the card does not depend on how the source was spelled."""
     dataset = dataset.resolve()
-    for run in (dataset.parent.parent, dataset.parent):
-        if (run / "state.json").is_file():
-            return dataset.relative_to(run.parent).as_posix()
-    return dataset.name
+    run = _run_of(dataset)
+    return dataset.relative_to(run.parent).as_posix() if run else dataset.name
 
 
 def _section(cfg: dict, key: str) -> dict:
