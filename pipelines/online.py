@@ -32,9 +32,9 @@ from rayalign.progress import console, deepspeed_op_notice, model_build_progress
 from rayalign.tracking import Trackers, check_trackers
 from rayalign.actors.weight_sync import WeightSync
 from rayalign.pipelines.online_rollouts import Rollouts
-from rayalign.run_dir import (check_prompts_unchanged, check_run_dir_config, kept_output_problems, log_metrics,
-                              prepare_run_dir, record_checksums, remove_older_tags, set_aside_untrusted_checkpoint,
-                              write_state)
+from rayalign.run_dir import (check_inputs_unchanged, check_prompts_unchanged, check_run_dir_config,
+                              kept_output_problems, log_metrics, prepare_run_dir, record_checksums, remove_older_tags,
+                              set_aside_untrusted_checkpoint, write_state)
 from rayalign.scoring.finish import stage_centroids
 from rayalign.scoring.rewards import load_user_reward
 from rayalign.scoring.setup import forward_rewards, latent_layers, scoring_setup, with_scoring_prompts
@@ -67,6 +67,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     updates_per_step = o.ppo_epochs * rollout_size // (o.mini_batch_size or rollout_size)
     prior = check_run_dir_config(cfg, run_dir)
     digest = check_prompts_unchanged(cfg, prior, prompts)  # before models
+    inputs = check_inputs_unchanged(cfg, prior)
     if prior and "online/policy" in prior["finished"]:  # a finished run: kept when its saved policy verifies
         problems = kept_output_problems(run_dir, prior, run_dir / "online" / "policy") + rollout_problems(run_dir,
                                                                                                            o.steps)
@@ -86,7 +87,8 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     console.print(run_plan.table())
     console.print(run_plan.estimate_table())
     ppo = o.algorithm == "ppo"
-    state = prepare_run_dir(cfg, run_dir, prompts_digest=digest)  # after every check: a refused recipe leaves none
+    # after every check: a refused recipe leaves none
+    state = prepare_run_dir(cfg, run_dir, prompts_digest=digest, input_digests=inputs)
     save_plan(run_plan, run_dir)
     resume_step = resumable_step(run_dir, state, o.checkpoint_every, ppo=ppo)
     console.print(f"online {o.algorithm} {cfg.name}: {o.steps} steps of {rollout_size} rollouts "

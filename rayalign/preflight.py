@@ -11,16 +11,6 @@ from rayalign.data.hub import (HF_PREFIX, HubError, check_hub_dataset, check_mod
 from rayalign.data.prompts import PromptError, load_candidate_sets, load_prompts
 
 
-def model_sections(cfg) -> list[tuple[str, object]]:
-    """(recipe key, ModelConfig) of every model a recipe loads."""
-    r = cfg.rewards
-    models = [("policy", cfg.policy),
-              ("rewards.implicit.reward_reference", r.implicit.enabled and r.implicit.reward_reference),
-              ("rewards.reward_model.model", r.reward_model.enabled and r.reward_model.model),
-              ("rewards.consistency.reference", r.consistency.enabled and r.consistency.reference)]
-    return [(key, m) for key, m in models if m]
-
-
 def check_sources(cfg, *, models: bool = True) -> None:
     """Refuse, before Ray starts, a prompt set or (with `models`) a model that cannot be read from here, or whose
     code the recipe does not trust.
@@ -62,7 +52,7 @@ def check_sources(cfg, *, models: bool = True) -> None:
 
         centroid_text_rows(cfg.rewards.latent.centroid_texts)  # each file found, UTF-8 and not empty
     if models:  # torch and transformers are imported only here
-        for section, model in model_sections(cfg):
+        for section, model in cfg.models():
             check_local_model(section, model)
 
 

@@ -18,6 +18,7 @@ import yaml
 
 from rayalign.config import ConfigError, RunConfig, save_config
 from rayalign.config.run import absolute_paths, resolved_dict
+from rayalign.config.sections import is_tiny_model
 from rayalign.data.store import (DatasetError, DatasetWriter, atomic_write_text, checksum_path, directory_checksums,
                                   directory_problems, enclosing_dataset, is_dataset_dir, read_manifest,
                                   remove_untrusted_shards, shard_name, shard_problem, trash_dir, write_parquet_atomic)
@@ -136,20 +137,54 @@ def input_files(cfg: RunConfig) -> dict[str, str]:
     return files
 
 
+def model_fingerprint(path: str) -> str | None:
+    """A digest of a local model directory: every file's name and size, files up to 8 MiB whole and larger ones
+    (weights) at 16 evenly spaced 64 KiB blocks, so a checkpoint replaced in place is told apart without reading
+    gigabytes. A hub id's is its cached snapshot's commit; None for the builtin tiny model or a model not found."""
+    if is_tiny_model(path):
+        return None
+    local = Path(path).expanduser()
+    if not local.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "config.json")
+        return Path(cached).parent.name if isinstance(cached, str) else None
+    sha = hashlib.sha256()
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        sha.update(f"{f.relative_to(local)}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= 8 << 20:
+                sha.update(fh.read())
+                continue
+            for k in range(16):
+                fh.seek((size - (64 << 10)) * k // 15)
+                sha.update(fh.read(64 << 10))
+    return sha.hexdigest()[:16]
+
+
 def check_inputs_unchanged(cfg: RunConfig, state: dict | None, redo: tuple[str, ...] = ()) -> dict[str, str]:
-    """{recipe key: sha256} of `input_files`; refuses a resume whose kept scores came from other file contents (the
-    config hash names the paths only), unless scoring is redone. Read-only: prepare_run_dir records them."""
+    """{recipe key: digest} of `input_files` (sha256) and of every model the recipe loads (`model_fingerprint`,
+    keyed <section>.path); refuses a resume whose kept samples or scores, finished or partial, came from other
+    contents (the config hash names the paths only), unless the stage that used them is redone. Read-only:
+    prepare_run_dir records them."""
     files = input_files(cfg)
+    models = {f"{key}.path": model.path for key, model in cfg.models()}
     digests = {key: hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] for key, path in files.items()
                if Path(path).is_file()}
+    digests |= {key: fp for key, path in models.items() if (fp := model_fingerprint(path))}
     recorded = (state or {}).get("input_digests", {})
-    kept = state is not None and holds_results(state) and not {"generate", "score"} & set(redo)
-    changed = [key for key, digest in digests.items() if recorded.get(key) not in (None, digest)]
-    if changed and kept:
-        key = changed[0]
-        raise ConfigError(f"{key}: {files[key]}: its content differs from the one this run scored with "
-                          f"(digest {recorded[key]}, now {digests[key]}), and its kept scores came from that; restore "
-                          "the file, or relaunch with --redo score to score again with this one")
+    kept = state is not None and (cfg.matches(state["config_hash"]) or holds_results(state))
+    for key, digest in digests.items():
+        used_by = "generate" if key == "policy.path" else "score"
+        if recorded.get(key) in (None, digest) or not kept or set(STAGES[:STAGES.index(used_by) + 1]) & set(redo):
+            continue
+        what = "model's files differ from those" if key in models else "content differs from the one"
+        kept_data = "samples" if used_by == "generate" else "scores"
+        raise ConfigError(f"{key}: {files.get(key) or models[key]}: its {what} this run started with (digest "
+                          f"{recorded[key]}, now {digest}), and its kept {kept_data} came from that; restore it, or "
+                          f"relaunch with --redo {used_by} to {used_by} again with it (use another --run-dir for an "
+                          "online run)")
     return digests
 
 

@@ -415,9 +415,53 @@ def test_a_resume_refuses_a_user_reward_file_edited_since_its_scores(tmp_path):
     assert check_inputs_unchanged(cfg, state) == state["input_digests"]  # unchanged: resumes
     reward.write_text(reward.read_text() + "\n# edited\n")
     with pytest.raises(ConfigError, match=f"rewards.user.path: {reward}: its content differs from the one this run "
-                                          "scored with .* --redo score"):
+                                          "started with .* --redo score"):
         check_inputs_unchanged(cfg, state)
     assert check_inputs_unchanged(cfg, state, ("score",)) != state["input_digests"]  # scored again: fine
+
+
+def test_a_resume_refuses_a_model_directory_replaced_since_its_samples(tmp_path, tiny_model):
+    """The config hash names a model's path only: a checkpoint copied over the policy's (or the reward reference's)
+    directory after a kill was resumed with the old model's samples kept."""
+    import numpy as np
+    from rayalign.config import ConfigError, load_config
+    from rayalign.run_dir import check_inputs_unchanged, model_fingerprint
+
+    policy, reference = tmp_path / "policy", tmp_path / "reference"
+    shutil.copytree(tiny_model, policy)
+    shutil.copytree(tiny_model, reference)
+    big = policy / "extra.bin"  # over 8 MiB: sampled, not read whole
+    big.write_bytes(np.random.default_rng(0).bytes(9 << 20))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: replaced\npolicy: {{path: {policy}}}\nprompts: {{path: {PROMPTS_DIR}, limit: 2}}\n"
+                      f"rewards: {{implicit: {{enabled: true, reward_reference: {{path: {reference}}}}}}}\n")
+    cfg = load_config(recipe)
+    digests = check_inputs_unchanged(cfg, None)
+    assert set(digests) == {"policy.path", "rewards.implicit.reward_reference.path"}
+    assert digests["policy.path"] != digests["rewards.implicit.reward_reference.path"]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    state = {"config_hash": cfg.config_hash(), "finished": [], "input_digests": digests}  # mid-generation
+    (run_dir / "state.json").write_text(json.dumps(state))
+    (run_dir / "config.yaml").write_text(recipe.read_text())
+    assert check_inputs_unchanged(cfg, state) == digests  # untouched: resumes
+
+    big.write_bytes(np.random.default_rng(1).bytes(9 << 20))  # another checkpoint of the same size
+    result = CliRunner().invoke(main, ["launch", str(recipe), "--run-dir", str(run_dir)])
+    assert result.exit_code == 2, result.output
+    assert (f"policy.path: {policy}: its model's files differ from those this run started with (digest "
+            f"{digests['policy.path']}, now {model_fingerprint(str(policy))}), and its kept samples came from that; "
+            "restore it, or relaunch with --redo generate") in one_line(result.output)
+    assert json.loads((run_dir / "state.json").read_text()) == state  # nothing touched
+    assert check_inputs_unchanged(cfg, state, ("generate",))["policy.path"] != digests["policy.path"]
+    assert check_inputs_unchanged(cfg, {**state, "config_hash": "0" * 16}, ())  # another config, nothing kept
+
+    big.write_bytes(np.random.default_rng(0).bytes(9 << 20))  # the policy restored; the reference edited
+    (reference / "config.json").write_text((reference / "config.json").read_text().replace("{", '{"edited": 1, ', 1))
+    with pytest.raises(ConfigError, match="rewards.implicit.reward_reference.path: .* its model's files differ .* "
+                                          "kept scores .* --redo score"):
+        check_inputs_unchanged(cfg, state, ("pairs",))
+    assert check_inputs_unchanged(cfg, state, ("score",))["policy.path"] == digests["policy.path"]
 
 
 def test_rescore_replace_takes_over_the_shards_of_a_stopped_rescore(finished_run, tmp_path):

@@ -133,6 +133,15 @@ class RunConfig:
         """Whether a run recorded under `recorded_hash` holds this config (its paths spelled either way)."""
         return recorded_hash in (self.config_hash(), self.config_hash(as_spelled=True))
 
+    def models(self) -> list[tuple[str, ModelConfig]]:
+        """(recipe key, ModelConfig) of every model this recipe loads."""
+        r = self.rewards
+        models = [("policy", self.policy),
+                  ("rewards.implicit.reward_reference", r.implicit.enabled and r.implicit.reward_reference),
+                  ("rewards.reward_model.model", r.reward_model.enabled and r.reward_model.model),
+                  ("rewards.consistency.reference", r.consistency.enabled and r.consistency.reference)]
+        return [(key, m) for key, m in models if m]
+
     def validate(self) -> None:
         if any(part in ("", ".", "..") for part in self.name.split("/")) or any(c in self.name for c in "\\\0"):
             raise ConfigError(f"name: {self.name!r} is not a run name: the run directory runs/<name> must stay under "
