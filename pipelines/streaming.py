@@ -154,6 +154,8 @@ def generate_score_stage(cfg: RunConfig, prompts, policy_path: str, policy_name:
 
     def on_samples(index: int, table: pa.Table) -> None:  # scorers read the shard as written, as the barrier does
         path = writer.write_shard(index, table)
+        if "error" in scoring:  # the scorers stopped: generating the rest would only delay the error
+            raise scoring["error"]
         feed_scoring(cuts.add(index, pq.read_table(path)))
 
     for index in sorted(done):
@@ -212,6 +214,8 @@ def generate_score_stage(cfg: RunConfig, prompts, policy_path: str, policy_name:
         except BaseException as error:
             feed.abort(error)
             thread.join(timeout=60)
+            if error is scoring.get("error") and isinstance(error, FailedRowsError):
+                record_failures(cfg, it_dir, iteration, "score", prompts.num_rows * cfg.sampling.n)
             raise
     if "error" in scoring:
         if isinstance(scoring["error"], FailedRowsError):

@@ -233,3 +233,32 @@ def test_streamed_resume_verifies_kept_shards_and_forward_results(streamed_and_b
     generate = [m for m in metrics(run_dir) if m["stage"] == "generate"][-1]
     score = [m for m in metrics(run_dir) if m["stage"] == "score"][-1]
     assert generate["resumed_shards"] == 3 and score["resumed_shards"] == 0
+
+
+def test_scorers_that_stop_mid_stream_stop_generation_at_the_next_shard(tmp_path, tiny_model, ray_session,
+                                                                         monkeypatch):
+    """Scorers lost at the start of a stream were reported only once every sample was generated (hours on a
+    cluster): generation now stops at its next finished shard, and the shards written are kept for the resume."""
+    from rayalign.actors.scorer import ScoringGroup
+    from rayalign.generation import ActorsLostError
+
+    def lost(self, *args, **kwargs):
+        raise ActorsLostError("shard 0 failed 1 time(s) as its actor died, 0 actor(s) left (killed)")
+
+    monkeypatch.setattr(ScoringGroup, "run", lost)
+    with open(tmp_path / "prompts.jsonl", "w", encoding="utf-8") as f:
+        for i in range(6):
+            for lang in ("en", "de"):
+                f.write(json.dumps({"prompt_id": f"p{i}", "lang": lang, "instruction": f"Count to {i}."}) + "\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: lost\nlanguages: [en, de]\npolicy: {{path: {tiny_model}}}\n"
+                      f"prompts: {{path: {tmp_path / 'prompts.jsonl'}}}\nsampling: {{n: 2, max_new_tokens: 8}}\n"
+                      "engines: {count: 1, batch_size: 4, shard_rows: 2}\n"
+                      "rewards: {latent: {enabled: true}, actors: 1}\n")
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(main, ["launch", str(recipe), "--run-dir", str(run_dir), "-o", "cluster.schedule=stream"])
+    assert result.exit_code != 0
+    assert "0 actor(s) left (killed)" in " ".join(result.output.split())
+    written = sorted((run_dir / "iter-1" / "samples").glob("part-*.parquet"))
+    assert 1 <= len(written) < 6, written  # 6 shards of 2 rows: stopped at the first finished one
+    assert not (run_dir / "iter-1" / "samples" / "manifest.json").exists()
