@@ -120,12 +120,12 @@ class CriticTrainer(RolloutTrainer):
         import torch
         from transformers import AutoModelForTokenClassification
 
-        from rayalign.models import torch_dtype
+        from rayalign.models import disable_dropout, torch_dtype
 
         torch.manual_seed(self.t.seed)
-        return AutoModelForTokenClassification.from_pretrained(
+        return disable_dropout(AutoModelForTokenClassification.from_pretrained(
             self.model_path, num_labels=1, dtype=torch_dtype(dtype, self.device),
-            trust_remote_code=self.model_cfg.trust_remote_code).to(self.device)
+            trust_remote_code=self.model_cfg.trust_remote_code).to(self.device))
 
     def prepare(self, total_steps: int, reference_path: str | None = None) -> dict:
         """The DeepSpeed engine for `total_steps` value updates."""

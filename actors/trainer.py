@@ -109,9 +109,9 @@ class TrainerActor:
         return ray.util.get_node_ip_address()
 
     def _load_model(self, dtype: str):
-        from rayalign.models import load_causal_lm
+        from rayalign.models import disable_dropout, load_causal_lm
 
-        return load_causal_lm(self.model_path, dtype, self.device, self.model_cfg.trust_remote_code)
+        return disable_dropout(load_causal_lm(self.model_path, dtype, self.device, self.model_cfg.trust_remote_code))
 
     def _init_engine(self, total_steps: int) -> None:
         """The DeepSpeed engine over the model, with AdamW and the warmup-cosine schedule for `total_steps`."""

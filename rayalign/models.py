@@ -377,6 +377,21 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
+def disable_dropout(model):
+    """Every dropout of `model` set to 0: nn.Dropout modules, and the attention probability transformers keeps as a
+    float. A trainer's forward in train mode then equals an engine's in eval mode (the first PPO ratio is 1), and a
+    critic's values (a token-classification head, classifier_dropout 0.1 by default) are deterministic, so a resume
+    repeats them. TRL, OpenRLHF and verl train without dropout too."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
+
+
 def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 

@@ -614,6 +614,34 @@ def test_the_critic_value_head_starts_from_the_training_seed(tiny_model):
     assert not torch.equal(head(0, noise=1), head(1, noise=1))
 
 
+def test_trainers_forward_without_dropout(tiny_model, tmp_path):
+    """The critic's token-classification head has classifier_dropout 0.1 by default and trainers run in train mode:
+    two value forwards of one batch differed, so PPO's advantages were noise and a resumed run diverged. A policy
+    whose config asks for attention dropout trains without it too (its first ratio is 1)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForTokenClassification
+
+    from rayalign.actors.rl_trainer import CriticTrainer, PolicyTrainer
+    from rayalign.config import TrainingConfig
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.5}))
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
+    raw = AutoModelForTokenClassification.from_pretrained(str(model), num_labels=1).train()
+    assert not torch.equal(raw(input_ids=ids).logits, raw(input_ids=ids).logits)  # as transformers loads it
+    for role in (PolicyTrainer, CriticTrainer):
+        trainer = object.__new__(role)
+        trainer.model_path, trainer.device, trainer.model_cfg = str(model), "cpu", ModelConfig(path=str(model))
+        trainer.t = TrainingConfig()
+        loaded = trainer._load_model("float32").train()
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=ids).logits, loaded(input_ids=ids).logits), role.__name__
+
+
 def test_a_loss_that_is_not_finite_stops_training_before_the_weights(tmp_path):
     """A NaN loss went through backward and the optimizer step: NaN weights, 'done', and NaN in metrics.jsonl."""
     import torch

@@ -306,7 +306,8 @@ class OnlineConfig:
     algorithm: str = _field("grpo", help="advantages: grpo (group mean / std) or rloo (leave-one-out mean) over "
                             "the n samples of each (prompt, language), or ppo (a critic and GAE; the KL penalty goes "
                             "into the per-token reward)", choices=ONLINE_ALGORITHMS)
-    steps: int = _field(10, help="online steps (each: rollouts, rewards, one optimizer update, weight sync)", ge=1)
+    steps: int = _field(10, help="online steps (each: rollouts, rewards, ppo_epochs x rollouts / mini_batch_size "
+                        "optimizer updates, weight sync)", ge=1)
     prompts_per_step: int = _field(4, help="prompt ids per step, each in every language (sampling.n samples each)",
                                    ge=1)
     kl_coef: float = _field(0.05, help="weight of the KL penalty to the reference (the starting policy)", ge=0.0)
