@@ -451,15 +451,14 @@ SUMMARY_KEYS = {"generate": ("fidelity_",), "pairs": ("rows",), "train": (
 
 
 def iteration_summary(run_dir: Path, iteration: int) -> dict:
-    """One iteration's headline metrics and phase timings, from its stage records in metrics.jsonl."""
-
-    out = {}
+    """One iteration's headline metrics and phase timings, from the last record of each of its stages in
+    metrics.jsonl (a stage redone, say for other languages, leaves nothing of its earlier record)."""
     from rayalign.data.inspect import read_metrics  # polars: not needed by the actors that import this module
 
-    for record in read_metrics(run_dir):
-        stage = record.get("stage")
-        if record.get("iteration") != iteration or stage == "iteration":
-            continue
+    last = {r["stage"]: r for r in read_metrics(run_dir) if r.get("iteration") == iteration
+            and r.get("stage") not in (None, "iteration")}
+    out = {}
+    for stage, record in last.items():
         out[f"seconds_{stage}"] = record.get("wall_seconds")
         for key, value in record.items():
             if any(key.startswith(prefix) for prefix in SUMMARY_KEYS.get(stage, ())):

@@ -254,3 +254,22 @@ def test_online_run_report_tables_and_plots_its_steps(tmp_path):
     assert "| step | reward_mean | kl | clip_fraction | entropy | reward_de | reward_en |" in md
     assert "| 2 | 0.65 | 0.01 | 0 | 4.5 | 0.7 | 0.5 |" in md and "| 2 | 0.6 |" not in md
     assert_png(tmp_path / "report" / "online_by_step.png")
+
+
+def test_iteration_summary_takes_each_stages_last_record_only(tmp_path):
+    """After `--redo generate` with other languages, fidelity_es of the run before the redo stayed in the new
+    iteration record beside en and de, and the report averaged three languages."""
+    from rayalign.run_dir import iteration_summary
+
+    records = [
+        {"stage": "generate", "iteration": 1, "fidelity_en": 0.75, "fidelity_es": 0.375, "wall_seconds": 9.0},
+        {"stage": "pairs", "iteration": 1, "rows": 12, "wall_seconds": 1.0},
+        {"stage": "iteration", "iteration": 1, "fidelity_en": 0.75, "fidelity_es": 0.375},
+        {"stage": "redo", "redo": ["generate"]},
+        {"stage": "generate", "iteration": 1, "fidelity_en": 0.625, "fidelity_de": 0.5, "wall_seconds": 7.0},
+        {"stage": "generate", "iteration": 2, "fidelity_en": 0.125, "wall_seconds": 3.0},
+        {"stage": "pairs", "iteration": 1, "rows": 10, "wall_seconds": 2.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert iteration_summary(tmp_path, 1) == {"seconds_generate": 7.0, "fidelity_en": 0.625, "fidelity_de": 0.5,
+                                              "seconds_pairs": 2.0, "pairs_rows": 10}
