@@ -145,19 +145,25 @@ def check_inputs(study: Study, runs: list[StudyRun]) -> None:
     from rayalign.models import ModelLoadError, resolve_model_path
     from rayalign.pipelines.evaluate import eval_setup
     from rayalign.progress import model_build_progress
-    from rayalign.run_dir import RunConfigChanged, check_run_dir_config
+    from rayalign.run_dir import (RunConfigChanged, check_inputs_unchanged, check_prompts_unchanged,
+                                  check_run_dir_config)
 
     checked = set()
     for run in runs:
         cfg, r = run.cfg, run.cfg.rewards
         try:
-            check_run_dir_config(cfg, run.run_dir)
+            state = check_run_dir_config(cfg, run.run_dir)
+            if state and state.get("prompts_digest") and cfg.pairs.method != "dco":  # kept samples, as launch checks
+                check_prompts_unchanged(cfg, state, load_prompts(cfg.prompts.path, cfg.languages,
+                                                                 **cfg.prompts.load_kwargs()))
+            check_inputs_unchanged(cfg, state)
         except RunConfigChanged:
             raise StudyError(f"{study.path}: run {run.slug}: {run.run_dir} holds a run of another config (the study "
                              f"file or its recipe changed since it ran); give the study another name (or runs_dir), "
                              f"or delete {study.dir} to start over. Nothing was changed") from None
-        except ConfigError as e:
-            raise StudyError(f"{study.path}: run {run.slug}: {e}") from None
+        except (ConfigError, PromptError) as e:
+            raise StudyError(f"{study.path}: run {run.slug}: {e} (a study's run: restore the files, or delete "
+                             f"{run.run_dir} to run it again)") from None
         prompts = (cfg.prompts.path, tuple(cfg.languages), json.dumps(cfg.prompts.load_kwargs(), sort_keys=True))
         models = [m.path for m in (cfg.policy, r.implicit.reward_reference, r.reward_model.model,
                                    r.consistency.reference) if m is not None]

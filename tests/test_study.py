@@ -310,8 +310,16 @@ def e2e_study(tmp_path: Path, tiny_model: str, grid: dict, **fields) -> Path:
 
 
 def test_a_tiny_study_runs_collects_and_skips_on_a_second_call(tmp_path, tiny_model, ray_session):
+    import shutil
+
+    from conftest import PROMPTS_DIR
+
+    prompts = tmp_path / "prompts"
+    shutil.copytree(PROMPTS_DIR, prompts)
     path = e2e_study(tmp_path, tiny_model, {"method": METHODS, "prompts.limit": [4]},  # 2 runs: a short test
                      eval={"prompts_limit": 2, "samples": 2})
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**data, "overrides": {**data["overrides"], "prompts.path": str(prompts)}}))
     started = time.perf_counter()
     study_dir = run_study(path, progress=print)
     print(f"tiny study: {time.perf_counter() - started:.1f} s")
@@ -364,6 +372,19 @@ def test_a_tiny_study_runs_collects_and_skips_on_a_second_call(tmp_path, tiny_mo
     with pytest.raises(StudyError, match=re.escape(f"run {slugs[0]}: {study_dir / slugs[0]} holds a run of another "
                                                    "config") + r".*give the study another name \(or runs_dir\), "
                                                                  r".*Nothing was changed"):
+        run_study(path, progress=lines.append)
+    assert {f: f.read_bytes() for f in records} == records
+
+    # its prompt rows edited since the runs finished: refused as launch refuses, not kept as current results
+    data["overrides"]["sampling"]["max_new_tokens"] = 16
+    path.write_text(yaml.safe_dump(data))
+    rows = (prompts / "es.jsonl").read_text(encoding="utf-8").splitlines()
+    edited = {**json.loads(rows[0]), "instruction": "EDITED " + json.loads(rows[0])["instruction"]}
+    (prompts / "es.jsonl").write_text("\n".join([json.dumps(edited, ensure_ascii=False), *rows[1:]]) + "\n",
+                                      encoding="utf-8")
+    with pytest.raises(StudyError, match=re.escape(f"run {slugs[0]}: prompts.path: {prompts}: the prompt rows "
+                                                   "differ from those this run started with") + ".*"
+                                         + re.escape(f"delete {study_dir / slugs[0]} to run it again")):
         run_study(path, progress=lines.append)
     assert {f: f.read_bytes() for f in records} == records
 
