@@ -22,7 +22,7 @@ from rayalign.cluster.model_info import PlanError, model_info
 from rayalign.cluster.phases import (PROMPT_TOKENS, Plan, Shortfalls, most_actors, plan_generation, plan_scoring,
                                      plan_training, scored_models)
 from rayalign.cluster.schedule import first_fit
-from rayalign.cluster.spec import ClusterSpec
+from rayalign.cluster.spec import ClusterSpec, actors_fitting
 
 def _roles(cfg) -> list[str]:
     o = cfg.online
@@ -62,7 +62,7 @@ def resolve_online_counts(cfg, spec: ClusterSpec):
     gpus_used, cpus_used = sum(a[2] for a in others), sum(a[1] for a in others)
     gpus, cpus = _demand(cfg, "generate", on_gpu)
     free, _ = first_fit(others, spec)  # engines fill what the other roles leave on each node
-    count = sum(int(round(min(c / cpus, g / gpus if gpus else math.inf), 6)) for c, g in free)
+    count = sum(actors_fitting(cpus, gpus, c, g) for c, g in free)
     if count < 1 and not on_gpu:  # a CPU preview of a GPU recipe: one engine, and the plan lists what does not fit
         count = 1
     if count < 1:

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from rayalign.cluster.model_info import DTYPE_BYTES, ModelInfo, PlanError, model_info
-from rayalign.cluster.spec import GB, ClusterSpec
+from rayalign.cluster.spec import GB, ClusterSpec, actors_fitting, gpu_actors_fitting
 from rayalign.methods import SEQUENCES, schema_of
 
 PROMPT_TOKENS = 256  # assumed prompt length (tokens) for KV cache and activation estimates
@@ -122,9 +122,9 @@ def dtype_size(dtype: str, device: str) -> int:
 def place(phase: str, section: str, count_key: str, count: int, cpus: float, gpus: float, spec: ClusterSpec,
            refuse: Shortfalls, pack: bool = False) -> tuple[int, str]:
     """(nodes used, placement text) for `count` actors of `cpus` and `gpus` each; refuses what does not fit."""
-    fits = {"CPUs": (int(spec.cpus_per_node // cpus), cpus, spec.cpus_per_node)}
+    fits = {"CPUs": (actors_fitting(cpus, 0, spec.cpus_per_node, []), cpus, spec.cpus_per_node)}
     if gpus:
-        fits["GPUs"] = (int(spec.gpus_per_node // gpus), gpus, spec.gpus_per_node)
+        fits["GPUs"] = (gpu_actors_fitting(gpus, [1.0] * spec.gpus_per_node), gpus, spec.gpus_per_node)
     unit = min(fits, key=lambda u: fits[u][0])  # the resource that bounds the actors per node
     per_node, each, node_has = fits[unit]
     if per_node == 0:
@@ -145,10 +145,8 @@ def place(phase: str, section: str, count_key: str, count: int, cpus: float, gpu
 def most_actors(cpus: float, gpus: float, spec: ClusterSpec) -> int:
     """Actors of `cpus` CPUs and `gpus` GPUs that the cluster holds, node by node (GPUs bound GPU actors, CPUs the
     rest); at least one per node."""
-    fits = [int(spec.cpus_per_node // cpus)]
-    if gpus and spec.gpus_per_node:
-        fits.append(int(round(spec.gpus_per_node / gpus, 6)))
-    return max(1, min(fits)) * spec.nodes
+    fits = actors_fitting(cpus, gpus if spec.gpus_per_node else 0, spec.cpus_per_node, [1.0] * spec.gpus_per_node)
+    return max(1, fits) * spec.nodes
 
 
 def gpu_usage(count: int, gpus: float, spec: ClusterSpec) -> str:
@@ -158,7 +156,7 @@ def gpu_usage(count: int, gpus: float, spec: ClusterSpec) -> str:
 def check_host_memory(phase: str, section: str, per_actor_gb: float, count: int, cpus: float, spec: ClusterSpec,
                        refuse: Shortfalls, batch_key: str) -> float:
     """The host memory one CPU actor may use (its node's memory over the actors sharing the node)."""
-    sharing = max(1, min(count, int(spec.cpus_per_node // cpus) or 1))
+    sharing = max(1, min(count, actors_fitting(cpus, 0, spec.cpus_per_node, []) or 1))
     share = spec.memory_gb_per_node / sharing
     if per_actor_gb > share:
         refuse(f"{phase}: {sharing} actor(s) x {per_actor_gb:.1f} GB on one node > its {spec.memory_gb_per_node:g} GB "

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rayalign.cluster.model_info import PlanError
-from rayalign.cluster.spec import ClusterSpec
+from rayalign.cluster.spec import ClusterSpec, actors_fitting, take_gpus
 
 
 @dataclass(frozen=True)
@@ -30,16 +30,17 @@ def _actors(cfg, spec: ClusterSpec) -> list[tuple[str, float, float]]:
             + [("scorer", r.num_cpus, r.num_gpus if on_gpu else 0.0)] * r.actors)
 
 
-def first_fit(actors: list[tuple[str, float, float]], spec: ClusterSpec) -> tuple[list[list[float]], str | None]:
-    """Place (role, CPUs, GPUs) actors node by node, largest first: the [CPUs, GPUs] left on each node, and the
-    role of the first actor that found no room (None when all fit)."""
-    free = [[float(spec.cpus_per_node), float(spec.gpus_per_node)] for _ in range(spec.nodes)]
+def first_fit(actors: list[tuple[str, float, float]], spec: ClusterSpec) -> tuple[list[list], str | None]:
+    """Place (role, CPUs, GPUs) actors node by node, largest first, GPUs as Ray grants them (`actors_fitting`):
+    each node's [CPUs left, [each GPU's share left]], and the role of the first actor that found no room (None when
+    all fit)."""
+    free = [[float(spec.cpus_per_node), [1.0] * spec.gpus_per_node] for _ in range(spec.nodes)]
     for role, cpus, gpus in sorted(actors, key=lambda a: (a[2], a[1]), reverse=True):
-        node = next((n for n in free if n[0] >= cpus - 1e-9 and n[1] >= gpus - 1e-9), None)
+        node = next((n for n in free if actors_fitting(cpus, gpus, n[0], n[1])), None)
         if node is None:
             return free, role
         node[0] -= cpus
-        node[1] -= gpus
+        take_gpus(node[1], gpus)
     return free, None
 
 

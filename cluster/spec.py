@@ -45,6 +45,30 @@ class ClusterSpec:
         return f"{self.name}: {self.nodes} x [{gpus}, {self.cpus_per_node} CPUs, {self.memory_gb_per_node:g} GB]"
 
 
+def gpu_actors_fitting(gpus: float, gpus_free: list[float]) -> int:
+    """Actors of `gpus` GPUs (> 0) that GPUs with `gpus_free` (each one's share left) hold, as Ray grants them: a
+    fraction below 1 from one GPU (floor(1 / 0.3) = 3 per GPU), else whole ones."""
+    if gpus < 1:
+        return sum(int(share / gpus + 1e-9) for share in gpus_free)
+    return sum(share >= 1 - 1e-9 for share in gpus_free) // math.ceil(gpus - 1e-9)
+
+
+def actors_fitting(cpus: float, gpus: float, cpus_free: float, gpus_free: list[float]) -> int:
+    """Actors of `cpus` CPUs and `gpus` GPUs that a node with `cpus_free` CPUs and `gpus_free` holds."""
+    count = int(cpus_free / cpus + 1e-9)
+    return min(count, gpu_actors_fitting(gpus, gpus_free)) if gpus else count
+
+
+def take_gpus(gpus_free: list[float], gpus: float) -> None:
+    """Take one actor's `gpus` from a node's `gpus_free` (actors_fitting said it fits), as Ray grants them."""
+    if gpus and gpus < 1:
+        index = next(i for i, share in enumerate(gpus_free) if share >= gpus - 1e-9)
+        gpus_free[index] -= gpus
+    elif gpus:
+        for index in [i for i, share in enumerate(gpus_free) if share >= 1 - 1e-9][:math.ceil(gpus - 1e-9)]:
+            gpus_free[index] = 0.0
+
+
 def shipped_specs() -> list[str]:
     return sorted(p.stem for p in SPEC_DIR.glob("*.yaml") if p.stem not in NOT_SPECS)
 

@@ -509,3 +509,20 @@ def test_online_roles_are_placed_node_by_node():
     assert "need 64 GPUs and 432 CPUs, within the cluster's totals, but not node by node: one engine finds no " \
            "node with room" in e.value.reason
     assert plan(recipe("online-grpo-llama3-8b.yaml"), a100x64).phase("generate").actors == 60  # 8 CPUs a rank
+
+
+@pytest.mark.parametrize("share, per_gpu", [(0.3, 3), (0.1, 10), (0.5, 2), (0.25, 4), (1.0, 1)])
+def test_fractional_gpus_fill_the_cluster_as_ray_grants_them(share, per_gpu):
+    """Ray takes a GPU fraction below 1 from one GPU: 0.3 GPU engines fit 3 per GPU, 24 on 8 GPUs. The auto count
+    was 26 (7.8 of 8 GPUs, 2 engines never placed), and 0.1 gave 80 then refused its own count (8 // 0.1 = 79)."""
+    from rayalign.cluster.schedule import first_fit
+    from rayalign.cluster.spec import load_cluster_spec
+
+    spec = load_cluster_spec("a100x8")
+    cfg = load_config(REPO / "examples" / "quickstart.yaml", [f"engines.num_gpus={share}", "engines.count=auto"])
+    assert plan(cfg, spec).phase("generate").actors == 8 * per_gpu
+    actor = ("engine", 1.0, share)
+    assert first_fit([actor] * (8 * per_gpu), spec)[1] is None
+    assert first_fit([actor] * (8 * per_gpu + 1), spec)[1] == "engine"
+    free, _ = first_fit([("scorer", 1.0, 1.0), actor], spec)
+    assert free[0][1] == pytest.approx([0.0, 1.0 - share] + [1.0] * 6)  # a whole GPU, then a fraction of the next
