@@ -45,6 +45,21 @@ def slice_cluster(spec: ClusterSpec, parallel: int) -> list[ClusterSpec]:
             for i in range(parallel)]
 
 
+def runs_side_by_side(parallel: int, runs: int, spec: ClusterSpec) -> int:
+    """The runs of a study of `runs` that go side by side when `parallel` is asked: `parallel` when the study has as
+    many (slice_cluster refuses what cannot be cut), else the most of its runs that slice `spec` evenly (12 runs
+    asked 16 on 8 nodes: 8)."""
+    if parallel <= runs:
+        return parallel
+    for count in range(runs, 1, -1):
+        try:
+            slice_cluster(spec, count)
+            return count
+        except ClusterError:
+            continue
+    return 1
+
+
 def _node_order(node: dict) -> tuple:
     """Nodes by address (numerically for IPs), then id: the same nodes go to the same slices on every call."""
     import ipaddress

@@ -68,7 +68,7 @@ def run_study(path: str | Path, *, cluster: str = "local", address: str | None =
     """
     from rayalign.cluster import ClusterError, connect, load_cluster_spec
     from rayalign.cluster.planner import PlanError
-    from rayalign.cluster.slices import pin_slices, plan_side_by_side, slices_text
+    from rayalign.cluster.slices import pin_slices, plan_side_by_side, runs_side_by_side, slices_text
     from rayalign.cluster.spec import running_cluster_spec
 
     say = progress or (lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True))
@@ -81,7 +81,7 @@ def run_study(path: str | Path, *, cluster: str = "local", address: str | None =
     spec = load_cluster_spec(cluster)
     connect(spec, address)
     running = running_cluster_spec(spec)
-    side_by_side = min(parallel, len(runs))
+    side_by_side = runs_side_by_side(parallel, len(runs), running)
     try:  # every run fits the cluster (side by side: its slice; whole nodes pinned to alive ones) before any starts
         slices, plans = plan_side_by_side({run.slug: run.cfg for run in runs}, running, side_by_side)
         if side_by_side > 1:
@@ -103,7 +103,7 @@ def run_study(path: str | Path, *, cluster: str = "local", address: str | None =
     write_study_json(study.dir, record)
     todo = [(i, run) for i, run in enumerate(runs, 1) if entries[run.slug]["status"] != "finished"]
     say(f"study {study.name}: {len(runs)} run(s), {len(runs) - len(todo)} finished earlier, {len(todo)} to run"
-        + (f", {parallel} side by side" if parallel > 1 and len(todo) > 1 else "") + f" -> {study.dir}")
+        + (f", {side_by_side} side by side" if side_by_side > 1 and len(todo) > 1 else "") + f" -> {study.dir}")
 
     def finish(index: int, run: StudyRun, error: BaseException | str | None, log: Path | None, seconds: float,
                evaluate: bool = True):
@@ -123,10 +123,10 @@ def run_study(path: str | Path, *, cluster: str = "local", address: str | None =
         say(f"{head} failed after {seconds:.0f} s: {entry['error']} (log: {log})" if error else
             f"{head} finished in {seconds:.0f} s: {_headline(run.run_dir)}")
 
-    if parallel == 1:
+    if side_by_side == 1:
         _run_in_process(study, todo, plans, cluster, address, say, finish, len(runs))
     else:
-        _run_side_by_side(study, todo, slices, address, parallel, say, finish, len(runs))
+        _run_side_by_side(study, todo, slices, address, side_by_side, say, finish, len(runs))
 
     table = collect_results(study.dir)
     say(summary_text(study, record, table))

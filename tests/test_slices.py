@@ -157,3 +157,17 @@ def test_the_slice_table_title_shows_a_cpu_node_shape():
     console = Console(width=200, record=True)
     console.print(slice_table(slice_cluster(cpu, 2), {}))
     assert "each run on a slice: 1 x [no GPUs, 48 CPUs, 576 GB]" in " ".join(console.export_text().split())
+
+
+def test_parallel_above_the_runs_goes_to_the_most_runs_that_slice_the_cluster_evenly():
+    """12 runs asked 16 side by side on 8 nodes were cut to 12, which cannot slice 8 nodes, and refused."""
+    from rayalign.cluster.slices import runs_side_by_side
+
+    a100x64 = load_cluster_spec("a100x64")  # 8 nodes
+    assert [runs_side_by_side(16, 12, a100x64), runs_side_by_side(8, 12, a100x64), runs_side_by_side(4, 3, a100x64),
+            runs_side_by_side(16, 16, a100x64), runs_side_by_side(5, 1, a100x64)] == [8, 8, 3, 16, 1]
+    result = invoke("study", "--dry-run", "--cluster", "a100x64", "--parallel", "16", SCALING)
+    assert result.exit_code == 0, result.output
+    assert "8 run(s) side by side on a100x64" in " ".join(result.output.split())
+    refused = invoke("study", "--dry-run", "--cluster", "a100x64", "--parallel", "12", SCALING)
+    assert refused.exit_code != 0 and "parallel must be at most 8 or a multiple of it" in refused.output

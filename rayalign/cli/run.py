@@ -262,12 +262,13 @@ def study_cmd(study_file, cluster, address, parallel, runs_dir, dry_run):
 
     if dry_run:
         from rayalign.cluster import load_cluster_spec
-        from rayalign.cluster.slices import plan_side_by_side, slice_table, slices_text
+        from rayalign.cluster.slices import plan_side_by_side, runs_side_by_side, slice_table, slices_text
         from rayalign.pipelines.study import expand, load_study
 
         study = load_study(study_file, runs_dir=runs_dir)
         runs = expand(study)
-        side_by_side, spec = min(parallel or study.parallel, len(runs)), load_cluster_spec(cluster)
+        spec = load_cluster_spec(cluster)
+        side_by_side = runs_side_by_side(parallel or study.parallel, len(runs), spec)
         slices, plans = plan_side_by_side({run.slug: run.cfg for run in runs}, spec, side_by_side)
         if side_by_side > 1:
             console.print(slices_text(spec, slices), markup=False, highlight=False)
