@@ -147,7 +147,10 @@ def model_fingerprint(path: str) -> str | None:
     if not local.is_dir():
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(path, "config.json")
+        try:
+            cached = try_to_load_from_cache(path, "config.json")
+        except ValueError:  # not a hub id either (a local path not found): check_sources names it
+            return None
         return Path(cached).parent.name if isinstance(cached, str) else None
     sha = hashlib.sha256()
     for f in sorted(p for p in local.rglob("*") if p.is_file()):
