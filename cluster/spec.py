@@ -94,8 +94,19 @@ def _gpu_memory_gb() -> float:
     return round(torch.cuda.get_device_properties(0).total_memory / GB, 1)
 
 
+RAY_OBJECT_STORE_SHARE = 0.3  # ray_constants.DEFAULT_OBJECT_STORE_MEMORY_PROPORTION
+
+
 def _memory_gb() -> float:
-    return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB, 1)
+    """The memory a local Ray instance started now gives its actors (its `memory` resource, which launch checks):
+    what is available, less the object store's share of it."""
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    return round(available * (1 - RAY_OBJECT_STORE_SHARE) / GB, 1)
 
 
 # field: (type check, expected, minimum, measure for 'auto'); gpu_type and gpu_memory_gb are measured after gpus

@@ -195,3 +195,15 @@ def test_inspect_skips_a_damaged_metrics_line_and_plan(tmp_path, monkeypatch):
         result = invoke("inspect", run_dir)
         assert result.exit_code == 0 and "Traceback" not in result.output, result.output
         assert "generate" in result.output
+
+
+def test_plan_on_the_local_spec_counts_the_memory_ray_gives_actors(ray_session):
+    """`plan --cluster local` read the physical memory (25 GB here) while launch checks Ray's `memory` resource
+    (15 GB: what was available, less the object store's share), so a plan accepted what launch then refused."""
+    import ray
+
+    from rayalign.cluster import load_cluster_spec
+
+    planned = load_cluster_spec("local").memory_gb_per_node
+    given = ray.cluster_resources()["memory"] / 1e9  # this session's Ray, started earlier under another load
+    assert 0.75 * given <= planned <= 1.25 * given, (planned, given)
