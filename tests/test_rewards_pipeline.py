@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import polars as pl
@@ -335,6 +336,52 @@ def test_shipped_user_reward_file():
     np.testing.assert_allclose(got, [1 - 0.002, 1 - 0.005, -0.005])
     with pytest.raises(ConfigError, match="defines no function 'score'"):
         user_rewards(table, str(REPO / "examples" / "rewards" / "language_fidelity.py"), "score")
+
+
+@pytest.mark.parametrize("returned, expected", [
+    ("1.0", "returned a float for prompt_id 'a'; expected a list of 2 numbers"),
+    ("None", "returned a NoneType for prompt_id 'a'; expected a list of 2 numbers"),
+    ("(x for x in [1.0, 2.0])", "returned a generator for prompt_id 'a'; expected"),
+    ("['a'] * len(samples)", "returned a list for prompt_id 'a' holding values that are not numbers"),
+    ("[[1.0, 2.0]] * len(samples)", r"returned a list of shape \(2, 2\) for prompt_id 'a', expected a list of 2"),
+    ("[10 ** 400] * len(samples)", "returned a list for prompt_id 'a' holding values that are not numbers"),
+    ("{'a': 1.0}", "returned a dict for prompt_id 'a'; expected"),
+    ("[1.0]", "returned 1 scores for prompt_id 'a', expected a list of 2 numbers"),
+])
+def test_a_user_reward_of_the_wrong_kind_is_named(tmp_path, returned, expected):
+    """Return values that are not one number per sample ended in TypeError, ValueError or OverflowError
+    tracebacks (after generation and scoring, in a launch)."""
+    from rayalign.scoring.rewards import user_rewards
+
+    reward = tmp_path / "odd.py"
+    reward.write_text(f"def reward(samples):\n    return {returned}\n")
+    table = pa.table({"prompt_id": ["a", "a"], "lang": ["en", "de"], "response": ["Hi", "Hallo"]})
+    with pytest.raises(RewardError, match=re.escape(f"{reward}:reward ") + expected):
+        user_rewards(table, str(reward), "reward")
+    reward.write_text("import numpy\ndef reward(samples):\n    return numpy.array([0.5, 1])\n")
+    assert user_rewards(table, str(reward), "reward").tolist() == [0.5, 1.0]
+
+
+def test_user_reward_files_are_checked_for_one_argument_loaded_without_py_and_may_not_exit(tmp_path):
+    from rayalign.scoring.rewards import check_user_reward, load_user_reward, user_rewards
+
+    reward = tmp_path / "reward"  # no .py: importlib found no loader for it, an AttributeError after Ray started
+    reward.write_text("def reward(samples, scale=2.0, *, bonus=0.0):\n    return [scale] * len(samples)\n")
+    check_user_reward(str(reward), "reward")
+    assert load_user_reward(str(reward), "reward")([{}]) == [2.0]
+    for signature in ("()", "(samples, extra)", "(*, samples)", "(samples, *, extra)"):
+        reward.write_text(f"def reward{signature}:\n    return []\n")
+        with pytest.raises(ConfigError, match=re.escape(f"rewards.user.function: {reward}:1: reward() must take one "
+                                                        "argument, the samples of one prompt_id")):
+            check_user_reward(str(reward), "reward")
+    reward.write_text("def reward(*samples):\n    return [1.0]\n")
+    check_user_reward(str(reward), "reward")
+    reward.write_text("raise SystemExit(3)\n")  # exited the command with code 3 and no message
+    with pytest.raises(RewardError, match="importing it raised SystemExit: 3"):
+        load_user_reward(str(reward), "reward")
+    reward.write_text("import sys\ndef reward(samples):\n    sys.exit(4)\n")
+    with pytest.raises(RewardError, match="failed on prompt_id 'a': SystemExit: 4"):
+        user_rewards(pa.table({"prompt_id": ["a"], "lang": ["en"], "response": ["Hi"]}), str(reward), "reward")
 
 
 def test_interrupted_scoring_resumes_from_checkpointed_shards(tmp_path, tiny_model, ray_session, monkeypatch):

@@ -6,6 +6,7 @@ Latent rewards are computed from the float16 pooled states that the dataset stor
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import math
 from pathlib import Path
@@ -66,6 +67,14 @@ def check_user_reward(path: str, function: str) -> None:
               for a in n.names}
     if function not in names:
         raise ConfigError(f"rewards.user.function: {file} defines no function {function!r}")
+    defined = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == function]
+    if defined:  # called with one argument: the samples of one prompt_id
+        args = defined[-1].args
+        positional = len(args.posonlyargs) + len(args.args)
+        if (positional < 1 and not args.vararg) or positional - len(args.defaults) > 1 or \
+                len(args.kwonlyargs) > len(args.kw_defaults) - args.kw_defaults.count(None):
+            raise ConfigError(f"rewards.user.function: {file}:{defined[-1].lineno}: {function}() must take one "
+                              "argument, the samples of one prompt_id in every language (a list of row dicts)")
 
 
 def load_user_reward(path: str, function: str):
@@ -73,16 +82,33 @@ def load_user_reward(path: str, function: str):
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"rewards.user.path: {file} not found")
-    spec = importlib.util.spec_from_file_location(f"rayalign_user_reward_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
+    name = f"rayalign_user_reward_{file.stem}"
+    spec = importlib.util.spec_from_loader(name, importlib.machinery.SourceFileLoader(name, str(file)))
+    module = importlib.util.module_from_spec(spec)  # any file name: check_user_reward parsed it as Python
     try:
         spec.loader.exec_module(module)
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         raise RewardError(f"rewards.user.path: {file}: importing it raised {type(e).__name__}: {e}") from None
     fn = getattr(module, function, None)
     if not callable(fn):
         raise ConfigError(f"rewards.user.function: {file} defines no function {function!r}")
     return fn
+
+
+def _scores(values, count: int, returned: str, where: str) -> np.ndarray:
+    """A user function's return value as `count` float64 scores, or a RewardError saying what came back."""
+    expected = f"expected a list of {count} numbers (one per sample)"
+    if not isinstance(values, (list, tuple, np.ndarray)):
+        raise RewardError(f"{returned} a {type(values).__name__} {where}; {expected}")
+    try:
+        scores = np.asarray(values, np.float64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise RewardError(f"{returned} a {type(values).__name__} {where} holding values that are not numbers ({e}); "
+                          f"{expected}") from None
+    if scores.shape != (count,):
+        got = f"{scores.shape[0]} scores" if scores.ndim == 1 else f"a {type(values).__name__} of shape {scores.shape}"
+        raise RewardError(f"{returned} {got} {where}, {expected}")
+    return scores
 
 
 def user_rewards(table: pa.Table, path: str, function: str) -> np.ndarray:
@@ -97,12 +123,9 @@ def user_rewards(table: pa.Table, path: str, function: str) -> np.ndarray:
     for prompt_id, idx in groups.items():
         try:
             values = fn([rows[i] for i in idx])
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             raise RewardError(f"{path}:{function} failed on prompt_id {prompt_id!r}: {type(e).__name__}: {e}") from e
-        if len(values) != len(idx):
-            raise RewardError(f"{path}:{function} returned {len(values)} scores for prompt_id {prompt_id!r}, "
-                              f"expected {len(idx)} (one per sample)")
-        values = np.asarray(values, dtype=np.float64)
+        values = _scores(values, len(idx), f"{path}:{function} returned", f"for prompt_id {prompt_id!r}")
         bad = np.flatnonzero(~np.isfinite(values))
         if bad.size:
             row = rows[idx[bad[0]]]  # online rollouts may lack sample_idx
