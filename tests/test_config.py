@@ -163,6 +163,13 @@ def test_vllm_engine_settings_are_checked(overrides, expected):
     (["prompts.path="], "prompts.path: empty; expected a prompt file"),
     (["prompts.path=' '"], "prompts.path: empty; expected a prompt file"),
     (['prompts.system_prompt="a\\ud800"'], "prompts.system_prompt: holds a lone surrogate"),
+    (['name="a\\ud800"'], "name: holds a lone surrogate"),  # plan and launch: UnicodeEncodeError tracebacks
+    (['run_dir="/tmp/x\\ud800"'], "run_dir: holds a lone surrogate"),
+    (['rewards.latent.centroid_texts={de: "x\\udc80.txt"}', "rewards.latent.enabled=true"],
+     "rewards.latent.centroid_texts.de: holds a lone surrogate"),
+    (['name="a\\nb"'], "name: 'a\\nb' is not a run name"),
+    (["training.seed=18446744073709551616"], "training.seed: expected a value <= 9223372036854775807"),
+    (["sampling.seed=-1"], "sampling.seed: expected a value >= 0"),
 ])
 def test_prompt_settings_that_name_no_text_are_refused(overrides, expected):
     """An empty prompts.path passed config and plan and failed after Ray started as "no prompt file for language"

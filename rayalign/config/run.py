@@ -143,10 +143,16 @@ class RunConfig:
         return [(key, m) for key, m in models if m]
 
     def validate(self) -> None:
-        if any(part in ("", ".", "..") for part in self.name.split("/")) or any(c in self.name for c in "\\\0"):
+        for key, text in _strings(dataclasses.asdict(self)):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(f"{key}: holds a lone surrogate (such as \\ud800), which is not text") from None
+        if any(part in ("", ".", "..") for part in self.name.split("/")) or any(c in self.name for c in "\\\0") \
+                or any(ord(c) < 32 for c in self.name):
             raise ConfigError(f"name: {self.name!r} is not a run name: the run directory runs/<name> must stay under "
-                              "runs/ (no '..', '.', empty parts, leading '/' or backslash; '/' only nests, as studies "
-                              "do); set run_dir to choose another path")
+                              "runs/ (no '..', '.', empty parts, leading '/', backslash or control characters; '/' only "
+                              "nests, as studies do); set run_dir to choose another path")
         if not self.languages:
             raise ConfigError("languages: expected at least one ISO 639-1 code, got an empty list")
         for i, code in enumerate(self.languages):
@@ -170,12 +176,6 @@ class RunConfig:
         if not p.path.strip():
             raise ConfigError("prompts.path: empty; expected a prompt file, a directory of <lang>.jsonl files, or "
                               "hf:<dataset name or local dataset directory>")
-        for key, text in (("path", p.path), ("system_prompt", p.system_prompt), ("config", p.config)):
-            try:
-                (text or "").encode("utf-8")
-            except UnicodeEncodeError:
-                raise ConfigError(f"prompts.{key}: holds a lone surrogate (such as \\ud800), which is not text") \
-                    from None
         if p.config is not None:
             try:
                 fields = {f for _, f, _, _ in string.Formatter().parse(p.config) if f is not None}
@@ -438,6 +438,18 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             if not Path(value).is_absolute() and (path.parent / value).exists():
                 texts[lang] = str(path.parent / value)
     return cfg
+
+
+def _strings(value, key: str = ""):
+    """(recipe key, text) of every string in a config dict, nested ones and list items included."""
+    if isinstance(value, str):
+        yield key, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _strings(v, f"{key}[{i}]")
 
 
 def _local_path(value):

@@ -76,7 +76,8 @@ class SamplingConfig:
     top_p: float = _field(1.0, help="nucleus sampling mass in (0, 1]", gt=0.0, le=1.0)
     max_new_tokens: int = _field(64, help="maximum generated tokens per sample", ge=1)
     seed: int = _field(
-        0, help="run seed; each sample's seed derives from (seed, iteration, prompt_id, lang, sample_idx)", ge=0
+        0, help="run seed; each sample's seed derives from (seed, iteration, prompt_id, lang, sample_idx)", ge=0,
+        le=2**63 - 1
     )
 
 
@@ -294,7 +295,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = _field(False, help="recompute activations in backward to save memory")
     checkpoint_every: int = _field(0, help="save a resumable mid-epoch checkpoint every N optimizer steps; 0 = only "
                                    "at the end", ge=0)
-    seed: int = _field(0, help="data order seed (the same on every rank)", ge=0)
+    seed: int = _field(0, help="data order seed (the same on every rank)", ge=0, le=2**63 - 1)
 
 
 ONLINE_ALGORITHMS = ("grpo", "rloo", "ppo")
