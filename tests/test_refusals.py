@@ -178,3 +178,23 @@ def test_small_input_mistakes_are_named(tmp_path):
                                                       "gold": True}) + "\n")
     with pytest.raises(PromptError, match="gold must be an index into candidates"):
         load_candidate_sets(mc, ["en", "de"])
+
+
+@pytest.mark.parametrize("row, expected", [
+    ({"question": "a\ud800"}, "en.jsonl:1: question holds a lone surrogate (U+D800"),
+    ({"candidates": ["a", "\udc80"]}, "en.jsonl:1: candidates[1] holds a lone surrogate"),
+    ({"question_id": ""}, "en.jsonl:1: expected question_id and question as non-empty strings, got '' and '?'"),
+    ({"question_id": 1}, "en.jsonl:1: expected question_id and question as non-empty strings, got 1 and '?'"),
+])
+def test_candidate_rows_that_are_not_text_are_named(tmp_path, row, expected):
+    """A lone surrogate in a DCO candidate set was a UnicodeEncodeError traceback from pyarrow; an empty
+    question_id was accepted."""
+    import json
+
+    from rayalign.data.prompts import PromptError, load_candidate_sets
+
+    for lang in ("en", "de"):  # json.dumps writes lone surrogates as ASCII escapes, as a user's file may hold them
+        fields = {"question_id": "q1", "question": "?", "candidates": ["a", "b"], "gold": 0}
+        (tmp_path / f"{lang}.jsonl").write_text(json.dumps({**fields, **(row if lang == "en" else {})}) + "\n")
+    with pytest.raises(PromptError, match=re.escape(expected)):
+        load_candidate_sets(tmp_path, ["en", "de"])

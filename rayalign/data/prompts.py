@@ -288,10 +288,14 @@ def load_candidate_sets(path: str | Path, languages: list[str]) -> pa.Table:
             raise PromptError(f"{path}: no candidate file for language {lang!r} (expected {lang}.jsonl)")
         for where, obj in _read_jsonl(file):
             qid, question, cands, gold = (obj.get(k) for k in ("question_id", "question", "candidates", "gold"))
-            if not isinstance(qid, str) or not isinstance(question, str) or not question.strip():
-                raise PromptError(f"{where}: expected question_id and a non-empty question")
+            if not isinstance(qid, str) or not qid.strip() or not isinstance(question, str) or not question.strip():
+                raise PromptError(f"{where}: expected question_id and question as non-empty strings, got "
+                                  f"{qid!r} and {question!r:.60}")
             if not isinstance(cands, list) or len(cands) < 2 or not all(isinstance(c, str) and c.strip() for c in cands):
                 raise PromptError(f"{where}: candidates must be a list of at least 2 non-empty strings")
+            for field, value in (("question_id", qid), ("question", question), *(
+                    (f"candidates[{i}]", c) for i, c in enumerate(cands))):
+                _utf8(where, field, value)
             if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(cands):
                 raise PromptError(f"{where}: gold must be an index into candidates (0..{len(cands) - 1}), got {gold!r}")
             first = seen.setdefault(qid, {"n": len(cands), "gold": gold, "where": where, "langs": set()})
