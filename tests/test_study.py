@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import time
@@ -111,6 +112,10 @@ def test_slugs_are_safe_and_stable(tmp_path):
     ({"grid": {"name": ["a", "b"]}}, "grid.name: name is set by the study"),
     ({"grid": {"prompts.limit": [4]}, "overrides": {"run_dir": "x"}}, "overrides: run_dir is set by the study"),
     ({"grid": {"sampling.n": [1]}}, "run sampling.n-1: setting sampling.n=1: sampling.n: latent rewards"),
+    ({"grid": {"prompts.revision": [datetime.date(2024, 1, 1), "main"]}},  # a TypeError traceback from json.dumps
+     "grid.prompts.revision: value datetime.date(2024, 1, 1) is a YAML date, not text or a number; quote it "
+     '("2024-01-01")'),
+    ({"grid": {"prompts.revision": [[b"v1"]]}}, "grid.prompts.revision: value b'v1' is a YAML bytes"),
 ])
 def test_bad_study_files_are_refused_with_the_key(tmp_path, fields, expected):
     with pytest.raises(StudyError, match=re.escape(expected)) as info:

@@ -183,6 +183,11 @@ def _axis(path: Path, name, values) -> Axis:
         if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value)):
             raise StudyError(f"{where}: value {value!r}: a plain axis takes scalars or lists of scalars; use a named "
                              "axis for sets of settings")
+        odd = next((v for v in (value if isinstance(value, list) else [value])
+                    if not isinstance(v, (str, int, float, bool, type(None)))), None)
+        if odd is not None:  # YAML reads 2024-01-01 as a date, !!binary as bytes
+            raise StudyError(f"{where}: value {odd!r} is a YAML {type(odd).__name__}, not text or a number; quote it "
+                             f"(\"{odd}\") if it is text")
     if len({json.dumps(v) for v in values}) != len(values):
         raise StudyError(f"{where}: duplicate values in {values!r}")
     return Axis(name, list(values), [[f"{name}={_yaml(v)}"] for v in values], named=False)
