@@ -10,6 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from rayalign.config.fields import EXPONENT_FLOAT
+
 
 SPEC_DIR = Path(__file__).parent
 GB = 1e9
@@ -122,6 +124,9 @@ FIELDS = {
 
 def _number(path: Path, key: str, value):
     kind, expected, minimum, _ = FIELDS[key]
+    if float in (kind if isinstance(kind, tuple) else (kind,)) and isinstance(value, str) \
+            and EXPONENT_FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 8e1 as text, as recipes are read
     if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value < minimum or \
             value > {"nodes": MAX_NODES, "gpu_memory_gb": MAX_GPU_MEMORY_GB}.get(key, math.inf):
         raise ClusterError(f"{path}: {key}: expected {expected} or 'auto', got {value!r}")

@@ -168,6 +168,8 @@ def test_vllm_engine_settings_are_checked(overrides, expected):
     (['rewards.latent.centroid_texts={de: "x\\udc80.txt"}', "rewards.latent.enabled=true"],
      "rewards.latent.centroid_texts.de: holds a lone surrogate"),
     (['name="a\\nb"'], "name: 'a\\nb' is not a run name"),
+    (['rewards.latent.centroid_texts={en: a.txt, es: "", de: c.txt}', "rewards.latent.enabled=true"],
+     "rewards.latent.centroid_texts.es: expected a text file path, got ''"),
     (["training.seed=18446744073709551616"], "training.seed: expected a value <= 9223372036854775807"),
     (["sampling.seed=-1"], "sampling.seed: expected a value >= 0"),
 ])

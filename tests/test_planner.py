@@ -86,6 +86,18 @@ def test_bad_spec_is_refused_naming_file_and_field(tmp_path, change, message):
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
 
 
+def test_spec_numbers_in_exponent_form_read_as_recipes_read_them(tmp_path):
+    """YAML 1.1 reads 8e1 as text: recipes took it as 80.0, cluster specs refused it."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(GOOD_SPEC).replace("gpu_memory_gb: 80", "gpu_memory_gb: 8e1")
+                    + "memory_gb_per_node: 1.5e3\n" * ("memory_gb_per_node" not in GOOD_SPEC))
+    spec = load_cluster_spec(str(path))
+    assert spec.gpu_memory_gb == 80.0
+    path.write_text(yaml.safe_dump({**GOOD_SPEC, "cpus_per_node": "3e1"}))
+    with pytest.raises(ClusterError, match="cpus_per_node: expected an integer >= 1"):  # counts stay integers
+        load_cluster_spec(str(path))
+
+
 def test_a_spec_that_is_not_utf8_is_refused(tmp_path):
     path = tmp_path / "latin1.yaml"
     path.write_bytes(yaml.safe_dump(GOOD_SPEC).replace("name:", "# caf\xe9\nname:").encode("latin-1"))

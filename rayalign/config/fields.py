@@ -89,7 +89,7 @@ def _got(value, section: bool = False) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _convert(value, tp, key: str):
@@ -126,7 +126,7 @@ def _convert(value, tp, key: str):
             if not isinstance(k, key_tp):
                 raise ConfigError(f"{key}: key {k!r}: expected {_type_name(key_tp)}, got {type(k).__name__}")
         return {k: _convert(v, item_tp, f"{key}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+    if tp is float and isinstance(value, str) and EXPONENT_FLOAT.fullmatch(value.strip()):
         value = float(value)  # PyYAML reads 3e-4 (no dot) as a string
     ok = (
         isinstance(value, bool) if tp is bool

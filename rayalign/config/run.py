@@ -342,6 +342,10 @@ class RunConfig:
             if r.latent.centroid_mode != "language":
                 raise ConfigError("rewards.latent.centroid_texts: centroids from text files replace the per-language "
                                   "centroids, so centroid_mode must be language")
+            empty = next((lang for lang, file in texts.items() if not isinstance(file, str) or not file.strip()), None)
+            if empty is not None:
+                raise ConfigError(f"rewards.latent.centroid_texts.{empty}: expected a text file path, got "
+                                  f"{texts[empty]!r}")
             missing, extra = sorted(set(self.languages) - set(texts)), sorted(set(texts) - set(self.languages))
             if missing or extra:
                 raise ConfigError(f"rewards.latent.centroid_texts: needs one text file for each language of the run "
@@ -435,7 +439,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
                 setattr(section, key, prefix + str(path.parent / value))
         texts = cfg.rewards.latent.centroid_texts or {}
         for lang, value in texts.items():
-            if not Path(value).is_absolute() and (path.parent / value).exists():
+            if value and not Path(value).is_absolute() and (path.parent / value).exists():
                 texts[lang] = str(path.parent / value)
     return cfg
 
