@@ -114,3 +114,24 @@ def test_a_cpu_recipe_that_does_not_fit_exits_2_while_a_gpu_preview_exits_0():
         result.output.split())
     preview = invoke("plan", "--cluster", "local", LACOMSA)
     assert preview.exit_code == 0 and "problem:" in preview.output
+
+
+def test_launch_refuses_what_it_can_check_before_ray_starts(no_run, tmp_path):
+    """More engines than the CPUs of a spec, a hub layer beyond the model's, or a reward file that fails to import
+    were refused only after Ray had started and plan.json was written."""
+    spec = tmp_path / "two.yaml"
+    spec.write_text("name: two\nnodes: 1\ncpus_per_node: 2\ngpus_per_node: 0\ngpu_type: none\ngpu_memory_gb: 0\n"
+                    "memory_gb_per_node: 16\n")
+    reward = tmp_path / "reward.py"
+    reward.write_text("import not_a_module_here\ndef reward(samples):\n    return [0.0] * len(samples)\n")
+    run_dir = tmp_path / "run"
+    for overrides, expected in ((["engines.count=5"], "generate: 5 actors x 1 CPUs do not fit on two: at most 2 per "
+                                                      "node x 1 node(s) = 2; set engines.count <= 2"),
+                                (["rewards.latent.hub_layer=99"], "rewards.latent.hub_layer: 99 is beyond the "
+                                                                  "model's 4 layers"),
+                                ([f"rewards.user.path={reward}"],
+                                 "importing it raised ModuleNotFoundError")):
+        result = invoke("launch", "--cluster", spec, QUICKSTART, "--run-dir", run_dir,
+                        *[a for o in overrides for a in ("-o", o)])
+        assert result.exit_code == 2 and expected in " ".join(result.output.split()), result.output
+        assert "connect" not in no_run and not run_dir.exists()
