@@ -75,7 +75,9 @@ def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch
         from rayalign.preflight import preflight
         from rayalign.progress import model_build_progress
 
-        if not address or not spec.auto_fields:  # the running cluster's plan follows
+        import ray
+
+        if not (address or ray.is_initialized()) or not spec.auto_fields:  # the running cluster's plan follows
             plan(cfg, spec, strict=True)
         preflight(cfg, resolve_model_path(cfg.policy.path, model_build_progress(cfg.policy.path)),
                   run_dir_of(cfg, run_dir))
