@@ -35,12 +35,16 @@ def first_fit(actors: list[tuple[str, float, float]], spec: ClusterSpec) -> tupl
     each node's [CPUs left, [each GPU's share left]], and the role of the first actor that found no room (None when
     all fit)."""
     free = [[float(spec.cpus_per_node), [1.0] * spec.gpus_per_node] for _ in range(spec.nodes)]
+    first: dict[tuple, int] = {}  # nodes only fill up: one an actor of a kind did not fit never fits that kind again
     for role, cpus, gpus in sorted(actors, key=lambda a: (a[2], a[1]), reverse=True):
-        node = next((n for n in free if actors_fitting(cpus, gpus, n[0], n[1])), None)
-        if node is None:
+        index = first.get((cpus, gpus), 0)
+        while index < len(free) and not actors_fitting(cpus, gpus, free[index][0], free[index][1]):
+            index += 1
+        first[(cpus, gpus)] = index
+        if index == len(free):
             return free, role
-        node[0] -= cpus
-        take_gpus(node[1], gpus)
+        free[index][0] -= cpus
+        take_gpus(free[index][1], gpus)
     return free, None
 
 
@@ -77,18 +81,26 @@ def balanced_counts(cfg, spec: ClusterSpec, most_engines: int, most_scorers: int
     if busy is None:
         return None
     generate, score = busy
-    best = None
-    for engines in range(1, most_engines + 1):
-        fits = [s for s in range(1, most_scorers + 1) if side_by_side(dataclasses.replace(
-            cfg, engines=dataclasses.replace(cfg.engines, count=engines),
-            rewards=dataclasses.replace(cfg.rewards, actors=s)), spec) is None]
-        if not fits:
-            break
-        scorers = max(fits)
-        seconds = max(generate / engines, score / scorers)
-        if best is None or seconds < best[0] - 1e-12:
-            best = (seconds, engines, scorers)
-    return best and best[1:]
+
+    def fit(engines: int, scorers: int) -> bool:
+        return side_by_side(dataclasses.replace(cfg, engines=dataclasses.replace(cfg.engines, count=engines),
+                                                rewards=dataclasses.replace(cfg.rewards, actors=scorers)), spec) is None
+
+    def most_beside(engines: int) -> int:  # the most scorers that fit beside them (fewer as engines rise)
+        low, high = 0, most_scorers
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if fit(engines, mid) else (low, mid - 1)
+        return low
+
+    # generation's seconds fall as engines rise and scoring's rise: the slower role is fastest where they cross
+    low, high = 1, most_engines
+    while low < high:
+        mid = (low + high) // 2
+        scorers = most_beside(mid)
+        low, high = (mid + 1, high) if scorers and generate / mid > score / scorers else (low, mid)
+    options = [(max(generate / e, score / s), e, s) for e in {low - 1, low} if e >= 1 for s in [most_beside(e)] if s]
+    return min(options)[1:] if options else None
 
 
 def choose_schedule(cfg, spec: ClusterSpec) -> Schedule:

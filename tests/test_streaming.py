@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
+from conftest import REPO
 from rayalign.actors.pool import split_shards
 from rayalign.cli import main
 from rayalign.cluster.planner import PlanError
@@ -105,6 +106,27 @@ def test_gpu_roles_fit_side_by_side_or_colocated_on_shared_gpus():
           "rewards.num_gpus=1", "rewards.actors=1"]
     assert side_by_side(recipe(*tp), spec(gpus=8, cpus=16)) is not None
     assert side_by_side(recipe(*tp), spec(nodes=2, gpus=8, cpus=16)) is None
+
+
+@pytest.mark.parametrize("nodes, gpus, scorer_gpus", [(1, 8, 1.0), (3, 8, 1.0), (5, 4, 0.5), (2, 8, 0.3)])
+def test_the_balanced_split_is_the_best_of_every_pair_that_fits(nodes, gpus, scorer_gpus):
+    """The split searched every (engines, scorers) pair, minutes at 64 nodes and unending at 1000: it now bisects
+    where the two roles' seconds cross, and must find what checking every pair finds."""
+    import dataclasses
+
+    from rayalign.cluster.estimate import one_actor_busy
+    from rayalign.cluster.schedule import balanced_counts, side_by_side
+
+    cfg = load_config(REPO / "examples" / "lacomsa-llama3-8b.yaml", [f"rewards.num_gpus={scorer_gpus}"])
+    cluster = dataclasses.replace(spec(nodes=nodes, cpus=96, gpus=gpus), memory_gb_per_node=1152.0)
+    generate, score = one_actor_busy(cfg, cluster)
+    most = nodes * gpus * (3 if scorer_gpus == 0.3 else 2 if scorer_gpus == 0.5 else 1)
+    every = [(max(generate / e, score / s), e, s) for e in range(1, nodes * gpus + 1) for s in range(1, most + 1)
+             if side_by_side(dataclasses.replace(cfg, engines=dataclasses.replace(cfg.engines, count=e),
+                                                 rewards=dataclasses.replace(cfg.rewards, actors=s)), cluster) is None]
+    best = min(t for t, _, _ in every)
+    engines, scorers = balanced_counts(cfg, cluster, nodes * gpus, most)
+    assert max(generate / engines, score / scorers) == pytest.approx(best, rel=1e-12)
 
 
 def test_schedule_key_forces_either_and_stream_is_refused_where_it_cannot_fit():
