@@ -273,3 +273,13 @@ def test_iteration_summary_takes_each_stages_last_record_only(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert iteration_summary(tmp_path, 1) == {"seconds_generate": 7.0, "fidelity_en": 0.625, "fidelity_de": 0.5,
                                               "seconds_pairs": 2.0, "pairs_rows": 10}
+
+
+def test_scaling_series_leave_out_runs_that_did_not_finish():
+    """A failed run's partial iteration was plotted beside the finished runs' final ones, unmarked."""
+    results = pl.DataFrame([
+        {"run": "a", "status": "finished", "iteration": 1, "prompts.limit": 4, "fidelity_mean": 0.5},
+        {"run": "a", "status": "finished", "iteration": 2, "prompts.limit": 4, "fidelity_mean": 0.9},
+        {"run": "b", "status": "failed", "iteration": 1, "prompts.limit": 8, "fidelity_mean": 0.4},
+        {"run": "c", "status": "finished", "iteration": 2, "prompts.limit": 16, "fidelity_mean": 0.7}])
+    assert scaling_series(results, "prompts.limit", "fidelity_mean") == {"all runs": [(4, 0.9), (16, 0.7)]}

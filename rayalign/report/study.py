@@ -45,8 +45,11 @@ def numeric_axes(final: pl.DataFrame, axes: list[str]) -> list[str]:
 def scaling_series(results: pl.DataFrame, axis: str, metric: str,
                    other_axes: Sequence[str] = ()) -> dict[str, list[tuple[float, float]]]:
     """{combination of the other axes' values: [(axis value, metric at the run's final iteration)]}, points
-    sorted by x; runs without a value are left out. With no other axes the one label is "all runs"."""
+    sorted by x; runs without a value, and runs that did not finish (their last iteration is not a final one), are
+    left out. With no other axes the one label is "all runs"."""
     final = final_rows(results)
+    if "status" in final.columns:
+        final = final.filter(pl.col("status") == "finished")
     if metric not in final.columns:
         return {}
     series = {}
