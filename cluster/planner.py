@@ -51,10 +51,15 @@ def resolve_counts(cfg, spec: ClusterSpec):
         engines = dataclasses.replace(e, count=most_actors(e.num_cpus, gpus, spec))
     if r.actors == "auto":
         rewards = dataclasses.replace(r, actors=most_actors(r.num_cpus, r.num_gpus if on_gpu else 0, spec))
-    from rayalign.cluster.schedule import balanced_counts, streams
+    from rayalign.cluster.schedule import balanced_counts, most_beside, streams
 
-    if cfg.cluster.schedule == "stream" and e.count == r.actors == "auto" and streams(cfg):
-        split = balanced_counts(cfg, spec, engines.count, rewards.actors)
+    if cfg.cluster.schedule == "stream" and "auto" in (e.count, r.actors) and streams(cfg):
+        if e.count == r.actors:
+            split = balanced_counts(cfg, spec, engines.count, rewards.actors)
+        else:  # the auto role fills what the other leaves, both at once
+            beside = most_beside(cfg, spec, None if e.count == "auto" else e.count,
+                                 None if r.actors == "auto" else r.actors, engines.count, rewards.actors)
+            split = beside and (beside if e.count == "auto" else e.count, beside if r.actors == "auto" else r.actors)
         if split:  # both roles at once: the cluster split so that they finish together
             engines, rewards = dataclasses.replace(e, count=split[0]), dataclasses.replace(r, actors=split[1])
     if t.world_size == "auto":
@@ -83,21 +88,22 @@ def with_counts(cfg, spec: ClusterSpec, address: str | None = None):
     return resolve_counts(cfg, running_cluster_spec(spec))
 
 
-def _utilisation(phase: PhasePlan, spec: ClusterSpec, asked) -> str | None:
-    """'<phase> uses X of Y GPUs' (or CPUs), with advice when it leaves most of the cluster idle."""
-    if phase.device == "gpu":
-        used, present, unit = phase.actors * phase.gpus_per_actor, spec.total_gpus, "GPUs"
-    else:
-        used, present, unit = phase.actors * phase.cpus_per_actor, spec.cpus_per_node * spec.nodes, "CPUs"
+def _utilisation(phases: list[PhasePlan], spec: ClusterSpec, asked) -> str | None:
+    """'<phase> uses X of Y GPUs' (or CPUs) for phases that run at once (generate + score when streamed), with advice
+    when they leave most of the cluster idle."""
+    gpu = phases[0].device == "gpu"
+    used = sum(p.actors * (p.gpus_per_actor if gpu else p.cpus_per_actor) for p in phases)
+    present, unit = (spec.total_gpus, "GPUs") if gpu else (spec.cpus_per_node * spec.nodes, "CPUs")
     if not present:
         return None
-    line = f"{phase.phase}: {used:g} of {present:g} {unit} ({used / present:.0%})"
-    if phase.device == "gpu" and used < present / 2:
-        key = COUNT_KEYS[phase.phase]
-        section, name = key.split(".")
-        if getattr(getattr(asked, section), name) != "auto":
-            line += f"; most of the cluster idles in this phase: set {key}: auto to fill it"
-        elif phase.phase == "train":
+    line = f"{' + '.join(p.phase for p in phases)}: {used:g} of {present:g} {unit} ({used / present:.0%})"
+    if gpu and used < present / 2:
+        fixed = [COUNT_KEYS[p.phase] for p in phases if getattr(getattr(asked, COUNT_KEYS[p.phase].split(".")[0]),
+                                                                COUNT_KEYS[p.phase].split(".")[1]) != "auto"]
+        if fixed:
+            line += f"; most of the cluster idles in this phase: set {' and '.join(f'{k}: auto' for k in fixed)} " \
+                    "to fill it"
+        elif phases[0].phase == "train":
             t = asked.training
             line += (f"; training.global_batch_size {t.global_batch_size} / micro_batch_size {t.micro_batch_size} "
                      f"caps the ranks at {t.global_batch_size // t.micro_batch_size}")
@@ -140,11 +146,14 @@ def plan(cfg, spec: ClusterSpec, strict: bool = False) -> Plan:
     if refuse.found and strict:
         raise PlanError(*refuse.found[0])
     problems = [f"{reason}; {suggestion}" for reason, suggestion in refuse.found]
-    notes += [line for p in phases if (line := _utilisation(p, spec, asked))]
     from rayalign.cluster.estimate import estimate
     from rayalign.cluster.schedule import choose_schedule
 
     schedule = choose_schedule(cfg, spec)
+    together = [p for p in phases if schedule.stream and p.phase in ("generate", "score")]
+    groups = ([together] if together else []) + [[p] for p in phases if p not in together]
+    notes += [line for group in sorted(groups, key=lambda g: phases.index(g[0])) if (line := _utilisation(group, spec,
+                                                                                                           asked))]
     if schedule.stream:
         notes = [line.replace("phases run one after another; each may use the whole cluster", "generate and score "
                               "run side by side (scoring streams behind generation); train takes the whole cluster")

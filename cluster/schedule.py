@@ -69,12 +69,29 @@ def streams(cfg) -> bool:
     return cfg.mode != "online" and cfg.pairs.method != "dco" and bool(scored)
 
 
+def fit_side_by_side(cfg, spec: ClusterSpec, engines: int, scorers: int) -> bool:
+    import dataclasses
+
+    return side_by_side(dataclasses.replace(cfg, engines=dataclasses.replace(cfg.engines, count=engines),
+                                            rewards=dataclasses.replace(cfg.rewards, actors=scorers)), spec) is None
+
+
+def most_beside(cfg, spec: ClusterSpec, engines: int | None, scorers: int | None, most_engines: int,
+                most_scorers: int) -> int:
+    """The most actors of the role given as None (at most most_engines or most_scorers) that fit beside the other
+    role's count; 0 when none does. Fewer fit as the other count rises, so a bisection finds it."""
+    low, high = 0, most_engines if engines is None else most_scorers
+    while low < high:
+        mid = (low + high + 1) // 2
+        fits = fit_side_by_side(cfg, spec, mid if engines is None else engines, mid if scorers is None else scorers)
+        low, high = (mid, high) if fits else (low, mid - 1)
+    return low
+
+
 def balanced_counts(cfg, spec: ClusterSpec, most_engines: int, most_scorers: int) -> tuple[int, int] | None:
     """(engines, scorers) for a streamed iteration on `spec`: the pair that fits side by side and whose slower role
     finishes first, by the estimate's busy seconds of one engine and one scorer (both roles run at once, so the
     iteration lasts as long as the slower one); None without the figures or when no pair fits."""
-    import dataclasses
-
     from rayalign.cluster.estimate import one_actor_busy
 
     busy = one_actor_busy(cfg, spec)
@@ -82,24 +99,17 @@ def balanced_counts(cfg, spec: ClusterSpec, most_engines: int, most_scorers: int
         return None
     generate, score = busy
 
-    def fit(engines: int, scorers: int) -> bool:
-        return side_by_side(dataclasses.replace(cfg, engines=dataclasses.replace(cfg.engines, count=engines),
-                                                rewards=dataclasses.replace(cfg.rewards, actors=scorers)), spec) is None
-
-    def most_beside(engines: int) -> int:  # the most scorers that fit beside them (fewer as engines rise)
-        low, high = 0, most_scorers
-        while low < high:
-            mid = (low + high + 1) // 2
-            low, high = (mid, high) if fit(engines, mid) else (low, mid - 1)
-        return low
+    def scorers_beside(engines: int) -> int:
+        return most_beside(cfg, spec, engines, None, most_engines, most_scorers)
 
     # generation's seconds fall as engines rise and scoring's rise: the slower role is fastest where they cross
     low, high = 1, most_engines
     while low < high:
         mid = (low + high) // 2
-        scorers = most_beside(mid)
+        scorers = scorers_beside(mid)
         low, high = (mid + 1, high) if scorers and generate / mid > score / scorers else (low, mid)
-    options = [(max(generate / e, score / s), e, s) for e in {low - 1, low} if e >= 1 for s in [most_beside(e)] if s]
+    options = [(max(generate / e, score / s), e, s) for e in {low - 1, low} if e >= 1 for s in [scorers_beside(e)]
+               if s]
     return min(options)[1:] if options else None
 
 

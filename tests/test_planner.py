@@ -357,10 +357,15 @@ def test_auto_counts_fill_a100x64_and_the_global_batch_caps_the_ranks():
 
 
 def test_fixed_counts_that_leave_the_cluster_idle_are_named():
-    result = plan(recipe("lacomsa-llama3-8b.yaml", "engines.count=8", "rewards.actors=8"), load_cluster_spec("a100x64"))
+    result = plan(recipe("lacomsa-llama3-8b.yaml", "engines.count=8", "rewards.actors=8", "cluster.schedule=barrier"),
+                  load_cluster_spec("a100x64"))
     assert ("generate: 8 of 64 GPUs (12%); most of the cluster idles in this phase: set engines.count: auto to fill it"
             in result.notes)
     assert any(n.startswith("score: 8 of 64 GPUs (12%); most of the cluster idles") for n in result.notes)
+    streamed = plan(recipe("lacomsa-llama3-8b.yaml", "engines.count=8", "rewards.actors=8"),  # auto: side by side
+                    load_cluster_spec("a100x64"))
+    assert ("generate + score: 16 of 64 GPUs (25%); most of the cluster idles in this phase: set engines.count: auto "
+            "and rewards.actors: auto to fill it") in streamed.notes
 
 
 def test_auto_counts_on_cpus_and_online_engines_fill_what_training_leaves():

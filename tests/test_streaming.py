@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from conftest import REPO
 from rayalign.actors.pool import split_shards
 from rayalign.cli import main
-from rayalign.cluster.planner import PlanError
+from rayalign.cluster.planner import PlanError, plan
 from rayalign.cluster.schedule import choose_schedule, side_by_side
-from rayalign.cluster.spec import ClusterSpec
+from rayalign.cluster.spec import ClusterSpec, load_cluster_spec
 from rayalign.config import load_config
 from rayalign.data.store import read_dataset, read_manifest
 from rayalign.pipelines.streaming import ScoringCuts
@@ -284,3 +284,24 @@ def test_scorers_that_stop_mid_stream_stop_generation_at_the_next_shard(tmp_path
     written = sorted((run_dir / "iter-1" / "samples").glob("part-*.parquet"))
     assert 1 <= len(written) < 6, written  # 6 shards of 2 rows: stopped at the first finished one
     assert not (run_dir / "iter-1" / "samples" / "manifest.json").exists()
+
+
+def test_under_stream_one_auto_count_fills_what_the_other_role_leaves_and_utilisation_counts_both():
+    """Streamed phases run at once: with 44 engines fixed, rewards.actors auto asked for 64 scorers (108 GPUs on a
+    64-GPU cluster), and each phase's utilisation alone advised `auto` for a cluster already full."""
+    cluster = load_cluster_spec("a100x64")
+    lacomsa = REPO / "examples" / "lacomsa-llama3-8b.yaml"
+    result = plan(load_config(lacomsa, ["cluster.schedule=stream", "engines.count=44", "rewards.actors=auto"]),
+                  cluster)
+    assert (result.phase("generate").actors, result.phase("score").actors) == (44, 20)  # 64 GPUs, 1 each
+    result = plan(load_config(lacomsa, ["cluster.schedule=stream", "engines.count=auto", "rewards.actors=30"]),
+                  cluster)
+    assert (result.phase("generate").actors, result.phase("score").actors) == (34, 30)
+    notes = plan(load_config(lacomsa, ["cluster.schedule=stream", "engines.count=44", "rewards.actors=20"]),
+                 cluster).notes
+    assert "generate + score: 64 of 64 GPUs (100%)" in notes and not any("idles" in n for n in notes[:-1] if
+                                                                         n.startswith("generate"))
+    notes = plan(load_config(lacomsa, ["cluster.schedule=stream", "engines.count=10", "rewards.actors=5"]),
+                 cluster).notes
+    assert ("generate + score: 15 of 64 GPUs (23%); most of the cluster idles in this phase: set engines.count: auto "
+            "and rewards.actors: auto to fill it") in notes
