@@ -59,7 +59,9 @@ def _remove_if_unchanged(run_dir: Path, path: Path, seen: dict) -> bool:
 
 @contextlib.contextmanager
 def run_dir_lock(run_dir: Path, announce=print):
-    """Hold `<run_dir>/run.lock` for the block; ConfigError naming the holder when another run holds it."""
+    """Hold `<run_dir>/run.lock` for the block; ConfigError naming the holder when another run holds it. A run
+    directory made here and left empty (a launch refused) is removed with the lock."""
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -90,3 +92,6 @@ def run_dir_lock(run_dir: Path, announce=print):
     finally:
         if (_holder(path) or {}).get("pid") == me["pid"]:
             path.unlink(missing_ok=True)
+            if created:
+                with contextlib.suppress(OSError):  # not empty: the run wrote into it
+                    run_dir.rmdir()

@@ -70,18 +70,18 @@ def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch
         console.print(dry_plan.table())
         console.print(dry_plan.estimate_table())
         return
-    if not (address or "").startswith("ray://"):  # refused before Ray starts and plan.json is written
-        from rayalign.models import resolve_model_path
-        from rayalign.preflight import preflight
-        from rayalign.progress import model_build_progress
-
-        import ray
-
-        if not (address or ray.is_initialized()) or not spec.auto_fields:  # the running cluster's plan follows
-            plan(cfg, spec, strict=True)
-        preflight(cfg, resolve_model_path(cfg.policy.path, model_build_progress(cfg.policy.path)),
-                  run_dir_of(cfg, run_dir))
     with run_dir_lock(run_dir_of(cfg, run_dir), err.print):  # before plan.json: a run in progress keeps its plan
+        if not (address or "").startswith("ray://"):  # refused before Ray starts and plan.json is written
+            import ray
+
+            from rayalign.models import resolve_model_path
+            from rayalign.preflight import preflight
+            from rayalign.progress import model_build_progress
+
+            if not (address or ray.is_initialized()) or not spec.auto_fields:  # the running cluster's plan follows
+                plan(cfg, spec, strict=True)
+            preflight(cfg, resolve_model_path(cfg.policy.path, model_build_progress(cfg.policy.path)),
+                      run_dir_of(cfg, run_dir))
         connect(spec, address, allow_mismatch=allow_mismatch)
         run_plan = plan(cfg, running_cluster_spec(spec), strict=True)
         err.print(run_plan.table())
