@@ -168,19 +168,21 @@ def model_fingerprint(path: str) -> str | None:
 
 def check_inputs_unchanged(cfg: RunConfig, state: dict | None, redo: tuple[str, ...] = ()) -> dict[str, str]:
     """{recipe key: digest} of `input_files` (sha256) and of every model the recipe loads (`model_fingerprint`,
-    keyed <section>.path); refuses a resume whose kept samples or scores, finished or partial, came from other
-    contents (the config hash names the paths only), unless the stage that used them is redone. Read-only:
-    prepare_run_dir records them."""
+    keyed <section>.path); refuses a resume whose kept outputs came from other contents (the config hash names the
+    paths only), unless the stage that used them is redone. Read-only: prepare_run_dir records them."""
     files = input_files(cfg)
     models = {f"{key}.path": model.path for key, model in cfg.models()}
     digests = {key: hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] for key, path in files.items()
                if Path(path).is_file()}
     digests |= {key: fp for key, path in models.items() if (fp := model_fingerprint(path))}
     recorded = (state or {}).get("input_digests", {})
-    kept = state is not None and (cfg.matches(state["config_hash"]) or holds_results(state))
-    for key, digest in digests.items():
+    partial = state is not None and (cfg.matches(state["config_hash"]) or holds_results(state))  # shards written
+    scored = state is not None and (any(f.endswith("/score") for f in state["finished"])
+                                    or bool(state.get("online_checkpoint")))
+    for key, digest in digests.items():  # models: every shard they wrote; files: used as a score stage ends
         used_by = "generate" if key == "policy.path" else "score"
-        if recorded.get(key) in (None, digest) or not kept or set(STAGES[:STAGES.index(used_by) + 1]) & set(redo):
+        if recorded.get(key) in (None, digest) or not (partial if key in models else scored) \
+                or set(STAGES[:STAGES.index(used_by) + 1]) & set(redo):
             continue
         what = "model's files differ from those" if key in models else "content differs from the one"
         kept_data = "samples" if used_by == "generate" else "scores"
