@@ -242,3 +242,16 @@ def test_a_source_lang_column_is_ignored_when_another_column_holds_the_language(
     table = load_prompts(f"hf:{ds}", ["en", "de"], columns={"prompt_id": "id", "instruction": "text",
                                                              "lang": "language"})
     assert [(r["lang"], r["messages"][0]["content"]) for r in table.to_pylist()] == [("en", "en-a"), ("de", "de-a")]
+
+
+def test_a_local_directory_without_data_files_is_refused_before_datasets_scans_it(tmp_path):
+    """hf:../.. (the root folder) ran for minutes while datasets listed every file below it; a data file that does
+    not parse said only "An error occurred while generating the dataset"."""
+    (tmp_path / "empty" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no data here\n")
+    with pytest.raises(PromptError, match="holds no dataset: no data files .* in it or its first two levels"):
+        load_prompts(f"hf:{tmp_path / 'empty'}", ["en"])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "train.json").write_text('{"a": [1, {"b"}\n')
+    with pytest.raises(PromptError, match=r"cannot load \(.*; ArrowInvalid: JSON parse error"):
+        load_prompts(f"hf:{tmp_path / 'broken'}", ["en"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import tempfile
 from pathlib import Path
@@ -86,7 +87,34 @@ def split_hf_path(path: str) -> tuple[str, bool]:
     local = Path(target).expanduser().is_dir()
     if not local and target.startswith((".", "/", "~")):  # a path, not a Hub name
         raise HubError(f"prompts.path: {path}: local dataset directory {target} not found")
+    if local and not _holds_data(Path(target).expanduser()):  # datasets would scan it all (hf:/ took minutes)
+        raise HubError(f"prompts.path: {path}: {target} holds no dataset: no data files ({', '.join(DATA_FILES)}) in "
+                       "it or its first two levels of folders, and no save_to_disk files")
     return (str(Path(target).expanduser()) if local else target), local
+
+
+DATA_FILES = (".parquet", ".arrow", ".jsonl", ".json", ".csv")
+
+
+def _holds_data(directory: Path, depth: int = 3, budget: int = 10_000) -> bool:
+    """Whether `directory` (or its folders, `depth` levels down) holds a data file; gives up after `budget`
+    entries."""
+    level = [directory]
+    for _ in range(depth):
+        folders = []
+        for folder in level:
+            try:
+                entries = list(itertools.islice(folder.iterdir(), budget))
+            except OSError:
+                continue
+            budget -= len(entries)
+            if any(e.suffix in DATA_FILES and e.is_file() for e in entries):
+                return True
+            folders += [e for e in entries if e.is_dir() and not e.name.startswith(".")]
+            if budget <= 0:
+                return False
+        level = folders
+    return False
 
 
 def _load_one(target: str, local: bool, config: str | None, split: str, revision: str | None):
@@ -116,7 +144,9 @@ def _load_one(target: str, local: bool, config: str | None, split: str, revision
                            "set prompts.config to one, or to '{lang}' when each language is a config") from None
         if "split" in text.lower():
             raise HubError(f"{where}: no split {split!r} ({text}); set prompts.split") from None
-        raise HubError(f"{where}: cannot load ({type(e).__name__}: {text})") from None
+        cause = e.__cause__ or e.__context__  # DatasetGenerationError says only "An error occurred"
+        why = f"; {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}" if cause else ""
+        raise HubError(f"{where}: cannot load ({type(e).__name__}: {text}{why})") from None
 
 
 def _config_names(target: str, local: bool, revision: str | None) -> list[str]:
