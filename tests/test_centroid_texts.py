@@ -51,10 +51,16 @@ def test_centroid_text_rows_and_bad_files(tmp_path):
     assert [(r["lang"], r["response"], r["sample_idx"]) for r in rows] == [
         ("en", "The cat sleeps.", 0), ("en", "A dog barks.", 1), ("de", "Die Katze schläft.", 0)]
     assert all(r["messages"] == CENTROID_PROMPT for r in rows) and len({r["prompt_id"] for r in rows}) == 3
+    (tmp_path / "bom.txt").write_text("\ufeffThe cat sleeps.\n", encoding="utf-8")  # a BOM was kept in the passage
+    assert centroid_text_rows({"en": str(tmp_path / "bom.txt")}).column("response").to_pylist() == ["The cat sleeps."]
     (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
     (tmp_path / "latin1.txt").write_bytes("Schläft".encode("latin-1"))
+    (tmp_path / "invisible.txt").write_text("Katze.\n\u200b\u200b\n", encoding="utf-8")  # accepted as a passage
+    (tmp_path / "nul.txt").write_text("\0\0\nKatze.\n", encoding="utf-8")
     for path, message in ((tmp_path / "none.txt", "not found"), (tmp_path / "empty.txt", "has no text"),
-                          (tmp_path / "latin1.txt", "not valid UTF-8")):
+                          (tmp_path / "latin1.txt", "not valid UTF-8"),
+                          (tmp_path / "invisible.txt", ":2: a line of only invisible characters"),
+                          (tmp_path / "nul.txt", ":1: a line of only invisible characters")):
         with pytest.raises(ConfigError, match=f"rewards.latent.centroid_texts.sw: {path}.*{message}"):
             centroid_text_rows({"sw": str(path)})
 

@@ -15,8 +15,13 @@ import numpy as np
 import pyarrow as pa
 
 from rayalign.config import ConfigError
+from rayalign.data.prompts import INVISIBLE
 
 CENTROID_PROMPT = [{"role": "user", "content": ""}]  # no language cue besides the text itself
+
+
+def visible(text: str) -> bool:
+    return bool(text.translate(INVISIBLE).replace("\0", "").strip())
 
 
 def centroid_text_rows(texts: dict[str, str]) -> pa.Table:
@@ -25,7 +30,7 @@ def centroid_text_rows(texts: dict[str, str]) -> pa.Table:
     for lang, path in texts.items():
         key = f"rewards.latent.centroid_texts.{lang}"
         try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
+            lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # a BOM is not part of the first line
         except FileNotFoundError:
             where = "" if Path(path).is_absolute() else (" (a relative path is taken from the recipe's directory, "
                                                          f"else from the current one, {Path.cwd()})")
@@ -34,6 +39,10 @@ def centroid_text_rows(texts: dict[str, str]) -> pa.Table:
             raise ConfigError(f"{key}: {path} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
         except OSError as e:
             raise ConfigError(f"{key}: cannot read {path} ({e.strerror})") from None
+        blank = next((i for i, line in enumerate(lines, 1) if line.strip() and not visible(line)), None)
+        if blank is not None:
+            raise ConfigError(f"{key}: {path}:{blank}: a line of only invisible characters (zero-width spaces, "
+                              "NUL); remove it or give it text")
         passages = [line.strip() for line in lines if line.strip()]
         if not passages:
             raise ConfigError(f"{key}: {path} has no text (one passage per line)")
