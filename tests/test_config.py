@@ -171,6 +171,9 @@ def test_vllm_engine_settings_are_checked(overrides, expected):
     (['rewards.latent.centroid_texts={en: a.txt, es: "", de: c.txt}', "rewards.latent.enabled=true"],
      "rewards.latent.centroid_texts.es: expected a text file path, got ''"),
     (["training.seed=18446744073709551616"], "training.seed: expected a value <= 9223372036854775807"),
+    (["engines.max_model_len=512"], "engines.max_model_len: only the vllm backend uses it, and engines.backend is hf"),
+    (["engines.kv_cache_gib=2"], "engines.kv_cache_gib: only the vllm backend uses it"),  # ignored by the hf engine
+    (["engines.tensor_parallel_size=4"], "engines.tensor_parallel_size: only the vllm backend uses it"),
     (["sampling.seed=-1"], "sampling.seed: expected a value >= 0"),
 ])
 def test_prompt_settings_that_name_no_text_are_refused(overrides, expected):

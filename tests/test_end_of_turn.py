@@ -229,7 +229,8 @@ def test_settings_the_policy_cannot_serve_are_refused_before_any_work(tmp_path):
     cfg = lambda *o: load_config(None, ["sampling.max_new_tokens=16", *o])  # noqa: E731
     check_engine_settings(cfg("prompts.system_prompt=Be brief."), llama)
     check_engine_settings(cfg(), gemma)
-    check_engine_settings(cfg("engines.max_model_len=16"), llama)  # a vLLM setting: the hf engine does not read it
+    with pytest.raises(ConfigError, match="engines.max_model_len: only the vllm backend uses it"):
+        cfg("engines.max_model_len=16")  # the hf engine would not read it
     for policy, overrides, expected in [
             (gemma, ["prompts.system_prompt=Be brief."], "prompts.system_prompt: the policy's chat template refuses "
                                                          "a system message (TemplateError: System role not supported)"),

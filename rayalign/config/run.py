@@ -206,6 +206,12 @@ class RunConfig:
         if e.backend == "vllm" and e.num_gpus == 0 and e.tensor_parallel_size > 1:
             raise ConfigError(f"engines.tensor_parallel_size: {e.tensor_parallel_size} needs GPUs (engines.num_gpus); "
                               "vLLM on CPU (num_gpus: 0) runs one engine per actor")
+        vllm_only = [k for k, is_set in (("max_model_len", e.max_model_len is not None),
+                                         ("kv_cache_gib", e.kv_cache_gib is not None),
+                                         ("tensor_parallel_size", e.tensor_parallel_size > 1)) if is_set]
+        if e.backend == "hf" and vllm_only:
+            raise ConfigError(f"engines.{vllm_only[0]}: only the vllm backend uses it, and engines.backend is hf; "
+                              "remove it, or set engines.backend: vllm")
         if e.backend == "vllm" and e.max_model_len is not None and e.max_batch_tokens < e.max_model_len:
             raise ConfigError(f"engines.max_batch_tokens: {e.max_batch_tokens} is below engines.max_model_len "
                               f"{e.max_model_len}; a prompt must fit in one engine step")
