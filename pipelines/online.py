@@ -108,7 +108,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
         stack.callback(source.close)
         sync = WeightSync(trainer, generators, cfg.engines.tensor_parallel_size if cfg.engines.backend == "vllm" else 1)
         console.print(f"weight sync from the trainer to the engines: {sync.mode}")
-        tracker = Trackers(cfg, run_dir)
+        tracker = Trackers(cfg, run_dir, purge_step=resume_step + 1)
         stack.callback(tracker.close, ok=False)  # after an error (closed already otherwise)
         try:
             groups = {"policy": trainer, "critic": critic} if ppo else {"policy": trainer}

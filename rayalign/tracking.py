@@ -86,7 +86,9 @@ class Trackers:
     `update()` logs the metrics.jsonl lines written since the last call (those of earlier launches were logged by
     them), and after a train stage's line that iteration's train_log.jsonl."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path):
+    def __init__(self, cfg: RunConfig, run_dir: Path, purge_step: int | None = None):
+        """`purge_step`: the first step a resumed online run computes again; TensorBoard drops the earlier launch's
+        points from that step on, as metrics.jsonl dropped their lines."""
         check_trackers(cfg)
         self.run_dir, self.tensorboard, self.wandb = Path(run_dir), None, None
         metrics = self.run_dir / "metrics.jsonl"
@@ -96,7 +98,7 @@ class Trackers:
             import yaml
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
             self.tensorboard.add_text("config", "```\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```")
         if log.wandb is not None and _wandb_mode(log.wandb.mode) != "disabled":
             self.wandb_prefixes: set[str] = set()

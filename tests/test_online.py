@@ -374,6 +374,11 @@ def test_online_run_resumes_from_its_last_checkpoint(ray_session, tiny_model, tm
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if json.loads(line).get("stage") == "online"]
     assert steps == [1, 2, 3]  # step 3's first record went with the interrupted outputs
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()  # both launches' event files: step 3 of the first was dropped with its metrics line
+    assert [e.step for e in events.Scalars("online/reward_mean")] == [1, 2, 3]
 
 
 def test_an_online_checkpoint_that_was_changed_is_not_loaded(ray_session, tiny_model, tmp_path):
