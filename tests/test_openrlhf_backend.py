@@ -209,6 +209,9 @@ def test_the_openrlhf_backend_is_checked_before_any_work(tmp_path, tiny_model, m
         load_config(REPO / "examples" / "quickstart-batch-alignment.yaml", gpu)
     cfg = load_config(REPO / "examples" / "quickstart.yaml", gpu)
     preflight(cfg, tiny_model, tmp_path / "run")  # the deepspeed launcher here, and OpenRLHF's parser takes the flags
+    # launch checks before Ray starts, with world_size still auto: --train.batch_size autoauto was an ArgumentError
+    preflight(load_config(REPO / "examples" / "quickstart.yaml", [*gpu, "training.world_size=auto"]), tiny_model,
+              tmp_path / "run")
     printed = []  # OpenRLHF reads 'x,y' as two datasets (and 'x@y' as a split of 'x')
     with pytest.raises(Exception):
         blending_datasets(f"{tmp_path / 'x,y' / 'iter-1' / 'pairs'}/part-*.parquet", None,

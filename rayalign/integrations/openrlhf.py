@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import datetime
 import importlib.util
 import os
@@ -46,8 +47,10 @@ def check_backend(cfg, run_dir: Path) -> None:
                             f"`{launcher()}` was not found; install OpenRLHF {SUPPORTED_VERSIONS} "
                             f"(docs/openrlhf.md) and set {LAUNCHER_ENV} to its environment's deepspeed launcher")
     if importlib.util.find_spec("openrlhf") is not None:  # same environment: check the flags before a GPU job
+        t = cfg.training  # world_size auto is resolved on the cluster; the flags' form is what is checked here
+        t = t if isinstance(t.world_size, int) else dataclasses.replace(t, world_size=1)
         try:
-            parse_dpo_command(dpo_command(cfg.training, run_dir / "iter-1" / "pairs", cfg.policy.path,
+            parse_dpo_command(dpo_command(t, run_dir / "iter-1" / "pairs", cfg.policy.path,
                                           run_dir / "iter-1" / "policy", launcher()))
         except ValueError as e:
             raise OpenRLHFError(f"training.backend: openrlhf: {e}") from None
