@@ -57,8 +57,7 @@ def resolve_counts(cfg, spec: ClusterSpec):
         if e.count == r.actors:
             split = balanced_counts(cfg, spec, engines.count, rewards.actors)
         else:  # the auto role fills what the other leaves, both at once
-            beside = most_beside(cfg, spec, None if e.count == "auto" else e.count,
-                                 None if r.actors == "auto" else r.actors, engines.count, rewards.actors)
+            beside = most_beside(cfg, spec, e.count, r.actors, engines.count if e.count == "auto" else rewards.actors)
             split = beside and (beside if e.count == "auto" else e.count, beside if r.actors == "auto" else r.actors)
         if split:  # both roles at once: the cluster split so that they finish together
             engines, rewards = dataclasses.replace(e, count=split[0]), dataclasses.replace(r, actors=split[1])
@@ -98,8 +97,8 @@ def _utilisation(phases: list[PhasePlan], spec: ClusterSpec, asked) -> str | Non
         return None
     line = f"{' + '.join(p.phase for p in phases)}: {used:g} of {present:g} {unit} ({used / present:.0%})"
     if gpu and used < present / 2:
-        fixed = [COUNT_KEYS[p.phase] for p in phases if getattr(getattr(asked, COUNT_KEYS[p.phase].split(".")[0]),
-                                                                COUNT_KEYS[p.phase].split(".")[1]) != "auto"]
+        fixed = [key for key in (COUNT_KEYS[p.phase] for p in phases)
+                 if getattr(getattr(asked, key.split(".")[0]), key.split(".")[1]) != "auto"]
         if fixed:
             line += f"; most of the cluster idles in this phase: set {' and '.join(f'{k}: auto' for k in fixed)} " \
                     "to fill it"
@@ -150,10 +149,9 @@ def plan(cfg, spec: ClusterSpec, strict: bool = False) -> Plan:
     from rayalign.cluster.schedule import choose_schedule
 
     schedule = choose_schedule(cfg, spec)
-    together = [p for p in phases if schedule.stream and p.phase in ("generate", "score")]
+    together = [p for p in phases if schedule.stream and p.phase in ("generate", "score")]  # the first phases
     groups = ([together] if together else []) + [[p] for p in phases if p not in together]
-    notes += [line for group in sorted(groups, key=lambda g: phases.index(g[0])) if (line := _utilisation(group, spec,
-                                                                                                           asked))]
+    notes += [line for group in groups if (line := _utilisation(group, spec, asked))]
     if schedule.stream:
         notes = [line.replace("phases run one after another; each may use the whole cluster", "generate and score "
                               "run side by side (scoring streams behind generation); train takes the whole cluster")

@@ -76,14 +76,13 @@ def fit_side_by_side(cfg, spec: ClusterSpec, engines: int, scorers: int) -> bool
                                             rewards=dataclasses.replace(cfg.rewards, actors=scorers)), spec) is None
 
 
-def most_beside(cfg, spec: ClusterSpec, engines: int | None, scorers: int | None, most_engines: int,
-                most_scorers: int) -> int:
-    """The most actors of the role given as None (at most most_engines or most_scorers) that fit beside the other
-    role's count; 0 when none does. Fewer fit as the other count rises, so a bisection finds it."""
-    low, high = 0, most_engines if engines is None else most_scorers
+def most_beside(cfg, spec: ClusterSpec, engines: int | str, scorers: int | str, most: int) -> int:
+    """The most actors, up to `most`, of the role given as "auto" that fit beside the other role's count; 0 when
+    none does. Fewer fit as the other count rises, so a bisection finds it."""
+    low, high = 0, most
     while low < high:
         mid = (low + high + 1) // 2
-        fits = fit_side_by_side(cfg, spec, mid if engines is None else engines, mid if scorers is None else scorers)
+        fits = fit_side_by_side(cfg, spec, mid if engines == "auto" else engines, mid if scorers == "auto" else scorers)
         low, high = (mid, high) if fits else (low, mid - 1)
     return low
 
@@ -100,7 +99,7 @@ def balanced_counts(cfg, spec: ClusterSpec, most_engines: int, most_scorers: int
     generate, score = busy
 
     def scorers_beside(engines: int) -> int:
-        return most_beside(cfg, spec, engines, None, most_engines, most_scorers)
+        return most_beside(cfg, spec, engines, "auto", most_scorers)
 
     # generation's seconds fall as engines rise and scoring's rise: the slower role is fastest where they cross
     low, high = 1, most_engines

@@ -377,11 +377,13 @@ def run(cfg: RunConfig, run_dir: Path | None = None, **options) -> Path:
 
 
 def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str | None = None,
-         stages: tuple[str, ...] = STAGES, redo: tuple[str, ...] = (), prompts=None, planned: bool = False) -> Path:
+         stages: tuple[str, ...] = STAGES, redo: tuple[str, ...] = (), prompts=None, planned: bool = False,
+         preflighted: bool = False) -> Path:
     """`prompts`: the prompt table when the caller has read it already (launch checks it before Ray starts).
     `stages`: a subset runs those stages only (rayalign generate|score|pairs), in the iterations whose inputs exist:
     iteration t > 1 generates with policy t - 1, so without training only the first. `planned`: the caller has
-    checked that the actors fit the running cluster (launch)."""
+    checked that the actors fit the running cluster (launch). `preflighted`: the caller ran `preflight` (launch,
+    before Ray started), so the user's reward file is not imported twice."""
 
     every = recipe_stages(cfg)
     stages = tuple(st for st in every if st in stages)
@@ -403,7 +405,8 @@ def _run(cfg: RunConfig, run_dir: Path, *, cluster: str = "local", address: str 
     if prompts is not None and "train" in stages:
         check_training_rows(cfg, prompts.num_rows // len(cfg.languages))
     initial_path = resolve_model_path(cfg.policy.path, progress=model_build_progress(cfg.policy.path))
-    preflight(cfg, initial_path, run_dir)  # before the run directory is touched: a refused recipe leaves nothing
+    if not preflighted:  # before the run directory is touched: a refused recipe leaves nothing
+        preflight(cfg, initial_path, run_dir)
     state = prepare_run_dir(cfg, run_dir, redo, prompts_digest=digest, input_digests=inputs)
     source = (f"{prompts.num_rows} prompt rows ({prompts.num_rows // len(cfg.languages)} ids x {len(cfg.languages)} "
               f"languages), n={cfg.sampling.n}, {cfg.engines.count} {cfg.engines.backend} engine(s)"

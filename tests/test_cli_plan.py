@@ -72,7 +72,8 @@ def test_launch_saves_plan_json_and_threads_allow_mismatch(tmp_path, no_run):
                     "--allow-mismatch")
     assert result.exit_code == 0, result.output
     assert no_run["connect"] == {"spec": "a100x8", "address": "ray://head:10001", "allow_mismatch": True}
-    assert no_run["run"] == {"cluster": "a100x8", "address": "ray://head:10001", "planned": True}
+    assert no_run["run"] == {"cluster": "a100x8", "address": "ray://head:10001", "planned": True,
+                             "preflighted": False}  # a Ray client: its models are checked where they load
     saved = json.loads((run_dir / "plan.json").read_text())
     assert saved["recipe"] == "lacomsa-llama3-8b" and saved["cluster"]["name"] == "a100x8"
     refused = invoke("launch", "--cluster", "a100x8", LACOMSA, "-o", SEVENTY_B, "--run-dir", tmp_path / "r2")

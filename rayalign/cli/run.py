@@ -71,26 +71,28 @@ def launch(recipe, cluster, overrides, run_dir, address, dry_run, allow_mismatch
         console.print(dry_plan.estimate_table())
         return
     with run_dir_lock(run_dir_of(cfg, run_dir), err.print):  # before plan.json: a run in progress keeps its plan
-        if not (address or "").startswith("ray://"):  # refused before Ray starts and plan.json is written
+        early_plan, preflighted = None, not (address or "").startswith("ray://")  # a Ray client's models are remote
+        if preflighted:  # refused before Ray starts and plan.json is written
             import ray
 
             from rayalign.models import resolve_model_path
             from rayalign.preflight import preflight
             from rayalign.progress import model_build_progress
 
-            if not (address or ray.is_initialized()) or not spec.auto_fields:  # the running cluster's plan follows
-                plan(cfg, spec, strict=True)
+            if not (address or ray.is_initialized()) or not spec.auto_fields:
+                early_plan = plan(cfg, spec, strict=True)
             preflight(cfg, resolve_model_path(cfg.policy.path, model_build_progress(cfg.policy.path)),
                       run_dir_of(cfg, run_dir))
         connect(spec, address, allow_mismatch=allow_mismatch)
-        run_plan = plan(cfg, running_cluster_spec(spec), strict=True)
+        running = running_cluster_spec(spec)  # the spec itself unless it has auto fields
+        run_plan = early_plan if early_plan is not None and running is spec else plan(cfg, running, strict=True)
         err.print(run_plan.table())
         err.print(run_plan.estimate_table())
         save_plan(run_plan, run_dir_of(cfg, run_dir))
         extra = {**({"redo": redo_stages} if redo_stages else {}),
                  **({"prompts": prompts} if prompts is not None else {})}
         out = offline.run(cfg, Path(run_dir) if run_dir else None, cluster=cluster, address=address, planned=True,
-                          **extra)
+                          preflighted=preflighted, **extra)
     console.print(f"done: {out}  (see `rayalign inspect {out}`)")
 
 
